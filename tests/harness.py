@@ -1,0 +1,89 @@
+"""Real servers for the tests: a private redis-server per test session on a free port."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (never Redis's default 6379)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port != 6379:
+            return port
+
+
+def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+class RedisServer:
+    """A redis-server child process on 127.0.0.1 with its own data directory.
+
+    ``stop()``/``start()`` keep the port and directory, so tests can take Redis away and
+    bring it back (with AOF on, what it acknowledged survives the restart).
+    """
+
+    def __init__(self, data_dir: Path, *, appendonly: bool = False, extra: list[str] | None = None):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.extra = list(extra or [])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir), "--save", "", "--daemonize", "no",
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+            "--logfile", str(self.data_dir / "redis.log"), *self.extra,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.process is None:
+            return
+        if kill:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def cli(self, *args: str) -> str:
+        """Run redis-cli against this server (for set-up steps such as CONFIG SET)."""
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], capture_output=True, check=True, timeout=10
+        )
+        return out.stdout.decode().strip()
+
+
+@contextlib.contextmanager
+def running_redis(data_dir: Path, **kwargs: object) -> Iterator[RedisServer]:
+    server = RedisServer(data_dir, **kwargs)  # type: ignore[arg-type]
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)

@@ -1,0 +1,354 @@
+"""Configuration objects, one per role, filled from CLI flags and ``MAILPOOL_*`` variables.
+
+Each option is a dataclass field whose metadata names its flag and help text.  The
+environment variable is derived from the flag (``--max-size`` -> ``MAILPOOL_MAX_SIZE``), so
+every option can be set from a Kubernetes ConfigMap.  Precedence: flag, then environment,
+then the field default.  ``validate()`` runs at start and raises :class:`ConfigError` with one
+line an operator can act on; the CLI turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "MAILPOOL_"
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the command stops at start with this one-line message."""
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    repeatable: bool = False,
+    secret: bool = False,
+) -> Any:
+    """Declare a config field: its default, help text and (optionally) a custom flag name."""
+    metadata = {"help": help, "flag": flag, "repeatable": repeatable, "secret": secret}
+    if repeatable:
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag_name(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
+
+
+def env_name(f: dataclasses.Field[Any]) -> str:
+    return ENV_PREFIX + flag_name(f).lstrip("-").replace("-", "_").upper()
+
+
+def parse_host_port(value: str, what: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:25`` for IPv6); raise ConfigError naming the option."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port_text)  # noqa: S104 - listen on all by default
+
+
+def check_redis_url(url: str) -> None:
+    scheme = urlsplit(url).scheme
+    if scheme not in {"redis", "rediss", "unix"}:
+        raise ConfigError(f"--redis-url: expected redis://, rediss:// or unix://, got {url!r}")
+
+
+def _convert(value: str, target: Any, name: str) -> Any:
+    """Turn an environment string into the field's type."""
+    try:
+        if target is bool or target == "bool":
+            lowered = value.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(value)
+        if target in (int, "int", "int | None"):
+            return int(value) if value != "" else None
+        if target in (float, "float", "float | None"):
+            return float(value) if value != "" else None
+    except ValueError:
+        raise ConfigError(f"{name}: cannot read {value!r} as {target}") from None
+    return value
+
+
+@dataclass
+class CommonConfig:
+    """Options every command takes."""
+
+    redis_url: str | None = option(
+        None,
+        "Redis URL (redis://[user:pass@]host:port/db, rediss://, unix://). "
+        "Default: the pool's embedded redis-server when one is running, else redis://127.0.0.1:6379/0",
+    )
+    key_prefix: str = option("mailpool:", "prefix of mailpool's internal Redis keys")
+    receive_stream: str = option("email.receive", "stream of received messages")
+    send_stream: str = option("email.send", "stream of messages to send")
+    dead_stream: str = option("email.send.dead", "stream of dead letters")
+    events_stream: str = option("email.send.events", "stream of delivery outcomes")
+    log_format: str = option("auto", "log format: json, console, or auto (console on a terminal)")
+    log_level: str = option("info", "log level: debug, info, warning, error")
+
+    _choices: ClassVar[dict[str, set[str]]] = {
+        "log_format": {"auto", "json", "console"},
+        "log_level": {"debug", "info", "warning", "error"},
+    }
+
+    def validate(self) -> None:
+        for name, allowed in self._choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: {value!r} is not one of {sorted(allowed)}"
+                )
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url)
+        for name in ("receive_stream", "send_stream", "dead_stream", "events_stream"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} must not be empty")
+
+
+def default_consumer_name() -> str:
+    """Unique per process and stable for its life: host name (the pod name) plus pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+C = TypeVar("C", bound=CommonConfig)
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_class: type[CommonConfig]) -> None:
+    """Add one flag per config field; defaults are left to :func:`from_arguments`."""
+    for f in dataclasses.fields(config_class):
+        if f.name.startswith("_"):
+            continue
+        help_text = f"{f.metadata.get('help', '')} [env {env_name(f)}]"
+        if f.metadata.get("repeatable"):
+            parser.add_argument(flag_name(f), dest=f.name, action="append", help=help_text)
+        elif f.type in (bool, "bool"):
+            parser.add_argument(
+                flag_name(f), dest=f.name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        else:
+            parser.add_argument(flag_name(f), dest=f.name, help=help_text)
+
+
+def from_arguments(
+    config_class: type[C],
+    args: argparse.Namespace,
+    environ: Mapping[str, str] | None = None,
+) -> C:
+    """Build and validate a config: flag, else environment variable, else default."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(config_class):
+        given = getattr(args, f.name, None)
+        if given is None and env_name(f) in env:
+            raw = env[env_name(f)]
+            given = _split_list(raw) if f.metadata.get("repeatable") else raw
+        if given is None:
+            continue
+        if f.metadata.get("repeatable"):
+            values[f.name] = list(given)
+        elif isinstance(given, str):
+            values[f.name] = _convert(given, f.type, flag_name(f))
+        else:
+            values[f.name] = given
+    config = config_class(**values)
+    config.validate()
+    return config
+
+
+def _split_list(raw: str) -> list[str]:
+    """Environment lists are comma or whitespace separated."""
+    return [item for item in raw.replace(",", " ").split() if item]
+
+
+def describe(config: CommonConfig) -> dict[str, Any]:
+    """The config as a dict for the start-up log line, with secrets masked."""
+    shown: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("secret") and value:
+            value = "***"
+        elif f.name == "redis_url" and value:
+            value = mask_url_password(value)
+        shown[f.name] = value
+    return shown
+
+
+def mask_url_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+def positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(
+            f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value}"
+        )
+
+
+@dataclass
+class IngestConfig(CommonConfig):
+    """``mailpool ingest``: the SMTP server role."""
+
+    listen: str = option("0.0.0.0:2525", "SMTP listen address HOST:PORT")
+    hostname: str = option(
+        socket.gethostname(), "name in the SMTP banner, EHLO reply and Received field"
+    )
+    max_size: int = option(26_214_400, "largest message accepted, in octets (SIZE; 552 beyond)")
+    max_recipients: int = option(100, "recipients per message (452 beyond; RFC 5321 asks >= 100)")
+    accept_domain: list[str] = option(
+        [],
+        "accepted recipient domain, repeatable (550 otherwise); none = accept all",
+        repeatable=True,
+    )
+    tls_cert: str | None = option(None, "PEM certificate for STARTTLS (and --tls-listen)")
+    tls_key: str | None = option(None, "PEM private key for the certificate")
+    tls_listen: str | None = option(
+        None, "optional implicit-TLS listen address HOST:PORT (e.g. :465)"
+    )
+    require_tls: bool = option(False, "refuse MAIL before STARTTLS (530)")
+    auth_file: str | None = option(
+        None, "file of 'user:password' lines enabling AUTH PLAIN/LOGIN (after TLS only)"
+    )
+    auth_users: str | None = option(
+        None, "comma-separated user:password pairs enabling AUTH (prefer --auth-file)", secret=True
+    )
+    auth_required: bool = option(False, "refuse MAIL from unauthenticated sessions (530)")
+    max_connections: int = option(1000, "concurrent SMTP connections per worker (421 beyond)")
+    connection_timeout: float = option(600.0, "longest SMTP session, seconds")
+    command_timeout: float = option(300.0, "longest wait for one command or DATA line, seconds")
+    min_replicas: int = option(0, "wait for WAIT N replica acks before 250 (451 on timeout)")
+    replica_timeout: float = option(1.0, "seconds to wait for --min-replicas acks")
+    keep_raw: str = option("defects", "store raw bytes in entries: never, defects, always")
+    shutdown_grace: float = option(30.0, "seconds sessions may finish after SIGTERM")
+    http: str | None = option(None, "serve /metrics, /healthz, /readyz on HOST:PORT")
+
+    def validate(self) -> None:
+        super().validate()
+        parse_host_port(self.listen, "--listen")
+        if self.tls_listen:
+            parse_host_port(self.tls_listen, "--tls-listen")
+        if self.http:
+            parse_host_port(self.http, "--http")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        for path in (self.tls_cert, self.tls_key, self.auth_file):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"file not found: {path}")
+        if (self.tls_listen or self.require_tls) and not self.tls_cert:
+            raise ConfigError("--tls-listen and --require-tls need --tls-cert and --tls-key")
+        if (self.auth_file or self.auth_users) and not self.tls_cert:
+            raise ConfigError("AUTH is only offered after TLS: give --tls-cert and --tls-key")
+        if self.max_recipients < 100:
+            raise ConfigError("--max-recipients must be at least 100 (RFC 5321 section 4.5.3.1.8)")
+        if self.keep_raw not in {"never", "defects", "always"}:
+            raise ConfigError(f"--keep-raw: {self.keep_raw!r} is not never, defects or always")
+        for name in (
+            "max_size",
+            "max_connections",
+            "connection_timeout",
+            "command_timeout",
+            "replica_timeout",
+        ):
+            positive(name, getattr(self, name))
+        positive("min_replicas", self.min_replicas, allow_zero=True)
+        positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
+
+
+@dataclass
+class DeliveryConfig(CommonConfig):
+    """``mailpool deliver``: the delivery role."""
+
+    relay: str | None = option(None, "smtp://[user:pass@]host:port, smtps://..., or maildir:PATH")
+    relay_user: str | None = option(None, "SMTP AUTH user (overrides the URL's)")
+    relay_password: str | None = option(
+        None, "SMTP AUTH password (overrides the URL's)", secret=True
+    )
+    starttls: str = option("auto", "STARTTLS on smtp:// relays: auto (when offered), require, off")
+    tls_verify: bool = option(True, "verify the relay's TLS certificate")
+    group: str = option("delivery", "consumer group on the send stream")
+    consumer: str = option(
+        default_consumer_name(), "consumer name in the group (unique per worker)"
+    )
+    concurrency: int = option(10, "sends in flight per worker (and pooled SMTP connections)")
+    batch: int = option(100, "entries read per XREADGROUP")
+    messages_per_connection: int = option(100, "replace a pooled SMTP connection after this many")
+    idle_close: float = option(30.0, "close pooled SMTP connections idle this long, seconds")
+    smtp_timeout: float = option(60.0, "timeout of one SMTP command, seconds")
+    claim_after: float = option(
+        900.0, "claim entries pending this long on a silent consumer, seconds (> longest send)"
+    )
+    max_deliveries: int = option(5, "read this many times with no outcome = poison dead letter")
+    retry_base: float = option(60.0, "first retry delay, seconds (doubles, with jitter)")
+    retry_cap: float = option(3600.0, "longest retry delay, seconds")
+    max_attempts: int = option(30, "attempts before a dead letter")
+    max_age: float = option(172_800.0, "seconds since the first attempt before a dead letter")
+    events_maxlen: int = option(100_000, "approximate cap of the events stream")
+    sent_ttl: float = option(604_800.0, "how long idempotency records are kept, seconds")
+    shutdown_grace: float = option(30.0, "seconds sends in flight may finish after SIGTERM")
+    hostname: str = option(socket.gethostname(), "EHLO name and Message-ID domain")
+    http: str | None = option(None, "serve /metrics, /healthz, /readyz on HOST:PORT")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.relay is None:
+            raise ConfigError(
+                "--relay is required (smtp://host:port, smtps://host:port or maildir:PATH)"
+            )
+        scheme = self.relay.partition(":")[0]
+        if scheme not in {"smtp", "smtps", "maildir"}:
+            raise ConfigError(f"--relay: unknown scheme {scheme!r} (smtp, smtps or maildir)")
+        if self.starttls not in {"auto", "require", "off"}:
+            raise ConfigError(f"--starttls: {self.starttls!r} is not auto, require or off")
+        if self.http:
+            parse_host_port(self.http, "--http")
+        for name in (
+            "concurrency",
+            "batch",
+            "messages_per_connection",
+            "idle_close",
+            "smtp_timeout",
+            "claim_after",
+            "max_deliveries",
+            "retry_base",
+            "retry_cap",
+            "max_attempts",
+            "max_age",
+            "events_maxlen",
+            "sent_ttl",
+        ):
+            positive(name, getattr(self, name))
+        positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
+        if self.retry_cap < self.retry_base:
+            raise ConfigError("--retry-cap must be >= --retry-base")
+        if self.claim_after <= 3 * self.smtp_timeout:
+            raise ConfigError(
+                "--claim-after must exceed the longest SMTP transaction (3 x --smtp-timeout)"
+            )
+
+
+Validator = Callable[[Any], None]
+__all__: Sequence[str] = (
+    "CommonConfig",
+    "ConfigError",
+    "add_arguments",
+    "default_consumer_name",
+    "describe",
+    "from_arguments",
+    "option",
+    "parse_host_port",
+    "positive",
+)

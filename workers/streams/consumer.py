@@ -1,0 +1,166 @@
+"""Consumer groups: create, read new entries, recover stale ones, acknowledge.
+
+Both the delivery role and the ``email.receive`` listeners read through this class, so
+group creation, claiming of entries left by dead consumers and trimmed-entry handling are
+written once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ResponseError
+
+log = structlog.get_logger("mailpool.streams")
+
+# Start positions for a new group, in operator words.
+START_NEW = "$"  # only messages added after the group was created
+START_ALL = "0"  # all retained history
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    id: str
+    fields: dict[bytes, bytes] | None  # None: the entry was trimmed while pending
+    deliveries: int  # how many times the group handed it out (1 for a fresh read)
+
+    @property
+    def data(self) -> bytes | None:
+        return None if self.fields is None else self.fields.get(b"data")
+
+
+def _decode_id(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+async def ensure_group(
+    redis: aioredis.Redis, stream: str, group: str, start: str = START_ALL
+) -> bool:
+    """Create the group (and the stream) when missing; True when it was created now."""
+    try:
+        await redis.xgroup_create(stream, group, id=start, mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+    log.info("group_created", stream=stream, group=group, start=start)
+    return True
+
+
+class GroupConsumer:
+    """One consumer in one group of one stream."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        claim_after: float,
+        batch: int = 100,
+        block: float = 1.0,
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.claim_after_ms = int(claim_after * 1000)
+        self.batch = batch
+        self.block_ms = int(block * 1000)
+        self._claim_cursor = "0-0"
+        self._next_claim_at = 0.0
+        self._own_pending_done = False
+
+    async def ensure_group(self, start: str = START_ALL) -> bool:
+        return await ensure_group(self.redis, self.stream, self.group, start)
+
+    async def read(self) -> list[StreamEntry]:
+        """Entries to work on: our own leftovers first, then stale ones of others, then new."""
+        if not self._own_pending_done:
+            own = await self._read_own_pending()
+            if own:
+                return own
+            self._own_pending_done = True
+        if time.monotonic() >= self._next_claim_at:
+            claimed = await self.claim_stale()
+            if claimed:
+                return claimed
+        return await self.read_new()
+
+    async def read_new(self) -> list[StreamEntry]:
+        reply = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=self.batch, block=self.block_ms
+        )
+        return [StreamEntry(_decode_id(i), f, 1) for i, f in _entries_of(reply)]
+
+    async def _read_own_pending(self) -> list[StreamEntry]:
+        """A restarted consumer with the same name (a pod's host name) resumes its own work."""
+        reply = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: "0"}, count=self.batch
+        )
+        entries = _entries_of(reply)
+        if not entries:
+            return []
+        counts = await self._delivery_counts([_decode_id(i) for i, _ in entries])
+        return [
+            StreamEntry(_decode_id(i), f or None, counts.get(_decode_id(i), 1)) for i, f in entries
+        ]
+
+    async def claim_stale(self) -> list[StreamEntry]:
+        """Take over entries idle longer than ``claim_after`` on any consumer (XAUTOCLAIM).
+
+        The claim bumps each entry's delivery counter, which is how poison entries (that
+        kill every worker that touches them) are recognised by the caller.
+        """
+        reply = await self.redis.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self.claim_after_ms,
+            start_id=self._claim_cursor,
+            count=self.batch,
+        )
+        cursor, claimed = _decode_id(reply[0]), reply[1]
+        deleted = [_decode_id(i) for i in (reply[2] if len(reply) > 2 else [])]
+        self._claim_cursor = cursor
+        if cursor == "0-0":
+            # A full pass is done; look again after a fraction of the idle time.
+            self._next_claim_at = time.monotonic() + max(self.claim_after_ms / 4000, 0.5)
+        entries = [(_decode_id(i), f) for i, f in claimed if f is not None]
+        counts = await self._delivery_counts([i for i, _ in entries])
+        result = [StreamEntry(i, f, counts.get(i, 1)) for i, f in entries]
+        # Redis 7 drops trimmed ids from the PEL itself and reports them separately.
+        result.extend(StreamEntry(i, None, 0) for i in deleted)
+        if result:
+            log.info("entries_claimed", stream=self.stream, group=self.group, count=len(result))
+        return result
+
+    async def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
+        """Delivery counters of our pending entries: one XPENDING per id, one round trip."""
+        if not ids:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+        counts: dict[str, int] = {}
+        for entry_id, rows in zip(ids, await pipe.execute(), strict=True):
+            if rows:
+                counts[entry_id] = int(rows[0]["times_delivered"])
+        return counts
+
+    async def ack(self, *ids: str) -> int:
+        if not ids:
+            return 0
+        return int(await self.redis.xack(self.stream, self.group, *ids))
+
+
+def _entries_of(reply: Any) -> list[tuple[bytes | str, dict[bytes, bytes] | None]]:
+    """Flatten an XREADGROUP reply (RESP2: [[stream, [(id, fields), ...]]])."""
+    if not reply:
+        return []
+    return [(entry_id, fields or None) for _name, entries in reply for entry_id, fields in entries]
