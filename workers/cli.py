@@ -56,6 +56,12 @@ COMMANDS = (
         "workers.status",
         "StatusConfig",
     ),
+    Command(
+        "housekeep",
+        "retention: trim streams safely, remove vanished consumers",
+        "workers.housekeeping",
+        "HousekeepConfig",
+    ),
     Command("dead", "dead letters: list, show, replay, purge", "workers.deadletters", "DeadConfig"),
 )
 

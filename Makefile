@@ -1,0 +1,31 @@
+# mailpool: the two set-up commands of README.md are `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test setup setup-dev lint typecheck pytest bench
+
+run: setup
+	$(VENV)/bin/mailpool run
+
+test: setup-dev lint typecheck pytest
+
+setup:
+	./scripts/setup.sh
+
+setup-dev:
+	MAILPOOL_SETUP_DEV=1 ./scripts/setup.sh
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck:
+	$(VENV)/bin/mypy
+
+pytest:
+	$(PY) -m pytest -q
+
+bench: setup-dev
+	$(PY) bench/codec.py
+	$(PY) bench/ingest.py
+	$(PY) bench/delivery.py

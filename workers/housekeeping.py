@@ -1,0 +1,144 @@
+"""``mailpool housekeep``: retention of ``email.receive`` and ``email.send``.
+
+Streams are trimmed by age or length, but never past an entry some consumer group still
+needs: the trim point is capped at the oldest entry that is pending in any group or not
+yet delivered to it (``XADD MAXLEN``/``XTRIM`` would otherwise delete pending entries).
+Consumers that vanished with nothing pending are removed.  Dead letters are never trimmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import structlog
+
+from workers.config import CommonConfig, option, positive
+from workers.lifecycle import install_stop_signals
+from workers.status import as_text, stream_status
+from workers.streams.connection import connect, resolve_redis_url
+from workers.streams.keys import StreamKeys
+
+log = structlog.get_logger("mailpool.housekeeping")
+
+
+@dataclass
+class HousekeepConfig(CommonConfig):
+    receive_max_age: float = option(604_800.0, "keep email.receive entries this long, seconds")
+    receive_max_len: int = option(1_000_000, "keep at most this many email.receive entries")
+    send_max_age: float = option(604_800.0, "keep email.send entries this long, seconds")
+    send_max_len: int = option(1_000_000, "keep at most this many email.send entries")
+    consumer_idle: float = option(3600.0, "remove consumers idle this long with nothing pending")
+    housekeep_interval: float = option(60.0, "seconds between housekeeping passes")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("receive_max_age", "receive_max_len", "send_max_age", "send_max_len",
+                     "consumer_idle", "housekeep_interval"):  # fmt: skip
+            positive(name, getattr(self, name))
+
+
+def _parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _successor(entry_id: str) -> str:
+    ms, seq = _parse_id(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+async def protected_from(redis: aioredis.Redis, stream: str) -> str | None:
+    """The lowest id some group still needs (None: no group needs anything below the top).
+
+    Per group that is its oldest pending entry, or else the first entry after its
+    last-delivered id.  Entries below the returned id are acknowledged by every group.
+    """
+    status = await stream_status(redis, stream)
+    if status is None:
+        return None
+    floors: list[tuple[int, int]] = []
+    for group, info in status["groups"].items():
+        if info["pending"]:
+            summary = await redis.xpending(stream, group)
+            floors.append(_parse_id(as_text(summary["min"]) or "0-0"))
+        else:
+            floors.append(_parse_id(_successor(info["last_delivered_id"] or "0-0")))
+    if not floors:
+        return None
+    ms, seq = min(floors)
+    return f"{ms}-{seq}"
+
+
+# Entries read per pass to find the length trim point; a long backlog shrinks over passes.
+MAX_TRIM_PER_PASS = 10_000
+
+
+async def _length_floor(redis: aioredis.Redis, stream: str, max_len: int) -> str | None:
+    """The first id that keeping ``max_len`` entries retains (reads only the excess)."""
+    excess = min(int(await redis.xlen(stream)) - max_len, MAX_TRIM_PER_PASS)
+    if excess <= 0:
+        return None
+    oldest = await redis.xrange(stream, count=excess)
+    return _successor(as_text(oldest[-1][0]) or "0-0") if oldest else None
+
+
+async def trim_stream(redis: aioredis.Redis, stream: str, max_age: float, max_len: int) -> int:
+    """Trim by age and length, never below what a group still needs; returns entries removed."""
+    wanted = [f"{int((time.time() - max_age) * 1000)}-0"]
+    by_length = await _length_floor(redis, stream, max_len)
+    if by_length:
+        wanted.append(by_length)
+    target = max(wanted, key=_parse_id)
+    protected = await protected_from(redis, stream)
+    if protected is not None:
+        target = min(target, protected, key=_parse_id)
+    removed = int(await redis.xtrim(stream, minid=target, approximate=False))
+    if removed:
+        log.info("stream_trimmed", stream=stream, removed=removed, min_id=target)
+    return removed
+
+
+async def remove_vanished_consumers(redis: aioredis.Redis, stream: str, idle: float) -> int:
+    status = await stream_status(redis, stream)
+    removed = 0
+    for group in (status or {"groups": {}})["groups"]:
+        for consumer in await redis.xinfo_consumers(stream, group):
+            if int(consumer["pending"]) == 0 and int(consumer["idle"]) > idle * 1000:
+                name = as_text(consumer["name"]) or ""
+                await redis.xgroup_delconsumer(stream, group, name)
+                log.info("consumer_removed", stream=stream, group=group, consumer=name)
+                removed += 1
+    return removed
+
+
+async def housekeep_once(redis: aioredis.Redis, keys: StreamKeys, config: HousekeepConfig) -> None:
+    await trim_stream(redis, keys.receive, config.receive_max_age, config.receive_max_len)
+    await trim_stream(redis, keys.send, config.send_max_age, config.send_max_len)
+    for stream in (keys.receive, keys.send):
+        await remove_vanished_consumers(redis, stream, config.consumer_idle)
+
+
+async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:
+    redis = connect(resolve_redis_url(config.redis_url))
+    keys = StreamKeys.from_config(config)
+    try:
+        while not stop.is_set():
+            try:
+                await housekeep_once(redis, keys, config)
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("housekeeping_failed", error=str(exc))  # next pass tries again
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), config.housekeep_interval)
+    finally:
+        await redis.aclose()
+
+
+async def main(config: HousekeepConfig) -> int:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    await serve(config, stop)
+    return 0
