@@ -1,0 +1,52 @@
+"""/healthz answers while the loop turns (even with Redis gone); /readyz follows Redis and
+the listener; /metrics exposes the stream gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from tests.harness import RedisServer
+from workers.health import serving_health
+from workers.streams.connection import connect
+from workers.streams.keys import StreamKeys
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:  # noqa: S310
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_probes_follow_redis_and_listener(make_redis: Callable[..., RedisServer]) -> None:
+    server = make_redis()
+    redis = connect(server.url, retries=0, socket_timeout=0.5)
+    listening = True
+    await redis.xadd("email.send", {"data": b"x"})
+    async with serving_health("127.0.0.1:0", redis, StreamKeys(), lambda: listening) as http:
+        assert http is not None
+        assert await asyncio.to_thread(_get, http.port, "/healthz") == (200, "ok\n")
+        assert await asyncio.to_thread(_get, http.port, "/readyz") == (200, "ready\n")
+        status, metrics = await asyncio.to_thread(_get, http.port, "/metrics")
+        assert status == 200
+        assert 'mailpool_stream_length{stream="email.send"} 1.0' in metrics
+
+        listening = False
+        assert (await asyncio.to_thread(_get, http.port, "/readyz"))[0] == 503
+        listening = True
+        server.stop(kill=True)
+        assert (await asyncio.to_thread(_get, http.port, "/readyz"))[0] == 503
+        assert await asyncio.to_thread(_get, http.port, "/healthz") == (200, "ok\n")
+        assert (await asyncio.to_thread(_get, http.port, "/nope"))[0] == 404
+    await redis.aclose()
+
+
+async def test_no_address_serves_nothing(redis: aioredis.Redis) -> None:
+    async with serving_health(None, redis, StreamKeys(), lambda: True) as http:
+        assert http is None
