@@ -40,7 +40,9 @@ async def test_pending_and_undelivered_entries_are_never_trimmed(redis: aioredis
     assert [e[0].decode() for e in await redis.xrange("s")] == ids[3:]
 
 
-async def test_undelivered_entries_protect_a_group_with_nothing_pending(redis: aioredis.Redis) -> None:
+async def test_undelivered_entries_protect_a_group_with_nothing_pending(
+    redis: aioredis.Redis,
+) -> None:
     ids = await _fill(redis, "s", 6)
     await redis.xgroup_create("s", "g", id=ids[1])  # has "delivered" up to ids[1]
     await trim_stream(redis, "s", max_age=0.0001, max_len=1)
