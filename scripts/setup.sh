@@ -9,12 +9,14 @@ need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 if [ "${MAILPOOL_SETUP_DEV:-0}" = 1 ]; then
   # Test-only peers: swaks (SMTP client), Postfix's smtp-source/smtp-sink (never the daemon),
-  # openssl (test certificates), nodejs/npm (the cross-language tests).
+  # openssl (test certificates), nodejs/npm and ruby (the cross-language tests).
   command -v swaks >/dev/null || need_apt+=(swaks)
   command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need_apt+=(postfix)
   command -v openssl >/dev/null || need_apt+=(openssl)
   command -v node >/dev/null || need_apt+=(nodejs)
   command -v npm >/dev/null || need_apt+=(npm)
+  # The Ruby producer example is tested with Debian's gems.
+  ruby -e 'require "redis"; require "msgpack"' 2>/dev/null || need_apt+=(ruby ruby-redis ruby-msgpack)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
