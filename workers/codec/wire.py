@@ -1,0 +1,138 @@
+"""msgpack encoding of spec messages with explicit limits on what a decoder will accept.
+
+Stream entries come from any producer, so :func:`unpack` treats its input as hostile: the
+size of the whole entry, the length of every str/bin/array/map and the nesting depth are
+bounded, ext types are refused and every map key must be a str.  Text is msgpack str
+(UTF-8) and bodies are msgpack bin, so ``str`` and ``bytes`` survive a round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import msgpack
+
+from workers.codec.errors import WireError
+
+__all__ = ["DEFAULT_LIMITS", "WireLimits", "pack", "unpack"]
+
+MiB = 1024 * 1024
+# msgpack-python's C unpacker keeps its own stack of 1024 containers and raises StackError
+# beyond it, so a configured depth above this is reported with the same clear WireError.
+_UNPACKER_STACK = 1024
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """What :func:`unpack` accepts.
+
+    max_bytes: size of the whole entry (50 MiB: room for a large attachment plus overhead).
+    max_depth: nesting of maps and arrays, the top-level map counting as 1 (64: each content
+        level costs two (its map and the parts array holding it), so a content tree may be 30
+        multiparts deep, which is what the parser keeps).
+    max_str_len: octets of one str (10 MiB: a text body given as str).
+    max_bin_len: octets of one bin (50 MiB: one attachment may use the whole entry).
+    max_array_len: items of one array (100 000: header_list entries, recipients, parts).
+    max_map_len: pairs of one map (100 000: header fields).
+    """
+
+    max_bytes: int = 50 * MiB
+    max_depth: int = 64
+    max_str_len: int = 10 * MiB
+    max_bin_len: int = 50 * MiB
+    max_array_len: int = 100_000
+    max_map_len: int = 100_000
+
+
+DEFAULT_LIMITS = WireLimits()
+
+
+def pack(message: Mapping[str, Any]) -> bytes:
+    """msgpack bytes of ``message``: str -> msgpack str, bytes -> msgpack bin."""
+    try:
+        packed: bytes = msgpack.packb(message, use_bin_type=True, datetime=False)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise WireError("", f"cannot encode as msgpack: {error}") from error
+    return packed
+
+
+def _refuse_ext(code: int, data: bytes) -> NoReturn:
+    raise WireError("", f"msgpack ext type {code} is not allowed")
+
+
+def unpack(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """The top-level map encoded in ``data``; raises :class:`WireError` on anything else."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireError("", f"expected bytes, got {type(data).__name__}")
+    if len(data) > limits.max_bytes:
+        raise WireError("", f"entry of {len(data)} bytes exceeds the limit of {limits.max_bytes}")
+    if not data:
+        raise WireError("", "empty entry")
+    value = _unpack_one(bytes(data), limits)
+    if not isinstance(value, dict):
+        raise WireError("", f"top level must be a msgpack map, got {_kind(value)}")
+    _check_nesting(value, limits.max_depth)
+    return value
+
+
+def _unpack_one(data: bytes, limits: WireLimits) -> object:
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        ext_hook=_refuse_ext,
+        max_buffer_size=max(len(data), 1),
+        max_str_len=limits.max_str_len,
+        max_bin_len=limits.max_bin_len,
+        max_array_len=limits.max_array_len,
+        max_map_len=limits.max_map_len,
+        max_ext_len=0,
+    )
+    unpacker.feed(data)
+    try:
+        value = unpacker.unpack()
+    except WireError:
+        raise
+    except msgpack.OutOfData as error:
+        raise WireError("", "truncated msgpack data") from error
+    except msgpack.StackError as error:
+        raise WireError("", f"nesting deeper than {_UNPACKER_STACK} levels") from error
+    except UnicodeDecodeError as error:
+        raise WireError("", f"msgpack str is not valid UTF-8: {error.reason}") from error
+    except (ValueError, TypeError) as error:
+        # msgpack reports limit breaches, reserved codes and non-str keys as ValueError.
+        raise WireError("", f"invalid msgpack: {_describe(error)}") from error
+    if unpacker.tell() != len(data):
+        raise WireError("", f"{len(data) - unpacker.tell()} bytes of trailing data after the map")
+    return value
+
+
+def _describe(error: Exception) -> str:
+    text = str(error)
+    if "max_ext_len" in text:
+        return "msgpack ext types are not allowed"
+    return text or "reserved or unknown type code"
+
+
+def _kind(value: object) -> str:
+    names = {dict: "map", list: "array", str: "str", bytes: "bin", type(None): "nil"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _check_nesting(root: dict[str, Any], max_depth: int) -> None:
+    """Depth limit and str-only keys, checked iteratively (no recursion on hostile input)."""
+    stack: list[tuple[object, int]] = [(root, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise WireError("", f"nesting deeper than {max_depth} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise WireError("", f"map key must be a str, got {_kind(key)}")
+                if isinstance(item, dict | list):
+                    stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value if isinstance(item, dict | list))
