@@ -1,0 +1,585 @@
+"""Offline validation of the Kubernetes deployment in deploy/ (no cluster needed).
+
+Every kustomization (the base and each overlay) is rendered with ``kubectl kustomize``; the
+built-in kinds are checked by ``kubernetes-validate --strict`` for a pinned Kubernetes
+version; KEDA objects against the CRD schemas in ``../shared/k8s-schemas`` made strict about
+unknown fields; and the manifests are checked against the code they run: each container's
+environment, resolved as the kubelet would, must be a valid configuration for its role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is a dev dependency (via kubernetes-validate)")
+jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is a dev dependency")
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="kubernetes-validate is a dev dependency"
+)
+from kubernetes_validate.utils import SchemaNotFoundError  # noqa: E402
+
+from workers import cli  # noqa: E402
+from workers.config import CommonConfig, env_name, from_arguments, parse_host_port  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
+KUBECTL = shutil.which("kubectl")
+# A Kubernetes version kubernetes-validate ships schemas for; pinned so a package upgrade
+# does not silently change what "valid" means.
+K8S_VERSION = "1.30.0"
+KEDA_GROUP = "keda.sh"
+
+KUSTOMIZATIONS = [
+    DEPLOY / "base",
+    *sorted(p for p in (DEPLOY / "overlays").iterdir() if (p / "kustomization.yaml").is_file()),
+]
+
+# Metadata keys the redis-streams scaler reads (KEDA docs, "Redis Streams" scaler, and the
+# scaler's parser in kedacore/keda pkg/scalers/redis_streams_scaler.go).  A key outside this
+# set is ignored by KEDA without a word, so a typo (``lagcount``) would silently change mode.
+REDIS_STREAMS_KEYS = {
+    "address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv",
+    "usernameFromEnv", "passwordFromEnv", "databaseIndex", "enableTLS", "unsafeSsl",
+    "stream", "consumerGroup", "pendingEntriesCount", "streamLength",
+    "lagCount", "activationLagCount",
+}  # fmt: skip
+# Parameters a TriggerAuthentication may supply to the redis scalers (KEDA docs).
+REDIS_AUTH_PARAMETERS = {"username", "password", "tls", "ca", "cert", "key", "keyPassword"}
+
+# The KEDA TriggerAuthentication CRD is not among the shared schemas.  Until it is (drop
+# keda.sh_triggerauthentications.yaml there and this stand-in is no longer used), the part we
+# use is checked against this strict subset written from the KEDA documentation.
+TRIGGER_AUTHENTICATION_SUBSET = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "TriggerAuthentication"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "properties": {
+                "secretTargetRef": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["parameter", "name", "key"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "parameter": {"type": "string", "minLength": 1},
+                            "name": {"type": "string", "minLength": 1},
+                            "key": {"type": "string", "minLength": 1},
+                        },
+                    },
+                },
+                "env": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["parameter", "name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "parameter": {"type": "string"},
+                            "name": {"type": "string"},
+                            "containerName": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering and lookup helpers
+
+
+@cache
+def render(path: Path) -> tuple[dict[str, Any], ...]:
+    assert KUBECTL is not None
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(path)], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+@pytest.fixture(params=KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def rendered(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed: cannot render the kustomizations")
+    # A deep copy per test: tests that mutate objects must not leak into others.
+    return copy.deepcopy(list(render(request.param)))
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in of_kind(docs, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def api_group(doc: dict[str, Any]) -> str:
+    version = doc["apiVersion"]
+    return version.split("/")[0] if "/" in version else ""
+
+
+def config_map_data(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
+    return dict(named(docs, "ConfigMap", name).get("data", {}))
+
+
+def secret_data(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
+    # Templates use stringData; base64 `data` would need decoding (none here yet).
+    secret = named(docs, "Secret", name)
+    assert "data" not in secret, "decode base64 Secret data here if the template ever uses it"
+    return dict(secret.get("stringData", {}))
+
+
+def expand(value: str, defined: dict[str, str]) -> str:
+    """Kubernetes $(VAR) expansion: only variables defined earlier; $$ escapes."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return defined.get(match.group(1), match.group(0))
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", replace, value)
+
+
+def container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: envFrom, then env in order."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(config_map_data(docs, source["configMapRef"]["name"]))
+        else:
+            env.update(secret_data(docs, source["secretRef"]["name"]))
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = expand(var["value"], env)
+            continue
+        ref = var["valueFrom"]
+        if "configMapKeyRef" in ref:
+            source = config_map_data(docs, ref["configMapKeyRef"]["name"])
+            env[var["name"]] = source[ref["configMapKeyRef"]["key"]]
+        else:
+            source = secret_data(docs, ref["secretKeyRef"]["name"])
+            env[var["name"]] = source[ref["secretKeyRef"]["key"]]
+    return env
+
+
+def role_of(container: dict[str, Any]) -> cli.Command:
+    command = container.get("command", [])
+    assert len(command) == 2 and command[0] == "mailpool", f"unexpected command {command}"
+    by_name = {c.name: c for c in cli.COMMANDS}
+    assert command[1] in by_name, f"`mailpool {command[1]}` is not a mailpool command"
+    return by_name[command[1]]
+
+
+def config_class(command: cli.Command) -> type[CommonConfig]:
+    """The role's config class (its module may still be in the works: fall back to config)."""
+    try:
+        found = getattr(importlib.import_module(command.module), command.config, None)
+    except ImportError:
+        found = None
+    if found is None:
+        found = getattr(importlib.import_module("workers.config"), command.config, None)
+    if found is None:
+        pytest.fail(f"no config class {command.config} for `mailpool {command.name}`")
+    return found  # type: ignore[no-any-return]
+
+
+def option_env_names(cls: type[CommonConfig]) -> set[str]:
+    return {env_name(f) for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+
+
+def deployments(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for deployment in of_kind(docs, "Deployment"):
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            yield deployment, container
+
+
+# ---------------------------------------------------------------------------------------
+# CRD schemas made strict
+
+
+def strict(schema: Any) -> Any:
+    """A copy where every object schema that lists properties rejects unknown ones.
+
+    The API server prunes unknown fields of a structural CRD schema (kubectl apply
+    --validate=strict rejects them); jsonschema would accept them, so say it explicitly.
+    Objects that declare additionalProperties or preserve unknown fields stay open.
+    """
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict(value) for key, value in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+@cache
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> strict openAPIV3Schema for every CRD in the shared schemas."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(SCHEMAS.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
+            for version in doc["spec"]["versions"]:
+                schema = strict(version["schema"]["openAPIV3Schema"])
+                found[(f"{group}/{version['name']}", kind)] = schema
+    return found
+
+
+def cel_rules(schema: Any) -> list[str]:
+    if isinstance(schema, list):
+        return [rule for item in schema for rule in cel_rules(item)]
+    if not isinstance(schema, dict):
+        return []
+    own = [v["rule"] for v in schema.get("x-kubernetes-validations", [])]
+    return own + [rule for value in schema.values() for rule in cel_rules(value)]
+
+
+def check_scaledobject_cel(doc: dict[str, Any]) -> None:
+    """The CRD's CEL rule (jsonschema cannot run CEL), written out in Python."""
+    spec = doc["spec"]
+    if "minReplicaCount" in spec:
+        assert spec["minReplicaCount"] <= spec.get("maxReplicaCount", 100)
+
+
+# CEL rules this test knows how to check; a new rule in an updated CRD fails the test below
+# until it is added here.
+KNOWN_CEL_RULES = {
+    "!has(self.minReplicaCount) || self.minReplicaCount <= (has(self.maxReplicaCount) "
+    "? self.maxReplicaCount : 100)": check_scaledobject_cel,
+}
+
+
+def validate_custom_resource(doc: dict[str, Any]) -> None:
+    schema = crd_schemas().get((doc["apiVersion"], doc["kind"]))
+    if schema is None:
+        if doc["kind"] == "TriggerAuthentication":
+            jsonschema.Draft7Validator(TRIGGER_AUTHENTICATION_SUBSET).validate(doc)
+            return
+        pytest.fail(f"no CRD schema for {doc['apiVersion']} {doc['kind']} in {SCHEMAS}")
+    jsonschema.Draft7Validator(schema).validate(doc)
+    for rule in cel_rules(schema):
+        KNOWN_CEL_RULES[rule](doc)
+
+
+@pytest.fixture
+def shared_schemas() -> None:
+    if not SCHEMAS.is_dir():
+        pytest.skip(f"the shared CRD schemas are not beside the repository ({SCHEMAS})")
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering and schema validation
+
+
+def test_kustomization_renders_every_role(rendered: list[dict[str, Any]]) -> None:
+    names = {(d["kind"], d["metadata"]["name"]) for d in rendered}
+    for expected in [
+        ("Deployment", "mailpool-ingest"),
+        ("Service", "mailpool-ingest"),
+        ("PodDisruptionBudget", "mailpool-ingest"),
+        ("Deployment", "mailpool-delivery"),
+        ("PodDisruptionBudget", "mailpool-delivery"),
+        ("ScaledObject", "mailpool-delivery"),
+        ("TriggerAuthentication", "mailpool-keda-redis"),
+        ("Deployment", "mailpool-housekeeping"),
+        ("Secret", "mailpool-secrets"),
+    ]:
+        assert expected in names
+    commands = {role_of(c).name for _, c in deployments(rendered)}
+    assert commands == {"ingest", "deliver", "housekeep"}
+    assert len(of_kind(rendered, "ConfigMap")) == 1
+
+
+def test_builtin_kinds_pass_strict_validation(rendered: list[dict[str, Any]]) -> None:
+    builtin = [d for d in rendered if api_group(d) != KEDA_GROUP]
+    assert len(builtin) >= 7
+    for doc in builtin:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except SchemaNotFoundError:
+            pytest.fail(f"{doc['apiVersion']} {doc['kind']} is not a Kubernetes {K8S_VERSION} kind")
+
+
+@pytest.mark.parametrize(
+    ("where", "field"),
+    [
+        (lambda d: d["spec"]["template"]["spec"]["containers"][0], "livenessProbes"),
+        (lambda d: d["spec"]["template"]["spec"], "terminationGracePeriod"),
+        (lambda d: d["spec"]["template"]["spec"]["containers"][0]["securityContext"], "readOnly"),
+    ],
+)
+def test_strict_validation_rejects_a_misspelt_field(
+    rendered: list[dict[str, Any]], where: Any, field: str
+) -> None:
+    deployment = named(rendered, "Deployment", "mailpool-ingest")
+    where(deployment)[field] = True
+    with pytest.raises(jsonschema.ValidationError, match=field):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_keda_objects_match_their_crds(
+    rendered: list[dict[str, Any]], shared_schemas: None
+) -> None:
+    keda = [d for d in rendered if api_group(d) == KEDA_GROUP]
+    assert {d["kind"] for d in keda} == {"ScaledObject", "TriggerAuthentication"}
+    assert ("keda.sh/v1alpha1", "ScaledObject") in crd_schemas()
+    for doc in keda:
+        validate_custom_resource(doc)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda s: s["spec"].update(minReplicas=0), id="unknown-spec-field"),
+        pytest.param(lambda s: s["spec"]["triggers"][0].update(metadatas={}), id="trigger-field"),
+        pytest.param(
+            lambda s: s["spec"]["triggers"][0]["metadata"].update(lagCount=50),
+            id="metadata-not-a-string",
+        ),
+        pytest.param(lambda s: s["spec"]["scaleTargetRef"].pop("name"), id="missing-target"),
+        pytest.param(lambda s: s["spec"].update(maxReplicaCount=-1), id="cel-min-above-max"),
+    ],
+)
+def test_scaledobject_validation_catches_mistakes(
+    rendered: list[dict[str, Any]], shared_schemas: None, mutate: Any
+) -> None:
+    scaled = named(rendered, "ScaledObject", "mailpool-delivery")
+    mutate(scaled)
+    with pytest.raises((jsonschema.ValidationError, AssertionError)):
+        validate_custom_resource(scaled)
+
+
+def test_every_cel_rule_of_the_crds_is_checked(shared_schemas: None) -> None:
+    for schema in crd_schemas().values():
+        for rule in cel_rules(schema):
+            assert rule in KNOWN_CEL_RULES, f"CEL rule not checked by this test: {rule}"
+
+
+def test_trigger_authentication_stand_in_rejects_unknown_fields(
+    rendered: list[dict[str, Any]],
+) -> None:
+    auth = named(rendered, "TriggerAuthentication", "mailpool-keda-redis")
+    auth["spec"]["secretTargetRef"][0]["secret"] = "x"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(TRIGGER_AUTHENTICATION_SUBSET).validate(auth)
+
+
+# ---------------------------------------------------------------------------------------
+# Autoscaling: lag mode, scale to zero, credentials that exist
+
+
+def test_delivery_scales_on_lag_from_zero(rendered: list[dict[str, Any]]) -> None:
+    scaled = named(rendered, "ScaledObject", "mailpool-delivery")
+    spec = scaled["spec"]
+    target = named(rendered, "Deployment", spec["scaleTargetRef"]["name"])
+    container = target["spec"]["template"]["spec"]["containers"][0]
+    assert role_of(container).name == "deliver"
+    assert "replicas" not in target["spec"], "KEDA owns the delivery replica count"
+    assert spec["minReplicaCount"] == 0
+
+    env = container_env(rendered, container)
+    delivery = from_arguments(config_class(role_of(container)), argparse.Namespace(), env)
+    triggers = spec["triggers"]
+    assert all(t["type"] == "redis-streams" for t in triggers)
+    for trigger in triggers:
+        metadata = trigger["metadata"]
+        unknown = set(metadata) - REDIS_STREAMS_KEYS
+        assert not unknown, f"keys the redis-streams scaler does not read: {unknown}"
+        # The scaler watches what the workers read: same stream, same group.
+        assert metadata["stream"] == delivery.send_stream  # type: ignore[attr-defined]
+        assert metadata["consumerGroup"] == delivery.group  # type: ignore[attr-defined]
+        # KEDA resolves *FromEnv names in the scale target's container environment.
+        for key in ("addressFromEnv", "hostFromEnv", "portFromEnv"):
+            if key in metadata:
+                assert metadata[key] in env, f"{key}: {metadata[key]} not set in the container"
+        assert {"address", "addressFromEnv", "host", "hostFromEnv"} & set(metadata)
+
+    lag = [t for t in triggers if "lagCount" in t["metadata"]]
+    assert len(lag) == 1, "exactly one trigger in lag mode (the one that wakes from zero)"
+    lag_metadata = lag[0]["metadata"]
+    assert "pendingEntriesCount" not in lag_metadata and "streamLength" not in lag_metadata
+    assert int(lag_metadata["lagCount"]) > 0
+    # activation when lag > activationLagCount: 0 means the first waiting entry wakes a pod.
+    assert int(lag_metadata["activationLagCount"]) == 0
+    address = env[lag_metadata["addressFromEnv"]]
+    host, port = parse_host_port(address, "REDIS_ADDRESS")
+    assert host and port
+
+
+def test_keda_credentials_come_from_the_secret(rendered: list[dict[str, Any]]) -> None:
+    scaled = named(rendered, "ScaledObject", "mailpool-delivery")
+    for trigger in scaled["spec"]["triggers"]:
+        ref = trigger["authenticationRef"]
+        assert ref.get("kind", "TriggerAuthentication") == "TriggerAuthentication"
+        auth = named(rendered, "TriggerAuthentication", ref["name"])
+        parameters = set()
+        for target in auth["spec"]["secretTargetRef"]:
+            assert target["parameter"] in REDIS_AUTH_PARAMETERS
+            assert target["key"] in secret_data(rendered, target["name"])
+            parameters.add(target["parameter"])
+        assert {"username", "password"} <= parameters
+
+
+# ---------------------------------------------------------------------------------------
+# The manifests against the code they run
+
+
+def test_each_role_gets_a_valid_configuration(rendered: list[dict[str, Any]]) -> None:
+    for deployment, container in deployments(rendered):
+        command = role_of(container)
+        cls = config_class(command)
+        env = container_env(rendered, container)
+        unresolved = {k: v for k, v in env.items() if "$(" in v}
+        assert not unresolved, f"{deployment['metadata']['name']}: unexpanded {unresolved}"
+        config = from_arguments(cls, argparse.Namespace(), env)  # raises ConfigError if bad
+        # Its own environment entries must all be options of the role (no silent typos).
+        own = {v["name"] for v in container.get("env", []) if v["name"].startswith("MAILPOOL_")}
+        stray = own - option_env_names(cls)
+        assert not stray, f"not options of `mailpool {command.name}`: {sorted(stray)}"
+        # Each role connects as its own Redis ACL user.
+        url = urlsplit(env["MAILPOOL_REDIS_URL"])
+        assert url.scheme == "redis" and url.username == env["REDIS_USERNAME"]
+        assert url.password == env["REDIS_PASSWORD"]
+        assert config.redis_url == env["MAILPOOL_REDIS_URL"]
+
+
+def test_shared_settings_are_options_of_some_role(rendered: list[dict[str, Any]]) -> None:
+    known: set[str] = set()
+    for _, container in deployments(rendered):
+        known |= option_env_names(config_class(role_of(container)))
+    (config_map,) = of_kind(rendered, "ConfigMap")
+    settings = {k for k in config_map["data"] if k.startswith("MAILPOOL_")}
+    assert settings, "the ConfigMap carries the MAILPOOL_* settings"
+    assert settings <= known, f"no role reads {sorted(settings - known)}"
+
+
+def test_roles_serve_probes_and_metrics_on_the_http_port(rendered: list[dict[str, Any]]) -> None:
+    for deployment, container in deployments(rendered):
+        name = deployment["metadata"]["name"]
+        cls = config_class(role_of(container))
+        env = container_env(rendered, container)
+        assert "MAILPOOL_HTTP" in option_env_names(cls), f"{name}: its role has no --http"
+        http_port = parse_host_port(env["MAILPOOL_HTTP"], "MAILPOOL_HTTP")[1]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["http"] == http_port
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(http_port)
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def prestop_seconds(container: dict[str, Any]) -> float:
+    hook = container.get("lifecycle", {}).get("preStop")
+    if hook is None:
+        return 0.0
+    if "sleep" in hook:
+        return float(hook["sleep"]["seconds"])
+    command = hook["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, f"unexpected preStop {command}"
+    return float(command[1])
+
+
+def test_termination_grace_covers_prestop_and_drain(rendered: list[dict[str, Any]]) -> None:
+    for deployment, container in deployments(rendered):
+        pod = deployment["spec"]["template"]["spec"]
+        cls = config_class(role_of(container))
+        config = from_arguments(cls, argparse.Namespace(), container_env(rendered, container))
+        drain = float(getattr(config, "shutdown_grace", 0.0))
+        grace = pod["terminationGracePeriodSeconds"]
+        # SIGKILL comes terminationGracePeriodSeconds after the preStop hook starts.
+        assert grace > prestop_seconds(container) + drain, deployment["metadata"]["name"]
+
+
+def test_ingest_leaves_the_service_before_it_stops(rendered: list[dict[str, Any]]) -> None:
+    ingest = named(rendered, "Deployment", "mailpool-ingest")
+    container = ingest["spec"]["template"]["spec"]["containers"][0]
+    assert prestop_seconds(container) >= 3, "endpoints need a moment to drop the pod"
+
+
+def test_smtp_service_maps_port_25_to_the_listener(rendered: list[dict[str, Any]]) -> None:
+    service = named(rendered, "Service", "mailpool-ingest")
+    ingest = named(rendered, "Deployment", "mailpool-ingest")
+    pod_labels = ingest["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    container = ingest["spec"]["template"]["spec"]["containers"][0]
+    listen_port = parse_host_port(container_env(rendered, container)["MAILPOOL_LISTEN"], "")[1]
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    service_ports = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
+    assert container_ports[service_ports[25]] == listen_port == 2525
+    assert container_ports[service_ports[8080]] == 8080
+
+
+def test_disruption_budgets_select_their_pods(rendered: list[dict[str, Any]]) -> None:
+    for budget in of_kind(rendered, "PodDisruptionBudget"):
+        target = named(rendered, "Deployment", budget["metadata"]["name"])
+        labels = target["spec"]["template"]["metadata"]["labels"]
+        assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # Scaled to zero or one by KEDA, delivery must not block node drains.
+    delivery = named(rendered, "PodDisruptionBudget", "mailpool-delivery")
+    assert "minAvailable" not in delivery["spec"] and delivery["spec"]["maxUnavailable"] >= 1
+
+
+def test_housekeeping_runs_alone(rendered: list[dict[str, Any]]) -> None:
+    housekeeping = named(rendered, "Deployment", "mailpool-housekeeping")
+    assert housekeeping["spec"]["replicas"] == 1
+    assert housekeeping["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_pods_are_hardened_and_bounded(rendered: list[dict[str, Any]]) -> None:
+    for deployment, container in deployments(rendered):
+        name = deployment["metadata"]["name"]
+        pod = deployment["spec"]["template"]["spec"]
+        pod_security = pod.get("securityContext", {})
+        security = container["securityContext"]
+        assert security.get("runAsNonRoot", pod_security.get("runAsNonRoot")) is True, name
+        assert security.get("runAsUser", pod_security.get("runAsUser", 0)) != 0, name
+        assert security["readOnlyRootFilesystem"] is True, name
+        assert security["allowPrivilegeEscalation"] is False, name
+        assert security["capabilities"]["drop"] == ["ALL"], name
+        assert "add" not in security["capabilities"], name
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= container["resources"][bound].keys(), name
+
+
+def test_secret_template_holds_only_marked_examples(rendered: list[dict[str, Any]]) -> None:
+    for key, value in secret_data(rendered, "mailpool-secrets").items():
+        if key.endswith("-username"):
+            continue  # user names are not secret
+        assert "EXAMPLE" in value, f"{key} looks like a real secret in the template"
