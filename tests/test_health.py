@@ -29,7 +29,9 @@ async def test_probes_follow_redis_and_listener(make_redis: Callable[..., RedisS
     redis = connect(server.url, retries=0, socket_timeout=0.5)
     listening = True
     await redis.xadd("email.send", {"data": b"x"})
-    async with serving_health("127.0.0.1:0", redis, StreamKeys(), lambda: listening) as http:
+    async with serving_health(
+        "127.0.0.1:0", redis, StreamKeys(), lambda: listening, stream_gauges=True
+    ) as http:
         assert http is not None
         assert await asyncio.to_thread(_get, http.port, "/healthz") == (200, "ok\n")
         assert await asyncio.to_thread(_get, http.port, "/readyz") == (200, "ready\n")

@@ -128,18 +128,28 @@ async def serving_health(
     redis: aioredis.Redis,
     keys: StreamKeys,
     listening: Callable[[], bool],
+    *,
+    stream_gauges: bool = False,
 ) -> AsyncIterator[HealthServer | None]:
-    """Run the HTTP endpoints and gauge refresher for the life of a role (no-op without --http)."""
+    """Run the HTTP endpoints for the life of a role (no-op without --http).
+
+    ``stream_gauges`` also refreshes the stream gauges; only roles whose Redis user may read
+    every stream turn it on (housekeeping, ``mailpool run``), so with least-privilege ACLs
+    one pod exports them and the others do not log NOPERM every refresh.
+    """
     if not address:
         yield None
         return
     server = HealthServer(address, redis_ready(redis, listening))
     await server.start()
     stop = asyncio.Event()
-    refresher = asyncio.create_task(refresh_stream_gauges(redis, keys, stop))
+    refresher = (
+        asyncio.create_task(refresh_stream_gauges(redis, keys, stop)) if stream_gauges else None
+    )
     try:
         yield server
     finally:
         stop.set()
-        await refresher
+        if refresher is not None:
+            await refresher
         await server.close()

@@ -16,13 +16,18 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import structlog
 
-from workers.config import CommonConfig, option, positive
+from workers.config import CommonConfig, option, parse_host_port, positive
+from workers.health import serving_health
 from workers.lifecycle import install_stop_signals
 from workers.status import as_text, stream_status
 from workers.streams.connection import connect, resolve_redis_url
 from workers.streams.keys import StreamKeys
+from workers.streams.outcomes import OutcomeKeys, Outcomes
 
 log = structlog.get_logger("mailpool.housekeeping")
+
+# Promotion moves schedule entries only; the group name and TTLs of Outcomes are not used.
+DELIVERY_GROUP = "delivery"
 
 
 @dataclass
@@ -33,12 +38,15 @@ class HousekeepConfig(CommonConfig):
     send_max_len: int = option(1_000_000, "keep at most this many email.send entries")
     consumer_idle: float = option(3600.0, "remove consumers idle this long with nothing pending")
     housekeep_interval: float = option(60.0, "seconds between housekeeping passes")
+    http: str | None = option(None, "serve /metrics (with stream gauges), /healthz, /readyz")
 
     def validate(self) -> None:
         super().validate()
         for name in ("receive_max_age", "receive_max_len", "send_max_age", "send_max_len",
                      "consumer_idle", "housekeep_interval"):  # fmt: skip
             positive(name, getattr(self, name))
+        if self.http:
+            parse_host_port(self.http, "--http")
 
 
 def _parse_id(entry_id: str) -> tuple[int, int]:
@@ -116,6 +124,12 @@ async def remove_vanished_consumers(redis: aioredis.Redis, stream: str, idle: fl
 
 
 async def housekeep_once(redis: aioredis.Redis, keys: StreamKeys, config: HousekeepConfig) -> None:
+    # Due retries go back to the send stream here too: with delivery scaled to zero, the
+    # lag this creates is what wakes it up (KEDA watches the send stream's lag).
+    outcomes = Outcomes(
+        redis, OutcomeKeys.from_stream_keys(keys), group=DELIVERY_GROUP, sent_ttl=1, events_maxlen=1
+    )
+    await outcomes.promote_due(time.time())
     await trim_stream(redis, keys.receive, config.receive_max_age, config.receive_max_len)
     await trim_stream(redis, keys.send, config.send_max_age, config.send_max_len)
     for stream in (keys.receive, keys.send):
@@ -126,13 +140,16 @@ async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:
     redis = connect(resolve_redis_url(config.redis_url))
     keys = StreamKeys.from_config(config)
     try:
-        while not stop.is_set():
-            try:
-                await housekeep_once(redis, keys, config)
-            except (aioredis.RedisError, OSError) as exc:
-                log.warning("housekeeping_failed", error=str(exc))  # next pass tries again
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), config.housekeep_interval)
+        async with serving_health(
+            config.http, redis, keys, lambda: not stop.is_set(), stream_gauges=True
+        ):
+            while not stop.is_set():
+                try:
+                    await housekeep_once(redis, keys, config)
+                except (aioredis.RedisError, OSError) as exc:
+                    log.warning("housekeeping_failed", error=str(exc))  # next pass tries again
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), config.housekeep_interval)
     finally:
         await redis.aclose()
 
