@@ -1,0 +1,297 @@
+"""Delivery benchmark: one delivery worker against a raw aiosmtplib loop, same run.
+
+Both sides send the same N 2 KB messages into Postfix's ``smtp-sink`` (started here on a
+free loopback port; the Postfix daemon is never started) over the same number of
+persistent SMTP connections (``--concurrency``, default 10):
+
+* raw: the messages are built into RFC 5322 bytes before the clock starts, then sent with
+  ``aiosmtplib`` by one coroutine per connection.  This is the ceiling.
+* worker: the messages are pre-enqueued on ``email.send`` of a private redis-server, then
+  ``workers.delivery.serve`` drains them with all its bookkeeping (build, idempotency
+  record, ack, events).  The clock runs from the worker's start to the moment the group has
+  nothing pending and nothing left to read.
+
+Rounds alternate (raw, worker, raw, worker, ...) so both see the same machine state.  Both
+run in this process on the default asyncio loop; CPU seconds are this process's (the
+redis-server and smtp-sink processes are not counted on either side; the redis-server's CPU
+during worker rounds is printed beside them).  smtp-sink's own
+message counter checks that every message of a round arrived.
+
+    python bench/delivery.py            # N=5000, 2 rounds each
+    python bench/delivery.py --quick    # N=1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import aiosmtplib  # noqa: E402
+import redis.asyncio as aioredis  # noqa: E402
+
+from tests.harness import RedisServer, free_port, wait_for_port  # noqa: E402
+from workers.codec.build import build_message  # noqa: E402
+from workers.codec.types import SendMessage  # noqa: E402
+from workers.codec.wire import pack  # noqa: E402
+from workers.config import DeliveryConfig  # noqa: E402
+from workers.logs import configure_logging  # noqa: E402
+from workers.producer import make_send_message  # noqa: E402
+
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+TARGET_SIZE = 2048
+DRAIN_TIMEOUT = 600.0
+
+
+@dataclass
+class Result:
+    side: str
+    messages: int
+    seconds: float
+    cpu_seconds: float
+    redis_cpu_seconds: float = 0.0  # the redis-server's work for the worker (0 for raw)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.messages / self.cpu_seconds if self.cpu_seconds else float("inf")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of another process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class SmtpSink:
+    """``smtp-sink -c``: counts sessions and messages on its stdout ("mesg=N")."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.log = workdir / "smtp-sink.out"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        # As root smtp-sink insists on dropping privileges to a named user.
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [SMTP_SINK, "-c", *user, f"127.0.0.1:{self.port}", "256"], stdout=out
+            )
+        wait_for_port(self.port)
+
+    def messages(self) -> int:
+        counts = re.findall(rb"mesg=(\d+)", self.log.read_bytes())
+        return int(counts[-1]) if counts else 0
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def make_messages(count: int, tag: str) -> list[SendMessage]:
+    """Distinct 2 KB messages (about TARGET_SIZE octets once built)."""
+    filler = ("The quick brown fox jumps over the lazy dog. " * 2 + "\n") * 19
+    return [
+        make_send_message(
+            from_="bench@example.com",
+            to=[f"rcpt{n % 50}@example.net"],
+            subject=f"bench {tag} message {n}",
+            text=filler,
+        )
+        for n in range(count)
+    ]
+
+
+async def wait_for_sink(sink: SmtpSink, expected: int) -> None:
+    for _ in range(250):  # smtp-sink updates its counter as each message ends; wait <= 5 s
+        if sink.messages() >= expected:
+            return
+        await asyncio.sleep(0.02)
+    if sink.messages() < expected:
+        raise SystemExit(f"smtp-sink counted {sink.messages()} messages, expected {expected}")
+
+
+async def run_raw(sink: SmtpSink, messages: list[SendMessage], concurrency: int) -> Result:
+    built = [build_message(m, default_id=f"raw-{n}") for n, m in enumerate(messages)]
+    before = sink.messages()
+    queue = list(reversed(built))
+
+    async def connection() -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False)
+        await smtp.connect()
+        while queue:
+            message = queue.pop()
+            await smtp.sendmail(message.mail_from, message.recipients, message.data)
+        await smtp.quit()
+
+    started, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    elapsed, cpu_used = time.perf_counter() - started, time.process_time() - cpu
+    await wait_for_sink(sink, before + len(messages))
+    return Result("raw", len(messages), elapsed, cpu_used)
+
+
+async def drained(redis: aioredis.Redis, stream: str, group: str, total: int) -> bool:
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except aioredis.ResponseError:
+        return False
+    for info in groups:
+        if info["name"] == group.encode():
+            read = info.get("entries-read")
+            return int(info["pending"]) == 0 and read is not None and int(read) >= total
+    return False
+
+
+async def enqueue_all(redis: aioredis.Redis, stream: str, messages: list[SendMessage]) -> None:
+    for start in range(0, len(messages), 500):
+        pipe = redis.pipeline(transaction=False)
+        for message in messages[start : start + 500]:
+            pipe.xadd(stream, {"data": pack(message)})
+        await pipe.execute()
+
+
+async def run_worker(
+    sink: SmtpSink, server: RedisServer, messages: list[SendMessage], concurrency: int
+) -> Result:
+    from workers.delivery import serve
+
+    assert server.process is not None
+    redis_url = server.url
+    config = DeliveryConfig(
+        redis_url=redis_url,
+        relay=f"smtp://127.0.0.1:{sink.port}",
+        starttls="off",
+        concurrency=concurrency,
+        consumer="bench-worker",
+        hostname="bench.invalid",
+    )
+    config.validate()
+    redis = aioredis.Redis.from_url(redis_url)
+    await redis.flushall()
+    await enqueue_all(redis, config.send_stream, messages)
+    before = sink.messages()
+    stop = asyncio.Event()
+    redis_cpu = process_cpu_seconds(server.process.pid)
+    started, cpu = time.perf_counter(), time.process_time()
+    worker = asyncio.create_task(serve(config, stop))
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while not await drained(redis, config.send_stream, config.group, len(messages)):
+        if worker.done():
+            worker.result()  # raises what killed it
+            raise SystemExit("the delivery worker returned before draining the stream")
+        if time.monotonic() > deadline:
+            raise SystemExit("the delivery worker did not drain the stream in time")
+        await asyncio.sleep(0.01)
+    elapsed, cpu_used = time.perf_counter() - started, time.process_time() - cpu
+    redis_used = process_cpu_seconds(server.process.pid) - redis_cpu
+    stop.set()
+    await asyncio.wait_for(worker, 60)
+    await check_nothing_failed(redis, config)
+    await redis.aclose()
+    await wait_for_sink(sink, before + len(messages))
+    return Result("worker", len(messages), elapsed, cpu_used, redis_used)
+
+
+async def check_nothing_failed(redis: aioredis.Redis, config: DeliveryConfig) -> None:
+    dead = await redis.xlen(config.dead_stream)
+    retries = await redis.zcard(config.key_prefix + "retry")
+    if dead or retries:
+        raise SystemExit(f"worker round had {dead} dead letters and {retries} retries waiting")
+
+
+def report(result: Result) -> None:
+    redis_part = ""
+    if result.side == "worker":
+        redis_part = f"  (+ redis-server {result.redis_cpu_seconds:.2f} CPU-s)"
+    print(
+        f"  {result.side:<6} {result.messages:>6} msgs {result.seconds:7.2f} s "
+        f"{result.rate:8.0f} msg/s {result.per_cpu_second:8.0f} msg/CPU-s{redis_part}",
+        flush=True,
+    )
+
+
+def summary(results: list[Result]) -> None:
+    raw = [r for r in results if r.side == "raw"]
+    worker = [r for r in results if r.side == "worker"]
+    print("median:")
+    for side, rows in (("raw", raw), ("worker", worker)):
+        if rows:
+            rate = statistics.median(r.rate for r in rows)
+            per_cpu = statistics.median(r.per_cpu_second for r in rows)
+            print(f"  {side:<6} {rate:8.0f} msg/s {per_cpu:8.0f} msg/CPU-s")
+    if raw and worker:
+        ratio = statistics.median(r.rate for r in worker) / statistics.median(r.rate for r in raw)
+        cpu_ratio = statistics.median(r.per_cpu_second for r in worker) / statistics.median(
+            r.per_cpu_second for r in raw
+        )
+        print(f"ratio worker/raw: {ratio:.2f} (msg/s)  {cpu_ratio:.2f} (msg per CPU-s)")
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> None:
+    sink = SmtpSink(workdir)
+    server = RedisServer(workdir / "redis")
+    sink.start()
+    server.start()
+    try:
+        sample = make_messages(1, "size")[0]
+        size = len(build_message(sample, default_id="size").data)
+        print(
+            f"N={args.n} messages of {size} octets, {args.concurrency} connections, "
+            f"python {sys.version.split()[0]}, smtp-sink on :{sink.port}",
+            flush=True,
+        )
+        sides: dict[str, Callable[[list[SendMessage]], Awaitable[Result]]] = {
+            "raw": lambda m: run_raw(sink, m, args.concurrency),
+            "worker": lambda m: run_worker(sink, server, m, args.concurrency),
+        }
+        order = ["raw"] if args.raw_only else ["raw", "worker"]
+        results = []
+        for round_number in range(args.rounds):
+            for side in order:
+                messages = make_messages(args.n, f"{side}{round_number}")
+                result = await sides[side](messages)
+                report(result)
+                results.append(result)
+        summary(results)
+    finally:
+        server.stop(kill=True)
+        sink.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("-n", type=int, default=5000, help="messages per round")
+    parser.add_argument("--quick", action="store_true", help="N=1000")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each side")
+    parser.add_argument("--concurrency", type=int, default=10, help="SMTP connections")
+    parser.add_argument("--raw-only", action="store_true", help="only the baseline")
+    parser.add_argument("--log-level", default="warning", help="worker log level")
+    args = parser.parse_args()
+    if args.quick:
+        args.n = 1000
+    configure_logging("json", args.log_level)
+    with tempfile.TemporaryDirectory(prefix="mailpool-bench-") as workdir:
+        asyncio.run(bench(args, Path(workdir)))
+
+
+if __name__ == "__main__":
+    main()

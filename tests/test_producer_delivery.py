@@ -1,0 +1,73 @@
+"""What `mailpool send` enqueues is what a relay receives: the send CLI as a subprocess, a
+delivery worker, and a recording aiosmtpd relay."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from tests.delivery_util import make_config, running_worker, settled, wait_until
+from tests.sinks import RecordingSink
+from workers.producer import enqueue_send
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_cli_send_arrives_at_the_relay_as_intended(
+    redis: aioredis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    invoice = tmp_path / "facture été.pdf"
+    invoice.write_bytes(b"%PDF-1.4\n" + bytes(range(256)))
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", "send", "--redis-url", redis_url,
+         "--from", "billing@example.com", "--to", "ann@example.net", "--to", "bob@example.org",
+         "--subject", "Votre facture — mars", "--text", "Bonjour,\nci-joint.\n",
+         "--html", "<p>Bonjour, ci-joint.</p>", "--attach", str(invoice),
+         "--header", "X-Tag: one", "--header", "X-Tag: two", "--id", "invoice-2026-03"],
+        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    sink = RecordingSink().start()
+    try:
+        async with running_worker(make_config(redis_url, sink.url)):
+            await wait_until(lambda: settled(redis))
+    finally:
+        sink.stop()
+    (received,) = sink.received
+    assert received.mail_from == "billing@example.com"
+    assert sorted(received.rcpt_tos) == ["ann@example.net", "bob@example.org"]
+    message = received.message
+    assert message["subject"] == "Votre facture — mars"
+    assert message.get_all("x-tag") == ["one", "two"]
+    assert message.get_content_type() == "multipart/mixed"
+    alternative, attachment = message.iter_parts()
+    text, html = alternative.iter_parts()
+    assert text.get_content().replace("\r\n", "\n") == "Bonjour,\nci-joint.\n"
+    assert html.get_content_type() == "text/html"
+    assert attachment.get_filename() == "facture été.pdf"
+    assert attachment.get_content_type() == "application/pdf"
+    assert attachment.get_content() == invoice.read_bytes()
+
+
+async def test_helper_send_with_null_sender_and_tuple_attachment(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    await enqueue_send(
+        redis, from_=None, to="ann@example.net", subject="bounce",
+        headers={"From": "MAILER-DAEMON@example.com"},
+        attachments=[("report.txt", b"line 1\nline 2\n", "text/plain")],
+    )  # fmt: skip
+    sink = RecordingSink().start()
+    try:
+        async with running_worker(make_config(redis_url, sink.url)):
+            await wait_until(lambda: settled(redis))
+    finally:
+        sink.stop()
+    (received,) = sink.received
+    assert received.mail_from == "<>"  # aiosmtpd spells the null sender so
+    (attachment,) = received.message.iter_parts()
+    assert attachment.get_filename() == "report.txt"
+    assert attachment.get_content().replace("\r\n", "\n") == "line 1\nline 2\n"

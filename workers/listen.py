@@ -1,0 +1,413 @@
+"""Listeners: consume ``email.receive`` in a consumer group, and ``mailpool listen``.
+
+Python API::
+
+    async with Listener(redis, "billing", start="all") as listener:
+        async for msg in listener:
+            if msg.error is None:
+                handle(msg.message)      # a ReceiveMessage (spec keys + extensions)
+            await msg.ack()              # explicit: unacked entries come back (see below)
+
+Semantics (Redis consumer groups, see ``workers.streams.consumer``):
+
+* Every group sees every message; the consumers of one group share them.
+* The group is created on first use: ``start="new"`` sees messages added after that moment,
+  ``start="all"`` also all retained history.  An existing group keeps its position.
+* An entry read but not acknowledged stays pending on its consumer.  A consumer restarted
+  under the same name gets its own pending entries first; entries pending longer than
+  ``claim_after`` seconds on any consumer (a dead one, or this one when the caller never
+  acks) are claimed and handed out again with ``deliveries`` increased.
+* An entry that cannot be decoded (not msgpack, schema violation, no ``data`` field, or
+  trimmed from the stream while pending) never stops the iteration: it is yielded with
+  ``message = None`` and ``error`` set.  Acknowledging it is the caller's choice; one that is
+  left pending comes back after ``claim_after`` with a higher ``deliveries`` count.
+
+``mailpool listen`` prints one JSON line per entry; see :func:`to_json_line` for the format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import sys
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.message import Message
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import StreamIdT
+
+from workers.codec.errors import CodecError
+from workers.codec.types import ReceiveMessage
+from workers.codec.validate import decode_receive
+from workers.config import CommonConfig, ConfigError, default_consumer_name, option, positive
+from workers.lifecycle import install_stop_signals
+from workers.streams.connection import connect, resolve_redis_url
+from workers.streams.consumer import START_ALL, START_NEW, GroupConsumer, StreamEntry
+
+log = structlog.get_logger("mailpool.listen")
+
+STARTS = {"new": START_NEW, "all": START_ALL}
+DEFAULT_CLAIM_AFTER = 300.0
+# Back-off while Redis is away: the listener keeps trying instead of dying with it.
+RETRY_DELAY_FIRST = 0.1
+RETRY_DELAY_CAP = 5.0
+# Idle time given to entries a stopping listener read but never handed out: 30 days, past
+# any sensible claim_after, so the next claim pass of any consumer takes them.
+RELEASED_IDLE_MS = 30 * 86_400_000
+
+
+@dataclass
+class ListenedMessage:
+    """One entry of the receive stream as a listener hands it out."""
+
+    id: str  # stream entry id (what is acknowledged), not the message's own "id"
+    message: ReceiveMessage | None  # None when the entry could not be decoded
+    error: str | None  # why it could not be decoded; None for a good message
+    deliveries: int  # 1 on first delivery, more when claimed again after claim_after
+    data: bytes | None  # the entry's raw `data` field (None when missing or trimmed)
+    _listener: Listener = field(repr=False)
+
+    async def ack(self) -> None:
+        await self._listener.ack(self)
+
+
+class Listener:
+    """Async iterator of decoded ``email.receive`` messages of one consumer in one group."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        group: str,
+        consumer: str | None = None,
+        *,
+        stream: str = "email.receive",
+        start: str = "new",
+        claim_after: float = DEFAULT_CLAIM_AFTER,
+        batch: int = 100,
+        block: float = 1.0,
+        limit: int | None = None,
+    ) -> None:
+        if start not in STARTS:
+            raise ValueError(f"start must be 'new' or 'all', got {start!r}")
+        self.redis = redis
+        self.group = group
+        self.consumer = consumer or default_consumer_name()
+        self.stream = stream
+        self.start = start
+        # block bounds how long a stop request waits for a quiet XREADGROUP to return.
+        self._reader = GroupConsumer(
+            redis, stream, group, self.consumer, claim_after=claim_after, batch=batch, block=block
+        )
+        self.batch = batch
+        # limit: hand out this many entries, then end; reads never fetch beyond it, so a
+        # script that wants one message does not leave others pending on its consumer.
+        self.limit = limit
+        self.handed_out = 0
+        self._buffer: deque[StreamEntry] = deque()
+        self._group_ready = False
+        self._stopped = asyncio.Event()
+
+    async def __aenter__(self) -> Listener:
+        try:
+            await self.ensure_group()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            # Not fatal: the first read waits for Redis and creates the group then.
+            log.warning("redis_unavailable", error=str(exc))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        await self.release_unread()
+
+    def __aiter__(self) -> Listener:
+        return self
+
+    async def __anext__(self) -> ListenedMessage:
+        message = await self.next()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    def stop(self) -> None:
+        """End the iteration after the read in progress (at most ``block`` seconds).
+
+        Entries already read but not yet handed out stay pending on this consumer; leaving
+        ``async with`` (or calling :meth:`release_unread`) makes them claimable by the other
+        consumers at once, and a listener with the same consumer name gets them first.
+        """
+        self._stopped.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    async def ensure_group(self) -> None:
+        if not self._group_ready:
+            await self._reader.ensure_group(STARTS[self.start])
+            self._group_ready = True
+
+    async def next(self) -> ListenedMessage | None:
+        """The next message, waiting as long as needed; None once :meth:`stop` was called."""
+        while not self._stopped.is_set():
+            if self.limit is not None and self.handed_out >= self.limit:
+                return None
+            if self._buffer:
+                self.handed_out += 1
+                return self._wrap(self._buffer.popleft())
+            wanted = self.batch if self.limit is None else self.limit - self.handed_out
+            self._reader.batch = min(self.batch, wanted)
+            self._buffer.extend(await self._read_riding_out_outages())
+        return None
+
+    async def release_unread(self) -> None:
+        """Make entries read but never handed out claimable by other consumers at once.
+
+        They stay pending on this consumer (Redis has no "un-read"), but with their idle
+        time pushed far back, so any consumer of the group claims them on its next claim
+        pass instead of waiting ``claim_after``.  JUSTID leaves the delivery count alone.
+        """
+        ids: list[StreamIdT] = [entry.id for entry in self._buffer if entry.fields is not None]
+        self._buffer.clear()
+        if not ids:
+            return
+        try:
+            await self.redis.xclaim(
+                self.stream, self.group, self.consumer, min_idle_time=0,
+                message_ids=ids, idle=RELEASED_IDLE_MS, justid=True,
+            )  # fmt: skip
+        except RedisError as exc:  # they still come back after claim_after
+            log.warning("release_failed", group=self.group, count=len(ids), error=str(exc))
+
+    async def ack(self, *messages: ListenedMessage | str) -> int:
+        """Acknowledge messages (or entry ids); returns how many were still pending."""
+        ids = [m if isinstance(m, str) else m.id for m in messages]
+        return await self._reader.ack(*ids)
+
+    async def _read_riding_out_outages(self) -> list[StreamEntry]:
+        delay = RETRY_DELAY_FIRST
+        while not self._stopped.is_set():
+            try:
+                await self.ensure_group()
+                return await self._reader.read()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("redis_unavailable", error=str(exc), retry_in=delay)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The group (or the stream) vanished, e.g. a Redis restarted without
+                # persistence: create it again from the configured start.
+                log.warning("group_missing", stream=self.stream, group=self.group)
+                self._group_ready = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), delay)
+            delay = min(delay * 2, RETRY_DELAY_CAP)
+        return []
+
+    def _wrap(self, entry: StreamEntry) -> ListenedMessage:
+        data = entry.data
+        message: ReceiveMessage | None = None
+        error: str | None = None
+        if entry.fields is None:
+            error = "entry was trimmed from the stream before it was acknowledged"
+        elif data is None:
+            error = "entry has no 'data' field"
+        else:
+            try:
+                message = decode_receive(data)
+            except CodecError as exc:
+                error = f"not a valid email.receive message: {exc}"
+        if error is not None:
+            log.warning(
+                "undecodable_entry", stream=self.stream, group=self.group, id=entry.id, error=error
+            )
+        return ListenedMessage(entry.id, message, error, entry.deliveries, data, self)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON lines for `mailpool listen`
+
+
+def text_charset(content_type: str) -> str | None:
+    """The charset to decode a body with when it is text, else None.
+
+    ``text/*`` without a charset parameter is read as UTF-8 (a superset of the RFC 2046
+    default us-ascii that also accepts the many senders that omit the parameter).
+    """
+    header = Message()
+    header["content-type"] = content_type
+    if header.get_content_maintype() != "text":
+        return None
+    return header.get_content_charset() or "utf-8"
+
+
+def body_to_json(body: bytes, content_type: str) -> tuple[str, str]:
+    """(body, body_encoding): the decoded text and "text", or base64 and "base64"."""
+    charset = text_charset(content_type)
+    if charset is not None:
+        try:
+            return body.decode(charset), "text"
+        except (LookupError, UnicodeDecodeError):
+            pass  # unknown charset or bytes that do not match it: keep them exact
+    return base64.b64encode(body).decode("ascii"), "base64"
+
+
+def content_to_json(content: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in content.items():
+        if key == "parts":
+            out["parts"] = [content_to_json(part) for part in value]
+        elif key == "body" and isinstance(value, bytes):
+            out["body"], out["body_encoding"] = body_to_json(value, content["content-type"])
+        else:
+            out[key] = jsonable(value)
+    return out
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values; bytes outside ``content`` (the ``raw`` extension) become base64."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def to_json_line(message: ListenedMessage) -> str:
+    """One JSON object (no newline) for one entry.
+
+    A good message: ``entry_id`` and ``deliveries``, then every key of the message as stored
+    (spec keys ``from``, ``to``, ``headers``, ``content`` and the extensions).  In ``content``
+    each ``body`` is accompanied by ``body_encoding``: ``"text"`` when the part is ``text/*``
+    and its bytes decode with its charset (the body is then that text, line endings ``\\n``),
+    else ``"base64"``.  The ``raw`` extension, when present, is base64 with
+    ``raw_encoding: "base64"``.  An undecodable entry: ``entry_id``, ``deliveries``, ``error``
+    and, when the entry still had one, its ``data`` field as base64 with
+    ``data_encoding: "base64"``; it has no spec keys.
+    """
+    out: dict[str, Any] = {"entry_id": message.id, "deliveries": message.deliveries}
+    if message.message is None:
+        out["error"] = message.error
+        if message.data is not None:
+            out["data"], out["data_encoding"] = jsonable(message.data), "base64"
+    else:
+        fields: Mapping[str, Any] = message.message
+        for key, value in fields.items():
+            if key == "content":
+                out["content"] = content_to_json(value)
+            elif key == "raw" and isinstance(value, bytes):
+                out["raw"], out["raw_encoding"] = jsonable(value), "base64"
+            else:
+                out[key] = jsonable(value)
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------------------------
+# `mailpool listen`
+
+
+@dataclass
+class ListenConfig(CommonConfig):
+    """``mailpool listen``: print the messages of one consumer group as JSON lines."""
+
+    group: str | None = option(None, "consumer group (one per application; required)")
+    consumer: str = option(default_consumer_name(), "consumer name in the group")
+    start: str = option("new", "where a new group starts: new (from now) or all (history)")
+    claim_after: float = option(
+        DEFAULT_CLAIM_AFTER, "take over entries pending this long on a silent consumer, seconds"
+    )
+    count: int | None = option(None, "stop after printing this many entries (default: run on)")
+    ack: bool = option(True, "acknowledge each entry after printing it (--no-ack: leave pending)")
+    batch: int = option(100, "entries read per XREADGROUP")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.group:
+            raise ConfigError("--group is required (one consumer group per application)")
+        if self.start not in STARTS:
+            raise ConfigError(f"--start: {self.start!r} is not new or all")
+        if not self.consumer:
+            raise ConfigError("--consumer must not be empty")
+        positive("claim_after", self.claim_after)
+        positive("batch", self.batch)
+        if self.count is not None:
+            positive("count", self.count)
+
+
+def write_line(line: str) -> None:
+    """Write and flush at once, so a pipe reader has the line before we acknowledge it."""
+    sys.stdout.buffer.write(line.encode("utf-8", "replace") + b"\n")
+    sys.stdout.buffer.flush()
+
+
+async def print_messages(listener: Listener, *, ack: bool) -> int:
+    """Print entries until the listener ends (its limit, or stopped); returns how many."""
+    printed = 0
+    async for message in listener:
+        write_line(to_json_line(message))
+        if ack:
+            await message.ack()
+        printed += 1
+    return printed
+
+
+async def main(config: ListenConfig) -> int:
+    assert config.group is not None  # validate() insists
+    redis = connect(resolve_redis_url(config.redis_url))
+    listener = Listener(
+        redis,
+        config.group,
+        config.consumer,
+        stream=config.receive_stream,
+        start=config.start,
+        claim_after=config.claim_after,
+        batch=config.batch,
+        limit=config.count,
+    )
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    stopper = asyncio.create_task(_stop_when_set(stop, listener))
+    log.info("listen_started", stream=config.receive_stream, group=config.group,
+             consumer=config.consumer, start=config.start)  # fmt: skip
+    try:
+        async with listener:
+            printed = await print_messages(listener, ack=config.ack)
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): nothing more to print to, not an error.  The
+        # entry being printed was not acknowledged, so no message is lost.
+        _silence_stdout()
+        return 0
+    finally:
+        stopper.cancel()
+        await redis.aclose()
+    log.info("listen_stopped", group=config.group, printed=printed)
+    return 0
+
+
+async def _stop_when_set(stop: asyncio.Event, listener: Listener) -> None:
+    await stop.wait()
+    listener.stop()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

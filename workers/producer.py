@@ -1,0 +1,291 @@
+"""Enqueue sends: the Python producer helper and ``mailpool send``.
+
+A producer in any language does the same three things this module does: build the spec
+message as a map, pack it with msgpack (text as str, bodies as bin) and ``XADD email.send *
+data <msgpack>``.  Nothing here talks to the delivery workers directly.
+
+::
+
+    entry_id = await enqueue_send(
+        redis, from_="app@example.com", to=["ann@example.com"], subject="Invoice",
+        text="Hello", html="<p>Hello</p>", attachments=["invoice.pdf"],
+    )
+
+Message layout built by :func:`make_send_message`:
+
+* text only -> ``text/plain; charset=utf-8``; html only -> ``text/html; charset=utf-8``;
+  both -> ``multipart/alternative`` [text, html];
+* with attachments -> ``multipart/mixed`` [that body (if any), attachment, ...]; each
+  attachment has ``content-type`` (given, else guessed from the filename with
+  :mod:`mimetypes`, else ``application/octet-stream``), ``filename`` (the delivery worker
+  writes ``Content-Disposition: attachment`` with it, RFC 2231-encoded when non-ASCII) and
+  ``body`` bytes;
+* headers: ``from`` (the envelope sender, unless given), ``to`` (the recipients joined with
+  ", ", unless given), ``subject`` when given, then the caller's headers, which win over
+  these defaults.  ``Date``, ``Message-ID`` and ``MIME-Version`` are written by the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mimetypes
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from workers.codec.errors import CodecError
+from workers.codec.types import SCHEMA_VERSION, Content, SendMessage
+from workers.codec.validate import validate_send
+from workers.codec.wire import pack
+from workers.config import CommonConfig, ConfigError, mask_url_password, option
+from workers.streams.connection import connect, resolve_redis_url
+
+# Compressed files: mimetypes reports the compression separately (``x.tar.gz`` ->
+# ``application/x-tar`` + ``gzip``); what is attached is the compressed file.
+COMPRESSED_TYPES = {
+    "gzip": "application/gzip",
+    "bzip2": "application/x-bzip2",
+    "xz": "application/x-xz",
+    "compress": "application/x-compress",
+    "br": "application/x-brotli",
+}
+DEFAULT_ATTACHMENT_TYPE = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    data: bytes
+    content_type: str | None = None  # None: guessed from the filename
+
+
+# A path to read, (filename, bytes) or (filename, bytes, content type or None).
+AttachmentSpec: TypeAlias = (
+    "str | os.PathLike[str] | Attachment | tuple[str, bytes] | tuple[str, bytes, str | None]"
+)
+HeaderSpec: TypeAlias = "Mapping[str, str] | Iterable[tuple[str, str]]"
+
+
+def guess_content_type(filename: str) -> str:
+    mime_type, compression = mimetypes.guess_type(filename, strict=False)
+    if compression is not None:
+        return COMPRESSED_TYPES.get(compression, DEFAULT_ATTACHMENT_TYPE)
+    return mime_type or DEFAULT_ATTACHMENT_TYPE
+
+
+def load_attachment(spec: AttachmentSpec) -> Attachment:
+    """An :class:`Attachment` from any accepted form; paths are read here (may raise OSError)."""
+    if isinstance(spec, Attachment):
+        return spec
+    if isinstance(spec, tuple):
+        filename, data, *rest = spec
+        return Attachment(filename, bytes(data), rest[0] if rest else None)
+    path = Path(spec)
+    return Attachment(path.name, path.read_bytes())
+
+
+def attachment_content(attachment: Attachment) -> Content:
+    content_type = attachment.content_type or guess_content_type(attachment.filename)
+    return {"content-type": content_type, "filename": attachment.filename, "body": attachment.data}
+
+
+def text_part(subtype: str, text: str) -> Content:
+    return {"content-type": f"text/{subtype}; charset=utf-8", "body": text.encode("utf-8")}
+
+
+def build_content(text: str | None, html: str | None, attachments: Sequence[Attachment]) -> Content:
+    alternatives = [text_part(sub, body) for sub, body in (("plain", text), ("html", html)) if body]
+    body: Content | None
+    if len(alternatives) > 1:
+        body = {"content-type": "multipart/alternative", "parts": alternatives}
+    elif alternatives:
+        body = alternatives[0]
+    else:
+        body = None if attachments else text_part("plain", text or html or "")
+    if not attachments:
+        assert body is not None
+        return body
+    leading = [body] if body is not None else []
+    parts = leading + [attachment_content(a) for a in attachments]
+    return {"content-type": "multipart/mixed", "parts": parts}
+
+
+def header_pairs(headers: HeaderSpec | None) -> list[tuple[str, str]]:
+    if headers is None:
+        return []
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [(str(name), str(value)) for name, value in items]
+
+
+def build_headers(
+    from_: str | None, to: Sequence[str], subject: str | None, extra: list[tuple[str, str]]
+) -> tuple[dict[str, str], list[list[str]] | None]:
+    """(headers, header_list): header_list only when a field repeats.
+
+    The worker builds from header_list when present, so every copy is sent.  Send header
+    values may not hold line breaks, so ``headers`` keeps the first copy of a repeated field
+    (a spec-only reader still sees one value).
+    """
+    given = {name.lower() for name, _ in extra}
+    defaults = [("From", from_), ("To", ", ".join(to)), ("Subject", subject)]
+    ordered = [(n, v) for n, v in defaults if v and n.lower() not in given] + extra
+    headers: dict[str, str] = {}
+    for name, value in ordered:
+        headers.setdefault(name.lower(), value)
+    repeated = len(headers) < len(ordered)
+    return headers, [[n, v] for n, v in ordered] if repeated else None
+
+
+def make_send_message(
+    *,
+    from_: str | None,
+    to: str | Sequence[str],
+    subject: str | None = None,
+    text: str | None = None,
+    html: str | None = None,
+    attachments: Iterable[AttachmentSpec] = (),
+    headers: HeaderSpec | None = None,
+    id: str | None = None,  # the spec extension key is called "id"
+    max_attempts: int | None = None,
+    max_age: float | None = None,
+) -> SendMessage:
+    """The ``email.send`` message, validated (raises CodecError, or OSError for a path).
+
+    ``from_`` is the envelope sender; None or "<>" sends with the null sender.  ``id`` is the
+    idempotency id: a message id is sent at most once per recipient.  ``max_attempts`` and
+    ``max_age`` (seconds) override the workers' retry limits for this message.
+    """
+    recipients = [to] if isinstance(to, str) else list(to)
+    sender = None if from_ in (None, "", "<>") else from_
+    loaded = [load_attachment(spec) for spec in attachments]
+    fields, header_list = build_headers(sender, recipients, subject, header_pairs(headers))
+    message: dict[str, Any] = {
+        "from": sender,
+        "to": recipients,
+        "headers": fields,
+        "content": build_content(text, html, loaded),
+        "version": SCHEMA_VERSION,
+    }
+    if header_list is not None:
+        message["header_list"] = header_list
+    extensions = {"id": id, "max_attempts": max_attempts, "max_age": max_age}
+    message.update({key: value for key, value in extensions.items() if value is not None})
+    return validate_send(message)
+
+
+async def enqueue(
+    redis: aioredis.Redis, message: SendMessage, *, stream: str = "email.send"
+) -> str:
+    """XADD one validated send message; returns the stream entry id."""
+    entry_id = await redis.xadd(stream, {"data": pack(message)})
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+async def enqueue_send(
+    redis: aioredis.Redis,
+    *,
+    from_: str | None,
+    to: str | Sequence[str],
+    subject: str | None = None,
+    text: str | None = None,
+    html: str | None = None,
+    attachments: Iterable[AttachmentSpec] = (),
+    headers: HeaderSpec | None = None,
+    id: str | None = None,
+    max_attempts: int | None = None,
+    max_age: float | None = None,
+    stream: str = "email.send",
+) -> str:
+    """Build, validate and enqueue one send (see :func:`make_send_message`); the entry id."""
+    specs = list(attachments)
+    arguments: dict[str, Any] = {
+        "from_": from_, "to": to, "subject": subject, "text": text, "html": html,
+        "attachments": specs, "headers": headers, "id": id, "max_attempts": max_attempts,
+        "max_age": max_age,
+    }  # fmt: skip
+    if any(not isinstance(s, Attachment | tuple) for s in specs):
+        # Files are read in a thread so a large attachment does not stall the event loop.
+        message = await asyncio.to_thread(lambda: make_send_message(**arguments))
+    else:
+        message = make_send_message(**arguments)
+    return await enqueue(redis, message, stream=stream)
+
+
+# ---------------------------------------------------------------------------------------------
+# `mailpool send`
+
+
+@dataclass
+class SendConfig(CommonConfig):
+    """``mailpool send``: enqueue one message on the send stream and print its entry id."""
+
+    sender: str | None = option(
+        None, "envelope sender and default From header ('<>' for the null sender)", flag="--from"
+    )
+    to: list[str] = option([], "recipient (repeatable; at least one)", repeatable=True)
+    subject: str | None = option(None, "Subject header")
+    text: str | None = option(None, "plain text body ('-' reads it from standard input)")
+    html: str | None = option(None, "HTML body")
+    attach: list[str] = option([], "file to attach (repeatable)", repeatable=True)
+    header: list[str] = option(
+        [], "extra header 'Name: value' (repeatable; overrides From/To/Subject)", repeatable=True
+    )
+    message_id: str | None = option(
+        None, "idempotency id: the message is sent at most once per recipient", flag="--id"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.sender is None:
+            raise ConfigError("--from is required ('<>' for the null sender)")
+        if not self.to:
+            raise ConfigError("--to is required (repeat it for several recipients)")
+        for path in self.attach:
+            if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                raise ConfigError(f"--attach: cannot read file {path!r}")
+        self.parsed_headers()
+
+    def parsed_headers(self) -> list[tuple[str, str]]:
+        pairs = []
+        for given in self.header:
+            name, sep, value = given.partition(":")
+            if not sep or not name.strip() or name != name.strip():
+                raise ConfigError(f"--header: expected 'Name: value', got {given!r}")
+            pairs.append((name, value.strip()))
+        return pairs
+
+
+def message_from_config(config: SendConfig) -> SendMessage:
+    """The send message the flags describe; ConfigError with one line when they cannot."""
+    text = sys.stdin.read() if config.text == "-" else config.text
+    try:
+        return make_send_message(
+            from_=config.sender, to=config.to, subject=config.subject, text=text,
+            html=config.html, attachments=config.attach, headers=config.parsed_headers(),
+            id=config.message_id,
+        )  # fmt: skip
+    except CodecError as exc:
+        raise ConfigError(f"invalid message: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"--attach: {exc.filename}: {exc.strerror}") from None
+
+
+async def main(config: SendConfig) -> int:
+    message = message_from_config(config)
+    url = resolve_redis_url(config.redis_url)
+    redis = connect(url)
+    try:
+        entry_id = await enqueue(redis, message, stream=config.send_stream)
+    except RedisError as exc:
+        print(f"mailpool send: cannot enqueue at {mask_url_password(url)}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+    print(entry_id, flush=True)
+    return 0
