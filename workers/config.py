@@ -284,7 +284,9 @@ class DeliveryConfig(CommonConfig):
         default_consumer_name(), "consumer name in the group (unique per worker)"
     )
     concurrency: int = option(10, "sends in flight per worker (and pooled SMTP connections)")
-    batch: int = option(100, "entries read per XREADGROUP")
+    batch: int = option(
+        100, "most entries read per XREADGROUP (a worker holds at most 2 x --concurrency)"
+    )
     messages_per_connection: int = option(100, "replace a pooled SMTP connection after this many")
     idle_close: float = option(30.0, "close pooled SMTP connections idle this long, seconds")
     smtp_timeout: float = option(60.0, "timeout of one SMTP command, seconds")

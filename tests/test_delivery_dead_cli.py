@@ -1,0 +1,129 @@
+"""``mailpool dead list / show / replay / purge`` against real dead letters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.delivery_util import (
+    ROOT,
+    enqueue,
+    make_config,
+    pack,
+    running_worker,
+    send_message,
+    settled,
+    stream_fields,
+    wait_until,
+)
+from tests.sinks import RecordingSink
+
+
+@pytest.fixture
+def sink() -> Iterator[RecordingSink]:
+    server = RecordingSink().start()
+    yield server
+    server.stop()
+
+
+def dead(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers", "dead", *args, "--redis-url", redis_url],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
+    )  # fmt: skip
+
+
+async def _one_rejected(redis: aioredis.Redis, redis_url: str, sink: RecordingSink) -> str:
+    """ann accepted, bob refused once with 550: bob's copy is a dead letter."""
+    sink.refuse_rcpt("bob@example.com", "550 5.2.1 mailbox disabled", times=1)
+    await enqueue(redis, send_message(["ann@example.com", "bob@example.com"], message_id="inv-9"))
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    [letter] = await stream_fields(redis, "email.send.dead")
+    return str(letter["_id"])
+
+
+async def test_list_and_show(redis: aioredis.Redis, redis_url: str, sink: RecordingSink) -> None:
+    dead_id = await _one_rejected(redis, redis_url, sink)
+    listed = dead(redis_url, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert dead_id in listed.stdout and "rejected" in listed.stdout
+    assert "bob@example.com" in listed.stdout
+    as_json = [json.loads(line) for line in dead(redis_url, "list", "--json").stdout.splitlines()]
+    assert [(d["id"], d["reason"], d["smtp_code"]) for d in as_json] == [
+        (dead_id, "rejected", "550")
+    ]
+    assert as_json[0]["to"] == ["ann@example.com", "bob@example.com"]  # decoded summary
+    shown = dead(redis_url, "show", dead_id)
+    assert shown.returncode == 0
+    assert "mailbox disabled" in shown.stdout and "message_id: inv-9" in shown.stdout
+    missing = dead(redis_url, "show", "1-1")
+    assert missing.returncode == 1 and "no such dead letter" in missing.stderr
+
+
+async def test_replay_sends_only_to_the_dead_letters_recipients(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    dead_id = await _one_rejected(redis, redis_url, sink)
+    assert [r.rcpt_tos for r in sink.received] == [("ann@example.com",)]
+    replayed = dead(redis_url, "replay", dead_id)
+    assert replayed.returncode == 0, replayed.stderr
+    assert await redis.xlen("email.send.dead") == 0  # moved, not copied
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    # bob gets it now; ann is not sent a second copy; the Message-ID is unchanged
+    assert [r.rcpt_tos for r in sink.received] == [("ann@example.com",), ("bob@example.com",)]
+    assert sink.received[0].message_id == sink.received[1].message_id
+    assert await redis.xlen("email.send.dead") == 0
+
+
+async def test_replay_all_of_everything_is_idempotency_aware(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """A dead letter whose recipients were meanwhile accepted (e.g. replayed twice by two
+    operators) is not sent again."""
+    dead_id = await _one_rejected(redis, redis_url, sink)
+    letter = (await redis.xrange("email.send.dead"))[0][1]
+    await redis.xadd("email.send.dead", letter)  # a second copy of the same dead letter
+    assert dead(redis_url, "replay", "--all").returncode == 0
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    assert sink.deliveries_to("bob@example.com")[0].rcpt_tos == ("bob@example.com",)
+    assert len(sink.deliveries_to("bob@example.com")) == 1
+    assert len(sink.deliveries_to("ann@example.com")) == 1
+    assert dead(redis_url, "replay", dead_id).returncode == 1  # gone: already replayed
+
+
+async def test_invalid_dead_letters_are_not_replayed(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    await enqueue(redis, b"not msgpack at all")
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    result = dead(redis_url, "replay", "--all")
+    assert result.returncode == 0 and "invalid" in result.stderr
+    assert await redis.xlen("email.send.dead") == 1
+
+
+async def test_purge_ids_and_all(redis: aioredis.Redis, redis_url: str) -> None:
+    ids = [
+        (
+            await redis.xadd("email.send.dead", {"data": pack(send_message()), "reason": "expired"})
+        ).decode()
+        for _ in range(4)
+    ]
+    assert dead(redis_url, "purge", ids[0]).returncode == 0
+    assert await redis.xlen("email.send.dead") == 3
+    assert dead(redis_url, "purge", "--all").returncode == 0
+    assert await redis.xlen("email.send.dead") == 0
+
+
+def test_replay_needs_ids_or_all(redis_url: str) -> None:
+    result = dead(redis_url, "replay")
+    assert result.returncode == 2
+    assert "ids or --all" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,116 @@
+"""Idempotency records: a message id is sent at most once per recipient, whatever route
+brings it back (producer enqueuing twice, retries, replays); and the Redis moves between
+in progress, waiting and dead are atomic."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.delivery_util import (
+    enqueue,
+    events,
+    make_config,
+    running_worker,
+    send_message,
+    settled,
+    wait_until,
+)
+from tests.sinks import RecordingSink
+from workers.streams.keys import StreamKeys
+from workers.streams.outcomes import OutcomeKeys, Outcomes, Retry, Settlement
+
+
+@pytest.fixture
+def sink() -> Iterator[RecordingSink]:
+    server = RecordingSink().start()
+    yield server
+    server.stop()
+
+
+def outcomes_for(redis: aioredis.Redis) -> Outcomes:
+    return Outcomes(redis, OutcomeKeys.from_stream_keys(StreamKeys()), group="delivery",
+                    sent_ttl=60, events_maxlen=1000)  # fmt: skip
+
+
+async def test_same_id_enqueued_twice_is_sent_once(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    message = send_message(["ann@example.com", "bob@example.com"], message_id="order-42")
+    await enqueue(redis, message)
+    await enqueue(redis, message)  # a producer retrying after a timeout, same batch
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    await enqueue(redis, message)  # and once more, much later
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    assert sink.recipient_counts() == {
+        (sink.received[0].message_id, "ann@example.com"): 1,
+        (sink.received[0].message_id, "bob@example.com"): 1,
+    }
+    assert [e["event"] for e in await events(redis)] == ["delivered"]
+
+
+async def test_recipients_recorded_as_sent_are_skipped(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """A redelivered entry whose message id was already accepted for some recipients (the
+    record outlives the entry) goes only to the others."""
+    await redis.hset("mailpool:sent:m-7", "ann@example.com", "1700000000.0")
+    await enqueue(redis, send_message(["ann@example.com", "bob@example.com"], message_id="m-7"))
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    assert [r.rcpt_tos for r in sink.received] == [("bob@example.com",)]
+    assert await redis.hkeys("mailpool:sent:m-7") == [b"ann@example.com", b"bob@example.com"]
+
+
+async def test_settlement_applies_once(redis: aioredis.Redis) -> None:
+    """Two workers settling the same entry (one claimed it from the other): the second
+    records its sends but adds no dead letter or retry, so the entry is never both waiting
+    and dead, or waiting twice."""
+    await redis.xgroup_create("email.send", "delivery", id="0", mkstream=True)
+    entry_id = await enqueue(redis, send_message())
+    await redis.xreadgroup("delivery", "a", {"email.send": ">"})
+    outcomes = outcomes_for(redis)
+    retry = Settlement(entry_id, "m1", ["ann@example.com"], [], Retry(1e12, {"data": b"x"}), [])
+    dead = Settlement(entry_id, "m1", ["bob@example.com"], [{"data": b"x", "reason": "expired"}])
+    assert await outcomes.settle([retry], now=1.0) == [True]
+    assert await outcomes.settle([dead], now=2.0) == [False]
+    assert await redis.xlen("email.send.dead") == 0
+    assert await redis.zcard("mailpool:retry") == 1
+    assert sorted(await redis.hkeys("mailpool:sent:m1")) == [b"ann@example.com", b"bob@example.com"]
+    assert 0 < await redis.ttl("mailpool:sent:m1") <= 60
+
+
+async def test_concurrent_promoters_move_each_retry_once(redis: aioredis.Redis) -> None:
+    outcomes = [outcomes_for(redis) for _ in range(4)]
+    await redis.xgroup_create("email.send", "delivery", id="0", mkstream=True)
+    for n in range(50):
+        entry_id = await enqueue(redis, send_message())
+        await redis.xreadgroup("delivery", "a", {"email.send": ">"}, count=1)
+        s = Settlement(entry_id, f"m{n}", [], [], Retry(10.0, {"data": b"x", "n": n}), [])
+        await outcomes[0].settle([s], now=1.0)
+    before = await redis.xlen("email.send")
+    moved = await asyncio.gather(*(o.promote_due(now=20.0, limit=7) for o in outcomes * 5))
+    assert sum(moved) == 50
+    assert await redis.xlen("email.send") == before + 50
+    assert await redis.zcard("mailpool:retry") == 0
+    assert await redis.keys("mailpool:retry:*") == []
+    added = await redis.xrange("email.send", min="(" + entry_id)
+    assert sorted(int(f[b"n"]) for _, f in added) == list(range(50))
+
+
+async def test_settlement_survives_a_flushed_script_cache(redis: aioredis.Redis) -> None:
+    """After a Redis restart the scripts are gone (NOSCRIPT): they are loaded again and the
+    settlement applied once."""
+    await redis.xgroup_create("email.send", "delivery", id="0", mkstream=True)
+    entry_id = await enqueue(redis, send_message())
+    await redis.xreadgroup("delivery", "a", {"email.send": ">"})
+    outcomes = outcomes_for(redis)
+    await redis.script_flush()
+    assert await outcomes.settle([Settlement(entry_id, "m2", ["ann@example.com"])], 1.0) == [True]
+    assert await redis.hgetall("mailpool:sent:m2") == {b"ann@example.com": b"1.0"}
+    assert (await redis.xpending("email.send", "delivery"))["pending"] == 0

@@ -1,0 +1,98 @@
+"""Entries that are not valid sends are dead letters at once (reason invalid): no crash, no
+retry loop; trimmed pending entries are acknowledged; poison entries are dead-lettered."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.delivery_util import (
+    enqueue,
+    events,
+    make_config,
+    pack,
+    running_worker,
+    send_message,
+    settled,
+    stream_fields,
+    wait_until,
+)
+from tests.sinks import RecordingSink
+
+
+@pytest.fixture
+def sink() -> Iterator[RecordingSink]:
+    server = RecordingSink().start()
+    yield server
+    server.stop()
+
+
+async def test_invalid_entries_are_dead_lettered_and_the_worker_goes_on(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    injected = send_message(["ann@example.com"], subject="Hi\r\nBcc: victim@example.net")
+    no_recipients = send_message(["ann@example.com"])
+    no_recipients["to"] = []
+    bad = {
+        "not msgpack": b"\xc1\xc1 this is not msgpack",
+        "not a map": pack([1, 2, 3]),  # type: ignore[arg-type]
+        "schema": no_recipients,
+        "injection": injected,
+    }
+    ids = {name: await enqueue(redis, data) for name, data in bad.items()}
+    ids["no data field"] = (await redis.xadd("email.send", {"payload": b"x"})).decode()
+    good = await enqueue(redis, send_message(["good@example.com"]))
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    dead = {d["source_id"]: d for d in await stream_fields(redis, "email.send.dead")}
+    assert set(dead) == set(ids.values())
+    for name, entry_id in ids.items():
+        assert dead[entry_id]["reason"] == "invalid", name
+        assert dead[entry_id]["attempts"] == "0", name
+        assert dead[entry_id]["error"], name
+        assert "smtp_code" not in dead[entry_id], name  # no server was asked
+    assert dead[ids["not msgpack"]]["data"] == bad["not msgpack"]  # untouched bytes
+    assert json.loads(dead[ids["injection"]]["recipients"]) == ["ann@example.com"]
+    # only the good message went out; nothing is waiting for a retry
+    assert [r.rcpt_tos for r in sink.received] == [("good@example.com",)]
+    assert await redis.zcard("mailpool:retry") == 0
+    failed = [e for e in await events(redis) if e["event"] == "failed"]
+    assert len(failed) == 5
+    assert good not in dead
+
+
+async def test_trimmed_pending_entry_is_acknowledged(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    await redis.xgroup_create("email.send", "delivery", id="0", mkstream=True)
+    entry_id = await enqueue(redis, send_message(["gone@example.com"]))
+    await redis.xreadgroup("delivery", "w1", {"email.send": ">"}, count=1)
+    await redis.xdel("email.send", entry_id)  # trimmed while pending on w1
+    assert (await redis.xpending("email.send", "delivery"))["pending"] == 1
+    async with running_worker(make_config(redis_url, sink.url, consumer="w1")):
+        await wait_until(lambda: settled(redis))
+    assert sink.received == []
+    assert await redis.xlen("email.send.dead") == 0
+
+
+async def test_poison_entry_is_dead_lettered(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """An entry handed out more than --max-deliveries times without an outcome (it killed
+    the workers that took it) is dead-lettered as poison instead of being tried again."""
+    await redis.xgroup_create("email.send", "delivery", id="0", mkstream=True)
+    message = send_message(["ann@example.com"], message_id="poison-1")
+    entry_id = await enqueue(redis, message)
+    await redis.xreadgroup("delivery", "crashed", {"email.send": ">"}, count=1)
+    await redis.xclaim("email.send", "delivery", "w1", 0, [entry_id], retrycount=7)
+    async with running_worker(make_config(redis_url, sink.url, consumer="w1", max_deliveries=5)):
+        await wait_until(lambda: settled(redis))
+    assert [r.message_id for r in sink.received] == []
+    [dead] = await stream_fields(redis, "email.send.dead")
+    assert dead["reason"] == "poison"
+    assert dead["message_id"] == "poison-1"
+    assert dead["data"] == pack(message)
+    assert json.loads(dead["recipients"]) == ["ann@example.com"]

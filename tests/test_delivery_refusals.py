@@ -1,0 +1,97 @@
+"""Permanent refusals: the accepted recipients are sent, the refused ones are dead letters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.delivery_util import (
+    enqueue,
+    events,
+    make_config,
+    pack,
+    running_worker,
+    send_message,
+    settled,
+    stream_fields,
+    wait_until,
+)
+from tests.sinks import PostfixSink, RecordingSink
+
+
+@pytest.fixture
+def sink() -> Iterator[RecordingSink]:
+    server = RecordingSink().start()
+    yield server
+    server.stop()
+
+
+async def test_partial_refusal_sends_the_others_and_dead_letters_the_refused(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    sink.refuse_rcpt("nobody@example.com", "550 5.1.1 no such user")
+    message = send_message(["ann@example.com", "nobody@example.com", "bob@example.com"])
+    entry_id = await enqueue(redis, message)
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    assert [r.rcpt_tos for r in sink.received] == [("ann@example.com", "bob@example.com")]
+    [dead] = await stream_fields(redis, "email.send.dead")
+    assert dead["data"] == pack(message)  # original bytes, untouched
+    assert dead["reason"] == "rejected"
+    assert json.loads(dead["recipients"]) == ["nobody@example.com"]
+    assert dead["smtp_code"] == "550"
+    assert "no such user" in dead["smtp_text"]
+    assert "nobody@example.com" in dead["error"]
+    assert dead["source_id"] == entry_id
+    assert dead["attempts"] == "1"
+    assert float(dead["first_attempt"]) <= float(dead["last_attempt"])
+    kinds = {e["event"]: e["recipients"] for e in await events(redis)}
+    assert kinds == {
+        "delivered": ["ann@example.com", "bob@example.com"],
+        "failed": ["nobody@example.com"],
+    }
+    assert await redis.zcard("mailpool:retry") == 0  # a 5xx is never retried
+
+
+async def test_data_refused_permanently_is_a_dead_letter(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    sink.refuse_data("554 5.7.1 spam detected", times=1)
+    await enqueue(redis, send_message(["ann@example.com", "bob@example.com"]))
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    assert sink.received == []
+    [dead] = await stream_fields(redis, "email.send.dead")
+    assert (dead["reason"], dead["smtp_code"]) == ("rejected", "554")
+    assert json.loads(dead["recipients"]) == ["ann@example.com", "bob@example.com"]
+
+
+async def test_postfix_smtp_sink_hard_error_on_rcpt(redis: aioredis.Redis, redis_url: str) -> None:
+    relay = PostfixSink("-f", "RCPT").start()
+    try:
+        for n in range(3):
+            await enqueue(redis, send_message([f"u{n}@example.com"]))
+        async with running_worker(make_config(redis_url, relay.url)):
+            await wait_until(lambda: settled(redis))
+        assert relay.dumps() == []
+    finally:
+        relay.close()
+    dead = await stream_fields(redis, "email.send.dead")
+    assert len(dead) == 3
+    assert {d["reason"] for d in dead} == {"rejected"}
+    assert {d["smtp_code"][0] for d in dead} == {"5"}
+
+
+async def test_postfix_smtp_sink_hard_error_on_data(redis: aioredis.Redis, redis_url: str) -> None:
+    relay = PostfixSink("-f", "DATA").start()
+    try:
+        await enqueue(redis, send_message(["ann@example.com"]))
+        async with running_worker(make_config(redis_url, relay.url)):
+            await wait_until(lambda: settled(redis))
+    finally:
+        relay.close()
+    [dead] = await stream_fields(redis, "email.send.dead")
+    assert dead["reason"] == "rejected" and dead["smtp_code"].startswith("5")

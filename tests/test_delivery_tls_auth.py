@@ -1,0 +1,126 @@
+"""Relay security: STARTTLS (auto / require / off), implicit TLS (smtps://) and AUTH with
+credentials from the URL or from --relay-user/--relay-password."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.delivery_util import (
+    enqueue,
+    events,
+    make_config,
+    running_worker,
+    send_message,
+    settled,
+    wait_until,
+)
+from tests.ingest_util import make_certificate
+from tests.sinks import RecordingSink
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    return make_certificate(tmp_path / "tls")
+
+
+@pytest.fixture
+def tls_sink(certificate: tuple[Path, Path]) -> Iterator[RecordingSink]:
+    server = RecordingSink(certificate=certificate, users={"mailer": "p@ss:w/rd"}).start()
+    yield server
+    server.stop()
+
+
+async def test_starttls_when_offered_and_auth_from_the_url(
+    redis: aioredis.Redis, redis_url: str, tls_sink: RecordingSink
+) -> None:
+    await enqueue(redis, send_message(["ann@example.com"]))
+    relay = f"smtp://mailer:p%40ss%3Aw%2Frd@127.0.0.1:{tls_sink.port}"
+    async with running_worker(make_config(redis_url, relay, tls_verify=False)):
+        await wait_until(lambda: settled(redis))
+    [got] = tls_sink.received
+    assert got.tls and got.login == "mailer"
+
+
+async def test_credentials_from_options_override_the_url(
+    redis: aioredis.Redis, redis_url: str, tls_sink: RecordingSink
+) -> None:
+    await enqueue(redis, send_message(["ann@example.com"]))
+    relay = f"smtp://someone:wrong@127.0.0.1:{tls_sink.port}"
+    config = make_config(
+        redis_url, relay, tls_verify=False, relay_user="mailer", relay_password="p@ss:w/rd"
+    )
+    async with running_worker(config):
+        await wait_until(lambda: settled(redis))
+    assert [r.login for r in tls_sink.received] == ["mailer"]
+
+
+async def test_wrong_password_defers_instead_of_dead_lettering(
+    redis: aioredis.Redis, redis_url: str, tls_sink: RecordingSink
+) -> None:
+    await enqueue(redis, send_message(["ann@example.com"]))
+    relay = f"smtp://mailer:nope@127.0.0.1:{tls_sink.port}"
+    async with running_worker(make_config(redis_url, relay, tls_verify=False)):
+        await wait_until(lambda: _has_deferred(redis))
+    assert tls_sink.received == []
+    assert await redis.xlen("email.send.dead") == 0
+    # aiosmtpd answers a failed AUTH slowly (past --smtp-timeout 0.5): a timeout or 535,
+    # either way the mail waits for a fixed configuration instead of dying.
+
+
+async def test_starttls_required_but_not_offered_sends_nothing_in_clear(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    plain = RecordingSink().start()
+    try:
+        await enqueue(redis, send_message(["ann@example.com"]))
+        async with running_worker(make_config(redis_url, plain.url, starttls="require")):
+            await wait_until(lambda: _has_deferred(redis))
+        assert plain.received == []
+    finally:
+        plain.stop()
+
+
+async def test_starttls_off_sends_in_clear_even_when_offered(
+    redis: aioredis.Redis, redis_url: str, certificate: tuple[Path, Path]
+) -> None:
+    sink = RecordingSink(certificate=certificate).start()
+    try:
+        await enqueue(redis, send_message(["ann@example.com"]))
+        async with running_worker(make_config(redis_url, sink.url, starttls="off")):
+            await wait_until(lambda: settled(redis))
+        assert [r.tls for r in sink.received] == [False]
+    finally:
+        sink.stop()
+
+
+async def test_smtps_implicit_tls(
+    redis: aioredis.Redis, redis_url: str, certificate: tuple[Path, Path]
+) -> None:
+    sink = RecordingSink(certificate=certificate, implicit_tls=True).start()
+    try:
+        await enqueue(redis, send_message(["ann@example.com"]))
+        relay = f"smtps://127.0.0.1:{sink.port}"
+        async with running_worker(make_config(redis_url, relay, tls_verify=False)):
+            await wait_until(lambda: settled(redis))
+        assert [r.tls for r in sink.received] == [True]
+    finally:
+        sink.stop()
+
+
+async def test_certificate_verification_is_on_by_default(
+    redis: aioredis.Redis, redis_url: str, tls_sink: RecordingSink
+) -> None:
+    """A relay with a certificate nobody signed is not trusted unless told so."""
+    await enqueue(redis, send_message(["ann@example.com"]))
+    relay = f"smtp://mailer:p%40ss%3Aw%2Frd@127.0.0.1:{tls_sink.port}"
+    async with running_worker(make_config(redis_url, relay)):
+        await wait_until(lambda: _has_deferred(redis))
+    assert tls_sink.received == []
+
+
+async def _has_deferred(redis: aioredis.Redis) -> bool:
+    return any(e["event"] == "deferred" for e in await events(redis))

@@ -1,0 +1,238 @@
+"""``mailpool dead list | show ID... | replay ID...|--all | purge ID...|--all``.
+
+Dead letters live in ``email.send.dead`` (fields: contract.md).  ``replay`` moves a dead
+letter back to ``email.send`` in one Lua script (XDEL + XADD: never in both streams, never in
+neither) as an entry with the original ``data`` plus ``message_id``, ``source_id``,
+``recipients`` (those the dead letter concerns) and ``replay_of``; attempts start again from
+zero.  Because the message id is kept, recipients a relay already accepted for it are not
+sent again (idempotency records, kept ``--sent-ttl``).  Entries dead as ``invalid`` are not
+replayed: the same bytes would fail the same way; fix the producer and enqueue a new send.
+
+``ACTION`` and ``ID`` are positional arguments (no environment variables); ``--all`` is
+``MAILPOOL_ALL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from workers.codec.errors import CodecError
+from workers.codec.validate import decode_send
+from workers.config import CommonConfig, ConfigError, option
+from workers.streams import outcomes as oc
+from workers.streams.connection import connect, resolve_redis_url
+from workers.streams.keys import StreamKeys
+
+ACTIONS = ("list", "show", "replay", "purge")
+PAGE = 500
+
+
+@dataclass
+class DeadConfig(CommonConfig):
+    """``mailpool dead``: inspect, replay and purge dead letters."""
+
+    _action: str = option("list", "list, show, replay or purge (positional)")
+    _ids: list[str] = option([], "dead-letter entry ids (positional)", repeatable=True)
+    all_entries: bool = option(False, "replay/purge every dead letter", flag="--all")
+    limit: int = option(100, "dead letters shown by list (oldest first)")
+    json: bool = option(False, "print JSON lines instead of a table")
+
+    @staticmethod
+    def add_positional_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("_action", metavar="ACTION", choices=ACTIONS, help=" | ".join(ACTIONS))
+        parser.add_argument("_ids", metavar="ID", nargs="*", help="dead-letter entry ids")
+
+    @property
+    def action(self) -> str:
+        return self._action
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def validate(self) -> None:
+        super().validate()
+        if self._action not in ACTIONS:
+            raise ConfigError(f"ACTION: {self._action!r} is not one of {', '.join(ACTIONS)}")
+        if self._action in {"replay", "purge"} and bool(self._ids) == self.all_entries:
+            raise ConfigError(f"dead {self._action}: give entry ids or --all (not both)")
+        if self._action == "show" and not self._ids:
+            raise ConfigError("dead show: give one or more entry ids")
+        if self.limit <= 0:
+            raise ConfigError(f"--limit must be > 0, got {self.limit}")
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _id(raw: bytes | str | None) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def describe_entry(entry_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """A dead letter for people: every field as text, ``data`` summarised (never dumped)."""
+    shown: dict[str, Any] = {"id": entry_id}
+    for name, value in fields.items():
+        if name != b"data":
+            shown[_text(name)] = _text(value)
+    data = fields.get(b"data", b"")
+    shown["data_size"] = len(data)
+    try:
+        message = decode_send(data)
+        shown["from"] = message["from"]
+        shown["to"] = message["to"]
+        shown["subject"] = message["headers"].get("subject", "")
+    except CodecError as exc:
+        shown["data_error"] = str(exc)
+    return shown
+
+
+Fields = dict[bytes, bytes]
+
+
+def _rows(reply: Any) -> list[tuple[str, Fields]]:
+    """XRANGE/XREVRANGE rows as (id text, fields); the client's types are loose."""
+    return [(_id(raw_id), dict(fields or {})) for raw_id, fields in reply or []]
+
+
+async def iterate_dead(redis: aioredis.Redis, stream: str) -> AsyncIterator[tuple[str, Fields]]:
+    start = "-"
+    while True:
+        page = _rows(await redis.xrange(stream, min=start, max="+", count=PAGE))
+        for entry_id, fields in page:
+            yield entry_id, fields
+        if len(page) < PAGE:
+            return
+        start = "(" + page[-1][0]
+
+
+async def fetch(redis: aioredis.Redis, stream: str, entry_id: str) -> Fields | None:
+    found = _rows(await redis.xrange(stream, min=entry_id, max=entry_id, count=1))
+    return found[0][1] if found else None
+
+
+def replay_fields(dead_id: str, fields: dict[bytes, bytes]) -> dict[str, str | bytes | int | float]:
+    """The send entry a dead letter becomes: original data, same message id, its recipients."""
+    source_id = _text(fields.get(b"source_id")) or dead_id
+    replay: dict[str, str | bytes | int | float] = {
+        oc.FIELD_DATA: fields.get(b"data", b""),
+        oc.FIELD_MESSAGE_ID: _text(fields.get(b"message_id")) or source_id,
+        oc.FIELD_SOURCE_ID: source_id,
+        oc.FIELD_REPLAY_OF: dead_id,
+    }
+    recipients = oc.recipients_from_text(fields.get(b"recipients")) or []
+    if recipients:  # empty: unknown (e.g. poison before decoding) -> all of the message's
+        replay[oc.FIELD_RECIPIENTS] = oc.recipients_text(recipients)
+    return replay
+
+
+def _line(shown: dict[str, Any]) -> str:
+    last = float(shown.get("last_attempt") or 0)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if last else "-"
+    error = shown.get("error", "").replace("\n", " ")
+    return (f"{shown['id']}  {shown.get('reason', '?'):<8}  {when}  "
+            f"{shown.get('recipients', '')}  {error[:100]}")  # fmt: skip
+
+
+async def list_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig) -> int:
+    count = 0
+    async for entry_id, fields in iterate_dead(redis, keys.dead):
+        shown = describe_entry(entry_id, fields)
+        print(json.dumps(shown, ensure_ascii=False) if config.json else _line(shown))
+        count += 1
+        if count >= config.limit:
+            break
+    if not config.json:
+        total = await redis.xlen(keys.dead)
+        print(f"{count} shown of {total} dead letters", file=sys.stderr)
+    return 0
+
+
+async def show_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig) -> int:
+    status = 0
+    for entry_id in config.ids:
+        fields = await fetch(redis, keys.dead, entry_id)
+        if fields is None:
+            print(f"{entry_id}: no such dead letter", file=sys.stderr)
+            status = 1
+            continue
+        shown = describe_entry(entry_id, fields)
+        if config.json:
+            print(json.dumps(shown, ensure_ascii=False))
+        else:
+            print("\n".join(f"{name}: {value}" for name, value in shown.items()) + "\n")
+    return status
+
+
+async def _targets(
+    redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig
+) -> AsyncIterator[tuple[str, dict[bytes, bytes] | None]]:
+    if config.all_entries:
+        async for entry_id, fields in iterate_dead(redis, keys.dead):
+            yield entry_id, fields
+        return
+    for entry_id in config.ids:
+        yield entry_id, await fetch(redis, keys.dead, entry_id)
+
+
+async def replay_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig) -> int:
+    outcomes = oc.Outcomes(
+        redis, oc.OutcomeKeys.from_stream_keys(keys), group="", sent_ttl=1, events_maxlen=1
+    )
+    status, replayed, skipped = 0, 0, 0
+    async for entry_id, fields in _targets(redis, keys, config):
+        if fields is None:
+            print(f"{entry_id}: no such dead letter", file=sys.stderr)
+            status = 1
+        elif fields.get(b"reason") == b"invalid":
+            print(f"{entry_id}: not replayed (invalid: the same data would fail again)",
+                  file=sys.stderr)  # fmt: skip
+            skipped += 1
+        elif (new_id := await outcomes.replay(entry_id, replay_fields(entry_id, fields))) is None:
+            print(
+                f"{entry_id}: gone meanwhile (replayed or purged by someone else)", file=sys.stderr
+            )
+            status = 1
+        else:
+            print(f"{entry_id} -> {keys.send} {new_id}")
+            replayed += 1
+    print(f"replayed {replayed}, skipped {skipped} invalid", file=sys.stderr)
+    return status
+
+
+async def purge_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig) -> int:
+    if config.all_entries:
+        # Up to the newest entry seen now: dead letters arriving meanwhile are kept.
+        newest = _rows(await redis.xrevrange(keys.dead, count=1))
+        if not newest:
+            print("purged 0", file=sys.stderr)
+            return 0
+        ms, _, seq = newest[0][0].partition("-")
+        removed = int(await redis.xtrim(keys.dead, minid=f"{ms}-{int(seq) + 1}"))
+        print(f"purged {removed}", file=sys.stderr)
+        return 0
+    removed = int(await redis.xdel(keys.dead, *config.ids))
+    print(f"purged {removed} of {len(config.ids)}", file=sys.stderr)
+    return 0 if removed == len(config.ids) else 1
+
+
+ACTION_HANDLERS = {"list": list_dead, "show": show_dead, "replay": replay_dead, "purge": purge_dead}
+
+
+async def main(config: DeadConfig) -> int:
+    redis = connect(resolve_redis_url(config.redis_url))
+    try:
+        return await ACTION_HANDLERS[config.action](redis, StreamKeys.from_config(config), config)
+    finally:
+        await redis.aclose()

@@ -1,0 +1,311 @@
+"""Transports of the delivery role: a pool of SMTP connections to a relay, or a maildir.
+
+A transport takes one built message and the recipients still to send to, and answers per
+recipient: accepted, rejected (permanent, 5xx) or deferred (transient: 4xx, connection
+errors, timeouts).  It never raises for a relay's behaviour; the delivery loop turns the
+answer into acks, retries and dead letters.
+
+SMTP connections are persistent and pooled: reused for the next message, replaced when
+broken or after ``messages_per_connection`` messages, closed when idle for ``idle_close``
+seconds.  The transaction is driven command by command (MAIL, RCPT per recipient, DATA)
+rather than with ``sendmail`` so that each recipient's own reply is known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+import aiosmtplib
+import structlog
+
+from workers.codec.build import BuiltMessage
+from workers.config import ConfigError, DeliveryConfig
+
+log = structlog.get_logger("mailpool.relay")
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int | None  # None: no SMTP reply (connection error, timeout)
+    text: str
+
+    @property
+    def permanent(self) -> bool:
+        return self.code is not None and 500 <= self.code < 600
+
+
+@dataclass
+class SendResult:
+    accepted: list[str] = field(default_factory=list)
+    accepted_reply: Reply | None = None  # the reply to the end of DATA
+    rejected: dict[str, Reply] = field(default_factory=dict)  # permanent: dead letter
+    deferred: dict[str, Reply] = field(default_factory=dict)  # transient: retry later
+
+    def refuse(self, recipients: Sequence[str], reply: Reply) -> None:
+        target = self.rejected if reply.permanent else self.deferred
+        for rcpt in recipients:
+            target[rcpt] = reply
+
+
+class Transport(Protocol):
+    async def send(self, message: BuiltMessage, recipients: Sequence[str]) -> SendResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    host: str
+    port: int
+    implicit_tls: bool  # smtps://
+    starttls: bool | None  # None: when offered (auto), True: require, False: off
+    verify: bool
+    username: str | None
+    password: str | None
+    local_hostname: str
+    timeout: float
+
+    @classmethod
+    def from_config(cls, config: DeliveryConfig) -> RelaySettings:
+        url = urlsplit(config.relay or "")
+        implicit_tls = url.scheme == "smtps"
+        if not url.hostname:
+            raise ConfigError(f"--relay: no host in {config.relay!r}")
+        try:
+            port = url.port or (465 if implicit_tls else 25)
+        except ValueError:
+            raise ConfigError(f"--relay: bad port in {config.relay!r}") from None
+        starttls = {"auto": None, "require": True, "off": False}[config.starttls]
+        return cls(
+            host=url.hostname,
+            port=port,
+            implicit_tls=implicit_tls,
+            starttls=False if implicit_tls else starttls,
+            verify=config.tls_verify,
+            username=config.relay_user or (unquote(url.username) if url.username else None),
+            password=config.relay_password or (unquote(url.password) if url.password else None),
+            local_hostname=config.hostname,
+            timeout=config.smtp_timeout,
+        )
+
+
+@dataclass
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    uses: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+# Errors that mean the connection (not the message) failed: the recipients are deferred.
+CONNECTION_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
+
+
+class SmtpPool:
+    """Persistent SMTP connections to one relay, at most ``size`` open at a time."""
+
+    def __init__(
+        self, settings: RelaySettings, *, size: int, messages_per_connection: int, idle_close: float
+    ) -> None:
+        self.settings = settings
+        self.messages_per_connection = messages_per_connection
+        self.idle_close = idle_close
+        self._idle: list[_Connection] = []
+        self._slots = asyncio.Semaphore(size)
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def send(self, message: BuiltMessage, recipients: Sequence[str]) -> SendResult:
+        async with self._slots:
+            self._start_reaper()
+            try:
+                connection = await self._acquire()
+            except CONNECTION_ERRORS as exc:
+                result = SendResult()
+                result.refuse(recipients, _reply_of(exc))
+                log.warning("relay_connect_failed", host=self.settings.host, error=str(exc))
+                return result
+            try:
+                result, healthy = await _transaction(connection.smtp, message, recipients)
+            except BaseException:  # cancelled at shutdown: the connection is mid-transaction
+                connection.smtp.close()
+                raise
+            await self._release(connection, healthy)
+            return result
+
+    async def _acquire(self) -> _Connection:
+        while self._idle:
+            connection = self._idle.pop()  # most recently used first: least likely timed out
+            if connection.smtp.is_connected:
+                return connection
+        s = self.settings
+        smtp = aiosmtplib.SMTP(
+            hostname=s.host, port=s.port, local_hostname=s.local_hostname, timeout=s.timeout,
+            use_tls=s.implicit_tls, start_tls=s.starttls, validate_certs=s.verify,
+            username=s.username, password=s.password,
+        )  # fmt: skip
+        await smtp.connect()
+        return _Connection(smtp)
+
+    async def _release(self, connection: _Connection, healthy: bool) -> None:
+        connection.uses += 1
+        connection.last_used = time.monotonic()
+        if healthy and connection.uses < self.messages_per_connection:
+            self._idle.append(connection)
+        else:
+            await _close(connection.smtp)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_idle(), name="smtp-idle-reaper")
+
+    async def _reap_idle(self) -> None:
+        """Close connections idle longer than ``idle_close`` (relays drop them anyway)."""
+        while True:
+            await asyncio.sleep(max(self.idle_close / 2, 0.05))
+            cutoff = time.monotonic() - self.idle_close
+            stale = [c for c in self._idle if c.last_used < cutoff]
+            self._idle = [c for c in self._idle if c.last_used >= cutoff]
+            for connection in stale:
+                await _close(connection.smtp)
+
+    async def aclose(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await _close(connection.smtp)
+
+
+def _reply_of(exc: BaseException) -> Reply:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return Reply(exc.code, exc.message)
+    return Reply(None, f"{type(exc).__name__}: {exc}")
+
+
+def _mail_options(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> list[str]:
+    options = []
+    if smtp.supports_extension("size"):
+        options.append(f"SIZE={len(message.data)}")
+    if message.smtputf8:
+        options.append("SMTPUTF8")
+    if message.eight_bit and smtp.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")
+    return options
+
+
+async def _transaction(
+    smtp: aiosmtplib.SMTP, message: BuiltMessage, recipients: Sequence[str]
+) -> tuple[SendResult, bool]:
+    """One MAIL/RCPT/DATA transaction; returns the result and whether the connection is fit."""
+    result = SendResult()
+    if message.smtputf8 and not smtp.supports_extension("smtputf8"):
+        # A property of the relay, not a passing fault: retrying would not help.
+        result.rejected = dict.fromkeys(recipients, Reply(None, "relay does not offer SMTPUTF8"))
+        return result, True
+    encoding = "utf-8" if message.smtputf8 else "ascii"
+    stage_recipients: list[str] = list(recipients)  # who a failure at this point concerns
+    try:
+        await smtp.mail(message.mail_from, options=_mail_options(smtp, message), encoding=encoding)
+        stage_recipients = []
+        for rcpt in recipients:
+            try:
+                await smtp.rcpt(rcpt, encoding=encoding)
+                stage_recipients.append(rcpt)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                result.refuse([rcpt], _reply_of(exc))
+        if not stage_recipients:
+            return result, await _reset(smtp)
+        reply = await smtp.data(message.data)
+    except aiosmtplib.SMTPResponseException as exc:
+        result.refuse(stage_recipients, _reply_of(exc))
+        healthy = exc.code != 421 and await _reset(smtp)
+        return result, healthy
+    except (*CONNECTION_ERRORS, ValueError) as exc:
+        # ValueError: an address aiosmtplib will not put on a command line.
+        reply_of = _reply_of(exc)
+        if isinstance(exc, ValueError):
+            reply_of = Reply(None, f"unsendable address: {exc}")
+            result.rejected.update(dict.fromkeys(stage_recipients, reply_of))
+        else:
+            result.refuse(stage_recipients, reply_of)
+        return result, False
+    result.accepted = stage_recipients
+    result.accepted_reply = Reply(reply.code, reply.message)
+    return result, True
+
+
+async def _reset(smtp: aiosmtplib.SMTP) -> bool:
+    """RSET after a refused transaction; False when the connection is no longer usable."""
+    try:
+        await smtp.rset()
+    except CONNECTION_ERRORS:
+        return False
+    return True
+
+
+async def _close(smtp: aiosmtplib.SMTP) -> None:
+    try:
+        await asyncio.wait_for(smtp.quit(), timeout=1.0)
+    except (*CONNECTION_ERRORS, asyncio.CancelledError):
+        smtp.close()
+
+
+class MaildirTransport:
+    """Local delivery into a maildir (``maildir:PATH``): one file per message, tmp -> new.
+
+    The file is written and fsynced in ``tmp/`` and renamed into ``new/`` (atomic on one
+    file system), so a reader never sees half a message.  Every recipient is accepted; the
+    envelope goes into ``Return-Path`` and ``X-Original-To`` fields at the top.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.root = Path(path)
+        for sub in ("tmp", "new", "cur"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    async def send(self, message: BuiltMessage, recipients: Sequence[str]) -> SendResult:
+        try:
+            name = await asyncio.to_thread(self._write, message, recipients)
+        except OSError as exc:
+            result = SendResult()
+            result.refuse(recipients, Reply(None, f"maildir write failed: {exc}"))
+            return result
+        return SendResult(accepted=list(recipients), accepted_reply=Reply(250, f"maildir {name}"))
+
+    def _write(self, message: BuiltMessage, recipients: Sequence[str]) -> str:
+        trace = f"Return-Path: <{message.mail_from}>\nX-Original-To: {', '.join(recipients)}\n"
+        body = trace.encode() + message.data.replace(b"\r\n", b"\n")
+        name = f"{time.time_ns()}.{uuid.uuid4().hex}.{socket.gethostname()}"
+        tmp, new = self.root / "tmp" / name, self.root / "new" / name
+        with open(tmp, "wb") as handle:
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, new)
+        return name
+
+    async def aclose(self) -> None:
+        return None
+
+
+def open_transport(config: DeliveryConfig) -> Transport:
+    relay = config.relay or ""
+    if relay.startswith("maildir:"):
+        return MaildirTransport(relay.removeprefix("maildir:").removeprefix("//"))
+    return SmtpPool(
+        RelaySettings.from_config(config),
+        size=config.concurrency,
+        messages_per_connection=config.messages_per_connection,
+        idle_close=config.idle_close,
+    )

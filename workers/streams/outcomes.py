@@ -1,0 +1,380 @@
+"""The Redis side of delivery outcomes: idempotency records, retries, dead letters, events.
+
+A send entry is always in exactly one of three places, and every move between them is one
+Lua script (atomic in Redis):
+
+* **in progress**: an entry of the send stream, pending in the ``delivery`` group (or not
+  yet read by it);
+* **waiting for retry**: a member of the schedule ``<prefix>retry`` (a sorted set scored by
+  the due time, epoch seconds) plus its entry fields in the hash ``<prefix>retry:<entry id>``;
+* **dead**: an entry of the dead-letter stream.
+
+``settle`` records the recipients the relay accepted, acknowledges the entry and, in the
+same script, adds its dead letters, its retry and its events.  When the entry was already
+acknowledged by someone else (a worker that claimed it while we were slow) the dead letter
+and retry are skipped, so one message never waits in two places.  ``promote_due`` moves due
+retries back into the send stream as new entries that carry the original ``data`` untouched
+plus the bookkeeping fields below, so any worker picks them up.
+
+Idempotency records: the hash ``<prefix>sent:<message id>`` maps each accepted recipient to
+the time of acceptance; it expires ``sent_ttl`` seconds after the last write.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from workers.streams.keys import StreamKeys
+
+# Fields a retry or replay entry of the send stream carries next to the original ``data``.
+# A producer's entry has only ``data``; these let the worker keep the message id, attempt
+# count and remaining recipients across retries and replays.
+FIELD_DATA = "data"
+FIELD_MESSAGE_ID = "message_id"  # the idempotency id (message "id", else the source entry id)
+FIELD_SOURCE_ID = "source_id"  # the producer's entry id in the send stream
+FIELD_ATTEMPTS = "attempts"  # SMTP attempts made so far
+FIELD_FIRST_ATTEMPT = "first_attempt"  # epoch seconds
+FIELD_RECIPIENTS = "recipients"  # JSON array: the recipients still to send to
+FIELD_REPLAY_OF = "replay_of"  # the dead-letter entry id a replay came from
+
+Fields = Mapping[str, str | bytes | int | float]
+
+# KEYS: 1 send stream, 2 dead stream, 3 events stream, 4 retry schedule, 5 retry payload hash,
+#       6 sent hash
+# ARGV: 1 group, 2 entry id, 3 now, 4 sent ttl (s), 5 events maxlen, 6 n accepted,
+#       then n recipients, then sections: kind ("dead"|"retry"|"event"), n pairs, due, pairs
+SETTLE_LUA = """
+local now = ARGV[3]
+local n = tonumber(ARGV[6])
+for j = 1, n do
+  redis.call('HSET', KEYS[6], ARGV[6 + j], now)
+end
+if n > 0 then
+  redis.call('EXPIRE', KEYS[6], ARGV[4])
+end
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+local i = 7 + n
+while i <= #ARGV do
+  local kind = ARGV[i]
+  local pairs_count = tonumber(ARGV[i + 1])
+  local due = ARGV[i + 2]
+  local fields = {unpack(ARGV, i + 3, i + 2 + 2 * pairs_count)}
+  i = i + 3 + 2 * pairs_count
+  if kind == 'event' then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
+  elseif acked == 1 then
+    if kind == 'dead' then
+      redis.call('XADD', KEYS[2], '*', unpack(fields))
+    elseif kind == 'retry' then
+      redis.call('DEL', KEYS[5])
+      redis.call('HSET', KEYS[5], unpack(fields))
+      redis.call('ZADD', KEYS[4], due, ARGV[2])
+    end
+  end
+end
+return acked
+"""
+
+# KEYS: 1 retry schedule, 2 send stream.  ARGV: 1 now, 2 limit, 3 payload key prefix.
+# The payload keys are derived from the schedule members (standalone Redis; not cluster-safe).
+PROMOTE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(due) do
+  local key = ARGV[3] .. member
+  local fields = redis.call('HGETALL', key)
+  if #fields > 0 then
+    redis.call('XADD', KEYS[2], '*', unpack(fields))
+  end
+  redis.call('DEL', key)
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+# KEYS: 1 dead stream, 2 send stream.  ARGV: dead entry id, then field pairs of the new entry.
+REPLAY_LUA = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
+  return false
+end
+return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+"""
+
+
+@dataclass(frozen=True)
+class OutcomeKeys:
+    send: str
+    dead: str
+    events: str
+    retry_schedule: str  # sorted set: retry member (entry id) -> due time
+    retry_payload_prefix: str  # + entry id: hash of the entry fields to re-add when due
+    sent_prefix: str  # + message id: hash recipient -> accepted at
+
+    @classmethod
+    def from_stream_keys(cls, keys: StreamKeys) -> OutcomeKeys:
+        return cls(
+            send=keys.send,
+            dead=keys.dead,
+            events=keys.events,
+            retry_schedule=keys.internal("retry"),
+            retry_payload_prefix=keys.internal("retry", ""),
+            sent_prefix=keys.internal("sent", ""),
+        )
+
+    def sent(self, message_id: str) -> str:
+        return self.sent_prefix + message_id
+
+    def retry_payload(self, entry_id: str) -> str:
+        return self.retry_payload_prefix + entry_id
+
+
+@dataclass(frozen=True)
+class Retry:
+    due: float  # epoch seconds
+    fields: Fields  # the send-stream entry to add when due
+
+
+@dataclass
+class Settlement:
+    """Everything that happens to one read entry once its fate is known."""
+
+    entry_id: str
+    message_id: str
+    accepted: list[str] = field(default_factory=list)  # recorded as sent before the ack
+    dead_letters: list[Fields] = field(default_factory=list)
+    retry: Retry | None = None
+    events: list[Fields] = field(default_factory=list)
+
+
+def _pairs(fields: Fields) -> list[str | bytes | int | float]:
+    flat: list[str | bytes | int | float] = []
+    for name, value in fields.items():
+        flat += [name, value]
+    return flat
+
+
+def _section(kind: str, fields: Fields, due: float = 0.0) -> list[str | bytes | int | float]:
+    return [kind, len(fields), due, *_pairs(fields)]
+
+
+class Outcomes:
+    """Idempotency checks, settlements and retry promotion, each one round trip per batch."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: OutcomeKeys,
+        *,
+        group: str,
+        sent_ttl: float,
+        events_maxlen: int,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.group = group
+        self.sent_ttl = max(1, int(sent_ttl))
+        self.events_maxlen = events_maxlen
+        self._settle = redis.register_script(SETTLE_LUA)
+        self._promote = redis.register_script(PROMOTE_LUA)
+        self._replay = redis.register_script(REPLAY_LUA)
+
+    async def already_sent(self, wanted: Sequence[tuple[str, Sequence[str]]]) -> list[set[str]]:
+        """For each (message id, recipients): the recipients already accepted by a relay."""
+        if not wanted:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for message_id, recipients in wanted:
+            pipe.hmget(self.keys.sent(message_id), list(recipients))
+        replies = await pipe.execute()
+        return [
+            {rcpt for rcpt, mark in zip(recipients, marks, strict=True) if mark is not None}
+            for (_, recipients), marks in zip(wanted, replies, strict=True)
+        ]
+
+    async def settle(
+        self, settlements: Sequence[Settlement], now: float
+    ) -> list[bool | RedisError]:
+        """Apply settlements (one script each, one round trip).
+
+        Per settlement: True where we acknowledged the entry, False where someone else had,
+        or the error that kept it from being applied (the caller retries just those).
+        """
+        if not settlements:
+            return []
+        results = await self._settle_batch(settlements, now)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:  # Redis restarted or flushed its script cache: load it, redo those
+            await self.redis.script_load(SETTLE_LUA)
+            redone = await self._settle_batch([settlements[i] for i in missing], now)
+            for i, result in zip(missing, redone, strict=True):
+                results[i] = result
+        return results
+
+    def _settle_command(self, s: Settlement, now: float) -> list[str | bytes | int]:
+        args: list[str | bytes | int | float] = [
+            self.group, s.entry_id, now, self.sent_ttl, self.events_maxlen, len(s.accepted),
+            *s.accepted,
+        ]  # fmt: skip
+        for dead in s.dead_letters:
+            args += _section("dead", dead)
+        if s.retry is not None:
+            args += _section("retry", s.retry.fields, s.retry.due)
+        for event in s.events:
+            args += _section("event", event)
+        keys = [
+            self.keys.send, self.keys.dead, self.keys.events, self.keys.retry_schedule,
+            self.keys.retry_payload(s.entry_id), self.keys.sent(s.message_id),
+        ]  # fmt: skip
+        command = ["EVALSHA", self._settle.sha, len(keys), *keys, *args]
+        return [repr(a) if isinstance(a, float) else a for a in command]
+
+    async def _settle_batch(
+        self, settlements: Sequence[Settlement], now: float
+    ) -> list[bool | RedisError]:
+        """EVALSHA per settlement, all written at once on one connection, packed by hiredis.
+
+        This is the per-message hot path: redis-py's pipeline (and its Script objects, which
+        add a SCRIPT EXISTS round trip) cost more CPU than the send's own SMTP exchange.
+        """
+        packed = b"".join(
+            # hiredis's stub declares a 1-tuple; it takes a tuple of any length
+            hiredis.pack_command(tuple(self._settle_command(s, now)))  # type: ignore[arg-type]
+            for s in settlements
+        )
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command(packed)
+            results: list[bool | RedisError] = []
+            for _ in settlements:
+                try:
+                    results.append(bool(await connection.read_response()))
+                except ResponseError as exc:  # this script failed; the others stand
+                    results.append(exc)
+            return results
+        except BaseException:
+            await connection.disconnect()  # replies may be left unread on it
+            raise
+        finally:
+            await pool.release(connection)
+
+    async def promote_due(self, now: float, limit: int = 100) -> int:
+        """Move retries due by ``now`` back into the send stream; returns how many."""
+        keys = [self.keys.retry_schedule, self.keys.send]
+        args: list[str | int | float] = [now, limit, self.keys.retry_payload_prefix]
+        return int(await self._promote(keys=keys, args=args))
+
+    async def replay(self, dead_id: str, fields: Fields) -> str | None:
+        """Move one dead letter back to the send stream as ``fields``; None when it is gone."""
+        keys = [self.keys.dead, self.keys.send]
+        new_id = await self._replay(keys=keys, args=[dead_id, *_pairs(fields)])
+        if new_id is None:
+            return None
+        return new_id.decode() if isinstance(new_id, bytes) else str(new_id)
+
+
+def recipients_text(recipients: Sequence[str]) -> str:
+    """Recipient lists in entries are JSON arrays (readable from any language)."""
+    return json.dumps(list(recipients), ensure_ascii=False)
+
+
+def recipients_from_text(text: bytes | str | None) -> list[str] | None:
+    if text is None:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+        raise ValueError("recipients must be a JSON array of strings")
+    return value
+
+
+class SmtpReply(Protocol):
+    """An SMTP reply as the transports report it (code None: no reply, e.g. a timeout)."""
+
+    @property
+    def code(self) -> int | None: ...
+
+    @property
+    def text(self) -> str: ...
+
+
+MAX_ERROR_TEXT = 2000
+
+
+def describe_replies(replies: Mapping[str, SmtpReply]) -> str:
+    """``rcpt: 550 text; rcpt2: ...`` for the dead letter's error field (bounded length)."""
+    parts = [f"{rcpt}: {r.code or 'no reply'} {r.text}".strip() for rcpt, r in replies.items()]
+    return "; ".join(parts)[:MAX_ERROR_TEXT]
+
+
+def first_reply(replies: Mapping[str, SmtpReply]) -> SmtpReply | None:
+    """The reply a dead letter or event quotes: the first one a server actually gave."""
+    with_code = [r for r in replies.values() if r.code is not None]
+    return with_code[0] if with_code else next(iter(replies.values()), None)
+
+
+@dataclass(frozen=True)
+class MessageRef:
+    """What dead letters and events say about the message they concern."""
+
+    message_id: str
+    source_id: str
+    data: bytes
+
+
+def dead_letter(
+    ref: MessageRef,
+    *,
+    reason: str,
+    error: str,
+    recipients: Sequence[str],
+    attempts: int,
+    first_attempt: float,
+    last_attempt: float,
+    reply: SmtpReply | None = None,
+) -> dict[str, str | bytes | int | float]:
+    """Dead-letter entry fields (contract.md): ``data`` untouched plus why it is dead."""
+    fields: dict[str, str | bytes | int | float] = {
+        FIELD_DATA: ref.data,
+        "reason": reason,
+        "error": error[:MAX_ERROR_TEXT],
+        "recipients": recipients_text(recipients),
+        FIELD_ATTEMPTS: attempts,
+        FIELD_FIRST_ATTEMPT: repr(first_attempt),
+        "last_attempt": repr(last_attempt),
+        FIELD_SOURCE_ID: ref.source_id,
+        FIELD_MESSAGE_ID: ref.message_id,
+    }
+    if reply is not None and reply.code is not None:  # only where a server answered
+        fields["smtp_code"] = reply.code
+        fields["smtp_text"] = reply.text
+    return fields
+
+
+def event(
+    kind: str,
+    ref: MessageRef,
+    recipients: Sequence[str],
+    reply: SmtpReply | None,
+    now: float,
+    *,
+    next_attempt: float | None = None,
+) -> dict[str, str | bytes | int | float]:
+    """An ``email.send.events`` entry: delivered, deferred (with next_attempt) or failed."""
+    fields: dict[str, str | bytes | int | float] = {
+        "event": kind,
+        "id": ref.message_id,
+        FIELD_SOURCE_ID: ref.source_id,
+        "recipients": recipients_text(recipients),
+        "smtp_code": "" if reply is None or reply.code is None else reply.code,
+        "smtp_text": "" if reply is None else reply.text,
+    }
+    if next_attempt is not None:
+        fields["next_attempt"] = repr(round(next_attempt, 3))
+    fields["time"] = repr(round(now, 3))
+    return fields
