@@ -1,0 +1,145 @@
+"""STARTTLS with a certificate generated here, the implicit-TLS listener, AUTH PLAIN/LOGIN only
+after TLS, --require-tls, --auth-required, and nothing answered to commands pipelined
+behind STARTTLS (RFC 3207 section 4.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+import redis.asyncio as aioredis
+
+from tests.ingest_util import SMTPConn, client_tls, entries, ingest, make_certificate, message
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_certificate(tmp_path_factory.mktemp("tls"))
+
+
+def _smtplib_send(
+    port: int, cert: Path, user: str | None, password: str | None
+) -> dict[str, tuple[int, bytes]]:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10) as client:
+        client.ehlo()
+        client.starttls(context=client_tls(cert))
+        client.ehlo()
+        if user is not None and password is not None:
+            client.login(user, password)
+        return client.sendmail("alice@example.org", ["bob@example.com"], message("over tls"))
+
+
+async def test_starttls_then_auth_plain_with_smtplib(
+    redis_url: str, redis: aioredis.Redis, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    async with ingest(
+        redis_url, tls_cert=str(cert), tls_key=str(key), auth_users="carol:s3cret"
+    ) as server:
+        refused = await asyncio.to_thread(_smtplib_send, server.port, cert, "carol", "s3cret")
+        assert refused == {}
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            await asyncio.to_thread(_smtplib_send, server.port, cert, "carol", "wrong")
+    [(_, msg)] = await entries(redis)
+    assert " with ESMTPSA id " in msg["header_list"][0][1]
+
+
+async def test_auth_only_after_tls_and_login_mechanism(
+    redis_url: str, redis: aioredis.Redis, certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = certificate
+    users = tmp_path / "users"
+    users.write_text("# comment\ndave:pa:ss\n")
+    async with ingest(
+        redis_url, tls_cert=str(cert), tls_key=str(key), auth_file=str(users), auth_required=True
+    ) as server:
+        conn = await SMTPConn.open(server.port)
+        extensions = await conn.ehlo()
+        assert "STARTTLS" in extensions
+        assert not any(e.startswith("AUTH") for e in extensions)
+        assert (await conn.cmd("AUTH PLAIN AGRhdmUAcGE6c3M="))[0] == 538
+        assert (await conn.cmd("MAIL FROM:<a@example.org>"))[0] == 530  # --auth-required
+        await conn.starttls(client_tls(cert))
+        extensions = await conn.ehlo()
+        assert "AUTH LOGIN PLAIN" in extensions
+        assert "STARTTLS" not in extensions
+        assert (await conn.cmd("AUTH LOGIN"))[0] == 334
+        assert (await conn.cmd("ZGF2ZQ=="))[0] == 334  # "dave"
+        assert (await conn.cmd("cGE6c3M="))[0] == 235  # "pa:ss"
+        code, _ = await conn.transaction(message("authenticated"))
+        assert code == 250
+        await conn.close()
+    assert len(await entries(redis)) == 1
+
+
+async def test_require_tls_and_aiosmtplib_starttls(
+    redis_url: str, redis: aioredis.Redis, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    async with ingest(redis_url, tls_cert=str(cert), tls_key=str(key), require_tls=True) as server:
+        conn = await SMTPConn.open(server.port)
+        await conn.ehlo()
+        code, text = await conn.cmd("MAIL FROM:<a@example.org>")
+        assert (code, text.split()[0]) == (530, "5.7.0")
+        await conn.close()
+        await aiosmtplib.send(
+            message("tls required"),
+            sender="alice@example.org",
+            recipients=["bob@example.com"],
+            hostname="127.0.0.1",
+            port=server.port,
+            start_tls=True,
+            tls_context=client_tls(cert),
+        )
+    [(_, msg)] = await entries(redis)
+    assert " with ESMTPS id " in msg["header_list"][0][1]
+
+
+async def test_implicit_tls_listener(
+    redis_url: str, redis: aioredis.Redis, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    async with ingest(
+        redis_url,
+        tls_cert=str(cert),
+        tls_key=str(key),
+        tls_listen="127.0.0.1:0",
+        auth_users="erin:pw",
+    ) as server:
+        assert server.tls_port
+        conn = await SMTPConn.open(server.tls_port, ssl_context=client_tls(cert))
+        extensions = await conn.ehlo()
+        assert "STARTTLS" not in extensions
+        assert "AUTH LOGIN PLAIN" in extensions  # the connection is already encrypted
+        assert (await conn.cmd("AUTH PLAIN AGVyaW4AcHc="))[0] == 235
+        code, _ = await conn.transaction(message("implicit"))
+        assert code == 250
+        await conn.close()
+    [(_, msg)] = await entries(redis)
+    assert " with ESMTPSA id " in msg["header_list"][0][1]
+
+
+async def test_commands_pipelined_behind_starttls_are_discarded(
+    redis_url: str, redis: aioredis.Redis, certificate: tuple[Path, Path]
+) -> None:
+    """The STARTTLS command injection (CVE-2011-0411 class): plaintext sent after STARTTLS in
+    the same packet must not be executed inside the TLS session."""
+    cert, key = certificate
+    async with ingest(redis_url, tls_cert=str(cert), tls_key=str(key)) as server:
+        conn = await SMTPConn.open(server.port)
+        await conn.ehlo()
+        await conn.send(b"STARTTLS\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<x@example.com>\r\n")
+        code, _ = await conn.reply()
+        assert code == 220
+        await conn.writer.start_tls(client_tls(cert), server_hostname="localhost")
+        # The first reply inside TLS answers our NOOP, not the injected MAIL.
+        code, text = await conn.cmd("NOOP")
+        assert (code, text) == (250, "OK")
+        await conn.ehlo()
+        # No transaction was started by the injected commands.
+        assert (await conn.cmd("RCPT TO:<x@example.com>"))[0] == 503
+        await conn.close()
+    assert await entries(redis) == []

@@ -1,0 +1,109 @@
+"""``mailpool ingest``: an SMTP server that turns each received message into an
+``email.receive`` entry (``250`` only after Redis acknowledged it).
+
+Modules: :mod:`.server` (listeners, sessions, limits, shutdown), :mod:`.handler` (envelope
+checks, Received field, parse + XADD), :mod:`.auth` (AUTH PLAIN/LOGIN credentials).  The
+life cycle is the one every role follows: ``serve(config, stop)`` runs until ``stop`` is
+set, then drains; ``main(config)`` wires SIGTERM/SIGINT to ``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+from collections.abc import AsyncIterator
+from typing import cast
+
+import structlog
+
+from workers.config import IngestConfig, describe
+from workers.health import serving_health
+from workers.ingest.auth import Authenticator, load_credentials
+from workers.ingest.handler import HandlerSettings, IngestHandler, KeepRaw, normalise_domain
+from workers.ingest.server import IngestServer, SessionLimits, load_tls_context
+from workers.lifecycle import install_stop_signals
+from workers.streams.connection import connect, resolve_redis_url
+from workers.streams.keys import StreamKeys
+from workers.streams.receive import ReceiveStream
+
+__all__ = ["IngestConfig", "IngestServer", "main", "running_ingest", "serve"]
+
+log = structlog.get_logger("mailpool.ingest")
+
+
+def build_server(config: IngestConfig, store: ReceiveStream) -> IngestServer:
+    """The listeners and handler for ``config``; raises ConfigError on bad TLS/AUTH files."""
+    tls = None
+    if config.tls_cert and config.tls_key:
+        tls = load_tls_context(config.tls_cert, config.tls_key)
+    credentials = load_credentials(config.auth_file, config.auth_users)
+    settings = HandlerSettings(
+        hostname=config.hostname,
+        max_recipients=config.max_recipients,
+        accept_domains=frozenset(normalise_domain(d) for d in config.accept_domain),
+        keep_raw=cast(KeepRaw, config.keep_raw),
+        auth_enabled=bool(credentials),
+    )
+    limits = SessionLimits(
+        hostname=config.hostname,
+        max_size=config.max_size,
+        command_timeout=config.command_timeout,
+        connection_timeout=config.connection_timeout,
+        require_tls=config.require_tls,
+        auth_required=config.auth_required,
+    )
+    return IngestServer(
+        IngestHandler(settings, store),
+        limits,
+        listen=config.listen,
+        tls_listen=config.tls_listen,
+        tls_context=tls,
+        authenticator=Authenticator(credentials) if credentials else None,
+        max_connections=config.max_connections,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_ingest(config: IngestConfig) -> AsyncIterator[IngestServer]:
+    """Listening ingest for the body of the ``with``; stops gracefully on exit.
+
+    The server's ``port``/``tls_port`` are the bound ports (``--listen 127.0.0.1:0`` in tests).
+    """
+    # One retry: enough to replace a pooled connection that died with a Redis restart; more
+    # would only keep the sender waiting when Redis hangs (each try waits the socket
+    # timeout, 5 s) before the 451 that makes it try again later anyway.
+    redis = connect(resolve_redis_url(config.redis_url), retries=1)
+    keys = StreamKeys.from_config(config)
+    store = ReceiveStream(
+        redis,
+        keys.receive,
+        min_replicas=config.min_replicas,
+        replica_timeout=config.replica_timeout,
+    )
+    try:
+        server = build_server(config, store)
+        await server.start()
+        # Move everything allocated at start-up out of the collector's reach: full
+        # collections then scan only per-message garbage, which keeps GC pauses short.
+        gc.freeze()
+        try:
+            async with serving_health(config.http, redis, keys, server.is_listening):
+                yield server
+        finally:
+            await server.stop(config.shutdown_grace)
+    finally:
+        await redis.aclose()
+
+
+async def serve(config: IngestConfig, stop: asyncio.Event) -> None:
+    log.info("ingest_starting", **describe(config))
+    async with running_ingest(config):
+        await stop.wait()
+
+
+async def main(config: IngestConfig) -> int:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    await serve(config, stop)
+    return 0

@@ -1,0 +1,289 @@
+"""The aiosmtpd handler of ``mailpool ingest``: envelope checks and the end-of-DATA step.
+
+At the end of DATA the handler prepends our ``Received`` field, parses the message with the
+codec, packs it and appends it to ``email.receive``.  The reply is ``250`` with the stream
+entry id only after Redis acknowledged the entry; any failure on our side (Redis down, out
+of memory, read-only, too few replicas, a bug of ours) is a temporary ``451 4.3.0``, never a
+``5xx`` and never a ``250``: the sender keeps the message and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any, Literal
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+
+from workers.codec.parse import parse_message
+from workers.codec.wire import pack
+from workers.metrics import INGEST_MESSAGES, INGEST_REJECTED, INGEST_TRANSACTION
+from workers.streams.receive import ReceiveStream, StoreError
+
+log = structlog.get_logger("mailpool.ingest")
+
+KeepRaw = Literal["never", "defects", "always"]
+
+# Replies of our own (the codes are part of the outside contract, see README).
+REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+REPLY_DOMAIN_NOT_ACCEPTED = "550 5.7.1 Recipient domain not accepted here"
+REPLY_BAD_ADDRESS = "553 5.1.3 Address has characters not allowed in SMTP"
+REPLY_STORE_FAILED = "451 4.3.0 Temporary storage failure, try again later"
+REPLY_INTERNAL_ERROR = "451 4.3.0 Temporary local error, try again later"
+
+# Messages this large are parsed off the event loop so other sessions keep being served.
+PARSE_IN_THREAD_FROM = 1 << 19
+
+# The HELO/EHLO name goes into our trace field; keep it one safe token (it is the client's
+# claim, anything may be in it).
+_UNSAFE_HELO = re.compile(r"[^\x21-\x27\x2a-\x7e]")
+
+
+@dataclass(frozen=True)
+class HandlerSettings:
+    hostname: str
+    max_recipients: int
+    accept_domains: frozenset[str]  # lower-case, no trailing dot; empty = accept all
+    keep_raw: KeepRaw
+    auth_enabled: bool
+
+
+def normalise_domain(domain: str) -> str:
+    return domain.strip().rstrip(".").lower()
+
+
+def recipient_domain_accepted(address: str, accepted: frozenset[str]) -> bool:
+    """Exact domain match, case-insensitive; ``postmaster`` without a domain is always taken
+    (RFC 5321 section 4.5.1)."""
+    if not accepted:
+        return True
+    _, at, domain = address.rpartition("@")
+    if not at:
+        return address.lower() == "postmaster"
+    return normalise_domain(domain) in accepted
+
+
+def _peer_ip(peer: Any) -> str:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "unknown")
+
+
+def _ip_literal(ip: str) -> str:
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
+def protocol_name(*, extended: bool, tls: bool, authenticated: bool, smtputf8: bool) -> str:
+    """The ``with`` keyword of the Received field (RFC 3848, RFC 6531 section 3.7.3)."""
+    if not extended:
+        return "SMTP"
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+class _DateCache:
+    """RFC 5322 date of the current second; formatting it costs more than the rest of the
+    Received field, and a busy server stamps many messages per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def format(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._text = format_datetime(datetime.fromtimestamp(second, UTC))
+            self._second = second
+        return self._text
+
+
+_dates = _DateCache()
+
+
+def received_field(
+    *,
+    helo: str | None,
+    peer_ip: str,
+    hostname: str,
+    protocol: str,
+    message_id: str,
+    recipients: Sequence[str],
+    now: float,
+) -> bytes:
+    """Our trace field, RFC 5321 section 4.4; ``for`` only names a single recipient so that
+    Bcc recipients do not learn about each other."""
+    claimed = _UNSAFE_HELO.sub("?", helo or "unknown")[:255]
+    for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
+    text = (
+        f"Received: from {claimed} ({_ip_literal(peer_ip)})\r\n"
+        f"\tby {hostname} with {protocol} id {message_id}{for_clause};\r\n"
+        f"\t{_dates.format(now)}\r\n"
+    )
+    return text.encode("utf-8", "replace")
+
+
+# RFC 5321 allows no control characters in a path, not even quoted; a CR or NUL that
+# aiosmtpd's parser lets through in a quoted local part would end up in our trace field.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def address_allowed(address: str) -> bool:
+    """No control characters, and valid UTF-8: aiosmtpd decodes SMTPUTF8 arguments with
+    surrogateescape, and lone surrogates could never be stored as msgpack str."""
+    if _CONTROL.search(address):
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class IngestHandler:
+    """aiosmtpd handler hooks (``handle_EHLO``, ``handle_MAIL``, ``handle_RCPT``,
+    ``handle_DATA``, ``handle_exception``)."""
+
+    def __init__(self, settings: HandlerSettings, store: ReceiveStream) -> None:
+        self.settings = settings
+        self.store = store
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # With a 5-argument hook aiosmtpd leaves recording the client's name to us.
+        session.host_name = hostname
+        extensions = [r for r in responses if self.settings.auth_enabled or "AUTH" not in r]
+        # aiosmtpd reads pipelined commands in order and answers each in turn (RFC 2920).
+        extensions.insert(1, "250-PIPELINING")
+        return extensions
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if not address_allowed(address):
+            INGEST_REJECTED.labels("bad_address").inc()
+            return REPLY_BAD_ADDRESS
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            INGEST_REJECTED.labels("too_many_recipients").inc()
+            return REPLY_TOO_MANY_RECIPIENTS
+        if not address_allowed(address):
+            INGEST_REJECTED.labels("bad_address").inc()
+            return REPLY_BAD_ADDRESS
+        if not recipient_domain_accepted(address, self.settings.accept_domains):
+            INGEST_REJECTED.labels("domain").inc()
+            log.info(
+                "recipient_rejected",
+                peer=_peer_ip(session.peer),
+                domain=address.rpartition("@")[2][:255],
+                code=550,
+            )
+            return REPLY_DOMAIN_NOT_ACCEPTED
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        started = time.perf_counter()
+        message_id = uuid.uuid4().hex
+        peer = _peer_ip(session.peer)
+        content: bytes = envelope.original_content or b""
+        recipients = list(envelope.rcpt_tos)
+        try:
+            entry_id = await self._store(server, session, envelope, message_id, peer)
+        except StoreError as exc:
+            INGEST_MESSAGES.labels("failed").inc()
+            log.warning(
+                "message_deferred", id=message_id, peer=peer, size=len(content),
+                recipients=len(recipients), code=451, reason=exc.reason, error=exc.detail,
+            )  # fmt: skip
+            return REPLY_STORE_FAILED
+        except Exception:  # a bug of ours must not turn into a 5xx for the sender
+            INGEST_MESSAGES.labels("failed").inc()
+            log.exception(
+                "message_deferred", id=message_id, peer=peer, size=len(content),
+                recipients=len(recipients), code=451, reason="internal",
+            )  # fmt: skip
+            return REPLY_INTERNAL_ERROR
+        INGEST_MESSAGES.labels("accepted").inc()
+        INGEST_TRANSACTION.observe(time.perf_counter() - started)
+        log.info(
+            "message_accepted", id=message_id, entry=entry_id, peer=peer, size=len(content),
+            recipients=len(recipients), code=250,
+        )  # fmt: skip
+        return f"250 2.0.0 OK queued as {entry_id}"
+
+    async def _store(
+        self, server: SMTP, session: Session, envelope: Envelope, message_id: str, peer: str
+    ) -> str:
+        now = time.time()
+        recipients: list[str] = envelope.rcpt_tos
+        trace = received_field(
+            helo=session.host_name,
+            peer_ip=peer,
+            hostname=self.settings.hostname,
+            protocol=protocol_name(
+                extended=session.extended_smtp,
+                tls=bool(getattr(server, "is_tls", False)),
+                authenticated=bool(session.authenticated),
+                smtputf8=bool(envelope.smtp_utf8),
+            ),
+            message_id=message_id,
+            recipients=recipients,
+            now=now,
+        )
+        raw = trace + (envelope.original_content or b"")
+        arguments = {
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": recipients,
+            "message_id": message_id,
+            "received_at": now,
+            "keep_raw": self.settings.keep_raw,
+        }
+        if len(raw) >= PARSE_IN_THREAD_FROM:
+            data = await asyncio.to_thread(_parse_and_pack, raw, arguments)
+        else:
+            data = _parse_and_pack(raw, arguments)
+        return await self.store.append(data)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Called by aiosmtpd for an exception in any command: our failure, so 451.
+
+        A failed TLS handshake also lands here; aiosmtpd then closes without a reply."""
+        if isinstance(error, TLSSetupException):
+            log.info("tls_failed", error=str(error.__cause__ or error))
+        else:
+            log.error("session_error", error=f"{type(error).__name__}: {error}")
+        return REPLY_INTERNAL_ERROR
+
+
+def _parse_and_pack(raw: bytes, arguments: dict[str, Any]) -> bytes:
+    return pack(parse_message(raw, **arguments))
