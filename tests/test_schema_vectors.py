@@ -357,10 +357,14 @@ async def test_entries_mailpool_writes_satisfy_the_schemas(redis: aioredis.Redis
     ]  # fmt: skip
     events = [
         outcomes.event("delivered", ref, ["ann@example.org"], _Reply(250, "2.0.0 Ok"), now),
-        outcomes.event("deferred", ref, ["bob@example.org"], _Reply(451, "4.3.0"), now, now + 60),
+        outcomes.event(
+            "deferred", ref, ["bob@example.org"], _Reply(451, "4.3.0"), now, next_attempt=now + 60
+        ),
         outcomes.event("failed", ref, ["ann@example.org"], rejected, now),
         outcomes.event("failed", ref, ["ann@example.org"], None, now),
-        outcomes.event("deferred", ref, ["bob@example.org"], _Reply(None, "timeout"), now, now),
+        outcomes.event(
+            "deferred", ref, ["bob@example.org"], _Reply(None, "timeout"), now, next_attempt=now
+        ),
     ]
     for fields in dead:
         await redis.xadd("email.send.dead", fields)  # type: ignore[arg-type]
