@@ -556,7 +556,7 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
         log.info("delivery_started", relay=_safe_relay(config.relay), consumer=config.consumer,
                  concurrency=config.concurrency)  # fmt: skip
         worker = DeliveryWorker(config, outcomes, open_transport(config))
-        async with serving_health(config.http, redis, keys, lambda: True):
+        async with serving_health(config.http, redis, keys, lambda: not stop.is_set()):
             await worker.run(consumer, stop)
         log.info("delivery_stopped", consumer=config.consumer)
     finally:

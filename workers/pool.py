@@ -1,8 +1,10 @@
-"""``mailpool run``: the whole pool in one process (ingest + delivery).
+"""``mailpool run``: the whole pool in one process (ingest + delivery + housekeeping).
 
 With no ``--redis-url`` it starts a private redis-server (see :mod:`workers.embedded`); with
 no ``--relay`` it delivers into a maildir in the data directory and says where at start.
-Each role runs its own ``serve(config, stop)``; one stop event drains them all.
+Each role runs its own ``serve(config, stop)``; one stop event drains them all.  The pool
+serves one ``--http`` endpoint for all three (with the stream gauges), so the roles are
+started with theirs turned off.
 """
 
 from __future__ import annotations
@@ -16,18 +18,22 @@ from pathlib import Path
 
 import structlog
 
-from workers import delivery, ingest
+from workers import delivery, housekeeping, ingest
 from workers.config import DeliveryConfig, IngestConfig, option
 from workers.embedded import embedded_redis
+from workers.health import serving_health
+from workers.housekeeping import HousekeepConfig
 from workers.lifecycle import install_stop_signals
+from workers.streams.connection import connect
 from workers.streams.connection import data_dir as default_data_dir
+from workers.streams.keys import StreamKeys
 
 log = structlog.get_logger("mailpool.run")
 
 
 @dataclass
-class RunConfig(IngestConfig, DeliveryConfig):
-    """All ingest and delivery options, plus where the pool keeps its local data."""
+class RunConfig(IngestConfig, DeliveryConfig, HousekeepConfig):
+    """All ingest, delivery and housekeeping options, plus where the pool keeps local data."""
 
     data_dir: str = option(str(default_data_dir()), "local data: embedded Redis, default maildir")
 
@@ -48,19 +54,28 @@ async def _redis_for(config: RunConfig) -> AsyncIterator[str]:
 
 async def serve(config: RunConfig, stop: asyncio.Event) -> None:
     async with _redis_for(config) as url:
-        config = dataclasses.replace(config, redis_url=url)
+        role_config = dataclasses.replace(config, redis_url=url, http=None)
         log.info("pool_starting", redis_url=url, smtp=config.listen, relay=config.relay)
+        if config.relay and config.relay.startswith("maildir:"):
+            log.info("delivering_to_maildir", path=config.relay.partition(":")[2])
         roles = [
-            asyncio.create_task(ingest.serve(config, stop), name="ingest"),
-            asyncio.create_task(delivery.serve(config, stop), name="delivery"),
+            asyncio.create_task(ingest.serve(role_config, stop), name="ingest"),
+            asyncio.create_task(delivery.serve(role_config, stop), name="delivery"),
+            asyncio.create_task(housekeeping.serve(role_config, stop), name="housekeeping"),
         ]
+        redis = connect(url)
         try:
-            done, _ = await asyncio.wait(roles, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # a role that failed stops the pool with its error
+            async with serving_health(
+                config.http, redis, StreamKeys.from_config(config), lambda: not stop.is_set(),
+                stream_gauges=True,
+            ):  # fmt: skip
+                done, _ = await asyncio.wait(roles, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()  # a role that failed stops the pool with its error
         finally:
             stop.set()
             await asyncio.gather(*roles, return_exceptions=True)
+            await redis.aclose()
 
 
 async def main(config: RunConfig) -> int:
