@@ -38,4 +38,4 @@ def test_huge_attempt_counts_do_not_overflow() -> None:
 def test_defaults_are_those_documented() -> None:
     defaults = DeliveryConfig(relay="maildir:/tmp/x")
     assert (defaults.retry_base, defaults.retry_cap) == (60.0, 3600.0)
-    assert (defaults.max_attempts, defaults.max_age) == (30, 172_800.0)
+    assert (defaults.max_attempts, defaults.max_age) == (60, 172_800.0)

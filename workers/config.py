@@ -296,7 +296,7 @@ class DeliveryConfig(CommonConfig):
     max_deliveries: int = option(5, "read this many times with no outcome = poison dead letter")
     retry_base: float = option(60.0, "first retry delay, seconds (doubles, with jitter)")
     retry_cap: float = option(3600.0, "longest retry delay, seconds")
-    max_attempts: int = option(30, "attempts before a dead letter")
+    max_attempts: int = option(60, "attempts before a dead letter")
     max_age: float = option(172_800.0, "seconds since the first attempt before a dead letter")
     events_maxlen: int = option(100_000, "approximate cap of the events stream")
     sent_ttl: float = option(604_800.0, "how long idempotency records are kept, seconds")

@@ -6,10 +6,9 @@ messages deferred together by a relay outage do not come back together), but nev
 the message's deadline ``first_attempt + max_age``: the last try happens at the deadline.
 After ``max_attempts`` attempts, or when the deadline has passed, the message is dead.
 
-With the defaults (base 60 s, cap 1 h, 30 attempts, 2 days) the retries come after about
-1, 2, 4, 8, 16, 32 minutes and then hourly; the 30th attempt is about 25 hours after the
-first, so ``--max-attempts`` is what ends it unless raised (``--max-attempts 60`` lets
-``--max-age`` end it at 2 days).
+With the defaults (base 60 s, cap 1 h, 60 attempts, 2 days) the retries come after about
+1, 2, 4, 8, 16, 32 minutes and then hourly; the deadline (2 days, about the 53rd attempt)
+is what ends it, and ``--max-attempts`` only bounds a short ``--retry-cap``.
 """
 
 from __future__ import annotations
