@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import RedisServer, running_redis
+from tests.sinks import RecordingSink
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +48,11 @@ def make_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield make
     for server in servers:
         server.stop(kill=True)
+
+
+@pytest.fixture
+def sink() -> Iterator[RecordingSink]:
+    """A recording SMTP relay (aiosmtpd) on a free loopback port."""
+    server = RecordingSink().start()
+    yield server
+    server.stop()

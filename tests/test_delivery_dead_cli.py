@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
@@ -22,13 +20,6 @@ from tests.delivery_util import (
     wait_until,
 )
 from tests.sinks import RecordingSink
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 def dead(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:

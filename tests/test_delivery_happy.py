@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
@@ -17,13 +14,6 @@ from tests.delivery_util import (
     wait_until,
 )
 from tests.sinks import RecordingSink
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 async def test_utf8_headers_and_attachment_reach_the_relay(

@@ -5,9 +5,7 @@ in progress, waiting and dead are atomic."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
@@ -22,13 +20,6 @@ from tests.delivery_util import (
 from tests.sinks import RecordingSink
 from workers.streams.keys import StreamKeys
 from workers.streams.outcomes import OutcomeKeys, Outcomes, Retry, Settlement
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 def outcomes_for(redis: aioredis.Redis) -> Outcomes:

@@ -4,9 +4,7 @@ retry loop; trimmed pending entries are acknowledged; poison entries are dead-le
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
@@ -21,13 +19,6 @@ from tests.delivery_util import (
     wait_until,
 )
 from tests.sinks import RecordingSink
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 async def test_invalid_entries_are_dead_lettered_and_the_worker_goes_on(

@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,6 @@ from tests.delivery_util import (
     worker_process,
 )
 from tests.sinks import RecordingSink
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 async def _pending(redis: aioredis.Redis) -> int:

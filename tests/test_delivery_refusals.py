@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
@@ -20,13 +18,6 @@ from tests.delivery_util import (
     wait_until,
 )
 from tests.sinks import PostfixSink, RecordingSink
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 async def test_partial_refusal_sends_the_others_and_dead_letters_the_refused(

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
@@ -22,13 +20,6 @@ from tests.delivery_util import (
     wait_until,
 )
 from tests.sinks import PostfixSink, RecordingSink
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 async def test_4xx_then_success(redis: aioredis.Redis, redis_url: str, sink: RecordingSink) -> None:

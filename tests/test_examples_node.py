@@ -24,7 +24,6 @@ import shutil
 import smtplib
 import subprocess
 import sys
-from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -85,13 +84,6 @@ def node_scripts(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copyfile(EXAMPLES_DIR / name, directory / name)
     (directory / "node_modules").symlink_to(NODE_DIR / "node_modules", target_is_directory=True)
     return directory
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 async def run_node(scripts: Path, name: str, **env: str) -> list[Any]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,13 +43,6 @@ def _gems_missing() -> str | None:
 
 SKIP_REASON = _gems_missing()
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 async def run_ruby(tmp_path: Path, **env: str) -> str:
