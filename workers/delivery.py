@@ -451,6 +451,9 @@ def settle_attempt(
     if result.accepted:
         s.events.append(oc.event("delivered", p.ref, result.accepted, result.accepted_reply, now))
         DELIVERY_MESSAGES.labels("sent").inc()
+        code = result.accepted_reply.code if result.accepted_reply else None
+        log.info("delivered", id=p.ref.message_id, entry=p.job.entry_id,
+                 recipients=len(result.accepted), code=code)  # fmt: skip
     if result.rejected:
         _add_dead(
             s,
