@@ -191,7 +191,9 @@ class DeliveryWorker:
         try:
             while not stop.is_set():
                 free = 2 * self.config.concurrency - len(in_flight)
-                if free <= 0:
+                if free < self.config.concurrency:
+                    # Read in batches of at least a window's half: --concurrency sends are
+                    # still in flight meanwhile, and one XREADGROUP serves many entries.
                     await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 consumer.batch = min(free, self.config.batch)
