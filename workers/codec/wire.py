@@ -105,6 +105,8 @@ def _unpack_one(data: bytes, limits: WireLimits) -> object:
         # msgpack reports limit breaches, reserved codes and non-str keys as ValueError.
         raise WireError("", f"invalid msgpack: {_describe(error)}") from error
     if unpacker.tell() != len(data):
+        if not isinstance(value, dict):  # e.g. text whose first byte reads as a fixint
+            raise WireError("", f"top level must be a msgpack map, got {_kind(value)}")
         raise WireError("", f"{len(data) - unpacker.tell()} bytes of trailing data after the map")
     return value
 
