@@ -23,7 +23,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from workers.codec.parse import parse_message
-from workers.codec.wire import pack
+from workers.codec.wire import DEFAULT_LIMITS, pack
 from workers.metrics import INGEST_MESSAGES, INGEST_REJECTED, INGEST_TRANSACTION
 from workers.streams.receive import ReceiveStream, StoreError
 
@@ -37,6 +37,7 @@ REPLY_DOMAIN_NOT_ACCEPTED = "550 5.7.1 Recipient domain not accepted here"
 REPLY_BAD_ADDRESS = "553 5.1.3 Address has characters not allowed in SMTP"
 REPLY_STORE_FAILED = "451 4.3.0 Temporary storage failure, try again later"
 REPLY_INTERNAL_ERROR = "451 4.3.0 Temporary local error, try again later"
+REPLY_ENTRY_TOO_BIG = "552 5.3.4 Message too big for this server once decoded"
 
 # Messages this large are parsed off the event loop so other sessions keep being served.
 PARSE_IN_THREAD_FROM = 1 << 19
@@ -219,6 +220,13 @@ class IngestHandler:
         recipients = list(envelope.rcpt_tos)
         try:
             entry_id = await self._store(server, session, envelope, message_id, peer)
+        except EntryTooLarge as exc:  # permanent: a retry would be just as large
+            INGEST_MESSAGES.labels("rejected").inc()
+            log.info(
+                "message_rejected", id=message_id, peer=peer, size=len(content),
+                recipients=len(recipients), code=552, reason="entry_too_large", error=str(exc),
+            )  # fmt: skip
+            return REPLY_ENTRY_TOO_BIG
         except StoreError as exc:
             INGEST_MESSAGES.labels("failed").inc()
             log.warning(
@@ -285,5 +293,19 @@ class IngestHandler:
         return REPLY_INTERNAL_ERROR
 
 
+class EntryTooLarge(Exception):
+    """The parsed message is over the entry size consumers accept (``unpack``'s limit)."""
+
+
 def _parse_and_pack(raw: bytes, arguments: dict[str, Any]) -> bytes:
-    return pack(parse_message(raw, **arguments))
+    message = parse_message(raw, **arguments)
+    data = pack(message)
+    if len(data) <= DEFAULT_LIMITS.max_bytes:
+        return data
+    # Stored as is, no consumer could unpack it: keep the decoded form, drop the raw copy.
+    if message.pop("raw", None) is not None:
+        message.setdefault("defects", []).append("raw: not kept, entry over the size limit")
+        data = pack(message)
+    if len(data) > DEFAULT_LIMITS.max_bytes:
+        raise EntryTooLarge(f"entry of {len(data)} octets")
+    return data
