@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test setup setup-dev lint typecheck pytest bench
+.PHONY: run test setup setup-dev lint typecheck pytest bench chaos
 
 run: setup
 	$(VENV)/bin/mailpool run
@@ -26,6 +26,7 @@ pytest:
 	$(PY) -m pytest -q
 
 bench: setup-dev
-	$(PY) bench/codec.py
-	$(PY) bench/ingest.py
-	$(PY) bench/delivery.py
+	$(PY) bench/report.py --full
+
+chaos: setup-dev
+	MAILPOOL_CHAOS=full $(PY) -m pytest tests/chaos -s

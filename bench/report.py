@@ -1,0 +1,471 @@
+"""One benchmark report: the codec, ingest and delivery benchmarks, worker memory, and
+end-to-end latency, printed as ONE table.
+
+    python bench/report.py           # quick: each benchmark's --quick, 10 000 messages per RSS run
+    python bench/report.py --full    # full benchmarks, 100 000 messages per RSS run (`make bench`)
+
+Rows:
+* ratios: each benchmark (bench/codec.py, bench/ingest.py, bench/delivery.py) run as it
+  is, its ratios against the baseline it measured in the same run (higher is better for us);
+  their whole output is kept in the log directory printed at the end;
+* memory: RSS of one ``mailpool deliver`` and one ``mailpool ingest`` process (real
+  processes, real redis-server, Postfix's smtp-sink / smtp-source) at idle, after the first
+  tenth of the messages (warm: pools and caches filled) and after all of them; "flat" means
+  the growth from warm to the end stays under 10 MiB;
+* latency: from the producer's ``XADD`` on ``email.send`` to the sink's ``250`` (an
+  aiosmtpd sink in this process stamps the time it answers), p50 and p99, paced at a low
+  rate and at half of the maximum rate measured first against the same sink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis.asyncio as aioredis  # noqa: E402
+from aiosmtpd.controller import Controller  # noqa: E402
+
+from tests.harness import RedisServer, free_port, wait_for_port  # noqa: E402
+from workers.codec.wire import pack  # noqa: E402
+from workers.producer import make_send_message  # noqa: E402
+
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+FLAT_KIB = 10 * 1024
+ID_HEADER = re.compile(rb"^X-Bench-Id: *(\d+)\r?$", re.M)
+
+
+@dataclass
+class Row:
+    what: str
+    value: str
+    note: str = ""
+
+
+# --- the three benchmarks, run as they are ---------------------------------------------
+
+
+def run_benchmark(script: str, quick: bool, logs: Path) -> str:
+    args = [sys.executable, str(ROOT / "bench" / script), *(["--quick"] if quick else [])]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
+    output = done.stdout + done.stderr
+    (logs / script.replace(".py", ".out")).write_text(output)
+    if done.returncode != 0:
+        raise SystemExit(f"{script} failed ({done.returncode}); see {logs}")
+    return output
+
+
+def codec_rows(output: str) -> list[Row]:
+    rows, section = [], ""
+    for line in output.splitlines():
+        if re.match(r"^(parse|build)\s+ours/s", line):
+            section = line.split()[0]
+        match = re.match(r"^\s+\((\w)\) (.+?)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)x$", line)
+        if section and match:
+            label, ours, theirs, ratio = match.group(2, 3, 4, 5)
+            rows.append(
+                Row(f"codec {section} {label}", f"{ratio}x", f"{ours} vs stdlib {theirs} msg/s")
+            )
+    return rows
+
+
+def ingest_rows(output: str) -> list[Row]:
+    rows = []
+    number = r"\s+([\d.]+)"
+    for line in output.splitlines():
+        match = re.match(r"^\s*(\d+ KB\s+\d+ sessions\s+\w+)" + number * 6 + r"\s*$", line)
+        if match:
+            label = " ".join(match.group(1).split())
+            bare, ours, ratio, _, _, cpu_ratio = match.group(2, 3, 4, 5, 6, 7)
+            rows.append(
+                Row(
+                    f"ingest {label}",
+                    f"{ratio}x",
+                    f"{ours} vs bare aiosmtpd {bare} msg/s; per CPU-s {cpu_ratio}x",
+                )
+            )
+        if line.strip().startswith("median p99:"):
+            rows.append(Row("ingest end-of-DATA->250 p99", line.split(":", 1)[1].strip()))
+    return rows
+
+
+def delivery_rows(output: str) -> list[Row]:
+    rates = dict(re.findall(r"^\s+(raw|worker)\s+([\d.]+) msg/s", output, re.M))
+    match = re.search(r"ratio worker/raw: ([\d.]+) \(msg/s\)\s+([\d.]+)", output)
+    if not match:
+        return [Row("delivery worker/raw", "?", "no ratio in bench/delivery.py output")]
+    note = f"{rates.get('worker', '?')} vs raw aiosmtplib {rates.get('raw', '?')} msg/s"
+    return [
+        Row("delivery worker/raw", f"{match.group(1)}x", f"{note}; per CPU-s {match.group(2)}x")
+    ]
+
+
+# --- real parts: redis-server, smtp-sink, worker processes ------------------------------
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
+@contextmanager
+def postfix_sink() -> Iterator[int]:
+    """smtp-sink answering 250 to everything, keeping nothing."""
+    port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    process = subprocess.Popen(
+        [SMTP_SINK, *user, f"127.0.0.1:{port}", "256"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@contextmanager
+def worker(*args: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPOOL_")}
+    env["PYTHONPATH"] = str(ROOT)
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers", *args, "--log-level", "warning"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+async def wait_for(check: Callable[[], Any], limit: float, what: str) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+# --- memory per worker -------------------------------------------------------------------
+
+
+@dataclass
+class Memory:
+    idle: int
+    samples: list[tuple[int, int]] = field(default_factory=list)  # (messages so far, KiB)
+
+    def rows(self, role: str) -> list[Row]:
+        warm, end = self.samples[0][1], self.samples[-1][1]
+        growth = end - warm
+        verdict = "flat" if growth < FLAT_KIB else "GROWING"
+        step = max(len(self.samples) // 3, 1)
+        shown = self.samples[:1] + self.samples[step::step] + self.samples[-1:]
+        trail = ", ".join(f"{n:,}: {kib / 1024:.1f}" for n, kib in dict(shown).items())
+        return [
+            Row(f"RSS {role} idle", f"{self.idle / 1024:.1f} MiB"),
+            Row(
+                f"RSS {role} after {self.samples[-1][0]:,} msgs",
+                f"{end / 1024:.1f} MiB",
+                f"{verdict}: {growth / 1024:+.1f} MiB since warm; MiB at {trail}",
+            ),
+        ]
+
+
+def filler_message(n: int) -> bytes:
+    text = ("The quick brown fox jumps over the lazy dog. " * 2 + "\n") * 19
+    message = make_send_message(
+        from_="bench@example.com", to=[f"rcpt{n % 50}@example.net"], subject=f"bench {n}", text=text
+    )
+    message["headers"]["x-bench-id"] = str(n)
+    return pack(message)
+
+
+async def settled_send(redis: aioredis.Redis) -> bool:
+    groups = await redis.xinfo_groups("email.send")
+    info = await redis.xinfo_stream("email.send")
+    if not groups:
+        return False
+    group = groups[0]
+    return int(group["pending"]) == 0 and group["last-delivered-id"] == info["last-generated-id"]
+
+
+async def delivery_memory(total: int, workdir: Path) -> Memory:
+    chunk = max(total // 10, 1)
+    data = filler_message(0)
+    with redis_server(workdir) as server, postfix_sink() as port:
+        redis = aioredis.Redis.from_url(server.url)
+        args = (
+            "deliver",
+            "--relay",
+            f"smtp://127.0.0.1:{port}",
+            "--redis-url",
+            server.url,
+            "--concurrency",
+            "10",
+            "--consumer",
+            "rss",
+        )
+        with worker(*args, log=workdir / "deliver.log") as process:
+            await wait_for(lambda: redis.exists("email.send"), 30, "the delivery group")
+            await asyncio.sleep(1.0)
+            memory = Memory(rss_kib(process.pid))
+            for done in range(chunk, total + 1, chunk):
+                pipe = redis.pipeline(transaction=False)
+                for _ in range(chunk):
+                    pipe.xadd("email.send", {"data": data})
+                await pipe.execute()
+                await wait_for(lambda: settled_send(redis), 600, "the delivery worker")
+                await redis.xtrim("email.send", maxlen=0)  # all acked: keep Redis small
+                memory.samples.append((done, rss_kib(process.pid)))
+        await redis.aclose()
+    return memory
+
+
+async def ingest_memory(total: int, workdir: Path) -> Memory:
+    chunk = max(total // 10, 1)
+    with redis_server(workdir) as server:
+        redis = aioredis.Redis.from_url(server.url)
+        port = free_port()
+        args = (
+            "ingest",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--redis-url",
+            server.url,
+            "--hostname",
+            "ingest.bench",
+            "--max-connections",
+            "2000",
+        )
+        with worker(*args, log=workdir / "ingest.log") as process:
+            wait_for_port(port)
+            await asyncio.sleep(1.0)
+            memory = Memory(rss_kib(process.pid))
+            for done in range(chunk, total + 1, chunk):
+                source = [
+                    SMTP_SOURCE,
+                    "-s",
+                    "10",
+                    "-m",
+                    str(chunk),
+                    "-l",
+                    "2048",
+                    "-d",
+                    "-f",
+                    "bench@example.org",
+                    "-t",
+                    "sink@example.com",
+                    "-N",
+                    f"127.0.0.1:{port}",
+                ]
+                await asyncio.to_thread(
+                    subprocess.run, source, check=True, timeout=900, capture_output=True
+                )
+                await redis.xtrim("email.receive", maxlen=0)  # no readers here: keep it small
+                memory.samples.append((done, rss_kib(process.pid)))
+        await redis.aclose()
+    return memory
+
+
+# --- end-to-end latency: XADD on email.send -> the sink's 250 ------------------------------
+
+
+class StampingSink:
+    """aiosmtpd sink (own thread) that stamps each message's bench id when it answers 250."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.stamps: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        match = ID_HEADER.search(envelope.original_content or b"")
+        if match:
+            with self._lock:
+                self.stamps[int(match.group(1))] = time.time()
+        return "250 2.0.0 queued"
+
+    def count(self, ids: range) -> int:
+        with self._lock:
+            return sum(1 for n in ids if n in self.stamps)
+
+    def __enter__(self) -> StampingSink:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._controller.stop()
+
+
+async def paced(redis: aioredis.Redis, ids: range, rate: float) -> dict[int, float]:
+    """XADD one message per id at ``rate`` per second (payloads made beforehand, so the
+    producer's pace is XADD's); returns id -> the time just before each XADD."""
+    payloads = {n: filler_message(n) for n in ids}
+    sent: dict[int, float] = {}
+    started = time.monotonic()
+    for k, n in enumerate(ids):
+        ahead = started + k / rate - time.monotonic()
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+        sent[n] = time.time()
+        await redis.xadd("email.send", {"data": payloads[n]})
+    return sent
+
+
+def percentiles(latencies: list[float]) -> tuple[float, float]:
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return statistics.median(ordered) * 1000, p99 * 1000
+
+
+async def max_rate(redis: aioredis.Redis, sink: StampingSink, ids: range) -> float:
+    """The most the worker sustains with this producer and sink running beside it: XADDs
+    one by one as fast as they go; rate = messages / (last 250 - first XADD)."""
+    sent = await paced(redis, ids, float("inf"))
+    await wait_for(lambda: _all_stamped(sink, ids), 300, "the burst")
+    return len(ids) / (max(sink.stamps[n] for n in ids) - min(sent.values()))
+
+
+async def _all_stamped(sink: StampingSink, ids: range) -> bool:
+    return sink.count(ids) == len(ids)
+
+
+async def latency_rows(quick: bool, workdir: Path) -> list[Row]:
+    low_rate, low_n = 20.0, 200 if quick else 600
+    burst = 2000 if quick else 10_000
+    with redis_server(workdir) as server, StampingSink() as sink:
+        redis = aioredis.Redis.from_url(server.url)
+        args = (
+            "deliver",
+            "--relay",
+            f"smtp://127.0.0.1:{sink.port}",
+            "--redis-url",
+            server.url,
+            "--concurrency",
+            "10",
+            "--consumer",
+            "latency",
+        )
+        with worker(*args, log=workdir / "latency.log"):
+            await wait_for(lambda: redis.exists("email.send"), 30, "the delivery group")
+            await paced(redis, range(0, 50), 50)  # warm-up: connections opened
+            await wait_for(lambda: _all_stamped(sink, range(0, 50)), 60, "warm-up")
+            peak = await max_rate(redis, sink, range(1000, 1000 + burst))
+            rows = [
+                Row(
+                    "delivery max rate",
+                    f"{peak:.0f} msg/s",
+                    f"{burst:,} msgs XADDed one by one; aiosmtpd sink; 1 worker x 10 sends",
+                )
+            ]
+            half_n = int(peak / 2 * (5 if quick else 20))
+            for label, rate, ids in (
+                ("low load", low_rate, range(100_000, 100_000 + low_n)),
+                ("half max", peak / 2, range(200_000, 200_000 + half_n)),
+            ):
+                sent = await paced(redis, ids, rate)
+                await wait_for(lambda ids=ids: _all_stamped(sink, ids), 300, label)
+                p50, p99 = percentiles([sink.stamps[n] - sent[n] for n in ids])
+                rows.append(
+                    Row(
+                        f"XADD->250 at {label} ({rate:.0f} msg/s)",
+                        f"p50 {p50:.1f} ms  p99 {p99:.1f} ms",
+                        f"{len(ids):,} msgs",
+                    )
+                )
+        await redis.aclose()
+    return rows
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+def print_table(rows: list[Row]) -> None:
+    width = max(len(r.what) for r in rows)
+    value_width = max(len(r.value) for r in rows)
+    print(f"\n{'measure':<{width}}  {'value':<{value_width}}  note")
+    print(f"{'-' * width}  {'-' * value_width}  {'-' * 4}")
+    for r in rows:
+        print(f"{r.what:<{width}}  {r.value:<{value_width}}  {r.note}")
+
+
+async def report(quick: bool, messages: int, logs: Path) -> list[Row]:
+    rows: list[Row] = []
+    for script, parse in (
+        ("codec.py", codec_rows),
+        ("ingest.py", ingest_rows),
+        ("delivery.py", delivery_rows),
+    ):
+        print(f"running bench/{script}{' --quick' if quick else ''} ...", flush=True)
+        rows.extend(parse(run_benchmark(script, quick, logs)))
+    print(f"memory: {messages:,} messages through a delivery and an ingest worker ...", flush=True)
+    rows.extend((await delivery_memory(messages, logs)).rows("deliver"))
+    rows.extend((await ingest_memory(messages, logs)).rows("ingest"))
+    print("latency: XADD -> sink 250 ...", flush=True)
+    rows.extend(await latency_rows(quick, logs))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="full benchmarks, 100 000 messages")
+    parser.add_argument("--messages", type=int, help="messages per RSS run")
+    args = parser.parse_args()
+    quick = not args.full
+    messages = args.messages or (10_000 if quick else 100_000)
+    logs = Path(tempfile.mkdtemp(prefix="mailpool-bench-"))
+    started = time.monotonic()
+    rows = asyncio.run(report(quick, messages, logs))
+    print_table(rows)
+    print(
+        f"\n{'quick' if quick else 'full'} run, {time.monotonic() - started:.0f} s; "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; outputs in {logs}"
+    )
+    flat = all("GROWING" not in r.note for r in rows)
+    return 0 if flat else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
