@@ -43,15 +43,12 @@ from tests.examples_util import (
     run_script,
 )
 from tests.ingest_util import ingest
+from tests.node_util import NODE, NODE_DIR, NPM, install_node_packages
 from tests.sinks import RecordingSink
 from workers.codec.validate import decode_receive, decode_send
 from workers.listen import content_to_json, jsonable
 
-NODE_DIR = ROOT / "tests" / "node"
 VECTOR_DIR = ROOT / "schema" / "vectors"
-NPM_CI_TIMEOUT = 300
-NODE = shutil.which("node")
-NPM = shutil.which("npm")
 REDIS_CLI = shutil.which("redis-cli")
 
 needs_node = pytest.mark.skipif(
@@ -59,26 +56,10 @@ needs_node = pytest.mark.skipif(
 )
 
 
-def _install_node_packages() -> None:
-    installed = NODE_DIR / "node_modules"
-    if all((installed / name / "package.json").exists() for name in ("redis", "@msgpack/msgpack")):
-        return
-    assert NPM is not None
-    completed = subprocess.run(
-        [NPM, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=NODE_DIR,
-        capture_output=True,
-        text=True,
-        timeout=NPM_CI_TIMEOUT,
-        check=False,
-    )
-    assert completed.returncode == 0, f"npm ci failed:\n{completed.stderr[-2000:]}"
-
-
 @pytest.fixture(scope="module")
 def node_scripts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding copies of the example scripts and a link to the node packages."""
-    _install_node_packages()
+    install_node_packages()
     directory = tmp_path_factory.mktemp("node-examples")
     for name in ("produce.mjs", "listen.mjs"):
         shutil.copyfile(EXAMPLES_DIR / name, directory / name)

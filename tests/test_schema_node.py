@@ -10,44 +10,26 @@ missing.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.node_util import NODE, NODE_DIR, NPM, install_node_packages
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NODE_DIR = REPO_ROOT / "tests" / "node"
 VECTOR_DIR = REPO_ROOT / "schema" / "vectors"
-NPM_CI_TIMEOUT = 300
 NODE_TIMEOUT = 60
 
-NODE = shutil.which("node")
-NPM = shutil.which("npm")
 pytestmark = pytest.mark.skipif(
     NODE is None or NPM is None, reason="node and npm are needed for the second implementation"
 )
 
 
-def _install_node_packages() -> None:
-    if (NODE_DIR / "node_modules" / "@msgpack" / "msgpack" / "package.json").exists():
-        return
-    assert NPM is not None
-    completed = subprocess.run(
-        [NPM, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=NODE_DIR,
-        capture_output=True,
-        text=True,
-        timeout=NPM_CI_TIMEOUT,
-        check=False,
-    )
-    assert completed.returncode == 0, f"npm ci failed:\n{completed.stderr[-2000:]}"
-
-
 @pytest.fixture(scope="module")
 def node_result() -> dict[str, Any]:
-    _install_node_packages()
+    install_node_packages()
     assert NODE is not None
     completed = subprocess.run(
         [NODE, str(NODE_DIR / "decode.mjs"), str(VECTOR_DIR)],
