@@ -18,6 +18,8 @@ from workers import __version__
 from workers.config import CommonConfig, ConfigError, add_arguments, from_arguments
 from workers.logs import configure_logging
 
+DESCRIPTION = "An email worker pool on Redis streams (the Email ASGI message format)."
+
 
 @dataclass(frozen=True)
 class Command:
@@ -75,9 +77,7 @@ def _config_class(command: Command) -> type[CommonConfig]:
 
 
 def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mailpool", description=__doc__.splitlines()[0] if __doc__ else None
-    )
+    parser = argparse.ArgumentParser(prog="mailpool", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"mailpool {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in commands:
