@@ -22,12 +22,9 @@ from workers.lifecycle import install_stop_signals
 from workers.status import as_text, stream_status
 from workers.streams.connection import connect, resolve_redis_url
 from workers.streams.keys import StreamKeys
-from workers.streams.outcomes import OutcomeKeys, Outcomes
+from workers.streams.outcomes import OutcomeKeys, promote_due
 
 log = structlog.get_logger("mailpool.housekeeping")
-
-# Promotion moves schedule entries only; the group name and TTLs of Outcomes are not used.
-DELIVERY_GROUP = "delivery"
 
 
 @dataclass
@@ -126,10 +123,7 @@ async def remove_vanished_consumers(redis: aioredis.Redis, stream: str, idle: fl
 async def housekeep_once(redis: aioredis.Redis, keys: StreamKeys, config: HousekeepConfig) -> None:
     # Due retries go back to the send stream here too: with delivery scaled to zero, the
     # lag this creates is what wakes it up (KEDA watches the send stream's lag).
-    outcomes = Outcomes(
-        redis, OutcomeKeys.from_stream_keys(keys), group=DELIVERY_GROUP, sent_ttl=1, events_maxlen=1
-    )
-    await outcomes.promote_due(time.time())
+    await promote_due(redis, OutcomeKeys.from_stream_keys(keys), time.time())
     await trim_stream(redis, keys.receive, config.receive_max_age, config.receive_max_len)
     await trim_stream(redis, keys.send, config.send_max_age, config.send_max_len)
     for stream in (keys.receive, keys.send):

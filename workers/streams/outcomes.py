@@ -181,7 +181,6 @@ class Outcomes:
         self.sent_ttl = max(1, int(sent_ttl))
         self.events_maxlen = events_maxlen
         self._settle = redis.register_script(SETTLE_LUA)
-        self._promote = redis.register_script(PROMOTE_LUA)
         self._replay = redis.register_script(REPLAY_LUA)
 
     async def already_sent(self, wanted: Sequence[tuple[str, Sequence[str]]]) -> list[set[str]]:
@@ -266,9 +265,7 @@ class Outcomes:
 
     async def promote_due(self, now: float, limit: int = 100) -> int:
         """Move retries due by ``now`` back into the send stream; returns how many."""
-        keys = [self.keys.retry_schedule, self.keys.send]
-        args: list[str | int | float] = [now, limit, self.keys.retry_payload_prefix]
-        return int(await self._promote(keys=keys, args=args))
+        return await promote_due(self.redis, self.keys, now, limit)
 
     async def replay(self, dead_id: str, fields: Fields) -> str | None:
         """Move one dead letter back to the send stream as ``fields``; None when it is gone."""
@@ -277,6 +274,15 @@ class Outcomes:
         if new_id is None:
             return None
         return new_id.decode() if isinstance(new_id, bytes) else str(new_id)
+
+
+async def promote_due(
+    redis: aioredis.Redis, keys: OutcomeKeys, now: float, limit: int = 100
+) -> int:
+    """Move retries due by ``now`` back into the send stream (delivery and housekeeping)."""
+    script = redis.register_script(PROMOTE_LUA)  # cheap: hashes the text, EVALSHA first
+    args: list[str | int | float] = [now, limit, keys.retry_payload_prefix]
+    return int(await script(keys=[keys.retry_schedule, keys.send], args=args))
 
 
 def recipients_text(recipients: Sequence[str]) -> str:
