@@ -19,8 +19,8 @@ import structlog
 from workers.config import CommonConfig, option, parse_host_port, positive
 from workers.health import serving_health
 from workers.lifecycle import install_stop_signals
-from workers.status import as_text, stream_status
-from workers.streams.connection import connect, resolve_redis_url
+from workers.status import stream_status
+from workers.streams.connection import as_text, connect, resolve_redis_url
 from workers.streams.keys import StreamKeys
 from workers.streams.outcomes import OutcomeKeys, promote_due
 

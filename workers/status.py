@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from workers.config import CommonConfig, option
-from workers.streams.connection import connect, resolve_redis_url
+from workers.streams.connection import as_text, connect, resolve_redis_url
 from workers.streams.keys import StreamKeys
 
 
@@ -27,10 +27,6 @@ class StatusConfig(CommonConfig):
     json: bool = option(False, "print one JSON document instead of a table")
     watch: bool = option(False, "refresh until interrupted")
     interval: float = option(2.0, "seconds between refreshes with --watch")
-
-
-def as_text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def entry_time(entry_id: str) -> float:

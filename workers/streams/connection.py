@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import overload
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -47,3 +48,12 @@ def connect(url: str, *, retries: int = 3, socket_timeout: float = 5.0) -> aiore
         retry=Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+
+
+@overload
+def as_text(value: bytes | str) -> str: ...
+@overload
+def as_text(value: bytes | str | None) -> str | None: ...
+def as_text(value: bytes | str | None) -> str | None:
+    """A Redis reply value (bytes: clients run without decode_responses) as text."""
+    return value.decode() if isinstance(value, bytes) else value

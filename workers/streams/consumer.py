@@ -15,6 +15,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
+from workers.streams.connection import as_text
+
 log = structlog.get_logger("mailpool.streams")
 
 # Start positions for a new group, in operator words.
@@ -31,10 +33,6 @@ class StreamEntry:
     @property
     def data(self) -> bytes | None:
         return None if self.fields is None else self.fields.get(b"data")
-
-
-def _decode_id(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 async def ensure_group(
@@ -96,7 +94,7 @@ class GroupConsumer:
         reply = await self.redis.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=self.batch, block=self.block_ms
         )
-        return [StreamEntry(_decode_id(i), f, 1) for i, f in _entries_of(reply)]
+        return [StreamEntry(as_text(i), f, 1) for i, f in _entries_of(reply)]
 
     async def _read_own_pending(self) -> list[StreamEntry]:
         """A restarted consumer with the same name (a pod's host name) resumes its own work."""
@@ -106,10 +104,8 @@ class GroupConsumer:
         entries = _entries_of(reply)
         if not entries:
             return []
-        counts = await self._delivery_counts([_decode_id(i) for i, _ in entries])
-        return [
-            StreamEntry(_decode_id(i), f or None, counts.get(_decode_id(i), 1)) for i, f in entries
-        ]
+        counts = await self._delivery_counts([as_text(i) for i, _ in entries])
+        return [StreamEntry(as_text(i), f or None, counts.get(as_text(i), 1)) for i, f in entries]
 
     async def claim_stale(self) -> list[StreamEntry]:
         """Take over entries idle longer than ``claim_after`` on any consumer (XAUTOCLAIM).
@@ -125,13 +121,13 @@ class GroupConsumer:
             start_id=self._claim_cursor,
             count=self.batch,
         )
-        cursor, claimed = _decode_id(reply[0]), reply[1]
-        deleted = [_decode_id(i) for i in (reply[2] if len(reply) > 2 else [])]
+        cursor, claimed = as_text(reply[0]), reply[1]
+        deleted = [as_text(i) for i in (reply[2] if len(reply) > 2 else [])]
         self._claim_cursor = cursor
         if cursor == "0-0":
             # A full pass is done; look again after a fraction of the idle time.
             self._next_claim_at = time.monotonic() + max(self.claim_after_ms / 4000, 0.5)
-        entries = [(_decode_id(i), f) for i, f in claimed if f is not None]
+        entries = [(as_text(i), f) for i, f in claimed if f is not None]
         counts = await self._delivery_counts([i for i, _ in entries])
         result = [StreamEntry(i, f, counts.get(i, 1)) for i, f in entries]
         # Redis 7 drops trimmed ids from the PEL itself and reports them separately.

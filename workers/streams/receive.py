@@ -20,6 +20,8 @@ from collections import deque
 import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError, ResponseError
 
+from workers.streams.connection import as_text
+
 # Most XADDs one pipeline carries; a 2 KB message makes a batch of 256 about 600 KB.
 MAX_BATCH = 256
 # Pipelines on their way at once (each on its own pooled connection).  More than one lets a
@@ -134,7 +136,7 @@ class ReceiveStream:
                 pipe.wait(self.min_replicas, self.replica_timeout_ms)
             replies = await pipe.execute(raise_on_error=False)
         results: list[str | StoreError] = [
-            _classify(r) if isinstance(r, BaseException) else _text(r)
+            _classify(r) if isinstance(r, BaseException) else as_text(r)
             for r in replies[: len(batch)]
         ]
         if self.min_replicas:
@@ -148,7 +150,3 @@ class ReceiveStream:
                     f"{self.replica_timeout_ms} ms",
                 )
         return results
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
