@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
@@ -340,17 +340,3 @@ class DeliveryConfig(CommonConfig):
             raise ConfigError(
                 "--claim-after must exceed the longest SMTP transaction (3 x --smtp-timeout)"
             )
-
-
-Validator = Callable[[Any], None]
-__all__: Sequence[str] = (
-    "CommonConfig",
-    "ConfigError",
-    "add_arguments",
-    "default_consumer_name",
-    "describe",
-    "from_arguments",
-    "option",
-    "parse_host_port",
-    "positive",
-)
