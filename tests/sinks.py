@@ -73,6 +73,7 @@ class RecordingSink:
     dropped: list[Received] = field(default_factory=list)  # got the dot, never answered
     ehlo_count: int = 0
     stall_data: float = 0.0  # seconds to wait before answering the end of DATA
+    size_limit: int = 0  # > 0: offer the SIZE extension with this limit
     _rcpt: dict[str, list[_Replies]] = field(default_factory=lambda: defaultdict(list))
     _data: list[_Replies] = field(default_factory=list)
     _drop_after_dot: int = 0
@@ -175,7 +176,7 @@ class RecordingSink:
             options.update(authenticator=self._authenticate, auth_required=True)
         self._controller = Controller(
             self, hostname=self.host, port=self.port, enable_SMTPUTF8=True, decode_data=False,
-            data_size_limit=0, ready_timeout=5.0, **options,
+            data_size_limit=self.size_limit, ready_timeout=5.0, **options,
         )  # fmt: skip
         self._controller.start()
         return self

@@ -92,3 +92,34 @@ async def test_messages_per_connection_replaces_connections(
         await wait_until(lambda: settled(redis))
     assert len(sink.received) == 9
     assert sink.ehlo_count == 3
+
+
+async def test_lines_starting_with_a_dot_arrive_intact(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """Dot-stuffing (RFC 5321 4.5.2): a lone "." line in the body does not end DATA early,
+    and the relay's de-stuffed copy is the message we built, octet for octet."""
+    text = ".\n..two dots\n.leading dot\nlast line\n.\n"
+    await enqueue(redis, send_message(text=text, message_id="dots-1"))
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    [got] = sink.received
+    body = got.data.split(b"\r\n\r\n", 1)[1]
+    assert body == b".\r\n..two dots\r\n.leading dot\r\nlast line\r\n.\r\n"
+
+
+async def test_first_message_on_a_connection_announces_its_size(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """EHLO happens when the connection opens (also without STARTTLS), so even the first
+    MAIL carries SIZE= when the relay offers it."""
+    relay = RecordingSink(size_limit=1_000_000).start()
+    try:
+        await enqueue(redis, send_message(message_id="size-1"))
+        config = make_config(redis_url, relay.url, concurrency=1, starttls="off")
+        async with running_worker(config):
+            await wait_until(lambda: settled(redis))
+    finally:
+        relay.stop()
+    [got] = relay.received
+    assert [o for o in got.mail_options if o.startswith("SIZE=")] == [f"SIZE={len(got.data)}"]

@@ -153,6 +153,11 @@ class SmtpPool:
             username=s.username, password=s.password,
         )  # fmt: skip
         await smtp.connect()
+        try:
+            await _greet(smtp)
+        except BaseException:
+            smtp.close()
+            raise
         return _Connection(smtp)
 
     async def _release(self, connection: _Connection, healthy: bool) -> None:
@@ -187,27 +192,46 @@ class SmtpPool:
             await _close(connection.smtp)
 
 
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO (HELO when refused) right after connecting, if TLS or AUTH set-up has not
+    already: the first MAIL's options depend on the extensions the relay offers."""
+    if not smtp.is_ehlo_or_helo_needed:
+        return
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not smtp.is_connected:
+            raise
+        await smtp.helo()
+
+
 def _reply_of(exc: BaseException) -> Reply:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return Reply(exc.code, exc.message)
     return Reply(None, f"{type(exc).__name__}: {exc}")
 
 
-def _mail_options(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> list[str]:
+def _mail_options(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> list[bytes]:
     options = []
     if smtp.supports_extension("size"):
-        options.append(f"SIZE={len(message.data)}")
+        options.append(b"SIZE=%d" % len(message.data))
     if message.smtputf8:
-        options.append("SMTPUTF8")
+        options.append(b"SMTPUTF8")
     if message.eight_bit and smtp.supports_extension("8bitmime"):
-        options.append("BODY=8BITMIME")
+        options.append(b"BODY=8BITMIME")
     return options
 
 
 async def _transaction(
     smtp: aiosmtplib.SMTP, message: BuiltMessage, recipients: Sequence[str]
 ) -> tuple[SendResult, bool]:
-    """One MAIL/RCPT/DATA transaction; returns the result and whether the connection is fit."""
+    """One MAIL/RCPT/DATA transaction; returns the result and whether the connection is fit.
+
+    Commands go through ``SMTP.execute_command`` with the addresses as the builder made
+    them (already checked: no spaces, brackets or controls; aiosmtplib still refuses
+    controls): ``SMTP.mail``/``rcpt`` would parse each address again with the stdlib's
+    ``parseaddr``, which costs more than the command's own round trip.
+    """
     result = SendResult()
     if message.smtputf8 and not smtp.supports_extension("smtputf8"):
         # A property of the relay, not a passing fault: retrying would not help.
@@ -216,23 +240,26 @@ async def _transaction(
     encoding = "utf-8" if message.smtputf8 else "ascii"
     stage_recipients: list[str] = list(recipients)  # who a failure at this point concerns
     try:
-        await smtp.mail(message.mail_from, options=_mail_options(smtp, message), encoding=encoding)
+        sender = b"FROM:<" + message.mail_from.encode(encoding) + b">"
+        reply = await smtp.execute_command(b"MAIL", sender, *_mail_options(smtp, message))
+        if reply.code != 250:
+            raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, message.mail_from)
         stage_recipients = []
         for rcpt in recipients:
-            try:
-                await smtp.rcpt(rcpt, encoding=encoding)
+            reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
+            if reply.code in (250, 251):
                 stage_recipients.append(rcpt)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                result.refuse([rcpt], _reply_of(exc))
+            else:
+                result.refuse([rcpt], Reply(reply.code, reply.message))
         if not stage_recipients:
             return result, await _reset(smtp)
-        reply = await smtp.data(message.data)
+        reply = await _data(smtp, message.data)
     except aiosmtplib.SMTPResponseException as exc:
         result.refuse(stage_recipients, _reply_of(exc))
-        healthy = exc.code != 421 and await _reset(smtp)
+        healthy = exc.code != 421 and smtp.is_connected and await _reset(smtp)
         return result, healthy
     except (*CONNECTION_ERRORS, ValueError) as exc:
-        # ValueError: an address aiosmtplib will not put on a command line.
+        # ValueError: an address aiosmtplib will not put on a command line (or encode).
         reply_of = _reply_of(exc)
         if isinstance(exc, ValueError):
             reply_of = Reply(None, f"unsendable address: {exc}")
@@ -243,6 +270,43 @@ async def _transaction(
     result.accepted = stage_recipients
     result.accepted_reply = Reply(reply.code, reply.message)
     return result, True
+
+
+async def _data(smtp: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
+    """DATA, then the dot-stuffed message and its end mark, on the connection's protocol.
+
+    ``SMTP.data`` would first rewrite every line end with a regular expression and then
+    dot-stuff with another; the builder's output has CRLF line ends only (its tests check
+    that), so stuffing is one ``bytes.replace``.  The connection is ours alone (the pool
+    lends it to one send at a time), as aiosmtplib's command lock would otherwise ensure.
+    """
+    reply = await smtp.execute_command(b"DATA")
+    if reply.code != 354:
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    protocol.write(dot_stuffed(data))
+    try:
+        reply = await protocol.read_response(timeout=smtp.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        smtp.close()  # a reply we gave up on must not be read as the next command's
+        raise
+    if reply.code != 250:
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    return reply
+
+
+def dot_stuffed(data: bytes) -> bytes:
+    """The DATA payload of CRLF-terminated message lines (RFC 5321 4.5.2 and 4.1.1.4):
+    a line that starts with "." gets another one; the end mark follows."""
+    if data[:1] == b".":
+        data = b"." + data
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
 
 
 async def _reset(smtp: aiosmtplib.SMTP) -> bool:
