@@ -33,7 +33,13 @@ from workers.codec.wire import unpack
 from workers.config import DeliveryConfig, mask_url_password
 from workers.health import serving_health
 from workers.lifecycle import install_stop_signals
-from workers.metrics import DELIVERY_IN_FLIGHT, DELIVERY_MESSAGES, DELIVERY_SMTP
+from workers.metrics import (
+    DELIVERY_DEAD,
+    DELIVERY_DEFERRED,
+    DELIVERY_IN_FLIGHT,
+    DELIVERY_SENT,
+    DELIVERY_SMTP,
+)
 from workers.relay import SendResult, Transport, open_transport
 from workers.streams import outcomes as oc
 from workers.streams.connection import connect, resolve_redis_url
@@ -86,6 +92,10 @@ class Prepared:
     built: BuiltMessage
     recipients: list[str]  # wanted for this attempt (before the idempotency check)
     policy: RetryPolicy
+
+
+# (prepared message, recipients to send to, owner of its message id here)
+Send = tuple[Prepared, list[str], bool]
 
 
 class Settler:
@@ -170,69 +180,106 @@ class DeliveryWorker:
         # Entry ids read and not yet settled: a consumer re-reading its own pending entries
         # (after a restart) must not start a second send of an entry already in hand.
         self._held: set[str] = set()
+        # Entry ids settled since the current read was sent: that read's reply may still
+        # list them (Redis answered it before the settlement's XACK, on another connection).
+        self._settled_during_read: set[str] = set()
         # Message ids with a send in progress here -> set when its outcome is recorded.  A
         # second entry with the same id (a producer enqueued it twice) waits, then re-checks.
         self._sending: dict[str, asyncio.Event] = {}
-        self._slots = asyncio.Semaphore(config.concurrency)  # sends in flight
+        # Prepared sends wait here for one of --concurrency lanes (one SMTP connection each).
+        self._ready: asyncio.Queue[Send | None] = asyncio.Queue()
+        self._unfinished = 0  # sends handed to the lanes (waiting or in flight)
+        self._room = asyncio.Event()  # the window has room for another read
+        self._finished = asyncio.Event()  # a lane finished a send
         self._stop = asyncio.Event()
 
     async def run(self, consumer: GroupConsumer, stop: asyncio.Event) -> None:
-        """The loop: read as many entries as there are free send slots, start them, repeat.
+        """The loop: read as many entries as the window has room for, queue them, repeat.
 
-        At most one entry per slot waits for a slot (read-ahead hides the read round trip),
-        so an entry we hold starts within one SMTP transaction of its read and
+        ``--concurrency`` lanes take queued sends in order, one SMTP transaction at a time
+        each.  At most one entry per lane waits in the queue (read-ahead hides the read
+        round trip), so an entry we hold starts within one SMTP transaction of its read and
         ``--claim-after`` never hands a live worker's entry to another.  On stop: no more
         reads, sends in flight drain, entries not yet started stay pending for others.
         """
         self._stop = stop
         self.settler.start()
         promoter = asyncio.create_task(self._promote_retries(stop), name="retry-promoter")
-        in_flight: set[asyncio.Task[None]] = set()
+        stopping = asyncio.create_task(stop.wait(), name="stop-watch")
+        stopping.add_done_callback(lambda _: self._room.set())  # a full window must not block
+        lanes = [
+            asyncio.create_task(self._lane(), name=f"send-lane-{n}")
+            for n in range(self.config.concurrency)
+        ]
         try:
             while not stop.is_set():
-                free = 2 * self.config.concurrency - len(in_flight)
-                if free < self.config.concurrency:
+                if self._unfinished > self.config.concurrency:
                     # Read in batches of at least a window's half: --concurrency sends are
                     # still in flight meanwhile, and one XREADGROUP serves many entries.
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    self._room.clear()
+                    await self._room.wait()
                     continue
-                consumer.batch = min(free, self.config.batch)
+                window = 2 * self.config.concurrency - self._unfinished
+                consumer.batch = min(window, self.config.batch)
                 entries = await self._read(consumer, stop)
                 if stop.is_set():
                     break  # what was just read stays pending: another worker claims it
                 if entries and all(e.id in self._held for e in entries):
-                    await self._pause(in_flight)  # own pending entries still in hand
+                    await self._pause()  # own pending entries still in hand
                     continue
                 for send in await self._prepare(entries):
-                    task = asyncio.create_task(self._deliver(*send))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
+                    self._unfinished += 1
+                    self._ready.put_nowait(send)
         finally:
-            await self._drain(in_flight)
+            await self._drain(lanes)
+            stopping.cancel()
             promoter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await promoter
             await self.settler.close(grace=max(self.config.shutdown_grace, 1.0))
             await self.transport.aclose()
 
-    @staticmethod
-    async def _pause(in_flight: set[asyncio.Task[None]]) -> None:
+    async def _lane(self) -> None:
+        """Send queued messages one after another until told to stop (a None)."""
+        while (send := await self._ready.get()) is not None:
+            p, recipients, owner = send
+            try:
+                if self._stop.is_set():
+                    self._let_go(p, owner)  # not started: stays pending for another worker
+                else:
+                    await self._send(p, recipients, owner)
+            except Exception:  # a bug must not take a lane down; the entry stays pending
+                log.exception("send_crashed", entry=p.job.entry_id)
+                self._let_go(p, owner)
+            finally:
+                self._unfinished -= 1
+                if self._unfinished <= self.config.concurrency:
+                    self._room.set()
+                self._finished.set()
+
+    async def _pause(self) -> None:
         """Wait a moment for a send or settlement to finish instead of re-reading at once."""
-        if in_flight:
-            await asyncio.wait(in_flight, timeout=READ_BLOCK, return_when=asyncio.FIRST_COMPLETED)
-        else:
+        if not self._unfinished:
             await asyncio.sleep(0.01)
+            return
+        self._finished.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._finished.wait(), READ_BLOCK)
 
     async def _read(self, consumer: GroupConsumer, stop: asyncio.Event) -> list[StreamEntry]:
+        self._settled_during_read.clear()  # settled before this read: it cannot list them
         try:
-            return await consumer.read()
+            entries = await consumer.read()
         except (RedisError, OSError) as exc:
             log.warning("read_failed", error=str(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
             return []
+        if self._settled_during_read:
+            entries = [e for e in entries if e.id not in self._settled_during_read]
+        return entries
 
-    async def _prepare(self, entries: list[StreamEntry]) -> list[tuple[Prepared, list[str], bool]]:
+    async def _prepare(self, entries: list[StreamEntry]) -> list[Send]:
         """Decode and build; settle what needs no sending; drop recipients already accepted.
 
         Returns (prepared, recipients to send, owner); ``owner`` False means another entry
@@ -258,7 +305,7 @@ class DeliveryWorker:
             for p, owner in ready:  # they stay pending and come back as our own leftovers
                 self._let_go(p, owner)
             return []
-        to_send: list[tuple[Prepared, list[str], bool]] = []
+        to_send: list[Send] = []
         for (p, owner), already in zip(ready, done, strict=True):
             remaining = [r for r in p.recipients if r not in already]
             if not remaining:
@@ -302,6 +349,7 @@ class DeliveryWorker:
 
         def settled(done: asyncio.Future[bool]) -> None:
             self._held.discard(settlement.entry_id)
+            self._settled_during_read.add(settlement.entry_id)
             if not done.cancelled():
                 done.exception()  # failures are logged by the settler; mark them seen
 
@@ -335,13 +383,6 @@ class DeliveryWorker:
         )
         ref = oc.MessageRef(message_id, job.source_id, job.data)
         return Prepared(job, ref, built, job.recipients or built.recipients, policy)
-
-    async def _deliver(self, p: Prepared, recipients: list[str], owner: bool) -> None:
-        async with self._slots:
-            if self._stop.is_set():
-                self._let_go(p, owner)  # not started: stays pending for another worker
-                return
-            await self._send(p, recipients, owner)
 
     async def _send(self, p: Prepared, recipients: list[str], owner: bool) -> None:
         if not owner:
@@ -377,12 +418,18 @@ class DeliveryWorker:
             self._let_go(p, owner=True, held=True)
         return remaining
 
-    async def _drain(self, in_flight: set[asyncio.Task[None]]) -> None:
+    async def _drain(self, lanes: list[asyncio.Task[None]]) -> None:
         """Let sends in flight finish up to ``shutdown_grace``; the rest stay pending."""
-        if not in_flight:
-            return
-        log.info("draining", in_flight=len(in_flight), grace=self.config.shutdown_grace)
-        _, unfinished = await asyncio.wait(in_flight, timeout=self.config.shutdown_grace)
+        while not self._ready.empty():  # not started: they stay pending for others
+            send = self._ready.get_nowait()
+            if send is not None:
+                self._let_go(send[0], send[2])
+                self._unfinished -= 1
+        for _ in lanes:
+            self._ready.put_nowait(None)
+        if self._unfinished:
+            log.info("draining", in_flight=self._unfinished, grace=self.config.shutdown_grace)
+        _, unfinished = await asyncio.wait(lanes, timeout=self.config.shutdown_grace)
         for task in unfinished:
             task.cancel()
         if unfinished:
@@ -420,7 +467,7 @@ class DeliveryWorker:
         )  # fmt: skip
         failed = oc.event("failed", ref, recipients, None, now)
         self._settle(oc.Settlement(entry.id, ref.message_id, [], [dead], None, [failed]))
-        DELIVERY_MESSAGES.labels("dead").inc()
+        DELIVERY_DEAD.inc()
 
     def _poison(self, p: Prepared, recipients: list[str]) -> None:
         now = time.time()
@@ -432,7 +479,7 @@ class DeliveryWorker:
         )  # fmt: skip
         failed = oc.event("failed", p.ref, recipients, None, now)
         self._settle(oc.Settlement(p.job.entry_id, p.ref.message_id, [], [dead], None, [failed]))
-        DELIVERY_MESSAGES.labels("dead").inc()
+        DELIVERY_DEAD.inc()
 
 
 def _recipients_hint(data: bytes) -> list[str]:
@@ -452,7 +499,7 @@ def settle_attempt(
     s = oc.Settlement(p.job.entry_id, p.ref.message_id, accepted=list(result.accepted))
     if result.accepted:
         s.events.append(oc.event("delivered", p.ref, result.accepted, result.accepted_reply, now))
-        DELIVERY_MESSAGES.labels("sent").inc()
+        DELIVERY_SENT.inc()
         code = result.accepted_reply.code if result.accepted_reply else None
         log.info("delivered", id=p.ref.message_id, entry=p.job.entry_id,
                  recipients=len(result.accepted), code=code)  # fmt: skip
@@ -486,7 +533,7 @@ def settle_attempt(
             s.events.append(
                 oc.event("deferred", p.ref, list(result.deferred), reply, now, next_attempt=due)
             )
-            DELIVERY_MESSAGES.labels("deferred").inc()
+            DELIVERY_DEFERRED.inc()
             log.info("deferred", id=p.ref.message_id, attempts=attempts, due_in=round(due - now, 3))
     return s
 
@@ -512,7 +559,7 @@ def _add_dead(
     )  # fmt: skip
     s.dead_letters.append(letter)
     s.events.append(oc.event("failed", p.ref, recipients, reply, now))
-    DELIVERY_MESSAGES.labels("dead").inc()
+    DELIVERY_DEAD.inc()
     log.warning("dead_letter", id=p.ref.message_id, reason=reason, recipients=recipients)
 
 
@@ -551,8 +598,11 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
         redis, oc.OutcomeKeys.from_stream_keys(keys), group=config.group,
         sent_ttl=config.sent_ttl, events_maxlen=config.events_maxlen,
     )  # fmt: skip
+    # The reads keep a connection of their own (a blocking XREADGROUP holds it anyway):
+    # a pool checkout per read costs CPU on every batch.
+    reader = redis.client()
     consumer = GroupConsumer(
-        redis, keys.send, config.group, config.consumer,
+        reader, keys.send, config.group, config.consumer,
         claim_after=config.claim_after, batch=config.batch, block=READ_BLOCK,
     )  # fmt: skip
     try:
@@ -565,6 +615,8 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
             await worker.run(consumer, stop)
         log.info("delivery_stopped", consumer=config.consumer)
     finally:
+        await outcomes.aclose()
+        await reader.aclose()
         await redis.aclose()
 
 

@@ -24,6 +24,10 @@ INGEST_TRANSACTION = Histogram(
 DELIVERY_MESSAGES = Counter(
     "mailpool_delivery_messages", "Send outcomes per message", ["outcome"]
 )  # outcome: sent | deferred | dead
+# Bound once: labels() costs more than the increment, and "sent" is counted per message.
+DELIVERY_SENT = DELIVERY_MESSAGES.labels("sent")
+DELIVERY_DEFERRED = DELIVERY_MESSAGES.labels("deferred")
+DELIVERY_DEAD = DELIVERY_MESSAGES.labels("dead")
 DELIVERY_SMTP = Histogram(
     "mailpool_delivery_smtp_seconds", "One SMTP transaction to the relay", buckets=SMTP_BUCKETS
 )

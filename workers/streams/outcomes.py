@@ -22,6 +22,7 @@ the time of acceptance; it expires ``sent_ttl`` seconds after the last write.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Protocol
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from workers.streams.keys import StreamKeys
@@ -182,6 +184,10 @@ class Outcomes:
         self.events_maxlen = events_maxlen
         self._settle = redis.register_script(SETTLE_LUA)
         self._replay = redis.register_script(REPLAY_LUA)
+        # Settlements keep one connection: a pool checkout per round trip (lock, liveness
+        # probe, bookkeeping) costs as much CPU as the settlement's own Python work.
+        self._settle_connection: AbstractConnection | None = None
+        self._settle_lock = asyncio.Lock()
 
     async def already_sent(self, wanted: Sequence[tuple[str, Sequence[str]]]) -> list[set[str]]:
         """For each (message id, recipients): the recipients already accepted by a relay."""
@@ -246,22 +252,37 @@ class Outcomes:
             hiredis.pack_command(tuple(self._settle_command(s, now)))  # type: ignore[arg-type]
             for s in settlements
         )
-        pool = self.redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.send_packed_command(packed)
-            results: list[bool | RedisError] = []
-            for _ in settlements:
-                try:
-                    results.append(bool(await connection.read_response()))
-                except ResponseError as exc:  # this script failed; the others stand
-                    results.append(exc)
-            return results
-        except BaseException:
-            await connection.disconnect()  # replies may be left unread on it
-            raise
-        finally:
-            await pool.release(connection)
+        async with self._settle_lock:
+            connection = self._settle_connection
+            if connection is None:
+                pool = self.redis.connection_pool
+                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+                self._settle_connection = connection
+            try:
+                await connection.send_packed_command(packed)
+                results: list[bool | RedisError] = []
+                for _ in settlements:
+                    try:
+                        results.append(bool(await connection.read_response()))
+                    except ResponseError as exc:  # this script failed; the others stand
+                        results.append(exc)
+                return results
+            except BaseException:
+                await self._drop_settle_connection()  # replies may be left unread on it
+                raise
+
+    async def _drop_settle_connection(self) -> None:
+        connection, self._settle_connection = self._settle_connection, None
+        if connection is not None:
+            await connection.disconnect()
+            await self.redis.connection_pool.release(connection)
+
+    async def aclose(self) -> None:
+        """Give the settlement connection back to the pool."""
+        async with self._settle_lock:
+            connection, self._settle_connection = self._settle_connection, None
+            if connection is not None:
+                await self.redis.connection_pool.release(connection)
 
     async def promote_due(self, now: float, limit: int = 100) -> int:
         """Move retries due by ``now`` back into the send stream; returns how many."""
