@@ -107,14 +107,21 @@ def ingest_rows(output: str) -> list[Row]:
 
 
 def delivery_rows(output: str) -> list[Row]:
-    rates = dict(re.findall(r"^\s+(raw|worker)\s+([\d.]+) msg/s", output, re.M))
+    rates = dict(re.findall(r"^\s+(raw|rawtx|worker)\s+([\d.]+) msg/s", output, re.M))
     match = re.search(r"ratio worker/raw: ([\d.]+) \(msg/s\)\s+([\d.]+)", output)
     if not match:
         return [Row("delivery worker/raw", "?", "no ratio in bench/delivery.py output")]
-    note = f"{rates.get('worker', '?')} vs raw aiosmtplib {rates.get('raw', '?')} msg/s"
-    return [
+    note = f"{rates.get('worker', '?')} vs raw aiosmtplib sendmail {rates.get('raw', '?')} msg/s"
+    rows = [
         Row("delivery worker/raw", f"{match.group(1)}x", f"{note}; per CPU-s {match.group(2)}x")
     ]
+    own = re.search(r"ratio worker/rawtx: ([\d.]+) \(msg/s\)\s+([\d.]+)", output)
+    if own:
+        note = f"vs the worker's own SMTP code without Redis {rates.get('rawtx', '?')} msg/s"
+        rows.append(
+            Row("delivery worker/rawtx", f"{own.group(1)}x", f"{note}; per CPU-s {own.group(2)}x")
+        )
+    return rows
 
 
 # --- real parts: redis-server, smtp-sink, worker processes ------------------------------
