@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import functools
 import re
 from urllib.parse import quote
 
@@ -106,12 +107,16 @@ _FOLD_POINT = re.compile(r"[ \t](?=[^ \t])")
 
 # Q encoding table: the characters RFC 2047 section 5 (3) allows unencoded even in a phrase.
 _Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+# Octets written as one character in Q encoding (a space becomes "_").
+_Q_ONE_CHAR = bytes(sorted(_Q_SAFE)) + b" "
 _Q_TABLE = tuple(
     chr(octet) if octet in _Q_SAFE else "_" if octet == 0x20 else f"={octet:02X}"
     for octet in range(256)
 )
 
 
+# Names repeat from message to message; the bound keeps hostile producers from growing it.
+@functools.lru_cache(maxsize=1024)
 def canonical_name(name: str) -> str:
     """``subject`` -> ``Subject``, ``message-id`` -> ``Message-ID``; mixed case kept as given."""
     known = _CANONICAL.get(name.lower())
@@ -133,9 +138,13 @@ def _q_text(char: str) -> str:
 def _encoded_words(text: str) -> list[str]:
     """``text`` as UTF-8 encoded-words of at most 75 characters, each holding whole characters."""
     data = text.encode("utf-8")
-    q_length = sum(1 if octet in _Q_SAFE or octet == 0x20 else 3 for octet in data)
+    q_length = len(data) + 2 * len(data.translate(None, _Q_ONE_CHAR))  # "=XX" for the others
     if q_length <= (len(data) + 2) // 3 * 4:
+        if q_length <= _WORD_TEXT:  # one word: no character boundary to look for
+            return [_WORD_PREFIX_Q + "".join(map(_Q_TABLE.__getitem__, data)) + "?="]
         return _q_words(text)
+    if len(data) <= _B_CHUNK:
+        return [_b_word(data)]
     return _b_words(text)
 
 

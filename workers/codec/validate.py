@@ -37,6 +37,8 @@ MAX_CONTENT_DEPTH = 30
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext
 _PLAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _BREAKS = re.compile(r"[\r\n\x00]")
+# What no_breaks has to look at more closely: a break, or the start of an encoded-word.
+_BREAK_OR_WORD = re.compile(r"[\r\n\x00]|=\?")
 _RESTRICTED_NAME = r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+"
 _MEDIA_TYPE = re.compile(rf"\s*{_RESTRICTED_NAME}/{_RESTRICTED_NAME}\s*")
 
@@ -56,6 +58,8 @@ def _kind(value: object) -> str:
 
 
 def _expect(value: object, expected: type | tuple[type, ...], path: str, label: str) -> None:
+    if type(value) is expected:  # the common case, bool included
+        return
     if not isinstance(value, expected) or isinstance(value, bool) is not (expected is bool):
         raise SchemaError(path, f"expected {label}, got {_kind(value)}")
 
@@ -72,6 +76,10 @@ class _Rules:
         self.body_types: tuple[type, ...] = (bytes, str) if send else (bytes,)
         self.body_label = "bin or str" if send else "bin"
 
+    def plain(self, text: str) -> bool:
+        """True when no_breaks would accept ``text`` (always, for receive messages)."""
+        return not self.send or _plain_text(text)
+
     def header_name(self, name: object, path: str) -> str:
         _expect(name, str, path, "str header name")
         text = cast("str", name)
@@ -85,6 +93,23 @@ class _Rules:
         _expect(value, str, path, "str header value")
         if self.send:
             no_breaks(cast("str", value), path, "a header value")
+
+    def plain_field(self, name: object, value: object) -> bool:
+        """True when header_name and header_value would accept the field as it is.
+
+        Cheaper and without a path: a field it is unsure of gets the full checks.
+        """
+        return (
+            type(name) is str
+            and type(value) is str
+            and _FIELD_NAME.fullmatch(name) is not None  # ftext holds no CR, LF or NUL
+            and (not self.send or _plain_text(value))
+        )
+
+
+def _plain_text(text: str) -> bool:
+    """True when ``text`` has neither CR, LF, NUL nor an encoded-word: no_breaks accepts it."""
+    return _BREAK_OR_WORD.search(text) is None
 
 
 def no_breaks(text: str, path: str, what: str) -> None:
@@ -102,6 +127,8 @@ _RECEIVE = _Rules(send=False)
 def _headers(value: object, path: str, rules: _Rules) -> None:
     _expect(value, dict, path, "map")
     for name, text in cast("dict[object, object]", value).items():
+        if rules.plain_field(name, text):
+            continue
         field_path = _field_path(path, name) if isinstance(name, str) else path
         rules.header_name(name, field_path)
         rules.header_value(text, field_path)
@@ -123,7 +150,7 @@ def _addresses(message: dict[str, object], rules: _Rules) -> None:
     if "from" not in message:
         raise SchemaError("from", "missing spec key (nil for the null sender)")
     sender = message["from"]
-    if sender is not None:
+    if sender is not None and not (type(sender) is str and rules.plain(sender)):
         _expect(sender, str, "from", "str or nil")
         if rules.send:
             no_breaks(cast("str", sender), "from", "an envelope address")
@@ -134,6 +161,8 @@ def _addresses(message: dict[str, object], rules: _Rules) -> None:
     if not recipients:
         raise SchemaError("to", "at least one recipient is required")
     for index, recipient in enumerate(cast("list[object]", recipients)):
+        if type(recipient) is str and recipient and rules.plain(recipient):
+            continue
         _expect(recipient, str, f"to[{index}]", "str")
         if not recipient:
             raise SchemaError(f"to[{index}]", "empty address")
@@ -151,9 +180,10 @@ def _content(value: object, path: str, depth: int, rules: _Rules) -> None:
         _headers(content["headers"], f"{path}.headers", rules)
     if "filename" in content:
         filename = content["filename"]
-        _expect(filename, str, f"{path}.filename", "str")
-        if rules.send:
-            no_breaks(cast("str", filename), f"{path}.filename", "a filename")
+        if not (type(filename) is str and rules.plain(filename)):
+            _expect(filename, str, f"{path}.filename", "str")
+            if rules.send:
+                no_breaks(cast("str", filename), f"{path}.filename", "a filename")
     multipart = content_type.split(";", 1)[0].strip().lower().startswith("multipart/")
     if "parts" in content:
         _parts(content, path, depth, rules, multipart=multipart)
@@ -162,7 +192,8 @@ def _content(value: object, path: str, depth: int, rules: _Rules) -> None:
     if "body" in content:
         if "parts" in content:
             raise SchemaError(f"{path}.body", "a content object has either parts or a body")
-        _expect(content["body"], rules.body_types, f"{path}.body", rules.body_label)
+        if type(content["body"]) not in rules.body_types:
+            _expect(content["body"], rules.body_types, f"{path}.body", rules.body_label)
     elif not multipart:
         raise SchemaError(
             f"{path}.body", f"missing: a {content_type.split(';')[0]} part needs a body"
@@ -170,16 +201,18 @@ def _content(value: object, path: str, depth: int, rules: _Rules) -> None:
 
 
 def _content_type(content: dict[str, object], path: str, rules: _Rules) -> str:
-    type_path = f"{path}.content-type"
     if "content-type" not in content:
-        raise SchemaError(type_path, "missing spec key")
+        raise SchemaError(f"{path}.content-type", "missing spec key")
     value = content["content-type"]
-    _expect(value, str, type_path, "str")
+    if not (type(value) is str and rules.plain(value)):
+        _expect(value, str, f"{path}.content-type", "str")
+        if rules.send:
+            no_breaks(cast("str", value), f"{path}.content-type", "the content type")
     text = cast("str", value)
     if rules.send:
-        no_breaks(text, type_path, "the content type")
-        if _MEDIA_TYPE.fullmatch(text.split(";", 1)[0]) is None:
-            raise SchemaError(type_path, f"invalid media type {text.split(';', 1)[0]!r}")
+        media_type = text.split(";", 1)[0]
+        if _MEDIA_TYPE.fullmatch(media_type) is None:
+            raise SchemaError(f"{path}.content-type", f"invalid media type {media_type!r}")
     return text
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import msgpack
 
@@ -78,6 +78,30 @@ def unpack(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> dict[str, Any]:
 
 
 def _unpack_one(data: bytes, limits: WireLimits) -> object:
+    """The one value ``data`` holds, decoded within ``limits``.
+
+    ``unpackb`` is the fast path (no Unpacker object per entry).  Whatever it refuses,
+    trailing data included, is decoded again by :func:`_unpack_checked`, which alone
+    words the errors: both run the same C decoder with the same options.
+    """
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_refuse_ext,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except Exception:  # any refusal: the checked decoder finds it again and words it
+        return _unpack_checked(data, limits)
+
+
+def _unpack_checked(data: bytes, limits: WireLimits) -> object:
     unpacker = msgpack.Unpacker(
         raw=False,
         strict_map_key=True,
@@ -125,6 +149,40 @@ def _kind(value: object) -> str:
 
 def _check_nesting(root: dict[str, Any], max_depth: int) -> None:
     """Depth limit and str-only keys, checked iteratively (no recursion on hostile input)."""
+    if not _nesting_fits(root, max_depth):
+        _report_nesting(root, max_depth)
+
+
+def _nesting_fits(root: dict[str, Any], max_depth: int) -> bool:
+    """True when every key is a str and no container is deeper than ``max_depth``.
+
+    Walks level by level, so the depth is counted once per level rather than stored with
+    every container: the common case costs a few type checks per item.
+    """
+    level: list[object] = [root]
+    depth = 1
+    while level:
+        if depth > max_depth:
+            return False
+        below: list[object] = []
+        for value in level:
+            if type(value) is dict:
+                for key, item in value.items():
+                    if type(key) is not str:
+                        return False
+                    if type(item) is dict or type(item) is list:
+                        below.append(item)
+            else:
+                for item in cast("list[object]", value):
+                    if type(item) is dict or type(item) is list:
+                        below.append(item)
+        level = below
+        depth += 1
+    return True
+
+
+def _report_nesting(root: dict[str, Any], max_depth: int) -> None:
+    """Raise the error of :func:`_check_nesting`, found depth first (the order it reports)."""
     stack: list[tuple[object, int]] = [(root, 1)]
     while stack:
         value, depth = stack.pop()
