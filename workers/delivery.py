@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -96,14 +96,19 @@ class Prepared:
 
 # (prepared message, recipients to send to, owner of its message id here)
 Send = tuple[Prepared, list[str], bool]
+Settled = Callable[[oc.Settlement], None]  # called once Redis has applied the settlement
 
 
 class Settler:
-    """Group commit: settlements queued while one round trip is in flight go in the next."""
+    """Group commit: settlements queued while one round trip is in flight go in the next.
+
+    Each settlement comes with a callback, called once Redis has applied it (never when it
+    was not: the entry then stays pending).
+    """
 
     def __init__(self, outcomes: oc.Outcomes) -> None:
         self.outcomes = outcomes
-        self._queue: list[tuple[oc.Settlement, asyncio.Future[bool]]] = []
+        self._queue: list[tuple[oc.Settlement, Settled]] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -111,11 +116,9 @@ class Settler:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="settler")
 
-    def submit(self, settlement: oc.Settlement) -> asyncio.Future[bool]:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.append((settlement, future))
+    def submit(self, settlement: oc.Settlement, settled: Settled) -> None:
+        self._queue.append((settlement, settled))
         self._wake.set()
-        return future
 
     async def _run(self) -> None:
         while True:
@@ -130,7 +133,7 @@ class Settler:
             batch, self._queue = self._queue, []
             await self._apply(batch)
 
-    async def _apply(self, batch: list[tuple[oc.Settlement, asyncio.Future[bool]]]) -> None:
+    async def _apply(self, batch: list[tuple[oc.Settlement, Settled]]) -> None:
         """Apply a batch; retry what failed (Redis away, out of memory) until it is applied.
 
         An outcome is never dropped: the recipients it records were really sent, and an
@@ -145,11 +148,11 @@ class Settler:
             except (RedisError, OSError) as exc:
                 results = [RedisError(str(exc))] * len(batch)
             failed = []
-            for (settlement, future), result in zip(batch, results, strict=True):
+            for (settlement, settled), result in zip(batch, results, strict=True):
                 if isinstance(result, RedisError):
-                    failed.append((settlement, future))
+                    failed.append((settlement, settled))
                 else:
-                    future.set_result(result)
+                    settled(settlement)
             if failed:
                 errors = {str(r) for r in results if isinstance(r, RedisError)}
                 log.warning("settle_retry", errors=sorted(errors)[:3], settlements=len(failed))
@@ -344,17 +347,12 @@ class DeliveryWorker:
         if not held:
             self._held.discard(p.job.entry_id)
 
-    def _settle(self, settlement: oc.Settlement) -> asyncio.Future[bool]:
-        future = self.settler.submit(settlement)
+    def _settle(self, settlement: oc.Settlement) -> None:
+        self.settler.submit(settlement, self._settled)
 
-        def settled(done: asyncio.Future[bool]) -> None:
-            self._held.discard(settlement.entry_id)
-            self._settled_during_read.add(settlement.entry_id)
-            if not done.cancelled():
-                done.exception()  # failures are logged by the settler; mark them seen
-
-        future.add_done_callback(settled)
-        return future
+    def _settled(self, settlement: oc.Settlement) -> None:
+        self._held.discard(settlement.entry_id)
+        self._settled_during_read.add(settlement.entry_id)
 
     def _prepare_one(self, entry: StreamEntry) -> Prepared | None:
         if entry.fields is None:
@@ -397,8 +395,12 @@ class DeliveryWorker:
             self._let_go(p, owner=True)
             raise
         settlement = settle_attempt(p, result, p.job.attempts + 1, first_attempt, self.rng)
-        # The send slot is free now; the message id stays taken until its record is written.
-        self._settle(settlement).add_done_callback(lambda _: self._let_go(p, owner=True, held=True))
+
+        def settled(settlement: oc.Settlement) -> None:
+            self._settled(settlement)
+            self._let_go(p, owner=True, held=True)  # the message id was taken until now
+
+        self.settler.submit(settlement, settled)
 
     async def _wait_turn(self, p: Prepared, recipients: list[str]) -> list[str]:
         """Wait for the send of the same message id in hand here, then take the id and

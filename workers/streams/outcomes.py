@@ -154,14 +154,14 @@ class Settlement:
     events: list[Fields] = field(default_factory=list)
 
 
-def _pairs(fields: Fields) -> list[str | bytes | int | float]:
-    flat: list[str | bytes | int | float] = []
+def _pairs(fields: Fields) -> list[str | bytes | int]:
+    flat: list[str | bytes | int] = []
     for name, value in fields.items():
-        flat += [name, value]
+        flat += (name, repr(value) if isinstance(value, float) else value)
     return flat
 
 
-def _section(kind: str, fields: Fields, due: float = 0.0) -> list[str | bytes | int | float]:
+def _section(kind: str, fields: Fields, due: str = "0") -> list[str | bytes | int]:
     return [kind, len(fields), due, *_pairs(fields)]
 
 
@@ -221,23 +221,22 @@ class Outcomes:
                 results[i] = result
         return results
 
-    def _settle_command(self, s: Settlement, now: float) -> list[str | bytes | int]:
-        args: list[str | bytes | int | float] = [
+    def _settle_command(self, s: Settlement, now: str) -> list[str | bytes | int]:
+        """EVALSHA of SETTLE_LUA for one settlement (floats already written as text)."""
+        keys = self.keys
+        command: list[str | bytes | int] = [
+            "EVALSHA", self._settle.sha, 6, keys.send, keys.dead, keys.events,
+            keys.retry_schedule, keys.retry_payload(s.entry_id), keys.sent(s.message_id),
             self.group, s.entry_id, now, self.sent_ttl, self.events_maxlen, len(s.accepted),
             *s.accepted,
         ]  # fmt: skip
         for dead in s.dead_letters:
-            args += _section("dead", dead)
+            command += _section("dead", dead)
         if s.retry is not None:
-            args += _section("retry", s.retry.fields, s.retry.due)
+            command += _section("retry", s.retry.fields, repr(s.retry.due))
         for event in s.events:
-            args += _section("event", event)
-        keys = [
-            self.keys.send, self.keys.dead, self.keys.events, self.keys.retry_schedule,
-            self.keys.retry_payload(s.entry_id), self.keys.sent(s.message_id),
-        ]  # fmt: skip
-        command = ["EVALSHA", self._settle.sha, len(keys), *keys, *args]
-        return [repr(a) if isinstance(a, float) else a for a in command]
+            command += _section("event", event)
+        return command
 
     async def _settle_batch(
         self, settlements: Sequence[Settlement], now: float
@@ -247,9 +246,10 @@ class Outcomes:
         This is the per-message hot path: redis-py's pipeline (and its Script objects, which
         add a SCRIPT EXISTS round trip) cost more CPU than the send's own SMTP exchange.
         """
+        now_text = repr(now)
         packed = b"".join(
             # hiredis's stub declares a 1-tuple; it takes a tuple of any length
-            hiredis.pack_command(tuple(self._settle_command(s, now)))  # type: ignore[arg-type]
+            hiredis.pack_command(tuple(self._settle_command(s, now_text)))  # type: ignore[arg-type]
             for s in settlements
         )
         async with self._settle_lock:
