@@ -86,3 +86,19 @@ async def test_postfix_smtp_sink_hard_error_on_data(redis: aioredis.Redis, redis
         relay.close()
     [dead] = await stream_fields(redis, "email.send.dead")
     assert dead["reason"] == "rejected" and dead["smtp_code"].startswith("5")
+
+
+async def test_421_to_one_rcpt_defers_it_and_the_recipients_not_yet_asked(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """RCPT ann 250, bob 421 (the relay closes): bob and carl (never asked) are retried with
+    ann, none is lost, none is dead-lettered, each gets the message once."""
+    sink.refuse_rcpt("bob@example.com", "421 4.3.0 try later", times=1)
+    to = ["ann@example.com", "bob@example.com", "carl@example.com"]
+    await enqueue(redis, send_message(to, message_id="rcpt-421"))
+    async with running_worker(make_config(redis_url, sink.url)):
+        await wait_until(lambda: settled(redis))
+    assert [r.rcpt_tos for r in sink.received] == [tuple(to)]
+    assert [e["event"] for e in await events(redis)] == ["deferred", "delivered"]
+    assert sorted((await events(redis))[0]["recipients"]) == to
+    assert await redis.xlen("email.send.dead") == 0

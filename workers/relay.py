@@ -238,36 +238,41 @@ async def _transaction(
         result.rejected = dict.fromkeys(recipients, Reply(None, "relay does not offer SMTPUTF8"))
         return result, True
     encoding = "utf-8" if message.smtputf8 else "ascii"
-    stage_recipients: list[str] = list(recipients)  # who a failure at this point concerns
+    accepted: list[str] = []  # recipients the relay accepted in this transaction
+    index = 0  # recipients[index:] have no answer of their own yet
     try:
         sender = b"FROM:<" + message.mail_from.encode(encoding) + b">"
         reply = await smtp.execute_command(b"MAIL", sender, *_mail_options(smtp, message))
         if reply.code != 250:
             raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, message.mail_from)
-        stage_recipients = []
-        for rcpt in recipients:
-            reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
+        for index, rcpt in enumerate(recipients):  # noqa: B007 - the except clauses read it
+            try:
+                reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
+            except ValueError as exc:  # an address aiosmtplib will not put on a command line
+                result.rejected[rcpt] = Reply(None, f"unsendable address: {exc}")
+                continue
             if reply.code in (250, 251):
-                stage_recipients.append(rcpt)
+                accepted.append(rcpt)
+            elif reply.code == 421:  # the relay is closing the connection: nobody else now
+                raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
             else:
                 result.refuse([rcpt], Reply(reply.code, reply.message))
-        if not stage_recipients:
+        index = len(recipients)
+        if not accepted:
             return result, await _reset(smtp)
         reply = await _data(smtp, message.data)
     except aiosmtplib.SMTPResponseException as exc:
-        result.refuse(stage_recipients, _reply_of(exc))
+        result.refuse(accepted + list(recipients[index:]), _reply_of(exc))
         healthy = exc.code != 421 and smtp.is_connected and await _reset(smtp)
         return result, healthy
-    except (*CONNECTION_ERRORS, ValueError) as exc:
-        # ValueError: an address aiosmtplib will not put on a command line (or encode).
-        reply_of = _reply_of(exc)
-        if isinstance(exc, ValueError):
-            reply_of = Reply(None, f"unsendable address: {exc}")
-            result.rejected.update(dict.fromkeys(stage_recipients, reply_of))
-        else:
-            result.refuse(stage_recipients, reply_of)
+    except ValueError as exc:  # the sender: aiosmtplib will not put it on a command line
+        result.rejected.update(dict.fromkeys(recipients, Reply(None, f"unsendable address: {exc}")))
         return result, False
-    result.accepted = stage_recipients
+    except CONNECTION_ERRORS as exc:
+        # The connection failed: those accepted and those not yet asked are tried again.
+        result.refuse(accepted + list(recipients[index:]), _reply_of(exc))
+        return result, False
+    result.accepted = accepted
     result.accepted_reply = Reply(reply.code, reply.message)
     return result, True
 
