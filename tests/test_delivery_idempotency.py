@@ -5,9 +5,13 @@ in progress, waiting and dead are atomic."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
+import workers.delivery
+import workers.streams.outcomes
 from tests.delivery_util import (
     enqueue,
     events,
@@ -18,6 +22,7 @@ from tests.delivery_util import (
     wait_until,
 )
 from tests.sinks import RecordingSink
+from workers.streams.connection import connect
 from workers.streams.keys import StreamKeys
 from workers.streams.outcomes import OutcomeKeys, Outcomes, Retry, Settlement
 
@@ -105,3 +110,69 @@ async def test_settlement_survives_a_flushed_script_cache(redis: aioredis.Redis)
     assert await outcomes.settle([Settlement(entry_id, "m2", ["ann@example.com"])], 1.0) == [True]
     assert await redis.hgetall("mailpool:sent:m2") == {b"ann@example.com": b"1.0"}
     assert (await redis.xpending("email.send", "delivery"))["pending"] == 0
+
+
+async def test_settlements_after_an_idle_spell_survive_a_server_side_timeout(
+    redis: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis closes idle clients (``timeout``); the held settlement connection is checked
+    again after an idle spell, so the next settlement does not fail on a dead socket."""
+    monkeypatch.setattr(workers.streams.outcomes, "SETTLE_IDLE_CHECK", 0.5)
+    await redis.xgroup_create("email.send", "delivery", id="0", mkstream=True)
+    ids = [await enqueue(redis, send_message(message_id=f"idle{n}")) for n in range(2)]
+    await redis.xreadgroup("delivery", "a", {"email.send": ">"})
+    client = connect(redis_url)  # reconnects by itself, unlike the fixture's client
+    outcomes = outcomes_for(client)
+    await client.config_set("timeout", 1)
+    try:
+        assert await outcomes.settle([Settlement(ids[0], "idle0", ["ann@example.com"])], 1.0)
+        await asyncio.sleep(2.5)  # the server closes the idle settlement connection
+        assert await outcomes.settle([Settlement(ids[1], "idle1", ["ann@example.com"])], 2.0)
+        assert (await client.xpending("email.send", "delivery"))["pending"] == 0
+    finally:
+        await client.config_set("timeout", 0)
+        await outcomes.aclose()
+        await client.aclose()
+
+
+async def test_entries_with_the_same_id_wait_their_turn_and_each_recipient_gets_one_copy(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """Many entries with one id in one batch, fewer lanes than entries: the owner goes first
+    (the lanes take entries in order), the others wait for its record, none deadlocks."""
+    for rcpt in ["a@example.com", "b@example.com", "a@example.com", "c@example.com"] * 3:
+        await enqueue(redis, send_message([rcpt], message_id="same"))
+    await enqueue(redis, send_message(["z@example.com"], message_id="other"))
+    async with running_worker(make_config(redis_url, sink.url, concurrency=2)):
+        await wait_until(lambda: settled(redis), timeout=10)
+    got = sorted(r for received in sink.received for r in received.rcpt_tos)
+    assert got == ["a@example.com", "b@example.com", "c@example.com", "z@example.com"]
+
+
+async def test_a_crash_after_a_send_gives_back_the_message_id(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug after the send of an entry that had waited for its message id: the lane
+    survives, the entry stays pending, and later entries with that id are not blocked."""
+    real = workers.delivery.settle_attempt
+    crashed: list[str] = []
+
+    def crash_once(p: Any, *args: Any, **kwargs: Any) -> Any:
+        if p.built.recipients == ["b@example.com"] and not crashed:
+            crashed.append(p.job.entry_id)
+            raise RuntimeError("injected bug")
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(workers.delivery, "settle_attempt", crash_once)
+    for rcpt in ["a@example.com", "b@example.com", "c@example.com"]:
+        await enqueue(redis, send_message([rcpt], message_id="crash"))
+
+    async def all_three() -> bool:
+        return len(sink.received) >= 3
+
+    async with running_worker(make_config(redis_url, sink.url, concurrency=3)):
+        await wait_until(all_three, timeout=10)
+    assert crashed
+    assert sorted(r for received in sink.received for r in received.rcpt_tos) == [
+        "a@example.com", "b@example.com", "c@example.com",
+    ]  # fmt: skip

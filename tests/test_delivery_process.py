@@ -17,6 +17,8 @@ import redis.asyncio as aioredis
 from tests.delivery_util import (
     enqueue,
     events,
+    make_config,
+    running_worker,
     send_message,
     settled,
     terminate,
@@ -66,6 +68,23 @@ async def test_sigterm_finishes_sends_in_flight_and_leaves_the_rest_pending(
     finally:
         assert terminate(worker) == 0
     assert sorted(r.rcpt_tos[0] for r in sink.received) == [f"u{n}@example.com" for n in range(6)]
+
+
+async def test_an_entry_waiting_for_its_message_id_is_not_started_after_stop(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """Two entries with one message id: the second waits for the first's record. A stop
+    while the first is in flight leaves the second pending instead of starting its send."""
+    sink.stall_data = 1.0
+    await enqueue(redis, send_message(["ann@example.com"], message_id="dup"))
+    await enqueue(redis, send_message(["bob@example.com"], message_id="dup"))
+    config = make_config(redis_url, sink.url, concurrency=2, smtp_timeout=3.0, claim_after=30.0)
+    async with running_worker(config) as stop:
+        await asyncio.to_thread(sink.data_arrived.wait, 5)
+        stop.set()
+    await asyncio.sleep(1.5)  # a send started after the stop would reach the sink by now
+    assert [r.rcpt_tos for r in sink.received] == [("ann@example.com",)]
+    assert await _pending(redis) == 1  # bob's entry, for another worker
 
 
 async def test_kill_9_mid_batch_loses_nothing(

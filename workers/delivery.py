@@ -263,7 +263,7 @@ class DeliveryWorker:
                     await self._send(p, recipients, owner)
             except Exception:  # a bug must not take a lane down; the entry stays pending
                 log.exception("send_crashed", entry=p.job.entry_id)
-                self._let_go(p, owner)
+                self._let_go(p, owner=False)  # _send gave back the message id it held
             finally:
                 self._unfinished -= 1
                 if self._unfinished <= self.config.concurrency:
@@ -398,14 +398,18 @@ class DeliveryWorker:
             recipients = await self._wait_turn(p, recipients)
             if not recipients:
                 return
+        # This entry holds its message id now: every way out below must give it back.
+        if self._stop.is_set():  # stopped while it waited its turn: not started
+            self._let_go(p, owner=True)
+            return
         try:
             first_attempt = p.job.first_attempt or time.time()
             with DELIVERY_IN_FLIGHT.track_inprogress(), DELIVERY_SMTP.time():
                 result = await self.transport.send(p.built, recipients)
-        except BaseException:  # cancelled at stop: no outcome, the entry stays pending
+            settlement = settle_attempt(p, result, p.job.attempts + 1, first_attempt, self.rng)
+        except BaseException:  # cancelled at stop (or a bug): no outcome, the entry stays pending
             self._let_go(p, owner=True)
             raise
-        settlement = settle_attempt(p, result, p.job.attempts + 1, first_attempt, self.rng)
 
         def settled(settlement: oc.Settlement) -> None:
             self._settled(settlement)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,6 +32,7 @@ from typing import Protocol
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from workers.streams.keys import StreamKeys
@@ -47,6 +49,8 @@ FIELD_RECIPIENTS = "recipients"  # JSON array: the recipients still to send to
 FIELD_REPLAY_OF = "replay_of"  # the dead-letter entry id a replay came from
 
 Fields = Mapping[str, str | bytes | int | float]
+
+SETTLE_IDLE_CHECK = 5.0  # seconds idle after which the settlement connection is re-checked
 
 # KEYS: 1 send stream, 2 dead stream, 3 events stream, 4 retry schedule, 5 retry payload hash,
 #       6 sent hash
@@ -187,6 +191,7 @@ class Outcomes:
         # Settlements keep one connection: a pool checkout per round trip (lock, liveness
         # probe, bookkeeping) costs as much CPU as the settlement's own Python work.
         self._settle_connection: AbstractConnection | None = None
+        self._settle_used = 0.0  # monotonic time of its last round trip
         self._settle_lock = asyncio.Lock()
 
     async def already_sent(self, wanted: Sequence[tuple[str, Sequence[str]]]) -> list[set[str]]:
@@ -253,11 +258,7 @@ class Outcomes:
             for s in settlements
         )
         async with self._settle_lock:
-            connection = self._settle_connection
-            if connection is None:
-                pool = self.redis.connection_pool
-                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-                self._settle_connection = connection
+            connection = await self._held_connection()
             try:
                 await connection.send_packed_command(packed)
                 results: list[bool | RedisError] = []
@@ -270,6 +271,26 @@ class Outcomes:
             except BaseException:
                 await self._drop_settle_connection()  # replies may be left unread on it
                 raise
+
+    async def _held_connection(self) -> AbstractConnection:
+        """The settlement connection, checked after an idle spell: the server may have closed
+        it meanwhile (Redis ``timeout``), which the pool's checkout does not notice while
+        redis-py's maintenance notifications are on."""
+        now = time.monotonic()
+        connection = self._settle_connection
+        if connection is None:
+            pool = self.redis.connection_pool
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            self._settle_connection = connection
+        elif now - self._settle_used > SETTLE_IDLE_CHECK:
+            try:
+                stale = await connection.can_read()  # at EOF, or holding stray data
+            except RedisConnectionError:
+                stale = True
+            if stale:
+                await connection.disconnect()  # the next command connects again
+        self._settle_used = now
+        return connection
 
     async def _drop_settle_connection(self) -> None:
         connection, self._settle_connection = self._settle_connection, None
