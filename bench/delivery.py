@@ -287,6 +287,14 @@ def summary(results: list[Result]) -> None:
                 f"ratio worker/{base}: {worker[0] / rates[0]:.2f} (msg/s)  "
                 f"{worker[1] / rates[1]:.2f} (msg per CPU-s)"
             )
+    # Each round's sides run back to back: their ratio is immune to the machine's drift
+    # between rounds, which the ratio of medians is not.
+    raw = [r for r in results if r.side == "raw"]
+    worker_rounds = [r for r in results if r.side == "worker"]
+    paired = [w.rate / r.rate for r, w in zip(raw, worker_rounds, strict=False)]
+    if paired:
+        rounds = " ".join(f"{ratio:.2f}" for ratio in paired)
+        print(f"worker/raw per round: {rounds} (median {statistics.median(paired):.2f})")
 
 
 async def bench(args: argparse.Namespace, workdir: Path) -> None:

@@ -112,6 +112,9 @@ def delivery_rows(output: str) -> list[Row]:
     if not match:
         return [Row("delivery worker/raw", "?", "no ratio in bench/delivery.py output")]
     note = f"{rates.get('worker', '?')} vs raw aiosmtplib sendmail {rates.get('raw', '?')} msg/s"
+    rounds = re.search(r"worker/raw per round: (.*)", output)
+    if rounds:
+        note += f"; per round {rounds.group(1)}"
     rows = [
         Row("delivery worker/raw", f"{match.group(1)}x", f"{note}; per CPU-s {match.group(2)}x")
     ]
