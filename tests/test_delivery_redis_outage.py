@@ -4,8 +4,12 @@ carries on when Redis is back (settlements are retried, never dropped)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
+import pytest
+
+import workers.delivery
 from tests.delivery_util import (
     enqueue,
     make_config,
@@ -38,6 +42,39 @@ async def test_redis_restart_mid_stream(make_redis: Callable[..., RedisServer]) 
         assert {rcpt for _, rcpt in counts} == {f"u{n}@example.com" for n in range(40)}
         assert max(counts.values()) == 1
         assert await client.xlen("email.send.dead") == 0
+    finally:
+        sink.stop()
+        await client.aclose()
+
+
+async def test_a_stop_with_redis_gone_ends_within_its_budget(
+    make_redis: Callable[..., RedisServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis gone at SIGTERM: the outcomes of finished sends cannot be written; after the
+    drain the worker gives them FLUSH_CAP, not another --shutdown-grace, so it stops within
+    the pod's grace period (the entries stay pending and are redelivered)."""
+    monkeypatch.setattr(workers.delivery, "FLUSH_CAP", 1.0)
+    server = make_redis()
+    sink = RecordingSink()
+    sink.stall_data = 0.5
+    sink.start()
+    client = connect(server.url)
+    try:
+        for n in range(8):
+            await enqueue(client, send_message([f"u{n}@example.com"], message_id=f"s{n}"))
+        config = make_config(
+            server.url, sink.url, concurrency=4, shutdown_grace=4.0, smtp_timeout=3.0,
+            claim_after=10.0,
+        )  # fmt: skip
+        stopped_at = 0.0
+        async with running_worker(config) as stop:
+            await asyncio.to_thread(sink.data_arrived.wait, 5)
+            server.stop()
+            stopped_at = time.monotonic()
+            stop.set()
+        # the drain ends when the stalled sends do (0.5 s), then the flush gives up (1 s)
+        assert time.monotonic() - stopped_at < sink.stall_data + 1.0 + 1.5
+        assert sink.received  # sends in flight finished against the relay
     finally:
         sink.stop()
         await client.aclose()

@@ -31,8 +31,15 @@ kubernetes_validate = pytest.importorskip(
 )
 from kubernetes_validate.utils import SchemaNotFoundError  # noqa: E402
 
+import workers.delivery  # noqa: E402
 from workers import cli  # noqa: E402
-from workers.config import CommonConfig, env_name, from_arguments, parse_host_port  # noqa: E402
+from workers.config import (  # noqa: E402
+    CommonConfig,
+    DeliveryConfig,
+    env_name,
+    from_arguments,
+    parse_host_port,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -522,6 +529,8 @@ def test_termination_grace_covers_prestop_and_drain(rendered: list[dict[str, Any
         cls = config_class(role_of(container))
         config = from_arguments(cls, argparse.Namespace(), container_env(rendered, container))
         drain = float(getattr(config, "shutdown_grace", 0.0))
+        if isinstance(config, DeliveryConfig):  # then outcomes flushed, connections closed
+            drain += workers.delivery.FLUSH_CAP + 1.0
         grace = pod["terminationGracePeriodSeconds"]
         # SIGKILL comes terminationGracePeriodSeconds after the preStop hook starts.
         assert grace > prestop_seconds(container) + drain, deployment["metadata"]["name"]

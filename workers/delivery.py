@@ -51,6 +51,9 @@ log = structlog.get_logger("mailpool.delivery")
 
 READ_BLOCK = 0.5  # seconds an idle XREADGROUP waits: also how fast an idle worker stops
 REDIS_BACKOFF_CAP = 5.0
+# Seconds the outcomes of finished sends may take to reach Redis at stop, after the drain:
+# shutdown grace + this + closing connections (1 s) stays inside the pod's grace period.
+FLUSH_CAP = 10.0
 
 
 @dataclass(slots=True)  # not frozen: built per message, and frozen __init__ costs 2x
@@ -118,6 +121,7 @@ class Settler:
         self._queue: list[tuple[oc.Settlement, Settled]] = []
         self._wake = asyncio.Event()
         self._closing = False
+        self._applying = 0  # settlements in the round trip under way
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -138,7 +142,9 @@ class Settler:
                 await asyncio.sleep(0)
                 continue
             batch, self._queue = self._queue, []
+            self._applying = len(batch)
             await self._apply(batch)
+            self._applying = 0
 
     async def _apply(self, batch: list[tuple[oc.Settlement, Settled]]) -> None:
         """Apply a batch; retry what failed (Redis away, out of memory) until it is applied.
@@ -177,7 +183,7 @@ class Settler:
             await asyncio.wait_for(self._task, grace)
         except TimeoutError:
             # Those entries stay pending; recipients they record as sent may be sent again.
-            log.error("settlements_lost_at_stop", count=len(self._queue))
+            log.error("settlements_lost_at_stop", count=len(self._queue) + self._applying)
 
 
 class DeliveryWorker:
@@ -249,7 +255,7 @@ class DeliveryWorker:
             promoter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await promoter
-            await self.settler.close(grace=max(self.config.shutdown_grace, 1.0))
+            await self.settler.close(grace=min(max(self.config.shutdown_grace, 1.0), FLUSH_CAP))
             await self.transport.aclose()
 
     async def _lane(self) -> None:
