@@ -51,7 +51,7 @@ import aiosmtplib  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
 from tests.harness import RedisServer, free_port, wait_for_port  # noqa: E402
-from workers.codec.build import build_message  # noqa: E402
+from workers.codec.build import BuiltMessage, build_message  # noqa: E402
 from workers.codec.types import SendMessage  # noqa: E402
 from workers.codec.wire import pack  # noqa: E402
 from workers.config import DeliveryConfig  # noqa: E402
@@ -136,51 +136,42 @@ async def wait_for_sink(sink: SmtpSink, expected: int) -> None:
         raise SystemExit(f"smtp-sink counted {sink.messages()} messages, expected {expected}")
 
 
-async def run_raw(sink: SmtpSink, messages: list[SendMessage], concurrency: int) -> Result:
-    built = [build_message(m, default_id=f"raw-{n}") for n, m in enumerate(messages)]
-    before = sink.messages()
-    queue = list(reversed(built))
-
-    async def connection() -> None:
-        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False)
-        await smtp.connect()
-        while queue:
-            message = queue.pop()
-            await smtp.sendmail(message.mail_from, message.recipients, message.data)
-        await smtp.quit()
-
-    started, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(connection() for _ in range(concurrency)))
-    elapsed, cpu_used = time.perf_counter() - started, time.process_time() - cpu
-    await wait_for_sink(sink, before + len(messages))
-    return Result("raw", len(messages), elapsed, cpu_used)
+SendOne = Callable[[aiosmtplib.SMTP, BuiltMessage], Awaitable[None]]
 
 
-async def run_raw_transaction(
-    sink: SmtpSink, messages: list[SendMessage], concurrency: int
-) -> Result:
+async def with_sendmail(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> None:
+    await smtp.sendmail(message.mail_from, message.recipients, message.data)
+
+
+async def with_own_transaction(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> None:
     from workers.relay import _greet, _transaction
 
-    built = [build_message(m, default_id=f"rawtx-{n}") for n, m in enumerate(messages)]
+    await _greet(smtp)  # once per connection: a no-op after the first message
+    result, _ = await _transaction(smtp, message, message.recipients)
+    if not result.accepted:
+        raise SystemExit(f"rawtx: not accepted: {result}")
+
+
+async def run_baseline(
+    side: str, send_one: SendOne, sink: SmtpSink, messages: list[SendMessage], concurrency: int
+) -> Result:
+    """Pre-built messages over ``concurrency`` persistent connections, no Redis."""
+    built = [build_message(m, default_id=f"{side}-{n}") for n, m in enumerate(messages)]
     before = sink.messages()
     queue = list(reversed(built))
 
     async def connection() -> None:
         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False)
         await smtp.connect()
-        await _greet(smtp)
         while queue:
-            message = queue.pop()
-            result, _ = await _transaction(smtp, message, message.recipients)
-            if not result.accepted:
-                raise SystemExit(f"rawtx: not accepted: {result}")
+            await send_one(smtp, queue.pop())
         await smtp.quit()
 
     started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(connection() for _ in range(concurrency)))
     elapsed, cpu_used = time.perf_counter() - started, time.process_time() - cpu
     await wait_for_sink(sink, before + len(messages))
-    return Result("rawtx", len(messages), elapsed, cpu_used)
+    return Result(side, len(messages), elapsed, cpu_used)
 
 
 async def drained(redis: aioredis.Redis, stream: str, group: str, total: int) -> bool:
@@ -311,8 +302,10 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
             flush=True,
         )
         sides: dict[str, Callable[[list[SendMessage]], Awaitable[Result]]] = {
-            "raw": lambda m: run_raw(sink, m, args.concurrency),
-            "rawtx": lambda m: run_raw_transaction(sink, m, args.concurrency),
+            "raw": lambda m: run_baseline("raw", with_sendmail, sink, m, args.concurrency),
+            "rawtx": lambda m: run_baseline(
+                "rawtx", with_own_transaction, sink, m, args.concurrency
+            ),
             "worker": lambda m: run_worker(sink, server, m, args.concurrency),
         }
         order = ["raw", "rawtx"] if args.raw_only else ["raw", "rawtx", "worker"]
