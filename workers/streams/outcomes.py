@@ -269,7 +269,7 @@ class Outcomes:
                         results.append(exc)
                 return results
             except BaseException:
-                await self._drop_settle_connection()  # replies may be left unread on it
+                await self._give_back(disconnect=True)  # replies may be left unread on it
                 raise
 
     async def _held_connection(self) -> AbstractConnection:
@@ -292,18 +292,17 @@ class Outcomes:
         self._settle_used = now
         return connection
 
-    async def _drop_settle_connection(self) -> None:
+    async def _give_back(self, *, disconnect: bool) -> None:
         connection, self._settle_connection = self._settle_connection, None
         if connection is not None:
-            await connection.disconnect()
+            if disconnect:
+                await connection.disconnect()
             await self.redis.connection_pool.release(connection)
 
     async def aclose(self) -> None:
         """Give the settlement connection back to the pool."""
         async with self._settle_lock:
-            connection, self._settle_connection = self._settle_connection, None
-            if connection is not None:
-                await self.redis.connection_pool.release(connection)
+            await self._give_back(disconnect=False)
 
     async def promote_due(self, now: float, limit: int = 100) -> int:
         """Move retries due by ``now`` back into the send stream; returns how many."""
