@@ -4,15 +4,25 @@ It listens on a free loopback port, keeps its data (AOF, fsync every second) in 
 data directory and is stopped when the pool stops.  Its URL is written to
 ``<data dir>/redis.url`` so that ``mailpool send/listen/status`` started without
 ``--redis-url`` in the same directory talk to the same pool.
+
+The server runs in a session (and process group) of its own: Ctrl-C in a terminal signals the
+whole foreground group, and the pool needs its Redis until ingest and delivery have drained,
+so only the pool stops it, last.  On Linux it also gets SIGTERM (and so flushes its AOF and
+exits) when the pool dies without stopping it, e.g. after ``kill -9``: the parent-death
+signal of ``prctl(2)``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import os
 import shutil
+import signal
 import socket
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -24,6 +34,27 @@ from workers.streams.connection import EMBEDDED_URL_FILE
 log = structlog.get_logger("mailpool.embedded")
 
 START_TIMEOUT = 10.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _terminate_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks Linux to send the child SIGTERM when its parent dies.
+
+    The libc function is looked up here, before the fork: the child between fork and exec
+    should do as little as possible.  If the parent died before the request was made, the
+    child has been re-parented already and exits instead of serving an orphaned pool.
+    """
+    if not sys.platform.startswith("linux"):
+        return None  # elsewhere the server outlives a pool killed with SIGKILL
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def request_parent_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return request_parent_death_signal
 
 
 def _free_loopback_port() -> int:
@@ -77,6 +108,7 @@ async def embedded_redis(data_dir: Path) -> AsyncIterator[str]:
         "--maxmemory-policy", "noeviction", "--daemonize", "no",
         "--logfile", str((redis_dir / "redis.log").resolve()),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True, preexec_fn=_terminate_with_parent(),
     )  # fmt: skip
     try:
         await _wait_until_up(url, process)
