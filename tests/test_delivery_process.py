@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -179,7 +180,7 @@ def _packed(n: int) -> bytes:
 def test_subprocess_helper_runs_the_real_cli(redis_url: str, sink: RecordingSink) -> None:
     """Bad configuration: one line on stderr, exit status 2 (no traceback)."""
     result = subprocess.run(
-        ["python", "-m", "workers", "deliver", "--redis-url", redis_url, "--relay", "ftp://x"],
+        [sys.executable, "-m", "workers", "deliver", "--redis-url", redis_url, "--relay", "ftp://x"],
         capture_output=True, timeout=30, check=False,
     )  # fmt: skip
     assert result.returncode == 2
