@@ -75,7 +75,8 @@ def test_passwords_are_hashes_of_the_documented_examples() -> None:
 
 def test_secret_template_matches_the_acl_users() -> None:
     """The example deploys as is: each Deployment's user and password exist in the ACL."""
-    yaml = pytest.importorskip("yaml", reason="PyYAML is a dev dependency")
+    import yaml
+
     secret = yaml.safe_load((BASE / "secret.yaml").read_text())["stringData"]
     rules = acl_rules()
     checked = 0
@@ -395,7 +396,8 @@ async def as_role(acl_server: RedisServer, admin: redis.Redis) -> AsyncIterator[
 
 
 async def test_producer_enqueues_a_send(as_role: Any, admin: redis.Redis) -> None:
-    producer = pytest.importorskip("workers.producer")
+    from workers import producer
+
     entry_id = await producer.enqueue_send(
         as_role("producer"), from_="a@example.org", to="b@example.org", subject="hi", text="x"
     )
@@ -421,7 +423,7 @@ async def test_listener_reads_claims_releases_and_acks(as_role: Any, admin: redi
 
 
 async def test_ingest_accepts_mail_as_its_user(acl_server: RedisServer, admin: redis.Redis) -> None:
-    ingest = pytest.importorskip("workers.ingest")
+    from workers import ingest
     from workers.config import IngestConfig
 
     config = IngestConfig(redis_url=role_url(acl_server, "ingest"), listen="127.0.0.1:0")
@@ -505,9 +507,9 @@ async def test_delivery_worker_runs_as_its_user(
     acl_server: RedisServer, admin: redis.Redis, tmp_path: Path
 ) -> None:
     """The whole delivery role (group, read, send, settle, dead letter, events) as `delivery`."""
-    delivery = pytest.importorskip("workers.delivery")
     import msgpack
 
+    from workers import delivery
     from workers.config import DeliveryConfig
 
     admin.delete("email.send")  # the fixture's entry is not a send message
@@ -549,7 +551,8 @@ async def test_delivery_worker_runs_as_its_user(
 async def test_operator_lists_replays_and_purges_dead_letters(
     as_role: Any, admin: redis.Redis, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    deadletters = pytest.importorskip("workers.deadletters")
+    from workers import deadletters
+
     operator = as_role("operator")
     keys = StreamKeys()
     rejected = admin.xadd("email.send.dead", {"data": b"d2", "reason": "rejected"}).decode()

