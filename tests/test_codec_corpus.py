@@ -14,16 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.corpus_util import (
-    CORPUS_DIR,
+    CORPUS_MISSING,
     compare_with_stdlib,
     corpus_files,
     validate_if_available,
 )
 from workers.codec.parse import parse_message
-
-pytestmark = pytest.mark.skipif(
-    not corpus_files(), reason=f"CPython email test corpus not installed at {CORPUS_DIR}"
-)
 
 # Documented differences from the stdlib, each justified:
 # msg_15.txt: an inner multipart/alternative reuses its parent's boundary, so it never sees
@@ -66,7 +62,7 @@ def test_corpus_message_is_schema_valid(path: Path) -> None:
 
 def test_corpus_is_present_and_complete() -> None:
     # The issue names this corpus; a silently empty glob would make the tests above vacuous.
-    assert len(corpus_files()) >= 40
+    assert len(corpus_files()) >= 40, CORPUS_MISSING
 
 
 def generated_messages() -> dict[str, bytes]:
