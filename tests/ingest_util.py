@@ -166,20 +166,30 @@ async def entries(redis: aioredis.Redis, stream: str = STREAM) -> list[tuple[str
     return found
 
 
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1 (cert.pem, key.pem)."""
+def make_certificate(
+    directory: Path, *, issuer: tuple[Path, Path] | None = None, ca: bool = False
+) -> tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1 (cert.pem, key.pem): self-signed, or signed
+    by ``issuer`` (the cert.pem, key.pem of a certificate made with ``ca=True``)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    common_name = "mailpool test CA" if ca else "localhost"
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    signer_name, signer_key = name, key
+    if issuer is not None:
+        signer_name = x509.load_pem_x509_certificate(issuer[0].read_bytes()).subject
+        signer_key = serialization.load_pem_private_key(issuer[1].read_bytes(), None)  # type: ignore[assignment]
     now = datetime.datetime.now(datetime.UTC)
+    builder = x509.CertificateBuilder()
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        builder.subject_name(name)
+        .issuer_name(signer_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -190,7 +200,7 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
             ),
             critical=False,
         )
-        .sign(key, hashes.SHA256())
+        .sign(signer_key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"

@@ -1,5 +1,6 @@
-"""Relay security: STARTTLS (auto / require / off), implicit TLS (smtps://) and AUTH with
-credentials from the URL or from --relay-user/--relay-password."""
+"""Relay security: STARTTLS (auto / require / off), implicit TLS (smtps://), a relay whose
+certificate a private CA signed (--tls-ca-file) and AUTH with credentials from the URL or
+from --relay-user/--relay-password."""
 
 from __future__ import annotations
 
@@ -120,6 +121,29 @@ async def test_certificate_verification_is_on_by_default(
     async with running_worker(make_config(redis_url, relay)):
         await wait_until(lambda: _has_deferred(redis))
     assert tls_sink.received == []
+
+
+@pytest.mark.parametrize("implicit_tls", [False, True], ids=["starttls", "smtps"])
+async def test_relay_signed_by_a_private_ca_is_trusted_with_tls_ca_file(
+    redis: aioredis.Redis, redis_url: str, tmp_path: Path, implicit_tls: bool
+) -> None:
+    """Not trusted by the system's CAs (deferred, nothing sent); trusted, and verified with
+    its host name, once the worker is given the CA's certificate."""
+    private_ca = make_certificate(tmp_path / "ca", ca=True)
+    relay_certificate = make_certificate(tmp_path / "relay", issuer=private_ca)
+    sink = RecordingSink(certificate=relay_certificate, implicit_tls=implicit_tls).start()
+    relay = f"smtps://127.0.0.1:{sink.port}" if implicit_tls else sink.url
+    try:
+        await enqueue(redis, send_message(["ann@example.com"]))
+        async with running_worker(make_config(redis_url, relay, starttls="require")):
+            await wait_until(lambda: _has_deferred(redis))
+        assert sink.received == []
+        config = make_config(redis_url, relay, starttls="require", tls_ca_file=str(private_ca[0]))
+        async with running_worker(config):
+            await wait_until(lambda: settled(redis))
+        assert [r.tls for r in sink.received] == [True]
+    finally:
+        sink.stop()
 
 
 async def _has_deferred(redis: aioredis.Redis) -> bool:

@@ -13,8 +13,10 @@ import argparse
 import dataclasses
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
@@ -23,6 +25,11 @@ ENV_PREFIX = "MAILPOOL_"
 
 class ConfigError(ValueError):
     """Bad configuration: the command stops at start with this one-line message."""
+
+
+class Unavailable(RuntimeError):
+    """A service the command needs cannot be used (Redis down, or not Redis at that URL):
+    the command stops with this one-line message and exit status 1."""
 
 
 def option(
@@ -268,6 +275,63 @@ class IngestConfig(CommonConfig):
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
 
 
+def maildir_path(relay: str) -> str:
+    """The directory of a ``maildir:PATH`` (or ``maildir://PATH``) relay."""
+    return relay.removeprefix("maildir:").removeprefix("//")
+
+
+def check_relay(relay: str) -> None:
+    """Refuse at start what the transport could never use (one line, exit status 2)."""
+    scheme, colon, _ = relay.partition(":")
+    if scheme == "maildir" and colon:
+        _check_maildir(maildir_path(relay))
+    elif scheme == "maildir":
+        raise ConfigError("--relay: maildir needs a path: maildir:PATH")
+    elif scheme in {"smtp", "smtps"}:
+        _check_smtp_relay(relay)
+    else:
+        raise ConfigError(f"--relay: unknown scheme {scheme!r} (smtp, smtps or maildir)")
+
+
+def _check_smtp_relay(relay: str) -> None:
+    url = urlsplit(relay)
+    shown = mask_url_password(relay)
+    if not url.hostname:
+        raise ConfigError(f"--relay: no host in {shown!r} (smtp://host:port)")
+    try:
+        port = url.port
+    except ValueError:
+        port = -1
+    if port is not None and not 0 < port <= 65535:
+        raise ConfigError(f"--relay: bad port in {shown!r} (1 to 65535)")
+
+
+def _check_maildir(path: str) -> None:
+    """The transport creates the maildir itself (tmp, new, cur) and nothing above it, so
+    that a mistyped path fails here instead of growing a directory tree somewhere."""
+    if not path:
+        raise ConfigError("--relay: maildir needs a path: maildir:PATH")
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--relay maildir:{root}: not a directory")
+    if not root.exists() and not root.parent.is_dir():
+        raise ConfigError(
+            f"--relay maildir:{root}: its parent directory does not exist ({root.parent}); "
+            "create it or correct the path"
+        )
+
+
+def _check_ca_file(path: str, *, verify: bool) -> None:
+    """Loaded once here so that a missing, unreadable or non-PEM file stops the start."""
+    if not verify:
+        raise ConfigError("--tls-ca-file and --no-tls-verify contradict each other: give one")
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"--tls-ca-file {path}: {reason}") from None
+
+
 @dataclass
 class DeliveryConfig(CommonConfig):
     """``mailpool deliver``: the delivery role."""
@@ -279,6 +343,9 @@ class DeliveryConfig(CommonConfig):
     )
     starttls: str = option("auto", "STARTTLS on smtp:// relays: auto (when offered), require, off")
     tls_verify: bool = option(True, "verify the relay's TLS certificate")
+    tls_ca_file: str | None = option(
+        None, "PEM file of the CA certificates to verify the relay with, instead of the system's"
+    )
     group: str = option("delivery", "consumer group on the send stream")
     consumer: str = option(
         default_consumer_name(), "consumer name in the group (unique per worker)"
@@ -310,9 +377,9 @@ class DeliveryConfig(CommonConfig):
             raise ConfigError(
                 "--relay is required (smtp://host:port, smtps://host:port or maildir:PATH)"
             )
-        scheme = self.relay.partition(":")[0]
-        if scheme not in {"smtp", "smtps", "maildir"}:
-            raise ConfigError(f"--relay: unknown scheme {scheme!r} (smtp, smtps or maildir)")
+        check_relay(self.relay)
+        if self.tls_ca_file:  # an empty MAILPOOL_TLS_CA_FILE means none
+            _check_ca_file(self.tls_ca_file, verify=self.tls_verify)
         if self.starttls not in {"auto", "require", "off"}:
             raise ConfigError(f"--starttls: {self.starttls!r} is not auto, require or off")
         if self.http:

@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from workers import delivery, housekeeping, ingest
-from workers.config import DeliveryConfig, IngestConfig, option
+from workers.config import ConfigError, DeliveryConfig, IngestConfig, option
 from workers.embedded import embedded_redis
 from workers.health import serving_health
 from workers.housekeeping import HousekeepConfig
@@ -39,8 +39,18 @@ class RunConfig(IngestConfig, DeliveryConfig, HousekeepConfig):
 
     def validate(self) -> None:
         if self.relay is None:
-            self.relay = f"maildir:{Path(self.data_dir).resolve() / 'maildir'}"
+            self.relay = f"maildir:{self._own_data_dir() / 'maildir'}"
         super().validate()
+
+    def _own_data_dir(self) -> Path:
+        """The data directory, made if missing: it is the pool's own (a fresh clone has no
+        ``.mailpool`` yet), unlike the parent of a ``--relay maildir:PATH``."""
+        path = Path(self.data_dir).resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--data-dir {path}: {exc.strerror or exc}") from None
+        return path
 
 
 @contextlib.asynccontextmanager

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ import aiosmtplib
 import structlog
 
 from workers.codec.build import BuiltMessage
-from workers.config import ConfigError, DeliveryConfig
+from workers.config import ConfigError, DeliveryConfig, maildir_path
 
 log = structlog.get_logger("mailpool.relay")
 
@@ -70,6 +71,7 @@ class RelaySettings:
     implicit_tls: bool  # smtps://
     starttls: bool | None  # None: when offered (auto), True: require, False: off
     verify: bool
+    ca_file: str | None  # verify against these CAs instead of the system's
     username: str | None
     password: str | None
     local_hostname: str
@@ -77,21 +79,17 @@ class RelaySettings:
 
     @classmethod
     def from_config(cls, config: DeliveryConfig) -> RelaySettings:
+        """Settings of a validated config (``check_relay`` made sure of host and port)."""
         url = urlsplit(config.relay or "")
         implicit_tls = url.scheme == "smtps"
-        if not url.hostname:
-            raise ConfigError(f"--relay: no host in {config.relay!r}")
-        try:
-            port = url.port or (465 if implicit_tls else 25)
-        except ValueError:
-            raise ConfigError(f"--relay: bad port in {config.relay!r}") from None
         starttls = {"auto": None, "require": True, "off": False}[config.starttls]
         return cls(
-            host=url.hostname,
-            port=port,
+            host=url.hostname or "",
+            port=url.port or (465 if implicit_tls else 25),
             implicit_tls=implicit_tls,
             starttls=False if implicit_tls else starttls,
             verify=config.tls_verify,
+            ca_file=config.tls_ca_file,
             username=config.relay_user or (unquote(url.username) if url.username else None),
             password=config.relay_password or (unquote(url.password) if url.password else None),
             local_hostname=config.hostname,
@@ -121,6 +119,10 @@ class SmtpPool:
         self.idle_close = idle_close
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(size)
+        # Built once: loading a CA file for every new connection would cost a file read.
+        self._tls_context = (
+            ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else None
+        )
         self._reaper: asyncio.Task[None] | None = None
 
     async def send(self, message: BuiltMessage, recipients: Sequence[str]) -> SendResult:
@@ -150,7 +152,7 @@ class SmtpPool:
         smtp = aiosmtplib.SMTP(
             hostname=s.host, port=s.port, local_hostname=s.local_hostname, timeout=s.timeout,
             use_tls=s.implicit_tls, start_tls=s.starttls, validate_certs=s.verify,
-            username=s.username, password=s.password,
+            tls_context=self._tls_context, username=s.username, password=s.password,
         )  # fmt: skip
         await smtp.connect()
         try:
@@ -340,8 +342,11 @@ class MaildirTransport:
 
     def __init__(self, path: str) -> None:
         self.root = Path(path)
-        for sub in ("tmp", "new", "cur"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:  # the maildir itself only: its parent must exist (checked at start)
+            for folder in (self.root, self.root / "tmp", self.root / "new", self.root / "cur"):
+                folder.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--relay maildir:{path}: {exc.strerror or exc}") from None
 
     async def send(self, message: BuiltMessage, recipients: Sequence[str]) -> SendResult:
         try:
@@ -371,7 +376,7 @@ class MaildirTransport:
 def open_transport(config: DeliveryConfig) -> Transport:
     relay = config.relay or ""
     if relay.startswith("maildir:"):
-        return MaildirTransport(relay.removeprefix("maildir:").removeprefix("//"))
+        return MaildirTransport(maildir_path(relay))
     return SmtpPool(
         RelaySettings.from_config(config),
         size=config.concurrency,
