@@ -216,44 +216,54 @@ class IngestHandler:
         started = time.perf_counter()
         message_id = uuid.uuid4().hex
         peer = _peer_ip(session.peer)
-        content: bytes = envelope.original_content or b""
+        now = time.time()
+        raw = self._with_trace(server, session, envelope, message_id=message_id, peer=peer, now=now)
+        # One size everywhere: the message as stored (our Received field + what the client
+        # sent), the entry's ``size`` and ``len(raw)``, so log lines and entries agree.
+        size = len(raw)
         recipients = list(envelope.rcpt_tos)
         try:
-            entry_id = await self._store(server, session, envelope, message_id, peer)
+            entry_id = await self._store(raw, envelope, message_id, now)
         except EntryTooLarge as exc:  # permanent: a retry would be just as large
             INGEST_MESSAGES.labels("rejected").inc()
             log.info(
-                "message_rejected", id=message_id, peer=peer, size=len(content),
+                "message_rejected", id=message_id, peer=peer, size=size,
                 recipients=len(recipients), code=552, reason="entry_too_large", error=str(exc),
             )  # fmt: skip
             return REPLY_ENTRY_TOO_BIG
         except StoreError as exc:
             INGEST_MESSAGES.labels("failed").inc()
             log.warning(
-                "message_deferred", id=message_id, peer=peer, size=len(content),
+                "message_deferred", id=message_id, peer=peer, size=size,
                 recipients=len(recipients), code=451, reason=exc.reason, error=exc.detail,
             )  # fmt: skip
             return REPLY_STORE_FAILED
         except Exception:  # a bug of ours must not turn into a 5xx for the sender
             INGEST_MESSAGES.labels("failed").inc()
             log.exception(
-                "message_deferred", id=message_id, peer=peer, size=len(content),
+                "message_deferred", id=message_id, peer=peer, size=size,
                 recipients=len(recipients), code=451, reason="internal",
             )  # fmt: skip
             return REPLY_INTERNAL_ERROR
         INGEST_MESSAGES.labels("accepted").inc()
         INGEST_TRANSACTION.observe(time.perf_counter() - started)
         log.info(
-            "message_accepted", id=message_id, entry=entry_id, peer=peer, size=len(content),
+            "message_accepted", id=message_id, entry=entry_id, peer=peer, size=size,
             recipients=len(recipients), code=250,
         )  # fmt: skip
         return f"250 2.0.0 OK queued as {entry_id}"
 
-    async def _store(
-        self, server: SMTP, session: Session, envelope: Envelope, message_id: str, peer: str
-    ) -> str:
-        now = time.time()
-        recipients: list[str] = envelope.rcpt_tos
+    def _with_trace(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        *,
+        message_id: str,
+        peer: str,
+        now: float,
+    ) -> bytes:
+        """The message as stored: our Received field, then the octets the client sent."""
         trace = received_field(
             helo=session.host_name,
             peer_ip=peer,
@@ -265,13 +275,15 @@ class IngestHandler:
                 smtputf8=bool(envelope.smtp_utf8),
             ),
             message_id=message_id,
-            recipients=recipients,
+            recipients=envelope.rcpt_tos,
             now=now,
         )
-        raw = trace + (envelope.original_content or b"")
+        return trace + (envelope.original_content or b"")
+
+    async def _store(self, raw: bytes, envelope: Envelope, message_id: str, now: float) -> str:
         arguments = {
             "mail_from": envelope.mail_from,
-            "rcpt_tos": recipients,
+            "rcpt_tos": envelope.rcpt_tos,
             "message_id": message_id,
             "received_at": now,
             "keep_raw": self.settings.keep_raw,
