@@ -50,8 +50,11 @@ def assert_same_content(
     if root:  # the parser keeps filename and MIME fields for non-root parts only
         sent = {key: value for key, value in sent.items() if key not in ("filename", "headers")}
     expected_type = sent_type
-    text_str = isinstance(sent["body"], str) and main_type.startswith("text/")
-    if text_str and "charset" not in sent_type:
+    body = sent["body"]
+    # A str body, or a non-ASCII bytes body (the strategies only draw UTF-8 ones), of a text
+    # type without charset is sent with charset=utf-8.
+    utf8_text = isinstance(body, str) or not body.isascii()
+    if utf8_text and main_type.startswith("text/") and "charset" not in sent_type:
         expected_type += "; charset=utf-8"
     assert received["content-type"] == expected_type, path
     if main_type.startswith("text/"):

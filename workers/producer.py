@@ -19,7 +19,9 @@ Message layout built by :func:`make_send_message`:
   attachment has ``content-type`` (given, else guessed from the filename with
   :mod:`mimetypes`, else ``application/octet-stream``), ``filename`` (the delivery worker
   writes ``Content-Disposition: attachment`` with it, RFC 2231-encoded when non-ASCII) and
-  ``body`` bytes;
+  ``body`` bytes; a guessed ``text/*`` type has no charset: the delivery worker's builder
+  adds ``charset=utf-8`` to UTF-8 text and sends other non-ASCII octets as
+  ``application/octet-stream`` (see ``workers.codec.build``);
 * headers: ``from`` (the envelope sender, unless given), ``to`` (the recipients joined with
   ", ", unless given), ``subject`` when given, then the caller's headers, which win over
   these defaults.  ``Date``, ``Message-ID`` and ``MIME-Version`` are written by the worker.

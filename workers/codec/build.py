@@ -19,7 +19,12 @@ Decisions other code relies on (documented in schema/README.md):
   quotes), so it reads back without its quotes; a non-ASCII local part makes the field
   raw UTF-8 and ``smtputf8`` True;
 * a str body is sent as UTF-8 (``charset=utf-8`` added to a text/* type without charset);
-  text/* bodies are sent with CRLF line ends;
+  a bytes body of a text/* type without charset gets ``charset=utf-8`` when it is valid
+  non-ASCII UTF-8, stays as it is when pure ASCII (no charset means US-ASCII, which is
+  exact) and is sent as ``application/octet-stream`` (its ``name`` kept) when it is not
+  UTF-8 (RFC 2046 4.1.2: a reader would show it as US-ASCII); text/* bodies are sent with
+  CRLF line ends and travel as 7bit only when no line exceeds 78 characters (RFC 5322
+  2.1.1), else quoted-printable;
 * a content object's ``headers``/``filename`` extensions set its MIME fields (also at the
   root); ``filename`` alone gives ``Content-Disposition: attachment`` (RFC 2231 if needed);
 * ``Date`` and ``Message-ID`` are added when absent; the Message-ID derives from the
@@ -282,18 +287,42 @@ def _entity(content: Content, path: str, state: _Build, *, root: bool) -> tuple[
         return lines, body
     # The TypedDict says bytes (the receive side); send also accepts str (sent as UTF-8).
     raw = cast("bytes | str", content["body"])
+    text = main_type.startswith("text/")
     if isinstance(raw, str):
         raw = raw.encode("utf-8")
-        if main_type.startswith("text/") and "charset" not in map(
-            param_name, split_params(content_type)[1:]
-        ):
+        if text and not _declares_charset(content_type):
             content_type += "; charset=utf-8"
+    elif text and not raw.isascii() and not _declares_charset(content_type):
+        # No charset means US-ASCII (RFC 2046 4.1.2): readers would show replacement
+        # characters.  UTF-8 can be named; other octets travel opaque, never rewritten.
+        if _is_utf8(raw):
+            content_type += "; charset=utf-8"
+        else:
+            content_type, text = _opaque_type(content_type), False
     if not content_type.isascii():
         content_type = rewrite_params(content_type, {}, f"{path}.content-type")
-    cte, body = encode_body(raw, text=main_type.startswith("text/"), root=root)
+    cte, body = encode_body(raw, text=text, root=root)
     lines.insert(0, fold("Content-Type", content_type, f"{path}.content-type"))
     lines.append(f"Content-Transfer-Encoding: {cte}")
     return lines, body
+
+
+def _declares_charset(content_type: str) -> bool:
+    return "charset" in map(param_name, split_params(content_type)[1:])
+
+
+def _is_utf8(body: bytes) -> bool:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _opaque_type(content_type: str) -> str:
+    """``application/octet-stream`` with the ``name`` parameter(s) of ``content_type``."""
+    names = [item.strip() for item in split_params(content_type)[1:] if param_name(item) == "name"]
+    return "; ".join(["application/octet-stream", *names])
 
 
 def _disposition(content: Content, path: str) -> str:
