@@ -32,10 +32,10 @@ from typing import Protocol
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from workers.streams.keys import StreamKeys
+from workers.streams.redis_compat import checkout, is_stale
 
 # Fields a retry or replay entry of the send stream carries next to the original ``data``.
 # A producer's entry has only ``data``; these let the worker keep the message id, attempt
@@ -279,16 +279,10 @@ class Outcomes:
         now = time.monotonic()
         connection = self._settle_connection
         if connection is None:
-            pool = self.redis.connection_pool
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            connection = await checkout(self.redis.connection_pool)
             self._settle_connection = connection
-        elif now - self._settle_used > SETTLE_IDLE_CHECK:
-            try:
-                stale = await connection.can_read()  # at EOF, or holding stray data
-            except RedisConnectionError:
-                stale = True
-            if stale:
-                await connection.disconnect()  # the next command connects again
+        elif now - self._settle_used > SETTLE_IDLE_CHECK and await is_stale(connection):
+            await connection.disconnect()  # the next command connects again
         self._settle_used = now
         return connection
 
