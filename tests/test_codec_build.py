@@ -389,7 +389,7 @@ def test_attachment_filenames_use_rfc2231_when_needed() -> None:
     assert stdlib_parts[-1].get_content_disposition() == "inline"
     assert stdlib_parts[-1]["content-id"] == "<img1@example.com>"
     assert [part["filename"] for part in reparse(built)["content"]["parts"]] == [*names, "bild.png"]
-    assert "filename=report.pdf" in header_block(built.data.split(b"--=_")[1][40:] + b"\r\n\r\n")
+    assert 'filename="report.pdf"' in header_block(built.data.split(b"--=_")[1][40:] + b"\r\n\r\n")
 
 
 def test_lines_starting_with_a_dot_survive_a_real_smtp_transfer() -> None:

@@ -21,6 +21,7 @@ from urllib.parse import quote
 from workers.codec.errors import BuildError
 
 __all__ = [
+    "PREFERRED_LINE",
     "canonical_name",
     "encode_address_list",
     "encode_unstructured",
@@ -102,6 +103,7 @@ ASCII_ONLY_HEADERS = frozenset(
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _NEEDS_WORK = re.compile(r"[^\x20-\x7e\t]|=\?|^[ \t]")
 _WSP_RUNS = re.compile(r"([ \t]+)")
+_WSP = (" ", "\t")
 _PHRASE_SPECIALS = frozenset('()<>[]:;@\\,."')
 _FOLD_POINT = re.compile(r"[ \t](?=[^ \t])")
 
@@ -196,7 +198,7 @@ def encode_unstructured(value: str, *, phrase: bool = False) -> str:
     """
     if (
         _NEEDS_WORK.search(value) is None
-        and not (phrase and not _PHRASE_SPECIALS.isdisjoint(value))
+        and not (phrase and (not _PHRASE_SPECIALS.isdisjoint(value) or value.endswith(_WSP)))
         and (len(value) <= _LONG_WORD or all(len(word) <= _LONG_WORD for word in value.split()))
     ):
         return value
@@ -205,9 +207,12 @@ def encode_unstructured(value: str, *, phrase: bool = False) -> str:
         return " ".join(_encoded_words(value)) if value else value
     pieces = _WSP_RUNS.split(value)  # words at even indexes, whitespace runs at odd ones
     flags = [_word_needs_encoding(piece, phrase=phrase) for piece in pieces[::2]]
+    # Leading whitespace is stripped by parsers unless it sits inside an encoded-word; so
+    # is a display name's trailing whitespace (unstructured text keeps it as written).
     if pieces[0] == "":
-        # Leading whitespace is stripped by parsers unless it sits inside an encoded-word.
         flags[0] = flags[1] = True
+    if phrase and pieces[-1] == "":
+        flags[-1] = flags[-2] = True
     return _join_runs(pieces, flags)
 
 
@@ -403,20 +408,31 @@ def _encode_phrase(tokens: list[tuple[str, str]]) -> str:
             run.append((kind, text))
             continue
         if run:
-            out.append(_encode_phrase_run(_unquote_phrase(run)))
+            out.append(_encode_phrase_run(run))
             run = []
         if text:
             out.append(_encode_comment(text))
     return "".join(out)
 
 
-def _encode_phrase_run(text: str) -> str:
-    stripped = text.strip(" \t")
-    if not stripped:
-        return text
-    lead = text[: len(text) - len(text.lstrip(" \t"))]
-    trail = text[len(text.rstrip(" \t")) :]
-    return lead + encode_unstructured(stripped, phrase=True) + trail
+def _encode_phrase_run(run: list[tuple[str, str]]) -> str:
+    """Words and quoted strings between comments, encoded as one piece of text.
+
+    Whitespace tokens at either end separate the name from its neighbours and stay
+    outside; whitespace inside a quoted string is part of the name and goes inside the
+    encoded-words (``"Zoë " <a@x>`` keeps its trailing space).
+    """
+    first = 0
+    last = len(run)
+    while first < last and run[first][0] == "ws":
+        first += 1
+    while last > first and run[last - 1][0] == "ws":
+        last -= 1
+    lead = "".join(text for _, text in run[:first])
+    trail = "".join(text for _, text in run[last:])
+    if first == last:
+        return lead
+    return lead + encode_unstructured(_unquote_phrase(run[first:last]), phrase=True) + trail
 
 
 def _encode_comment(comment: str) -> str:
@@ -477,7 +493,6 @@ def _raw_with_ascii_domains(tokens: list[tuple[str, str]], path: str) -> str:
 # ---------------------------------------------------------------------------------------
 # MIME parameters (Content-Type, Content-Disposition)
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
 _QUOTABLE = re.compile(r"[\x20-\x7e]*")
 _ATTR_SAFE = "!#$&+-.^_`|~"  # RFC 2231 attribute-char besides ALPHA / DIGIT
 _CHARSET_PREFIX = "utf-8''"
@@ -521,9 +536,12 @@ def param_value(item: str) -> str:
 
 
 def format_param(name: str, value: str) -> str:
-    """``name=value`` as a token, a quoted string, or RFC 2231 ``name*=utf-8''...`` sections."""
-    if _TOKEN.fullmatch(value) and len(value) <= _SECTION:
-        return f"{name}={value}"
+    """``name="value"`` (always quoted), or RFC 2231 ``name*=utf-8''...`` sections.
+
+    Quoting a token is optional (RFC 2045 5.1) but some readers only accept filenames
+    quoted, and a caller's ``name="x.txt"`` should come back as written.  A value with
+    "=?" is RFC 2231-encoded, so that no reader decodes it as an RFC 2047 encoded-word.
+    """
     if value.isascii() and _QUOTABLE.fullmatch(value) and len(value) <= 200:
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         if "=?" not in value:
@@ -538,17 +556,32 @@ def format_param(name: str, value: str) -> str:
 
 
 def _sections(encoded: str) -> list[str]:
-    """Percent-encoded text cut into pieces of about _SECTION characters, never inside %XX."""
+    """Percent-encoded UTF-8 cut into pieces of about _SECTION characters at character
+    boundaries: never inside %XX nor between the octets of one character.
+
+    RFC 2231 lets a section end anywhere, but Thunderbird and Outlook decode each section
+    on its own, so a split character would become two replacement characters.
+    """
     pieces: list[str] = []
     start = 0
     while start < len(encoded):
         end = min(start + _SECTION, len(encoded))
-        percent = encoded.rfind("%", max(start, end - 2), end)
-        if percent >= 0 and end < len(encoded) and percent + 3 > end:
-            end = percent
+        if end < len(encoded):
+            end = _character_start(encoded, start, end)
         pieces.append(encoded[start:end])
         start = end
     return pieces
+
+
+def _character_start(encoded: str, start: int, end: int) -> int:
+    """The last index <= ``end`` (and > ``start``) where a character's encoding begins."""
+    percent = encoded.rfind("%", max(start, end - 2), end)
+    if percent >= 0 and percent + 3 > end:
+        end = percent
+    # %80-%BF continue a UTF-8 character; a character is at most 4 octets (12 characters).
+    while end - 3 > start and encoded[end] == "%" and encoded[end + 1] in "89AB":
+        end -= 3
+    return end
 
 
 def rewrite_params(value: str, replace: dict[str, str | None], path: str) -> str:
