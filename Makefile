@@ -32,3 +32,9 @@ bench: setup-dev
 
 chaos: setup-dev
 	MAILPOOL_CHAOS=full $(PY) -m pytest tests/chaos -s
+
+# CI's second run: the end-to-end tests on the lowest dependency versions pyproject allows
+# (a venv of its own, .venv-lowest); see scripts/lowest-deps.sh.
+.PHONY: test-lowest
+test-lowest: setup-dev
+	./scripts/lowest-deps.sh

@@ -22,6 +22,8 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = re.findall(r"^(make \w+)\s+#", readme, flags=re.MULTILINE)
     assert commands[:2] == ["make run", "make test"]
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert [
+    ci_commands = [
         line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))
-    ] == ["make test"]
+    ]
+    # README's command first, then the end-to-end tests on the lowest dependency versions.
+    assert ci_commands == ["make test", "make test-lowest"]
