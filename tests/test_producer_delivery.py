@@ -10,7 +10,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from tests.delivery_util import make_config, running_worker, settled, wait_until
-from tests.sinks import RecordingSink
+from tests.sinks import Received, RecordingSink
 from workers.producer import enqueue_send
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +71,53 @@ async def test_helper_send_with_null_sender_and_tuple_attachment(
     (attachment,) = received.message.iter_parts()
     assert attachment.get_filename() == "report.txt"
     assert attachment.get_content().replace("\r\n", "\n") == "line 1\nline 2\n"
+
+
+async def test_cli_text_attachments_and_long_lines_arrive_readable(
+    redis: aioredis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Issue 10 items 6 and 7: a UTF-8 .txt gets charset=utf-8, a non-UTF-8 one travels as
+    octets, and a 995-character text line arrives quoted-printable in lines of <= 78."""
+    notes_text = "Grüße aus Köln – Zoë ✉\nzweite Zeile\n"
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(notes_text.encode("utf-8"))
+    legacy = tmp_path / "legacy.txt"
+    legacy.write_bytes(b"caf\xe9 cr\xe8me\nbare LF\r\n")
+    long_text = "word " * 198 + "end!\n"  # a 995-character line
+    mailpool_send(
+        redis_url, "--from", "app@example.com", "--to", "ann@example.net", "--subject", "notes",
+        "--text", long_text, "--attach", str(notes), "--attach", str(legacy),
+    )  # fmt: skip
+    (received,) = await delivered(redis, redis_url)
+    text, notes_part, legacy_part = received.message.iter_parts()
+    assert text["content-transfer-encoding"] == "quoted-printable"
+    encoded = text.get_payload()
+    assert isinstance(encoded, str) and max(map(len, encoded.splitlines())) <= 78
+    assert text.get_content().replace("\r\n", "\n") == long_text
+    assert notes_part.get_filename() == "notes.txt"
+    assert notes_part.get_content_type() == "text/plain"
+    assert notes_part.get_content_charset() == "utf-8"
+    assert notes_part.get_content().replace("\r\n", "\n") == notes_text
+    assert legacy_part.get_filename() == "legacy.txt"
+    assert legacy_part.get_content_type() == "application/octet-stream"
+    assert legacy_part.get_content() == legacy.read_bytes()
+
+
+def mailpool_send(redis_url: str, *args: str) -> None:
+    """``mailpool send`` as a subprocess; it must enqueue (exit 0)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", "send", "--redis-url", redis_url, *args],
+        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+async def delivered(redis: aioredis.Redis, redis_url: str) -> list[Received]:
+    """What a recording relay receives once a delivery worker has settled the stream."""
+    sink = RecordingSink().start()
+    try:
+        async with running_worker(make_config(redis_url, sink.url)):
+            await wait_until(lambda: settled(redis))
+    finally:
+        sink.stop()
+    return sink.received
