@@ -91,6 +91,17 @@ def test_text_lines_over_78_characters_go_quoted_printable(
     assert parsed["content"]["parts"][0]["body"] == text.encode()
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=100), min_size=1, max_size=30), st.booleans())
+def test_7bit_exactly_when_every_line_fits(lengths: list[int], final_newline: bool) -> None:
+    text = "\n".join("x" * length for length in lengths) + ("\n" if final_newline else "")
+    part = {"content-type": "text/plain", "body": text.encode()}
+    message = built({"content-type": "multipart/mixed", "parts": [part]})
+    cte = "7bit" if max(lengths) <= 78 else "quoted-printable"
+    assert f"\r\nContent-Transfer-Encoding: {cte}\r\n".encode() in message.data
+    assert max(map(len, body_lines(message.data))) <= 78
+
+
 def test_a_long_line_at_the_root_is_soft_broken_and_decodes_exactly() -> None:
     text = "word " * 199 + "end\n"  # 999 characters
     message = built({"content-type": "text/plain", "body": text})
