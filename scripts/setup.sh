@@ -28,6 +28,10 @@ if [ "$DEV" = 1 ]; then
   command -v npm >/dev/null || need_apt+=(npm)
   # The Ruby producer example is tested with Debian's gems.
   ruby -e 'require "redis"; require "msgpack"' 2>/dev/null || need_apt+=(ruby ruby-redis ruby-msgpack)
+  # The Go example is built offline with Debian's Go and Debian's packages of its libraries.
+  gocode=/usr/share/gocode/src/github.com
+  { command -v go >/dev/null && [ -d "$gocode/gomodule/redigo" ] && [ -d "$gocode/vmihailenco/msgpack/v5" ]; } ||
+    need_apt+=(golang-go golang-github-gomodule-redigo-dev golang-github-vmihailenco-msgpack.v5-dev)
   # CPython's email test messages (the codec's corpus tests) sit beside the standard library;
   # Debian's python3 ships them separately, in libpython3.X-testsuite.
   stdlib=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')

@@ -16,15 +16,13 @@ The scripts are the example files themselves, copied byte for byte next to a lin
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
 import shutil
-import smtplib
 import subprocess
 import sys
-from email.message import EmailMessage
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +32,27 @@ import redis.asyncio as aioredis
 from tests.examples_util import (
     ATTACHMENT,
     EXAMPLES_DIR,
-    ROOT,
+    NO_REDIS_CHOSEN,
     SUBJECT,
-    assert_bodies_are_bin,
-    assert_delivered_intact,
+    Run,
+    ScriptRun,
     deliver_all,
+    directory_below_a_pool,
+    entry_id_printed,
+    expected_json,
+    ingest_one_message,
+    listener_takes_its_own_pending_first_and_skips_garbage,
+    pending,
     produced_entry,
+    producer_defaults_reach_the_pool_of_make_run,
+    producer_send_is_delivered_intact,
     run_script,
 )
-from tests.ingest_util import ingest
+from tests.harness import free_port
 from tests.node_util import NODE, NODE_DIR, NPM, install_node_packages
 from tests.sinks import RecordingSink
-from workers.codec.validate import decode_receive, decode_send
-from workers.listen import content_to_json, jsonable
+from workers.codec.validate import decode_send
 
-VECTOR_DIR = ROOT / "schema" / "vectors"
 REDIS_CLI = shutil.which("redis-cli")
 
 needs_node = pytest.mark.skipif(
@@ -61,16 +65,23 @@ def node_scripts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding copies of the example scripts and a link to the node packages."""
     install_node_packages()
     directory = tmp_path_factory.mktemp("node-examples")
-    for name in ("produce.mjs", "listen.mjs"):
+    for name in ("produce.mjs", "listen.mjs", "pool-url.mjs"):
         shutil.copyfile(EXAMPLES_DIR / name, directory / name)
     (directory / "node_modules").symlink_to(NODE_DIR / "node_modules", target_is_directory=True)
     return directory
 
 
+def node(scripts: Path, name: str) -> Run:
+    def run(cwd: Path, **env: str) -> Awaitable[ScriptRun]:
+        assert NODE is not None
+        return run_script(NODE, scripts / name, cwd=cwd, **env)
+
+    return run
+
+
 async def run_node(scripts: Path, name: str, **env: str) -> list[Any]:
     """Run one example; returns its stdout lines (JSON-decoded for the listener)."""
-    assert NODE is not None
-    result = await run_script(NODE, scripts / name, cwd=scripts, **env)
+    result = await node(scripts, name)(scripts, **env)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     return [json.loads(line) for line in lines] if name == "listen.mjs" else lines
@@ -83,69 +94,41 @@ async def run_node(scripts: Path, name: str, **env: str) -> list[Any]:
 async def test_node_producer_send_is_delivered_intact(
     redis: aioredis.Redis, redis_url: str, sink: RecordingSink, node_scripts: Path, tmp_path: Path
 ) -> None:
-    attachment = tmp_path / "Übersicht März.bin"
-    attachment.write_bytes(ATTACHMENT)
-    recipients = ["ann@example.com", "bob@example.com"]
-    [entry_id] = await run_node(
-        node_scripts, "produce.mjs", REDIS_URL=redis_url, MAIL_TO=", ".join(recipients),
-        SUBJECT=SUBJECT, ATTACH_FILE=str(attachment),
-    )  # fmt: skip
-    message = await produced_entry(redis, entry_id)
-    assert message["headers"]["subject"] == SUBJECT
-    assert_bodies_are_bin(message)
-    assert message["to"] == recipients
-    await deliver_all(redis, redis_url, sink)
-    await assert_delivered_intact(redis, sink, entry_id, recipients, "Übersicht März.bin")
+    produce = node(node_scripts, "produce.mjs")
+    await producer_send_is_delivered_intact(produce, redis, redis_url, sink, tmp_path)
 
 
 @needs_node
-async def test_node_producer_defaults_make_a_valid_send(
-    redis: aioredis.Redis, redis_url: str, node_scripts: Path
+async def test_node_producer_defaults_reach_the_pool_of_make_run(
+    redis: aioredis.Redis, redis_url: str, node_scripts: Path, tmp_path: Path
 ) -> None:
-    """Run as documented, with nothing but REDIS_URL: the sample attachment, one recipient."""
-    [entry_id] = await run_node(node_scripts, "produce.mjs", REDIS_URL=redis_url)
-    message = await produced_entry(redis, entry_id)
-    assert message["to"] == ["ann@example.org"]
-    attachment = message["content"]["parts"][1]
-    assert (attachment["filename"], attachment["body"]) == ("sample.bin", ATTACHMENT)
+    produce = node(node_scripts, "produce.mjs")
+    await producer_defaults_reach_the_pool_of_make_run(produce, redis, redis_url, tmp_path)
+
+
+@needs_node
+async def test_node_listener_finds_the_pool_of_make_run(
+    redis: aioredis.Redis, redis_url: str, node_scripts: Path, tmp_path: Path
+) -> None:
+    """listen.mjs shares pool-url.mjs with produce.mjs: no REDIS_URL, the recorded pool."""
+    await ingest_one_message(redis_url)
+    cwd = directory_below_a_pool(tmp_path, redis_url)
+    listen = node(node_scripts, "listen.mjs")
+    listened = await listen(cwd, START="0", COUNT="1", **NO_REDIS_CHOSEN)
+    assert listened.returncode == 0, listened.stderr[-2000:]
+    assert json.loads(listened.stdout)["headers"]["subject"] == SUBJECT
+
+
+@needs_node
+async def test_node_producer_redis_url_wins_over_the_recorded_pool(
+    redis: aioredis.Redis, redis_url: str, node_scripts: Path, tmp_path: Path
+) -> None:
+    cwd = directory_below_a_pool(tmp_path, f"redis://127.0.0.1:{free_port()}/0")  # stale
+    produced = await node(node_scripts, "produce.mjs")(cwd, REDIS_URL=redis_url)
+    await produced_entry(redis, entry_id_printed(produced))
 
 
 # --- listen.mjs ----------------------------------------------------------------------------
-
-
-def smtp_message() -> EmailMessage:
-    message = EmailMessage()
-    message["From"] = "Zoë Müller <zoe@example.org>"
-    message["To"] = "bob@example.com"
-    message["Subject"] = SUBJECT
-    message.set_content("Hallo Bob,\r\nanbei die Zahlen für März.\r\n")
-    message.add_attachment(
-        ATTACHMENT, maintype="application", subtype="octet-stream", filename="zahlen.bin"
-    )
-    return message
-
-
-def send_with_smtplib(port: int) -> None:
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        client.send_message(smtp_message(), "zoe@example.org", ["bob@example.com"])
-
-
-async def ingest_one_message(redis_url: str) -> None:
-    async with ingest(redis_url) as server:
-        await asyncio.to_thread(send_with_smtplib, server.port)
-
-
-def expected_json(entry_id: str, data: bytes) -> dict[str, Any]:
-    """What `mailpool listen` prints for the entry (minus its ``deliveries`` counter)."""
-    out: dict[str, Any] = {"entry_id": entry_id}
-    for key, value in decode_receive(data).items():
-        out[key] = content_to_json(value) if key == "content" else jsonable(value)
-    return out
-
-
-async def pending(redis: aioredis.Redis, group: str) -> int:
-    summary = await redis.xpending("email.receive", group)
-    return int(summary["pending"])
 
 
 @needs_node
@@ -190,30 +173,10 @@ async def test_node_listener_every_group_sees_every_message(
 
 @needs_node
 async def test_node_listener_takes_its_own_pending_first_and_skips_garbage(
-    redis: aioredis.Redis, redis_url: str, node_scripts: Path
+    redis: aioredis.Redis, redis_url: str, node_scripts: Path, tmp_path: Path
 ) -> None:
-    """A consumer restarted under its name gets what it read but never acknowledged first;
-    an entry that is not msgpack is reported and acknowledged, not printed."""
-    vectors = [
-        (VECTOR_DIR / f"{name}.msgpack").read_bytes()
-        for name in ("receive-minimal", "receive-utf8-headers")
-    ]
-    left_pending = await redis.xadd("email.receive", {"data": vectors[0]})
-    await redis.xgroup_create("email.receive", "app", id="0")
-    await redis.xreadgroup("app", "worker-1", {"email.receive": ">"}, count=1)  # read, no ack
-    garbage = await redis.xadd("email.receive", {"data": b"\xc1 not msgpack"})
-    fresh = await redis.xadd("email.receive", {"data": vectors[1]})
-    assert NODE is not None
-    result = await run_script(
-        NODE, node_scripts / "listen.mjs", cwd=node_scripts, REDIS_URL=redis_url, GROUP="app",
-        CONSUMER="worker-1", COUNT="3",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    printed = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [p["entry_id"] for p in printed] == [left_pending.decode(), fresh.decode()]
-    assert printed[1] == expected_json(fresh.decode(), vectors[1])
-    assert garbage.decode() in result.stderr
-    assert await pending(redis, "app") == 0
+    listen = node(node_scripts, "listen.mjs")
+    await listener_takes_its_own_pending_first_and_skips_garbage(listen, redis, redis_url, tmp_path)
 
 
 # --- redis-cli and send.msgpack ------------------------------------------------------------

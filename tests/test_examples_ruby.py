@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from tests.examples_util import (
-    ATTACHMENT,
     EXAMPLES_DIR,
-    SUBJECT,
-    assert_bodies_are_bin,
-    assert_delivered_intact,
-    deliver_all,
-    produced_entry,
+    ScriptRun,
+    producer_defaults_reach_the_pool_of_make_run,
+    producer_send_is_delivered_intact,
     run_script,
 )
 from tests.sinks import RecordingSink
@@ -45,39 +43,20 @@ SKIP_REASON = _gems_missing()
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
 
 
-async def run_ruby(tmp_path: Path, **env: str) -> str:
+def ruby(cwd: Path, **env: str) -> Awaitable[ScriptRun]:
+    """produce.rb under LANG=C: environment strings arrive as US-ASCII, the script must still
+    send UTF-8 text."""
     assert RUBY is not None
-    # LANG=C: environment strings arrive as US-ASCII; the script must still send UTF-8 text
-    result = await run_script(RUBY, EXAMPLES_DIR / "produce.rb", cwd=tmp_path, LANG="C", **env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    [entry_id] = result.stdout.split()
-    return entry_id
+    return run_script(RUBY, EXAMPLES_DIR / "produce.rb", cwd=cwd, **{"LANG": "C", **env})
 
 
 async def test_ruby_producer_send_is_delivered_intact(
     redis: aioredis.Redis, redis_url: str, sink: RecordingSink, tmp_path: Path
 ) -> None:
-    attachment = tmp_path / "Übersicht März.bin"
-    attachment.write_bytes(ATTACHMENT)
-    recipients = ["ann@example.com", "bob@example.com"]
-    entry_id = await run_ruby(
-        tmp_path, REDIS_URL=redis_url, MAIL_TO=", ".join(recipients), SUBJECT=SUBJECT,
-        ATTACH_FILE=str(attachment),
-    )  # fmt: skip
-    message = await produced_entry(redis, entry_id)
-    assert message["headers"]["subject"] == SUBJECT
-    assert_bodies_are_bin(message)
-    assert message["to"] == recipients
-    await deliver_all(redis, redis_url, sink)
-    await assert_delivered_intact(redis, sink, entry_id, recipients, "Übersicht März.bin")
+    await producer_send_is_delivered_intact(ruby, redis, redis_url, sink, tmp_path)
 
 
-async def test_ruby_producer_defaults_make_a_valid_send(
+async def test_ruby_producer_defaults_reach_the_pool_of_make_run(
     redis: aioredis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    entry_id = await run_ruby(tmp_path, REDIS_URL=redis_url)
-    message = await produced_entry(redis, entry_id)
-    assert message["to"] == ["ann@example.org"]
-    assert message["headers"]["subject"] == "Grüße aus Köln ✉"
-    attachment = message["content"]["parts"][1]
-    assert (attachment["filename"], attachment["body"]) == ("sample.bin", ATTACHMENT)
+    await producer_defaults_reach_the_pool_of_make_run(ruby, redis, redis_url, tmp_path)

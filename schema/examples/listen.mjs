@@ -4,7 +4,8 @@
 //   REDIS_URL=redis://127.0.0.1:6379 GROUP=billing node listen.mjs
 //
 // Environment variables (all optional):
-//   REDIS_URL       redis://[user:pass@]host:port[/db]          (default redis://127.0.0.1:6379)
+//   REDIS_URL       redis://[user:pass@]host:port[/db] (default: the running `mailpool run`'s
+//                   private Redis from .mailpool/redis.url, else redis://127.0.0.1:6379)
 //   RECEIVE_STREAM  the receive stream                         (default email.receive)
 //   GROUP           your application's consumer group          (default node-example)
 //   CONSUMER        this process's name in the group           (default node-<pid>)
@@ -17,9 +18,9 @@
 import { hostname } from "node:os";
 import { decode } from "@msgpack/msgpack";
 import { createClient, RESP_TYPES } from "redis";
+import { redisUrl } from "./pool-url.mjs";
 
 const env = process.env;
-const redisUrl = env.REDIS_URL ?? "redis://127.0.0.1:6379";
 const stream = env.RECEIVE_STREAM ?? "email.receive";
 const group = env.GROUP ?? "node-example";
 const consumer = env.CONSUMER ?? `node-${hostname()}-${process.pid}`;
@@ -84,7 +85,7 @@ function messageToJson(entryId, message) {
   return JSON.stringify(out);
 }
 
-const client = createClient({ url: redisUrl });
+const client = createClient({ url: redisUrl() });
 client.on("error", (error) => console.error("redis:", error.message));
 await client.connect();
 // Entry fields are octets (msgpack): read replies as Buffers, not as UTF-8 strings.

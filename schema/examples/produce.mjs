@@ -4,7 +4,8 @@
 //
 // The message: a UTF-8 subject, a text and an HTML alternative, and one binary attachment.
 // Everything is configured by environment variables (all optional):
-//   REDIS_URL    redis://[user:pass@]host:port[/db]            (default redis://127.0.0.1:6379)
+//   REDIS_URL    redis://[user:pass@]host:port[/db]   (default: the running `mailpool run`'s
+//                private Redis from .mailpool/redis.url, else redis://127.0.0.1:6379)
 //   SEND_STREAM  the send stream                               (default email.send)
 //   MAIL_FROM    envelope sender and From: field               (default app@example.com)
 //   MAIL_TO      recipients, comma-separated                   (default ann@example.org)
@@ -15,9 +16,9 @@ import { readFileSync } from "node:fs";
 import { basename } from "node:path";
 import { encode } from "@msgpack/msgpack";
 import { createClient } from "redis";
+import { redisUrl } from "./pool-url.mjs";
 
 const env = process.env;
-const redisUrl = env.REDIS_URL ?? "redis://127.0.0.1:6379";
 const stream = env.SEND_STREAM ?? "email.send";
 const sender = env.MAIL_FROM ?? "app@example.com";
 const recipients = (env.MAIL_TO ?? "ann@example.org").split(",").map((a) => a.trim());
@@ -59,7 +60,7 @@ function buildMessage() {
 
 // A one-shot script: fail at once when Redis is not there (a long-running producer would keep
 // node-redis's default, reconnecting and queueing commands meanwhile).
-const client = createClient({ url: redisUrl, socket: { reconnectStrategy: false } });
+const client = createClient({ url: redisUrl(), socket: { reconnectStrategy: false } });
 client.on("error", () => {}); // the rejected connect() or command reports it
 await client.connect();
 try {

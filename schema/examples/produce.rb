@@ -4,7 +4,8 @@
 #
 # The message: a UTF-8 subject, a text and an HTML alternative, and one binary attachment.
 # Environment variables (all optional), as in produce.mjs:
-#   REDIS_URL    redis://[user:pass@]host:port[/db]            (default redis://127.0.0.1:6379)
+#   REDIS_URL    redis://[user:pass@]host:port[/db]   (default: the running `mailpool run`'s
+#                private Redis from .mailpool/redis.url, else redis://127.0.0.1:6379)
 #   SEND_STREAM  the send stream                               (default email.send)
 #   MAIL_FROM    envelope sender and From: field               (default app@example.com)
 #   MAIL_TO      recipients, comma-separated                   (default ann@example.org)
@@ -12,6 +13,7 @@
 #   ATTACH_FILE  a file to attach; its base name is the filename (default: 256 sample bytes)
 # Prints the new entry id: delivery outcomes in email.send.events carry it as `source_id`.
 require "msgpack"
+require "pathname"
 require "redis"
 
 # msgpack-ruby writes a String by its encoding: UTF-8 -> msgpack str, BINARY
@@ -24,6 +26,23 @@ end
 def setting(name, default)
   value = ENV[name]
   value.nil? || value.empty? ? default : value.dup.force_encoding("UTF-8")
+end
+
+# REDIS_URL, else the private redis-server of a running `mailpool run` (its URL is in
+# <data dir>/redis.url: $MAILPOOL_DATA_DIR, or the nearest .mailpool here or above), else
+# Redis's default port on this machine.
+def redis_url
+  explicit = setting("REDIS_URL", nil)
+  return explicit if explicit
+
+  data_dir = setting("MAILPOOL_DATA_DIR", nil)
+  files = if data_dir
+            [File.join(data_dir, "redis.url")]
+          else
+            Pathname.pwd.ascend.map { |dir| (dir + ".mailpool" + "redis.url").to_s }
+          end
+  recorded = files.find { |path| File.file?(path) }
+  recorded ? File.read(recorded).strip : "redis://127.0.0.1:6379"
 end
 
 def attachment
@@ -62,7 +81,7 @@ message = {
   "version" => 1,
 }
 
-redis = Redis.new(url: setting("REDIS_URL", "redis://127.0.0.1:6379"))
+redis = Redis.new(url: redis_url)
 # The entry's only field is `data`; redis-rb sends the binary String as is.
 puts redis.xadd(setting("SEND_STREAM", "email.send"), { "data" => MessagePack.pack(message) })
 redis.close

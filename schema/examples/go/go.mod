@@ -1,8 +1,8 @@
 module example.com/mailpool-examples
 
-go 1.21
+go 1.19
 
 require (
-	github.com/redis/go-redis/v9 v9.7.0
-	github.com/vmihailenco/msgpack/v5 v5.4.1
+	github.com/gomodule/redigo v1.8.3
+	github.com/vmihailenco/msgpack/v5 v5.3.5
 )

@@ -1,11 +1,12 @@
-// A Go producer and listener for mailpool: go-redis v9 + vmihailenco/msgpack v5.
+// A Go producer and listener for mailpool: redigo + vmihailenco/msgpack v5.
 //
 //	go run . produce   # enqueue one email.send message, print its entry id
 //	go run . listen    # read email.receive in a consumer group, print JSON lines, XACK
 //
 // Environment variables as in ../produce.mjs and ../listen.mjs: REDIS_URL, SEND_STREAM,
 // MAIL_FROM, MAIL_TO, SUBJECT, ATTACH_FILE (produce); RECEIVE_STREAM, GROUP, CONSUMER, START,
-// COUNT (listen).
+// COUNT (listen).  Both libraries are packaged by Debian, so it also builds without a module
+// proxy (see ../README.md).
 package main
 
 import (
@@ -23,9 +24,11 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/redis/go-redis/v9"
+	"github.com/gomodule/redigo/redis"
 	"github.com/vmihailenco/msgpack/v5"
 )
+
+const blockMillis = 1000 // a Ctrl-C is noticed within this
 
 func setting(name, fallback string) string {
 	if value := os.Getenv(name); value != "" {
@@ -34,26 +37,60 @@ func setting(name, fallback string) string {
 	return fallback
 }
 
+// redisURL: REDIS_URL, else the private redis-server of a running `mailpool run` (its URL is
+// in <data dir>/redis.url: $MAILPOOL_DATA_DIR, or the nearest .mailpool here or above), else
+// Redis's default port on this machine.
+func redisURL() string {
+	if url := os.Getenv("REDIS_URL"); url != "" {
+		return url
+	}
+	for _, file := range poolURLFiles() {
+		if recorded, err := os.ReadFile(file); err == nil {
+			return strings.TrimSpace(string(recorded))
+		}
+	}
+	return "redis://127.0.0.1:6379"
+}
+
+func poolURLFiles() []string {
+	if dataDir := os.Getenv("MAILPOOL_DATA_DIR"); dataDir != "" {
+		return []string{filepath.Join(dataDir, "redis.url")}
+	}
+	dir, err := os.Getwd()
+	if err != nil {
+		return nil
+	}
+	var files []string
+	for {
+		files = append(files, filepath.Join(dir, ".mailpool", "redis.url"))
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return files
+		}
+		dir = parent
+	}
+}
+
 func main() {
 	if len(os.Args) != 2 || (os.Args[1] != "produce" && os.Args[1] != "listen") {
 		fmt.Fprintln(os.Stderr, "usage: go run . produce|listen")
 		os.Exit(2)
 	}
-	options, err := redis.ParseURL(setting("REDIS_URL", "redis://127.0.0.1:6379"))
+	// One connection, used by one goroutine: redigo connections are not shared.
+	conn, err := redis.DialURL(redisURL(), redis.DialConnectTimeout(5*time.Second))
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "REDIS_URL:", err)
-		os.Exit(2)
+		fmt.Fprintln(os.Stderr, "redis:", err)
+		os.Exit(1)
 	}
-	client := redis.NewClient(options)
-	defer client.Close()
+	defer conn.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if os.Args[1] == "produce" {
-		err = produce(ctx, client)
+		err = produce(conn)
 	} else {
-		err = listen(ctx, client)
+		err = listen(ctx, conn)
 	}
-	if err != nil && !errors.Is(err, context.Canceled) {
+	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
@@ -82,7 +119,7 @@ func attachment() (string, []byte, error) {
 	return filepath.Base(path), body, err
 }
 
-func produce(ctx context.Context, client *redis.Client) error {
+func produce(conn redis.Conn) error {
 	sender := setting("MAIL_FROM", "app@example.com")
 	recipients := strings.Split(setting("MAIL_TO", "ann@example.org"), ",")
 	for i := range recipients {
@@ -115,10 +152,8 @@ func produce(ctx context.Context, client *redis.Client) error {
 	if err != nil {
 		return err
 	}
-	id, err := client.XAdd(ctx, &redis.XAddArgs{
-		Stream: setting("SEND_STREAM", "email.send"),
-		Values: map[string]any{"data": data},
-	}).Result()
+	// redigo sends a []byte argument as is (binary-safe); the entry's only field is `data`.
+	id, err := redis.String(conn.Do("XADD", setting("SEND_STREAM", "email.send"), "*", "data", data))
 	if err != nil {
 		return err
 	}
@@ -126,7 +161,12 @@ func produce(ctx context.Context, client *redis.Client) error {
 	return nil
 }
 
-func listen(ctx context.Context, client *redis.Client) error {
+type entry struct {
+	id   string
+	data []byte // nil: no data field (an entry trimmed from the stream while pending)
+}
+
+func listen(ctx context.Context, conn redis.Conn) error {
 	stream := setting("RECEIVE_STREAM", "email.receive")
 	group := setting("GROUP", "go-example")
 	host, _ := os.Hostname()
@@ -135,34 +175,32 @@ func listen(ctx context.Context, client *redis.Client) error {
 	if err != nil {
 		return fmt.Errorf("COUNT: %w", err)
 	}
-	err = client.XGroupCreateMkStream(ctx, stream, group, setting("START", "$")).Err()
+	_, err = conn.Do("XGROUP", "CREATE", stream, group, setting("START", "$"), "MKSTREAM")
 	if err != nil && !strings.HasPrefix(err.Error(), "BUSYGROUP") {
 		return err // BUSYGROUP: the group exists and keeps its position
 	}
 	// First our own pending entries (id 0: read before, never acknowledged), then new ones.
 	cursor, handled := "0", 0
-	for limit == 0 || handled < limit {
-		args := &redis.XReadGroupArgs{
-			Group: group, Consumer: consumer, Streams: []string{stream, cursor},
-			Count: 100, Block: time.Second,
+	for (limit == 0 || handled < limit) && ctx.Err() == nil {
+		count := 100
+		if limit > 0 && limit-handled < count {
+			count = limit - handled
 		}
-		if cursor == "0" {
-			args.Block = -1 // go-redis: negative = no BLOCK; 0 would block forever
+		args := []any{"GROUP", group, consumer, "COUNT", count}
+		if cursor == ">" {
+			args = append(args, "BLOCK", blockMillis)
 		}
-		streams, err := client.XReadGroup(ctx, args).Result()
-		if errors.Is(err, redis.Nil) { // BLOCK timed out with nothing new
-			continue
-		}
+		entries, err := streamEntries(conn.Do("XREADGROUP", append(args, "STREAMS", stream, cursor)...))
 		if err != nil {
 			return err
 		}
-		if cursor == "0" && len(streams[0].Messages) == 0 {
+		if cursor == "0" && len(entries) == 0 {
 			cursor = ">"
 			continue
 		}
-		for _, entry := range streams[0].Messages {
-			printEntry(entry)
-			if err := client.XAck(ctx, stream, group, entry.ID).Err(); err != nil {
+		for _, e := range entries {
+			printEntry(e)
+			if _, err := conn.Do("XACK", stream, group, e.id); err != nil {
 				return err
 			}
 			handled++
@@ -171,15 +209,55 @@ func listen(ctx context.Context, client *redis.Client) error {
 	return nil
 }
 
-func printEntry(entry redis.XMessage) {
-	data, _ := entry.Values["data"].(string) // go-redis hands bulk strings over as string
+// streamEntries reads an XREADGROUP reply of one stream: [[name, [[id, [field, value, ...]]]]];
+// nil when BLOCK timed out with nothing new.
+func streamEntries(reply any, err error) ([]entry, error) {
+	streams, err := redis.Values(reply, err)
+	if errors.Is(err, redis.ErrNil) {
+		return nil, nil
+	}
+	if err != nil || len(streams) == 0 {
+		return nil, err
+	}
+	stream, err := redis.Values(streams[0], nil)
+	if err != nil || len(stream) != 2 {
+		return nil, fmt.Errorf("unexpected XREADGROUP reply: %v", err)
+	}
+	items, err := redis.Values(stream[1], nil)
+	if err != nil {
+		return nil, err
+	}
+	entries := make([]entry, 0, len(items))
+	for _, item := range items {
+		pair, err := redis.Values(item, nil)
+		if err != nil || len(pair) != 2 {
+			return nil, fmt.Errorf("unexpected stream entry: %v", err)
+		}
+		id, err := redis.String(pair[0], nil)
+		if err != nil {
+			return nil, err
+		}
+		// Values are bulk strings: redigo hands them over as []byte, octet for octet.
+		fields, _ := redis.ByteSlices(pair[1], nil)
+		e := entry{id: id}
+		for i := 0; i+1 < len(fields); i += 2 {
+			if string(fields[i]) == "data" {
+				e.data = fields[i+1]
+			}
+		}
+		entries = append(entries, e)
+	}
+	return entries, nil
+}
+
+func printEntry(e entry) {
 	var message map[string]any
 	// Maps decode to map[string]any, msgpack str to string, bin to []byte.
-	if err := msgpack.Unmarshal([]byte(data), &message); err != nil {
-		fmt.Fprintf(os.Stderr, "%s: cannot decode: %v\n", entry.ID, err)
+	if err := msgpack.Unmarshal(e.data, &message); err != nil || message == nil {
+		fmt.Fprintf(os.Stderr, "%s: cannot decode: %v\n", e.id, err)
 		return
 	}
-	message["entry_id"] = entry.ID
+	message["entry_id"] = e.id
 	if content, ok := message["content"].(map[string]any); ok {
 		textBodies(content)
 	}
@@ -187,7 +265,7 @@ func printEntry(entry redis.XMessage) {
 	out := json.NewEncoder(os.Stdout)
 	out.SetEscapeHTML(false) // keep <addresses> readable
 	if err := out.Encode(message); err != nil {
-		fmt.Fprintf(os.Stderr, "%s: %v\n", entry.ID, err)
+		fmt.Fprintf(os.Stderr, "%s: %v\n", e.id, err)
 	}
 }
 
