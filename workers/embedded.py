@@ -42,7 +42,9 @@ def _terminate_with_parent() -> Callable[[], None] | None:
 
     The libc function is looked up here, before the fork: the child between fork and exec
     should do as little as possible.  If the parent died before the request was made, the
-    child has been re-parented already and exits instead of serving an orphaned pool.
+    child has been re-parented already and exits instead of serving an orphaned pool.  Linux
+    ties the signal to the forking thread: here the event loop's, which lives as long as the
+    pool does.
     """
     if not sys.platform.startswith("linux"):
         return None  # elsewhere the server outlives a pool killed with SIGKILL
