@@ -30,7 +30,7 @@ from workers.codec.build import BuiltMessage, build_message
 from workers.codec.errors import CodecError
 from workers.codec.types import SendMessage
 from workers.codec.wire import unpack
-from workers.config import DeliveryConfig, mask_url_password
+from workers.config import DeliveryConfig, Unavailable, mask_url_password
 from workers.health import serving_health
 from workers.lifecycle import install_stop_signals
 from workers.metrics import (
@@ -109,6 +109,16 @@ Send = tuple[Prepared, list[str], bool]
 Settled = Callable[[oc.Settlement], None]  # called once Redis has applied the settlement
 
 
+class SettlerCrashed(Unavailable):
+    """The settler died of a bug: the worker stopped (exit 1) so that it is restarted."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "outcomes could not be recorded (settler_crashed in the log); the worker stopped, "
+            "unrecorded entries stay pending and are claimed after --claim-after"
+        )
+
+
 class Settler:
     """Group commit: settlements queued while one round trip is in flight go in the next.
 
@@ -116,8 +126,12 @@ class Settler:
     was not: the entry then stays pending).
     """
 
-    def __init__(self, outcomes: oc.Outcomes) -> None:
+    def __init__(self, outcomes: oc.Outcomes, on_crash: Callable[[], None]) -> None:
         self.outcomes = outcomes
+        # Called when the settler dies of a bug: a worker that keeps sending while nothing
+        # is acknowledged would send every message again after a claim, so it must stop.
+        self._on_crash = on_crash
+        self.crashed = False
         self._queue: list[tuple[oc.Settlement, Settled]] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -132,6 +146,14 @@ class Settler:
         self._wake.set()
 
     async def _run(self) -> None:
+        try:
+            await self._settle_until_closed()
+        except Exception:  # a bug (Redis errors are retried in _apply): stop the worker
+            log.exception("settler_crashed", unsettled=len(self._queue) + self._applying)
+            self.crashed = True
+            self._on_crash()
+
+    async def _settle_until_closed(self) -> None:
         while True:
             if not self._queue:
                 if self._closing:
@@ -191,7 +213,7 @@ class DeliveryWorker:
         self.config = config
         self.outcomes = outcomes
         self.transport = transport
-        self.settler = Settler(outcomes)
+        self.settler = Settler(outcomes, on_crash=self._stop_now)
         self.rng = random.Random()  # noqa: S311 - retry jitter, not cryptography
         # Entry ids read and not yet settled: a consumer re-reading its own pending entries
         # (after a restart) must not start a second send of an entry already in hand.
@@ -257,6 +279,11 @@ class DeliveryWorker:
                 await promoter
             await self.settler.close(grace=min(max(self.config.shutdown_grace, 1.0), FLUSH_CAP))
             await self.transport.aclose()
+        if self.settler.crashed:
+            raise SettlerCrashed
+
+    def _stop_now(self) -> None:
+        self._stop.set()  # the event run() was given, so the whole process stops
 
     async def _lane(self) -> None:
         """Send queued messages one after another until told to stop (a None)."""
