@@ -101,4 +101,4 @@ def test_unreachable_redis_fails_with_one_line(tmp_path: Path) -> None:
     done = send("--redis-url", url, "--from", "a@x.org", "--to", "b@x.org", "--text", "x")
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith("mailpool send: cannot enqueue at redis://127.0.0.1:")
+    assert line.startswith(f"mailpool send: cannot use Redis at {url}: ")

@@ -2,6 +2,9 @@
 
 Nothing here knows SMTP or Redis; each command names a config class and an async entry
 point ``main(config) -> int`` in its role module, imported only when that command runs.
+Whatever command fails, the operator gets one line on stderr, never a traceback: exit
+status 2 for bad configuration (:class:`ConfigError`), 1 for a service it cannot use
+(:class:`Unavailable`, e.g. Redis down or something else listening at the Redis URL).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from workers import __version__
-from workers.config import CommonConfig, ConfigError, add_arguments, from_arguments
+from workers.config import CommonConfig, ConfigError, Unavailable, add_arguments, from_arguments
 from workers.logs import configure_logging
 
 DESCRIPTION = "An email worker pool on Redis streams (the Email ASGI message format)."
@@ -76,10 +79,28 @@ def _config_class(command: Command) -> type[CommonConfig]:
     return cast(type[CommonConfig], found)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser that rejects arguments it does not know itself.
+
+    argparse hands a sub-command's leftovers up to the top-level parser, whose error shows
+    the top-level usage; a wrong flag after ``mailpool send`` should show ``send``'s.
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailpool", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"mailpool {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=CommandParser
+    )
     for command in commands:
         try:
             config_class = _config_class(command)
@@ -111,5 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # problems only visible at start (port in use, bad certificate)
         print(f"mailpool {command.name}: {exc}", file=sys.stderr)
         return 2
+    except Unavailable as exc:
+        print(f"mailpool {command.name}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -28,7 +28,7 @@ from workers.codec.errors import CodecError
 from workers.codec.validate import decode_send
 from workers.config import CommonConfig, ConfigError, option
 from workers.streams import outcomes as oc
-from workers.streams.connection import connect, resolve_redis_url
+from workers.streams.connection import one_shot_client
 from workers.streams.keys import StreamKeys
 
 ACTIONS = ("list", "show", "replay", "purge")
@@ -231,8 +231,5 @@ ACTION_HANDLERS = {"list": list_dead, "show": show_dead, "replay": replay_dead, 
 
 
 async def main(config: DeadConfig) -> int:
-    redis = connect(resolve_redis_url(config.redis_url))
-    try:
+    async with one_shot_client(config.redis_url) as redis:
         return await ACTION_HANDLERS[config.action](redis, StreamKeys.from_config(config), config)
-    finally:
-        await redis.aclose()

@@ -39,14 +39,13 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from workers.codec.errors import CodecError
 from workers.codec.types import SCHEMA_VERSION, Content, SendMessage
 from workers.codec.validate import validate_send
 from workers.codec.wire import pack
-from workers.config import CommonConfig, ConfigError, mask_url_password, option
-from workers.streams.connection import connect, resolve_redis_url
+from workers.config import CommonConfig, ConfigError, option
+from workers.streams.connection import one_shot_client
 
 # Compressed files: mimetypes reports the compression separately (``x.tar.gz`` ->
 # ``application/x-tar`` + ``gzip``); what is attached is the compressed file.
@@ -280,14 +279,7 @@ def message_from_config(config: SendConfig) -> SendMessage:
 
 async def main(config: SendConfig) -> int:
     message = message_from_config(config)
-    url = resolve_redis_url(config.redis_url)
-    redis = connect(url)
-    try:
+    async with one_shot_client(config.redis_url) as redis:
         entry_id = await enqueue(redis, message, stream=config.send_stream)
-    except RedisError as exc:
-        print(f"mailpool send: cannot enqueue at {mask_url_password(url)}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        await redis.aclose()
     print(entry_id, flush=True)
     return 0

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from workers.config import CommonConfig, option
-from workers.streams.connection import as_text, connect, resolve_redis_url
+from workers.streams.connection import as_text, one_shot_client
 from workers.streams.keys import StreamKeys
 
 
@@ -114,9 +114,8 @@ def render_table(status: dict[str, Any]) -> str:
 
 
 async def main(config: StatusConfig) -> int:
-    redis = connect(resolve_redis_url(config.redis_url))
     keys = StreamKeys.from_config(config)
-    try:
+    async with one_shot_client(config.redis_url) as redis:
         while True:
             status = await collect_status(redis, keys)
             if config.json:
@@ -128,5 +127,3 @@ async def main(config: StatusConfig) -> int:
             if not config.watch:
                 return 0
             await asyncio.sleep(config.interval)
-    finally:
-        await redis.aclose()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import overload
 
@@ -10,12 +13,22 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from workers.config import Unavailable, mask_url_password
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # Where `mailpool run` records the URL of the private redis-server it started, so that
 # `mailpool send/listen/status` without --redis-url find the same pool.
 EMBEDDED_URL_FILE = "redis.url"
+# Commands that run once (status, send, dead) give up within seconds: a Redis that is down,
+# or a port where something else listens (an HTTP server, a silent TCP service), must not
+# keep an operator waiting through the nested connect and command retries of `connect`.
+FIRST_REPLY_TIMEOUT = 3.0
+ONE_SHOT_SOCKET_TIMEOUT = 5.0
+ONE_SHOT_RETRIES = 1
+NOT_REDIS_HINT = "is a Redis server listening there?"
 
 
 def data_dir() -> Path:
@@ -48,6 +61,54 @@ def connect(url: str, *, retries: int = 3, socket_timeout: float = 5.0) -> aiore
         retry=Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+
+
+class RedisUnavailable(Unavailable):
+    """Redis at ``url`` could not be used; the message masks the URL's password."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        super().__init__(f"cannot use Redis at {mask_url_password(url)}: {problem}")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What went wrong talking to Redis, in words an operator can act on."""
+    if isinstance(exc, InvalidResponse):
+        return f"the reply is not Redis protocol ({exc}): {NOT_REDIS_HINT}"
+    if isinstance(exc, RedisTimeoutError | TimeoutError):
+        return f"{exc or 'timed out'} ({NOT_REDIS_HINT})"
+    return str(exc) or type(exc).__name__
+
+
+async def first_reply_problem(redis: aioredis.Redis) -> str | None:
+    """None when Redis answers a PING within FIRST_REPLY_TIMEOUT, else what went wrong."""
+    try:
+        await asyncio.wait_for(redis.ping(), FIRST_REPLY_TIMEOUT)
+    except TimeoutError:
+        return f"no reply within {FIRST_REPLY_TIMEOUT:g} s ({NOT_REDIS_HINT})"
+    except (RedisError, OSError) as exc:
+        return describe_failure(exc)
+    return None
+
+
+@contextlib.asynccontextmanager
+async def one_shot_client(url_option: str | None) -> AsyncIterator[aioredis.Redis]:
+    """A client for a command that runs once and ends (status, send, dead).
+
+    It checks that Redis answers before the command starts, and any Redis failure inside
+    the block becomes :class:`RedisUnavailable` (one line naming the URL; the CLI exits
+    with status 1) instead of a traceback or a wait of minutes.
+    """
+    url = resolve_redis_url(url_option)
+    client = connect(url, retries=ONE_SHOT_RETRIES, socket_timeout=ONE_SHOT_SOCKET_TIMEOUT)
+    try:
+        problem = await first_reply_problem(client)
+        if problem is not None:
+            raise RedisUnavailable(url, problem)
+        yield client
+    except (RedisError, OSError) as exc:
+        raise RedisUnavailable(url, describe_failure(exc)) from exc
+    finally:
+        await client.aclose()
 
 
 @overload

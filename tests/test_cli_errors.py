@@ -1,0 +1,127 @@
+"""Every command fails with one line and a non-zero status, and quickly: Redis that is down,
+something that is not Redis at the Redis URL (a silent TCP service, an HTTP server), and a
+wrong flag after a sub-command (that sub-command's usage, not the top level's)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import free_port, wait_for_port
+from tests.ingest_util import ROOT, child_env
+
+# A TCP service that accepts connections and never says a word.
+SILENT_SERVER = """
+import asyncio, sys
+async def hold(reader, writer):
+    await reader.read()  # until the client goes away; never answers
+async def main():
+    server = await asyncio.start_server(hold, "127.0.0.1", int(sys.argv[1]))
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+"""
+
+# Past the one-shot commands' first-reply timeout (3 s), well short of the 80 s they took.
+QUICK = 10.0
+
+ONE_SHOT_COMMANDS = [
+    ["status"],
+    ["status", "--json"],
+    ["dead", "list"],
+    ["dead", "show", "1-1"],
+    ["send", "--from", "a@example.com", "--to", "b@example.com", "--text", "x"],
+]
+
+
+def mailpool(*args: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=ROOT, check=False,
+    )  # fmt: skip
+    return done, time.monotonic() - started
+
+
+def serving(args: list[str], port: int) -> Iterator[int]:
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def silent_port() -> Iterator[int]:
+    port = free_port()
+    yield from serving([sys.executable, "-c", SILENT_SERVER, str(port)], port)
+
+
+@pytest.fixture(scope="module")
+def http_port() -> Iterator[int]:
+    port = free_port()
+    yield from serving(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], port
+    )
+
+
+def only_line(done: subprocess.CompletedProcess[str], command: str) -> str:
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"mailpool {command}: cannot use Redis at ")
+    return line
+
+
+@pytest.mark.parametrize("args", ONE_SHOT_COMMANDS, ids=" ".join)
+def test_redis_down_is_one_line_naming_the_url_with_the_password_masked(args: list[str]) -> None:
+    url = f"redis://app:s3cret@127.0.0.1:{free_port()}/0"
+    done, _ = mailpool(*args, "--redis-url", url)
+    assert done.returncode == 1
+    line = only_line(done, args[0])
+    assert f"redis://app:***@127.0.0.1:{url.rsplit(':', 1)[1]}" in line
+    assert "s3cret" not in done.stderr
+    assert "Connect call failed" in line or "connecting" in line
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("args", ONE_SHOT_COMMANDS, ids=" ".join)
+def test_a_silent_tcp_service_fails_within_seconds(args: list[str], silent_port: int) -> None:
+    done, took = mailpool(*args, "--redis-url", f"redis://127.0.0.1:{silent_port}/0")
+    assert done.returncode == 1
+    assert "no reply within 3 s (is a Redis server listening there?)" in only_line(done, args[0])
+    assert took < QUICK
+
+
+@pytest.mark.parametrize("args", ONE_SHOT_COMMANDS[::2], ids=" ".join)
+def test_an_http_server_is_reported_as_not_redis(args: list[str], http_port: int) -> None:
+    done, took = mailpool(*args, "--redis-url", f"redis://127.0.0.1:{http_port}/0")
+    assert done.returncode == 1
+    assert "not Redis protocol" in only_line(done, args[0])
+    assert took < QUICK
+
+
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [
+        (["send", "--bogus"], "send"),
+        (["dead", "list", "--bogus"], "dead"),
+        (["status", "--watch", "--bogus"], "status"),
+    ],
+)
+def test_a_wrong_flag_after_a_sub_command_shows_its_usage(args: list[str], command: str) -> None:
+    done, _ = mailpool(*args)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"usage: mailpool {command} ")
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"mailpool {command}: error: unrecognized arguments: --bogus"
+
+
+def test_a_wrong_flag_before_the_sub_command_is_the_top_levels() -> None:
+    done, _ = mailpool("--bogus", "status")
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: mailpool [-h]")
