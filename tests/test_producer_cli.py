@@ -83,6 +83,11 @@ def test_options_from_the_environment_and_text_from_stdin(redis_url: str) -> Non
          "--header: expected 'Name: value'"),
         (["--from", "a@x.org", "--to", "b@x.org", "--subject", "a\rBcc: c@x.org"],
          "invalid message"),
+        # what delivery would dead-letter as invalid is refused before it is enqueued
+        (["--from", "not an address", "--to", "b@x.org"],
+         "invalid message: from: invalid envelope address 'not an address'"),
+        (["--from", "a@x.org", "--to", "b@x.org", "--to", "bob"],
+         "invalid message: to[1]: envelope address 'bob' has no domain"),
     ],
 )  # fmt: skip
 def test_bad_input_stops_with_one_line_and_status_2(

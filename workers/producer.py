@@ -40,6 +40,7 @@ from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
 
+from workers.codec.build import build_message
 from workers.codec.errors import CodecError
 from workers.codec.types import SCHEMA_VERSION, Content, SendMessage
 from workers.codec.validate import validate_send
@@ -156,7 +157,9 @@ def make_send_message(
     max_attempts: int | None = None,
     max_age: float | None = None,
 ) -> SendMessage:
-    """The ``email.send`` message, validated (raises CodecError, or OSError for a path).
+    """The ``email.send`` message, checked as the delivery worker will check it: raises
+    CodecError (the path and reason, e.g. ``from: invalid envelope address``) for what it
+    would dead-letter as ``invalid``, or OSError for an attachment path it cannot read.
 
     ``from_`` is the envelope sender; None or "<>" sends with the null sender.  ``id`` is the
     idempotency id: a message id is sent at most once per recipient.  ``max_attempts`` and
@@ -177,7 +180,19 @@ def make_send_message(
         message["header_list"] = header_list
     extensions = {"id": id, "max_attempts": max_attempts, "max_age": max_age}
     message.update({key: value for key, value in extensions.items() if value is not None})
-    return validate_send(message)
+    return deliverable(message)
+
+
+def deliverable(message: dict[str, Any]) -> SendMessage:
+    """The message typed, once the delivery worker's own builder accepts it.
+
+    Building is what delivery does first (schema, envelope addresses, header injection,
+    encodability); a message it refuses would only become a dead letter a moment after
+    the enqueue, so the producer is told now instead.
+    """
+    send = validate_send(message)
+    build_message(send, default_id="enqueue-check")
+    return send
 
 
 async def enqueue(
