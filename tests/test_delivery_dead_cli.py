@@ -46,13 +46,18 @@ async def test_list_and_show(redis: aioredis.Redis, redis_url: str, sink: Record
     assert dead_id in listed.stdout and "rejected" in listed.stdout
     assert "bob@example.com" in listed.stdout
     as_json = [json.loads(line) for line in dead(redis_url, "list", "--json").stdout.splitlines()]
-    assert [(d["id"], d["reason"], d["smtp_code"]) for d in as_json] == [
-        (dead_id, "rejected", "550")
-    ]
+    assert [(d["id"], d["reason"], d["smtp_code"]) for d in as_json] == [(dead_id, "rejected", 550)]
     assert as_json[0]["to"] == ["ann@example.com", "bob@example.com"]  # decoded summary
+    shown_json = json.loads(dead(redis_url, "show", dead_id, "--json").stdout)
+    for letter in (as_json[0], shown_json):  # JSON arrays and numbers, not their text
+        assert letter["recipients"] == ["bob@example.com"]
+        assert letter["attempts"] == 1
+        assert isinstance(letter["first_attempt"], float)
+        assert letter["first_attempt"] <= letter["last_attempt"]
     shown = dead(redis_url, "show", dead_id)
     assert shown.returncode == 0
     assert "mailbox disabled" in shown.stdout and "message_id: inv-9" in shown.stdout
+    assert "recipients: bob@example.com\n" in shown.stdout
     missing = dead(redis_url, "show", "1-1")
     assert missing.returncode == 1 and "no such dead letter" in missing.stderr
 
@@ -112,6 +117,23 @@ async def test_purge_ids_and_all(redis: aioredis.Redis, redis_url: str) -> None:
     assert await redis.xlen("email.send.dead") == 3
     assert dead(redis_url, "purge", "--all").returncode == 0
     assert await redis.xlen("email.send.dead") == 0
+
+
+async def test_a_field_that_does_not_parse_is_shown_as_text(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """A dead letter written by something else (or an older version) is listed, not fatal."""
+    await redis.xadd(
+        "email.send.dead",
+        {"data": pack(send_message()), "reason": "expired", "attempts": "many",
+         "recipients": "not json", "smtp_code": "550"},
+    )  # fmt: skip
+    listed = dead(redis_url, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (letter,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (letter["attempts"], letter["recipients"], letter["smtp_code"]) == (
+        "many", "not json", 550,
+    )  # fmt: skip
 
 
 def test_replay_needs_ids_or_all(redis_url: str) -> None:

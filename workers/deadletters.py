@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,12 +80,33 @@ def _id(raw: bytes | str | None) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
+# Dead-letter fields that are not text (contract.md): shown as JSON arrays and numbers.
+TYPED_FIELDS: dict[str, Callable[[str], Any]] = {
+    "recipients": oc.recipients_from_text,
+    "attempts": int,
+    "smtp_code": int,
+    "first_attempt": float,
+    "last_attempt": float,
+}
+
+
+def field_value(name: str, text: str) -> Any:
+    """A field as its JSON type; a value that does not parse stays text (shown, not lost)."""
+    convert = TYPED_FIELDS.get(name)
+    if convert is None:
+        return text
+    try:
+        return convert(text)
+    except ValueError:  # json.JSONDecodeError is a ValueError too
+        return text
+
+
 def describe_entry(entry_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
-    """A dead letter for people: every field as text, ``data`` summarised (never dumped)."""
+    """A dead letter for people: fields typed, ``data`` summarised (never dumped)."""
     shown: dict[str, Any] = {"id": entry_id}
     for name, value in fields.items():
         if name != b"data":
-            shown[_text(name)] = _text(value)
+            shown[_text(name)] = field_value(_text(name), _text(value))
     data = fields.get(b"data", b"")
     shown["data_size"] = len(data)
     try:
@@ -137,12 +158,19 @@ def replay_fields(dead_id: str, fields: dict[bytes, bytes]) -> dict[str, str | b
     return replay
 
 
+def _plain(value: Any) -> str:
+    """A typed field as table text: lists comma-separated."""
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def _line(shown: dict[str, Any]) -> str:
-    last = float(shown.get("last_attempt") or 0)
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if last else "-"
+    last = shown.get("last_attempt")
+    when = "-"
+    if isinstance(last, float) and last:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last))
     error = shown.get("error", "").replace("\n", " ")
     return (f"{shown['id']}  {shown.get('reason', '?'):<8}  {when}  "
-            f"{shown.get('recipients', '')}  {error[:100]}")  # fmt: skip
+            f"{_plain(shown.get('recipients', ''))}  {error[:100]}")  # fmt: skip
 
 
 async def list_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig) -> int:
@@ -171,7 +199,7 @@ async def show_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig)
         if config.json:
             print(json.dumps(shown, ensure_ascii=False))
         else:
-            print("\n".join(f"{name}: {value}" for name, value in shown.items()) + "\n")
+            print("\n".join(f"{name}: {_plain(value)}" for name, value in shown.items()) + "\n")
     return status
 
 
