@@ -1,5 +1,6 @@
-"""`mailpool status`: length, groups, lag (unknown stays unknown), pending, oldest pending
-age, dead letters, retries waiting — as a table and as the contract's JSON."""
+"""`mailpool status`: length, groups, lag (counted when Redis cannot tell; unknown stays
+unknown), pending, oldest pending age, dead letters, retries waiting — as a table and as the
+contract's JSON."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
+import redis as syncredis
 import redis.asyncio as aioredis
 
-from workers.status import collect_status, render_table
+from tests.harness import RedisServer
+from workers.status import LAG_COUNT_LIMIT, collect_status, render_table
 from workers.streams.keys import StreamKeys
 
 KEYS = StreamKeys()
@@ -35,15 +39,90 @@ async def test_counts_lag_pending_and_oldest_pending_age(redis: aioredis.Redis) 
     assert status["next_retry_at"] > time.time()
 
 
-async def test_unknown_lag_after_deletion_is_null_not_zero(redis: aioredis.Redis) -> None:
-    ids = [await redis.xadd(KEYS.receive, {"data": f"m{n}"}) for n in range(4)]
+async def raw_lag(redis: aioredis.Redis, stream: str, group: str) -> int | None:
+    """The lag Redis itself reports (XINFO GROUPS), None for its nil."""
+    (info,) = [g for g in await redis.xinfo_groups(stream) if g["name"] == group.encode()]
+    lag: int | None = info["lag"]
+    return lag
+
+
+async def add(redis: aioredis.Redis, stream: str, count: int) -> list[bytes]:
+    pipe = redis.pipeline(transaction=False)
+    for n in range(count):
+        pipe.xadd(stream, {"data": f"m{n}"})
+    return list(await pipe.execute())
+
+
+async def test_lag_after_a_deletion_is_counted(redis: aioredis.Redis) -> None:
+    ids = await add(redis, KEYS.receive, 4)
     await redis.xgroup_create(KEYS.receive, "app", id="0")
     await redis.xreadgroup("app", "c", {KEYS.receive: ">"}, count=1)
     await redis.xdel(KEYS.receive, ids[2])  # a deletion inside the group's unread range
+    assert await raw_lag(redis, KEYS.receive, "app") is None  # Redis cannot tell
     status = await collect_status(redis, KEYS)
-    group = status["streams"][KEYS.receive]["groups"]["app"]
-    assert group["lag"] is None
+    assert status["streams"][KEYS.receive]["groups"]["app"]["lag"] == 2  # ids[1], ids[3]
+
+
+async def test_lag_beyond_what_status_counts_is_null_not_zero(redis: aioredis.Redis) -> None:
+    ids = await add(redis, KEYS.receive, LAG_COUNT_LIMIT + 3)
+    await redis.xgroup_create(KEYS.receive, "app", id="0")
+    await redis.xreadgroup("app", "c", {KEYS.receive: ">"}, count=1)
+    await redis.xdel(KEYS.receive, ids[1])  # LAG_COUNT_LIMIT + 1 entries wait
+    status = await collect_status(redis, KEYS)
+    assert status["streams"][KEYS.receive]["groups"]["app"]["lag"] is None
     assert "unknown" in render_table(status)
+
+
+async def restarted_after_reads(
+    make_redis: Callable[..., RedisServer], entries: int, read: int
+) -> aioredis.Redis:
+    """A stream of ``entries`` sends whose ``delivery`` group read ``read`` of them, on a
+    Redis (AOF on, nothing deleted) stopped and started since; a client of the new one."""
+    server = make_redis(appendonly=True)
+    redis = aioredis.Redis.from_url(server.url)
+    await add(redis, KEYS.send, entries)
+    await redis.xgroup_create(KEYS.send, "delivery", id="0")
+    await redis.xreadgroup("delivery", "w", {KEYS.send: ">"}, count=read)
+    await redis.aclose()
+    server.stop()
+    server.start()
+    return aioredis.Redis.from_url(server.url)
+
+
+async def delivery_lag(redis: aioredis.Redis) -> int | None:
+    lag: int | None = (await collect_status(redis, KEYS))["streams"][KEYS.send]["groups"][
+        "delivery"
+    ]["lag"]
+    return lag
+
+
+async def test_lag_is_known_after_a_plain_redis_restart(
+    make_redis: Callable[..., RedisServer],
+) -> None:
+    """No deletion at all: Redis before 7.4 reloads XREADGROUP from the AOF as XCLAIM ...
+    LASTID, which restores the group's position but not its read counter, so XINFO GROUPS
+    answers nil.  Status counts the entries after the position instead."""
+    redis = await restarted_after_reads(make_redis, entries=5, read=2)
+    try:
+        assert await raw_lag(redis, KEYS.send, "delivery") in (None, 3)  # None before 7.4
+        assert await delivery_lag(redis) == 3
+    finally:
+        await redis.aclose()
+
+
+async def test_new_sends_after_a_restart_count_as_lag_for_an_idle_group(
+    make_redis: Callable[..., RedisServer],
+) -> None:
+    """The case that matters for scaling to zero: the group had read everything, Redis
+    restarted, then a send arrives.  Redis before 7.4 says nil (KEDA reads it as no lag)."""
+    redis = await restarted_after_reads(make_redis, entries=3, read=3)
+    try:
+        assert await delivery_lag(redis) == 0
+        await redis.xadd(KEYS.send, {"data": "new"})
+        assert await raw_lag(redis, KEYS.send, "delivery") in (None, 1)  # None before 7.4
+        assert await delivery_lag(redis) == 1
+    finally:
+        await redis.aclose()
 
 
 def test_status_json_command_prints_the_contract_shape(redis_url: str) -> None:
@@ -54,6 +133,20 @@ def test_status_json_command_prints_the_contract_shape(redis_url: str) -> None:
     status = json.loads(out.stdout)
     assert status["streams"] == {}
     assert (status["dead_letters"], status["retries_waiting"]) == (0, 0)
+
+
+def test_table_command_shows_a_counted_lag(redis_url: str) -> None:
+    """The CLI path: a lag Redis cannot tell is shown as counted, not "unknown"."""
+    client = syncredis.Redis.from_url(redis_url)
+    ids = [client.xadd(KEYS.receive, {"data": f"m{n}"}) for n in range(4)]
+    client.xgroup_create(KEYS.receive, "app", id="0")
+    client.xdel(KEYS.receive, ids[1])
+    out = subprocess.run(
+        [sys.executable, "-m", "workers", "status", "--redis-url", redis_url],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    (row,) = [line.split() for line in out.stdout.splitlines() if line.startswith(KEYS.receive)]
+    assert row[:5] == [KEYS.receive, "3", "app", "0", "3"]
 
 
 def test_bad_redis_url_stops_with_one_line_and_status_2() -> None:

@@ -21,6 +21,11 @@ from workers.config import CommonConfig, option
 from workers.streams.connection import as_text, one_shot_client
 from workers.streams.keys import StreamKeys
 
+# When Redis cannot tell a group's lag, status counts the entries after the group's
+# last-delivered id itself, reading at most this many (XRANGE returns whole entries, so the
+# count stays bounded); beyond it the lag stays unknown.
+LAG_COUNT_LIMIT = 100
+
 
 @dataclass
 class StatusConfig(CommonConfig):
@@ -34,7 +39,34 @@ def entry_time(entry_id: str) -> float:
     return int(entry_id.partition("-")[0]) / 1000
 
 
-async def _group_status(redis: aioredis.Redis, stream: str, info: dict[str, Any]) -> dict[str, Any]:
+async def count_after(redis: aioredis.Redis, stream: str, last_id: str, limit: int) -> int | None:
+    """Entries of the stream after ``last_id``: a group's lag, counted; None above ``limit``."""
+    entries = await redis.xrange(stream, min=f"({last_id}", max="+", count=limit + 1) or []
+    return len(entries) if len(entries) <= limit else None
+
+
+async def group_lag(
+    redis: aioredis.Redis, stream: str, info: dict[str, Any], limit: int
+) -> int | None:
+    """The group's lag: what Redis says, else counted by us; None (unknown), never a guess.
+
+    Redis answers nil when its read counter for the group is lost or cannot be used: after
+    deletions inside the group's unread range, and on Redis before 7.4 after every restart
+    or failover (XREADGROUP reaches the AOF and replicas as XCLAIM ... LASTID, which moves
+    the group's position but not its counter), until a consumer reads up to the end.
+    """
+    lag = info.get("lag")
+    if lag is not None:
+        return int(lag)
+    last_id = as_text(info.get("last-delivered-id"))
+    if not last_id or limit <= 0:
+        return None
+    return await count_after(redis, stream, last_id, limit)
+
+
+async def _group_status(
+    redis: aioredis.Redis, stream: str, info: dict[str, Any], lag_limit: int
+) -> dict[str, Any]:
     group = as_text(info["name"]) or ""
     pending = int(info["pending"])
     oldest: float | None = None
@@ -42,20 +74,23 @@ async def _group_status(redis: aioredis.Redis, stream: str, info: dict[str, Any]
         summary = await redis.xpending(stream, group)
         if summary.get("min"):
             oldest = round(max(0.0, time.time() - entry_time(as_text(summary["min"]) or "0")), 3)
-    lag = info.get("lag")
     return {
         "consumers": int(info["consumers"]),
         "pending": pending,
-        # Redis 7 cannot always count the lag (after XDEL/XTRIM inside the group's range):
-        # it answers nil, which must read as "unknown", never as 0.
-        "lag": None if lag is None else int(lag),
+        "lag": await group_lag(redis, stream, info, lag_limit),  # None: unknown, never 0
         "oldest_pending_seconds": oldest,
         "last_delivered_id": as_text(info.get("last-delivered-id")),
     }
 
 
-async def stream_status(redis: aioredis.Redis, stream: str) -> dict[str, Any] | None:
-    """Length and groups of one stream; None when the stream does not exist."""
+async def stream_status(
+    redis: aioredis.Redis, stream: str, *, lag_limit: int = 0
+) -> dict[str, Any] | None:
+    """Length and groups of one stream; None when the stream does not exist.
+
+    ``lag_limit``: how many entries a lag Redis cannot tell may be counted (0: none, for
+    callers such as housekeeping that do not read the lag).
+    """
     if await redis.type(stream) != b"stream":
         return None
     try:
@@ -64,14 +99,16 @@ async def stream_status(redis: aioredis.Redis, stream: str) -> dict[str, Any] | 
         groups = []
     return {
         "length": int(await redis.xlen(stream)),
-        "groups": {as_text(g["name"]): await _group_status(redis, stream, g) for g in groups},
+        "groups": {
+            as_text(g["name"]): await _group_status(redis, stream, g, lag_limit) for g in groups
+        },
     }
 
 
 async def collect_status(redis: aioredis.Redis, keys: StreamKeys) -> dict[str, Any]:
     streams: dict[str, Any] = {}
     for name in (keys.receive, keys.send, keys.events):
-        found = await stream_status(redis, name)
+        found = await stream_status(redis, name, lag_limit=LAG_COUNT_LIMIT)
         if found is not None:
             streams[name] = found
     retry_key = keys.internal("retry")
