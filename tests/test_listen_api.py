@@ -4,6 +4,7 @@ start positions, recovery of entries left by a dead consumer, undecodable entrie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -234,3 +235,28 @@ async def test_entries_read_but_not_handed_out_are_released_on_exit(
     rows = await redis.xpending_range(STREAM, "g", min="-", max="+", count=10)
     owners = {row["message_id"].decode(): row["consumer"].decode() for row in rows}
     assert owners[ids[0]] == "quitter"  # handed out, not acked: stays with its consumer
+
+
+async def consumer_names(redis: aioredis.Redis, group: str) -> list[str]:
+    return [c["name"].decode() for c in await redis.xinfo_consumers(STREAM, group)]
+
+
+async def test_a_clean_exit_removes_the_consumer_only_when_nothing_is_pending(
+    redis: aioredis.Redis,
+) -> None:
+    await add_received(redis, 1)
+    await add_received(redis, 2)
+    async with quick(redis, "g", "done-with-it", limit=1) as finished:
+        await (await next_message(finished)).ack()
+    async with quick(redis, "g", "holds-one") as holding:
+        await next_message(holding)  # handed out, never acked
+    assert await consumer_names(redis, "g") == ["holds-one"]  # kept: its entry comes back
+
+
+async def test_an_exit_by_exception_keeps_the_consumer(redis: aioredis.Redis) -> None:
+    await add_received(redis, 1)
+    with contextlib.suppress(RuntimeError):
+        async with quick(redis, "g", "crashed") as listener:
+            await (await next_message(listener)).ack()
+            raise RuntimeError("the application failed")
+    assert await consumer_names(redis, "g") == ["crashed"]

@@ -151,6 +151,7 @@ def test_follows_new_messages_and_stops_cleanly_on_sigterm(redis_url: str) -> No
             process.wait()
     assert process.stdout.read() == b""  # nothing else printed
     assert pending(client, "live") == 0
+    assert consumers(client, "live") == []  # a clean stop leaves no consumer behind
 
 
 def test_sigint_while_idle_exits_zero(redis_url: str) -> None:
@@ -170,26 +171,60 @@ def test_sigint_while_idle_exits_zero(redis_url: str) -> None:
 
 
 def test_waits_for_redis_that_is_not_there_yet_then_stops_on_sigterm() -> None:
-    url = f"redis://127.0.0.1:{free_port()}/0"
+    port = free_port()
+    url = f"redis://app:s3cret@127.0.0.1:{port}/0"
     process = subprocess.Popen(
         cli("listen", "--redis-url", url, "--group", "g"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=ROOT,
     )  # fmt: skip
     assert process.stderr is not None
     try:
+        told: dict[str, Any] = {}
         warnings = 0
         deadline = time.monotonic() + 15
         while warnings < 2 and time.monotonic() < deadline:  # it retries, it does not crash
             ready, _, _ = select.select([process.stderr], [], [], 1)
-            if ready and b"redis_unavailable" in process.stderr.readline():
+            line = process.stderr.readline() if ready else b""
+            if b"redis_not_answering" in line:
+                told = json.loads(line)
+            if b"redis_unavailable" in line:
                 warnings += 1
         assert warnings == 2 and process.poll() is None
+        # The first warning says where it looked and how to point it at the pool.
+        assert told["redis_url"] == f"redis://app:***@127.0.0.1:{port}/0"
+        assert "--redis-url" in told["hint"] and "MAILPOOL_REDIS_URL" in told["hint"]
+        assert ".mailpool/redis.url" in told["hint"] and "waiting" in told["hint"]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_finished_run_removes_its_consumer(redis_url: str) -> None:
+    client = syncredis.Redis.from_url(redis_url)
+    add(client, MIXED)
+    add(client, MIXED)
+    for _ in range(2):  # two runs, as a script would: no consumers pile up
+        done = run_listen(redis_url, "--group", "jobs", "--start", "all", "--count", "1")
+        assert done.returncode == 0, done.stderr
+        assert "consumer_removed" in done.stderr
+    assert consumers(client, "jobs") == []
+    assert pending(client, "jobs") == 0
+
+
+def test_a_consumer_with_pending_entries_is_kept_and_says_so(redis_url: str) -> None:
+    client = syncredis.Redis.from_url(redis_url)
+    add(client, MIXED)
+    done = run_listen(
+        redis_url, "--group", "peek", "--start", "all", "--count", "1", "--no-ack",
+        "--consumer", "peeker",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (kept,) = [json.loads(line) for line in done.stderr.splitlines() if "consumer_kept" in line]
+    assert (kept["consumer"], kept["pending"]) == ("peeker", 1)
+    assert consumers(client, "peek") == ["peeker"]
 
 
 def test_missing_group_is_a_configuration_error(redis_url: str) -> None:
@@ -242,6 +277,10 @@ def test_json_line_of_a_message_with_raw_bytes_and_part_headers() -> None:
     assert part["headers"]["content-id"] == "<c1>"
     assert (base64.b64decode(part["body"]), part["body_encoding"]) == (b"\xff\x00", "base64")
     assert "\n" not in to_json_line(listened)  # one line, whatever the message holds
+
+
+def consumers(client: syncredis.Redis, group: str) -> list[str]:
+    return [c["name"].decode() for c in client.xinfo_consumers(STREAM, group)]
 
 
 def group_exists(client: syncredis.Redis, group: str) -> bool:

@@ -21,6 +21,9 @@ Semantics (Redis consumer groups, see ``workers.streams.consumer``):
   trimmed from the stream while pending) never stops the iteration: it is yielded with
   ``message = None`` and ``error`` set.  Acknowledging it is the caller's choice; one that is
   left pending comes back after ``claim_after`` with a higher ``deliveries`` count.
+* Leaving ``async with`` without an exception removes the consumer from the group when it
+  has nothing pending (so short runs do not pile up consumers); with entries pending it
+  stays, so that they come back to it, and says so in the log.
 
 ``mailpool listen`` prints one JSON line per entry; see :func:`to_json_line` for the format.
 """
@@ -50,9 +53,16 @@ from redis.typing import StreamIdT
 from workers.codec.errors import CodecError
 from workers.codec.types import ReceiveMessage
 from workers.codec.validate import decode_receive
-from workers.config import CommonConfig, ConfigError, default_consumer_name, option, positive
+from workers.config import (
+    CommonConfig,
+    ConfigError,
+    default_consumer_name,
+    mask_url_password,
+    option,
+    positive,
+)
 from workers.lifecycle import install_stop_signals
-from workers.streams.connection import connect, resolve_redis_url
+from workers.streams.connection import connect, first_reply_problem, resolve_redis_url
 from workers.streams.consumer import START_ALL, START_NEW, GroupConsumer, StreamEntry
 
 log = structlog.get_logger("mailpool.listen")
@@ -65,6 +75,19 @@ RETRY_DELAY_CAP = 5.0
 # Idle time given to entries a stopping listener read but never handed out: 30 days, past
 # any sensible claim_after, so the next claim pass of any consumer takes them.
 RELEASED_IDLE_MS = 30 * 86_400_000
+# Removes the consumer only when it has nothing pending, in one step, so that an entry
+# read meanwhile under the same name is never dropped from the group's pending list.
+# KEYS: stream; ARGV: group, consumer.  Returns the consumer's pending count (0: removed).
+REMOVE_IDLE_CONSUMER_LUA = """
+local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
+for _, row in ipairs(summary[4] or {}) do
+  if row[1] == ARGV[2] then
+    return tonumber(row[2])
+  end
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 0
+"""
 
 
 @dataclass
@@ -134,6 +157,8 @@ class Listener:
     ) -> None:
         self.stop()
         await self.release_unread()
+        if exc_type is None:
+            await self.remove_consumer_if_idle()
 
     def __aiter__(self) -> Listener:
         return self
@@ -193,6 +218,29 @@ class Listener:
             )  # fmt: skip
         except RedisError as exc:  # they still come back after claim_after
             log.warning("release_failed", group=self.group, count=len(ids), error=str(exc))
+
+    async def remove_consumer_if_idle(self) -> bool:
+        """Delete this consumer from the group unless entries are pending on it.
+
+        True when it was removed.  A consumer with pending entries is kept (XGROUP
+        DELCONSUMER would drop them from the group for good); they come back to a listener
+        with the same consumer name at once, or to any other after ``claim_after``.
+        """
+        if not self._group_ready:
+            return False  # never reached Redis: nothing was created under this name
+        script = self.redis.register_script(REMOVE_IDLE_CONSUMER_LUA)
+        try:
+            pending = int(await script(keys=[self.stream], args=[self.group, self.consumer]))
+        except RedisError as exc:  # e.g. an ACL user without EVALSHA; housekeeping removes it
+            log.warning("consumer_not_removed", group=self.group, consumer=self.consumer,
+                        error=str(exc))  # fmt: skip
+            return False
+        if pending:
+            log.info("consumer_kept", group=self.group, consumer=self.consumer, pending=pending,
+                     reason="entries are pending on it")  # fmt: skip
+            return False
+        log.info("consumer_removed", group=self.group, consumer=self.consumer)
+        return True
 
     async def ack(self, *messages: ListenedMessage | str) -> int:
         """Acknowledge messages (or entry ids); returns how many were still pending."""
@@ -368,9 +416,27 @@ async def print_messages(listener: Listener, *, ack: bool) -> int:
     return printed
 
 
+# What `mailpool listen` says when no Redis answers at start.  It keeps waiting: it is a
+# long-running consumer, often started before (or beside) the pool it listens to.
+POOL_HINT = (
+    "waiting for it (Ctrl-C to stop). To listen to a running pool, give --redis-url or "
+    "MAILPOOL_REDIS_URL, or start listen in the directory where `mailpool run` runs "
+    "(it finds the pool's Redis through .mailpool/redis.url)"
+)
+
+
+async def say_if_redis_is_missing(redis: aioredis.Redis, url: str) -> None:
+    """One clear warning naming the URL when nothing answers there at start."""
+    problem = await first_reply_problem(redis)
+    if problem is not None:
+        log.warning("redis_not_answering", redis_url=mask_url_password(url), error=problem,
+                    hint=POOL_HINT)  # fmt: skip
+
+
 async def main(config: ListenConfig) -> int:
     assert config.group is not None  # validate() insists
-    redis = connect(resolve_redis_url(config.redis_url))
+    url = resolve_redis_url(config.redis_url)
+    redis = connect(url)
     listener = Listener(
         redis,
         config.group,
@@ -384,9 +450,10 @@ async def main(config: ListenConfig) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop)
     stopper = asyncio.create_task(_stop_when_set(stop, listener))
-    log.info("listen_started", stream=config.receive_stream, group=config.group,
-             consumer=config.consumer, start=config.start)  # fmt: skip
+    log.info("listen_started", redis_url=mask_url_password(url), stream=config.receive_stream,
+             group=config.group, consumer=config.consumer, start=config.start)  # fmt: skip
     try:
+        await say_if_redis_is_missing(redis, url)
         async with listener:
             printed = await print_messages(listener, ack=config.ack)
     except BrokenPipeError:
