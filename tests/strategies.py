@@ -1,7 +1,10 @@
-"""Hypothesis strategies for spec send messages (used by the codec round-trip tests)."""
+"""Hypothesis strategies: spec send messages (the codec round trip) and RFC 2047 phrases (the
+parser's address tests)."""
 
 from __future__ import annotations
 
+import base64
+import itertools
 from typing import Any
 
 from hypothesis import strategies as st
@@ -65,11 +68,21 @@ text_bodies = st.builds(
     lambda lines, end: "\n".join(lines) + end, _lines, st.sampled_from(["", "\n", "\r\n"])
 )
 
-filenames = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x00"),
-    min_size=1,
-    max_size=90,
-).filter(lambda name: "=?" not in name)  # the parser decodes RFC 2047 inside filenames
+# Any text, "=?" included: a filename that looks like an RFC 2047 encoded-word must come
+# back literally (the builder writes it in RFC 2231 form, which is never RFC 2047-decoded).
+filenames = st.one_of(
+    st.text(
+        st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x00"),
+        min_size=1,
+        max_size=90,
+    ),
+    st.builds(
+        lambda before, word, after: before + word + after,
+        st.text(max_size=10).filter(lambda text: not {"\r", "\n", "\x00"} & set(text)),
+        st.sampled_from(["=?utf-8?q?a_b?=", "=?UTF-8?B?w6k=?=", "=?", "?=", "=?x?q??="]),
+        st.sampled_from(["", ".txt", " =?utf-8?q?c?="]),
+    ),
+)
 
 
 @st.composite
@@ -145,3 +158,40 @@ def send_messages(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, list[tuple
         "content": draw(content_trees),
     }
     return message, addresses
+
+
+# --- RFC 2047 encoded-words, for the parser's address tests --------------------------------
+
+# Characters a Q encoded-word may carry unencoded inside a phrase (RFC 2047 section 5 (3)).
+_Q_PHRASE_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+
+
+def q_encoded_word(text: str) -> str:
+    """``text`` as one UTF-8 Q encoded-word that is legal in a phrase."""
+    encoded = "".join(
+        chr(octet) if octet in _Q_PHRASE_SAFE else "_" if octet == 0x20 else f"={octet:02X}"
+        for octet in text.encode("utf-8")
+    )
+    return f"=?utf-8?q?{encoded}?="
+
+
+def b_encoded_word(text: str) -> str:
+    """``text`` as one UTF-8 B encoded-word."""
+    return f"=?utf-8?b?{base64.b64encode(text.encode('utf-8')).decode('ascii')}?="
+
+
+@st.composite
+def encoded_phrase(draw: st.DrawFn, text: str) -> tuple[str, str]:
+    """``text`` as adjacent encoded-words cut at character boundaries, Q or B each: (words
+    apart by blanks or a fold, as senders write them; words joined, as RFC 2047 section 6.2
+    reads them)."""
+    cuts: list[int] = []
+    if len(text) > 1:
+        cuts = sorted(set(draw(st.lists(st.integers(1, len(text) - 1), max_size=3))))
+    bounds = [0, *cuts, len(text)]
+    words = [
+        draw(st.sampled_from([q_encoded_word, b_encoded_word]))(text[start:end])
+        for start, end in itertools.pairwise(bounds)
+    ]
+    separator = draw(st.sampled_from([" ", "\t", "  ", "\r\n "]))
+    return separator.join(words), "".join(words)

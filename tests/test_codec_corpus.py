@@ -7,6 +7,7 @@ decoded, nothing else rewritten): see ``tests/corpus_util.py`` for exactly what 
 
 from __future__ import annotations
 
+import email.utils
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,14 @@ from tests.corpus_util import (
     CORPUS_MISSING,
     compare_with_stdlib,
     corpus_files,
+    stdlib_reading,
     validate_if_available,
 )
+from tests.strategies import q_encoded_word
+from workers.codec.headers import ADDRESS_FIELDS
 from workers.codec.parse import parse_message
+
+Mailboxes = list[tuple[str, str]]
 
 # Documented differences from the stdlib, each justified:
 # msg_15.txt: an inner multipart/alternative reuses its parent's boundary, so it never sees
@@ -165,3 +171,56 @@ def test_stdlib_written_messages_read_the_same(raw: bytes) -> None:
     comparison = compare_with_stdlib(raw)
 
     assert comparison.excepted == []
+
+
+# --- address structure on real messages (issue 10, item 3) ----------------------------------
+
+_HOSTILE_TAILS = (", <evil@attacker.example>", ' "q" (c) <x@y.example>; g:', "")
+
+
+def _with_encoded_display_names(raw: bytes, tail: str) -> tuple[bytes, list[Mailboxes]]:
+    """``raw`` with every address field rewritten: each mailbox's name (its local part when
+    it has none) plus ``tail`` as one encoded-word; and the mailboxes meant, field by field."""
+    from email import message_from_bytes
+    from email import policy as policies
+
+    reading = message_from_bytes(raw, policy=policies.default)
+    compat = message_from_bytes(raw, policy=policies.compat32)
+    meant: list[Mailboxes] = []
+    for name in {field.lower() for field in compat.keys()} & ADDRESS_FIELDS:  # noqa: SIM118
+        values = reading.get_all(name, [])
+        del compat[name]
+        for value in values:
+            boxes = [
+                ((box.display_name or box.username) + tail, box.addr_spec)
+                for box in value.addresses
+                if "@" in box.addr_spec
+            ]
+            if boxes:
+                compat[name] = ", ".join(f"{q_encoded_word(n)} <{a}>" for n, a in boxes)
+                meant.append(boxes)
+    return compat.as_bytes(), meant
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("tail", _HOSTILE_TAILS)
+@pytest.mark.parametrize("path", corpus_ids(), ids=lambda path: path.name)
+def test_corpus_address_fields_keep_their_mailboxes_when_names_are_encoded(
+    path: Path, tail: str
+) -> None:
+    raw, meant = _with_encoded_display_names(path.read_bytes(), tail)
+    message = parse_message(raw, mail_from=None, rcpt_tos=["rcpt@example.com"])
+    theirs = stdlib_reading(raw)
+
+    found = [
+        email.utils.getaddresses([value])
+        for name, value in message["header_list"]
+        if name.lower() in ADDRESS_FIELDS
+    ]
+    assert sorted(found) == sorted(meant)
+    stdlib = [
+        [(box.display_name, box.addr_spec) for box in value.addresses]
+        for name, value in theirs.items()
+        if name.lower() in ADDRESS_FIELDS
+    ]
+    assert sorted(found) == sorted(stdlib)

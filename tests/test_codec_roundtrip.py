@@ -4,6 +4,7 @@ headers (decoded), bodies and filenames; the stdlib reads the same addresses and
 from __future__ import annotations
 
 import email
+import email.utils
 import re
 from email import policy
 from email.message import EmailMessage
@@ -23,11 +24,18 @@ def normalised_text(body: str | bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
+SPECIALS = frozenset('()<>[]:;@\\,."')
+
+
 def decoded_address_field(boxes: list[tuple[str, str]]) -> str:
     """What the parser reads back: ASCII fields verbatim; a non-ASCII display name becomes
-    encoded-words (RFC 2047 forbids them inside quotes), so it decodes without its quotes."""
+    encoded-words (RFC 2047 forbids them inside quotes), so it decodes without its quotes,
+    unless it holds specials: then it is a quoted-string again (decoding adds no structure).
+    """
     return ", ".join(
-        f"{name} <{addr}>" if not name.isascii() else format_mailbox(name, addr)
+        f"{name} <{addr}>"
+        if not name.isascii() and not SPECIALS & set(name)
+        else format_mailbox(name, addr)
         for name, addr in boxes
     )
 
@@ -103,6 +111,7 @@ def test_built_messages_parse_back_to_the_same_message(
     for name, value in message["headers"].items():
         if name in ADDRESS_FIELDS:
             assert headers[name] == decoded_address_field(addresses[name]), name
+            assert email.utils.getaddresses([headers[name]]) == addresses[name], name
         elif name != "bcc":
             assert headers[name] == value, name
 

@@ -20,7 +20,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from workers.codec.headers import decode_header_value, split_content_type, unfold
+from workers.codec.headers import (
+    ADDRESS_FIELDS,
+    decode_address_value,
+    decode_header_value,
+    media_type,
+    mime_params,
+    replace_line_breaks,
+    unfold,
+)
 from workers.codec.types import SCHEMA_VERSION, Content, ReceiveMessage
 
 __all__ = ["DEFAULT_PARSE_LIMITS", "ParseLimits", "parse_message"]
@@ -60,7 +68,6 @@ DEFAULT_PARSE_LIMITS = ParseLimits()
 _HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
 _BOUNDARY_TAIL = re.compile(rb"(--)?[ \t]*\r?(?=\n|\Z)")
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n \t"
-_TEXT_LINE_ENDS = re.compile(rb"\r\n?")
 
 
 @dataclass
@@ -198,7 +205,8 @@ def _parse_entity(data: bytes, span: tuple[int, int], path: str, state: _State) 
                 mime[lower] = unfold(text).strip()
             elif lower == "content-type":
                 state.defect(field_path, "repeated Content-Type field, first one used")
-        fields.append((name, _decoded_value(text, field_path, state)))
+        address = lower in ADDRESS_FIELDS
+        fields.append((name, _decoded_value(text, field_path, state, address=address)))
     return _Entity(
         fields,
         mime.get("content-type"),
@@ -210,9 +218,11 @@ def _parse_entity(data: bytes, span: tuple[int, int], path: str, state: _State) 
     )
 
 
-def _decoded_value(text: str, path: str, state: _State) -> str:
+def _decoded_value(text: str, path: str, state: _State, *, address: bool) -> str:
     defects: list[str] = []
-    decoded = decode_header_value(text, defects)
+    # In address fields decoding must not add mailboxes: see decode_address_value.
+    decode = decode_address_value if address else decode_header_value
+    decoded = decode(text, defects)
     for description in defects:
         state.defect(path, description)
     if len(decoded) > state.limits.max_value_len:
@@ -286,10 +296,12 @@ def _transfer_decode(body: bytes, cte: str | None, path: str, state: _State) -> 
     return body
 
 
-def _leaf_body(entity: _Entity, main_type: str, path: str, state: _State) -> bytes:
+def _leaf_body(entity: _Entity, path: str, state: _State, *, text: bool) -> bytes:
+    """The transfer-decoded body; a text body has its CRLF line ends turned into LF (a lone
+    CR is not a line end and stays)."""
     body = _transfer_decode(entity.body(), entity.raw_cte, path, state)
-    if main_type.startswith("text/") and b"\r" in body:
-        body = _TEXT_LINE_ENDS.sub(b"\n", body)
+    if text and b"\r\n" in body:
+        body = body.replace(b"\r\n", b"\n")
     return body
 
 
@@ -361,16 +373,24 @@ def _content_of(
 ) -> tuple[Content, list[tuple[str, str]]]:
     """The content object of the entity at ``span`` and that entity's decoded fields."""
     entity = _parse_entity(state.data, span, path, state)
-    content_type = entity.raw_content_type
-    if content_type is None or not content_type:
-        content_type = default_type
-    main_type, params = split_content_type(content_type)
-    if main_type.count("/") != 1:
-        state.defect(path, f"invalid content type {main_type[:60]!r}, read as text/plain")
-        main_type = "text/plain"
+    declared = entity.raw_content_type
+    content_type = default_type if declared is None else declared
+    main_type = media_type(content_type)
+    readable = main_type is not None
+    if main_type is None:
+        # RFC 2045 section 5.2: an unreadable type means text/plain; charset=us-ascii.  The
+        # sender meant some other type, so the body's octets are kept as they are.
+        state.defect(
+            path,
+            f"invalid Content-Type {content_type[:60]!r}, read as {DEFAULT_CONTENT_TYPE}, "
+            "body octets kept",
+        )
+        main_type, content_type = "text/plain", DEFAULT_CONTENT_TYPE
+    _, params, literal_params = mime_params(declared or "")
     content: Content = {"content-type": content_type}
     if not root:
-        _add_part_extensions(content, entity, params, path, state)
+        part_fields = _PartFields(entity, params, literal_params, keep_content_type=not readable)
+        _add_part_extensions(content, part_fields, path, state)
     if main_type.startswith("multipart/"):
         parts = _multipart_parts(entity, main_type, params.get("boundary"), path, depth, state)
         if isinstance(parts, bytes):
@@ -378,7 +398,8 @@ def _content_of(
         else:
             content["parts"] = parts
         return content, entity.fields
-    content["body"] = _leaf_body(entity, main_type, f"{path}.body", state)
+    text = readable and main_type.startswith("text/")
+    content["body"] = _leaf_body(entity, f"{path}.body", state, text=text)
     return content, entity.fields
 
 
@@ -420,23 +441,42 @@ def _multipart_parts(  # noqa: PLR0917 - one call site, all positions are distin
     return parts
 
 
-def _add_part_extensions(
-    content: Content, entity: _Entity, params: dict[str, str], path: str, state: _State
-) -> None:
-    headers = _joined_headers(entity.fields, skip_content_type=True)
+@dataclass(frozen=True)
+class _PartFields:
+    """What a non-root part's extension keys are made from."""
+
+    entity: _Entity
+    params: dict[str, str]  # Content-Type parameters
+    literal_params: frozenset[str]  # those given in RFC 2231 form
+    keep_content_type: bool  # the Content-Type was unreadable: keep it in the part headers
+
+
+def _add_part_extensions(content: Content, part: _PartFields, path: str, state: _State) -> None:
+    headers = _joined_headers(part.entity.fields, skip_content_type=not part.keep_content_type)
     if headers:
         content["headers"] = headers
-    filename = None
-    if entity.raw_disposition is not None:
-        _, disposition_params = split_content_type(entity.raw_disposition)
-        filename = disposition_params.get("filename")
+    filename = _filename(part)
     if filename is None:
-        filename = params.get("name")
-    if filename is not None:
-        name_defects: list[str] = []
-        content["filename"] = decode_header_value(filename, name_defects)
-        for description in name_defects:
-            state.defect(f"{path}.filename", description)
+        return
+    name, literal = filename
+    name_defects: list[str] = []
+    if literal:  # RFC 2231 text is final: an "=?" in it is part of the name
+        content["filename"] = replace_line_breaks(name, name_defects)
+    else:
+        content["filename"] = decode_header_value(name, name_defects)
+    for description in name_defects:
+        state.defect(f"{path}.filename", description)
+
+
+def _filename(part: _PartFields) -> tuple[str, bool] | None:
+    """(Content-Disposition filename, else Content-Type name; given in RFC 2231 form)."""
+    if part.entity.raw_disposition is not None:
+        _, params, literal = mime_params(part.entity.raw_disposition)
+        if "filename" in params:
+            return params["filename"], "filename" in literal
+    if "name" in part.params:
+        return part.params["name"], "name" in part.literal_params
+    return None
 
 
 def _joined_headers(fields: list[tuple[str, str]], *, skip_content_type: bool) -> dict[str, str]:

@@ -22,11 +22,11 @@ Content = TypedDict(
         # spec: every non-multipart part; bytes after transfer decoding
         # (on send, a str is accepted and encoded as UTF-8)
         "body": NotRequired[bytes],
-        # extension: the part's own MIME fields except Content-Type (non-root parts only),
-        # lower-cased names, values decoded like message headers
+        # extension: the part's own MIME fields except Content-Type (kept when unreadable;
+        # non-root parts only), lower-cased names, values decoded like message headers
         "headers": NotRequired[dict[str, str]],
-        # extension: RFC 2231/2047-decoded filename (Content-Disposition filename or
-        # Content-Type name)
+        # extension: the filename (Content-Disposition filename or Content-Type name):
+        # an RFC 2231 form decoded and literal, a plain form RFC 2047-decoded
         "filename": NotRequired[str],
     },
 )
