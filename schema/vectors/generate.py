@@ -186,6 +186,37 @@ DEFECTS_RAW = (
     b"SGVsbG8gd29ybGQ\r\n"
 )
 
+# Octets that line-end normalisation would change (CR, CRLF), as in a JPEG.
+IMAGE_OCTETS = b"\xff\xd8\xff\xe0\x00\x10JFIF\r\n\x1a\r\x00\r\r\n\xff\xd9"
+
+DECODING_RULES_RAW = (
+    b"From: =?utf-8?q?Bank_<evil=40attacker.example>,?= <real@bank.example>\r\n"
+    b"Reply-To: =?UTF-8?B?Rm9vLCBCYXI=?= <foo@example.com>\r\n"
+    b"To: =?utf-8?q?J=C3=B6rg_M=C3=BCller?= <joerg@example.com>\r\n"
+    b"Subject: =?utf-8?q?Foo,_Bar?=\r\n"
+    b"Date: Thu, 01 Jan 2026 00:00:00 +0000\r\n"
+    b"Message-ID: <rules-1@example.com>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="rules"\r\n'
+    b"\r\n"
+    b"--rules\r\n"
+    b"Content-Type: text/plain; charset=us-ascii\r\n"
+    b"Content-Transfer-Encoding: quoted-printable\r\n"
+    b"\r\n"
+    b"CRLF ends a line,=0Da lone CR does not.\r\n"
+    b"Second line.\r\n"
+    b"--rules\r\n"
+    b"Content-Type: text/plain; charset=us-ascii\r\n"
+    b"Content-Disposition: attachment;\r\n"
+    b" filename*=utf-8''%3D%3Futf-8%3Fq%3Fa_b%3F%3D.txt\r\n"
+    b"\r\n"
+    b"The name above is literal.\r\n"
+    b"--rules\r\n"
+    b'Content-Type: ; name="x.jpg"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n" + base64.encodebytes(IMAGE_OCTETS).replace(b"\n", b"\r\n") + b"--rules--\r\n"
+)
+
 SOURCES: dict[str, Source] = {
     "receive-null-sender": Source(
         NULL_SENDER_RAW, "", ("alice@example.com",), "5e0c6a1f2b3d4c5e8f7a9b0c1d2e3f40"
@@ -207,6 +238,12 @@ SOURCES: dict[str, Source] = {
     ),
     "receive-defects-raw": Source(
         DEFECTS_RAW, "alice@example.com", ("bob@example.org",), "d3fec7d3fec7d3fec7d3fec7d3fec7d3"
+    ),
+    "receive-decoding-rules": Source(
+        DECODING_RULES_RAW,
+        "bounce@bank.example",
+        ("joerg@example.com",),
+        "5eed5eed5eed5eed5eed5eed5eed5eed",
     ),
 }
 
@@ -256,6 +293,7 @@ def _receive_vectors() -> dict[str, dict[str, Any]]:
         "receive-multipart-attachment": _multipart_vector(),
         "receive-rfc822": _rfc822_vector(),
         "receive-defects-raw": _defects_vector(),
+        "receive-decoding-rules": _decoding_rules_vector(),
     }
 
 
@@ -434,6 +472,60 @@ def _defects_vector() -> dict[str, Any]:
             "content.body: base64 body has incorrect padding",
         ],
         "raw": DEFECTS_RAW,
+    }
+
+
+def _decoding_rules_vector() -> dict[str, Any]:
+    # Address fields: an encoded display name with specials comes back as a quoted-string, so
+    # a list parser finds the one mailbox the sender wrote; other fields decode as they are.
+    header_list = [
+        ["From", '"Bank <evil@attacker.example>," <real@bank.example>'],
+        ["Reply-To", '"Foo, Bar" <foo@example.com>'],
+        ["To", "Jörg Müller <joerg@example.com>"],
+        ["Subject", "Foo, Bar"],
+        ["Date", DATE],
+        ["Message-ID", "<rules-1@example.com>"],
+        ["MIME-Version", "1.0"],
+        ["Content-Type", 'multipart/mixed; boundary="rules"'],
+    ]
+    text = {
+        "content-type": "text/plain; charset=us-ascii",
+        "headers": {"content-transfer-encoding": "quoted-printable"},
+        "body": b"CRLF ends a line,\ra lone CR does not.\nSecond line.",
+    }
+    literal_name = {
+        "content-type": "text/plain; charset=us-ascii",
+        "headers": {
+            "content-disposition": "attachment; filename*=utf-8''%3D%3Futf-8%3Fq%3Fa_b%3F%3D.txt"
+        },
+        "filename": "=?utf-8?q?a_b?=.txt",  # RFC 2231 text is never RFC 2047-decoded
+        "body": b"The name above is literal.",
+    }
+    unreadable_type = {
+        # RFC 2045 section 5.2; the field as sent stays in headers, the octets are untouched.
+        "content-type": "text/plain; charset=us-ascii",
+        "headers": {"content-type": '; name="x.jpg"', "content-transfer-encoding": "base64"},
+        "filename": "x.jpg",
+        "body": IMAGE_OCTETS,
+    }
+    return {
+        "from": "bounce@bank.example",
+        "to": ["joerg@example.com"],
+        "headers": {name.lower(): value for name, value in header_list},
+        "content": {
+            "content-type": 'multipart/mixed; boundary="rules"',
+            "parts": [text, literal_name, unreadable_type],
+        },
+        "id": SOURCES["receive-decoding-rules"].message_id,
+        "version": 1,
+        "received_at": RECEIVED_AT,
+        "size": len(DECODING_RULES_RAW),
+        "header_list": header_list,
+        "defects": [
+            "content.parts[2]: invalid Content-Type '; name=\"x.jpg\"', read as text/plain; "
+            "charset=us-ascii, body octets kept"
+        ],
+        "raw": DECODING_RULES_RAW,
     }
 
 
