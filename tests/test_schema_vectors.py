@@ -8,22 +8,22 @@ documented path (and by the JSON Schema where the entry is msgpack at all), and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jsonschema
 import pytest
 import redis.asyncio as aioredis
-from referencing import Registry, Resource
 
 from tests.corpus_util import corpus_files
+from tests.schema_util import REPO_ROOT, SCHEMA_DIR, SCHEMA_FOR_KIND, VECTOR_DIR, generate
+from tests.schema_util import entry_twin as _entry_twin
+from tests.schema_util import read_json as _twin
+from tests.schema_util import validator as _validator
 from workers.codec import wire
 from workers.codec.build import build_message
 from workers.codec.errors import CodecError, WireError
@@ -31,25 +31,8 @@ from workers.codec.parse import parse_message
 from workers.codec.validate import validate_receive, validate_send
 from workers.streams import outcomes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCHEMA_DIR = REPO_ROOT / "schema"
-VECTOR_DIR = SCHEMA_DIR / "vectors"
 INVALID_DIR = VECTOR_DIR / "invalid"
 ENTRY_DIR = VECTOR_DIR / "entries"
-
-
-def _load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "schema_vectors_generate", VECTOR_DIR / "generate.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while decorating
-    spec.loader.exec_module(module)
-    return module
-
-
-generate = _load_generator()
 
 
 def _names(directory: Path, suffix: str = ".msgpack") -> list[str]:
@@ -59,36 +42,6 @@ def _names(directory: Path, suffix: str = ".msgpack") -> list[str]:
 VALID = _names(VECTOR_DIR)
 INVALID = _names(INVALID_DIR)
 ENTRIES = _names(ENTRY_DIR, ".json")
-
-
-def _twin(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-# ---------------------------------------------------------------------------------------
-# JSON Schema set-up: all schema files in one registry, refs resolved by $id
-
-
-def _registry() -> Registry:
-    resources = []
-    for path in sorted(SCHEMA_DIR.glob("*.schema.json")):
-        contents = _twin(path)
-        resources.append((contents["$id"], Resource.from_contents(contents)))
-    return Registry().with_resources(resources)
-
-
-REGISTRY = _registry()
-SCHEMA_FOR_KIND = {
-    "receive": "receive.schema.json",
-    "send": "send.schema.json",
-    "dead-letter": "dead-letter.schema.json",
-    "event": "event.schema.json",
-}
-
-
-def _validator(kind: str) -> jsonschema.Draft202012Validator:
-    schema = _twin(SCHEMA_DIR / SCHEMA_FOR_KIND[kind])
-    return jsonschema.Draft202012Validator(schema, registry=REGISTRY)
 
 
 def _entry_kind(name: str) -> str:
@@ -328,14 +281,6 @@ def test_dead_letter_data_is_the_original_entry() -> None:
 class _Reply:
     code: int | None
     text: str
-
-
-def _entry_twin(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
-    """A stream entry as read from Redis in twin form: data as bin, the rest as UTF-8 text."""
-    return {
-        key.decode(): generate.to_twin(value) if key == b"data" else value.decode()
-        for key, value in fields.items()
-    }
 
 
 async def test_entries_mailpool_writes_satisfy_the_schemas(redis: aioredis.Redis) -> None:

@@ -35,14 +35,29 @@ from workers.config import ConfigError, DeliveryConfig, maildir_path
 log = structlog.get_logger("mailpool.relay")
 
 
+# Reply codes an SMTP server can give (RFC 5321 section 4.2: three digits, 2xx to 5xx).
+SMTP_CODES = range(200, 600)
+
+
 @dataclass(frozen=True)
 class Reply:
-    code: int | None  # None: no SMTP reply (connection error, timeout)
+    code: int | None  # None: no SMTP reply (connection error, timeout, unreadable reply)
     text: str
 
     @property
     def permanent(self) -> bool:
         return self.code is not None and 500 <= self.code < 600
+
+
+def relay_reply(code: int, text: str) -> Reply:
+    """A reply as the relay gave it.  A code that is no SMTP reply code is a local failure
+    to read one: aiosmtplib reports a reply line too long or malformed as code -1, and a
+    relay may send digits outside 2xx-5xx.  Those have code None (a transient failure, like
+    a timeout) and say what happened in the text."""
+    if code in SMTP_CODES:
+        return Reply(code, text)
+    said = text if code < 0 else f"{code} {text}"  # aiosmtplib's -1 is not the relay's
+    return Reply(None, f"unreadable reply from the relay: {said}")
 
 
 @dataclass
@@ -209,7 +224,7 @@ async def _greet(smtp: aiosmtplib.SMTP) -> None:
 
 def _reply_of(exc: BaseException) -> Reply:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return Reply(exc.code, exc.message)
+        return relay_reply(exc.code, exc.message)
     return Reply(None, f"{type(exc).__name__}: {exc}")
 
 
@@ -258,7 +273,7 @@ async def _transaction(
             elif reply.code == 421:  # the relay is closing the connection: nobody else now
                 raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
             else:
-                result.refuse([rcpt], Reply(reply.code, reply.message))
+                result.refuse([rcpt], relay_reply(reply.code, reply.message))
         index = len(recipients)
         if not accepted:
             return result, await _reset(smtp)

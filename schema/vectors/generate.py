@@ -950,6 +950,18 @@ def entry_examples() -> dict[str, dict[str, Any]]:
             "smtp_text": "",
             "time": "1767225600.5",
         },
+        # A local failure: no SMTP reply code (aiosmtplib's -1 never goes into smtp_code).
+        "event-deferred-unreadable-reply": {
+            "event": "deferred",
+            "id": "1767225600250-4",
+            "source_id": "1767225600250-4",
+            "recipients": '["ann@example.org"]',
+            "smtp_code": "",
+            "smtp_text": "",
+            "error": "unreadable reply from the relay: Response too long",
+            "next_attempt": "1767225661.5",
+            "time": "1767225601.5",
+        },
     }
 
 

@@ -173,7 +173,7 @@ async def test_stall_past_the_smtp_timeout_is_retried_after_the_relay_recovers(
     elapsed = time.monotonic() - started
     await observe(ledger, redis, sink)
     timeouts = [r for r in await events(redis)
-                if r["event"] == "deferred" and "Timeout" in r.get("smtp_text", "")]  # fmt: skip
+                if r["event"] == "deferred" and "Timeout" in r.get("error", "")]  # fmt: skip
     ledger.report(timeouts=len(timeouts), stall=stall, seconds=round(elapsed, 1))
     assert timeouts, "the stall never hit the SMTP timeout"
     ledger.check(max_duplicates=len(timeouts))

@@ -391,10 +391,19 @@ def dead_letter(
         FIELD_SOURCE_ID: ref.source_id,
         FIELD_MESSAGE_ID: ref.message_id,
     }
-    if reply is not None and reply.code is not None:  # only where a server answered
-        fields["smtp_code"] = reply.code
+    code = _server_code(reply)
+    if reply is not None and code is not None:  # only where a server answered
+        fields["smtp_code"] = code
         fields["smtp_text"] = reply.text
     return fields
+
+
+def _server_code(reply: SmtpReply | None) -> int | None:
+    """The reply's code when a server gave one (2xx-5xx, as the schemas say), else None: a
+    local failure (timeout, connection lost, a reply too long to read) has no SMTP code."""
+    if reply is None or reply.code is None or not 200 <= reply.code <= 599:
+        return None
+    return reply.code
 
 
 def event(
@@ -406,15 +415,22 @@ def event(
     *,
     next_attempt: float | None = None,
 ) -> dict[str, str | bytes | int | float]:
-    """An ``email.send.events`` entry: delivered, deferred (with next_attempt) or failed."""
+    """An ``email.send.events`` entry: delivered, deferred (with next_attempt) or failed.
+
+    ``smtp_code`` and ``smtp_text`` are the server's reply, both empty when no server
+    answered; then ``error`` says what happened instead (timeout, connection refused).
+    """
+    code = _server_code(reply)
     fields: dict[str, str | bytes | int | float] = {
         "event": kind,
         "id": ref.message_id,
         FIELD_SOURCE_ID: ref.source_id,
         "recipients": recipients_text(recipients),
-        "smtp_code": "" if reply is None or reply.code is None else reply.code,
-        "smtp_text": "" if reply is None else reply.text,
+        "smtp_code": "" if code is None else code,
+        "smtp_text": "" if reply is None or code is None else reply.text,
     }
+    if reply is not None and code is None and reply.text:
+        fields["error"] = reply.text[:MAX_ERROR_TEXT]
     if next_attempt is not None:
         fields["next_attempt"] = repr(round(next_attempt, 3))
     fields["time"] = repr(round(now, 3))

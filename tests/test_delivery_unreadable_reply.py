@@ -1,0 +1,123 @@
+"""A relay whose reply is not SMTP: a line too long to read (aiosmtplib reports code -1) or a
+code outside 2xx-5xx.  No such code may reach ``smtp_code``: the event and the dead letter
+say it in ``error``, satisfy schema/event.schema.json and schema/dead-letter.schema.json, and
+the recipient is deferred (the relay may have taken the message), then expires."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.delivery_util import (
+    enqueue,
+    make_config,
+    running_worker,
+    send_message,
+    settled,
+    wait_until,
+)
+from tests.schema_util import schema_violations
+from workers.relay import Reply, relay_reply
+from workers.streams import outcomes
+
+TOO_LONG = b"250 2.0.0 " + b"x" * 10_000  # aiosmtplib reads lines of at most 8192 octets
+
+
+@dataclass
+class OddRelay:
+    """A minimal SMTP server (asyncio streams) that answers one stage with ``odd_reply``."""
+
+    stage: bytes  # b"RCPT" or b"." (the final dot)
+    odd_reply: bytes
+    messages: int = 0  # final dots read
+    port: int = 0
+    _connections: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.add(writer)
+        try:
+            writer.write(b"220 odd.test ESMTP\r\n")
+            while line := await reader.readline():
+                verb = line.upper().split(b" ", 1)[0].split(b":", 1)[0].rstrip(b"\r\n")
+                if verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    await reader.readuntil(b"\r\n.\r\n")
+                    self.messages += 1
+                    verb = b"."
+                writer.write(self._answer(verb) + b"\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client hung up (it does after a reply it cannot read)
+        finally:
+            self._connections.discard(writer)
+            writer.close()
+
+    def _answer(self, verb: bytes) -> bytes:
+        if verb == self.stage:
+            return self.odd_reply
+        return {b"EHLO": b"250 odd.test", b"QUIT": b"221 bye"}.get(verb, b"250 OK")
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self.session, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        async with server:
+            yield f"smtp://127.0.0.1:{self.port}"
+            for writer in list(self._connections):
+                writer.close()
+
+
+@pytest.mark.parametrize(
+    ("stage", "odd_reply", "said"),
+    [
+        (b".", TOO_LONG, "Response too long"),  # the reply to the final dot
+        (b"RCPT", b"600 6.0.0 not an SMTP code", "600 6.0.0 not an SMTP code"),
+    ],
+    ids=["dot-reply-too-long", "rcpt-code-600"],
+)
+async def test_unreadable_reply_is_a_local_failure_in_schema_true_entries(
+    redis: aioredis.Redis, redis_url: str, stage: bytes, odd_reply: bytes, said: str
+) -> None:
+    relay = OddRelay(stage, odd_reply)
+    await enqueue(redis, send_message(["ann@example.com"], message_id="odd-1"))
+    async with relay.running() as url, running_worker(make_config(redis_url, url, max_attempts=2)):
+        await wait_until(lambda: settled(redis))
+    events = await redis.xrange("email.send.events")
+    dead = await redis.xrange("email.send.dead")
+    assert schema_violations("event", events) + schema_violations("dead-letter", dead) == []
+    assert [fields[b"event"] for _, fields in events] == [b"deferred", b"failed"]
+    for _, fields in events:
+        assert (fields[b"smtp_code"], fields[b"smtp_text"]) == (b"", b"")
+        assert said in fields[b"error"].decode()
+    [(_, letter)] = dead
+    assert letter[b"reason"] == b"expired" and b"smtp_code" not in letter
+    assert said in letter[b"error"].decode()
+    assert relay.messages == (2 if stage == b"." else 0)  # deferred and tried again
+
+
+@pytest.mark.parametrize("code", [-1, 0, 199, 600, 999])
+def test_codes_outside_2xx_to_5xx_never_become_smtp_codes(code: int) -> None:
+    reply = relay_reply(code, "Response too long")
+    assert reply.code is None and not reply.permanent
+    ref = outcomes.MessageRef("m", "1-0", b"")
+    event = outcomes.event("deferred", ref, ["ann@example.com"], reply, 1.0, next_attempt=2.0)
+    assert (event["smtp_code"], event["smtp_text"]) == ("", "")
+    assert "Response too long" in str(event["error"])
+    # the builders check too, whatever a transport hands them
+    raw = Reply(code, "Response too long")
+    letter = outcomes.dead_letter(
+        ref, reason="expired", error="gave up", recipients=["ann@example.com"], attempts=1,
+        first_attempt=1.0, last_attempt=1.0, reply=raw,
+    )  # fmt: skip
+    assert "smtp_code" not in letter and "smtp_text" not in letter
+    assert outcomes.event("failed", ref, [], raw, 1.0)["smtp_code"] == ""
+
+
+@pytest.mark.parametrize("code", [250, 421, 550, 599])
+def test_real_codes_are_kept(code: int) -> None:
+    assert relay_reply(code, "text") == Reply(code, "text")
