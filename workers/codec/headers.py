@@ -139,6 +139,8 @@ def decode_header_value(value: str, defects: list[str] | None = None) -> str:
     text = unfold(value)
     if "=?" in text:
         text = _decode_encoded_words(text, defects)
+    if _CONTROL_BREAKS.search(text) is None:  # the common case, without a call
+        return text
     return replace_line_breaks(text, defects)
 
 
@@ -177,7 +179,6 @@ _ADDRESS_TOKEN = re.compile(
 )
 _COMMENT_PIECE = re.compile(r"[^\\()]++|\\.?|[()]", re.DOTALL)
 _COMMENT_DELIMITER = re.compile(r"[\\()]")
-_QUOTED_DELIMITER = re.compile(r'[\\"]')
 # policy.default decodes an encoded-word inside a quoted-string where a word starts.
 _QUOTED_ENCODED_WORD = re.compile(r"(?<![^ \t])" + _ENCODED_WORD.pattern)
 # Tokens that stay inside one phrase, local part or domain; any other special ends it.
@@ -264,7 +265,7 @@ def _quoted_content(token: str) -> str:
 
 
 def _quote(text: str) -> str:
-    return '"' + _QUOTED_DELIMITER.sub(r"\\\g<0>", text) + '"'
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _render_comment(comment: str, defects: list[str] | None) -> str:
@@ -367,13 +368,12 @@ class _Run:
 
 def _split_outer_whitespace(tokens: list[_Token]) -> tuple[str, list[_Token], str]:
     """(leading whitespace, the tokens from the first to the last non-blank one, trailing
-    whitespace): the blanks around a name separate it from its neighbours."""
-    inner = [index for index, (kind, _) in enumerate(tokens) if kind != "ws"]
-    if not inner:
-        return "".join(text for _, text in tokens), [], ""
-    first, last = inner[0], inner[-1] + 1
-    lead = "".join(text for _, text in tokens[:first])
-    return lead, tokens[first:last], "".join(text for _, text in tokens[last:])
+    whitespace): the blanks around a name separate it from its neighbours.  The tokenizer
+    makes one "ws" token of each blank run, so there is at most one at either end."""
+    lead = tokens[0][1] if tokens[0][0] == "ws" else ""
+    inner = tokens[1:] if lead else tokens
+    trail = inner[-1][1] if inner and inner[-1][0] == "ws" else ""
+    return lead, inner[:-1] if trail else inner, trail
 
 
 def _render_run(tokens: list[_Token], role: str, defects: list[str] | None) -> str:
@@ -428,8 +428,8 @@ def decode_address_value(value: str, defects: list[str] | None = None) -> str:
     """Like :func:`decode_header_value`, for address fields: a decoded display name with
     specials becomes a quoted-string, so decoding never adds or moves a mailbox."""
     text = unfold(value)
-    if "=?" not in text:
-        return replace_line_breaks(text, defects)
+    if "=?" not in text:  # the common case: as decode_header_value
+        return text if _CONTROL_BREAKS.search(text) is None else replace_line_breaks(text, defects)
     tokens = _address_tokens(text)
     if tokens is None:
         # Readers may not agree where its words are: decoding could move the boundaries.

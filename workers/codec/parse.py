@@ -16,7 +16,7 @@ import binascii
 import re
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -67,6 +67,11 @@ DEFAULT_PARSE_LIMITS = ParseLimits()
 # without ":" followed by ":", a continuation line, or a Unix "From " envelope line.
 _HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
 _BOUNDARY_TAIL = re.compile(rb"(--)?[ \t]*\r?(?=\n|\Z)")
+# A field value that decoding leaves as it is: printable ASCII and tabs, no "=?", no fold.
+_PLAIN_VALUE = re.compile(rb"(?:[\t\x20-\x3c\x3e-\x7e]++|=(?!\?))*+")
+# Content-Type parameters, and the names of those given in RFC 2231 form.
+_TypeParams = tuple[dict[str, str], frozenset[str]]
+_PLAIN_MEDIA_TYPE = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+/[a-z0-9!#$%&'*+.^_`|~-]+")
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n \t"
 
 
@@ -196,17 +201,22 @@ def _parse_entity(data: bytes, span: tuple[int, int], path: str, state: _State) 
         raw_fields = raw_fields[:limit]
     fields: list[tuple[str, str]] = []
     mime: dict[str, str] = {}  # first Content-Type/-Transfer-Encoding/-Disposition, undecoded
+    max_len = state.limits.max_value_len
     for name, raw_value in raw_fields:
         lower = name.lower()
-        field_path = f"{header_path}.{lower}"
-        text = _decode_field_text(raw_value, field_path, state)
+        if len(raw_value) <= max_len and _PLAIN_VALUE.fullmatch(raw_value) is not None:
+            # Most fields: one line of printable ASCII without "=?", the value as it is.
+            text = value = raw_value.decode("ascii")
+        else:
+            text, value = _field_value(lower, raw_value, f"{header_path}.{lower}", state)
         if lower in _MIME_FIELDS:
             if lower not in mime:
                 mime[lower] = unfold(text).strip()
             elif lower == "content-type":
-                state.defect(field_path, "repeated Content-Type field, first one used")
-        address = lower in ADDRESS_FIELDS
-        fields.append((name, _decoded_value(text, field_path, state, address=address)))
+                state.defect(
+                    f"{header_path}.{lower}", "repeated Content-Type field, first one used"
+                )
+        fields.append((name, value))
     return _Entity(
         fields,
         mime.get("content-type"),
@@ -218,10 +228,18 @@ def _parse_entity(data: bytes, span: tuple[int, int], path: str, state: _State) 
     )
 
 
-def _decoded_value(text: str, path: str, state: _State, *, address: bool) -> str:
-    defects: list[str] = []
+def _field_value(lower: str, raw_value: bytes, path: str, state: _State) -> tuple[str, str]:
+    """(text as sent, decoded value) of a field that is not one plain line."""
+    text = _decode_field_text(raw_value, path, state)
     # In address fields decoding must not add mailboxes: see decode_address_value.
-    decode = decode_address_value if address else decode_header_value
+    decode = decode_address_value if lower in ADDRESS_FIELDS else decode_header_value
+    return text, _decoded_value(decode, text, path, state)
+
+
+def _decoded_value(
+    decode: Callable[[str, list[str]], str], text: str, path: str, state: _State
+) -> str:
+    defects: list[str] = []
     decoded = decode(text, defects)
     for description in defects:
         state.defect(path, description)
@@ -300,7 +318,7 @@ def _leaf_body(entity: _Entity, path: str, state: _State, *, text: bool) -> byte
     """The transfer-decoded body; a text body has its CRLF line ends turned into LF (a lone
     CR is not a line end and stays)."""
     body = _transfer_decode(entity.body(), entity.raw_cte, path, state)
-    if text and b"\r\n" in body:
+    if text and b"\r" in body:  # one-byte search first: much faster than looking for CRLF
         body = body.replace(b"\r\n", b"\n")
     return body
 
@@ -375,7 +393,10 @@ def _content_of(
     entity = _parse_entity(state.data, span, path, state)
     declared = entity.raw_content_type
     content_type = default_type if declared is None else declared
-    main_type = media_type(content_type)
+    first_word, params, literal_params = mime_params(content_type)
+    # The first word is the type in the common case; else read the value more leniently.
+    plain = _PLAIN_MEDIA_TYPE.fullmatch(first_word) is not None
+    main_type = first_word if plain else media_type(content_type)
     readable = main_type is not None
     if main_type is None:
         # RFC 2045 section 5.2: an unreadable type means text/plain; charset=us-ascii.  The
@@ -386,11 +407,13 @@ def _content_of(
             "body octets kept",
         )
         main_type, content_type = "text/plain", DEFAULT_CONTENT_TYPE
-    _, params, literal_params = mime_params(declared or "")
     content: Content = {"content-type": content_type}
     if not root:
-        part_fields = _PartFields(entity, params, literal_params, keep_content_type=not readable)
-        _add_part_extensions(content, part_fields, path, state)
+        # The part's own fields; its Content-Type too when that could not be read.
+        headers = _joined_headers(entity.fields, skip_content_type=readable)
+        if headers:
+            content["headers"] = headers
+        _add_filename(content, entity.raw_disposition, (params, literal_params), path, state)
     if main_type.startswith("multipart/"):
         parts = _multipart_parts(entity, main_type, params.get("boundary"), path, depth, state)
         if isinstance(parts, bytes):
@@ -441,21 +464,10 @@ def _multipart_parts(  # noqa: PLR0917 - one call site, all positions are distin
     return parts
 
 
-@dataclass(frozen=True)
-class _PartFields:
-    """What a non-root part's extension keys are made from."""
-
-    entity: _Entity
-    params: dict[str, str]  # Content-Type parameters
-    literal_params: frozenset[str]  # those given in RFC 2231 form
-    keep_content_type: bool  # the Content-Type was unreadable: keep it in the part headers
-
-
-def _add_part_extensions(content: Content, part: _PartFields, path: str, state: _State) -> None:
-    headers = _joined_headers(part.entity.fields, skip_content_type=not part.keep_content_type)
-    if headers:
-        content["headers"] = headers
-    filename = _filename(part)
+def _add_filename(
+    content: Content, disposition: str | None, type_params: _TypeParams, path: str, state: _State
+) -> None:
+    filename = _filename(disposition, type_params)
     if filename is None:
         return
     name, literal = filename
@@ -468,14 +480,15 @@ def _add_part_extensions(content: Content, part: _PartFields, path: str, state: 
         state.defect(f"{path}.filename", description)
 
 
-def _filename(part: _PartFields) -> tuple[str, bool] | None:
-    """(Content-Disposition filename, else Content-Type name; given in RFC 2231 form)."""
-    if part.entity.raw_disposition is not None:
-        _, params, literal = mime_params(part.entity.raw_disposition)
+def _filename(disposition: str | None, type_params: _TypeParams) -> tuple[str, bool] | None:
+    """(Content-Disposition filename, else Content-Type name; whether in RFC 2231 form)."""
+    if disposition is not None:
+        _, params, literal = mime_params(disposition)
         if "filename" in params:
             return params["filename"], "filename" in literal
-    if "name" in part.params:
-        return part.params["name"], "name" in part.literal_params
+    params, literal = type_params
+    if "name" in params:
+        return params["name"], "name" in literal
     return None
 
 
