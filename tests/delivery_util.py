@@ -29,7 +29,8 @@ FAST = {
     "retry_base": 0.2,
     "retry_cap": 1.0,
     "smtp_timeout": 0.5,
-    "claim_after": 2.0,
+    "smtp_data_timeout": 0.5,
+    "claim_after": 2.5,  # > 2 x (0.5 + 0.5), the longest a live worker holds an entry
     "shutdown_grace": 3.0,
     "idle_close": 5.0,
 }

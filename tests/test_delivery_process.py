@@ -45,7 +45,7 @@ async def test_sigterm_finishes_sends_in_flight_and_leaves_the_rest_pending(
     sink.stall_data = 1.0
     for n in range(6):
         await enqueue(redis, send_message([f"u{n}@example.com"], message_id=f"t{n}"))
-    worker = worker_process(redis_url, sink.url, "--concurrency", "2", "--smtp-timeout", "3",
+    worker = worker_process(redis_url, sink.url, "--concurrency", "2", "--smtp-data-timeout", "3",
                             "--claim-after", "10", log=tmp_path / "w.log")  # fmt: skip
     try:
         await wait_until(lambda: asyncio.to_thread(sink.data_arrived.wait, 0.05), timeout=20)
@@ -79,7 +79,9 @@ async def test_an_entry_waiting_for_its_message_id_is_not_started_after_stop(
     sink.stall_data = 1.0
     await enqueue(redis, send_message(["ann@example.com"], message_id="dup"))
     await enqueue(redis, send_message(["bob@example.com"], message_id="dup"))
-    config = make_config(redis_url, sink.url, concurrency=2, smtp_timeout=3.0, claim_after=30.0)
+    config = make_config(
+        redis_url, sink.url, concurrency=2, smtp_data_timeout=3.0, claim_after=30.0
+    )
     async with running_worker(config) as stop:
         await asyncio.to_thread(sink.data_arrived.wait, 5)
         stop.set()

@@ -63,7 +63,7 @@ async def test_a_stop_with_redis_gone_ends_within_its_budget(
         for n in range(8):
             await enqueue(client, send_message([f"u{n}@example.com"], message_id=f"s{n}"))
         config = make_config(
-            server.url, sink.url, concurrency=4, shutdown_grace=4.0, smtp_timeout=3.0,
+            server.url, sink.url, concurrency=4, shutdown_grace=4.0, smtp_data_timeout=3.0,
             claim_after=10.0,
         )  # fmt: skip
         stopped_at = 0.0

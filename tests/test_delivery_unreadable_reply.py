@@ -5,11 +5,6 @@ the recipient is deferred (the relay may have taken the message), then expires."
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-
 import pytest
 import redis.asyncio as aioredis
 
@@ -22,54 +17,11 @@ from tests.delivery_util import (
     wait_until,
 )
 from tests.schema_util import schema_violations
+from tests.scripted_relay import ScriptedRelay
 from workers.relay import Reply, relay_reply
 from workers.streams import outcomes
 
 TOO_LONG = b"250 2.0.0 " + b"x" * 10_000  # aiosmtplib reads lines of at most 8192 octets
-
-
-@dataclass
-class OddRelay:
-    """A minimal SMTP server (asyncio streams) that answers one stage with ``odd_reply``."""
-
-    stage: bytes  # b"RCPT" or b"." (the final dot)
-    odd_reply: bytes
-    messages: int = 0  # final dots read
-    port: int = 0
-    _connections: set[asyncio.StreamWriter] = field(default_factory=set)
-
-    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections.add(writer)
-        try:
-            writer.write(b"220 odd.test ESMTP\r\n")
-            while line := await reader.readline():
-                verb = line.upper().split(b" ", 1)[0].split(b":", 1)[0].rstrip(b"\r\n")
-                if verb == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    await reader.readuntil(b"\r\n.\r\n")
-                    self.messages += 1
-                    verb = b"."
-                writer.write(self._answer(verb) + b"\r\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client hung up (it does after a reply it cannot read)
-        finally:
-            self._connections.discard(writer)
-            writer.close()
-
-    def _answer(self, verb: bytes) -> bytes:
-        if verb == self.stage:
-            return self.odd_reply
-        return {b"EHLO": b"250 odd.test", b"QUIT": b"221 bye"}.get(verb, b"250 OK")
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[str]:
-        server = await asyncio.start_server(self.session, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        async with server:
-            yield f"smtp://127.0.0.1:{self.port}"
-            for writer in list(self._connections):
-                writer.close()
 
 
 @pytest.mark.parametrize(
@@ -83,7 +35,7 @@ class OddRelay:
 async def test_unreadable_reply_is_a_local_failure_in_schema_true_entries(
     redis: aioredis.Redis, redis_url: str, stage: bytes, odd_reply: bytes, said: str
 ) -> None:
-    relay = OddRelay(stage, odd_reply)
+    relay = ScriptedRelay(replies={stage: odd_reply})
     await enqueue(redis, send_message(["ann@example.com"], message_id="odd-1"))
     async with relay.running() as url, running_worker(make_config(redis_url, url, max_attempts=2)):
         await wait_until(lambda: settled(redis))

@@ -151,13 +151,13 @@ async def test_stall_past_the_smtp_timeout_is_retried_after_the_relay_recovers(
     redis: aioredis.Redis, redis_url: str, sink: RecordingSink, tmp_path: Path
 ) -> None:
     """The relay takes the message and then says nothing for ``stall`` seconds (30 s in the
-    full form; short: 3 s against --smtp-timeout 1).  The worker times out, defers, retries;
+    full form; short: 3 s against --smtp-data-timeout 1).  The worker times out, defers, retries;
     copies the stalled relay completed later are the only duplicates allowed."""
     stall, timeout = seconds(3, 30), seconds(1, 10)
     ledger = Ledger("relay-fault-stall")
     sink.stall_data = stall
     ids = await load(redis, ledger, "stall")
-    fleet = Fleet(redis_url, sink.url, ("--concurrency", "4", "--smtp-timeout", str(timeout),
+    fleet = Fleet(redis_url, sink.url, ("--concurrency", "4", "--smtp-data-timeout", str(timeout),
                                         "--claim-after", str(3 * timeout + 1)),
                   tmp_path / "w.log")  # fmt: skip
     started = time.monotonic()

@@ -1,0 +1,111 @@
+"""SMTP timeouts of the delivery relay client (RFC 5321 section 4.5.3.2) and the
+``--claim-after`` derived from them.
+
+Every reply before the final dot waits at most ``--smtp-timeout`` (300 s), and all of them
+together too; the reply to the final dot waits ``--smtp-data-timeout`` (600 s): a relay that
+scans the message for minutes is waited for instead of being sent it again.  One send so
+lasts at most the sum, and an entry is held at most twice that (it may wait for one send of
+its lane first), which ``--claim-after`` must exceed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from tests.delivery_util import ROOT, send_message
+from tests.scripted_relay import ScriptedRelay
+from workers.codec.build import build_message
+from workers.config import DeliveryConfig
+from workers.relay import SEND_TIMED_OUT, RelaySettings, SendResult, SmtpPool
+
+RECIPIENTS = [f"r{n}@example.com" for n in range(4)]
+
+
+def test_defaults_are_rfc_5321s_and_claim_after_is_derived_from_them() -> None:
+    config = DeliveryConfig(relay="maildir:/tmp/mailpool-timeouts")
+    config.validate()
+    assert (config.smtp_timeout, config.smtp_data_timeout) == (300.0, 600.0)
+    assert config.longest_hold() == 1800.0
+    assert config.claim_after == 1860.0  # 2 x (300 + 600) + 60
+
+
+def test_a_claim_after_within_the_longest_hold_stops_the_start() -> None:
+    args = ["--relay", "maildir:/tmp/mailpool-timeouts", "--smtp-data-timeout", "100"]
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", "deliver", *args, "--claim-after", "800"],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == (
+        "mailpool deliver: --claim-after 800 must exceed 2 x (--smtp-timeout 300 + "
+        "--smtp-data-timeout 100) = 800 s, the longest a live worker holds an entry "
+        "(or give 0: derived from them)\n"
+    )
+
+
+async def _timed_send(
+    relay: ScriptedRelay, smtp_timeout: float, data_timeout: float, to: Sequence[str]
+) -> tuple[SendResult, float]:
+    """One send through the pool to ``relay``; the result and how long it took."""
+    built = build_message(send_message(list(to)), default_id="1-0", hostname="mailpool.test")
+    async with relay.running() as url:
+        config = DeliveryConfig(
+            relay=url, smtp_timeout=smtp_timeout, smtp_data_timeout=data_timeout
+        )
+        config.validate()
+        pool = SmtpPool(
+            RelaySettings.from_config(config), size=1, messages_per_connection=10, idle_close=30
+        )
+        started = time.monotonic()
+        try:
+            result = await pool.send(built, list(to))
+            return result, time.monotonic() - started
+        finally:
+            await pool.aclose()
+
+
+async def test_the_reply_to_the_final_dot_is_waited_for_past_the_command_timeout() -> None:
+    """A content-scanning relay answering the dot after 1.2 s: --smtp-timeout 0.5 does not
+    apply there, --smtp-data-timeout 3 does; one copy, delivered."""
+    relay = ScriptedRelay(delays={b".": 1.2})
+    result, took = await _timed_send(relay, 0.5, 3.0, RECIPIENTS[:1])
+    assert result.accepted == RECIPIENTS[:1] and not result.deferred
+    assert relay.messages == 1 and 1.2 <= took < 3.0
+
+
+async def test_a_relay_answering_the_dot_too_late_is_a_deferral_after_the_data_timeout() -> None:
+    relay = ScriptedRelay(delays={b".": 3.0})
+    result, took = await _timed_send(relay, 2.0, 0.5, RECIPIENTS[:1])
+    assert list(result.deferred) == RECIPIENTS[:1] and not result.accepted
+    assert "Timeout" in result.deferred[RECIPIENTS[0]].text
+    assert 0.5 <= took < 1.5  # the dot's own timeout, not --smtp-timeout
+
+
+async def test_everything_before_the_dot_shares_one_smtp_timeout() -> None:
+    """Each RCPT answered in 0.3 s, under --smtp-timeout 0.5, but four of them take 1.2 s:
+    the send is cut at 0.5 s, so a send never outlasts --smtp-timeout + --smtp-data-timeout
+    (what --claim-after is derived from), however many recipients."""
+    relay = ScriptedRelay(delays={b"RCPT": 0.3})
+    result, took = await _timed_send(relay, 0.5, 5.0, RECIPIENTS)
+    assert sorted(result.deferred) == sorted(RECIPIENTS) and relay.messages == 0
+    assert {reply.text for reply in result.deferred.values()} == {SEND_TIMED_OUT}
+    assert 0.5 <= took < 1.2  # without the shared budget: 1.2 s, then delivered
+
+
+async def test_a_slow_but_timely_relay_is_sent_to_within_both_budgets() -> None:
+    relay = ScriptedRelay(delays={b"MAIL": 0.2, b"RCPT": 0.1, b".": 0.8})
+    result, took = await _timed_send(relay, 1.0, 1.0, RECIPIENTS[:2])
+    assert result.accepted == RECIPIENTS[:2] and relay.messages == 1
+    assert 1.2 <= took < 2.0
+
+
+@pytest.mark.parametrize("stage", [b"MAIL", b"DATA"])
+async def test_a_refusal_before_the_dot_keeps_its_reply_and_time_bound(stage: bytes) -> None:
+    relay = ScriptedRelay(replies={stage: b"451 4.3.0 try later"}, delays={b"RSET": 5.0})
+    result, took = await _timed_send(relay, 0.5, 5.0, RECIPIENTS[:1])
+    assert result.deferred[RECIPIENTS[0]].code == 451  # the RSET that timed out loses nothing
+    assert took < 2.0 and relay.messages == 0  # not the RSET's 5 s
