@@ -334,3 +334,36 @@ def test_deep_nesting_does_not_copy_the_body_per_level() -> None:
     # One opaque copy of the deepest body is the output; slicing per level would be ~30x.
     assert peak < 3 * len(raw)
     assert depth_of(message["content"]) == DEFAULT_PARSE_LIMITS.max_depth
+
+
+# --- address fields (issue 10, item 3): the structural reading stays linear -----------------
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"=?utf-8?q?a,<e@x>?= " * 50_000 + b"<real@bank.example>",  # one display name
+        b'"' + b"=?utf-8?q?x?= " * 50_000 + b'" <real@bank.example>',
+        b"=?utf-8?q?a?= (c) " * 30_000 + b"<real@bank.example>",
+    ],
+    ids=["many-words", "long-quoted", "many-comments"],
+)
+def test_huge_encoded_address_fields_stay_one_mailbox(value: bytes) -> None:
+    import email.utils
+
+    message = parse(b"From: " + value + b"\r\n\r\nbody")
+
+    stored = message["headers"]["from"]
+    assert [addr for _, addr in email.utils.getaddresses([stored])] == ["real@bank.example"]
+
+
+@pytest.mark.timeout(10)
+def test_deeply_nested_comments_in_an_address_field() -> None:
+    closed = b"=?utf-8?q?a?= " + b"(" * 30_000 + b"c" + b")" * 30_000 + b" <r@bank.example>"
+    unclosed = b"(" * 100_000 + b"=?utf-8?q?a,b?= <r@bank.example>"
+
+    message = parse(b"From: " + closed + b"\r\nTo: " + unclosed + b"\r\n\r\nbody")
+
+    assert message["headers"]["from"] == "a " + closed.decode()[len("=?utf-8?q?a?= ") :]
+    assert message["headers"]["to"] == unclosed.decode()  # malformed: kept as sent
