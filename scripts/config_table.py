@@ -40,6 +40,8 @@ def table(title: str, config_class: type[CommonConfig], skip: set[str]) -> list[
         lines.append(
             f"| `{flag_name(field)}` | `{env_name(field)}` | {_default(field)} | {help_text} |"
         )
+    if len(lines) == 4:  # a header without rows is no table
+        lines[2:] = ["Only the options of every command."]
     return [*lines, ""]
 
 

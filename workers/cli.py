@@ -91,8 +91,20 @@ class CommandParser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         parsed, extras = super().parse_known_args(args, namespace)
         if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
+            self.error(f"unrecognized arguments: {' '.join(_without_values(extras))}")
         return parsed, extras
+
+
+def _without_values(extras: Sequence[str]) -> list[str]:
+    """Unknown arguments as the error shows them: the value of an unknown flag may be a
+    secret (``--relay-pasword PW``, mistyped), so values are not echoed."""
+    shown = []
+    for arg in extras:
+        if arg.startswith("-"):
+            shown.append(arg.partition("=")[0] + ("=..." if "=" in arg else ""))
+        elif not shown or shown[-1] != "...":
+            shown.append("...")
+    return shown
 
 
 def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:

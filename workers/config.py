@@ -5,6 +5,11 @@ environment variable is derived from the flag (``--max-size`` -> ``MAILPOOL_MAX_
 every option can be set from a Kubernetes ConfigMap.  Precedence: flag, then environment,
 then the field default.  ``validate()`` runs at start and raises :class:`ConfigError` with one
 line an operator can act on; the CLI turns it into exit status 2.
+
+Secrets (passwords, and URLs that may carry one) are marked as such: each can also come from
+an environment variable or a file (``--relay-password-file``: a mounted Kubernetes Secret),
+never needs the command line, and is masked wherever it could be shown (:func:`describe`,
+error messages, and through :func:`mask_secrets` every log line).
 """
 
 from __future__ import annotations
@@ -12,24 +17,58 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import quote, quote_plus, unquote, urlsplit, urlunsplit
 
 ENV_PREFIX = "MAILPOOL_"
+
+# What a secret option holds, which says how to mask it: the whole value, a URL whose
+# password part is the secret, or comma-separated user:password pairs.
+SecretKind = Literal["value", "url", "pairs"]
+MASK = "***"
+# A remembered secret is masked wherever it appears in a log line or error message; one
+# shorter than this is masked only where its place says so (a URL's password part, a
+# password option), or every "pw" in every log line would turn into "***".
+MIN_REMEMBERED_SECRET = 6
+# A secret file holds one password; a bigger file is the wrong file (a key, a dump).
+SECRET_FILE_LIMIT = 4096
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with URL passwords and every remembered secret replaced by ``***``.
+
+    It runs on every string of every log line: the regular expressions only run on text
+    that can hold what they look for.
+    """
+    if "://" in text:
+        text = _URL_PASSWORD.sub(_mask_url_match, text)
+    if "=" in text:
+        text = _QUERY_PASSWORD.sub(_mask_query_match, text)
+    for secret in _remembered_secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
 
 
 class ConfigError(ValueError):
     """Bad configuration: the command stops at start with this one-line message."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(mask_secrets(message))  # whatever a raise site put in it
+
 
 class Unavailable(RuntimeError):
     """A service the command needs cannot be used (Redis down, or not Redis at that URL):
     the command stops with this one-line message and exit status 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(mask_secrets(message))
 
 
 def option(
@@ -38,10 +77,18 @@ def option(
     *,
     flag: str | None = None,
     repeatable: bool = False,
-    secret: bool = False,
+    sensitive: SecretKind | None = None,
+    file_for: str | None = None,
 ) -> Any:
-    """Declare a config field: its default, help text and (optionally) a custom flag name."""
-    metadata = {"help": help, "flag": flag, "repeatable": repeatable, "secret": secret}
+    """Declare a config field: its default, help text and (optionally) a custom flag name.
+
+    ``sensitive`` marks a secret to mask (see :data:`SecretKind`); ``file_for`` makes the option
+    a file holding the value of the named (secret) field, read at start.
+    """
+    metadata = {
+        "help": help, "flag": flag, "repeatable": repeatable, "sensitive": sensitive,
+        "file_for": file_for,
+    }  # fmt: skip
     if repeatable:
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -64,9 +111,14 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
 
 
 def check_redis_url(url: str) -> None:
-    scheme = urlsplit(url).scheme
-    if scheme not in {"redis", "rediss", "unix"}:
-        raise ConfigError(f"--redis-url: expected redis://, rediss:// or unix://, got {url!r}")
+    parts = urlsplit(url)
+    shown = mask_url_password(url)
+    if parts.scheme not in {"redis", "rediss", "unix"}:
+        raise ConfigError(f"--redis-url: expected redis://, rediss:// or unix://, got {shown!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        raise ConfigError(f"--redis-url: bad port in {shown!r} (1 to 65535)") from None
 
 
 def _convert(value: str, target: Any, name: str) -> Any:
@@ -94,9 +146,21 @@ class CommonConfig:
 
     redis_url: str | None = option(
         None,
-        "Redis URL (redis://[user:pass@]host:port/db, rediss://, unix://). "
-        "Default: the pool's embedded redis-server when one is running, else redis://127.0.0.1:6379/0",
+        "Redis URL (redis://[user@]host:port/db, rediss://, unix://; the password: "
+        "--redis-password-file). Default: the pool's embedded redis-server when one is "
+        "running, else redis://127.0.0.1:6379/0",
+        sensitive="url",
     )
+    redis_password: str | None = option(
+        None,
+        "password of the --redis-url user (replaces the URL's); keep it off the command line: "
+        "environment or --redis-password-file",
+        sensitive="value",
+    )
+    redis_password_file: str | None = option(
+        None, "file holding the Redis password (e.g. a mounted Kubernetes Secret)",
+        file_for="redis_password",
+    )  # fmt: skip
     key_prefix: str = option("mailpool:", "prefix of mailpool's internal Redis keys")
     receive_stream: str = option("email.receive", "stream of received messages")
     send_stream: str = option("email.send", "stream of messages to send")
@@ -111,6 +175,8 @@ class CommonConfig:
     }
 
     def validate(self) -> None:
+        read_secret_files(self)
+        remember_secrets(self)
         for name, allowed in self._choices.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -119,6 +185,12 @@ class CommonConfig:
                 )
         if self.redis_url is not None:
             check_redis_url(self.redis_url)
+        if self.redis_password:
+            if not self.redis_url:
+                raise ConfigError(
+                    "--redis-password needs --redis-url: the URL says which server and user"
+                )
+            self.redis_url = url_with_password(self.redis_url, self.redis_password)
         for name in ("receive_stream", "send_stream", "dead_stream", "events_stream"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} must not be empty")
@@ -184,19 +256,124 @@ def describe(config: CommonConfig) -> dict[str, Any]:
     shown: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.metadata.get("secret") and value:
-            value = "***"
-        elif f.name == "redis_url" and value:
+        kind = f.metadata.get("sensitive")
+        if kind == "url" and value:
             value = mask_url_password(value)
+        elif kind and value:
+            value = MASK
         shown[f.name] = value
     return shown
 
 
+# scheme://user:password@ in any text; the password runs to the last "@" of the authority
+# (an unencoded "@" in a password still ends up masked whole).
+_URL_PASSWORD = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:'\"]*:)(?P<password>[^\s/?#'\"]*)@"
+)
+# ?password=... (redis-py takes connection arguments from the query too)
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd)=)[^&#\s'\"]*", re.IGNORECASE)
+
+
+def _mask_url_match(match: re.Match[str]) -> str:
+    return match.group("head") + (MASK if match.group("password") else "") + "@"
+
+
+def _mask_query_match(match: re.Match[str]) -> str:
+    return match.group("head") + MASK
+
+
 def mask_url_password(url: str) -> str:
+    """The URL with its password (user-info or ``?password=``) replaced by ``***``."""
+    masked = _URL_PASSWORD.sub(_mask_url_match, url)
+    return _QUERY_PASSWORD.sub(_mask_query_match, masked)
+
+
+def url_with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` (percent-encoded) as its password, the user kept."""
     parts = urlsplit(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    netloc = f"{user}:{quote(password, safe='')}@{hostport}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# --- secrets -------------------------------------------------------------------------------
+# Longest first, so that a secret containing another is masked whole.
+_remembered_secrets: list[str] = []
+
+
+def remember_secret(value: str | None) -> None:
+    """Mask ``value`` (and its URL-encoded forms) in every later log line and error."""
+    if not value or len(value) < MIN_REMEMBERED_SECRET:
+        return
+    forms = {value, unquote(value), quote(value, safe=""), quote_plus(value)}
+    known = set(_remembered_secrets) | {f for f in forms if len(f) >= MIN_REMEMBERED_SECRET}
+    _remembered_secrets[:] = sorted(known, key=len, reverse=True)
+
+
+def secret_values(config: CommonConfig) -> Iterator[str]:
+    """Every secret the config holds: password options, URL passwords, AUTH passwords."""
+    for f in dataclasses.fields(config):
+        kind, value = f.metadata.get("sensitive"), getattr(config, f.name)
+        if not kind or not isinstance(value, str) or not value:
+            continue
+        if kind == "value":
+            yield value
+        elif kind == "url":
+            yield from _url_passwords(value)
+        else:  # pairs: user:password,user:password
+            yield from (p.partition(":")[2] for p in value.split(",") if ":" in p)
+
+
+def _url_passwords(url: str) -> Iterator[str]:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return
     if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
+        yield parts.password
+    for name, _, value in (item.partition("=") for item in parts.query.split("&")):
+        if name.lower() in {"password", "passwd"} and value:
+            yield value
+
+
+def remember_secrets(config: CommonConfig) -> None:
+    for value in secret_values(config):
+        remember_secret(value)
+
+
+def read_secret_files(config: CommonConfig) -> None:
+    """Fill each secret from its ``--*-file`` option; one line (exit 2) when it cannot."""
+    for f in dataclasses.fields(config):
+        target, path = f.metadata.get("file_for"), getattr(config, f.name)
+        if not target or not path:
+            continue
+        content = read_secret_file(path, flag_name(f))
+        current = getattr(config, target)
+        if current and current != content:
+            raise ConfigError(f"--{target.replace('_', '-')} and {flag_name(f)}: give one of them")
+        setattr(config, target, content)
+
+
+def read_secret_file(path: str, flag: str) -> str:
+    """The one-line secret in ``path``, without the line end ``echo`` and editors add."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(SECRET_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: {exc.strerror or exc}") from None
+    if len(data) > SECRET_FILE_LIMIT:
+        raise ConfigError(f"{flag} {path}: over {SECRET_FILE_LIMIT} bytes, not a password file")
+    try:
+        text = data.decode("utf-8").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag} {path}: not UTF-8 text") from None
+    if not text:
+        raise ConfigError(f"{flag} {path}: the file is empty")
+    if "\n" in text or "\r" in text:
+        raise ConfigError(f"{flag} {path}: more than one line, expected the password alone")
+    remember_secret(text)
+    return text
 
 
 def positive(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -231,16 +408,14 @@ class IngestConfig(CommonConfig):
         None, "file of 'user:password' lines enabling AUTH PLAIN/LOGIN (after TLS only)"
     )
     auth_users: str | None = option(
-        None, "comma-separated user:password pairs enabling AUTH (prefer --auth-file)", secret=True
+        None,
+        "comma-separated user:password pairs enabling AUTH (prefer --auth-file)",
+        sensitive="pairs",
     )
     auth_required: bool = option(False, "refuse MAIL from unauthenticated sessions (530)")
     max_connections: int = option(1000, "concurrent SMTP connections per worker (421 beyond)")
-    connection_timeout: float = option(
-        600.0, "longest SMTP session, seconds (a bound on slow senders; RFC 5321 sets none)"
-    )
-    command_timeout: float = option(
-        300.0, "longest wait for one command or DATA line, seconds (RFC 5321: at least 5 min)"
-    )
+    connection_timeout: float = option(600.0, "longest SMTP session, seconds")
+    command_timeout: float = option(300.0, "longest wait for one command or DATA line, seconds")
     min_replicas: int = option(0, "wait for WAIT N replica acks before 250 (451 on timeout)")
     replica_timeout: float = option(1.0, "seconds to wait for --min-replicas acks")
     keep_raw: str = option("defects", "store raw bytes in entries: never, defects, always")
@@ -336,20 +511,27 @@ def _check_ca_file(path: str, *, verify: bool) -> None:
         raise ConfigError(f"--tls-ca-file {path}: {reason}") from None
 
 
-# Seconds the derived --claim-after adds to the longest hold of an entry: the settlement's
-# round trip, and a worker slowed by load.
-CLAIM_MARGIN = 60.0
-
-
 @dataclass
 class DeliveryConfig(CommonConfig):
     """``mailpool deliver``: the delivery role."""
 
-    relay: str | None = option(None, "smtp://[user:pass@]host:port, smtps://..., or maildir:PATH")
+    relay: str | None = option(
+        None,
+        "smtp://[user@]host:port, smtps://..., or maildir:PATH (the password: "
+        "--relay-password-file)",
+        sensitive="url",
+    )
     relay_user: str | None = option(None, "SMTP AUTH user (overrides the URL's)")
     relay_password: str | None = option(
-        None, "SMTP AUTH password (overrides the URL's)", secret=True
+        None,
+        "SMTP AUTH password (overrides the URL's); keep it off the command line: "
+        "environment or --relay-password-file",
+        sensitive="value",
     )
+    relay_password_file: str | None = option(
+        None, "file holding the SMTP AUTH password (e.g. a mounted Kubernetes Secret)",
+        file_for="relay_password",
+    )  # fmt: skip
     starttls: str = option("auto", "STARTTLS on smtp:// relays: auto (when offered), require, off")
     tls_verify: bool = option(True, "verify the relay's TLS certificate")
     tls_ca_file: str | None = option(
@@ -365,20 +547,9 @@ class DeliveryConfig(CommonConfig):
     )
     messages_per_connection: int = option(100, "replace a pooled SMTP connection after this many")
     idle_close: float = option(30.0, "close pooled SMTP connections idle this long, seconds")
-    smtp_timeout: float = option(
-        300.0,
-        "wait for each relay reply before the final dot (greeting, EHLO, MAIL, each RCPT, DATA) "
-        "and for all of them and the message's transfer together, seconds (RFC 5321: 5 min)",
-    )
-    smtp_data_timeout: float = option(
-        600.0,
-        "wait for the relay's reply to the final dot, seconds (RFC 5321: 10 min; a relay "
-        "answering later gets the message again)",
-    )
+    smtp_timeout: float = option(60.0, "timeout of one SMTP command, seconds")
     claim_after: float = option(
-        0.0,
-        "claim entries pending this long on a silent consumer, seconds; 0: 2 x (--smtp-timeout "
-        "+ --smtp-data-timeout) + 60, and a value given must exceed 2 x that sum",
+        900.0, "claim entries pending this long on a silent consumer, seconds (> longest send)"
     )
     max_deliveries: int = option(5, "read this many times with no outcome = poison dead letter")
     retry_base: float = option(60.0, "first retry delay, seconds (doubles, with jitter)")
@@ -410,7 +581,7 @@ class DeliveryConfig(CommonConfig):
             "messages_per_connection",
             "idle_close",
             "smtp_timeout",
-            "smtp_data_timeout",
+            "claim_after",
             "max_deliveries",
             "retry_base",
             "retry_cap",
@@ -423,24 +594,7 @@ class DeliveryConfig(CommonConfig):
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
         if self.retry_cap < self.retry_base:
             raise ConfigError("--retry-cap must be >= --retry-base")
-        self._derive_claim_after()
-
-    def longest_hold(self) -> float:
-        """The longest a live worker holds an entry before settling it, seconds: a send takes
-        at most --smtp-timeout before the final dot and --smtp-data-timeout after it, and an
-        entry read may wait for one send of its lane before its own starts."""
-        return 2 * (self.smtp_timeout + self.smtp_data_timeout)
-
-    def _derive_claim_after(self) -> None:
-        """--claim-after 0 (the default) is derived; a value given must exceed the longest
-        hold, or a live worker's entry would be claimed and sent twice."""
-        positive("claim_after", self.claim_after, allow_zero=True)
-        if self.claim_after == 0:
-            self.claim_after = self.longest_hold() + CLAIM_MARGIN
-        elif self.claim_after <= self.longest_hold():
+        if self.claim_after <= 3 * self.smtp_timeout:
             raise ConfigError(
-                f"--claim-after {self.claim_after:g} must exceed 2 x (--smtp-timeout "
-                f"{self.smtp_timeout:g} + --smtp-data-timeout {self.smtp_data_timeout:g}) = "
-                f"{self.longest_hold():g} s, the longest a live worker holds an entry "
-                "(or give 0: derived from them)"
+                "--claim-after must exceed the longest SMTP transaction (3 x --smtp-timeout)"
             )

@@ -19,7 +19,7 @@ from pathlib import Path
 import structlog
 
 from workers import delivery, housekeeping, ingest
-from workers.config import ConfigError, DeliveryConfig, IngestConfig, option
+from workers.config import ConfigError, DeliveryConfig, IngestConfig, mask_url_password, option
 from workers.embedded import embedded_redis
 from workers.health import serving_health
 from workers.housekeeping import HousekeepConfig
@@ -65,7 +65,8 @@ async def _redis_for(config: RunConfig) -> AsyncIterator[str]:
 async def serve(config: RunConfig, stop: asyncio.Event) -> None:
     async with _redis_for(config) as url:
         role_config = dataclasses.replace(config, redis_url=url, http=None)
-        log.info("pool_starting", redis_url=url, smtp=config.listen, relay=config.relay)
+        log.info("pool_starting", redis_url=mask_url_password(url), smtp=config.listen,
+                 relay=mask_url_password(config.relay or ""))  # fmt: skip
         if config.relay and config.relay.startswith("maildir:"):
             log.info("delivering_to_maildir", path=config.relay.partition(":")[2])
         roles = [
