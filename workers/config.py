@@ -414,8 +414,12 @@ class IngestConfig(CommonConfig):
     )
     auth_required: bool = option(False, "refuse MAIL from unauthenticated sessions (530)")
     max_connections: int = option(1000, "concurrent SMTP connections per worker (421 beyond)")
-    connection_timeout: float = option(600.0, "longest SMTP session, seconds")
-    command_timeout: float = option(300.0, "longest wait for one command or DATA line, seconds")
+    connection_timeout: float = option(
+        600.0, "longest SMTP session, seconds (a bound on slow senders; RFC 5321 sets none)"
+    )
+    command_timeout: float = option(
+        300.0, "longest wait for one command or DATA line, seconds (RFC 5321: at least 5 min)"
+    )
     min_replicas: int = option(0, "wait for WAIT N replica acks before 250 (451 on timeout)")
     replica_timeout: float = option(1.0, "seconds to wait for --min-replicas acks")
     keep_raw: str = option("defects", "store raw bytes in entries: never, defects, always")
@@ -511,6 +515,11 @@ def _check_ca_file(path: str, *, verify: bool) -> None:
         raise ConfigError(f"--tls-ca-file {path}: {reason}") from None
 
 
+# Seconds the derived --claim-after adds to the longest hold of an entry: the settlement's
+# round trip, and a worker slowed by load.
+CLAIM_MARGIN = 60.0
+
+
 @dataclass
 class DeliveryConfig(CommonConfig):
     """``mailpool deliver``: the delivery role."""
@@ -547,9 +556,20 @@ class DeliveryConfig(CommonConfig):
     )
     messages_per_connection: int = option(100, "replace a pooled SMTP connection after this many")
     idle_close: float = option(30.0, "close pooled SMTP connections idle this long, seconds")
-    smtp_timeout: float = option(60.0, "timeout of one SMTP command, seconds")
+    smtp_timeout: float = option(
+        300.0,
+        "wait for each relay reply before the final dot (greeting, EHLO, MAIL, each RCPT, DATA) "
+        "and for all of them and the message's transfer together, seconds (RFC 5321: 5 min)",
+    )
+    smtp_data_timeout: float = option(
+        600.0,
+        "wait for the relay's reply to the final dot, seconds (RFC 5321: 10 min; a relay "
+        "answering later gets the message again)",
+    )
     claim_after: float = option(
-        900.0, "claim entries pending this long on a silent consumer, seconds (> longest send)"
+        0.0,
+        "claim entries pending this long on a silent consumer, seconds; 0: 2 x (--smtp-timeout "
+        "+ --smtp-data-timeout) + 60, and a value given must exceed 2 x that sum",
     )
     max_deliveries: int = option(5, "read this many times with no outcome = poison dead letter")
     retry_base: float = option(60.0, "first retry delay, seconds (doubles, with jitter)")
@@ -581,7 +601,7 @@ class DeliveryConfig(CommonConfig):
             "messages_per_connection",
             "idle_close",
             "smtp_timeout",
-            "claim_after",
+            "smtp_data_timeout",
             "max_deliveries",
             "retry_base",
             "retry_cap",
@@ -594,7 +614,24 @@ class DeliveryConfig(CommonConfig):
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
         if self.retry_cap < self.retry_base:
             raise ConfigError("--retry-cap must be >= --retry-base")
-        if self.claim_after <= 3 * self.smtp_timeout:
+        self._derive_claim_after()
+
+    def longest_hold(self) -> float:
+        """The longest a live worker holds an entry before settling it, seconds: a send takes
+        at most --smtp-timeout before the final dot and --smtp-data-timeout after it, and an
+        entry read may wait for one send of its lane before its own starts."""
+        return 2 * (self.smtp_timeout + self.smtp_data_timeout)
+
+    def _derive_claim_after(self) -> None:
+        """--claim-after 0 (the default) is derived; a value given must exceed the longest
+        hold, or a live worker's entry would be claimed and sent twice."""
+        positive("claim_after", self.claim_after, allow_zero=True)
+        if self.claim_after == 0:
+            self.claim_after = self.longest_hold() + CLAIM_MARGIN
+        elif self.claim_after <= self.longest_hold():
             raise ConfigError(
-                "--claim-after must exceed the longest SMTP transaction (3 x --smtp-timeout)"
+                f"--claim-after {self.claim_after:g} must exceed 2 x (--smtp-timeout "
+                f"{self.smtp_timeout:g} + --smtp-data-timeout {self.smtp_data_timeout:g}) = "
+                f"{self.longest_hold():g} s, the longest a live worker holds an entry "
+                "(or give 0: derived from them)"
             )

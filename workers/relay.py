@@ -90,7 +90,8 @@ class RelaySettings:
     username: str | None
     password: str | None = field(repr=False)  # never in a repr that reaches a log
     local_hostname: str
-    timeout: float
+    timeout: float  # each reply before the final dot, and all of them together
+    data_timeout: float  # the reply to the final dot
 
     @classmethod
     def from_config(cls, config: DeliveryConfig) -> RelaySettings:
@@ -109,6 +110,7 @@ class RelaySettings:
             password=config.relay_password or (unquote(url.password) if url.password else None),
             local_hostname=config.hostname,
             timeout=config.smtp_timeout,
+            data_timeout=config.smtp_data_timeout,
         )
 
 
@@ -139,23 +141,33 @@ class SmtpPool:
             ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else None
         )
         self._reaper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # QUITs of retired connections
 
     async def send(self, message: BuiltMessage, recipients: Sequence[str]) -> SendResult:
+        """One message, in bounded time (RFC 5321 section 4.5.3.2 timeouts): each reply of
+        the relay before the final dot within ``timeout``, and all of that together (connect,
+        greeting, EHLO, TLS, AUTH, MAIL, RCPTs, DATA, the message's transfer) within
+        ``timeout`` too; the reply to the final dot within ``data_timeout``.  So a send
+        lasts at most ``timeout + data_timeout``, which ``--claim-after`` is derived from."""
         async with self._slots:
             self._start_reaper()
+            deadline = asyncio.get_running_loop().time() + self.settings.timeout
             try:
-                connection = await self._acquire()
+                async with asyncio.timeout_at(deadline):
+                    connection = await self._acquire()
             except CONNECTION_ERRORS as exc:
                 result = SendResult()
                 result.refuse(recipients, _reply_of(exc))
                 log.warning("relay_connect_failed", host=self.settings.host, error=str(exc))
                 return result
             try:
-                result, healthy = await _transaction(connection.smtp, message, recipients)
+                result, healthy = await _transaction(
+                    connection.smtp, message, recipients, deadline, self.settings.data_timeout
+                )
             except BaseException:  # cancelled at shutdown: the connection is mid-transaction
                 connection.smtp.close()
                 raise
-            await self._release(connection, healthy)
+            self._release(connection, healthy)
             return result
 
     async def _acquire(self) -> _Connection:
@@ -169,21 +181,31 @@ class SmtpPool:
             use_tls=s.implicit_tls, start_tls=s.starttls, validate_certs=s.verify,
             tls_context=self._tls_context, username=s.username, password=s.password,
         )  # fmt: skip
-        await smtp.connect()
         try:
+            await smtp.connect()
             await _greet(smtp)
-        except BaseException:
+        except BaseException:  # the send's time ran out (a cancellation) or the relay failed
             smtp.close()
             raise
         return _Connection(smtp)
 
-    async def _release(self, connection: _Connection, healthy: bool) -> None:
+    def _release(self, connection: _Connection, healthy: bool) -> None:
+        """Back to the pool, or closed without delaying the send's outcome: the QUIT of a
+        retired connection runs in the background, an unfit one is closed at once (after a
+        timeout or an unreadable reply, a QUIT would only wait for a reply out of step)."""
         connection.uses += 1
         connection.last_used = time.monotonic()
         if healthy and connection.uses < self.messages_per_connection:
             self._idle.append(connection)
+        elif healthy:
+            self._close_later(connection.smtp)
         else:
-            await _close(connection.smtp)
+            connection.smtp.close()
+
+    def _close_later(self, smtp: aiosmtplib.SMTP) -> None:
+        task = asyncio.create_task(_close(smtp), name="smtp-quit")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _start_reaper(self) -> None:
         if self._reaper is None:
@@ -206,7 +228,9 @@ class SmtpPool:
                 await self._reaper
         idle, self._idle = self._idle, []
         # QUIT on all at once: each waits up to a second for its reply.
-        await asyncio.gather(*(_close(connection.smtp) for connection in idle))
+        await asyncio.gather(
+            *(_close(connection.smtp) for connection in idle), *list(self._closing)
+        )
 
 
 async def _greet(smtp: aiosmtplib.SMTP) -> None:
@@ -222,9 +246,15 @@ async def _greet(smtp: aiosmtplib.SMTP) -> None:
         await smtp.helo()
 
 
+# What a send whose time before the final dot ran out says (asyncio's TimeoutError has no text).
+SEND_TIMED_OUT = "TimeoutError: no final dot within --smtp-timeout (all replies before it)"
+
+
 def _reply_of(exc: BaseException) -> Reply:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return relay_reply(exc.code, exc.message)
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return Reply(None, SEND_TIMED_OUT)
     return Reply(None, f"{type(exc).__name__}: {exc}")
 
 
@@ -240,14 +270,20 @@ def _mail_options(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> list[bytes]:
 
 
 async def _transaction(
-    smtp: aiosmtplib.SMTP, message: BuiltMessage, recipients: Sequence[str]
+    smtp: aiosmtplib.SMTP,
+    message: BuiltMessage,
+    recipients: Sequence[str],
+    deadline: float,
+    data_timeout: float,
 ) -> tuple[SendResult, bool]:
     """One MAIL/RCPT/DATA transaction; returns the result and whether the connection is fit.
 
-    Commands go through ``SMTP.execute_command`` with the addresses as the builder made
-    them (already checked: no spaces, brackets or controls; aiosmtplib still refuses
-    controls): ``SMTP.mail``/``rcpt`` would parse each address again with the stdlib's
-    ``parseaddr``, which costs more than the command's own round trip.
+    Everything up to the final dot runs by ``deadline`` (event loop time); the reply to the
+    dot gets ``data_timeout`` of its own, from the moment the dot left.  Commands go through
+    ``SMTP.execute_command`` with the addresses as the builder made them (already checked:
+    no spaces, brackets or controls; aiosmtplib still refuses controls): ``SMTP.mail``/
+    ``rcpt`` would parse each address again with the stdlib's ``parseaddr``, which costs
+    more than the command's own round trip.
     """
     result = SendResult()
     if message.smtputf8 and not smtp.supports_extension("smtputf8"):
@@ -258,30 +294,33 @@ async def _transaction(
     accepted: list[str] = []  # recipients the relay accepted in this transaction
     index = 0  # recipients[index:] have no answer of their own yet
     try:
-        sender = b"FROM:<" + message.mail_from.encode(encoding) + b">"
-        reply = await smtp.execute_command(b"MAIL", sender, *_mail_options(smtp, message))
-        if reply.code != 250:
-            raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, message.mail_from)
-        for index, rcpt in enumerate(recipients):  # noqa: B007 - the except clauses read it
-            try:
-                reply = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
-            except ValueError as exc:  # an address aiosmtplib will not put on a command line
-                result.rejected[rcpt] = Reply(None, f"unsendable address: {exc}")
-                continue
-            if reply.code in (250, 251):
-                accepted.append(rcpt)
-            elif reply.code == 421:  # the relay is closing the connection: nobody else now
-                raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
-            else:
-                result.refuse([rcpt], relay_reply(reply.code, reply.message))
-        index = len(recipients)
-        if not accepted:
-            return result, await _reset(smtp)
-        reply = await _data(smtp, message.data)
+        async with asyncio.timeout_at(deadline):
+            sender = b"FROM:<" + message.mail_from.encode(encoding) + b">"
+            reply = await smtp.execute_command(b"MAIL", sender, *_mail_options(smtp, message))
+            if reply.code != 250:
+                raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, message.mail_from)
+            for index, rcpt in enumerate(recipients):  # noqa: B007 - the except clauses read it
+                try:
+                    address = b"TO:<" + rcpt.encode(encoding) + b">"
+                    reply = await smtp.execute_command(b"RCPT", address)
+                except ValueError as exc:  # an address aiosmtplib will not put on a command line
+                    result.rejected[rcpt] = Reply(None, f"unsendable address: {exc}")
+                    continue
+                if reply.code in (250, 251):
+                    accepted.append(rcpt)
+                elif reply.code == 421:  # the relay is closing the connection: nobody else now
+                    raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
+                else:
+                    result.refuse([rcpt], relay_reply(reply.code, reply.message))
+            index = len(recipients)
+            if not accepted:
+                return result, await _reset(smtp, deadline)
+            await _send_data(smtp, message.data)
+        reply = await _final_reply(smtp, data_timeout)
     except aiosmtplib.SMTPResponseException as exc:
         result.refuse(accepted + list(recipients[index:]), _reply_of(exc))
-        healthy = exc.code != 421 and smtp.is_connected and await _reset(smtp)
-        return result, healthy
+        fit = exc.code in SMTP_CODES and exc.code != 421 and smtp.is_connected
+        return result, fit and await _reset(smtp, deadline)
     except ValueError as exc:  # the sender: aiosmtplib will not put it on a command line
         result.rejected.update(dict.fromkeys(recipients, Reply(None, f"unsendable address: {exc}")))
         return result, False
@@ -289,13 +328,25 @@ async def _transaction(
         # The connection failed: those accepted and those not yet asked are tried again.
         result.refuse(accepted + list(recipients[index:]), _reply_of(exc))
         return result, False
+    return _ended(smtp, result, accepted, reply)
+
+
+def _ended(
+    smtp: aiosmtplib.SMTP, result: SendResult, accepted: list[str], reply: aiosmtplib.SMTPResponse
+) -> tuple[SendResult, bool]:
+    """The outcome of the reply to the final dot.  Whatever it says, the transaction is over
+    (RFC 5321 section 4.1.1.4): the connection needs no RSET to be used again."""
+    if reply.code != 250:
+        result.refuse(accepted, relay_reply(reply.code, reply.message))
+        return result, reply.code in SMTP_CODES and reply.code != 421 and smtp.is_connected
     result.accepted = accepted
     result.accepted_reply = Reply(reply.code, reply.message)
     return result, True
 
 
-async def _data(smtp: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
-    """DATA, then the dot-stuffed message and its end mark, on the connection's protocol.
+async def _send_data(smtp: aiosmtplib.SMTP, data: bytes) -> None:
+    """DATA, then the dot-stuffed message and its end mark, on the connection's protocol,
+    until the last of it has gone out (the transport's buffer drained).
 
     ``SMTP.data`` would first rewrite every line end with a regular expression and then
     dot-stuff with another; the builder's output has CRLF line ends only (its tests check
@@ -310,13 +361,22 @@ async def _data(smtp: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     protocol.write(dot_stuffed(data))
     try:
-        reply = await protocol.read_response(timeout=smtp.timeout)
+        await protocol._drain_helper()  # a slow reader of a big message: transfer time
+    except ConnectionError as exc:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost") from exc
+
+
+async def _final_reply(smtp: aiosmtplib.SMTP, wait: float) -> aiosmtplib.SMTPResponse:
+    """The reply to the final dot, waited for ``wait`` seconds (RFC 5321 section 4.5.3.2.6:
+    the relay may be scanning the message; giving up early means sending it twice)."""
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        return await protocol.read_response(timeout=wait)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()  # a reply we gave up on must not be read as the next command's
         raise
-    if reply.code != 250:
-        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-    return reply
 
 
 def dot_stuffed(data: bytes) -> bytes:
@@ -331,10 +391,12 @@ def dot_stuffed(data: bytes) -> bytes:
     return data + b".\r\n"
 
 
-async def _reset(smtp: aiosmtplib.SMTP) -> bool:
-    """RSET after a refused transaction; False when the connection is no longer usable."""
+async def _reset(smtp: aiosmtplib.SMTP, deadline: float) -> bool:
+    """RSET after a transaction refused before its end, within the send's time; False when
+    the connection is no longer usable."""
     try:
-        await smtp.rset()
+        async with asyncio.timeout_at(deadline):
+            await smtp.rset()
     except CONNECTION_ERRORS:
         return False
     return True
