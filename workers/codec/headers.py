@@ -154,6 +154,9 @@ def decode_header_value(value: str, defects: list[str] | None = None) -> str:
 # delimiters escaped.  Where the stdlib's policy.default decodes (display names, quoted
 # strings, comments, local parts, domains), this decodes too, so email.utils.getaddresses
 # on the stored value finds the mailboxes and names policy.default finds in the raw field.
+# A field whose words list parsers may not agree on (see _address_tokens) keeps its
+# encoded-words as sent: there, decoding could move a boundary.  Fields without "=?" take
+# none of this (the common case costs what decode_header_value costs).
 
 ADDRESS_FIELDS = frozenset(
     {
