@@ -99,14 +99,14 @@ async def test_concurrent_promoters_move_each_retry_once(redis: aioredis.Redis) 
     assert sorted(int(f[b"n"]) for _, f in added) == list(range(50))
 
 
-async def test_settlement_survives_a_flushed_script_cache(redis: aioredis.Redis) -> None:
-    """After a Redis restart the scripts are gone (NOSCRIPT): they are loaded again and the
-    settlement applied once."""
+async def test_settlement_survives_a_flushed_function_library(redis: aioredis.Redis) -> None:
+    """A Redis that lost its functions (FUNCTION FLUSH, restarted without its data): a user
+    allowed FUNCTION LOAD loads the library again and the settlement is applied once."""
     await redis.xgroup_create("email.send", "delivery", id="0", mkstream=True)
     entry_id = await enqueue(redis, send_message())
     await redis.xreadgroup("delivery", "a", {"email.send": ">"})
     outcomes = outcomes_for(redis)
-    await redis.script_flush()
+    await redis.function_flush()
     assert await outcomes.settle([Settlement(entry_id, "m2", ["ann@example.com"])], 1.0) == [True]
     assert await redis.hgetall("mailpool:sent:m2") == {b"ann@example.com": b"1.0"}
     assert (await redis.xpending("email.send", "delivery"))["pending"] == 0

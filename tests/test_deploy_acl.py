@@ -1,16 +1,22 @@
 """deploy/redis/users.acl against a real redis-server: each role can do its job, nothing more.
 
 The server loads a copy of the ACL file (plus a test-only admin user for set-up); every
-role connects with its documented example password.  Two kinds of checks: a table of raw
-commands per role (allowed ones work, the rest get NOPERM), and the roles' own code paths
-(producer, listener, ingest, delivery outcomes, status, housekeeping) run as their user.
+role connects with its documented example password, and the Redis functions library is
+loaded by ``mailpool redis-setup`` as the ``setup`` user.  Three kinds of checks: a table of
+raw commands per role (allowed ones work, the rest get NOPERM); the attacks a compromised
+role would try, each refused or listed in deploy/README.md as what that role can still do
+(and shown to work, so the list stays true); and the roles' own code paths (producer,
+listener, ingest, delivery outcomes, status, housekeeping, dead replay) run as their user.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import smtplib
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,14 +28,20 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from tests.harness import RedisServer
+from workers.config import ConfigError
+from workers.streams import functions
 from workers.streams.consumer import GroupConsumer
 from workers.streams.keys import StreamKeys
 
 REPO = Path(__file__).resolve().parent.parent
 ACL_FILE = REPO / "deploy" / "redis" / "users.acl"
+DEPLOY_README = REPO / "deploy" / "README.md"
 BASE = REPO / "deploy" / "base"
+# One listener user per application; the file ships two examples.
+LISTENERS = ("listener-app1", "listener-app2")
 ROLES = (
-    "ingest", "producer", "delivery", "listener", "monitor", "housekeeping", "keda", "operator",
+    "setup", "ingest", "producer", "delivery", *LISTENERS, "monitor", "housekeeping", "keda",
+    "operator",
 )  # fmt: skip
 ADMIN = ("acl-test-admin", "acl-test-admin-password")
 
@@ -63,6 +75,27 @@ def test_acl_file_has_one_user_per_role_and_default_off() -> None:
         assert not any(r in {"+@all", "allcommands", "~*", "allkeys", "nopass"} for r in rules)
 
 
+# Rules that let a user run Lua of its own choosing (a `while true do end` blocks Redis).
+RUNS_ANY_CODE = {"+eval", "+eval_ro", "+evalsha", "+evalsha_ro", "+script", "+script|load",
+                 "+@scripting", "+function", "+function|load", "+function|restore"}  # fmt: skip
+
+
+def test_only_setup_may_load_code_and_roles_call_functions_only() -> None:
+    for role, rules in acl_rules().items():
+        words = {w.strip("()") for w in rules}
+        loads = words & RUNS_ANY_CODE
+        if role == "setup":
+            assert loads == {"+function|load"}, f"setup: {loads}"
+        else:
+            assert not loads, f"{role} may run code of its own: {loads}"
+
+
+def test_one_listener_user_per_application_with_the_same_rights() -> None:
+    users = acl_rules()
+    rights = {name: [r for r in users[name] if not r.startswith("#")] for name in LISTENERS}
+    assert len(set(map(tuple, rights.values()))) == 1, rights
+
+
 def test_passwords_are_hashes_of_the_documented_examples() -> None:
     for role, rules in acl_rules().items():
         if role == "default":
@@ -79,20 +112,24 @@ def test_secret_template_matches_the_acl_users() -> None:
 
     secret = yaml.safe_load((BASE / "secret.yaml").read_text())["stringData"]
     rules = acl_rules()
-    checked = 0
+    users = []
     for path in BASE.glob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
             if not doc or doc["kind"] != "Deployment":
                 continue
-            env = doc["spec"]["template"]["spec"]["containers"][0]["env"]
-            user = next(v["value"] for v in env if v["name"] == "REDIS_USERNAME")
-            key = next(
-                v["valueFrom"]["secretKeyRef"]["key"] for v in env if v["name"] == "REDIS_PASSWORD"
-            )
-            digest = hashlib.sha256(secret[key].encode()).hexdigest()
-            assert f"#{digest}" in rules[user], f"{path.name}: {key} is not {user}'s password"
-            checked += 1
-    assert checked == 3
+            pod = doc["spec"]["template"]["spec"]
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                env = container["env"]
+                user = next(v["value"] for v in env if v["name"] == "REDIS_USERNAME")
+                key = next(
+                    v["valueFrom"]["secretKeyRef"]["key"]
+                    for v in env
+                    if v["name"] == "REDIS_PASSWORD"
+                )
+                digest = hashlib.sha256(secret[key].encode()).hexdigest()
+                assert f"#{digest}" in rules[user], f"{path.name}: {key} is not {user}'s password"
+                users.append(user)
+    assert sorted(users) == ["delivery", "housekeeping", "ingest", "setup"]
     keda_digest = hashlib.sha256(secret["redis-keda-password"].encode()).hexdigest()
     assert f"#{keda_digest}" in rules[secret["redis-keda-username"]]
 
@@ -111,6 +148,9 @@ def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer
     server.start()
     assert server.process is not None and server.process.poll() is None, "ACL file rejected"
     try:
+        setup = run_mailpool(server, "setup", "redis-setup")
+        assert setup.returncode == 0, setup.stderr
+        assert setup.stdout == f"{functions.LIBRARY} loaded (digest {functions.DIGEST})\n"
         yield server
     finally:
         server.stop(kill=True)
@@ -132,6 +172,19 @@ def raw_client(server: RedisServer, user: str, password: str) -> redis.Redis:
 
 def role_url(server: RedisServer, role: str) -> str:
     return f"redis://{role}:{example_password(role)}@127.0.0.1:{server.port}/0"
+
+
+def run_mailpool(server: RedisServer, role: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``mailpool ARGS`` in a process of its own, as ``role`` (URL in the environment)."""
+    env = {
+        **os.environ,
+        "MAILPOOL_REDIS_URL": role_url(server, role),
+        "MAILPOOL_LOG_FORMAT": "json",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -168,20 +221,74 @@ def test_default_user_is_off(acl_server: RedisServer, admin: redis.Redis) -> Non
     wrong.close()
 
 
-# Commands every role is refused: server administration and other keys.
+# Lua that never ends: run once, Redis answers BUSY to every client until it is killed.
+BUSY_LOOP = "while true do end"
+BUSY_LIBRARY = "#!lua name=busy\nredis.register_function('busy', function() " + BUSY_LOOP + " end)"
+BUSY_SHA = hashlib.sha1(BUSY_LOOP.encode()).hexdigest()  # Redis's id of that script
+
+# Commands every role is refused: server administration, other keys, and any way to run
+# code of its own (scripts, or replacing the functions library the other roles call).
 EVERYONE_REFUSED: list[tuple[Any, ...]] = [
     ("FLUSHALL",),
     ("CONFIG", "GET", "maxmemory"),
+    ("CONFIG", "SET", "busy-reply-threshold", "1"),
     ("KEYS", "*"),
     ("ACL", "LIST"),
     ("GET", "unrelated:secret"),
     ("DEL", "unrelated:secret"),
     ("CLIENT", "LIST"),
-    ("SCRIPT", "FLUSH"),
+    ("CLIENT", "KILL", "TYPE", "normal"),
     ("BGSAVE",),
+    ("EVAL", BUSY_LOOP, "0"),
+    ("EVAL_RO", BUSY_LOOP, "0"),
+    ("SCRIPT", "LOAD", BUSY_LOOP),
+    ("EVALSHA", BUSY_SHA, "0"),
+    ("EVALSHA_RO", BUSY_SHA, "0"),
+    ("SCRIPT", "EXISTS", BUSY_SHA),
+    ("SCRIPT", "FLUSH"),
+    ("SCRIPT", "KILL"),
+    ("FUNCTION", "DELETE", functions.LIBRARY),
+    ("FUNCTION", "FLUSH"),
+    ("FUNCTION", "KILL"),
+    ("FUNCTION", "DUMP"),
+    ("FUNCTION", "RESTORE", b"\x00", "REPLACE"),
+]
+# ... and every role but `setup`, whose job it is, is refused loading functions.
+LOADING = [("FUNCTION", "LOAD", "REPLACE", BUSY_LIBRARY), ("FUNCTION", "LIST")]
+VERSION_CALL = ("FCALL", functions.VERSION, "0")
+# NOPERM for a command; inside a function, the ACL error of the command it ran.
+REFUSAL = r"(?i)no permissions|can't run this command|can't access"
+PROMOTE_CALL = ("FCALL", functions.PROMOTE, "2", "mailpool:retry", "email.send", "0", "1", "x")
+
+LISTENER_ALLOWED: list[tuple[Any, ...]] = [
+    ("PING",),
+    ("XGROUP", "CREATE", "email.receive", "app2", "0", "MKSTREAM"),
+    ("XREADGROUP", "GROUP", "app", "l1", "COUNT", "10", "STREAMS", "email.receive", ">"),
+    ("XPENDING", "email.receive", "app", "-", "+", "10"),
+    ("XAUTOCLAIM", "email.receive", "app", "l2", "0", "0-0"),
+    ("XACK", "email.receive", "app", "0-1"),
+    ("XGROUP", "DELCONSUMER", "email.receive", "app", "gone"),  # listen's clean exit (FCALL)
+    VERSION_CALL,
+]
+LISTENER_REFUSED: list[tuple[Any, ...]] = [
+    ("XADD", "email.receive", "*", "data", "x"),
+    ("XADD", "email.send", "*", "data", "x"),
+    ("XREADGROUP", "GROUP", "delivery", "l", "STREAMS", "email.send", ">"),
+    ("XRANGE", "email.send", "-", "+"),
+    ("XTRIM", "email.receive", "MAXLEN", "0"),
+    ("XGROUP", "DESTROY", "email.receive", "app"),
+    ("XDEL", "email.receive", "0-1"),
+    ("FCALL", functions.REPLAY, "2", "email.receive", "email.send", "0-1", "data", "x"),
+    ("FCALL", functions.REMOVE_IDLE_CONSUMER, "1", "email.send", "delivery", "w1"),
 ]
 
 ALLOWED: dict[str, list[tuple[Any, ...]]] = {
+    "setup": [
+        ("PING",),
+        ("FUNCTION", "LIST", "LIBRARYNAME", "mailpool_v*"),
+        ("FUNCTION", "LOAD", "REPLACE", functions.LIBRARY_CODE),
+        VERSION_CALL,
+    ],
     "ingest": [
         ("PING",),
         ("XADD", "email.receive", "*", "data", "x"),
@@ -198,17 +305,12 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("XADD", "email.send.dead", "*", "data", "x", "reason", "rejected"),
         ("XADD", "email.send.events", "MAXLEN", "~", "1000", "*", "event", "sent"),
         ("HMGET", "mailpool:sent:m1", "a@example.org"),
+        ("HSETNX", "mailpool:sent:m1", "a@example.org", "2"),
         ("ZRANGEBYSCORE", "mailpool:retry", "-inf", "+inf"),
-        ("SCRIPT", "EXISTS", "0" * 40),
+        VERSION_CALL,
+        PROMOTE_CALL,
     ],
-    "listener": [
-        ("PING",),
-        ("XGROUP", "CREATE", "email.receive", "app2", "0", "MKSTREAM"),
-        ("XREADGROUP", "GROUP", "app", "l1", "COUNT", "10", "STREAMS", "email.receive", ">"),
-        ("XPENDING", "email.receive", "app", "-", "+", "10"),
-        ("XAUTOCLAIM", "email.receive", "app", "l2", "0", "0-0"),
-        ("XACK", "email.receive", "app", "0-1"),
-    ],
+    **{name: LISTENER_ALLOWED for name in LISTENERS},
     "monitor": [
         ("PING",),
         ("INFO", "memory"),
@@ -237,6 +339,7 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("XGROUP", "DELCONSUMER", "email.send", "delivery", "gone"),
         ("ZCARD", "mailpool:retry"),
         ("ZRANGE", "mailpool:retry", "0", "0", "WITHSCORES"),
+        VERSION_CALL,
     ],
     "operator": [
         ("XRANGE", "email.send.dead", "-", "+"),
@@ -246,9 +349,11 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("XDEL", "email.send.dead", "0-1"),
         ("XTRIM", "email.send.dead", "MINID", "0"),
         ("XADD", "email.send", "*", "data", "x"),
+        VERSION_CALL,
     ],
     "keda": [
         ("PING",),
+        ("INFO",),  # KEDA >= 2.11 reads redis_version before it trusts the lag
         ("XINFO", "GROUPS", "email.send"),
         ("XPENDING", "email.send", "delivery"),
         ("XLEN", "email.send"),
@@ -256,6 +361,12 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
 }
 
 REFUSED: dict[str, list[tuple[Any, ...]]] = {
+    "setup": [
+        ("XADD", "email.receive", "*", "data", "x"),
+        ("XRANGE", "email.send", "-", "+"),
+        ("XLEN", "email.send.dead"),
+        PROMOTE_CALL,
+    ],
     "ingest": [
         ("XADD", "email.send", "*", "data", "x"),
         ("XRANGE", "email.receive", "-", "+"),
@@ -266,6 +377,7 @@ REFUSED: dict[str, list[tuple[Any, ...]]] = {
         ("XDEL", "email.receive", "0-1"),
         ("DEL", "email.receive"),
         ("SCAN", "0"),
+        VERSION_CALL,
     ],
     "producer": [
         ("XADD", "email.receive", "*", "data", "x"),
@@ -275,6 +387,7 @@ REFUSED: dict[str, list[tuple[Any, ...]]] = {
         ("XREADGROUP", "GROUP", "delivery", "p", "STREAMS", "email.send", ">"),
         ("XTRIM", "email.send", "MAXLEN", "0"),
         ("DEL", "email.send"),
+        VERSION_CALL,
     ],
     "delivery": [
         ("XADD", "email.receive", "*", "data", "x"),
@@ -284,21 +397,15 @@ REFUSED: dict[str, list[tuple[Any, ...]]] = {
         ("XTRIM", "email.send.dead", "MAXLEN", "0"),
         ("XDEL", "email.send.dead", "0-1"),
         ("XGROUP", "DESTROY", "email.send", "delivery"),
-        ("EVAL", "return 1", "0"),  # only the registered scripts, by sha
         ("SET", "mailpool:x", "1"),
         ("DEL", "email.send.dead"),
         ("DEL", "email.send"),
         ("XRANGE", "email.send.dead", "-", "+"),
+        # a function runs with its caller's rights: no key or command beyond its own
+        ("FCALL", functions.REPLAY, "2", "email.send.dead", "email.send", "0-1", "data", "x"),
+        ("FCALL", functions.PROMOTE, "2", "email.receive", "email.send", "0", "1", "x"),
     ],
-    "listener": [
-        ("XADD", "email.receive", "*", "data", "x"),
-        ("XADD", "email.send", "*", "data", "x"),
-        ("XREADGROUP", "GROUP", "delivery", "l", "STREAMS", "email.send", ">"),
-        ("XRANGE", "email.send", "-", "+"),
-        ("XTRIM", "email.receive", "MAXLEN", "0"),
-        ("XGROUP", "DESTROY", "email.receive", "app"),
-        ("XDEL", "email.receive", "0-1"),
-    ],
+    **{name: LISTENER_REFUSED for name in LISTENERS},
     "monitor": [
         ("XADD", "email.send", "*", "data", "x"),
         ("XREADGROUP", "GROUP", "delivery", "m", "STREAMS", "email.send", ">"),
@@ -309,6 +416,7 @@ REFUSED: dict[str, list[tuple[Any, ...]]] = {
         ("ZADD", "mailpool:retry", "1", "x"),
         ("SET", "mailpool:x", "1"),
         ("CONFIG", "SET", "maxmemory", "1"),
+        VERSION_CALL,
     ],
     "housekeeping": [
         ("XTRIM", "email.send.dead", "MAXLEN", "0"),  # dead letters stay until purged
@@ -322,6 +430,7 @@ REFUSED: dict[str, list[tuple[Any, ...]]] = {
         ("DEL", "email.send"),
         ("ZADD", "mailpool:retry", "1", "x"),
         ("HGETALL", "mailpool:sent:m1"),
+        ("FCALL", functions.REPLAY, "2", "email.send.dead", "email.send", "0-1", "data", "x"),
     ],
     "operator": [
         ("XTRIM", "email.send", "MAXLEN", "0"),
@@ -332,6 +441,7 @@ REFUSED: dict[str, list[tuple[Any, ...]]] = {
         ("XREADGROUP", "GROUP", "delivery", "o", "STREAMS", "email.send", ">"),
         ("XGROUP", "DESTROY", "email.send", "delivery"),
         ("ZADD", "mailpool:retry", "1", "x"),
+        PROMOTE_CALL,
     ],
     "keda": [
         ("XRANGE", "email.send", "-", "+"),  # no message content
@@ -339,6 +449,8 @@ REFUSED: dict[str, list[tuple[Any, ...]]] = {
         ("XINFO", "GROUPS", "email.receive"),
         ("XREADGROUP", "GROUP", "delivery", "k", "STREAMS", "email.send", ">"),
         ("XADD", "email.send", "*", "data", "x"),
+        ("CONFIG", "GET", "*"),
+        VERSION_CALL,
     ],
 }
 
@@ -366,8 +478,9 @@ def test_role_is_refused_everything_else(
     before = {key: admin.type(key) for key in admin.keys("*")}
     lengths = {k: admin.xlen(k) for k, t in before.items() if t == b"stream"}
     try:
-        for command in REFUSED[role] + EVERYONE_REFUSED:
-            with pytest.raises(NoPermissionError):
+        loading = [] if role == "setup" else LOADING
+        for command in REFUSED[role] + EVERYONE_REFUSED + loading:
+            with pytest.raises(ResponseError, match=REFUSAL):
                 connection.execute_command(*command)
                 pytest.fail(f"{role} may run {command}")
     finally:
@@ -375,6 +488,123 @@ def test_role_is_refused_everything_else(
     # Nothing the refused commands aimed at changed.
     assert {key: admin.type(key) for key in admin.keys("*")} == before
     assert {k: admin.xlen(k) for k in lengths} == lengths
+
+
+# ---------------------------------------------------------------------------------------
+# Attacks: refused, or listed in deploy/README.md as what a compromised role can still do
+
+# Redis 7 ACLs allow or refuse a command and its keys, never its other arguments or a
+# consumer group's name.  (README label of the role, what the README row names, command.)
+WIPE = ("MAXLEN", "0", "*", "data", "x")
+STILL_POSSIBLE: list[tuple[str, str, str, tuple[Any, ...]]] = [
+    ("ingest", "ingest", "XADD email.receive MAXLEN 0", ("XADD", "email.receive", *WIPE)),
+    ("ingest", "ingest", "MINID", ("XADD", "email.receive", "MINID", "9" * 13, "*", "d", "x")),
+    ("producer", "producer", "XADD email.send MAXLEN 0", ("XADD", "email.send", *WIPE)),
+    ("delivery", "delivery", "XADD email.send.dead MAXLEN 0", ("XADD", "email.send.dead", *WIPE)),
+    ("delivery", "delivery", "XADD email.send MAXLEN 0", ("XADD", "email.send", *WIPE)),
+    ("delivery", "delivery", "`DEL mailpool:retry`", ("DEL", "mailpool:retry")),
+    ("housekeeping", "housekeeping", "XTRIM email.receive MAXLEN 0",
+     ("XTRIM", "email.receive", "MAXLEN", "0")),
+    ("housekeeping", "housekeeping", "XADD email.send MAXLEN 0", ("XADD", "email.send", *WIPE)),
+    ("operator", "operator", "XADD email.send MAXLEN 0", ("XADD", "email.send", *WIPE)),
+    ("listener-app1", "listener-<application>", "XACK email.receive <other group>",
+     ("XACK", "email.receive", "app", "0-1")),
+    ("listener-app1", "listener-<application>", "XAUTOCLAIM",
+     ("XAUTOCLAIM", "email.receive", "app", "thief", "0", "0-0")),
+    ("listener-app1", "listener-<application>", "XGROUP DELCONSUMER",
+     ("XGROUP", "DELCONSUMER", "email.receive", "app", "a1")),
+    ("listener-app1", "listener-<application>", "XGROUP CREATE",
+     ("XGROUP", "CREATE", "email.receive", "rogue", "0")),
+]  # fmt: skip
+
+
+def readme_rows(label: str) -> list[str]:
+    """The rows of deploy/README.md's table of what a compromised role can still do."""
+    text = DEPLOY_README.read_text()
+    section = text.partition("### What a compromised role can still do")[2].partition("\n#")[0]
+    return [line for line in section.splitlines() if line.startswith(f"| `{label}` |")]
+
+
+@pytest.mark.parametrize(
+    ("role", "label", "documented", "command"), STILL_POSSIBLE, ids=lambda v: str(v)[:24]
+)
+def test_what_a_compromised_role_can_still_do_works_and_is_documented(
+    acl_server: RedisServer, admin: redis.Redis, role: str, label: str, documented: str,
+    command: tuple[Any, ...],
+) -> None:  # fmt: skip
+    rows = readme_rows(label)
+    assert rows, f"deploy/README.md has no row for `{label}`"
+    assert any(documented in row for row in rows), f"`{label}` row does not name {documented}"
+    admin.xreadgroup("app", "a1", {"email.receive": ">"})  # something pending in `app`
+    connection = raw_client(acl_server, role, example_password(role))
+    try:
+        connection.execute_command(*command)  # no NoPermissionError: the limit is real
+    finally:
+        connection.close()
+
+
+def entries_lost(admin: redis.Redis, stream: str) -> list[str]:
+    """deploy/README.md's check: the groups of ``stream`` that lost entries they still needed.
+
+    Housekeeping trims only below every group's oldest pending and first unread entry, so
+    a group whose oldest pending entry has no content any more, or whose lag (Redis counts
+    it from entries added and read; trims do not change it) exceeds the entries after its
+    last-delivered id, lost entries to someone else's trim.
+    """
+    lost = []
+    for group in admin.xinfo_groups(stream):
+        name = group["name"].decode()
+        oldest = admin.xpending(stream, name)["min"]
+        pending_gone = oldest is not None and not admin.xrange(stream, oldest, oldest)
+        after = admin.xrange(stream, b"(" + group["last-delivered-id"], "+")
+        unread_gone = group["lag"] is not None and int(group["lag"]) > len(after)
+        if pending_gone or unread_gone:
+            lost.append(name)
+    return lost
+
+
+async def test_the_documented_check_tells_a_wipe_from_retention(
+    acl_server: RedisServer, admin: redis.Redis
+) -> None:
+    """Housekeeping's trims never raise the alarm; ingest's MAXLEN 0 does."""
+    from workers.housekeeping import trim_stream
+
+    for n in range(5):
+        admin.xadd("email.receive", {"data": f"m{n}".encode()})
+    admin.xreadgroup("app", "a1", {"email.receive": ">"}, count=3)  # 3 pending, 3 unread
+    admin.xack("email.receive", "app", admin.xrange("email.receive", count=1)[0][0])
+    housekeeping = aioredis.Redis.from_url(role_url(acl_server, "housekeeping"))
+    try:
+        assert await trim_stream(housekeeping, "email.receive", max_age=0, max_len=1) == 1
+    finally:
+        await housekeeping.aclose()
+    assert entries_lost(admin, "email.receive") == []
+    ingest = raw_client(acl_server, "ingest", example_password("ingest"))
+    try:
+        ingest.execute_command("XADD", "email.receive", *WIPE)
+    finally:
+        ingest.close()
+    assert admin.xlen("email.receive") == 0  # every application's mail is gone
+    assert entries_lost(admin, "email.receive") == ["app"]
+
+
+@pytest.mark.parametrize("role", ["delivery", "housekeeping", "operator", *LISTENERS])
+def test_no_role_can_make_redis_busy(
+    acl_server: RedisServer, admin: redis.Redis, role: str
+) -> None:
+    """SCRIPT LOAD + EVALSHA (or EVAL, or a function of its own) of a loop that never ends
+    would make Redis answer BUSY to everyone: the roles that call functions may not."""
+    connection = raw_client(acl_server, role, example_password(role))
+    try:
+        for attempt in [("SCRIPT", "LOAD", BUSY_LOOP), ("EVALSHA", BUSY_SHA, "0"),
+                        ("EVAL", BUSY_LOOP, "0"), ("FUNCTION", "LOAD", BUSY_LIBRARY)]:  # fmt: skip
+            with pytest.raises(NoPermissionError):
+                connection.execute_command(*attempt)
+        with pytest.raises(ResponseError, match="Function not found"):
+            connection.execute_command("FCALL", "busy", "0")
+    finally:
+        connection.close()
+    assert admin.ping()
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,7 +635,7 @@ async def test_producer_enqueues_a_send(as_role: Any, admin: redis.Redis) -> Non
 
 
 async def test_listener_reads_claims_releases_and_acks(as_role: Any, admin: redis.Redis) -> None:
-    listener = as_role("listener")
+    listener = as_role("listener-app1")
     admin.xadd("email.receive", {"data": b"second"})
     first = GroupConsumer(listener, "email.receive", "app3", "l1", claim_after=0.001, batch=1)
     assert await first.ensure_group() is True  # XGROUP CREATE ... MKSTREAM
@@ -496,8 +726,24 @@ async def test_monitor_reads_the_status(as_role: Any, admin: redis.Redis) -> Non
     assert status["dead_letters"] == 1 and status["retries_waiting"] == 1
 
 
+async def test_listen_removes_its_consumer_on_a_clean_exit(
+    as_role: Any, admin: redis.Redis
+) -> None:
+    """``mailpool listen`` deletes its consumer when nothing is pending on it (a function:
+    the check and the delete in one step), as an application's own listener user."""
+    from workers.listen import Listener
+
+    listener = Listener(as_role("listener-app2"), "app", "l-exit", start="all", batch=10)
+    await listener.ensure_group()
+    admin.execute_command("XGROUP", "CREATECONSUMER", "email.receive", "app", "l-exit")
+    assert await listener.remove_consumer_if_idle() is True
+    assert b"l-exit" not in [c["name"] for c in admin.xinfo_consumers("email.receive", "app")]
+
+
 async def test_keda_reads_the_lag_it_scales_on(as_role: Any, admin: redis.Redis) -> None:
     keda = as_role("keda")
+    info = await keda.info()  # KEDA >= 2.11: lag only from Redis 7 on (reads redis_version)
+    assert int(str(info["redis_version"]).split(".")[0]) >= 7
     groups = await keda.xinfo_groups("email.send")  # what the lag trigger reads
     assert [(g["name"], g["lag"]) for g in groups] == [(b"delivery", 1)]
     assert (await keda.xpending("email.send", "delivery"))["pending"] == 0
@@ -579,3 +825,36 @@ async def test_housekeeping_pass_promotes_due_retries(as_role: Any, admin: redis
     await housekeep_once(as_role("housekeeping"), StreamKeys(), HousekeepConfig())
     assert admin.zcard("mailpool:retry") == 0, "due retry not promoted by housekeeping"
     assert admin.xlen("email.send") == before + 1
+
+
+async def test_roles_stop_at_start_with_one_line_when_the_library_is_missing(
+    acl_server: RedisServer, admin: redis.Redis, tmp_path: Path
+) -> None:
+    """No role may load functions: a Redis without mailpool's library (never set up, or a
+    release whose library version is not loaded yet) stops each role that needs it at
+    start, with exit status 2 and one line saying what to run; `setup` then loads it."""
+    from workers.housekeeping import HousekeepConfig, serve
+
+    admin.function_delete(functions.LIBRARY)
+    try:
+        runs = {
+            "delivery": ("deliver", "--relay", f"maildir:{tmp_path / 'maildir'}"),
+            "operator": ("dead", "replay", "--all"),
+        }
+        done = await asyncio.gather(*(
+            asyncio.to_thread(run_mailpool, acl_server, role, *args)
+            for role, args in runs.items()
+        ))  # fmt: skip
+        for role, result in zip(runs, done, strict=True):
+            assert result.returncode == 2, (role, result.stderr)
+            (line,) = result.stderr.strip().splitlines()[-1:]
+            assert "functions library mailpool_v1 is not loaded" in line, (role, line)
+            assert "run `mailpool redis-setup`" in line, (role, line)
+        config = HousekeepConfig(redis_url=role_url(acl_server, "housekeeping"))
+        with pytest.raises(ConfigError, match="mailpool redis-setup"):
+            await asyncio.wait_for(serve(config, asyncio.Event()), 10)
+        not_setup = run_mailpool(acl_server, "delivery", "redis-setup")
+        assert not_setup.returncode == 2 and "may not load" in not_setup.stderr
+    finally:
+        loaded = run_mailpool(acl_server, "setup", "redis-setup")
+    assert loaded.returncode == 0 and f"{functions.LIBRARY} loaded" in loaded.stdout, loaded

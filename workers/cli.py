@@ -68,6 +68,12 @@ COMMANDS = (
         "HousekeepConfig",
     ),
     Command("dead", "dead letters: list, show, replay, purge", "workers.deadletters", "DeadConfig"),
+    Command(
+        "redis-setup",
+        "load the Redis functions the roles call (once per Redis, as an admin user)",
+        "workers.redis_setup",
+        "RedisSetupConfig",
+    ),
 )
 
 

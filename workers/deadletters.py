@@ -215,6 +215,7 @@ async def _targets(
 
 
 async def replay_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig) -> int:
+    await oc.require_functions(redis)  # replay is a Redis function: exit 2 if missing
     outcomes = oc.Outcomes(
         redis, oc.OutcomeKeys.from_stream_keys(keys), group="", sent_ttl=1, events_maxlen=1
     )

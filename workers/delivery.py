@@ -658,6 +658,7 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
     try:
         if not await _ensure_group(consumer, stop):
             return
+        await oc.require_functions(redis)  # settle/promote are Redis functions: exit 2 if missing
         log.info("delivery_started", relay=_safe_relay(config.relay), consumer=config.consumer,
                  concurrency=config.concurrency)  # fmt: skip
         worker = DeliveryWorker(config, outcomes, open_transport(config))

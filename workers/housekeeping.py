@@ -22,7 +22,7 @@ from workers.lifecycle import install_stop_signals
 from workers.status import stream_status
 from workers.streams.connection import as_text, connect, resolve_redis_url
 from workers.streams.keys import StreamKeys
-from workers.streams.outcomes import OutcomeKeys, promote_due
+from workers.streams.outcomes import OutcomeKeys, promote_due, require_functions
 
 log = structlog.get_logger("mailpool.housekeeping")
 
@@ -137,8 +137,12 @@ async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:
         async with serving_health(
             config.http, redis, keys, lambda: not stop.is_set(), stream_gauges=True
         ):
+            library_checked = False
             while not stop.is_set():
                 try:
+                    if not library_checked:  # promotion is a Redis function: exit 2 if missing
+                        await require_functions(redis)
+                        library_checked = True
                     await housekeep_once(redis, keys, config)
                 except (aioredis.RedisError, OSError) as exc:
                     log.warning("housekeeping_failed", error=str(exc))  # next pass tries again

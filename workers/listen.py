@@ -62,6 +62,7 @@ from workers.config import (
     positive,
 )
 from workers.lifecycle import install_stop_signals
+from workers.streams import functions
 from workers.streams.connection import connect, first_reply_problem, resolve_redis_url
 from workers.streams.consumer import START_ALL, START_NEW, GroupConsumer, StreamEntry
 
@@ -75,19 +76,6 @@ RETRY_DELAY_CAP = 5.0
 # Idle time given to entries a stopping listener read but never handed out: 30 days, past
 # any sensible claim_after, so the next claim pass of any consumer takes them.
 RELEASED_IDLE_MS = 30 * 86_400_000
-# Removes the consumer only when it has nothing pending, in one step, so that an entry
-# read meanwhile under the same name is never dropped from the group's pending list.
-# KEYS: stream; ARGV: group, consumer.  Returns the consumer's pending count (0: removed).
-REMOVE_IDLE_CONSUMER_LUA = """
-local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
-for _, row in ipairs(summary[4] or {}) do
-  if row[1] == ARGV[2] then
-    return tonumber(row[2])
-  end
-end
-redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-return 0
-"""
 
 
 @dataclass
@@ -228,10 +216,13 @@ class Listener:
         """
         if not self._group_ready:
             return False  # never reached Redis: nothing was created under this name
-        script = self.redis.register_script(REMOVE_IDLE_CONSUMER_LUA)
+        remove = functions.REMOVE_IDLE_CONSUMER  # one step: checks nothing is pending first
         try:
-            pending = int(await script(keys=[self.stream], args=[self.group, self.consumer]))
-        except RedisError as exc:  # e.g. an ACL user without EVALSHA; housekeeping removes it
+            reply = await functions.fcall(
+                self.redis, remove, [self.stream], [self.group, self.consumer]
+            )
+            pending = int(reply)
+        except RedisError as exc:  # e.g. a user without FCALL; housekeeping removes it later
             log.warning("consumer_not_removed", group=self.group, consumer=self.consumer,
                         error=str(exc))  # fmt: skip
             return False

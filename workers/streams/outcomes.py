@@ -1,7 +1,7 @@
 """The Redis side of delivery outcomes: idempotency records, retries, dead letters, events.
 
 A send entry is always in exactly one of three places, and every move between them is one
-Lua script (atomic in Redis):
+Redis function (atomic in Redis; the Lua is in :mod:`workers.streams.functions`):
 
 * **in progress**: an entry of the send stream, pending in the ``delivery`` group (or not
   yet read by it);
@@ -10,14 +10,16 @@ Lua script (atomic in Redis):
 * **dead**: an entry of the dead-letter stream.
 
 ``settle`` records the recipients the relay accepted, acknowledges the entry and, in the
-same script, adds its dead letters, its retry and its events.  When the entry was already
-acknowledged by someone else (a worker that claimed it while we were slow) the dead letter
-and retry are skipped, so one message never waits in two places.  ``promote_due`` moves due
-retries back into the send stream as new entries that carry the original ``data`` untouched
-plus the bookkeeping fields below, so any worker picks them up.
+same function, adds its dead letters, its retry and its events, only when that acknowledgement
+was its own.  A settlement that runs twice (it was applied, but the reply was lost with the
+connection, so the settler sends it again) or that finds the entry acknowledged by another
+worker (one that claimed it while we were slow) writes nothing more: one event per
+outcome, and one message never waits in two places.  ``promote_due`` moves due retries back
+into the send stream as new entries that carry the original ``data`` untouched plus the
+bookkeeping fields below, so any worker picks them up.
 
 Idempotency records: the hash ``<prefix>sent:<message id>`` maps each accepted recipient to
-the time of acceptance; it expires ``sent_ttl`` seconds after the last write.
+the time it was first accepted; it expires ``sent_ttl`` seconds after the last write.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from typing import Protocol
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
+from workers.streams import functions
 from workers.streams.keys import StreamKeys
 from workers.streams.redis_compat import checkout, is_stale
 
@@ -51,66 +54,6 @@ FIELD_REPLAY_OF = "replay_of"  # the dead-letter entry id a replay came from
 Fields = Mapping[str, str | bytes | int | float]
 
 SETTLE_IDLE_CHECK = 5.0  # seconds idle after which the settlement connection is re-checked
-
-# KEYS: 1 send stream, 2 dead stream, 3 events stream, 4 retry schedule, 5 retry payload hash,
-#       6 sent hash
-# ARGV: 1 group, 2 entry id, 3 now, 4 sent ttl (s), 5 events maxlen, 6 n accepted,
-#       then n recipients, then sections: kind ("dead"|"retry"|"event"), n pairs, due, pairs
-SETTLE_LUA = """
-local now = ARGV[3]
-local n = tonumber(ARGV[6])
-for j = 1, n do
-  redis.call('HSET', KEYS[6], ARGV[6 + j], now)
-end
-if n > 0 then
-  redis.call('EXPIRE', KEYS[6], ARGV[4])
-end
-local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-local i = 7 + n
-while i <= #ARGV do
-  local kind = ARGV[i]
-  local pairs_count = tonumber(ARGV[i + 1])
-  local due = ARGV[i + 2]
-  local fields = {unpack(ARGV, i + 3, i + 2 + 2 * pairs_count)}
-  i = i + 3 + 2 * pairs_count
-  if kind == 'event' then
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
-  elseif acked == 1 then
-    if kind == 'dead' then
-      redis.call('XADD', KEYS[2], '*', unpack(fields))
-    elseif kind == 'retry' then
-      redis.call('DEL', KEYS[5])
-      redis.call('HSET', KEYS[5], unpack(fields))
-      redis.call('ZADD', KEYS[4], due, ARGV[2])
-    end
-  end
-end
-return acked
-"""
-
-# KEYS: 1 retry schedule, 2 send stream.  ARGV: 1 now, 2 limit, 3 payload key prefix.
-# The payload keys are derived from the schedule members (standalone Redis; not cluster-safe).
-PROMOTE_LUA = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, member in ipairs(due) do
-  local key = ARGV[3] .. member
-  local fields = redis.call('HGETALL', key)
-  if #fields > 0 then
-    redis.call('XADD', KEYS[2], '*', unpack(fields))
-  end
-  redis.call('DEL', key)
-  redis.call('ZREM', KEYS[1], member)
-end
-return #due
-"""
-
-# KEYS: 1 dead stream, 2 send stream.  ARGV: dead entry id, then field pairs of the new entry.
-REPLAY_LUA = """
-if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then
-  return false
-end
-return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-"""
 
 
 @dataclass(frozen=True)
@@ -186,8 +129,6 @@ class Outcomes:
         self.group = group
         self.sent_ttl = max(1, int(sent_ttl))
         self.events_maxlen = events_maxlen
-        self._settle = redis.register_script(SETTLE_LUA)
-        self._replay = redis.register_script(REPLAY_LUA)
         # Settlements keep one connection: a pool checkout per round trip (lock, liveness
         # probe, bookkeeping) costs as much CPU as the settlement's own Python work.
         self._settle_connection: AbstractConnection | None = None
@@ -210,27 +151,32 @@ class Outcomes:
     async def settle(
         self, settlements: Sequence[Settlement], now: float
     ) -> list[bool | RedisError]:
-        """Apply settlements (one script each, one round trip).
+        """Apply settlements (one function call each, one round trip).
 
-        Per settlement: True where we acknowledged the entry, False where someone else had,
-        or the error that kept it from being applied (the caller retries just those).
+        Per settlement: True where we acknowledged the entry, False where it was already
+        acknowledged (by another worker, or by an earlier run of this same settlement whose
+        reply was lost), or the error that kept it from being applied (the caller retries
+        just those; running one again is harmless).
         """
         if not settlements:
             return []
         results = await self._settle_batch(settlements, now)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:  # Redis restarted or flushed its script cache: load it, redo those
-            await self.redis.script_load(SETTLE_LUA)
+        missing = [
+            i for i, r in enumerate(results)
+            if isinstance(r, ResponseError) and functions.is_function_missing(r)
+        ]  # fmt: skip
+        if missing:  # the library is gone (FUNCTION FLUSH, Redis lost its data): load, redo
+            await functions.ensure_library(self.redis)
             redone = await self._settle_batch([settlements[i] for i in missing], now)
             for i, result in zip(missing, redone, strict=True):
                 results[i] = result
         return results
 
     def _settle_command(self, s: Settlement, now: str) -> list[str | bytes | int]:
-        """EVALSHA of SETTLE_LUA for one settlement (floats already written as text)."""
+        """FCALL of the settle function for one settlement (floats already written as text)."""
         keys = self.keys
         command: list[str | bytes | int] = [
-            "EVALSHA", self._settle.sha, 6, keys.send, keys.dead, keys.events,
+            "FCALL", functions.SETTLE, 6, keys.send, keys.dead, keys.events,
             keys.retry_schedule, keys.retry_payload(s.entry_id), keys.sent(s.message_id),
             self.group, s.entry_id, now, self.sent_ttl, self.events_maxlen, len(s.accepted),
             *s.accepted,
@@ -246,10 +192,10 @@ class Outcomes:
     async def _settle_batch(
         self, settlements: Sequence[Settlement], now: float
     ) -> list[bool | RedisError]:
-        """EVALSHA per settlement, all written at once on one connection, packed by hiredis.
+        """FCALL per settlement, all written at once on one connection, packed by hiredis.
 
-        This is the per-message hot path: redis-py's pipeline (and its Script objects, which
-        add a SCRIPT EXISTS round trip) cost more CPU than the send's own SMTP exchange.
+        This is the per-message hot path: redis-py's pipeline costs more CPU than the send's
+        own SMTP exchange.
         """
         now_text = repr(now)
         packed = b"".join(
@@ -265,7 +211,7 @@ class Outcomes:
                 for _ in settlements:
                     try:
                         results.append(bool(await connection.read_response()))
-                    except ResponseError as exc:  # this script failed; the others stand
+                    except ResponseError as exc:  # this one failed; the others stand
                         results.append(exc)
                 return results
             except BaseException:
@@ -305,19 +251,26 @@ class Outcomes:
     async def replay(self, dead_id: str, fields: Fields) -> str | None:
         """Move one dead letter back to the send stream as ``fields``; None when it is gone."""
         keys = [self.keys.dead, self.keys.send]
-        new_id = await self._replay(keys=keys, args=[dead_id, *_pairs(fields)])
+        new_id = await functions.fcall(
+            self.redis, functions.REPLAY, keys, [dead_id, *_pairs(fields)]
+        )
         if new_id is None:
             return None
         return new_id.decode() if isinstance(new_id, bytes) else str(new_id)
+
+
+async def require_functions(redis: aioredis.Redis) -> None:
+    """At a role's start: the Redis functions it calls are loaded (else one line, exit 2)."""
+    await functions.require_library(redis)
 
 
 async def promote_due(
     redis: aioredis.Redis, keys: OutcomeKeys, now: float, limit: int = 100
 ) -> int:
     """Move retries due by ``now`` back into the send stream (delivery and housekeeping)."""
-    script = redis.register_script(PROMOTE_LUA)  # cheap: hashes the text, EVALSHA first
+    keys_used = [keys.retry_schedule, keys.send]
     args: list[str | int | float] = [now, limit, keys.retry_payload_prefix]
-    return int(await script(keys=[keys.retry_schedule, keys.send], args=args))
+    return int(await functions.fcall(redis, functions.PROMOTE, keys_used, args))
 
 
 def recipients_text(recipients: Sequence[str]) -> str:
