@@ -110,25 +110,24 @@ def test_secret_template_matches_the_acl_users() -> None:
     """The example deploys as is: each Deployment's user and password exist in the ACL."""
     import yaml
 
+    from tests.test_deploy_render import all_containers, mounted_secret_files
+
     secret = yaml.safe_load((BASE / "secret.yaml").read_text())["stringData"]
+    docs = [d for path in BASE.glob("*.yaml") for d in yaml.safe_load_all(path.read_text()) if d]
     rules = acl_rules()
     users = []
-    for path in BASE.glob("*.yaml"):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if not doc or doc["kind"] != "Deployment":
-                continue
-            pod = doc["spec"]["template"]["spec"]
-            for container in pod.get("initContainers", []) + pod["containers"]:
-                env = container["env"]
-                user = next(v["value"] for v in env if v["name"] == "REDIS_USERNAME")
-                key = next(
-                    v["valueFrom"]["secretKeyRef"]["key"]
-                    for v in env
-                    if v["name"] == "REDIS_PASSWORD"
-                )
-                digest = hashlib.sha256(secret[key].encode()).hexdigest()
-                assert f"#{digest}" in rules[user], f"{path.name}: {key} is not {user}'s password"
-                users.append(user)
+    for doc in docs:
+        if doc["kind"] != "Deployment":
+            continue
+        for container in all_containers(doc["spec"]["template"]["spec"]):
+            env = container["env"]
+            user = next(v["value"] for v in env if v["name"] == "REDIS_USERNAME")
+            # The password is the file of the mounted Secret that the container reads.
+            path = next(v["value"] for v in env if v["name"] == "MAILPOOL_REDIS_PASSWORD_FILE")
+            password = mounted_secret_files(docs, container)[path]
+            digest = hashlib.sha256(password.encode()).hexdigest()
+            assert f"#{digest}" in rules[user], f"{container['name']}: {path} is not {user}'s"
+            users.append(user)
     assert sorted(users) == ["delivery", "housekeeping", "ingest", "setup"]
     keda_digest = hashlib.sha256(secret["redis-keda-password"].encode()).hexdigest()
     assert f"#{keda_digest}" in rules[secret["redis-keda-username"]]

@@ -13,18 +13,21 @@ be a valid configuration for its role.
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import dataclasses
 import importlib
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -148,7 +151,41 @@ def container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict
         else:
             source = secret_data(docs, ref["secretKeyRef"]["name"])
             env[var["name"]] = source[ref["secretKeyRef"]["key"]]
-    return env
+    # A path into a mounted Secret names a file here that holds what the kubelet puts there.
+    files = mounted_secret_files(docs, container)
+    return {name: str(secret_file(files[value])) if value in files else value
+            for name, value in env.items()}  # fmt: skip
+
+
+def mounted_secret_files(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """Path in the container -> content, for each file of a Secret volume it mounts (the
+    volume's items, or every key of the Secret when it lists none)."""
+    pods = [d["spec"]["template"]["spec"] for d in of_kind(docs, "Deployment")]
+    (pod,) = [p for p in pods if any(c is container for c in all_containers(p))]
+    volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        source = volumes[mount["name"]].get("secret")
+        if source is None:
+            continue
+        data = secret_data(docs, source["secretName"])
+        for item in source.get("items") or [{"key": key, "path": key} for key in data]:
+            files[f"{mount['mountPath'].rstrip('/')}/{item['path']}"] = data[item["key"]]
+    return files
+
+
+def all_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+@cache
+def secret_file(content: str) -> Path:
+    """A file holding ``content``, kept for the test session."""
+    folder = Path(tempfile.mkdtemp(prefix="mailpool-deploy-secret-"))
+    atexit.register(shutil.rmtree, folder, True)
+    path = folder / "secret"
+    path.write_text(content)
+    return path
 
 
 def role_of(container: dict[str, Any]) -> cli.Command:
@@ -472,11 +509,14 @@ def test_each_role_gets_a_valid_configuration(rendered: list[dict[str, Any]]) ->
         own = {v["name"] for v in container.get("env", []) if v["name"].startswith("MAILPOOL_")}
         stray = own - option_env_names(cls)
         assert not stray, f"not options of `mailpool {command.name}`: {sorted(stray)}"
-        # Each role connects as its own Redis ACL user.
-        url = urlsplit(env["MAILPOOL_REDIS_URL"])
+        # Each role connects as its own Redis ACL user, its password read from its Secret file.
+        url = urlsplit(config.redis_url)
         assert url.scheme == "redis" and url.username == env["REDIS_USERNAME"]
-        assert url.password == env["REDIS_PASSWORD"]
-        assert config.redis_url == env["MAILPOOL_REDIS_URL"]
+        password_file = next(v["value"] for v in container["env"]
+                             if v["name"] == "MAILPOOL_REDIS_PASSWORD_FILE")  # fmt: skip
+        assert (
+            unquote(url.password or "") == mounted_secret_files(rendered, container)[password_file]
+        )
 
 
 def test_shared_settings_are_options_of_some_role(rendered: list[dict[str, Any]]) -> None:

@@ -210,3 +210,25 @@ def test_log_lines_mask_urls_password_fields_remembered_secrets_and_exceptions(
     assert lines[0]["relay"] == "smtp://u:***@h" and lines[0]["detail"] == "server said '***'"
     assert lines[1]["smtp_password"] == "***" and lines[1]["nested"]["secret"] == "***"
     assert "cannot reach redis://app:***@h:1/0 with ***" in lines[2]["exception"]
+
+
+LIBRARY_AND_CRASH = f"""
+import logging
+from workers.config import remember_secret
+from workers.logs import configure_logging
+configure_logging("json", "info")
+remember_secret({PASSWORD!r})
+logging.getLogger("redis.connection").warning("lost redis://app:{IN_URL}@h:1/0")
+raise RuntimeError("a bug, with {PASSWORD} in its message")
+"""
+
+
+def test_library_log_lines_and_a_crash_traceback_are_masked_too() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LIBRARY_AND_CRASH], cwd=ROOT, env=child_env(),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "WARNING redis.connection lost redis://app:***@h:1/0" in done.stderr
+    assert "RuntimeError: a bug, with *** in its message" in done.stderr
+    assert "ss/w" not in done.stderr and "ss%2Fw" not in done.stderr
