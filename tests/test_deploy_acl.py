@@ -852,8 +852,26 @@ async def test_roles_stop_at_start_with_one_line_when_the_library_is_missing(
         config = HousekeepConfig(redis_url=role_url(acl_server, "housekeeping"))
         with pytest.raises(ConfigError, match="mailpool redis-setup"):
             await asyncio.wait_for(serve(config, asyncio.Event()), 10)
+        await the_settler_and_promoter_say_what_to_run(acl_server)
         not_setup = run_mailpool(acl_server, "delivery", "redis-setup")
         assert not_setup.returncode == 2 and "may not load" in not_setup.stderr
     finally:
         loaded = run_mailpool(acl_server, "setup", "redis-setup")
     assert loaded.returncode == 0 and f"{functions.LIBRARY} loaded" in loaded.stdout, loaded
+
+
+async def the_settler_and_promoter_say_what_to_run(acl_server: RedisServer) -> None:
+    """A library gone while delivery runs: each settlement and promotion fails with the
+    same line (a Redis error: the settler keeps the entry pending and tries again)."""
+    from workers.streams.outcomes import OutcomeKeys, Outcomes, Settlement
+
+    delivery = aioredis.Redis.from_url(role_url(acl_server, "delivery"))
+    outcomes = Outcomes(delivery, OutcomeKeys.from_stream_keys(StreamKeys()), group="delivery",
+                        sent_ttl=60, events_maxlen=1000)  # fmt: skip
+    try:
+        for attempt in (outcomes.settle([Settlement("1-0", "m")], 1.0), outcomes.promote_due(1.0)):
+            with pytest.raises(functions.FunctionsNotLoaded, match="run `mailpool redis-setup`"):
+                await attempt
+    finally:
+        await outcomes.aclose()
+        await delivery.aclose()

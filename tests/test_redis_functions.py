@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from tests.harness import RedisServer
 from workers import redis_setup
+from workers.config import ConfigError
 from workers.streams import functions
 
 # The code a library version stands for.  Workers of two releases share a Redis during a
@@ -73,3 +74,17 @@ async def test_the_library_survives_a_restart_without_being_loaded_again(
     finally:
         await caller.aclose()
         await admin.aclose()
+
+
+async def test_a_user_that_may_not_fcall_stops_at_start_with_one_line(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """An ACL file from before the functions (no +fcall): exit 2 and what to change."""
+    await redis.execute_command("ACL", "SETUSER", "old-role", "on", ">pw", "+ping")
+    old_role = aioredis.Redis.from_url(redis_url, username="old-role", password="pw")
+    try:
+        with pytest.raises(ConfigError, match=r"may not call mailpool's functions .*\+fcall"):
+            await functions.require_library(old_role)
+    finally:
+        await old_role.aclose()
+        await redis.execute_command("ACL", "DELUSER", "old-role")

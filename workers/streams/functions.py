@@ -192,6 +192,11 @@ async def require_library(redis: aioredis.Redis) -> None:
         await ensure_library(redis)
     except FunctionsNotLoaded as exc:
         raise ConfigError(str(exc)) from None
+    except NoPermissionError as exc:  # an ACL file from before the functions
+        raise ConfigError(
+            f"this Redis user may not call mailpool's functions ({exc}): give it +fcall, "
+            "as deploy/redis/users.acl does"
+        ) from None
 
 
 async def fcall(
