@@ -129,8 +129,30 @@ def test_secret_template_matches_the_acl_users() -> None:
             assert f"#{digest}" in rules[user], f"{container['name']}: {path} is not {user}'s"
             users.append(user)
     assert sorted(users) == ["delivery", "housekeeping", "ingest", "setup"]
+    setup_digest = hashlib.sha256(secret["redis-setup-password"].encode()).hexdigest()
+    assert f"#{setup_digest}" in rules["setup"]
     keda_digest = hashlib.sha256(secret["redis-keda-password"].encode()).hexdigest()
     assert f"#{keda_digest}" in rules[secret["redis-keda-username"]]
+
+
+def test_functions_are_loaded_by_a_hardened_init_container_of_housekeeping() -> None:
+    """Only the housekeeping pod carries the setup password, in an init container that runs
+    `mailpool redis-setup` and is hardened like every other container."""
+    import yaml
+
+    (deployment,) = [d for d in yaml.safe_load_all((BASE / "housekeeping.yaml").read_text())
+                     if d and d["kind"] == "Deployment"]  # fmt: skip
+    pod = deployment["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["mailpool", "redis-setup"]
+    assert init["image"] == pod["containers"][0]["image"]
+    security = init["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["runAsNonRoot"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert {"cpu", "memory"} <= init["resources"]["limits"].keys()
+    others = [p for p in BASE.glob("*.yaml") if p.name not in {"housekeeping.yaml", "secret.yaml"}]
+    assert not [p.name for p in others if "redis-setup-password" in p.read_text()]
 
 
 # ---------------------------------------------------------------------------------------
