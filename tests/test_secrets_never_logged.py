@@ -89,17 +89,39 @@ def environment(tmp_path: Path) -> dict[str, str]:
     return child_env(MAILPOOL_LOG_LEVEL="debug", MAILPOOL_DATA_DIR=str(tmp_path / ".mailpool"))
 
 
+@dataclass(frozen=True)
+class Run:
+    """A command that ends: its label in the transcript, arguments, environment and the exit
+    status it must have."""
+
+    label: str
+    args: tuple[str, ...]
+    env: dict[str, str]
+    status: int = 0
+
+    def start(self) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers", *self.args], cwd=ROOT, env=self.env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+
+def run_all(transcript: Transcript, runs: list[Run]) -> list[str]:
+    """Run commands that end, side by side; record their stdout and stderr; check their exit
+    statuses. Returns their stdout."""
+    processes = [run.start() for run in runs]
+    outputs = [process.communicate(timeout=60) for process in processes]
+    for run, process, (stdout, stderr) in zip(runs, processes, outputs, strict=True):
+        transcript.add(run.label, stdout + stderr)
+        assert process.returncode == run.status, f"{run.label}: exit {process.returncode}\n{stderr}"
+    return [stdout for stdout, _ in outputs]
+
+
 def mailpool(
     transcript: Transcript, label: str, *args: str, env: dict[str, str], status: int = 0
 ) -> str:
-    """Run a command that ends; record its stdout and stderr; check its exit status."""
-    done = subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    transcript.add(label, done.stdout + done.stderr)
-    assert done.returncode == status, f"{label}: exit {done.returncode}\n{done.stderr[-2000:]}"
-    return done.stdout
+    """Run one command that ends (see :func:`run_all`); its stdout."""
+    return run_all(transcript, [Run(label, args, env, status)])[0]
 
 
 class Role:
@@ -283,14 +305,13 @@ def test_pool_and_the_one_shot_commands_never_show_the_password(scene: Scene) ->
     wait_until(lambda: scene.client.xlen("email.send.dead") == 1, "the bounce is a dead letter")
     pool.wait_for_log("message_accepted")
 
-    mailpool(out, "listen", "listen", "--group", "app", "--start", "all", "--count", "1",
-             env=with_url)  # fmt: skip
-    mailpool(out, "status", "status", env=with_url)
-    mailpool(out, "status --json", "status", "--json", env=with_url)
-    mailpool(out, "dead list", "dead", "list", env=with_url)
-    mailpool(out, "dead list --json", "dead", "list", "--json", env=with_url)
     [(dead_id, _)] = cast(list[tuple[bytes, Any]], scene.client.xrange("email.send.dead"))
-    mailpool(out, "dead show", "dead", "show", dead_id.decode(), env=with_url)
+    one_shots = [
+        ("listen", "--group", "app", "--start", "all", "--count", "1"),
+        ("status",), ("status", "--json"), ("dead", "list"), ("dead", "list", "--json"),
+        ("dead", "show", dead_id.decode()),
+    ]  # fmt: skip
+    run_all(out, [Run(" ".join(args), args, with_url) for args in one_shots])
     fetch(out, "run", http, "/metrics")
     pool.stop()
     assert pool.process.returncode == 0
@@ -354,11 +375,15 @@ def test_failure_paths_never_show_the_password(scene: Scene) -> None:
     port = scene.redis_server.port
     reachable = {**scene.environment, "MAILPOOL_REDIS_URL": redis_url(port)}
     wrong_user = {**reachable, "MAILPOOL_REDIS_URL": redis_url(port, user="nobody")}
-    for env, why in ((nowhere, "unreachable"), (wrong_user, "login refused")):
-        mailpool(out, f"status {why}", "status", env=env, status=1)
-        mailpool(out, f"send {why}", "send", "--from", "a@example.org", "--to",
-                 "b@example.org", "--text", "x", env=env, status=1)  # fmt: skip
-        mailpool(out, f"dead list {why}", "dead", "list", env=env, status=1)
+    one_shots = [
+        ("status",), ("dead", "list"),
+        ("send", "--from", "a@example.org", "--to", "b@example.org", "--text", "x"),
+    ]  # fmt: skip
+    run_all(out, [
+        Run(f"{' '.join(args)} {why}", args, env, status=1)
+        for env, why in ((nowhere, "unreachable"), (wrong_user, "login refused"))
+        for args in one_shots
+    ])  # fmt: skip
 
     smtp = free_port()
     waiting = {
@@ -415,6 +440,6 @@ def test_bad_configuration_never_shows_the_password(
     other.write_text("another password\n")
     both = ["deliver", "--relay", "smtp://127.0.0.1:25", "--relay-password", PASSWORD,
             "--relay-password-file", str(other)]  # fmt: skip
-    for label, args in [*BAD_CONFIGURATIONS.items(), ("password and its file", both)]:
-        mailpool(transcript, label, *args, env=environment, status=2)
+    bad = [*BAD_CONFIGURATIONS.items(), ("password and its file", both)]
+    run_all(transcript, [Run(label, tuple(args), environment, status=2) for label, args in bad])
     transcript.assert_clean("--redis-url", "--relay", "--max-attempts", "--relay-pasword")
