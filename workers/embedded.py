@@ -1,9 +1,18 @@
 """A private redis-server for ``mailpool run`` when no Redis URL is given.
 
-It listens on a free loopback port, keeps its data (AOF, fsync every second) in the pool's
-data directory and is stopped when the pool stops.  Its URL is written to
-``<data dir>/redis.url`` so that ``mailpool send/listen/status`` started without
-``--redis-url`` in the same directory talk to the same pool.
+It listens on a free loopback port, keeps its data in the pool's data directory and is
+stopped when the pool stops.  Its URL is written to ``<data dir>/redis.url`` so that
+``mailpool send/listen/status`` started without ``--redis-url`` in the same directory talk
+to the same pool.
+
+Persistence is the AOF with ``appendfsync always``: Redis writes and fsyncs a command before
+it replies, so every ``250`` of ingest survives a crash of Redis or of the machine.  With
+``everysec`` a reply may go out before its write (up to two seconds under fsync pressure), and
+on a full disk Redis acknowledges the write it then fails to persist; with ``always`` it
+exits instead (it cannot take back a command it applied), before any reply of that round
+goes out.  The pool then starts it again, after a growing pause: while the disk stays full
+each restart ends at the next write, ingest answers ``451`` meanwhile, and once there is room
+Redis carries on.  ``always`` costs throughput; README's Guarantees has the measured ratio.
 
 The server runs in a session (and process group) of its own: Ctrl-C in a terminal signals the
 whole foreground group, and the pool needs its Redis until ingest and delivery have drained,
@@ -35,6 +44,9 @@ log = structlog.get_logger("mailpool.embedded")
 
 START_TIMEOUT = 10.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+APPENDFSYNC = "always"  # see the module docstring
+RESTART_DELAY = 0.5  # seconds before starting a redis-server that exited, doubling ...
+RESTART_DELAY_CAP = 10.0  # ... up to this; back to RESTART_DELAY after a run this long
 
 
 def _terminate_with_parent() -> Callable[[], None] | None:
@@ -87,9 +99,18 @@ async def _refuse_second_pool(url_file: Path) -> None:
         url_file.unlink()
 
 
-@contextlib.asynccontextmanager
-async def embedded_redis(data_dir: Path) -> AsyncIterator[str]:
-    """Start redis-server with persistence in ``data_dir``; yield its URL; stop it on exit."""
+def redis_arguments(binary: str, port: int, redis_dir: Path, appendfsync: str) -> list[str]:
+    """The command line of the embedded redis-server (the bench starts the same)."""
+    directory = redis_dir.resolve()
+    return [
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+        "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "",
+        "--maxmemory-policy", "noeviction", "--daemonize", "no",
+        "--logfile", str(directory / "redis.log"),
+    ]  # fmt: skip
+
+
+def redis_binary() -> str:
     binary = shutil.which("redis-server") or (
         "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
     )
@@ -98,36 +119,102 @@ async def embedded_redis(data_dir: Path) -> AsyncIterator[str]:
             "no --redis-url given and redis-server is not installed "
             "(run `make run`, which installs it, or apt-get install redis-server)"
         )
+    return binary
+
+
+@contextlib.asynccontextmanager
+async def embedded_redis(data_dir: Path, *, appendfsync: str = APPENDFSYNC) -> AsyncIterator[str]:
+    """Start redis-server with persistence in ``data_dir``; yield its URL; stop it on exit.
+
+    Meanwhile a redis-server that exits on its own (a full disk, a crash) is started again.
+    """
+    binary = redis_binary()
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
     url_file = data_dir / EMBEDDED_URL_FILE
     await _refuse_second_pool(url_file)
     port = _free_loopback_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    process = await asyncio.create_subprocess_exec(
-        binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir.resolve()),
-        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-        "--maxmemory-policy", "noeviction", "--daemonize", "no",
-        "--logfile", str((redis_dir / "redis.log").resolve()),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=_terminate_with_parent(),
-    )  # fmt: skip
+    server = _Server(redis_arguments(binary, port, redis_dir, appendfsync), port, redis_dir)
+    await server.start()
+    keeper = asyncio.create_task(server.keep_running(), name="embedded-redis-keeper")
     try:
-        await _wait_until_up(url, process)
-        url_file.write_text(url + "\n")
-        log.info("embedded_redis_started", url=url, data_dir=str(redis_dir), pid=process.pid)
-        yield url
+        url_file.write_text(server.url + "\n")
+        log.info("embedded_redis_started", url=server.url, data_dir=str(redis_dir),
+                 pid=server.pid, appendfsync=appendfsync)  # fmt: skip
+        yield server.url
     finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
         with contextlib.suppress(FileNotFoundError):
             url_file.unlink()
-        if process.returncode is None:
-            process.terminate()  # SIGTERM: redis-server flushes the AOF and exits
+        await server.stop()
+        log.info("embedded_redis_stopped", url=server.url)
+
+
+class _Server:
+    """The redis-server child process, started again whenever it exits on its own."""
+
+    def __init__(self, arguments: list[str], port: int, redis_dir: Path) -> None:
+        self.arguments = arguments
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.log_file = redis_dir / "redis.log"
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.arguments, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_terminate_with_parent(),
+        )  # fmt: skip
+        await _wait_until_up(self.url, self.process)
+
+    async def keep_running(self) -> None:
+        delay = RESTART_DELAY
+        loop = asyncio.get_running_loop()
+        while self.process is not None:
+            started = loop.time()
+            status = await self.process.wait()
+            if loop.time() - started > RESTART_DELAY_CAP:
+                delay = RESTART_DELAY
+            log.error("embedded_redis_exited", status=status, reason=_last_warning(self.log_file),
+                      restart_in=delay, log_file=str(self.log_file))  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_DELAY_CAP)
             try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        log.info("embedded_redis_stopped", url=url)
+                await self.start()
+            except ConfigError as exc:  # it exited again at start: the loop waits, retries
+                log.error("embedded_redis_restart_failed", error=str(exc))
+                continue
+            log.info("embedded_redis_restarted", url=self.url, pid=self.pid)
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()  # SIGTERM: redis-server flushes the AOF and exits
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+def _last_warning(log_file: Path) -> str:
+    """The last warning redis-server logged (e.g. why it exited), or ""."""
+    try:
+        with open(log_file, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(handle.tell() - 4096, 0))
+            tail = handle.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    warnings = [line.split(" # ", 1)[1] for line in tail if " # " in line]
+    return warnings[-1] if warnings else ""
 
 
 async def _wait_until_up(url: str, process: asyncio.subprocess.Process) -> None:
