@@ -62,7 +62,12 @@ def pool(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
     with (tmp_path / "pool.log").open("wb") as log:
         process = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdout=log, stderr=log)
         try:
-            wait_for_port(port, timeout=30)
+            try:
+                wait_for_port(port, timeout=30)
+            except TimeoutError:  # e.g. no mount namespace here: unshare says why
+                log.flush()
+                tail = (tmp_path / "pool.log").read_text(errors="replace")[-800:]
+                raise AssertionError(f"the pool on a small disk did not start: {tail}") from None
             yield process, port, redis_dir
         finally:
             process.send_signal(signal.SIGTERM)
