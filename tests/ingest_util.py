@@ -61,6 +61,10 @@ def message(subject: str = "hello", body: str = "Hello there.", **headers: str) 
 class SMTPConn:
     """A raw SMTP client on asyncio streams: exact bytes out, replies parsed in."""
 
+    # How long a reply may take.  A scenario that holds replies on purpose (a Redis stall)
+    # raises it to what real MTAs wait for the reply to the final dot (RFC 5321: 10 min).
+    reply_timeout = 10.0
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
@@ -78,11 +82,11 @@ class SMTPConn:
             assert code == 220
         return conn
 
-    async def reply(self, timeout: float = 10.0) -> tuple[int, str]:
+    async def reply(self, timeout: float | None = None) -> tuple[int, str]:
         """One (possibly multi-line) reply: code and the text lines joined by newlines."""
         lines: list[str] = []
         while True:
-            raw = await asyncio.wait_for(self.reader.readline(), timeout)
+            raw = await asyncio.wait_for(self.reader.readline(), timeout or self.reply_timeout)
             if not raw:
                 raise ConnectionError(f"connection closed; got so far: {lines}")
             line = raw.decode("utf-8", "replace").rstrip("\r\n")

@@ -422,6 +422,10 @@ class IngestConfig(CommonConfig):
     )
     min_replicas: int = option(0, "wait for WAIT N replica acks before 250 (451 on timeout)")
     replica_timeout: float = option(1.0, "seconds to wait for --min-replicas acks")
+    store_timeout: float = option(
+        30.0,
+        "seconds a message waits for Redis to store it before 451, plus 1 s per 8 MiB queued",
+    )
     keep_raw: str = option("defects", "store raw bytes in entries: never, defects, always")
     shutdown_grace: float = option(30.0, "seconds sessions may finish after SIGTERM")
     http: str | None = option(None, "serve /metrics, /healthz, /readyz on HOST:PORT")
@@ -456,6 +460,7 @@ class IngestConfig(CommonConfig):
             positive(name, getattr(self, name))
         positive("min_replicas", self.min_replicas, allow_zero=True)
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
+        positive("store_timeout", self.store_timeout)
 
 
 def maildir_path(relay: str) -> str:

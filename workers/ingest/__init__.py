@@ -23,7 +23,7 @@ from workers.ingest.auth import Authenticator, load_credentials
 from workers.ingest.handler import HandlerSettings, IngestHandler, KeepRaw, normalise_domain
 from workers.ingest.server import IngestServer, SessionLimits, load_tls_context
 from workers.lifecycle import install_stop_signals
-from workers.streams.connection import connect, resolve_redis_url
+from workers.streams.connection import connect, connect_for_writes, resolve_redis_url
 from workers.streams.keys import StreamKeys
 from workers.streams.receive import ReceiveStream
 
@@ -70,16 +70,18 @@ async def running_ingest(config: IngestConfig) -> AsyncIterator[IngestServer]:
 
     The server's ``port``/``tls_port`` are the bound ports (``--listen 127.0.0.1:0`` in tests).
     """
-    # One retry: enough to replace a pooled connection that died with a Redis restart; more
-    # would only keep the sender waiting when Redis hangs (each try waits the socket
-    # timeout, 5 s) before the 451 that makes it try again later anyway.
-    redis = connect(resolve_redis_url(config.redis_url), retries=1)
+    url = resolve_redis_url(config.redis_url)
+    # The XADDs go over a client that never retries (a retried batch is stored twice);
+    # the health probes over one that may.
+    writes = connect_for_writes(url)
+    redis = connect(url, retries=1)
     keys = StreamKeys.from_config(config)
     store = ReceiveStream(
-        redis,
+        writes,
         keys.receive,
         min_replicas=config.min_replicas,
         replica_timeout=config.replica_timeout,
+        store_timeout=config.store_timeout,
     )
     try:
         server = build_server(config, store)
@@ -94,6 +96,7 @@ async def running_ingest(config: IngestConfig) -> AsyncIterator[IngestServer]:
             await server.stop(config.shutdown_grace)
     finally:
         await redis.aclose()
+        await writes.aclose()
 
 
 async def serve(config: IngestConfig, stop: asyncio.Event) -> None:

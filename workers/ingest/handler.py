@@ -233,9 +233,12 @@ class IngestHandler:
             return REPLY_ENTRY_TOO_BIG
         except StoreError as exc:
             INGEST_MESSAGES.labels("failed").inc()
+            # "unknown": the XADD had left for Redis, which may still run it (README,
+            # Guarantees); a later message_stored_after_deferral line then names the entry.
             log.warning(
                 "message_deferred", id=message_id, peer=peer, size=size,
                 recipients=len(recipients), code=451, reason=exc.reason, error=exc.detail,
+                stored="unknown" if exc.maybe_stored else "no",
             )  # fmt: skip
             return REPLY_STORE_FAILED
         except Exception:  # a bug of ours must not turn into a 5xx for the sender
@@ -292,7 +295,7 @@ class IngestHandler:
             data = await asyncio.to_thread(_parse_and_pack, raw, arguments)
         else:
             data = _parse_and_pack(raw, arguments)
-        return await self.store.append(data)
+        return await self.store.append(data, message_id)
 
     async def handle_exception(self, error: Exception) -> str:
         """Called by aiosmtpd for an exception in any command: our failure, so 451.

@@ -11,7 +11,7 @@ from typing import overload
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import EqualJitterBackoff
+from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -48,9 +48,11 @@ def resolve_redis_url(url: str | None) -> str:
 def connect(url: str, *, retries: int = 3, socket_timeout: float = 5.0) -> aioredis.Redis:
     """A client that retries a dropped connection a few times with jittered back-off.
 
-    Retries stay short: a role that must answer a client (ingest) prefers a quick failure
-    (451, try later) to holding the SMTP session while Redis is away.  Long outages are
-    ridden out by the roles' own loops, which reconnect with back-off.
+    Only for commands that may safely run twice (reads, and writes made idempotent by the
+    caller): a retry sends the command, or a whole pipeline, again after a timeout or a
+    dropped connection, and Redis may still run the first copy.  A write that must not run
+    twice uses :func:`connect_for_writes`.  Long outages are ridden out by the roles' own
+    loops, which reconnect with back-off.
     """
     return aioredis.Redis.from_url(
         url,
@@ -60,6 +62,28 @@ def connect(url: str, *, retries: int = 3, socket_timeout: float = 5.0) -> aiore
         health_check_interval=15,
         retry=Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+
+
+def connect_for_writes(url: str, *, connect_timeout: float = 5.0) -> aioredis.Redis:
+    """A client for a write that must not run twice (ingest's XADD): no retries and no
+    socket timeout.
+
+    After a timeout, redis-py's ``Retry`` sends a pipeline again on a new connection, and
+    Redis runs both copies: the first one waits in a socket buffer while Redis stalls, and
+    runs when it resumes.  So the caller sets its own deadline on each write, sized to the
+    bytes it sends (:class:`workers.streams.receive.ReceiveStream`), waits for the replies
+    on the same connection, and decides itself what it may send again: only what never
+    left.  ``connect_timeout`` bounds the TCP connect; the caller bounds the handshake.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=None,
+        socket_connect_timeout=connect_timeout,
+        health_check_interval=0,  # the caller probes an idle connection before it writes
+        retry=Retry(NoBackoff(), 0),
+        retry_on_error=[],
     )
 
 

@@ -1,54 +1,114 @@
 """Append received messages to ``email.receive``: the step after which ingest may answer 250.
 
-``append`` returns only once Redis acknowledged the ``XADD`` (and, with ``min_replicas``, once
-``WAIT`` saw that many replicas acknowledge it).  Every way this can fail (Redis down, out of
-memory, read-only replica, too few replicas in time, a timeout) raises :class:`StoreError`,
-which the SMTP side turns into a temporary ``451 4.3.0``: the sender keeps the message and
-tries again later, so nothing is lost.
+``append`` returns the entry id only once Redis acknowledged the ``XADD`` (and, with
+``min_replicas``, once ``WAIT`` saw that many replicas acknowledge it).  Every failure raises
+:class:`StoreError`, which the SMTP side turns into a temporary ``451 4.3.0``: the sender
+keeps the message and tries again later, so nothing is lost.
 
-The price of that rule is at-least-once: when the connection drops after Redis executed the
-``XADD`` but before the reply arrived, or ``WAIT`` times out on an entry already written, the
-sender retries and the stream holds the message twice.  Consumers deduplicate on the message
-``id`` (or Message-ID) if they need exactly-once effects.
+One 250, one entry: an XADD is never sent twice.  A client that sends a batch again after a
+timeout (redis-py's ``Retry``) makes two entries, because Redis runs the first copy as well:
+it waited in a socket buffer while Redis stalled.  So the batches go over connections that
+never retry (:func:`~workers.streams.connection.connect_for_writes`), the replies are awaited
+on the connection the batch went out on, and nothing that left is sent again.
+
+A 451 therefore says "not stored" except in these cases (``StoreError.maybe_stored``):
+
+* the message's wait ran out after its XADD had left (Redis stalled or unreachable for
+  ``store_timeout`` plus the time its bytes need): Redis runs the XADD if it resumes.  The
+  writer keeps waiting on that connection (LINGER) and logs each entry stored meanwhile
+  (``message_stored_after_deferral``, with the entry id);
+* the connection broke after the batch left: what Redis ran before it (or before it was
+  killed: AOF) is kept;
+* ``WAIT`` saw too few replicas: the entry is written, only not replicated as asked.
+
+A message still queued when its wait runs out, a batch whose connection could not be set
+up, and an XADD that Redis answered with an error leave nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ReadOnlyError, ResponseError
 
 from workers.streams.connection import as_text
+from workers.streams.redis_compat import checkout, is_stale
 
-# Most XADDs one pipeline carries; a 2 KB message makes a batch of 256 about 600 KB.
+log = structlog.get_logger("mailpool.ingest")
+
+# Most XADDs one pipeline carries (a 2 KB message makes a batch of 256 about 600 KB), and
+# most octets of message data: one message larger than that goes out alone.
 MAX_BATCH = 256
+MAX_BATCH_BYTES = 8 << 20
 # Pipelines on their way at once (each on its own pooled connection).  More than one lets a
 # message go out while an earlier batch waits for Redis, which matters when Redis shares
 # busy CPUs and its replies come late; a handful keeps batching effective under load.
 MAX_IN_FLIGHT = 4
+# How long a message waits for Redis before its 451 (``--store-timeout``), plus the time
+# the octets queued or in flight ahead of it (its own included) take at SLOWEST_RATE: a
+# burst of large messages is slow, not failed.
+STORE_TIMEOUT = 30.0
+SLOWEST_RATE = 8 << 20  # octets per second Redis takes in at the least (network and AOF)
+# Setting up a connection (TCP, then AUTH/HELLO/SETINFO replies) before a batch goes out.
+CONNECT_TIMEOUT = 5.0
+# A batch whose senders all gave up is awaited this much longer (``store_timeout`` if that
+# is longer): an entry Redis stores when it resumes is logged, and meanwhile this writer
+# sends no further batch into a Redis that does not answer (the messages queued behind get
+# a 451 that means "not stored").
+LINGER = 60.0
 
 
 class StoreError(Exception):
-    """The message was not (safely) stored; ``reason`` is one word for logs and metrics."""
+    """The message was not (safely) stored; ``reason`` is one word for logs and metrics.
 
-    def __init__(self, reason: str, detail: str) -> None:
+    ``maybe_stored``: the XADD left for Redis and its outcome is unknown or was not enough
+    (see the module docstring); otherwise nothing was stored.
+    """
+
+    def __init__(self, reason: str, detail: str, *, maybe_stored: bool = False) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.maybe_stored = maybe_stored
 
 
-def _classify(exc: BaseException) -> StoreError:
+def _classify(exc: BaseException, *, maybe_stored: bool) -> StoreError:
     """Name the failure so an operator reading the log line knows where to look."""
+    if isinstance(exc, StoreError):
+        return exc
     text = str(exc)
     if isinstance(exc, ReadOnlyError) or text.startswith("READONLY"):
-        return StoreError("readonly", text)
+        return StoreError("readonly", text, maybe_stored=maybe_stored)
     if isinstance(exc, ResponseError) and text.startswith("OOM"):
-        return StoreError("oom", text)
+        return StoreError("oom", text, maybe_stored=maybe_stored)
     if isinstance(exc, TimeoutError):
-        return StoreError("timeout", text or "Redis did not answer in time")
-    return StoreError("unavailable", f"{type(exc).__name__}: {text}")
+        return StoreError(
+            "timeout", text or "Redis did not answer in time", maybe_stored=maybe_stored
+        )
+    return StoreError("unavailable", f"{type(exc).__name__}: {text}", maybe_stored=maybe_stored)
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One append: its data, the future its sender waits on, and whether it left the queue."""
+
+    data: bytes
+    message_id: str | None
+    future: asyncio.Future[str]
+    deadline: float  # event-loop time when its sender stops waiting
+    # Out of the queue, into a batch: from here on it may be stored (or its batch failed
+    # before anything was written, and the sender learns that at once).
+    taken: bool = False
 
 
 class ReceiveStream:
@@ -56,12 +116,13 @@ class ReceiveStream:
 
     Appends from all SMTP sessions of a worker are batched: while pipelines are on their way
     to Redis (at most ``max_in_flight``), the appends that arrive meanwhile queue up and go
-    out together in the next one.
-    One connection then carries any number of concurrent sessions (a pool of one connection
-    per waiting session runs into the client's connection cap, and costs a round trip and
-    two system calls per message), and under load many XADDs share one round trip.  With
-    ``min_replicas`` a single ``WAIT`` at the end of each pipeline covers the whole batch
-    (WAIT counts the writes made on its own connection before it).
+    out together in the next one (at most ``max_batch`` messages and ``max_batch_bytes``).
+    One connection then carries any number of concurrent sessions, and under load many
+    XADDs share one round trip.  With ``min_replicas`` a single ``WAIT`` at the end of each
+    pipeline covers the whole batch (WAIT counts the writes made on its own connection).
+
+    ``redis`` should come from :func:`~workers.streams.connection.connect_for_writes`: the
+    connections of its pool are used directly, with the deadlines set here.
     """
 
     def __init__(
@@ -71,33 +132,62 @@ class ReceiveStream:
         *,
         min_replicas: int = 0,
         replica_timeout: float = 1.0,
+        store_timeout: float = STORE_TIMEOUT,
         max_batch: int = MAX_BATCH,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self.redis = redis
         self.stream = stream
         self.min_replicas = min_replicas
         self.replica_timeout_ms = max(1, round(replica_timeout * 1000))
+        self.store_timeout = store_timeout
         self.max_batch = max_batch
-        self._waiting: deque[tuple[bytes, asyncio.Future[str]]] = deque()
+        self.max_batch_bytes = max_batch_bytes
         self.max_in_flight = max_in_flight
+        self._xadd_head = (
+            b"*5\r\n$4\r\nXADD\r\n" + _bulk(stream.encode()) + b"$1\r\n*\r\n$4\r\ndata\r\n"
+        )
+        self._wait = b"*3\r\n$4\r\nWAIT\r\n" + _bulk(b"%d" % min_replicas)
+        self._wait += _bulk(b"%d" % self.replica_timeout_ms)
+        self._waiting: deque[_Pending] = deque()
+        self._octets_ahead = 0  # of the messages queued or waiting for their reply
         self._writers: set[asyncio.Task[None]] = set()  # strong references to running tasks
         self._running = 0  # writers not yet past their last look at the queue
 
-    async def append(self, data: bytes) -> str:
+    async def append(self, data: bytes, message_id: str | None = None) -> str:
         """XADD ``{"data": data}``; return the entry id once stored as configured.
 
         No MAXLEN: trimming could drop entries a consumer group has not read yet; retention
         is the housekeeping role's job, which trims only what every group acknowledged.
+        ``message_id`` names the message in the log line of a late store.
         """
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._waiting.append((data, future))
+        loop = asyncio.get_running_loop()
+        self._octets_ahead += len(data)
+        wait = self.store_timeout + self._octets_ahead / SLOWEST_RATE
+        pending = _Pending(data, message_id, loop.create_future(), loop.time() + wait)
+        self._waiting.append(pending)
+        self._start_writer()
+        try:
+            return await asyncio.wait_for(pending.future, wait)
+        except TimeoutError:
+            raise StoreError(
+                "timeout",
+                f"Redis did not acknowledge the message within {wait:.0f} s",
+                maybe_stored=pending.taken,
+            ) from None
+        finally:
+            if pending.future.cancelled() and not pending.taken:
+                # Given up (timeout, or the session went away) before it left: it never will.
+                self._waiting.remove(pending)
+                self._octets_ahead -= len(data)
+
+    def _start_writer(self) -> None:
         if self._running < self.max_in_flight:
             self._running += 1
             writer = asyncio.create_task(self._write_batches(), name="receive-writer")
             self._writers.add(writer)
             writer.add_done_callback(self._writers.discard)
-        return await future
 
     async def _write_batches(self) -> None:
         try:
@@ -109,44 +199,148 @@ class ReceiveStream:
 
     async def _drain_queue(self) -> None:
         while self._waiting:
-            count = min(len(self._waiting), self.max_batch)
-            batch = [self._waiting.popleft() for _ in range(count)]
             try:
-                results = await self._send(batch)
-            except BaseException as exc:  # the futures must learn, whatever happened
-                failure = exc if isinstance(exc, StoreError) else _classify(exc)
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(failure)
-                if not isinstance(exc, Exception):
-                    raise  # cancelled: stop writing
+                connection = await asyncio.wait_for(self._connection(), CONNECT_TIMEOUT)
+            except Exception as exc:
+                # Nothing of the next batch was written: refused, and certainly not stored.
+                self._finish(self._next_batch(), _classify(exc, maybe_stored=False))
                 continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
+            try:
+                batch = self._next_batch()  # taken only now: until here each may give up
+                if batch:
+                    await self._store(connection, batch)
+            finally:
+                await self.redis.connection_pool.release(connection)
 
-    async def _send(self, batch: list[tuple[bytes, asyncio.Future[str]]]) -> list[str | StoreError]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for data, _ in batch:
-                pipe.xadd(self.stream, {"data": data})
-            if self.min_replicas:
-                pipe.wait(self.min_replicas, self.replica_timeout_ms)
-            replies = await pipe.execute(raise_on_error=False)
-        results: list[str | StoreError] = [
-            _classify(r) if isinstance(r, BaseException) else as_text(r)
-            for r in replies[: len(batch)]
-        ]
+    async def _connection(self) -> AbstractConnection:
+        """A pooled connection, replaced when it died while idle (a Redis restart): a write
+        on it would fail after some of the batch may have gone out."""
+        pool = self.redis.connection_pool
+        connection = await checkout(pool)
+        try:
+            if await is_stale(connection):
+                await connection.disconnect()
+                # redis-py leaves connect untyped; connecting here, not in the write,
+                # keeps a failure to connect apart from a failure after the batch left.
+                connect: Callable[[], Awaitable[None]] = connection.connect
+                await connect()
+        except BaseException:
+            await pool.release(connection)
+            raise
+        return connection
+
+    def _next_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        octets = 0
+        while self._waiting and len(batch) < self.max_batch:
+            octets += len(self._waiting[0].data)
+            if batch and octets > self.max_batch_bytes:
+                break
+            pending = self._waiting.popleft()
+            pending.taken = True
+            batch.append(pending)
+        return batch
+
+    async def _store(self, connection: AbstractConnection, batch: list[_Pending]) -> None:
+        """Send the batch and hand each reply to its sender as it comes.
+
+        Replies are awaited until every sender of the batch has given up, and then LINGER
+        longer.  A connection left with replies unread is closed.
+        """
+        loop = asyncio.get_running_loop()
+        linger = max(LINGER, self.store_timeout)
+        wait = max(p.deadline for p in batch) - loop.time() + linger
+        try:
+            await asyncio.wait_for(self._exchange(connection, batch), wait)
+        except BaseException as exc:
+            await connection.disconnect(nowait=True)
+            if isinstance(exc, TimeoutError):
+                log.warning(
+                    "store_reply_missing", messages=len(batch), waited=round(wait, 1),
+                    ids=[p.message_id for p in batch if not p.future.done()],
+                )  # fmt: skip
+            self._finish(batch, _classify(exc, maybe_stored=True))
+            if not isinstance(exc, Exception):
+                raise  # cancelled: stop writing
+        else:
+            self._finish(batch, None)
+
+    async def _exchange(self, connection: AbstractConnection, batch: list[_Pending]) -> None:
+        chunks: list[bytes] = []
+        for pending in batch:
+            chunks += (self._xadd_head, b"$%d\r\n" % len(pending.data), pending.data, b"\r\n")
         if self.min_replicas:
-            acked = replies[-1]
-            if isinstance(acked, BaseException):
-                raise _classify(acked)
-            if int(acked) < self.min_replicas:
-                raise StoreError(
-                    "replicas",
-                    f"{acked} of {self.min_replicas} replicas acknowledged within "
-                    f"{self.replica_timeout_ms} ms",
-                )
-        return results
+            chunks.append(self._wait)
+        for piece in _pieces(chunks):
+            await connection.send_packed_command(piece, check_health=False)
+        written: list[tuple[_Pending, str]] = []
+        for pending in batch:
+            try:
+                entry_id = as_text(await connection.read_response())
+            except ResponseError as exc:  # this XADD was refused; the others stand
+                self._resolve(pending, None, _classify(exc, maybe_stored=False))
+                continue
+            if self.min_replicas:
+                written.append((pending, entry_id))
+            else:
+                self._resolve(pending, entry_id)
+        if self.min_replicas:
+            problem = await self._replication_problem(connection)
+            for pending, entry_id in written:
+                self._resolve(pending, entry_id, problem)
+
+    async def _replication_problem(self, connection: AbstractConnection) -> StoreError | None:
+        try:
+            acked = int(await connection.read_response())
+        except ResponseError as exc:
+            return _classify(exc, maybe_stored=True)
+        if acked >= self.min_replicas:
+            return None
+        detail = (
+            f"{acked} of {self.min_replicas} replicas acknowledged within "
+            f"{self.replica_timeout_ms} ms"
+        )
+        return StoreError("replicas", detail, maybe_stored=True)
+
+    def _resolve(
+        self, pending: _Pending, entry_id: str | None, error: StoreError | None = None
+    ) -> None:
+        """Tell the sender: ``entry_id`` when stored, ``error`` (if any) when it fails."""
+        future = pending.future
+        if future.cancelled():  # its sender was answered 451 already, or went away
+            if entry_id is not None:
+                log.warning("message_stored_after_deferral", id=pending.message_id, entry=entry_id)
+        elif not future.done():
+            if error is not None:
+                future.set_exception(error)
+            elif entry_id is not None:
+                future.set_result(entry_id)
+
+    def _finish(self, batch: list[_Pending], error: StoreError | None) -> None:
+        """The batch is done with: ``error`` for those without an outcome."""
+        for pending in batch:
+            if error is not None:
+                self._resolve(pending, None, error)
+            self._octets_ahead -= len(pending.data)
+
+
+# Octets handed to the socket at once.  asyncio joins what one write gets into a single
+# buffer and copies what the socket does not take at once into another: sent whole, a
+# batch of large messages costs two more copies of it (the ingest memory budget).
+WRITE_PIECE = 1 << 20
+
+
+def _pieces(chunks: list[bytes], size: int = WRITE_PIECE) -> Iterator[list[bytes]]:
+    """``chunks`` in order, in groups of about ``size`` octets (a larger chunk cut up)."""
+    group: list[bytes] = []
+    octets = 0
+    for chunk in chunks:
+        for start in range(0, len(chunk), size):
+            part = chunk[start : start + size]  # the chunk itself when it is not larger
+            group.append(part)
+            octets += len(part)
+            if octets >= size:
+                yield group
+                group, octets = [], 0
+    if group:
+        yield group
