@@ -12,13 +12,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
 
+from tests.harness import RedisServer
 from workers.config import DeliveryConfig
 from workers.delivery import serve
 
@@ -163,3 +164,16 @@ def terminate(
 
 def config_with(config: DeliveryConfig, **changes: Any) -> DeliveryConfig:
     return dataclasses.replace(config, **changes)
+
+
+@contextlib.contextmanager
+def redis_stalled(server: RedisServer) -> Iterator[float]:
+    """Redis stops answering (SIGSTOP) for the block, yielding when it stopped: connections
+    stay open, new ones complete in the kernel, and every command sent meanwhile waits in a
+    socket buffer and runs at SIGCONT (always sent, even when the block fails)."""
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        yield time.monotonic()
+    finally:
+        server.process.send_signal(signal.SIGCONT)

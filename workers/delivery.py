@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import TypeVar, cast
 
 import structlog
 from redis.exceptions import RedisError
@@ -48,8 +48,13 @@ from workers.streams.keys import StreamKeys
 from workers.streams.retry import RetryPolicy
 
 log = structlog.get_logger("mailpool.delivery")
+T = TypeVar("T")
 
-READ_BLOCK = 0.5  # seconds an idle XREADGROUP waits: also how fast an idle worker stops
+READ_BLOCK = 0.5  # seconds an idle XREADGROUP waits
+# Seconds between looks at our own pending list for entries we do not hold (one XPENDING):
+# a read that timed out while Redis stalled still runs when it resumes, and the entries it
+# hands us would otherwise wait --claim-after.  A failed read makes the next look immediate.
+OWN_CHECK = 1.0
 REDIS_BACKOFF_CAP = 5.0
 # Seconds the outcomes of finished sends may take to reach Redis at stop, after the drain:
 # shutdown grace + this + closing connections (1 s) stays inside the pod's grace period.
@@ -230,6 +235,9 @@ class DeliveryWorker:
         self._room = asyncio.Event()  # the window has room for another read
         self._finished = asyncio.Event()  # a lane finished a send
         self._stop = asyncio.Event()
+        # When to look next for entries pending on us that we do not hold: at once (a
+        # restarted consumer's leftovers), then every OWN_CHECK, and after any failed read.
+        self._own_check_at = 0.0
         self._policy = RetryPolicy(
             config.retry_base, config.retry_cap, config.max_attempts, config.max_age
         )
@@ -241,37 +249,26 @@ class DeliveryWorker:
         each.  At most one entry per lane waits in the queue (read-ahead hides the read
         round trip), so an entry we hold starts within one SMTP transaction of its read and
         ``--claim-after`` never hands a live worker's entry to another.  On stop: no more
-        reads, sends in flight drain, entries not yet started stay pending for others.
+        reads (one waiting on a stalled Redis is cancelled), sends in flight drain, entries
+        not yet started stay pending for others.
         """
         self._stop = stop
         self.settler.start()
         promoter = asyncio.create_task(self._promote_retries(stop), name="retry-promoter")
         stopping = asyncio.create_task(stop.wait(), name="stop-watch")
-        stopping.add_done_callback(lambda _: self._room.set())  # a full window must not block
         lanes = [
             asyncio.create_task(self._lane(), name=f"send-lane-{n}")
             for n in range(self.config.concurrency)
         ]
+        reading = asyncio.create_task(self._read_until_stopped(consumer, stop), name="reader")
         try:
-            while not stop.is_set():
-                if self._unfinished > self.config.concurrency:
-                    # Read in batches of at least a window's half: --concurrency sends are
-                    # still in flight meanwhile, and one XREADGROUP serves many entries.
-                    self._room.clear()
-                    await self._room.wait()
-                    continue
-                window = 2 * self.config.concurrency - self._unfinished
-                consumer.batch = min(window, self.config.batch)
-                entries = await self._read(consumer, stop)
-                if stop.is_set():
-                    break  # what was just read stays pending: another worker claims it
-                if entries and all(e.id in self._held for e in entries):
-                    await self._pause()  # own pending entries still in hand
-                    continue
-                for send in await self._prepare(entries):
-                    self._unfinished += 1
-                    self._ready.put_nowait(send)
+            await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            # Whatever the reader waits for (a read, an idempotency check) may wait on a
+            # stalled Redis: it must not hold up the stop.  What it would have handed us
+            # stays pending for others.
+            reading.cancel()
+            await asyncio.wait((reading,))
             await self._drain(lanes)
             stopping.cancel()
             promoter.cancel()
@@ -281,6 +278,29 @@ class DeliveryWorker:
             await self.transport.aclose()
         if self.settler.crashed:
             raise SettlerCrashed
+        if not reading.cancelled() and (bug := reading.exception()) is not None:
+            raise bug
+
+    async def _read_until_stopped(self, consumer: GroupConsumer, stop: asyncio.Event) -> None:
+        """Read as many entries as the window has room for, queue them, repeat."""
+        while not stop.is_set():
+            if self._unfinished > self.config.concurrency:
+                # Read in batches of at least a window's half: --concurrency sends are
+                # still in flight meanwhile, and one XREADGROUP serves many entries.
+                self._room.clear()
+                await self._room.wait()
+                continue
+            window = 2 * self.config.concurrency - self._unfinished
+            consumer.batch = min(window, self.config.batch)
+            entries = await self._read(consumer, stop)
+            if stop.is_set():
+                break  # what was just read stays pending: another worker claims it
+            if entries and all(e.id in self._held for e in entries):
+                await self._pause()  # own pending entries still in hand
+                continue
+            for send in await self._prepare(entries):
+                self._unfinished += 1
+                self._ready.put_nowait(send)
 
     def _stop_now(self) -> None:
         self._stop.set()  # the event run() was given, so the whole process stops
@@ -315,14 +335,32 @@ class DeliveryWorker:
     async def _read(self, consumer: GroupConsumer, stop: asyncio.Event) -> list[StreamEntry]:
         self._settled_during_read.clear()  # settled before this read: it cannot list them
         try:
-            entries = await consumer.read()
+            entries = []
+            if time.monotonic() >= self._own_check_at:
+                entries = await self._read_unseen_own(consumer)
+            if not entries:
+                entries = await consumer.read_shared()
         except (RedisError, OSError) as exc:
+            # Redis may still run the read that failed (a stalled Redis runs what waits in
+            # its socket buffers when it resumes) and hand us entries we never see.
+            self._own_check_at = 0.0
             log.warning("read_failed", error=str(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
             return []
         if self._settled_during_read:
             entries = [e for e in entries if e.id not in self._settled_during_read]
+        return entries
+
+    async def _read_unseen_own(self, consumer: GroupConsumer) -> list[StreamEntry]:
+        """Entries pending on us that we do not hold: leftovers of a consumer of our name,
+        entries let go of without an outcome, entries of a read whose reply never came."""
+        entries = await consumer.read_unseen_own(self._held, consumer.batch)
+        # A full batch: more may be there, look again at the next read.
+        full = len(entries) >= consumer.batch
+        self._own_check_at = 0.0 if full else time.monotonic() + OWN_CHECK
+        if entries:
+            log.info("own_pending_taken", count=len(entries))
         return entries
 
     async def _prepare(self, entries: list[StreamEntry]) -> list[Send]:
@@ -342,14 +380,8 @@ class DeliveryWorker:
                 if owner:
                     self._sending[p.ref.message_id] = asyncio.Event()
                 ready.append((p, owner))
-        if not ready:
-            return []
-        try:
-            done = await self._already_sent([p for p, _ in ready])
-        except (RedisError, OSError) as exc:
-            log.warning("idempotency_check_failed", error=str(exc))
-            for p, owner in ready:  # they stay pending and come back as our own leftovers
-                self._let_go(p, owner)
+        done = await self._checked_sent(ready) if ready else None
+        if done is None:
             return []
         to_send: list[Send] = []
         for (p, owner), already in zip(ready, done, strict=True):
@@ -364,6 +396,19 @@ class DeliveryWorker:
             else:
                 to_send.append((p, remaining, owner))
         return to_send
+
+    async def _checked_sent(self, ready: list[tuple[Prepared, bool]]) -> list[set[str]] | None:
+        """``_already_sent``, or None when Redis could not tell: the entries are let go of."""
+        try:
+            return await self._already_sent([p for p, _ in ready])
+        except BaseException as exc:
+            for p, owner in ready:  # they stay pending (at stop: for others)
+                self._let_go(p, owner)
+            if not isinstance(exc, RedisError | OSError):
+                raise  # cancelled at stop, or a bug
+            log.warning("idempotency_check_failed", error=str(exc))
+            self._own_check_at = 0.0  # they come back as our own leftovers at the next read
+            return None
 
     async def _already_sent(self, ready: list[Prepared]) -> list[set[str]]:
         """Recipients already accepted per message (one round trip for the batch).
@@ -631,8 +676,7 @@ async def _ensure_group(consumer: GroupConsumer, stop: asyncio.Event) -> bool:
     delay = 0.1
     while not stop.is_set():
         try:
-            await consumer.ensure_group(START_ALL)
-            return True
+            return await _unless_stopped(consumer.ensure_group(START_ALL), stop) is not None
         except (RedisError, OSError) as exc:
             log.warning("redis_unavailable_at_start", error=str(exc))
             with contextlib.suppress(TimeoutError):
@@ -641,16 +685,34 @@ async def _ensure_group(consumer: GroupConsumer, stop: asyncio.Event) -> bool:
     return False
 
 
+async def _unless_stopped(work: Coroutine[object, object, T], stop: asyncio.Event) -> T | None:
+    """The result of ``work``, or None when ``stop`` comes first (``work`` is cancelled): a
+    command waiting on a stalled Redis must not hold up a stop."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.wait((task,))
+        return None
+    return task.result()
+
+
 async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
-    redis = connect(resolve_redis_url(config.redis_url))
+    url = resolve_redis_url(config.redis_url)
+    redis = connect(url)
     keys = StreamKeys.from_config(config)
     outcomes = oc.Outcomes(
         redis, oc.OutcomeKeys.from_stream_keys(keys), group=config.group,
         sent_ttl=config.sent_ttl, events_maxlen=config.events_maxlen,
     )  # fmt: skip
     # The reads keep a connection of their own (a blocking XREADGROUP holds it anyway):
-    # a pool checkout per read costs CPU on every batch.
-    reader = redis.client()
+    # a pool checkout per read costs CPU on every batch.  No retries on it: redis-py would
+    # send a read that timed out again, and Redis may run both; our loop retries instead
+    # and then looks at our pending list for what the lost read handed us.
+    reads = connect(url, retries=0)
+    reader = reads.client()
     consumer = GroupConsumer(
         reader, keys.send, config.group, config.consumer,
         claim_after=config.claim_after, batch=config.batch, block=READ_BLOCK,
@@ -668,6 +730,7 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
     finally:
         await outcomes.aclose()
         await reader.aclose()
+        await reads.aclose()
         await redis.aclose()
 
 

@@ -8,8 +8,9 @@ written once.
 from __future__ import annotations
 
 import time
+from collections.abc import Container
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -22,6 +23,7 @@ log = structlog.get_logger("mailpool.streams")
 # Start positions for a new group, in operator words.
 START_NEW = "$"  # only messages added after the group was created
 START_ALL = "0"  # all retained history
+OWN_PAGE = 200  # own pending entries listed per XPENDING (a consumer holds few at a time)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,10 @@ class GroupConsumer:
             if own:
                 return own
             self._own_pending_done = True
+        return await self.read_shared()
+
+    async def read_shared(self) -> list[StreamEntry]:
+        """Stale entries of other consumers (every so often), else new ones."""
         if time.monotonic() >= self._next_claim_at:
             claimed = await self.claim_stale()
             if claimed:
@@ -106,6 +112,54 @@ class GroupConsumer:
             return []
         counts = await self._delivery_counts([as_text(i) for i, _ in entries])
         return [StreamEntry(as_text(i), f or None, counts.get(as_text(i), 1)) for i, f in entries]
+
+    async def read_unseen_own(self, in_hand: Container[str], limit: int) -> list[StreamEntry]:
+        """Up to ``limit`` entries pending on this consumer that are not ``in_hand``.
+
+        Those are a restarted consumer's leftovers, entries its caller let go of without an
+        outcome, and entries handed out by a read whose reply never came: a read that timed
+        out while Redis stalled still runs when Redis resumes.  The pending list is listed
+        first (XPENDING: no entry data, no delivery counter bumped), so a caller may look
+        often; only when something unseen is there is it read (XREADGROUP from just before
+        it, which re-reads entries in hand that lie in between: they are left out).
+        """
+        unseen, span = await self._unseen_own(in_hand, limit)
+        if not unseen:
+            return []
+        reply = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: _id_before(next(iter(unseen)))}, count=span
+        )
+        return [
+            StreamEntry(entry_id, fields or None, unseen[entry_id])
+            for entry_id, fields in ((as_text(i), f) for i, f in _entries_of(reply))
+            if entry_id in unseen
+        ]
+
+    async def _unseen_own(self, in_hand: Container[str], limit: int) -> tuple[dict[str, int], int]:
+        """Own pending ids not in hand (-> delivery counter once read again, in id order) and
+        how many own pending entries lie from the first of them to the last."""
+        listed: list[str] = []
+        unseen: dict[str, int] = {}
+        start = "-"
+        while len(unseen) < limit:
+            rows = await self.redis.xpending_range(
+                self.stream, self.group, min=start, max="+", count=OWN_PAGE,
+                consumername=self.consumer,
+            )  # fmt: skip
+            for row in rows:
+                entry_id = as_text(cast(bytes, row["message_id"]))
+                listed.append(entry_id)
+                if entry_id not in in_hand:
+                    unseen[entry_id] = int(row["times_delivered"]) + 1
+                    if len(unseen) == limit:
+                        break
+            if len(rows) < OWN_PAGE:
+                break
+            start = "(" + listed[-1]
+        if not unseen:
+            return unseen, 0
+        ids = list(unseen)
+        return unseen, listed.index(ids[-1]) - listed.index(ids[0]) + 1
 
     async def claim_stale(self) -> list[StreamEntry]:
         """Take over entries idle longer than ``claim_after`` on any consumer (XAUTOCLAIM).
@@ -160,3 +214,11 @@ def _entries_of(reply: Any) -> list[tuple[bytes | str, dict[bytes, bytes] | None
     if not reply:
         return []
     return [(entry_id, fields or None) for _name, entries in reply for entry_id, fields in entries]
+
+
+def _id_before(entry_id: str) -> str:
+    """The stream id just before ``entry_id``: XREADGROUP returns ids after the one given."""
+    ms, seq = (int(part) for part in entry_id.split("-"))
+    if seq:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-{2**64 - 1}" if ms else "0-0"
