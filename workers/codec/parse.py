@@ -13,6 +13,7 @@ and the parse continues best-effort, bounded by :class:`ParseLimits`.
 from __future__ import annotations
 
 import binascii
+import io
 import re
 import time
 import uuid
@@ -73,6 +74,11 @@ _PLAIN_VALUE = re.compile(rb"(?:[\t\x20-\x3c\x3e-\x7e]++|=(?!\?))*+")
 _TypeParams = tuple[dict[str, str], frozenset[str]]
 _PLAIN_MEDIA_TYPE = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+/[a-z0-9!#$%&'*+.^_`|~-]+")
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n \t"
+_IDENTITY_ENCODINGS = ("", "7bit", "8bit", "binary")
+# Leaf bodies are decoded from a view of the message buffer, a window of this many octets
+# at a time where a step needs bytes of its own: a large body never has a whole copy of
+# its encoded form next to the decoded one (ingest's memory: about twice the message).
+_WINDOW = 1 << 20
 
 
 @dataclass
@@ -115,6 +121,9 @@ class _Entity:
 
     def body(self) -> bytes:
         return self.data[self.body_start : self.body_end]
+
+    def body_view(self) -> memoryview:
+        return memoryview(self.data)[self.body_start : self.body_end]
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,15 +262,21 @@ def _decoded_value(
 # bodies
 
 
-def _decode_base64(body: bytes, path: str, state: _State) -> bytes:
-    if body.translate(None, _BASE64_ALPHABET):
+def _windows(view: memoryview) -> Iterator[bytes]:
+    for start in range(0, len(view), _WINDOW):
+        yield bytes(view[start : start + _WINDOW])
+
+
+def _decode_base64(view: memoryview, path: str, state: _State) -> bytes:
+    if any(window.translate(None, _BASE64_ALPHABET) for window in _windows(view)):
         state.defect(path, "invalid characters in base64 body ignored")
     try:
-        return binascii.a2b_base64(body)
+        return binascii.a2b_base64(view)
     except binascii.Error:
         pass
     # The stdlib's lenient fallbacks (email._encoded_words.decode_b), in its order, so broken
     # bodies decode to the same octets as policy.default gives.
+    body = bytes(view)
     compact = b"".join(body.split())
     padding = b"=" * (-len(compact) % 4)
     for attempt, strict in ((compact + padding, True), (compact + b"==", False)):
@@ -300,24 +315,41 @@ def _decode_uu(body: bytes, path: str, state: _State) -> bytes:
     return b"".join(out)
 
 
-def _transfer_decode(body: bytes, cte: str | None, path: str, state: _State) -> bytes:
-    encoding = (cte or "").strip().lower()
-    if encoding in ("", "7bit", "8bit", "binary"):
-        return body
+def _transfer_decode(view: memoryview, encoding: str, path: str, state: _State) -> bytes:
+    if encoding in _IDENTITY_ENCODINGS:
+        return bytes(view)
     if encoding == "base64":
-        return _decode_base64(body, path, state)
+        return _decode_base64(view, path, state)
     if encoding == "quoted-printable":
-        return binascii.a2b_qp(body)
+        return binascii.a2b_qp(view)
     if encoding in ("x-uuencode", "uuencode", "uue", "x-uue"):
-        return _decode_uu(body, path, state)
+        return _decode_uu(bytes(view), path, state)
     state.defect(path, f"unknown Content-Transfer-Encoding {encoding[:40]!r}, body kept as sent")
-    return body
+    return bytes(view)
+
+
+def _lf_line_ends(view: memoryview) -> bytes:
+    """``view`` with CRLF turned into LF, a window at a time (a window never ends between
+    the CR and the LF of a line end)."""
+    out = io.BytesIO()
+    start = 0
+    while start < len(view):
+        end = min(start + _WINDOW, len(view))
+        if end < len(view) and view[end - 1] == 0x0D:
+            end -= 1
+        window = bytes(view[start:end])
+        out.write(window.replace(b"\r\n", b"\n") if b"\r" in window else window)
+        start = end
+    return out.getvalue()  # the buffer itself, not a copy
 
 
 def _leaf_body(entity: _Entity, path: str, state: _State, *, text: bool) -> bytes:
     """The transfer-decoded body; a text body has its CRLF line ends turned into LF (a lone
     CR is not a line end and stays)."""
-    body = _transfer_decode(entity.body(), entity.raw_cte, path, state)
+    encoding = (entity.raw_cte or "").strip().lower()
+    if text and encoding in _IDENTITY_ENCODINGS and entity.body_end - entity.body_start > _WINDOW:
+        return _lf_line_ends(entity.body_view())
+    body = _transfer_decode(entity.body_view(), encoding, path, state)
     if text and b"\r" in body:  # one-byte search first: much faster than looking for CRLF
         body = body.replace(b"\r\n", b"\n")
     return body

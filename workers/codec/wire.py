@@ -8,6 +8,7 @@ bounded, ext types are refused and every map key must be a str.  Text is msgpack
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, cast
@@ -49,13 +50,88 @@ class WireLimits:
 DEFAULT_LIMITS = WireLimits()
 
 
+# bytes values from this size up are not copied through msgpack's buffer (see pack).
+SPLICE_FROM = 1 << 20
+# How deep pack looks for them (the parser's messages are far shallower).
+_SPLICE_DEPTH = 80
+_BIN8_OF_16 = b"\xc4\x10"  # msgpack's header of a 16-octet bin
+
+
 def pack(message: Mapping[str, Any]) -> bytes:
-    """msgpack bytes of ``message``: str -> msgpack str, bytes -> msgpack bin."""
+    """msgpack bytes of ``message``: str -> msgpack str, bytes -> msgpack bin.
+
+    A large bytes value (a body, the raw message) is packed as a 16-octet stand-in and
+    joined into the result afterwards: msgpack would copy it into its buffer, which grows
+    by doubling, and copy the buffer again into the bytes it returns, so a large message
+    cost up to four times its size while packed; now it costs its size once more.  The
+    octets are the same either way.
+    """
+    large: dict[bytes, bytes] = {}
+    shell = _stand_ins(message, large, _SPLICE_DEPTH)
     try:
-        packed: bytes = msgpack.packb(message, use_bin_type=True, datetime=False)
+        packed: bytes = msgpack.packb(shell, use_bin_type=True, datetime=False)
     except (TypeError, ValueError, OverflowError) as error:
         raise WireError("", f"cannot encode as msgpack: {error}") from error
-    return packed
+    return _spliced(packed, large) if large else packed
+
+
+def _stand_ins(value: Any, large: dict[bytes, bytes], depth: int) -> Any:
+    """``value`` with every large bytes in it replaced by a random 16-octet token (noted in
+    ``large``); a container is copied only where something in it was replaced.
+
+    Only where a large bytes can be is looked at (a value of a dict, an item of a list of
+    dicts or bytes: bodies, parts, the raw message): walking every header costs more than
+    packing a small message.
+    """
+    kind = type(value)
+    if kind is bytes:
+        if len(value) < SPLICE_FROM:
+            return value
+        token = os.urandom(16)
+        large[token] = value
+        return token
+    if depth <= 0:
+        return value
+    if kind is dict:
+        changed: dict[Any, Any] | None = None
+        for key, item in value.items():
+            if _may_hold_large(item):
+                new = _stand_ins(item, large, depth - 1)
+                if new is not item:
+                    changed = changed or dict(value)
+                    changed[key] = new
+        return value if changed is None else changed
+    if kind is list and value and type(value[0]) in _HOLDERS:
+        replaced = [_stand_ins(item, large, depth - 1) for item in value]
+        return replaced if any(a is not b for a, b in zip(replaced, value, strict=True)) else value
+    return value
+
+
+_HOLDERS = (bytes, dict)
+
+
+def _may_hold_large(value: Any) -> bool:
+    kind = type(value)
+    if kind is bytes:
+        return len(value) >= SPLICE_FROM
+    return kind is dict or (kind is list and bool(value) and type(value[0]) in _HOLDERS)
+
+
+def _spliced(packed: bytes, large: dict[bytes, bytes]) -> bytes:
+    """``packed`` with each token's bin replaced by the bin of the value it stands for."""
+    found = sorted((packed.find(_BIN8_OF_16 + token), token) for token in large)
+    if any(packed.count(_BIN8_OF_16 + token) != 1 for token in large):
+        raise WireError("", "cannot encode as msgpack: a stand-in was not unique")  # 2**-128
+    pieces: list[bytes] = []
+    position = 0
+    for start, token in found:
+        value = large[token]
+        if len(value) >= 1 << 32:
+            raise WireError("", f"cannot encode as msgpack: bin of {len(value)} octets")
+        pieces += (packed[position:start], b"\xc6" + len(value).to_bytes(4, "big"), value)
+        position = start + len(_BIN8_OF_16) + len(token)
+    pieces.append(packed[position:])
+    return b"".join(pieces)
 
 
 def _refuse_ext(code: int, data: bytes) -> NoReturn:
