@@ -414,6 +414,21 @@ class IngestConfig(CommonConfig):
     )
     auth_required: bool = option(False, "refuse MAIL from unauthenticated sessions (530)")
     max_connections: int = option(1000, "concurrent SMTP connections per worker (421 beyond)")
+    max_connections_per_ip: int = option(
+        0,
+        "concurrent SMTP connections per worker from one client address, an IPv6 one counted "
+        "by its /64 (421 beyond); 0: a tenth of --max-connections, at least 10",
+    )
+    memory_budget: int = option(
+        0,
+        "octets of message data a worker holds at once (452 4.3.1 beyond); 0: a quarter of "
+        "--memory-limit, else 256 MiB; never below --max-size",
+    )
+    memory_limit: int = option(
+        0,
+        "the worker's memory limit in octets, for the --memory-budget default (the deploy "
+        "gives the container's); 0: the cgroup's limit, if there is one",
+    )
     connection_timeout: float = option(
         600.0, "longest SMTP session, seconds (a bound on slow senders; RFC 5321 sets none)"
     )
@@ -461,6 +476,50 @@ class IngestConfig(CommonConfig):
         positive("min_replicas", self.min_replicas, allow_zero=True)
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
         positive("store_timeout", self.store_timeout)
+        self._derive_load_limits()
+
+    def _derive_load_limits(self) -> None:
+        """--max-connections-per-ip and --memory-budget 0 (the defaults) are derived."""
+        for name in ("max_connections_per_ip", "memory_budget", "memory_limit"):
+            positive(name, getattr(self, name), allow_zero=True)
+        if not self.max_connections_per_ip:
+            share = max(MIN_CONNECTIONS_PER_IP, self.max_connections // 10)
+            self.max_connections_per_ip = min(self.max_connections, share)
+        if not self.memory_budget:
+            limit = self.memory_limit or cgroup_memory_limit()
+            budget = limit // MEMORY_BUDGET_SHARE if limit else DEFAULT_MEMORY_BUDGET
+            self.memory_budget = max(budget, self.max_size)
+        elif self.memory_budget < self.max_size:
+            raise ConfigError(
+                f"--memory-budget {self.memory_budget} is below --max-size {self.max_size}: "
+                "a message of the largest size accepted could never be held"
+            )
+
+
+# The smallest derived --max-connections-per-ip: a relay opens a few connections at once.
+MIN_CONNECTIONS_PER_IP = 10
+# Without a known memory limit, the ingest memory budget; with one, this share of it (a
+# message in flight costs about twice its size at its peak, plus the worker's own ~60 MB).
+DEFAULT_MEMORY_BUDGET = 256 << 20
+MEMORY_BUDGET_SHARE = 4
+CGROUP_MEMORY_LIMITS = (
+    "/sys/fs/cgroup/memory.max",  # cgroup v2
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",  # cgroup v1
+)
+
+
+def cgroup_memory_limit(paths: tuple[str, ...] = CGROUP_MEMORY_LIMITS) -> int | None:
+    """The memory limit of this process's container (its cgroup), None without one."""
+    for path in paths:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        # "max" (v2) or a page-rounded 2**63 (v1) mean no limit.
+        if text.isdigit() and int(text) < 1 << 62:
+            return int(text)
+        return None
+    return None
 
 
 def maildir_path(relay: str) -> str:

@@ -37,12 +37,12 @@ def size(short: int, full: int) -> int:
     return full if FULL else short
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process (VmRSS, KiB)."""
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """Resident set size of a process (VmRSS, KiB), or its peak so far (``VmHWM``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
+    raise RuntimeError(f"no {field} for {pid}")
 
 
 @pytest.fixture(autouse=True)
@@ -140,6 +140,17 @@ async def stored_entries(
 
 def receive_ledger_id(message: dict[str, Any]) -> str | None:
     return id_in_headers(message.get("headers", {}))
+
+
+async def record_stored(redis_url: str, ledger: Ledger) -> int:
+    """Record every entry of ``email.receive`` as ``stored`` in ``ledger``; how many."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        entries = await stored_entries(client, batch=4)
+    finally:
+        await client.aclose()
+    ledger.record_all("stored", (receive_ledger_id(message) for _, message in entries))
+    return len(entries)
 
 
 def ledger_message(ledger_id: str, body: str = "chaos body\r\n", **headers: str) -> bytes:

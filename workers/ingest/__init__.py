@@ -21,6 +21,7 @@ from workers.config import IngestConfig, describe
 from workers.health import serving_health
 from workers.ingest.auth import Authenticator, load_credentials
 from workers.ingest.handler import HandlerSettings, IngestHandler, KeepRaw, normalise_domain
+from workers.ingest.memory import tune_allocator
 from workers.ingest.server import IngestServer, SessionLimits, load_tls_context
 from workers.lifecycle import install_stop_signals
 from workers.streams.connection import connect, connect_for_writes, resolve_redis_url
@@ -61,6 +62,8 @@ def build_server(config: IngestConfig, store: ReceiveStream) -> IngestServer:
         tls_context=tls,
         authenticator=Authenticator(credentials) if credentials else None,
         max_connections=config.max_connections,
+        max_connections_per_client=config.max_connections_per_ip,
+        memory_budget=config.memory_budget,
     )
 
 
@@ -100,6 +103,9 @@ async def running_ingest(config: IngestConfig) -> AsyncIterator[IngestServer]:
 
 
 async def serve(config: IngestConfig, stop: asyncio.Event) -> None:
+    # Before any thread starts (the parse threads): large buffers mapped on their own and
+    # two heaps, so memory goes back to the system after a burst (see .memory).
+    tune_allocator()
     log.info("ingest_starting", **describe(config))
     async with running_ingest(config):
         await stop.wait()

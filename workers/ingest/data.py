@@ -10,14 +10,23 @@ The limits are aiosmtpd's: more than ``size_limit`` octets (counted as sent, wit
 and transparency dots) is "too big"; a line longer than 1001 octets with its CRLF and
 transparency dot (RFC 5321 section 4.5.3.1.6) is "line too long".  Both are reported after
 the end of data, as RFC 5321 section 4.2.5 implies, and memory stays bounded while an
-oversized message is drained.
+oversized message is drained.  So is a message the worker's memory budget cannot hold
+(:mod:`.memory`): each chunk is reserved as it arrives, and when the budget is spent the
+rest is drained and the reply is ``452 4.3.1``.
+
+The message is unstuffed and checked as it arrives, into one buffer that becomes the
+``bytes`` handed on without a copy: the message is held once while it is read (aiosmtpd's
+reader and the previous version of this one held it four to five times at the end of data).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import io
 from dataclasses import dataclass
+
+from workers.ingest.memory import Reservation
 
 END_OF_DATA = b"\r\n.\r\n"
 LINE_LIMIT = 1001
@@ -27,6 +36,7 @@ CHUNK = 1 << 16
 class DataRefusal(enum.Enum):
     TOO_BIG = "too_big"
     LINE_TOO_LONG = "line_too_long"
+    NO_MEMORY = "no_memory"
 
 
 @dataclass(frozen=True)
@@ -43,11 +53,6 @@ def unstuff(stuffed: bytes) -> bytes:
     return stuffed.replace(b"\r\n.", b"\r\n")
 
 
-def longest_line(stuffed: bytes) -> int:
-    """Length of the longest CRLF-terminated line, CRLF included."""
-    return max(map(len, stuffed.split(b"\r\n"))) + 2
-
-
 def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
     """Give back bytes read past the end of data (pipelined commands) to the command loop.
 
@@ -57,34 +62,103 @@ def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
     reader._buffer[:0] = data  # type: ignore[attr-defined]
 
 
-async def read_data(reader: asyncio.StreamReader, size_limit: int | None) -> ReceivedData | None:
-    """The DATA section up to and without the end-of-data line; None if the peer hung up."""
+def _safe_cut(pending: bytes) -> int:
+    """How much of ``pending`` (no end of data in it) can be taken now: all but the last
+    four octets (where an end of data may begin), and never a CRLF or CR at the cut, so
+    that no line break, and no ``CRLF .`` to unstuff, is split between two segments."""
+    cut = len(pending) - 4
+    if cut >= 2 and pending[cut - 2 : cut] == b"\r\n":
+        return cut - 2
+    if cut >= 1 and pending[cut - 1] == 0x0D:
+        return cut - 1
+    return max(cut, 0)
+
+
+class _Collector:
+    """What is kept of the DATA section, taken in segments of the stuffed stream (the
+    first starts with a virtual CRLF): the unstuffed octets, the size as sent, the longest
+    line, and why the message is refused once that is known (then nothing more is kept)."""
+
+    def __init__(self, size_limit: int | None, reservation: Reservation | None) -> None:
+        self.size_limit = size_limit
+        self.reservation = reservation
+        self.out: io.BytesIO | None = io.BytesIO()
+        self.size = -2  # octets as sent; the virtual CRLF does not count
+        self.line = 0  # octets of the line not yet ended
+        self.longest = 0  # octets of the longest line without its CRLF
+        self.no_memory = False
+
+    def take(self, segment: bytes) -> None:
+        first = self.size < 0
+        octets = len(segment) - 2 if first else len(segment)
+        self.size += len(segment)
+        if self.size_limit and self.size > self.size_limit:
+            self._drop()
+            return  # too big: nothing else matters
+        self._measure_lines(segment)
+        if self.out is None:
+            return
+        if self.longest + 2 > LINE_LIMIT:
+            self._drop()
+        elif self.reservation is not None and not self.reservation.fill(octets):
+            self.no_memory = True
+            self._drop()
+        else:
+            self.out.write(unstuff(segment[2:]) if first else segment.replace(b"\r\n.", b"\r\n"))
+
+    def _measure_lines(self, segment: bytes) -> None:
+        pieces = segment.split(b"\r\n")
+        if len(pieces) == 1:
+            self.line += len(segment)
+        else:
+            inner = max(map(len, pieces[1:-1]), default=0)
+            self.longest = max(self.longest, self.line + len(pieces[0]), inner)
+            self.line = len(pieces[-1])
+
+    def _drop(self) -> None:
+        """The message will be refused: free what was kept (and its reservation)."""
+        self.out = None
+        if self.reservation is not None:
+            self.reservation.release()
+
+    def result(self) -> ReceivedData:
+        size = max(self.size, 0)
+        if self.size_limit and size > self.size_limit:
+            return ReceivedData(b"", size, DataRefusal.TOO_BIG)
+        if self.longest + 2 > LINE_LIMIT:
+            return ReceivedData(b"", size, DataRefusal.LINE_TOO_LONG)
+        if self.out is None or self.no_memory:
+            return ReceivedData(b"", size, DataRefusal.NO_MEMORY)
+        # The buffer's own bytes object, not a copy (nothing else refers to the buffer).
+        return ReceivedData(self.out.getvalue(), size)
+
+
+async def read_data(
+    reader: asyncio.StreamReader,
+    size_limit: int | None,
+    reservation: Reservation | None = None,
+) -> ReceivedData | None:
+    """The DATA section up to and without the end-of-data line; None if the peer hung up.
+
+    ``reservation`` (when given) is filled with the octets as they arrive; a refused
+    message gives back what it held.
+    """
+    collector = _Collector(size_limit, reservation)
     # A virtual CRLF in front: the end-of-data line may be the very first (empty message).
-    buffer = bytearray(b"\r\n")
-    scan_from = 0
-    dropped = 0  # octets discarded once the message is known to be too big
-    while True:
+    pending = b"\r\n"
+    while (end := pending.find(END_OF_DATA)) < 0:
+        cut = _safe_cut(pending)
+        if cut > 0:
+            collector.take(pending[:cut])
+            pending = pending[cut:]
         chunk = await reader.read(CHUNK)
         if not chunk:
+            if reservation is not None:
+                reservation.release()
             return None
-        buffer += chunk
-        end = buffer.find(END_OF_DATA, scan_from)
-        if end >= 0:
-            break
-        # The sequence may straddle two reads: rescan the last four octets next time.
-        scan_from = max(0, len(buffer) - 4)
-        if size_limit and dropped + len(buffer) - 2 > size_limit + len(END_OF_DATA):
-            dropped += scan_from
-            del buffer[:scan_from]
-            scan_from = 0
-    leftover = bytes(buffer[end + len(END_OF_DATA) :])
+        pending += chunk
+    collector.take(pending[: end + 2])
+    leftover = pending[end + len(END_OF_DATA) :]
     if leftover:
         _unread(reader, leftover)
-    if dropped:
-        return ReceivedData(b"", dropped + end, DataRefusal.TOO_BIG)
-    stuffed = bytes(buffer[2 : end + 2])
-    if size_limit and len(stuffed) > size_limit:
-        return ReceivedData(b"", len(stuffed), DataRefusal.TOO_BIG)
-    if stuffed and longest_line(stuffed) > LINE_LIMIT:
-        return ReceivedData(b"", len(stuffed), DataRefusal.LINE_TOO_LONG)
-    return ReceivedData(unstuff(stuffed), len(stuffed))
+    return collector.result()

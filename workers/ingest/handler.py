@@ -217,10 +217,13 @@ class IngestHandler:
         message_id = uuid.uuid4().hex
         peer = _peer_ip(session.peer)
         now = time.time()
-        raw = self._with_trace(server, session, envelope, message_id=message_id, peer=peer, now=now)
+        # In a list that _parse_and_pack empties: the octets are freed once parsed (memory).
+        raw = [
+            self._with_trace(server, session, envelope, message_id=message_id, peer=peer, now=now)
+        ]
         # One size everywhere: the message as stored (our Received field + what the client
         # sent), the entry's ``size`` and ``len(raw)``, so log lines and entries agree.
-        size = len(raw)
+        size = len(raw[0])
         recipients = list(envelope.rcpt_tos)
         try:
             entry_id = await self._store(raw, envelope, message_id, now)
@@ -281,9 +284,14 @@ class IngestHandler:
             recipients=envelope.rcpt_tos,
             now=now,
         )
-        return trace + (envelope.original_content or b"")
+        content = envelope.original_content or b""
+        # From here on the message is held once, in what this returns (memory budget).
+        envelope.content = envelope.original_content = None
+        return trace + content
 
-    async def _store(self, raw: bytes, envelope: Envelope, message_id: str, now: float) -> str:
+    async def _store(
+        self, raw: list[bytes], envelope: Envelope, message_id: str, now: float
+    ) -> str:
         arguments = {
             "mail_from": envelope.mail_from,
             "rcpt_tos": envelope.rcpt_tos,
@@ -291,7 +299,7 @@ class IngestHandler:
             "received_at": now,
             "keep_raw": self.settings.keep_raw,
         }
-        if len(raw) >= PARSE_IN_THREAD_FROM:
+        if len(raw[0]) >= PARSE_IN_THREAD_FROM:
             data = await asyncio.to_thread(_parse_and_pack, raw, arguments)
         else:
             data = _parse_and_pack(raw, arguments)
@@ -312,8 +320,10 @@ class EntryTooLarge(Exception):
     """The parsed message is over the entry size consumers accept (``unpack``'s limit)."""
 
 
-def _parse_and_pack(raw: bytes, arguments: dict[str, Any]) -> bytes:
-    message = parse_message(raw, **arguments)
+def _parse_and_pack(raw: list[bytes], arguments: dict[str, Any]) -> bytes:
+    """Parse the message taken out of ``raw`` (so it is freed once parsed, unless the entry
+    keeps it) and pack it."""
+    message = parse_message(raw.pop(), **arguments)
     data = pack(message)
     if len(data) <= DEFAULT_LIMITS.max_bytes:
         return data

@@ -3,9 +3,11 @@
 :class:`IngestSMTP` is aiosmtpd's ``SMTP`` protocol with the operational behaviour an
 internet-facing MTA needs and aiosmtpd leaves out: a per-connection time limit, a DATA
 timeout that runs between received chunks instead of over the whole transfer, ``421`` on
-time-outs and during shutdown, HTTP requests refused at once, and enhanced status codes on
-aiosmtpd's own refusals.  :class:`IngestServer` owns the listeners, caps concurrent
-connections (``421 4.7.0`` beyond) and drains sessions gracefully on stop.
+time-outs and during shutdown, HTTP requests refused at once, enhanced status codes on
+aiosmtpd's own refusals, and the worker's memory budget (:mod:`.memory`: ``452 4.3.1`` at
+``MAIL FROM`` with a ``SIZE=`` that does not fit, or after the final dot of a message that
+did not).  :class:`IngestServer` owns the listeners, caps concurrent connections per worker
+and per client address (``421 4.7.0`` beyond) and drains sessions gracefully on stop.
 
 Three hot-path replacements keep a transaction cheaper than in stock aiosmtpd (measured by
 ``bench/ingest.py``): DATA is read in chunks (:mod:`.data`), the per-connection command
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import re
 import ssl
 from collections.abc import Callable
@@ -37,6 +40,13 @@ from aiosmtpd.smtp import (
 
 from workers.config import ConfigError, parse_host_port
 from workers.ingest.data import DataRefusal, read_data
+from workers.ingest.memory import (
+    REPLY_NO_MEMORY,
+    HeapTrimmer,
+    MemoryBudget,
+    Reservation,
+    declared_size,
+)
 from workers.metrics import INGEST_CONNECTIONS, INGEST_MESSAGES, INGEST_REJECTED
 
 log = structlog.get_logger("mailpool.ingest")
@@ -44,12 +54,20 @@ log = structlog.get_logger("mailpool.ingest")
 IDENT = "ESMTP mailpool"
 REPLY_SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down, try again later"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Too many connections, try again later"
+REPLY_TOO_MANY_FROM_CLIENT = (
+    "421 4.7.0 {host} Too many connections from your address, try again later"
+)
 REPLY_TIMEOUT = "421 4.4.2 {host} Timeout exceeded, closing connection"
 REPLY_SESSION_TOO_LONG = "421 4.4.2 {host} Session time limit exceeded, closing connection"
 REPLY_HTTP = "521 5.7.0 {host} This is an SMTP server, not HTTP; closing connection"
 
 REPLY_TOO_BIG = "552 5.3.4 Message too big for this server"
 REPLY_LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
+REPLIES_TO_REFUSED_DATA = {
+    DataRefusal.TOO_BIG: REPLY_TOO_BIG,
+    DataRefusal.LINE_TOO_LONG: REPLY_LINE_TOO_LONG,
+    DataRefusal.NO_MEMORY: REPLY_NO_MEMORY,
+}
 # aiosmtpd's own refusals, given RFC 3463 enhanced status codes (same reply codes).
 _REWRITTEN_REPLIES = {
     "552 Error: message size exceeds fixed maximum message size": (
@@ -90,23 +108,57 @@ class SessionLimits:
     auth_required: bool
 
 
-class SessionRegistry:
-    """Open sessions of one worker, and whether it is shutting down."""
+def client_of(peer: Any) -> str:
+    """Whom the per-client cap counts: an IPv4 address, or the /64 of an IPv6 address
+    (one site's network: a single host may have any number of addresses in it)."""
+    host = peer[0] if isinstance(peer, tuple) and peer else peer
+    try:
+        address = ipaddress.ip_address(str(host).partition("%")[0])
+    except ValueError:
+        return str(host)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
-    def __init__(self) -> None:
+
+class SessionRegistry:
+    """Open sessions of one worker, per client, and whether it is shutting down.
+
+    A session is admitted (and counted) in one step when its connection is made, so a burst
+    of connections accepted together can never pass the caps between check and count.
+    """
+
+    def __init__(self, max_connections: int = 1000, max_per_client: int | None = None) -> None:
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client or max_connections
         self.sessions: set[IngestSMTP] = set()
+        self.per_client: collections.Counter[str] = collections.Counter()
         self.stopping = False
         self.emptied = asyncio.Event()
         self.emptied.set()
 
-    def add(self, session: IngestSMTP) -> None:
+    def admit(self, session: IngestSMTP) -> str | None:
+        """Count ``session`` in; or the refusal (a reply template) when a cap is reached."""
+        if len(self.sessions) >= self.max_connections:
+            INGEST_REJECTED.labels("connections").inc()
+            return REPLY_TOO_MANY_CONNECTIONS
+        if self.per_client[session.client] >= self.max_per_client:
+            INGEST_REJECTED.labels("connections_per_client").inc()
+            return REPLY_TOO_MANY_FROM_CLIENT
         self.sessions.add(session)
+        self.per_client[session.client] += 1
         self.emptied.clear()
         INGEST_CONNECTIONS.inc()
+        return None
 
     def discard(self, session: IngestSMTP) -> None:
         if session in self.sessions:
             self.sessions.remove(session)
+            self.per_client[session.client] -= 1
+            if not self.per_client[session.client]:
+                del self.per_client[session.client]
             INGEST_CONNECTIONS.dec()
         if not self.sessions:
             self.emptied.set()
@@ -123,6 +175,8 @@ class SessionShared:
     implicit_tls: bool
     authenticator: AuthenticatorType | None
     handle_hooks: dict[str, Callable[..., Any]]
+    budget: MemoryBudget
+    trimmer: HeapTrimmer
 
 
 def handler_hooks(handler: Any) -> dict[str, Callable[..., Any]]:
@@ -164,6 +218,9 @@ class IngestSMTP(SMTP):
     """One SMTP session (aiosmtpd protocol instance) with mailpool's session rules."""
 
     def __init__(self, shared: SessionShared) -> None:
+        # First: aiosmtpd's constructor may create an envelope (see _create_envelope).
+        self.budget = shared.budget
+        self._reservation: Reservation | None = None
         limits = shared.limits
         if FAST_INIT:
             self._init_known_release(shared)
@@ -188,7 +245,10 @@ class IngestSMTP(SMTP):
         self._smtp_methods = CommandTable(self)  # type: ignore[assignment]  # duck-typed: get, items
         self.limits = limits
         self.registry = shared.registry
+        self.trimmer = shared.trimmer
         self.implicit_tls = shared.implicit_tls
+        self.client = ""  # client_of(peer), known once the connection is made
+        self._refused = False  # over a connection cap: told 421, never a session
         self._in_data = False
         self._storing = False
         self._session_timer: asyncio.TimerHandle | None = None
@@ -260,25 +320,64 @@ class IngestSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None  # STARTTLS calls this again for the TLS transport
+        if first and not self._admitted(transport):
+            return
         super().connection_made(transport)
         if first:
-            self.registry.add(self)
             self._session_timer = self.loop.call_later(
                 self.limits.connection_timeout, self._session_expired
             )
 
+    def _admitted(self, transport: asyncio.BaseTransport) -> bool:
+        """Within the connection caps: counted in.  Else told 421 and hung up on."""
+        self.client = client_of(transport.get_extra_info("peername"))
+        refusal = self.registry.admit(self)
+        if refusal is None:
+            return True
+        self._refused = True
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(refusal.format(host=self.hostname).encode() + b"\r\n")
+        transport.close()
+        return False
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return  # aiosmtpd never saw this connection
         if self._session_timer is not None:
             self._session_timer.cancel()
         self.registry.discard(self)
+        self._release_budget()
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         # During DATA the command timeout restarts with every chunk received, like RFC 5321
         # section 4.5.3.2.5's data block timeout; the session limit still bounds a trickler.
         if self._in_data and not self._storing:
             self._reset_timeout()
         super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None if self._refused else super().eof_received()
+
+    # -- memory budget ----------------------------------------------------------------
+
+    def _create_envelope(self) -> Any:
+        # Every way a transaction ends makes a new envelope (reply to DATA, RSET, EHLO,
+        # STARTTLS): what it held of the budget is given back here.
+        self._release_budget()
+        return super()._create_envelope()
+
+    def _release_budget(self) -> None:
+        if self._reservation is not None:
+            self._reservation.release()
+            self._reservation = None
+
+    def _transaction_reservation(self) -> Reservation:
+        if self._reservation is None:
+            self._reservation = self.budget.reservation()
+        return self._reservation
 
     def _timeout_cb(self) -> None:
         if self._storing:  # never cut a session off between XADD and its reply
@@ -326,6 +425,8 @@ class IngestSMTP(SMTP):
         await super().push(status)
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command == "MAIL":
+            return await self._mail_within_budget(*args)
         if command != "DATA":
             return await super()._call_handler_hook(command, *args)
         self._storing = True
@@ -333,6 +434,24 @@ class IngestSMTP(SMTP):
             return await super()._call_handler_hook(command, *args)
         finally:
             self._storing = False
+
+    async def _mail_within_budget(self, address: str, mail_options: list[str]) -> Any:
+        """MAIL FROM with ``SIZE=``: the declared size is reserved now (RFC 1870's 452 when
+        the budget cannot hold it), and stays reserved for the transaction."""
+        size = declared_size(mail_options)
+        reservation = self._transaction_reservation()
+        if size and not reservation.reserve(size):
+            self._release_budget()
+            INGEST_REJECTED.labels("memory").inc()
+            log.info(
+                "sender_deferred", peer=self._peer_ip(), size=size, code=452, reason="memory",
+                budget_used=self.budget.used, budget=self.budget.capacity,
+            )  # fmt: skip
+            return REPLY_NO_MEMORY
+        status = await super()._call_handler_hook("MAIL", address, mail_options)
+        if not (isinstance(status, str) and status.startswith("250")):
+            self._release_budget()
+        return status
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -350,29 +469,48 @@ class IngestSMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._in_data = True
         try:
-            received = await read_data(self._reader, self.data_size_limit)
+            received = await read_data(
+                self._reader, self.data_size_limit, self._transaction_reservation()
+            )
         finally:
             self._in_data = False
         if received is None:  # the client hung up in the middle
             self._say_and_close("")
             return
-        if received.refusal is not None:
-            await self._refuse_data(received.refusal, received.size)
-            return
-        envelope.content = envelope.original_content = received.content
-        status = await self._call_handler_hook("DATA")
-        self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
-        await self.push("250 OK" if status is MISSING else status)
+        size = received.size
+        try:
+            if received.refusal is not None:
+                await self._refuse_data(received.refusal, size)
+                return
+            # The envelope holds the one copy of the message the handler reads.
+            envelope.content = envelope.original_content = received.content
+            del received
+            try:
+                status = await self._call_handler_hook("DATA")
+            finally:
+                self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            self.trimmer.after_message(size)
 
     async def _refuse_data(self, refusal: DataRefusal, size: int) -> None:
         envelope = self.envelope
         assert envelope is not None
-        reply = REPLY_TOO_BIG if refusal is DataRefusal.TOO_BIG else REPLY_LINE_TOO_LONG
-        INGEST_MESSAGES.labels("rejected").inc()
-        log.info(
-            "message_rejected", peer=self._peer_ip(), size=size,
-            recipients=len(envelope.rcpt_tos), code=int(reply[:3]), reason=refusal.value,
-        )  # fmt: skip
+        reply = REPLIES_TO_REFUSED_DATA[refusal]
+        if refusal is DataRefusal.NO_MEMORY:
+            INGEST_MESSAGES.labels("failed").inc()
+            INGEST_REJECTED.labels("memory").inc()
+            log.info(
+                "message_deferred", peer=self._peer_ip(), size=size,
+                recipients=len(envelope.rcpt_tos), code=452, reason="memory",
+                budget_used=self.budget.used, budget=self.budget.capacity, stored="no",
+            )  # fmt: skip
+        else:
+            INGEST_MESSAGES.labels("rejected").inc()
+            log.info(
+                "message_rejected", peer=self._peer_ip(), size=size,
+                recipients=len(envelope.rcpt_tos), code=int(reply[:3]), reason=refusal.value,
+            )  # fmt: skip
         self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
         await self.push(reply)
 
@@ -385,18 +523,6 @@ class IngestSMTP(SMTP):
     # one refusal and a closed connection instead of five "command not recognized" rounds.
     smtp_GET = smtp_POST = smtp_HEAD = smtp_PUT = smtp_DELETE = _refuse_http
     smtp_OPTIONS = smtp_CONNECT = smtp_PATCH = smtp_TRACE = _refuse_http
-
-
-class _ConnectionRefuser(asyncio.Protocol):
-    """Answers one ``421`` and hangs up: the worker is at its connection cap."""
-
-    def __init__(self, hostname: str) -> None:
-        self.hostname = hostname
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(REPLY_TOO_MANY_CONNECTIONS.format(host=self.hostname).encode() + b"\r\n")
-        transport.close()
 
 
 def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -422,6 +548,8 @@ class IngestServer:
         tls_context: ssl.SSLContext | None = None,
         authenticator: AuthenticatorType | None = None,
         max_connections: int = 1000,
+        max_connections_per_client: int | None = None,
+        memory_budget: int = 256 << 20,
     ) -> None:
         self.handler = handler
         self.limits = limits
@@ -430,7 +558,9 @@ class IngestServer:
         self.tls_context = tls_context
         self.authenticator = authenticator
         self.max_connections = max_connections
-        self.registry = SessionRegistry()
+        self.registry = SessionRegistry(max_connections, max_connections_per_client)
+        self.budget = MemoryBudget(memory_budget)
+        self.trimmer = HeapTrimmer()
         self._servers: list[asyncio.Server] = []
         self.port = 0
         self.tls_port: int | None = None
@@ -445,15 +575,12 @@ class IngestServer:
             implicit_tls=implicit_tls,
             authenticator=self.authenticator,
             handle_hooks=handler_hooks(self.handler),
+            budget=self.budget,
+            trimmer=self.trimmer,
         )
-
-        def make() -> asyncio.BaseProtocol:
-            if len(self.registry.sessions) >= self.max_connections:
-                INGEST_REJECTED.labels("connections").inc()
-                return _ConnectionRefuser(self.limits.hostname)
-            return IngestSMTP(shared)
-
-        return make
+        # The caps are applied when the connection is made (IngestSMTP._admitted), not
+        # here: asyncio creates the protocols of a burst before any of them is counted.
+        return lambda: IngestSMTP(shared)
 
     async def _bind(self, address: str, *, implicit_tls: bool) -> int:
         host, port = parse_host_port(address, "--tls-listen" if implicit_tls else "--listen")
@@ -511,6 +638,7 @@ class IngestServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._servers.clear()
+        self.trimmer.cancel()
         log.info("ingest_stopped", sessions_left=len(self.registry.sessions))
 
 

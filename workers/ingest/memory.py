@@ -1,0 +1,157 @@
+"""The memory budget of one ingest worker, and giving freed memory back to the system.
+
+Every message in flight holds memory from its first octet of DATA until its reply: the
+octets received, the parsed form, the packed entry while Redis takes it.  The budget caps
+the octets of message data held at once (``--memory-budget``), so that a burst of large
+messages or many slow senders costs at most a known share of the worker's memory limit
+instead of getting it OOM-killed.  A session reserves what it is going to hold:
+
+* at ``MAIL FROM`` the size the client declared with ``SIZE=`` (RFC 1870), when it did:
+  ``452 4.3.1`` right there when that does not fit, before any octet is sent;
+* during DATA each chunk as it arrives, beyond what was reserved: when the budget is
+  spent, the rest of the message is read and dropped and the reply after the final dot
+  is ``452 4.3.1`` (RFC 5321 section 4.2.5 allows no reply before it).
+
+What a transaction reserved is given back when it ends, whichever way: its reply was
+given, RSET, a new EHLO or STARTTLS, or the connection was lost.
+
+glibc keeps freed memory in its heaps for reuse, and its dynamic mmap threshold moves up
+to the size of the largest block freed (32 MiB at most), after which message-sized
+buffers are taken from, and fragment, the heaps.  :func:`tune_allocator` fixes the
+threshold so that every large buffer is its own mapping, returned on ``free``, and caps
+the number of heaps; :func:`trim_heaps` returns what the heaps hold free after a large
+message.  Both do nothing outside glibc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+
+# glibc's mallopt parameters (malloc.h).
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+# Buffers from this size up get a mapping of their own: a message-sized buffer never
+# lands in (or pins) a heap.  Smaller ones are what Python's own allocator does not take.
+MMAP_THRESHOLD = 256 << 10
+# The event loop and the parse threads: two heaps instead of glibc's 8 per core.
+ARENA_MAX = 2
+# A message at least this large is followed by a trim of the heaps, at most once per
+# TRIM_INTERVAL seconds (a trim walks every heap: cheap, but not for every message).
+TRIM_FROM = 1 << 20
+TRIM_INTERVAL = 1.0
+
+REPLY_NO_MEMORY = "452 4.3.1 Insufficient system storage, try again later"
+
+
+class MemoryBudget:
+    """Octets of message data one worker holds at once, at most ``capacity``."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+
+    def take(self, octets: int) -> bool:
+        """Reserve ``octets``; False (and nothing reserved) when they do not fit."""
+        if self.used + octets > self.capacity:
+            return False
+        self.used += octets
+        return True
+
+    def give_back(self, octets: int) -> None:
+        self.used -= octets
+
+    def reservation(self) -> Reservation:
+        return Reservation(self)
+
+
+class Reservation:
+    """What one mail transaction holds of the budget: reserved up front (``SIZE=``) and
+    grown as DATA arrives; :meth:`release` gives all of it back and may be called again."""
+
+    __slots__ = ("_budget", "filled", "held")
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self._budget = budget
+        self.held = 0  # octets taken from the budget
+        self.filled = 0  # octets of DATA received into them
+
+    def reserve(self, octets: int) -> bool:
+        """Hold ``octets`` in advance (the declared SIZE); False when they do not fit."""
+        if octets <= self.held:
+            return True
+        if not self._budget.take(octets - self.held):
+            return False
+        self.held = octets
+        return True
+
+    def fill(self, octets: int) -> bool:
+        """Account for ``octets`` more of DATA; False when the budget cannot cover them."""
+        self.filled += octets
+        return self.reserve(self.filled)
+
+    def release(self) -> None:
+        self._budget.give_back(self.held)
+        self.held = self.filled = 0
+
+
+def declared_size(mail_options: list[str]) -> int:
+    """The ``SIZE=`` of MAIL FROM's parameters (aiosmtpd checked it is digits), else 0."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")  # raises on C libraries other than glibc
+        return ctypes.CDLL(None)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+_LIBC = _glibc()
+
+
+def tune_allocator() -> bool:
+    """Fix glibc's mmap threshold and cap its heaps (before threads start); False when
+    this is not glibc.  ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_ARENA_MAX`` given in the
+    environment are left as they are."""
+    if _LIBC is None:
+        return False
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        _LIBC.mallopt(_M_ARENA_MAX, ARENA_MAX)
+    return True
+
+
+class HeapTrimmer:
+    """``malloc_trim(0)`` after large messages: at most once per ``interval`` seconds, and
+    always once after the last message of a burst."""
+
+    def __init__(self, interval: float = TRIM_INTERVAL) -> None:
+        self.interval = interval
+        self._last = 0.0
+        self._scheduled: asyncio.TimerHandle | None = None
+
+    def after_message(self, octets: int) -> None:
+        if _LIBC is None or octets < TRIM_FROM or self._scheduled is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = max(0.0, self._last + self.interval - loop.time())
+        self._scheduled = loop.call_later(wait, self._trim)
+
+    def _trim(self) -> None:
+        self._scheduled = None
+        self._last = asyncio.get_running_loop().time()
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+
+    def cancel(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
