@@ -43,6 +43,7 @@ from workers import cli
 from workers.config import (
     CommonConfig,
     DeliveryConfig,
+    IngestConfig,
     env_name,
     from_arguments,
     parse_host_port,
@@ -148,6 +149,8 @@ def container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict
         if "configMapKeyRef" in ref:
             source = config_map_data(docs, ref["configMapKeyRef"]["name"])
             env[var["name"]] = source[ref["configMapKeyRef"]["key"]]
+        elif "resourceFieldRef" in ref:
+            env[var["name"]] = str(resource_field(container, ref["resourceFieldRef"]))
         else:
             source = secret_data(docs, ref["secretKeyRef"]["name"])
             env[var["name"]] = source[ref["secretKeyRef"]["key"]]
@@ -155,6 +158,28 @@ def container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict
     files = mounted_secret_files(docs, container)
     return {name: str(secret_file(files[value])) if value in files else value
             for name, value in env.items()}  # fmt: skip
+
+
+_QUANTITY = re.compile(r"(\d+)(k|M|G|T|Ki|Mi|Gi|Ti)?")
+_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_UNITS |= {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def quantity(text: str) -> int:
+    """A whole Kubernetes quantity ("1Gi", "512M", "1000") as a number."""
+    match = _QUANTITY.fullmatch(text)
+    assert match, f"quantity {text!r}: not one this test reads"
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def resource_field(container: dict[str, Any], field: dict[str, str]) -> int:
+    """The Downward API's value of a resource of this container: ``limits.memory`` in
+    units of the divisor (1 by default), rounded up as the kubelet does."""
+    assert field.get("containerName", container["name"]) == container["name"]
+    bound, _, resource = field["resource"].partition(".")
+    value = quantity(str(container["resources"][bound][resource]))
+    divisor = quantity(str(field.get("divisor", "1")))
+    return -(-value // divisor)
 
 
 def mounted_secret_files(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
@@ -626,3 +651,19 @@ def test_secret_template_holds_only_marked_examples(rendered: list[dict[str, Any
         if key.endswith("-username"):
             continue  # user names are not secret
         assert "EXAMPLE" in value, f"{key} looks like a real secret in the template"
+
+
+def test_ingest_holds_a_quarter_of_its_memory_limit_in_messages(
+    rendered: list[dict[str, Any]],
+) -> None:
+    """The ingest container learns its memory limit (Downward API); its memory budget is a
+    quarter of it (README, Guarantees: measured well below the limit)."""
+    ingest = [c for _, c in deployments(rendered) if role_of(c).name == "ingest"]
+    assert ingest
+    for container in ingest:
+        config = from_arguments(
+            IngestConfig, argparse.Namespace(), container_env(rendered, container)
+        )
+        limit = quantity(container["resources"]["limits"]["memory"])
+        assert isinstance(config, IngestConfig)
+        assert (config.memory_limit, config.memory_budget) == (limit, limit // 4)
