@@ -74,7 +74,7 @@ def test_chunked_reading_agrees_with_reading_at_once(
 async def test_a_message_the_budget_cannot_hold_is_drained_and_gives_its_share_back() -> None:
     budget = MemoryBudget(1000)
     other = budget.reservation()
-    assert other.reserve(600)
+    assert other.fill(600)
     reservation = budget.reservation()
     message = b"z" * 78 + b"\r\n"
     got = await read_data(_reader_with(message * 10 + b".\r\nQUIT\r\n"), None, reservation)

@@ -1,7 +1,8 @@
-"""The ingest memory budget on real sessions: a SIZE= that does not fit is refused at MAIL
-FROM with 452 4.3.1, a message that outgrows the budget while it arrives is drained and
-refused with 452 4.3.1 after the final dot, and whatever a transaction held is given back
-when it ends (reply, RSET, a dropped connection), so the next sender gets in."""
+"""The ingest memory budget on real sessions: a SIZE= the budget has no room for is refused
+at MAIL FROM with 452 4.3.1 (and a declared size holds nothing), a message that outgrows
+the budget while it arrives is drained and refused with 452 4.3.1 after the final dot, and
+whatever a transaction held is given back when it ends (reply, a dropped connection), so
+the next sender gets in."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from tests.ingest_util import SMTPConn, entries, ingest, message, wait_until
 from workers.ingest import IngestServer
 
 MiB = 1 << 20
-BUDGET = 3 * MiB  # with --max-size 2 MiB: room for one message of the largest size
+BUDGET = 3 * MiB
+LINE = b"z" * 78 + b"\r\n"
 
 
 async def _mail(port: int, size: int | None = None) -> tuple[SMTPConn, int, str]:
@@ -32,57 +34,60 @@ def _budget_used(
     return check
 
 
-async def test_a_declared_size_that_does_not_fit_is_refused_at_mail(redis_url: str) -> None:
-    async with ingest(redis_url, max_size=2 * MiB, memory_budget=BUDGET) as server:
-        first, code, _ = await _mail(server.port, 2 * MiB)
-        assert code == 250
-        second, code, text = await _mail(server.port, 2 * MiB)
+async def _holding(port: int, octets: int) -> SMTPConn:
+    """A session in the middle of DATA, ``octets`` of its message sent (and held)."""
+    conn, code, _ = await _mail(port)
+    assert code == 250
+    assert (await conn.cmd("RCPT TO:<b@example.com>"))[0] == 250
+    assert (await conn.cmd("DATA"))[0] == 354
+    await conn.send(b"Subject: held\r\n\r\n" + LINE * (octets // len(LINE)))
+    return conn
+
+
+async def test_a_declared_size_with_no_room_is_refused_at_mail(redis_url: str) -> None:
+    async with ingest(redis_url, max_size=BUDGET, memory_budget=BUDGET) as server:
+        # A declared size is checked, not reserved: idle sessions hold nothing.
+        idle = [(await _mail(server.port, BUDGET))[:2] for _ in range(3)]
+        assert [code for _, code in idle] == [250] * 3
+        assert server.budget.used == 0
+        holder = await _holding(server.port, 2 * MiB)
+        await wait_until(_budget_used(server, 2 * MiB - 2 * len(LINE), 2 * MiB))
+        sender, code, text = await _mail(server.port, MiB + MiB // 2)
         assert (code, text.split()[0]) == (452, "4.3.1"), text
-        # A transaction that ends gives its reservation back: RSET...
-        assert (await first.cmd("RSET"))[0] == 250
-        assert (await second.cmd("MAIL FROM:<a@example.org> SIZE=2097152"))[0] == 250
-        # ... or a connection that goes away.
-        await second.close()
-        await wait_until(_budget_used(server, 0, 0))
-        assert (await first.cmd("MAIL FROM:<a@example.org> SIZE=2097152"))[0] == 250
-        assert (await first.cmd("RCPT TO:<b@example.com>"))[0] == 250
-        assert (await first.cmd("DATA"))[0] == 354
-        await first.send(message("declared", "x" * 70) + b".\r\n")
-        assert (await first.reply())[0] == 250
+        await holder.send(b".\r\n")
+        assert (await holder.reply())[0] == 250
         assert server.budget.used == 0  # the reply ended the transaction
-        await first.close()
+        assert (await sender.cmd(f"MAIL FROM:<a@example.org> SIZE={MiB + MiB // 2}"))[0] == 250
+        for conn in [holder, sender] + [conn for conn, _ in idle]:
+            await conn.close()
 
 
 async def test_a_message_that_outgrows_the_budget_is_refused_after_the_dot(
     redis_url: str, redis: aioredis.Redis
 ) -> None:
-    line = "y" * 78 + "\r\n"
-    big = message("big", line * (MiB // len(line)))
+    big = message("big", ("y" * 78 + "\r\n") * (MiB // 80))
     async with ingest(redis_url, max_size=BUDGET, memory_budget=BUDGET) as server:
-        holder, code, _ = await _mail(server.port, 2 * MiB + MiB // 2)  # leaves 0.5 MiB
-        assert code == 250
-        sender, code, _ = await _mail(server.port)  # no SIZE: reserved as DATA comes
+        holder = await _holding(server.port, 2 * MiB + MiB // 2)  # leaves 0.5 MiB
+        await wait_until(_budget_used(server, 2 * MiB, BUDGET))
+        held = server.budget.used
+        sender, code, _ = await _mail(server.port)
         assert (await sender.cmd("RCPT TO:<b@example.com>"))[0] == 250
         assert (await sender.cmd("DATA"))[0] == 354
         await sender.send(big + b".\r\n")
         code, text = await sender.reply()
         assert (code, text.split()[0]) == (452, "4.3.1"), text
-        assert server.budget.used == 2 * MiB + MiB // 2  # the refused message's share is back
+        assert server.budget.used == held  # the refused message's share is back
         # Same session, the budget free again: the message goes through.
-        assert (await holder.cmd("QUIT"))[0] == 221
+        await holder.close()
         await wait_until(_budget_used(server, 0, 0))
         assert (await sender.transaction(big))[0] == 250
-        await holder.close()
         await sender.close()
     assert [m["headers"]["subject"] for _, m in await entries(redis)] == ["big"]
 
 
 async def test_a_sender_that_hangs_up_in_data_gives_its_share_back(redis_url: str) -> None:
-    async with ingest(redis_url, max_size=2 * MiB, memory_budget=BUDGET) as server:
-        conn, _, _ = await _mail(server.port)
-        assert (await conn.cmd("RCPT TO:<b@example.com>"))[0] == 250
-        assert (await conn.cmd("DATA"))[0] == 354
-        await conn.send(b"Subject: cut off\r\n\r\n" + (b"z" * 78 + b"\r\n") * 10_000)
+    async with ingest(redis_url, max_size=BUDGET, memory_budget=BUDGET) as server:
+        conn = await _holding(server.port, 800_000)
         await wait_until(_budget_used(server, 700_000, BUDGET))
         await conn.close()
         await wait_until(_budget_used(server, 0, 0))

@@ -4,13 +4,15 @@ Every message in flight holds memory from its first octet of DATA until its repl
 octets received, the parsed form, the packed entry while Redis takes it.  The budget caps
 the octets of message data held at once (``--memory-budget``), so that a burst of large
 messages or many slow senders costs at most a known share of the worker's memory limit
-instead of getting it OOM-killed.  A session reserves what it is going to hold:
+instead of getting it OOM-killed:
 
-* at ``MAIL FROM`` the size the client declared with ``SIZE=`` (RFC 1870), when it did:
-  ``452 4.3.1`` right there when that does not fit, before any octet is sent;
-* during DATA each chunk as it arrives, beyond what was reserved: when the budget is
-  spent, the rest of the message is read and dropped and the reply after the final dot
-  is ``452 4.3.1`` (RFC 5321 section 4.2.5 allows no reply before it).
+* at ``MAIL FROM`` a size the client declared with ``SIZE=`` (RFC 1870) that the budget
+  has no room for right now is refused with ``452 4.3.1``, before any octet is sent.  It
+  is not reserved: a session that declares a size and then idles must not hold memory
+  it never uses (a dozen such sessions would refuse everyone else's mail);
+* during DATA each chunk is reserved as it arrives: when the budget is spent, the rest
+  of the message is read and dropped and the reply after the final dot is ``452 4.3.1``
+  (RFC 5321 section 4.2.5 allows no reply before it).
 
 What a transaction reserved is given back when it ends, whichever way: its reply was
 given, RSET, a new EHLO or STARTTLS, or the connection was lost.
@@ -62,38 +64,33 @@ class MemoryBudget:
     def give_back(self, octets: int) -> None:
         self.used -= octets
 
+    def has_room(self, octets: int) -> bool:
+        return self.used + octets <= self.capacity
+
     def reservation(self) -> Reservation:
         return Reservation(self)
 
 
 class Reservation:
-    """What one mail transaction holds of the budget: reserved up front (``SIZE=``) and
-    grown as DATA arrives; :meth:`release` gives all of it back and may be called again."""
+    """What one mail transaction holds of the budget, grown as DATA arrives;
+    :meth:`release` gives all of it back and may be called again."""
 
-    __slots__ = ("_budget", "filled", "held")
+    __slots__ = ("_budget", "held")
 
     def __init__(self, budget: MemoryBudget) -> None:
         self._budget = budget
         self.held = 0  # octets taken from the budget
-        self.filled = 0  # octets of DATA received into them
-
-    def reserve(self, octets: int) -> bool:
-        """Hold ``octets`` in advance (the declared SIZE); False when they do not fit."""
-        if octets <= self.held:
-            return True
-        if not self._budget.take(octets - self.held):
-            return False
-        self.held = octets
-        return True
 
     def fill(self, octets: int) -> bool:
-        """Account for ``octets`` more of DATA; False when the budget cannot cover them."""
-        self.filled += octets
-        return self.reserve(self.filled)
+        """Hold ``octets`` more of DATA; False (and nothing more held) when they do not fit."""
+        if not self._budget.take(octets):
+            return False
+        self.held += octets
+        return True
 
     def release(self) -> None:
         self._budget.give_back(self.held)
-        self.held = self.filled = 0
+        self.held = 0
 
 
 def declared_size(mail_options: list[str]) -> int:

@@ -436,22 +436,17 @@ class IngestSMTP(SMTP):
             self._storing = False
 
     async def _mail_within_budget(self, address: str, mail_options: list[str]) -> Any:
-        """MAIL FROM with ``SIZE=``: the declared size is reserved now (RFC 1870's 452 when
-        the budget cannot hold it), and stays reserved for the transaction."""
+        """MAIL FROM with a ``SIZE=`` the budget has no room for now: RFC 1870's 452
+        (checked, not reserved: see :mod:`.memory`)."""
         size = declared_size(mail_options)
-        reservation = self._transaction_reservation()
-        if size and not reservation.reserve(size):
-            self._release_budget()
+        if size and not self.budget.has_room(size):
             INGEST_REJECTED.labels("memory").inc()
             log.info(
                 "sender_deferred", peer=self._peer_ip(), size=size, code=452, reason="memory",
                 budget_used=self.budget.used, budget=self.budget.capacity,
             )  # fmt: skip
             return REPLY_NO_MEMORY
-        status = await super()._call_handler_hook("MAIL", address, mail_options)
-        if not (isinstance(status, str) and status.startswith("250")):
-            self._release_budget()
-        return status
+        return await super()._call_handler_hook("MAIL", address, mail_options)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
