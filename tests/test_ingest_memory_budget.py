@@ -7,10 +7,13 @@ the next sender gets in."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
-from tests.ingest_util import SMTPConn, entries, ingest, message, wait_until
+from tests.ingest_util import SMTPConn, entries, ingest, ingest_config, message, wait_until
+from workers.config import ConfigError, cgroup_memory_limit
 from workers.ingest import IngestServer
 
 MiB = 1 << 20
@@ -91,3 +94,22 @@ async def test_a_sender_that_hangs_up_in_data_gives_its_share_back(redis_url: st
         await wait_until(_budget_used(server, 700_000, BUDGET))
         await conn.close()
         await wait_until(_budget_used(server, 0, 0))
+
+
+def test_derived_caps_and_budget(tmp_path: Path) -> None:
+    config = ingest_config("redis://127.0.0.1:1/0", max_connections=1000, memory_limit=1 << 30)
+    assert (config.max_connections_per_ip, config.memory_budget) == (100, 256 * MiB)
+    small = ingest_config("redis://127.0.0.1:1/0", max_connections=4, memory_limit=64 * MiB)
+    # At least 10 per address (never more than the cap), and room for the largest message.
+    assert (small.max_connections_per_ip, small.memory_budget) == (4, small.max_size)
+    with pytest.raises(ConfigError, match=r"--memory-budget .* below --max-size"):
+        ingest_config("redis://127.0.0.1:1/0", memory_budget=MiB)
+    v2, v1, unlimited = tmp_path / "memory.max", tmp_path / "limit_in_bytes", tmp_path / "max"
+    v2.write_text("536870912\n")
+    v1.write_text("9223372036854771712\n")  # cgroup v1's "no limit"
+    unlimited.write_text("max\n")
+    missing = str(tmp_path / "absent")
+    assert cgroup_memory_limit((missing, str(v2))) == 512 * MiB
+    assert cgroup_memory_limit((str(v1),)) is None
+    assert cgroup_memory_limit((str(unlimited), str(v2))) is None
+    assert cgroup_memory_limit((missing,)) is None
