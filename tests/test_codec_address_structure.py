@@ -49,6 +49,21 @@ def stdlib_mailboxes(name: str, value: str) -> Mailboxes:
     return [(box.display_name, box.addr_spec) for box in message[name].addresses]
 
 
+# What a strict getaddresses (CPython with the CVE-2023-27043 fix, e.g. Debian 12's 3.11)
+# returns for a field it refuses, such as one with a comma inside a comment.
+STRICT_REFUSAL = [("", "")]
+
+
+def addresses_found(stored: str, raw: str) -> list[str]:
+    """The addresses getaddresses finds in the stored value.  A strict getaddresses may
+    refuse a field whose comment holds a comma as sent; then it must refuse the raw field
+    too (decoding made it no worse), and the lenient reading of the stored value counts."""
+    found = email.utils.getaddresses([stored])
+    if found == STRICT_REFUSAL and email.utils.getaddresses([raw]) == STRICT_REFUSAL:
+        found = email.utils.getaddresses([stored], strict=False)
+    return [addr for _, addr in found]
+
+
 def blanks_folded(boxes: Mailboxes) -> Mailboxes:
     """policy.default folds each run of blanks inside a decoded word into one space."""
     return [(re.sub(r"[ \t]+", " ", name), addr) for name, addr in boxes]
@@ -178,8 +193,7 @@ def test_getaddresses_on_stored_value_agrees_with_policy_default(value: str) -> 
 def test_decoding_never_changes_the_mailboxes(value: str) -> None:
     stored = decode_address_value(value)
 
-    addresses = [addr for _, addr in email.utils.getaddresses([stored])]
-    assert addresses == [addr for _, addr in stdlib_mailboxes("To", value)]
+    assert addresses_found(stored, value) == [addr for _, addr in stdlib_mailboxes("To", value)]
 
 
 def test_mailbox_without_a_domain_stays_one_mailbox() -> None:
@@ -190,10 +204,19 @@ def test_mailbox_without_a_domain_stays_one_mailbox() -> None:
     assert email.utils.getaddresses([stored]) == [("", "a,b"), ("", "x@y.example")]
 
 
-def test_decoded_comment_delimiters_are_escaped() -> None:
-    value = "x@y.example (=?utf-8?q?a=29_,_evil@attacker.example_=28?=)"
+def test_a_comment_word_that_decodes_to_list_syntax_stays_as_sent() -> None:
+    """Escaped, ")" "(" "," and "\\" would be valid in a comment, but strict list parsers
+    (CPython's getaddresses with the CVE-2023-27043 fix, as in Debian 12) reject the whole
+    field for them: the word is kept encoded, the other comment words are decoded."""
+    value = "x@y.example (=?utf-8?q?a=29_=2C_evil@attacker.example_=28?=) (=?utf-8?q?ok?=)"
 
-    assert decode_address_value(value) == "x@y.example (a\\) , evil@attacker.example \\()"
+    stored = decode_address_value(value)
+
+    assert stored == "x@y.example (=?utf-8?q?a=29_=2C_evil@attacker.example_=28?=) (ok)"
+    assert [addr for _, addr in email.utils.getaddresses([stored, "z@w.example"])] == [
+        "x@y.example",
+        "z@w.example",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -353,6 +376,6 @@ def test_decoded_comments_never_add_mailboxes(case: tuple[str, str, Mailboxes]) 
     stored = decode_address_value(ours)
 
     # getaddresses reads comments as names, policy.default drops them: compare addresses.
-    addresses = [addr for _, addr in email.utils.getaddresses([stored])]
+    addresses = addresses_found(stored, ours)
     assert addresses == [addr for _, addr in meant]
     assert addresses == [addr for _, addr in stdlib_mailboxes("Cc", ours)]

@@ -181,7 +181,8 @@ _ADDRESS_TOKEN = re.compile(
     re.DOTALL,
 )
 _COMMENT_PIECE = re.compile(r"[^\\()]++|\\.?|[()]", re.DOTALL)
-_COMMENT_DELIMITER = re.compile(r"[\\()]")
+# Decoded comment text that strict list parsers misread even when escaped.
+_COMMENT_UNSAFE = re.compile(r'[\\(),"]')
 # policy.default decodes an encoded-word inside a quoted-string where a word starts.
 _QUOTED_ENCODED_WORD = re.compile(r"(?<![^ \t])" + _ENCODED_WORD.pattern)
 # Tokens that stay inside one phrase, local part or domain; any other special ends it.
@@ -272,13 +273,19 @@ def _quote(text: str) -> str:
 
 
 def _render_comment(comment: str, defects: list[str] | None) -> str:
+    """The comment with its encoded-words decoded, except where the decoded text holds a
+    comma, parenthesis, quote or backslash: escaped, those are valid RFC 5322, but strict list
+    parsers (CPython's getaddresses since the CVE-2023-27043 fix, as Debian 12 ships it)
+    count them and reject the whole field, so such a word is kept as sent."""
     if "=?" not in comment:
         return comment
     pieces: list[str] = []
     for match in _COMMENT_PIECE.finditer(comment):
         piece = match.group()
         if "=?" in piece and piece[0] not in "\\()":
-            piece = _COMMENT_DELIMITER.sub(r"\\\g<0>", _decode_encoded_words(piece, defects))
+            decoded = _decode_encoded_words(piece, defects)
+            if _COMMENT_UNSAFE.search(decoded) is None:
+                piece = decoded
         pieces.append(piece)
     return "".join(pieces)
 
