@@ -27,7 +27,9 @@ EMBEDDED_URL_FILE = "redis.url"
 # keep an operator waiting through the nested connect and command retries of `connect`.
 FIRST_REPLY_TIMEOUT = 3.0
 ONE_SHOT_SOCKET_TIMEOUT = 5.0
-ONE_SHOT_RETRIES = 1
+# No retry: redis-py's Retry sends a command again after a lost reply, and `send` (an XADD)
+# would then be enqueued twice.  A one-shot command fails with one line instead.
+ONE_SHOT_RETRIES = 0
 NOT_REDIS_HINT = "is a Redis server listening there?"
 
 
