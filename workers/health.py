@@ -115,7 +115,9 @@ async def refresh_stream_gauges(
     """Keep the stream gauges (lag, pending, dead letters) fresh for /metrics."""
     while not stop.is_set():
         try:
-            record_stream_status(await collect_status(redis, keys))
+            # No counting of a lag Redis cannot tell: XRANGE returns whole messages (up to
+            # --max-size each), too much to read every refresh; the series is absent then.
+            record_stream_status(await collect_status(redis, keys, lag_limit=0))
         except (aioredis.RedisError, OSError) as exc:
             log.debug("gauge_refresh_failed", error=str(exc))
         with contextlib.suppress(TimeoutError):

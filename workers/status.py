@@ -105,10 +105,14 @@ async def stream_status(
     }
 
 
-async def collect_status(redis: aioredis.Redis, keys: StreamKeys) -> dict[str, Any]:
+async def collect_status(
+    redis: aioredis.Redis, keys: StreamKeys, *, lag_limit: int = LAG_COUNT_LIMIT
+) -> dict[str, Any]:
+    """The snapshot behind the table, ``--json`` and the gauges.  ``lag_limit``: see
+    :func:`stream_status` (the periodic gauge refresh passes 0)."""
     streams: dict[str, Any] = {}
     for name in (keys.receive, keys.send, keys.events):
-        found = await stream_status(redis, name, lag_limit=LAG_COUNT_LIMIT)
+        found = await stream_status(redis, name, lag_limit=lag_limit)
         if found is not None:
             streams[name] = found
     retry_key = keys.internal("retry")
