@@ -1,16 +1,58 @@
-"""Real servers for the tests: a private redis-server per test session on a free port."""
+"""Real servers for the tests (a private redis-server per test session on a free port), the
+environment of the ``python -m workers`` children they start, and the one bounded wait."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
+import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child_env(*, json_logs: bool = True, **variables: str) -> dict[str, str]:
+    """The environment of a ``python -m workers`` child: this one without any ``MAILPOOL_``
+    setting (the runner's own must not leak into what a test configures), the repository
+    importable, logs as JSON lines unless ``json_logs`` is false, then ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPOOL_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    if json_logs:
+        env["MAILPOOL_LOG_FORMAT"] = "json"
+    env.update(variables)
+    return env
+
+
+async def wait_until(
+    check: Callable[[], bool | Awaitable[bool]],
+    what: str = "the condition",
+    *,
+    timeout: float = 15.0,
+    interval: float = 0.05,
+) -> None:
+    """Poll ``check`` (a plain or an async function) until it is true; AssertionError naming
+    ``what`` when it is still false after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        outcome = check()
+        if await outcome if inspect.isawaitable(outcome) else outcome:
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def wait_until_blocking(
+    check: Callable[[], bool], what: str = "the condition", *, timeout: float = 15.0
+) -> None:
+    """``wait_until`` for a test that has no event loop of its own (one driving subprocesses)."""
+    asyncio.run(wait_until(check, what, timeout=timeout))
 
 
 def free_port() -> int:

@@ -7,12 +7,10 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
-import os
 import signal
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +18,10 @@ from typing import Any
 import msgpack
 import redis.asyncio as aioredis
 
-from tests.harness import free_port, wait_for_port
+from tests.harness import ROOT, child_env, free_port, wait_for_port
 from workers.config import IngestConfig
 from workers.ingest import IngestServer, running_ingest
 
-ROOT = Path(__file__).resolve().parent.parent
 HOSTNAME = "mx.test"
 STREAM = "email.receive"
 
@@ -224,14 +221,6 @@ def client_tls(cert: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cert))
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPOOL_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    env["MAILPOOL_LOG_FORMAT"] = "json"
-    env.update(extra)
-    return env
-
-
 class IngestProcess:
     """``python -m workers ingest`` as a real child process on a free port."""
 
@@ -267,12 +256,3 @@ class IngestProcess:
             self.process.kill()
             self.process.wait(timeout=10)
         self._log.close()
-
-
-async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise TimeoutError("condition not met in time")

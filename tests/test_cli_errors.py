@@ -11,8 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import free_port, wait_for_port
-from tests.ingest_util import ROOT, child_env
+from tests.harness import ROOT, child_env, free_port, wait_for_port
 
 # A TCP service that accepts connections and never says a word.
 SILENT_SERVER = """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ingest_util import child_env
+from tests.harness import child_env
 
 
 def _deliver(

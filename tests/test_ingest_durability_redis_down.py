@@ -11,8 +11,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from tests.harness import RedisServer
-from tests.ingest_util import SMTPConn, entries, ingest, message, wait_until
+from tests.harness import RedisServer, wait_until
+from tests.ingest_util import SMTPConn, entries, ingest, message
 
 
 async def _client(server: RedisServer) -> aioredis.Redis:

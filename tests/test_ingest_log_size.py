@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tests.ingest_util import IngestProcess, entries, message, send_one, wait_until
+from tests.harness import wait_until
+from tests.ingest_util import IngestProcess, entries, message, send_one
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ async def test_log_line_size_is_the_entry_size(
     async def logged() -> bool:
         return bool(_accepted_lines(process))
 
-    await wait_until(logged)
+    await wait_until(logged, timeout=5)
     [line] = _accepted_lines(process)
     assert line["size"] == entry["size"] == len(entry["raw"])
     received_field = entry["raw"][: len(entry["raw"]) - len(sent)]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tests.ingest_util import SMTPConn, entries, ingest, ingest_config, message, wait_until
+from tests.harness import wait_until
+from tests.ingest_util import SMTPConn, entries, ingest, ingest_config, message
 from workers.config import ConfigError, cgroup_memory_limit
 from workers.ingest import IngestServer
 
@@ -54,7 +55,7 @@ async def test_a_declared_size_with_no_room_is_refused_at_mail(redis_url: str) -
         assert [code for _, code in idle] == [250] * 3
         assert server.budget.used == 0
         holder = await _holding(server.port, 2 * MiB)
-        await wait_until(_budget_used(server, 2 * MiB - 2 * len(LINE), 2 * MiB))
+        await wait_until(_budget_used(server, 2 * MiB - 2 * len(LINE), 2 * MiB), timeout=5)
         sender, code, text = await _mail(server.port, MiB + MiB // 2)
         assert (code, text.split()[0]) == (452, "4.3.1"), text
         await holder.send(b".\r\n")
@@ -71,7 +72,7 @@ async def test_a_message_that_outgrows_the_budget_is_refused_after_the_dot(
     big = message("big", ("y" * 78 + "\r\n") * (MiB // 80))
     async with ingest(redis_url, max_size=BUDGET, memory_budget=BUDGET) as server:
         holder = await _holding(server.port, 2 * MiB + MiB // 2)  # leaves 0.5 MiB
-        await wait_until(_budget_used(server, 2 * MiB, BUDGET))
+        await wait_until(_budget_used(server, 2 * MiB, BUDGET), timeout=5)
         held = server.budget.used
         sender, code, _ = await _mail(server.port)
         assert (await sender.cmd("RCPT TO:<b@example.com>"))[0] == 250
@@ -82,7 +83,7 @@ async def test_a_message_that_outgrows_the_budget_is_refused_after_the_dot(
         assert server.budget.used == held  # the refused message's share is back
         # Same session, the budget free again: the message goes through.
         await holder.close()
-        await wait_until(_budget_used(server, 0, 0))
+        await wait_until(_budget_used(server, 0, 0), timeout=5)
         assert (await sender.transaction(big))[0] == 250
         await sender.close()
     assert [m["headers"]["subject"] for _, m in await entries(redis)] == ["big"]
@@ -91,9 +92,9 @@ async def test_a_message_that_outgrows_the_budget_is_refused_after_the_dot(
 async def test_a_sender_that_hangs_up_in_data_gives_its_share_back(redis_url: str) -> None:
     async with ingest(redis_url, max_size=BUDGET, memory_budget=BUDGET) as server:
         conn = await _holding(server.port, 800_000)
-        await wait_until(_budget_used(server, 700_000, BUDGET))
+        await wait_until(_budget_used(server, 700_000, BUDGET), timeout=5)
         await conn.close()
-        await wait_until(_budget_used(server, 0, 0))
+        await wait_until(_budget_used(server, 0, 0), timeout=5)
 
 
 def test_derived_caps_and_budget(tmp_path: Path) -> None:

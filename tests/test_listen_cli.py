@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import select
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import redis as syncredis
 
-from tests.harness import free_port
+from tests.harness import ROOT, child_env, free_port, wait_until_blocking
 from workers.codec.parse import parse_message
 from workers.codec.wire import pack
 from workers.listen import ListenedMessage, body_to_json, to_json_line
 
-ROOT = Path(__file__).resolve().parent.parent
 STREAM = "email.receive"
 
 MIXED = (
@@ -48,14 +45,6 @@ MIXED = (
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "workers", *args]
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPOOL_")}
-    env["PYTHONPATH"] = str(ROOT)
-    env["MAILPOOL_LOG_FORMAT"] = "json"
-    env.update(extra)
-    return env
 
 
 def run_listen(redis_url: str, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -136,7 +125,7 @@ def test_follows_new_messages_and_stops_cleanly_on_sigterm(redis_url: str) -> No
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=ROOT,
     )  # fmt: skip
     try:
-        wait_until(lambda: group_exists(client, "live"))
+        wait_until_blocking(lambda: group_exists(client, "live"), timeout=10)
         entry_id = add(client, b"Subject: live\r\n\r\nnow\r\n")
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], 10)
@@ -161,7 +150,7 @@ def test_sigint_while_idle_exits_zero(redis_url: str) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=ROOT,
     )  # fmt: skip
     try:
-        wait_until(lambda: group_exists(client, "idle"))
+        wait_until_blocking(lambda: group_exists(client, "idle"), timeout=10)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 0
     finally:
@@ -289,12 +278,3 @@ def group_exists(client: syncredis.Redis, group: str) -> bool:
     except syncredis.ResponseError:
         return False
     return any(g["name"] == group.encode() for g in groups)
-
-
-def wait_until(condition: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")

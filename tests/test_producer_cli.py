@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,24 +9,15 @@ from pathlib import Path
 import pytest
 import redis as syncredis
 
-from tests.harness import free_port
+from tests.harness import ROOT, child_env, free_port
 from workers.codec.validate import decode_send
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPOOL_")}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
 
 
 def send(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "workers", "send", *args],
-        capture_output=True, text=True, timeout=20, env=child_env(**env), cwd=ROOT, input=stdin,
-        check=False,
+        capture_output=True, text=True, timeout=20, env=child_env(json_logs=False, **env),
+        cwd=ROOT, input=stdin, check=False,
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import structlog
 
-from tests.ingest_util import ROOT, child_env
+from tests.harness import ROOT, child_env
 from workers import cli
 from workers.config import (
     CommonConfig,

@@ -29,8 +29,16 @@ import pytest
 import redis
 from aiosmtpd.smtp import AuthResult
 
-from tests.harness import RedisServer, free_port, running_redis, wait_for_port
-from tests.ingest_util import ROOT, child_env, make_certificate
+from tests.harness import (
+    ROOT,
+    RedisServer,
+    child_env,
+    free_port,
+    running_redis,
+    wait_for_port,
+    wait_until_blocking,
+)
+from tests.ingest_util import make_certificate
 from tests.sinks import RecordingSink
 
 CORE = uuid.uuid4().hex
@@ -190,15 +198,6 @@ def swaks(port: int, to: str, *, auth: bool) -> str:
     return done.stdout + done.stderr
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
-
-
 # ---------------------------------------------------------------------------------------
 # The servers that know the password
 
@@ -301,8 +300,12 @@ def test_pool_and_the_one_shot_commands_never_show_the_password(scene: Scene) ->
     for to in ("out@example.com", "bounce@example.com"):
         mailpool(out, f"send {to}", "send", "--from", "app@example.org", "--to", to,
                  "--subject", "hi", "--text", "hello", env=with_url)  # fmt: skip
-    wait_until(delivered_to(relay, "out@example.com"), "the relay got the send")
-    wait_until(lambda: scene.client.xlen("email.send.dead") == 1, "the bounce is a dead letter")
+    wait_until_blocking(
+        delivered_to(relay, "out@example.com"), "the relay got the send", timeout=20
+    )
+    wait_until_blocking(
+        lambda: scene.client.xlen("email.send.dead") == 1, "the bounce is a dead letter", timeout=20
+    )
     pool.wait_for_log("message_accepted")
 
     [(dead_id, _)] = cast(list[tuple[bytes, Any]], scene.client.xrange("email.send.dead"))
@@ -352,7 +355,9 @@ def test_roles_with_secrets_from_files_and_the_environment_never_show_them(
     assert "250 2.0.0" in swaks(smtp, "in@example.org", auth=True)
     mailpool(scene.transcript, "send", "send", "--from", "app@example.org",
              "--to", "out@example.com", "--text", "hello", env=from_file)  # fmt: skip
-    wait_until(delivered_to(scene.relay, "out@example.com"), "deliver logged in to both")
+    wait_until_blocking(
+        delivered_to(scene.relay, "out@example.com"), "deliver logged in to both", timeout=20
+    )
     assert scene.client.xlen("email.receive") == 1
     started[0].wait_for_log("message_accepted")
     for name, port in ports.items():

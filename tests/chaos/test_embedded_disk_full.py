@@ -34,8 +34,7 @@ from tests.chaos.conftest import (
     stored_entries,
 )
 from tests.chaos.ledger import Ledger
-from tests.harness import free_port, wait_for_port
-from tests.ingest_util import ROOT, child_env
+from tests.harness import ROOT, child_env, free_port, wait_for_port
 
 DISK = 8 * 1024 * 1024  # the tmpfs under the pool's Redis
 ROOM = 512 * 1024  # what the filler leaves for the AOF, about 50 messages
