@@ -23,12 +23,12 @@ from tests.delivery_util import (
 )
 from tests.sinks import RecordingSink
 from workers.streams.connection import connect
-from workers.streams.keys import StreamKeys
-from workers.streams.outcomes import OutcomeKeys, Outcomes, Retry, Settlement
+from workers.streams.layout import StreamKeys
+from workers.streams.outcomes import Outcomes, Retry, Settlement
 
 
 def outcomes_for(redis: aioredis.Redis) -> Outcomes:
-    return Outcomes(redis, OutcomeKeys.from_stream_keys(StreamKeys()), group="delivery",
+    return Outcomes(redis, StreamKeys(), group="delivery",
                     sent_ttl=60, events_maxlen=1000)  # fmt: skip
 
 

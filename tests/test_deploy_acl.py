@@ -31,7 +31,7 @@ from tests.harness import RedisServer
 from workers.config import ConfigError
 from workers.streams import functions
 from workers.streams.consumer import GroupConsumer
-from workers.streams.keys import StreamKeys
+from workers.streams.layout import StreamKeys
 
 REPO = Path(__file__).resolve().parent.parent
 ACL_FILE = REPO / "deploy" / "redis" / "users.acl"
@@ -694,10 +694,10 @@ def _send_one(port: int) -> tuple[int, bytes]:
 
 
 async def test_delivery_settles_retries_and_promotes(as_role: Any, admin: redis.Redis) -> None:
-    from workers.streams.outcomes import OutcomeKeys, Outcomes, Retry, Settlement
+    from workers.streams.outcomes import Outcomes, Retry, Settlement
 
     delivery = as_role("delivery")
-    keys = OutcomeKeys.from_stream_keys(StreamKeys())
+    keys = StreamKeys()
     outcomes = Outcomes(delivery, keys, group="delivery", sent_ttl=60, events_maxlen=1000)
     reader = GroupConsumer(delivery, "email.send", "delivery", "w1", claim_after=900)
     assert await reader.ensure_group() is False  # exists already: BUSYGROUP
@@ -721,7 +721,7 @@ async def test_delivery_settles_retries_and_promotes(as_role: Any, admin: redis.
 
 async def test_housekeeping_trims_promotes_and_reports(as_role: Any, admin: redis.Redis) -> None:
     from workers.housekeeping import HousekeepConfig, housekeep_once
-    from workers.status import collect_status
+    from workers.streams.snapshot import collect_status
 
     housekeeping = as_role("housekeeping")
     admin.xack("email.send", "delivery", *[e[0] for e in admin.xrange("email.send")])
@@ -731,7 +731,7 @@ async def test_housekeeping_trims_promotes_and_reports(as_role: Any, admin: redi
     config = HousekeepConfig(receive_max_len=1, send_max_len=1, consumer_idle=0.001)
     admin.hset("mailpool:retry:1-0", mapping={"data": b"again"})  # the fixture's due retry
     status = await collect_status(housekeeping, StreamKeys())  # its /metrics gauges
-    assert status["dead_letters"] == 1 and status["retries_waiting"] == 1
+    assert status.dead_letters == 1 and status.retries_waiting == 1
     await asyncio.sleep(0.01)
     await housekeep_once(housekeeping, StreamKeys(), config)
     assert admin.zcard("mailpool:retry") == 0  # due retries back to email.send
@@ -740,11 +740,11 @@ async def test_housekeeping_trims_promotes_and_reports(as_role: Any, admin: redi
 
 
 async def test_monitor_reads_the_status(as_role: Any, admin: redis.Redis) -> None:
-    from workers.status import collect_status
+    from workers.streams.snapshot import collect_status
 
     status = await collect_status(as_role("monitor"), StreamKeys())
-    assert status["streams"]["email.send"]["groups"]["delivery"]["lag"] == 1
-    assert status["dead_letters"] == 1 and status["retries_waiting"] == 1
+    assert status.streams["email.send"].groups["delivery"].lag == 1
+    assert status.dead_letters == 1 and status.retries_waiting == 1
 
 
 async def test_listen_removes_its_consumer_on_a_clean_exit(
@@ -885,10 +885,10 @@ async def test_roles_stop_at_start_with_one_line_when_the_library_is_missing(
 async def the_settler_and_promoter_say_what_to_run(acl_server: RedisServer) -> None:
     """A library gone while delivery runs: each settlement and promotion fails with the
     same line (a Redis error: the settler keeps the entry pending and tries again)."""
-    from workers.streams.outcomes import OutcomeKeys, Outcomes, Settlement
+    from workers.streams.outcomes import Outcomes, Settlement
 
     delivery = aioredis.Redis.from_url(role_url(acl_server, "delivery"))
-    outcomes = Outcomes(delivery, OutcomeKeys.from_stream_keys(StreamKeys()), group="delivery",
+    outcomes = Outcomes(delivery, StreamKeys(), group="delivery",
                         sent_ttl=60, events_maxlen=1000)  # fmt: skip
     try:
         for attempt in (outcomes.settle([Settlement("1-0", "m")], 1.0), outcomes.promote_due(1.0)):

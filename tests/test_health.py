@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from tests.harness import RedisServer
 from workers.health import serving_health
 from workers.streams.connection import connect
-from workers.streams.keys import StreamKeys
+from workers.streams.layout import StreamKeys
 
 
 def _get(port: int, path: str) -> tuple[int, str]:

@@ -18,8 +18,9 @@ from prometheus_client import REGISTRY
 from tests.harness import RedisServer
 from workers.health import refresh_stream_gauges
 from workers.metrics import STREAM_LAG
-from workers.status import LAG_COUNT_LIMIT, collect_status, render_table
-from workers.streams.keys import StreamKeys
+from workers.status import render_table
+from workers.streams.layout import StreamKeys
+from workers.streams.snapshot import LAG_COUNT_LIMIT, collect_status
 
 KEYS = StreamKeys()
 
@@ -30,17 +31,19 @@ async def test_counts_lag_pending_and_oldest_pending_age(redis: aioredis.Redis) 
     await redis.xgroup_create(KEYS.send, "delivery", id="0")
     await redis.xreadgroup("delivery", "w1", {KEYS.send: ">"}, count=2)
     await redis.xadd(KEYS.dead, {"data": "x", "reason": "invalid"})
-    await redis.zadd(KEYS.internal("retry"), {"a": time.time() + 30, "b": time.time() + 60})
+    await redis.zadd(KEYS.retry_schedule, {"a": time.time() + 30, "b": time.time() + 60})
 
     status = await collect_status(redis, KEYS)
 
-    group = status["streams"][KEYS.send]["groups"]["delivery"]
-    assert status["streams"][KEYS.send]["length"] == 5
-    assert (group["consumers"], group["pending"], group["lag"]) == (1, 2, 3)
-    assert 0 <= group["oldest_pending_seconds"] < 30
-    assert status["dead_letters"] == 1
-    assert status["retries_waiting"] == 2
-    assert status["next_retry_at"] > time.time()
+    group = status.streams[KEYS.send].groups["delivery"]
+    assert status.streams[KEYS.send].length == 5
+    assert (group.consumers, group.pending, group.lag) == (1, 2, 3)
+    assert group.oldest_pending_seconds is not None
+    assert 0 <= group.oldest_pending_seconds < 30
+    assert status.dead_letters == 1
+    assert status.retries_waiting == 2
+    assert status.next_retry_at is not None
+    assert status.next_retry_at > time.time()
 
 
 async def raw_lag(redis: aioredis.Redis, stream: str, group: str) -> int | None:
@@ -64,7 +67,7 @@ async def test_lag_after_a_deletion_is_counted(redis: aioredis.Redis) -> None:
     await redis.xdel(KEYS.receive, ids[2])  # a deletion inside the group's unread range
     assert await raw_lag(redis, KEYS.receive, "app") is None  # Redis cannot tell
     status = await collect_status(redis, KEYS)
-    assert status["streams"][KEYS.receive]["groups"]["app"]["lag"] == 2  # ids[1], ids[3]
+    assert status.streams[KEYS.receive].groups["app"].lag == 2  # ids[1], ids[3]
 
 
 async def test_the_gauge_refresh_does_not_read_messages_to_count_a_lag(
@@ -95,7 +98,7 @@ async def test_lag_beyond_what_status_counts_is_null_not_zero(redis: aioredis.Re
     await redis.xreadgroup("app", "c", {KEYS.receive: ">"}, count=1)
     await redis.xdel(KEYS.receive, ids[1])  # LAG_COUNT_LIMIT + 1 entries wait
     status = await collect_status(redis, KEYS)
-    assert status["streams"][KEYS.receive]["groups"]["app"]["lag"] is None
+    assert status.streams[KEYS.receive].groups["app"].lag is None
     assert "unknown" in render_table(status)
 
 
@@ -116,10 +119,7 @@ async def restarted_after_reads(
 
 
 async def delivery_lag(redis: aioredis.Redis) -> int | None:
-    lag: int | None = (await collect_status(redis, KEYS))["streams"][KEYS.send]["groups"][
-        "delivery"
-    ]["lag"]
-    return lag
+    return (await collect_status(redis, KEYS)).streams[KEYS.send].groups["delivery"].lag
 
 
 async def test_lag_is_known_after_a_plain_redis_restart(

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import quote, quote_plus, unquote, urlsplit, urlunsplit
 
+from workers.streams import layout
+from workers.streams.layout import StreamKeys
+
 ENV_PREFIX = "MAILPOOL_"
 
 # What a secret option holds, which says how to mask it: the whole value, a URL whose
@@ -161,11 +164,11 @@ class CommonConfig:
         None, "file holding the Redis password (e.g. a mounted Kubernetes Secret)",
         file_for="redis_password",
     )  # fmt: skip
-    key_prefix: str = option("mailpool:", "prefix of mailpool's internal Redis keys")
-    receive_stream: str = option("email.receive", "stream of received messages")
-    send_stream: str = option("email.send", "stream of messages to send")
-    dead_stream: str = option("email.send.dead", "stream of dead letters")
-    events_stream: str = option("email.send.events", "stream of delivery outcomes")
+    key_prefix: str = option(layout.DEFAULT_PREFIX, "prefix of mailpool's internal Redis keys")
+    receive_stream: str = option(layout.DEFAULT_RECEIVE, "stream of received messages")
+    send_stream: str = option(layout.DEFAULT_SEND, "stream of messages to send")
+    dead_stream: str = option(layout.DEFAULT_DEAD, "stream of dead letters")
+    events_stream: str = option(layout.DEFAULT_EVENTS, "stream of delivery outcomes")
     log_format: str = option("auto", "log format: json, console, or auto (console on a terminal)")
     log_level: str = option("info", "log level: debug, info, warning, error")
 
@@ -194,6 +197,16 @@ class CommonConfig:
         for name in ("receive_stream", "send_stream", "dead_stream", "events_stream"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} must not be empty")
+
+    def stream_keys(self) -> StreamKeys:
+        """The Redis keys these options name (the layout owns how they are derived)."""
+        return StreamKeys(
+            receive=self.receive_stream,
+            send=self.send_stream,
+            dead=self.dead_stream,
+            events=self.events_stream,
+            prefix=self.key_prefix,
+        )
 
 
 def default_consumer_name() -> str:

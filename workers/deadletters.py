@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +27,10 @@ import redis.asyncio as aioredis
 from workers.codec.errors import CodecError
 from workers.codec.validate import decode_send
 from workers.config import CommonConfig, ConfigError, option
+from workers.streams import layout
 from workers.streams import outcomes as oc
 from workers.streams.connection import one_shot_client
-from workers.streams.keys import StreamKeys
+from workers.streams.layout import StreamKeys
 
 ACTIONS = ("list", "show", "replay", "purge")
 PAGE = 500
@@ -70,44 +71,14 @@ class DeadConfig(CommonConfig):
             raise ConfigError(f"--limit must be > 0, got {self.limit}")
 
 
-def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
 def _id(raw: bytes | str | None) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-# Dead-letter fields that are not text (contract.md): shown as JSON arrays and numbers.
-TYPED_FIELDS: dict[str, Callable[[str], Any]] = {
-    "recipients": oc.recipients_from_text,
-    "attempts": int,
-    "smtp_code": int,
-    "first_attempt": float,
-    "last_attempt": float,
-}
-
-
-def field_value(name: str, text: str) -> Any:
-    """A field as its JSON type; a value that does not parse stays text (shown, not lost)."""
-    convert = TYPED_FIELDS.get(name)
-    if convert is None:
-        return text
-    try:
-        return convert(text)
-    except ValueError:  # json.JSONDecodeError is a ValueError too
-        return text
-
-
 def describe_entry(entry_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
     """A dead letter for people: fields typed, ``data`` summarised (never dumped)."""
-    shown: dict[str, Any] = {"id": entry_id}
-    for name, value in fields.items():
-        if name != b"data":
-            shown[_text(name)] = field_value(_text(name), _text(value))
-    data = fields.get(b"data", b"")
+    shown: dict[str, Any] = {"id": entry_id, **layout.dead_letter_fields(fields)}
+    data = layout.entry_data(fields) or b""
     shown["data_size"] = len(data)
     try:
         message = decode_send(data)
@@ -135,27 +106,12 @@ async def iterate_dead(redis: aioredis.Redis, stream: str) -> AsyncIterator[tupl
             yield entry_id, fields
         if len(page) < PAGE:
             return
-        start = "(" + page[-1][0]
+        start = layout.exclusive(page[-1][0])
 
 
 async def fetch(redis: aioredis.Redis, stream: str, entry_id: str) -> Fields | None:
     found = _rows(await redis.xrange(stream, min=entry_id, max=entry_id, count=1))
     return found[0][1] if found else None
-
-
-def replay_fields(dead_id: str, fields: dict[bytes, bytes]) -> dict[str, str | bytes | int | float]:
-    """The send entry a dead letter becomes: original data, same message id, its recipients."""
-    source_id = _text(fields.get(b"source_id")) or dead_id
-    replay: dict[str, str | bytes | int | float] = {
-        oc.FIELD_DATA: fields.get(b"data", b""),
-        oc.FIELD_MESSAGE_ID: _text(fields.get(b"message_id")) or source_id,
-        oc.FIELD_SOURCE_ID: source_id,
-        oc.FIELD_REPLAY_OF: dead_id,
-    }
-    recipients = oc.recipients_from_text(fields.get(b"recipients")) or []
-    if recipients:  # empty: unknown (e.g. poison before decoding) -> all of the message's
-        replay[oc.FIELD_RECIPIENTS] = oc.recipients_text(recipients)
-    return replay
 
 
 def _plain(value: Any) -> str:
@@ -216,19 +172,18 @@ async def _targets(
 
 async def replay_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig) -> int:
     await oc.require_functions(redis)  # replay is a Redis function: exit 2 if missing
-    outcomes = oc.Outcomes(
-        redis, oc.OutcomeKeys.from_stream_keys(keys), group="", sent_ttl=1, events_maxlen=1
-    )
+    outcomes = oc.Outcomes(redis, keys, group="", sent_ttl=1, events_maxlen=1)
     status, replayed, skipped = 0, 0, 0
     async for entry_id, fields in _targets(redis, keys, config):
-        if fields is None:
+        letter = None if fields is None else layout.DeadLetter.decode(entry_id, fields)
+        if letter is None:
             print(f"{entry_id}: no such dead letter", file=sys.stderr)
             status = 1
-        elif fields.get(b"reason") == b"invalid":
+        elif not letter.replayable:
             print(f"{entry_id}: not replayed (invalid: the same data would fail again)",
                   file=sys.stderr)  # fmt: skip
             skipped += 1
-        elif (new_id := await outcomes.replay(entry_id, replay_fields(entry_id, fields))) is None:
+        elif (new_id := await outcomes.replay(entry_id, letter.replay_entry())) is None:
             print(
                 f"{entry_id}: gone meanwhile (replayed or purged by someone else)", file=sys.stderr
             )
@@ -247,8 +202,7 @@ async def purge_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig
         if not newest:
             print("purged 0", file=sys.stderr)
             return 0
-        ms, _, seq = newest[0][0].partition("-")
-        removed = int(await redis.xtrim(keys.dead, minid=f"{ms}-{int(seq) + 1}"))
+        removed = int(await redis.xtrim(keys.dead, minid=layout.id_after(newest[0][0])))
         print(f"purged {removed}", file=sys.stderr)
         return 0
     removed = int(await redis.xdel(keys.dead, *config.ids))
@@ -261,4 +215,4 @@ ACTION_HANDLERS = {"list": list_dead, "show": show_dead, "replay": replay_dead, 
 
 async def main(config: DeadConfig) -> int:
     async with one_shot_client(config.redis_url) as redis:
-        return await ACTION_HANDLERS[config.action](redis, StreamKeys.from_config(config), config)
+        return await ACTION_HANDLERS[config.action](redis, config.stream_keys(), config)

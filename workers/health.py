@@ -20,8 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from workers.config import parse_host_port
 from workers.metrics import record_stream_status
-from workers.status import collect_status
-from workers.streams.keys import StreamKeys
+from workers.streams.layout import StreamKeys
+from workers.streams.snapshot import collect_status
 
 log = structlog.get_logger("mailpool.health")
 

@@ -19,10 +19,11 @@ import structlog
 from workers.config import CommonConfig, option, parse_host_port, positive
 from workers.health import serving_health
 from workers.lifecycle import install_stop_signals
-from workers.status import stream_status
+from workers.streams import layout
 from workers.streams.connection import as_text, connect, resolve_redis_url
-from workers.streams.keys import StreamKeys
-from workers.streams.outcomes import OutcomeKeys, promote_due, require_functions
+from workers.streams.layout import StreamKeys
+from workers.streams.outcomes import promote_due, require_functions
+from workers.streams.snapshot import stream_status
 
 log = structlog.get_logger("mailpool.housekeeping")
 
@@ -46,16 +47,6 @@ class HousekeepConfig(CommonConfig):
             parse_host_port(self.http, "--http")
 
 
-def _parse_id(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _successor(entry_id: str) -> str:
-    ms, seq = _parse_id(entry_id)
-    return f"{ms}-{seq + 1}"
-
-
 async def protected_from(redis: aioredis.Redis, stream: str) -> str | None:
     """The lowest id some group still needs (None: no group needs anything below the top).
 
@@ -65,17 +56,16 @@ async def protected_from(redis: aioredis.Redis, stream: str) -> str | None:
     status = await stream_status(redis, stream)
     if status is None:
         return None
-    floors: list[tuple[int, int]] = []
-    for group, info in status["groups"].items():
-        if info["pending"]:
+    floors: list[str] = []
+    for group, info in status.groups.items():
+        if info.pending:
             summary = await redis.xpending(stream, group)
-            floors.append(_parse_id(as_text(summary["min"]) or "0-0"))
+            floors.append(as_text(summary["min"]) or "0-0")
         else:
-            floors.append(_parse_id(_successor(info["last_delivered_id"] or "0-0")))
+            floors.append(layout.id_after(info.last_delivered_id or "0-0"))
     if not floors:
         return None
-    ms, seq = min(floors)
-    return f"{ms}-{seq}"
+    return layout.format_id(*min(layout.parse_id(floor) for floor in floors))
 
 
 # Entries read per pass to find the length trim point; a long backlog shrinks over passes.
@@ -88,19 +78,19 @@ async def _length_floor(redis: aioredis.Redis, stream: str, max_len: int) -> str
     if excess <= 0:
         return None
     oldest = await redis.xrange(stream, count=excess)
-    return _successor(as_text(oldest[-1][0]) or "0-0") if oldest else None
+    return layout.id_after(as_text(oldest[-1][0]) or "0-0") if oldest else None
 
 
 async def trim_stream(redis: aioredis.Redis, stream: str, max_age: float, max_len: int) -> int:
     """Trim by age and length, never below what a group still needs; returns entries removed."""
-    wanted = [f"{int((time.time() - max_age) * 1000)}-0"]
+    wanted = [layout.id_at(time.time() - max_age)]
     by_length = await _length_floor(redis, stream, max_len)
     if by_length:
         wanted.append(by_length)
-    target = max(wanted, key=_parse_id)
+    target = max(wanted, key=layout.parse_id)
     protected = await protected_from(redis, stream)
     if protected is not None:
-        target = min(target, protected, key=_parse_id)
+        target = min(target, protected, key=layout.parse_id)
     removed = int(await redis.xtrim(stream, minid=target, approximate=False))
     if removed:
         log.info("stream_trimmed", stream=stream, removed=removed, min_id=target)
@@ -110,7 +100,7 @@ async def trim_stream(redis: aioredis.Redis, stream: str, max_age: float, max_le
 async def remove_vanished_consumers(redis: aioredis.Redis, stream: str, idle: float) -> int:
     status = await stream_status(redis, stream)
     removed = 0
-    for group in (status or {"groups": {}})["groups"]:
+    for group in status.groups if status else {}:
         for consumer in await redis.xinfo_consumers(stream, group):
             if int(consumer["pending"]) == 0 and int(consumer["idle"]) > idle * 1000:
                 name = as_text(consumer["name"]) or ""
@@ -123,7 +113,7 @@ async def remove_vanished_consumers(redis: aioredis.Redis, stream: str, idle: fl
 async def housekeep_once(redis: aioredis.Redis, keys: StreamKeys, config: HousekeepConfig) -> None:
     # Due retries go back to the send stream here too: with delivery scaled to zero, the
     # lag this creates is what wakes it up (KEDA watches the send stream's lag).
-    await promote_due(redis, OutcomeKeys.from_stream_keys(keys), time.time())
+    await promote_due(redis, keys, time.time())
     await trim_stream(redis, keys.receive, config.receive_max_age, config.receive_max_len)
     await trim_stream(redis, keys.send, config.send_max_age, config.send_max_len)
     for stream in (keys.receive, keys.send):
@@ -132,7 +122,7 @@ async def housekeep_once(redis: aioredis.Redis, keys: StreamKeys, config: Housek
 
 async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:
     redis = connect(resolve_redis_url(config.redis_url))
-    keys = StreamKeys.from_config(config)
+    keys = config.stream_keys()
     try:
         async with serving_health(
             config.http, redis, keys, lambda: not stop.is_set(), stream_gauges=True

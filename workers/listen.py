@@ -62,7 +62,7 @@ from workers.config import (
     positive,
 )
 from workers.lifecycle import install_stop_signals
-from workers.streams import functions
+from workers.streams import functions, layout
 from workers.streams.connection import connect, first_reply_problem, resolve_redis_url
 from workers.streams.consumer import START_ALL, START_NEW, GroupConsumer, StreamEntry
 
@@ -102,7 +102,7 @@ class Listener:
         group: str,
         consumer: str | None = None,
         *,
-        stream: str = "email.receive",
+        stream: str = layout.DEFAULT_RECEIVE,
         start: str = "new",
         claim_after: float = DEFAULT_CLAIM_AFTER,
         batch: int = 100,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from workers.streams.layout import Snapshot
 
 # Latency buckets for SMTP transactions: sub-millisecond to a slow remote relay.
 SMTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -49,18 +50,18 @@ DEAD_LETTERS = Gauge("mailpool_dead_letters", "Entries in the dead-letter stream
 RETRIES_WAITING = Gauge("mailpool_retries_waiting", "Sends waiting for a retry")
 
 
-def record_stream_status(status: dict[str, Any]) -> None:
-    """Copy a :func:`workers.status.collect_status` snapshot into the gauges."""
-    for stream, info in status["streams"].items():
-        STREAM_LENGTH.labels(stream).set(info["length"])
-        for group, g in info["groups"].items():
-            STREAM_PENDING.labels(stream, group).set(g["pending"])
-            STREAM_OLDEST_PENDING.labels(stream, group).set(g["oldest_pending_seconds"] or 0)
-            if g["lag"] is None:
+def record_stream_status(status: Snapshot) -> None:
+    """Copy a status snapshot (:mod:`workers.streams.snapshot`) into the gauges."""
+    for stream, info in status.streams.items():
+        STREAM_LENGTH.labels(stream).set(info.length)
+        for group, g in info.groups.items():
+            STREAM_PENDING.labels(stream, group).set(g.pending)
+            STREAM_OLDEST_PENDING.labels(stream, group).set(g.oldest_pending_seconds or 0)
+            if g.lag is None:
                 # Unknown is not zero: drop the series rather than report a false "caught up".
                 with contextlib.suppress(KeyError):
                     STREAM_LAG.remove(stream, group)
             else:
-                STREAM_LAG.labels(stream, group).set(g["lag"])
-    DEAD_LETTERS.set(status["dead_letters"])
-    RETRIES_WAITING.set(status["retries_waiting"])
+                STREAM_LAG.labels(stream, group).set(g.lag)
+    DEAD_LETTERS.set(status.dead_letters)
+    RETRIES_WAITING.set(status.retries_waiting)

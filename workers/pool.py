@@ -26,7 +26,6 @@ from workers.housekeeping import HousekeepConfig
 from workers.lifecycle import install_stop_signals
 from workers.streams.connection import connect
 from workers.streams.connection import data_dir as default_data_dir
-from workers.streams.keys import StreamKeys
 
 log = structlog.get_logger("mailpool.run")
 
@@ -77,7 +76,7 @@ async def serve(config: RunConfig, stop: asyncio.Event) -> None:
         redis = connect(url)
         try:
             async with serving_health(
-                config.http, redis, StreamKeys.from_config(config), lambda: not stop.is_set(),
+                config.http, redis, config.stream_keys(), lambda: not stop.is_set(),
                 stream_gauges=True,
             ):  # fmt: skip
                 done, _ = await asyncio.wait(roles, return_when=asyncio.FIRST_EXCEPTION)

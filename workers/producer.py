@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 from workers.codec.build import build_message
 from workers.codec.errors import CodecError
@@ -46,6 +47,7 @@ from workers.codec.types import SCHEMA_VERSION, Content, SendMessage
 from workers.codec.validate import validate_send
 from workers.codec.wire import pack
 from workers.config import CommonConfig, ConfigError, option
+from workers.streams import layout
 from workers.streams.connection import one_shot_client
 
 # Compressed files: mimetypes reports the compression separately (``x.tar.gz`` ->
@@ -196,10 +198,12 @@ def deliverable(message: dict[str, Any]) -> SendMessage:
 
 
 async def enqueue(
-    redis: aioredis.Redis, message: SendMessage, *, stream: str = "email.send"
+    redis: aioredis.Redis, message: SendMessage, *, stream: str = layout.DEFAULT_SEND
 ) -> str:
     """XADD one validated send message; returns the stream entry id."""
-    entry_id = await redis.xadd(stream, {"data": pack(message)})
+    # redis-py types the field map as a dict of its own unions (invariant): copied into one.
+    entry: dict[FieldT, EncodableT] = dict(layout.data_entry(pack(message)).items())
+    entry_id = await redis.xadd(stream, entry)
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
@@ -216,7 +220,7 @@ async def enqueue_send(
     id: str | None = None,
     max_attempts: int | None = None,
     max_age: float | None = None,
-    stream: str = "email.send",
+    stream: str = layout.DEFAULT_SEND,
 ) -> str:
     """Build, validate and enqueue one send (see :func:`make_send_message`); the entry id."""
     specs = list(attachments)

@@ -19,16 +19,8 @@ import redis.asyncio as aioredis
 
 from tests.chaos.conftest import size
 from workers.delivery import Settler
-from workers.streams.keys import StreamKeys
-from workers.streams.outcomes import (
-    MessageRef,
-    OutcomeKeys,
-    Outcomes,
-    Retry,
-    Settlement,
-    dead_letter,
-    event,
-)
+from workers.streams.layout import MessageRef, StreamKeys, dead_letter, event
+from workers.streams.outcomes import Outcomes, Retry, Settlement
 
 ENTRIES = size(2000, 20_000)
 KILLS = size(6, 30)
@@ -98,7 +90,7 @@ async def test_settlements_resent_after_a_dropped_connection_write_once(
     read = await redis.xreadgroup("delivery", "w1", {"email.send": ">"}, count=ENTRIES)
     entry_ids = [entry_id.decode() for entry_id, _ in read[0][1]]
     worker = aioredis.Redis.from_url(redis_url)  # no client-side retry: the settler retries
-    outcomes = Outcomes(worker, OutcomeKeys.from_stream_keys(StreamKeys()), group="delivery",
+    outcomes = Outcomes(worker, StreamKeys(), group="delivery",
                         sent_ttl=600, events_maxlen=10 * ENTRIES)  # fmt: skip
     crashed: list[bool] = []
     settler = Settler(outcomes, lambda: crashed.append(True))

@@ -25,7 +25,6 @@ from workers.ingest.memory import tune_allocator
 from workers.ingest.server import IngestServer, SessionLimits, load_tls_context
 from workers.lifecycle import install_stop_signals
 from workers.streams.connection import connect, connect_for_writes, resolve_redis_url
-from workers.streams.keys import StreamKeys
 from workers.streams.receive import ReceiveStream
 
 __all__ = ["IngestConfig", "IngestServer", "main", "running_ingest", "serve"]
@@ -78,7 +77,7 @@ async def running_ingest(config: IngestConfig) -> AsyncIterator[IngestServer]:
     # the health probes over one that may.
     writes = connect_for_writes(url)
     redis = connect(url, retries=1)
-    keys = StreamKeys.from_config(config)
+    keys = config.stream_keys()
     store = ReceiveStream(
         writes,
         keys.receive,

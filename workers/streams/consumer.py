@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
+from workers.streams import layout
 from workers.streams.connection import as_text
 
 log = structlog.get_logger("mailpool.streams")
@@ -34,7 +35,7 @@ class StreamEntry:
 
     @property
     def data(self) -> bytes | None:
-        return None if self.fields is None else self.fields.get(b"data")
+        return layout.entry_data(self.fields)
 
 
 async def ensure_group(
@@ -127,7 +128,10 @@ class GroupConsumer:
         if not unseen:
             return []
         reply = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: _id_before(next(iter(unseen)))}, count=span
+            self.group,
+            self.consumer,
+            {self.stream: layout.id_before(next(iter(unseen)))},
+            count=span,
         )
         return [
             StreamEntry(entry_id, fields or None, unseen[entry_id])
@@ -155,7 +159,7 @@ class GroupConsumer:
                         break
             if len(rows) < OWN_PAGE:
                 break
-            start = "(" + listed[-1]
+            start = layout.exclusive(listed[-1])
         if not unseen:
             return unseen, 0
         ids = list(unseen)
@@ -214,11 +218,3 @@ def _entries_of(reply: Any) -> list[tuple[bytes | str, dict[bytes, bytes] | None
     if not reply:
         return []
     return [(entry_id, fields or None) for _name, entries in reply for entry_id, fields in entries]
-
-
-def _id_before(entry_id: str) -> str:
-    """The stream id just before ``entry_id``: XREADGROUP returns ids after the one given."""
-    ms, seq = (int(part) for part in entry_id.split("-"))
-    if seq:
-        return f"{ms}-{seq - 1}"
-    return f"{ms - 1}-{2**64 - 1}" if ms else "0-0"

@@ -39,6 +39,11 @@ REPLAY = f"{LIBRARY}_replay"
 REMOVE_IDLE_CONSUMER = f"{LIBRARY}_remove_idle_consumer"
 VERSION = f"{LIBRARY}_version"
 
+# The kinds of section a settle call carries after its accepted recipients.
+SECTION_DEAD = "dead"
+SECTION_RETRY = "retry"
+SECTION_EVENT = "event"
+
 SETUP_HINT = "run `mailpool redis-setup` as a Redis user allowed FUNCTION LOAD (deploy/README.md)"
 
 _FUNCTIONS = f"""
@@ -70,11 +75,11 @@ local function settle(keys, args)
     local due = args[i + 2]
     local fields = {{unpack(args, i + 3, i + 2 + 2 * pairs_count)}}
     i = i + 3 + 2 * pairs_count
-    if kind == 'event' then
+    if kind == '{SECTION_EVENT}' then
       redis.call('XADD', keys[3], 'MAXLEN', '~', args[5], '*', unpack(fields))
-    elseif kind == 'dead' then
+    elseif kind == '{SECTION_DEAD}' then
       redis.call('XADD', keys[2], '*', unpack(fields))
-    elseif kind == 'retry' then
+    elseif kind == '{SECTION_RETRY}' then
       redis.call('DEL', keys[5])
       redis.call('HSET', keys[5], unpack(fields))
       redis.call('ZADD', keys[4], due, args[2])

@@ -16,7 +16,8 @@ connection, so the settler sends it again) or that finds the entry acknowledged 
 worker (one that claimed it while we were slow) writes nothing more: one event per
 outcome, and one message never waits in two places.  ``promote_due`` moves due retries back
 into the send stream as new entries that carry the original ``data`` untouched plus the
-bookkeeping fields below, so any worker picks them up.
+bookkeeping fields of a retry entry (:mod:`workers.streams.layout`), so any worker picks
+them up.
 
 Idempotency records: the hash ``<prefix>sent:<message id>`` maps each accepted recipient to
 the time it was first accepted; it expires ``sent_ttl`` seconds after the last write.
@@ -25,68 +26,26 @@ the time it was first accepted; it expires ``sent_ttl`` seconds after the last w
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError, ResponseError
 
-from workers.streams import functions
-from workers.streams.keys import StreamKeys
+from workers.streams import functions, layout
+from workers.streams.layout import Fields, StreamKeys
 from workers.streams.redis_compat import checkout, is_stale
-
-# Fields a retry or replay entry of the send stream carries next to the original ``data``.
-# A producer's entry has only ``data``; these let the worker keep the message id, attempt
-# count and remaining recipients across retries and replays.
-FIELD_DATA = "data"
-FIELD_MESSAGE_ID = "message_id"  # the idempotency id (message "id", else the source entry id)
-FIELD_SOURCE_ID = "source_id"  # the producer's entry id in the send stream
-FIELD_ATTEMPTS = "attempts"  # SMTP attempts made so far
-FIELD_FIRST_ATTEMPT = "first_attempt"  # epoch seconds
-FIELD_RECIPIENTS = "recipients"  # JSON array: the recipients still to send to
-FIELD_REPLAY_OF = "replay_of"  # the dead-letter entry id a replay came from
-
-Fields = Mapping[str, str | bytes | int | float]
 
 SETTLE_IDLE_CHECK = 5.0  # seconds idle after which the settlement connection is re-checked
 
 
 @dataclass(frozen=True)
-class OutcomeKeys:
-    send: str
-    dead: str
-    events: str
-    retry_schedule: str  # sorted set: retry member (entry id) -> due time
-    retry_payload_prefix: str  # + entry id: hash of the entry fields to re-add when due
-    sent_prefix: str  # + message id: hash recipient -> accepted at
-
-    @classmethod
-    def from_stream_keys(cls, keys: StreamKeys) -> OutcomeKeys:
-        return cls(
-            send=keys.send,
-            dead=keys.dead,
-            events=keys.events,
-            retry_schedule=keys.internal("retry"),
-            retry_payload_prefix=keys.internal("retry", ""),
-            sent_prefix=keys.internal("sent", ""),
-        )
-
-    def sent(self, message_id: str) -> str:
-        return self.sent_prefix + message_id
-
-    def retry_payload(self, entry_id: str) -> str:
-        return self.retry_payload_prefix + entry_id
-
-
-@dataclass(frozen=True)
 class Retry:
     due: float  # epoch seconds
-    fields: Fields  # the send-stream entry to add when due
+    fields: Mapping[str, str | bytes | int | float]  # the retry entry (layout.retry_entry)
 
 
 @dataclass
@@ -96,19 +55,21 @@ class Settlement:
     entry_id: str
     message_id: str
     accepted: list[str] = field(default_factory=list)  # recorded as sent before the ack
-    dead_letters: list[Fields] = field(default_factory=list)
+    dead_letters: list[Fields] = field(default_factory=list)  # layout.dead_letter
     retry: Retry | None = None
-    events: list[Fields] = field(default_factory=list)
+    events: list[Fields] = field(default_factory=list)  # layout.event
 
 
-def _pairs(fields: Fields) -> list[str | bytes | int]:
+def _pairs(fields: Mapping[str, str | bytes | int | float]) -> list[str | bytes | int]:
     flat: list[str | bytes | int] = []
     for name, value in fields.items():
         flat += (name, repr(value) if isinstance(value, float) else value)
     return flat
 
 
-def _section(kind: str, fields: Fields, due: str = "0") -> list[str | bytes | int]:
+def _section(
+    kind: str, fields: Mapping[str, str | bytes | int | float], due: str = "0"
+) -> list[str | bytes | int]:
     return [kind, len(fields), due, *_pairs(fields)]
 
 
@@ -118,7 +79,7 @@ class Outcomes:
     def __init__(
         self,
         redis: aioredis.Redis,
-        keys: OutcomeKeys,
+        keys: StreamKeys,
         *,
         group: str,
         sent_ttl: float,
@@ -182,11 +143,11 @@ class Outcomes:
             *s.accepted,
         ]  # fmt: skip
         for dead in s.dead_letters:
-            command += _section("dead", dead)
+            command += _section(functions.SECTION_DEAD, dead)
         if s.retry is not None:
-            command += _section("retry", s.retry.fields, repr(s.retry.due))
+            command += _section(functions.SECTION_RETRY, s.retry.fields, repr(s.retry.due))
         for event in s.events:
-            command += _section("event", event)
+            command += _section(functions.SECTION_EVENT, event)
         return command
 
     async def _settle_batch(
@@ -264,127 +225,47 @@ async def require_functions(redis: aioredis.Redis) -> None:
     await functions.require_library(redis)
 
 
-async def promote_due(
-    redis: aioredis.Redis, keys: OutcomeKeys, now: float, limit: int = 100
-) -> int:
+async def promote_due(redis: aioredis.Redis, keys: StreamKeys, now: float, limit: int = 100) -> int:
     """Move retries due by ``now`` back into the send stream (delivery and housekeeping)."""
     keys_used = [keys.retry_schedule, keys.send]
     args: list[str | int | float] = [now, limit, keys.retry_payload_prefix]
     return int(await functions.fcall(redis, functions.PROMOTE, keys_used, args))
 
 
-def recipients_text(recipients: Sequence[str]) -> str:
-    """Recipient lists in entries are JSON arrays (readable from any language)."""
-    return json.dumps(list(recipients), ensure_ascii=False)
-
-
-def recipients_from_text(text: bytes | str | None) -> list[str] | None:
-    if text is None:
-        return None
-    value = json.loads(text)
-    if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
-        raise ValueError("recipients must be a JSON array of strings")
-    return value
-
-
-class SmtpReply(Protocol):
-    """An SMTP reply as the transports report it (code None: no reply, e.g. a timeout)."""
-
-    @property
-    def code(self) -> int | None: ...
-
-    @property
-    def text(self) -> str: ...
-
-
-MAX_ERROR_TEXT = 2000
-
-
-def describe_replies(replies: Mapping[str, SmtpReply]) -> str:
+def describe_replies(replies: Mapping[str, layout.SmtpReply]) -> str:
     """``rcpt: 550 text; rcpt2: ...`` for the dead letter's error field (bounded length)."""
     parts = [f"{rcpt}: {r.code or 'no reply'} {r.text}".strip() for rcpt, r in replies.items()]
-    return "; ".join(parts)[:MAX_ERROR_TEXT]
+    return "; ".join(parts)[: layout.MAX_ERROR_TEXT]
 
 
-def first_reply(replies: Mapping[str, SmtpReply]) -> SmtpReply | None:
+def first_reply(replies: Mapping[str, layout.SmtpReply]) -> layout.SmtpReply | None:
     """The reply a dead letter or event quotes: the first one a server actually gave."""
     with_code = [r for r in replies.values() if r.code is not None]
     return with_code[0] if with_code else next(iter(replies.values()), None)
 
 
-@dataclass(frozen=True)
-class MessageRef:
-    """What dead letters and events say about the message they concern."""
-
-    message_id: str
-    source_id: str
-    data: bytes
-
-
-def dead_letter(
-    ref: MessageRef,
-    *,
-    reason: str,
-    error: str,
-    recipients: Sequence[str],
-    attempts: int,
-    first_attempt: float,
-    last_attempt: float,
-    reply: SmtpReply | None = None,
-) -> dict[str, str | bytes | int | float]:
-    """Dead-letter entry fields (contract.md): ``data`` untouched plus why it is dead."""
-    fields: dict[str, str | bytes | int | float] = {
-        FIELD_DATA: ref.data,
-        "reason": reason,
-        "error": error[:MAX_ERROR_TEXT],
-        "recipients": recipients_text(recipients),
-        FIELD_ATTEMPTS: attempts,
-        FIELD_FIRST_ATTEMPT: repr(first_attempt),
-        "last_attempt": repr(last_attempt),
-        FIELD_SOURCE_ID: ref.source_id,
-        FIELD_MESSAGE_ID: ref.message_id,
-    }
-    code = _server_code(reply)
-    if reply is not None and code is not None:  # only where a server answered
-        fields["smtp_code"] = code
-        fields["smtp_text"] = reply.text
-    return fields
+# --- transitional names --------------------------------------------------------------------
+# The entry layout moved to workers.streams.layout; these keep delivery.py importable while
+# it switches to the new names.  Removed once nothing uses them.
+FIELD_DATA = layout.DATA
+FIELD_MESSAGE_ID = layout.MESSAGE_ID
+FIELD_SOURCE_ID = layout.SOURCE_ID
+FIELD_ATTEMPTS = layout.ATTEMPTS
+FIELD_FIRST_ATTEMPT = layout.FIRST_ATTEMPT
+FIELD_RECIPIENTS = layout.RECIPIENTS
+FIELD_REPLAY_OF = layout.REPLAY_OF
+MAX_ERROR_TEXT = layout.MAX_ERROR_TEXT
+MessageRef = layout.MessageRef
+SmtpReply = layout.SmtpReply
+dead_letter = layout.dead_letter
+event = layout.event
+recipients_text = layout.recipients_text
+recipients_from_text = layout.recipients_from_text
 
 
-def _server_code(reply: SmtpReply | None) -> int | None:
-    """The reply's code when a server gave one (2xx-5xx, as the schemas say), else None: a
-    local failure (timeout, connection lost, a reply too long to read) has no SMTP code."""
-    if reply is None or reply.code is None or not 200 <= reply.code <= 599:
-        return None
-    return reply.code
+class OutcomeKeys:
+    """Transitional: :class:`Outcomes` takes the :class:`StreamKeys` themselves now."""
 
-
-def event(
-    kind: str,
-    ref: MessageRef,
-    recipients: Sequence[str],
-    reply: SmtpReply | None,
-    now: float,
-    *,
-    next_attempt: float | None = None,
-) -> dict[str, str | bytes | int | float]:
-    """An ``email.send.events`` entry: delivered, deferred (with next_attempt) or failed.
-
-    ``smtp_code`` and ``smtp_text`` are the server's reply, both empty when no server
-    answered; then ``error`` says what happened instead (timeout, connection refused).
-    """
-    code = _server_code(reply)
-    fields: dict[str, str | bytes | int | float] = {
-        "event": kind,
-        "id": ref.message_id,
-        FIELD_SOURCE_ID: ref.source_id,
-        "recipients": recipients_text(recipients),
-        "smtp_code": "" if code is None else code,
-        "smtp_text": "" if reply is None or code is None else reply.text,
-    }
-    if reply is not None and code is None and reply.text:
-        fields["error"] = reply.text[:MAX_ERROR_TEXT]
-    if next_attempt is not None:
-        fields["next_attempt"] = repr(round(next_attempt, 3))
-    fields["time"] = repr(round(now, 3))
-    return fields
+    @staticmethod
+    def from_stream_keys(keys: StreamKeys) -> StreamKeys:
+        return keys

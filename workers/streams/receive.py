@@ -37,6 +37,7 @@ import structlog
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ReadOnlyError, ResponseError
 
+from workers.streams import layout
 from workers.streams.connection import as_text
 from workers.streams.redis_compat import checkout, is_stale
 
@@ -145,9 +146,11 @@ class ReceiveStream:
         self.max_batch = max_batch
         self.max_batch_bytes = max_batch_bytes
         self.max_in_flight = max_in_flight
+        # XADD <stream> * data <message>: all but the message, which follows as a bulk string.
         self._xadd_head = (
-            b"*5\r\n$4\r\nXADD\r\n" + _bulk(stream.encode()) + b"$1\r\n*\r\n$4\r\ndata\r\n"
-        )
+            b"*5\r\n$4\r\nXADD\r\n" + _bulk(stream.encode()) + b"$1\r\n*\r\n"
+            + _bulk(layout.DATA_KEY)
+        )  # fmt: skip
         self._wait = b"*3\r\n$4\r\nWAIT\r\n" + _bulk(b"%d" % min_replicas)
         self._wait += _bulk(b"%d" % self.replica_timeout_ms)
         self._waiting: deque[_Pending] = deque()
@@ -156,7 +159,7 @@ class ReceiveStream:
         self._running = 0  # writers not yet past their last look at the queue
 
     async def append(self, data: bytes, message_id: str | None = None) -> str:
-        """XADD ``{"data": data}``; return the entry id once stored as configured.
+        """XADD a receive entry (``data`` alone); return the entry id once stored as configured.
 
         No MAXLEN: trimming could drop entries a consumer group has not read yet; retention
         is the housekeeping role's job, which trims only what every group acknowledged.

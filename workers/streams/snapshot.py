@@ -1,0 +1,110 @@
+"""Reading the status snapshot: stream lengths, group lag and pending, dead letters, retries.
+
+``mailpool status`` renders it, the stream gauges export it and housekeeping reads the
+groups' positions from it, so the table, the JSON and ``/metrics`` always agree.  The
+snapshot's types are in :mod:`workers.streams.layout`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from workers.streams import layout
+from workers.streams.connection import as_text
+from workers.streams.layout import GroupStatus, Snapshot, StreamKeys, StreamStatus
+
+# When Redis cannot tell a group's lag, status counts the entries after the group's
+# last-delivered id itself, reading at most this many (XRANGE returns whole entries, so the
+# count stays bounded); beyond it the lag stays unknown.
+LAG_COUNT_LIMIT = 100
+
+
+async def count_after(redis: aioredis.Redis, stream: str, last_id: str, limit: int) -> int | None:
+    """Entries of the stream after ``last_id``: a group's lag, counted; None above ``limit``."""
+    after = layout.exclusive(last_id)
+    entries = await redis.xrange(stream, min=after, max="+", count=limit + 1) or []
+    return len(entries) if len(entries) <= limit else None
+
+
+async def group_lag(
+    redis: aioredis.Redis, stream: str, info: dict[str, Any], limit: int
+) -> int | None:
+    """The group's lag: what Redis says, else counted by us; None (unknown), never a guess.
+
+    Redis answers nil when its read counter for the group is lost or cannot be used: after
+    deletions inside the group's unread range, and on Redis before 7.4 after every restart
+    or failover (XREADGROUP reaches the AOF and replicas as XCLAIM ... LASTID, which moves
+    the group's position but not its counter), until a consumer reads up to the end.
+    """
+    lag = info.get("lag")
+    if lag is not None:
+        return int(lag)
+    last_id = as_text(info.get("last-delivered-id"))
+    if not last_id or limit <= 0:
+        return None
+    return await count_after(redis, stream, last_id, limit)
+
+
+async def _group_status(
+    redis: aioredis.Redis, stream: str, info: dict[str, Any], lag_limit: int
+) -> GroupStatus:
+    group = as_text(info["name"]) or ""
+    pending = int(info["pending"])
+    oldest: float | None = None
+    if pending:
+        summary = await redis.xpending(stream, group)
+        if summary.get("min"):
+            age = time.time() - layout.id_time(as_text(summary["min"]) or "0")
+            oldest = round(max(0.0, age), 3)
+    return GroupStatus(
+        consumers=int(info["consumers"]),
+        pending=pending,
+        lag=await group_lag(redis, stream, info, lag_limit),
+        oldest_pending_seconds=oldest,
+        last_delivered_id=as_text(info.get("last-delivered-id")),
+    )
+
+
+async def stream_status(
+    redis: aioredis.Redis, stream: str, *, lag_limit: int = 0
+) -> StreamStatus | None:
+    """Length and groups of one stream; None when the stream does not exist.
+
+    ``lag_limit``: how many entries a lag Redis cannot tell may be counted (0: none, for
+    callers such as housekeeping that do not read the lag).
+    """
+    if await redis.type(stream) != b"stream":
+        return None
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        groups = []
+    return StreamStatus(
+        length=int(await redis.xlen(stream)),
+        groups={
+            as_text(g["name"]): await _group_status(redis, stream, g, lag_limit) for g in groups
+        },
+    )
+
+
+async def collect_status(
+    redis: aioredis.Redis, keys: StreamKeys, *, lag_limit: int = LAG_COUNT_LIMIT
+) -> Snapshot:
+    """The snapshot behind the table, ``--json`` and the gauges.  ``lag_limit``: see
+    :func:`stream_status` (the periodic gauge refresh passes 0)."""
+    streams: dict[str, StreamStatus] = {}
+    for name in (keys.receive, keys.send, keys.events):
+        found = await stream_status(redis, name, lag_limit=lag_limit)
+        if found is not None:
+            streams[name] = found
+    next_due = await redis.zrange(keys.retry_schedule, 0, 0, withscores=True)
+    return Snapshot(
+        streams=streams,
+        dead_letters=int(await redis.xlen(keys.dead)),
+        retries_waiting=int(await redis.zcard(keys.retry_schedule)),
+        next_retry_at=float(next_due[0][1]) if next_due else None,
+    )
