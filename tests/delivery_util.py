@@ -7,23 +7,20 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
 
-from tests.harness import RedisServer
+from tests.harness import ROOT, RedisServer, child_env, wait_until
 from workers.config import DeliveryConfig
 from workers.delivery import serve
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # Small timings so retries, claims and drains happen within a test's seconds.
 FAST = {
@@ -76,17 +73,6 @@ async def enqueue(redis: aioredis.Redis, message: dict[str, Any] | bytes) -> str
     return entry_id.decode()
 
 
-async def wait_until(
-    check: Callable[[], Awaitable[bool]], timeout: float = 15.0, interval: float = 0.05
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
 async def settled(redis: aioredis.Redis) -> bool:
     """Nothing pending in the group, nothing unread, nothing waiting for retry (read in one
     MULTI, so a retry moving from the schedule to the stream is never missed in between)."""
@@ -135,6 +121,15 @@ async def running_worker(config: DeliveryConfig) -> AsyncIterator[asyncio.Event]
         await asyncio.wait_for(task, timeout=config.shutdown_grace + 5)
 
 
+async def run_until_settled(
+    redis: aioredis.Redis, config: DeliveryConfig, *, timeout: float = 15.0
+) -> None:
+    """A worker with ``config`` in this event loop until every entry is settled (see
+    ``settled``, waited for up to ``timeout`` s); then stopped gracefully."""
+    async with running_worker(config):
+        await wait_until(lambda: settled(redis), timeout=timeout)
+
+
 def worker_process(
     redis_url: str, relay: str, *extra: str, consumer: str = "p1", log: Path | None = None
 ) -> subprocess.Popen[bytes]:
@@ -146,8 +141,7 @@ def worker_process(
         *extra,
     ]  # fmt: skip
     output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(args, cwd=ROOT, stdout=output, stderr=output, env=env)
+    return subprocess.Popen(args, cwd=ROOT, stdout=output, stderr=output, env=child_env())
 
 
 def _flag(name: str) -> str:

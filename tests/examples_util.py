@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 import redis.asyncio as aioredis
 
-from tests.delivery_util import events, make_config, running_worker, settled, wait_until
+from tests.delivery_util import events, make_config, run_until_settled
 from tests.ingest_util import ingest
 from tests.sinks import Received, RecordingSink
 from workers.codec.validate import decode_receive, decode_send
@@ -98,8 +98,7 @@ async def produced_entry(redis: aioredis.Redis, entry_id: str) -> dict[str, Any]
 
 async def deliver_all(redis: aioredis.Redis, redis_url: str, sink: RecordingSink) -> None:
     """The Python delivery worker, in this event loop, until the send stream is settled."""
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
 
 
 def assert_bodies_are_bin(message: Mapping[str, Any]) -> None:

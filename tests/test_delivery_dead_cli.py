@@ -9,16 +9,14 @@ import sys
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
-    ROOT,
     enqueue,
     make_config,
     pack,
-    running_worker,
+    run_until_settled,
     send_message,
-    settled,
     stream_fields,
-    wait_until,
 )
+from tests.harness import ROOT
 from tests.sinks import RecordingSink
 
 
@@ -33,8 +31,7 @@ async def _one_rejected(redis: aioredis.Redis, redis_url: str, sink: RecordingSi
     """ann accepted, bob refused once with 550: bob's copy is a dead letter."""
     sink.refuse_rcpt("bob@example.com", "550 5.2.1 mailbox disabled", times=1)
     await enqueue(redis, send_message(["ann@example.com", "bob@example.com"], message_id="inv-9"))
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     [letter] = await stream_fields(redis, "email.send.dead")
     return str(letter["_id"])
 
@@ -70,8 +67,7 @@ async def test_replay_sends_only_to_the_dead_letters_recipients(
     replayed = dead(redis_url, "replay", dead_id)
     assert replayed.returncode == 0, replayed.stderr
     assert await redis.xlen("email.send.dead") == 0  # moved, not copied
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     # bob gets it now; ann is not sent a second copy; the Message-ID is unchanged
     assert [r.rcpt_tos for r in sink.received] == [("ann@example.com",), ("bob@example.com",)]
     assert sink.received[0].message_id == sink.received[1].message_id
@@ -87,8 +83,7 @@ async def test_replay_all_of_everything_is_idempotency_aware(
     letter = (await redis.xrange("email.send.dead"))[0][1]
     await redis.xadd("email.send.dead", letter)  # a second copy of the same dead letter
     assert dead(redis_url, "replay", "--all").returncode == 0
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     assert sink.deliveries_to("bob@example.com")[0].rcpt_tos == ("bob@example.com",)
     assert len(sink.deliveries_to("bob@example.com")) == 1
     assert len(sink.deliveries_to("ann@example.com")) == 1
@@ -99,8 +94,7 @@ async def test_invalid_dead_letters_are_not_replayed(
     redis: aioredis.Redis, redis_url: str, sink: RecordingSink
 ) -> None:
     await enqueue(redis, b"not msgpack at all")
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     result = dead(redis_url, "replay", "--all")
     assert result.returncode == 0 and "invalid" in result.stderr
     assert await redis.xlen("email.send.dead") == 1

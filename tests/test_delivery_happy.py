@@ -8,10 +8,8 @@ from tests.delivery_util import (
     enqueue,
     events,
     make_config,
-    running_worker,
+    run_until_settled,
     send_message,
-    settled,
-    wait_until,
 )
 from tests.sinks import RecordingSink
 
@@ -33,8 +31,7 @@ async def test_utf8_headers_and_attachment_reach_the_relay(
         ],
     }
     entry_id = await enqueue(redis, message)
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     assert len(sink.received) == 1
     got = sink.received[0]
     assert sorted(got.rcpt_tos) == ["ann@example.com", "bob@example.com"]
@@ -60,8 +57,7 @@ async def test_many_messages_share_few_connections(
 ) -> None:
     for n in range(60):
         await enqueue(redis, send_message([f"user{n}@example.com"], message_id=f"bulk-{n}"))
-    async with running_worker(make_config(redis_url, sink.url, concurrency=4)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url, concurrency=4))
     assert len(sink.received) == 60
     assert 1 <= sink.ehlo_count <= 4  # pooled: at most one connection per slot
     ids = {e["id"] for e in await events(redis) if e["event"] == "delivered"}
@@ -77,8 +73,7 @@ async def test_group_created_from_the_start_of_the_stream(
     """Sends queued before any worker existed are delivered (group from id 0, not $)."""
     await enqueue(redis, send_message(["early@example.com"]))
     assert await redis.exists("email.send") == 1
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     assert [r.rcpt_tos for r in sink.received] == [("early@example.com",)]
 
 
@@ -88,8 +83,7 @@ async def test_messages_per_connection_replaces_connections(
     for n in range(9):
         await enqueue(redis, send_message([f"u{n}@example.com"]))
     config = make_config(redis_url, sink.url, concurrency=1, messages_per_connection=3)
-    async with running_worker(config):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, config)
     assert len(sink.received) == 9
     assert sink.ehlo_count == 3
 
@@ -101,8 +95,7 @@ async def test_lines_starting_with_a_dot_arrive_intact(
     and the relay's de-stuffed copy is the message we built, octet for octet."""
     text = ".\n..two dots\n.leading dot\nlast line\n.\n"
     await enqueue(redis, send_message(text=text, message_id="dots-1"))
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     [got] = sink.received
     body = got.data.split(b"\r\n\r\n", 1)[1]
     assert body == b".\r\n..two dots\r\n.leading dot\r\nlast line\r\n.\r\n"
@@ -117,8 +110,7 @@ async def test_first_message_on_a_connection_announces_its_size(
     try:
         await enqueue(redis, send_message(message_id="size-1"))
         config = make_config(redis_url, relay.url, concurrency=1, starttls="off")
-        async with running_worker(config):
-            await wait_until(lambda: settled(redis))
+        await run_until_settled(redis, config)
     finally:
         relay.stop()
     [got] = relay.received

@@ -16,11 +16,11 @@ from tests.delivery_util import (
     enqueue,
     events,
     make_config,
+    run_until_settled,
     running_worker,
     send_message,
-    settled,
-    wait_until,
 )
+from tests.harness import wait_until
 from tests.sinks import RecordingSink
 from workers.streams.connection import connect
 from workers.streams.layout import StreamKeys
@@ -38,11 +38,9 @@ async def test_same_id_enqueued_twice_is_sent_once(
     message = send_message(["ann@example.com", "bob@example.com"], message_id="order-42")
     await enqueue(redis, message)
     await enqueue(redis, message)  # a producer retrying after a timeout, same batch
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     await enqueue(redis, message)  # and once more, much later
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     assert sink.recipient_counts() == {
         (sink.received[0].message_id, "ann@example.com"): 1,
         (sink.received[0].message_id, "bob@example.com"): 1,
@@ -57,8 +55,7 @@ async def test_recipients_recorded_as_sent_are_skipped(
     record outlives the entry) goes only to the others."""
     await redis.hset("mailpool:sent:m-7", "ann@example.com", "1700000000.0")
     await enqueue(redis, send_message(["ann@example.com", "bob@example.com"], message_id="m-7"))
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     assert [r.rcpt_tos for r in sink.received] == [("bob@example.com",)]
     assert await redis.hkeys("mailpool:sent:m-7") == [b"ann@example.com", b"bob@example.com"]
 
@@ -143,8 +140,7 @@ async def test_entries_with_the_same_id_wait_their_turn_and_each_recipient_gets_
     for rcpt in ["a@example.com", "b@example.com", "a@example.com", "c@example.com"] * 3:
         await enqueue(redis, send_message([rcpt], message_id="same"))
     await enqueue(redis, send_message(["z@example.com"], message_id="other"))
-    async with running_worker(make_config(redis_url, sink.url, concurrency=2)):
-        await wait_until(lambda: settled(redis), timeout=10)
+    await run_until_settled(redis, make_config(redis_url, sink.url, concurrency=2), timeout=10)
     got = sorted(r for received in sink.received for r in received.rcpt_tos)
     assert got == ["a@example.com", "b@example.com", "c@example.com", "z@example.com"]
 

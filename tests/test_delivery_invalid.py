@@ -12,11 +12,9 @@ from tests.delivery_util import (
     events,
     make_config,
     pack,
-    running_worker,
+    run_until_settled,
     send_message,
-    settled,
     stream_fields,
-    wait_until,
 )
 from tests.sinks import RecordingSink
 
@@ -36,8 +34,7 @@ async def test_invalid_entries_are_dead_lettered_and_the_worker_goes_on(
     ids = {name: await enqueue(redis, data) for name, data in bad.items()}
     ids["no data field"] = (await redis.xadd("email.send", {"payload": b"x"})).decode()
     good = await enqueue(redis, send_message(["good@example.com"]))
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     dead = {d["source_id"]: d for d in await stream_fields(redis, "email.send.dead")}
     assert set(dead) == set(ids.values())
     for name, entry_id in ids.items():
@@ -63,8 +60,7 @@ async def test_trimmed_pending_entry_is_acknowledged(
     await redis.xreadgroup("delivery", "w1", {"email.send": ">"}, count=1)
     await redis.xdel("email.send", entry_id)  # trimmed while pending on w1
     assert (await redis.xpending("email.send", "delivery"))["pending"] == 1
-    async with running_worker(make_config(redis_url, sink.url, consumer="w1")):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url, consumer="w1"))
     assert sink.received == []
     assert await redis.xlen("email.send.dead") == 0
 
@@ -79,8 +75,9 @@ async def test_poison_entry_is_dead_lettered(
     entry_id = await enqueue(redis, message)
     await redis.xreadgroup("delivery", "crashed", {"email.send": ">"}, count=1)
     await redis.xclaim("email.send", "delivery", "w1", 0, [entry_id], retrycount=7)
-    async with running_worker(make_config(redis_url, sink.url, consumer="w1", max_deliveries=5)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(
+        redis, make_config(redis_url, sink.url, consumer="w1", max_deliveries=5)
+    )
     assert [r.message_id for r in sink.received] == []
     [dead] = await stream_fields(redis, "email.send.dead")
     assert dead["reason"] == "poison"

@@ -12,11 +12,12 @@ from tests.delivery_util import (
     enqueue,
     events,
     make_config,
+    run_until_settled,
     running_worker,
     send_message,
     settled,
-    wait_until,
 )
+from tests.harness import wait_until
 
 
 async def test_maildir_relay_writes_complete_files(
@@ -30,8 +31,7 @@ async def test_maildir_relay_writes_complete_files(
             message_id=f"md-{n}",
         )
         await enqueue(redis, message)
-    async with running_worker(make_config(redis_url, f"maildir:{maildir}")):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, f"maildir:{maildir}"))
     files = sorted((maildir / "new").iterdir())
     assert len(files) == 3
     assert list((maildir / "tmp").iterdir()) == []  # nothing half-written left behind

@@ -23,9 +23,9 @@ from tests.delivery_util import (
     send_message,
     settled,
     terminate,
-    wait_until,
     worker_process,
 )
+from tests.harness import wait_until
 from tests.sinks import RecordingSink
 
 

@@ -10,15 +10,8 @@ from collections.abc import Callable
 import pytest
 
 import workers.delivery
-from tests.delivery_util import (
-    enqueue,
-    make_config,
-    running_worker,
-    send_message,
-    settled,
-    wait_until,
-)
-from tests.harness import RedisServer
+from tests.delivery_util import enqueue, make_config, running_worker, send_message, settled
+from tests.harness import RedisServer, wait_until
 from tests.sinks import RecordingSink
 from workers.streams.connection import connect
 

@@ -11,11 +11,9 @@ from tests.delivery_util import (
     events,
     make_config,
     pack,
-    running_worker,
+    run_until_settled,
     send_message,
-    settled,
     stream_fields,
-    wait_until,
 )
 from tests.sinks import PostfixSink, RecordingSink
 
@@ -26,8 +24,7 @@ async def test_partial_refusal_sends_the_others_and_dead_letters_the_refused(
     sink.refuse_rcpt("nobody@example.com", "550 5.1.1 no such user")
     message = send_message(["ann@example.com", "nobody@example.com", "bob@example.com"])
     entry_id = await enqueue(redis, message)
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     assert [r.rcpt_tos for r in sink.received] == [("ann@example.com", "bob@example.com")]
     [dead] = await stream_fields(redis, "email.send.dead")
     assert dead["data"] == pack(message)  # original bytes, untouched
@@ -52,8 +49,7 @@ async def test_data_refused_permanently_is_a_dead_letter(
 ) -> None:
     sink.refuse_data("554 5.7.1 spam detected", times=1)
     await enqueue(redis, send_message(["ann@example.com", "bob@example.com"]))
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     assert sink.received == []
     [dead] = await stream_fields(redis, "email.send.dead")
     assert (dead["reason"], dead["smtp_code"]) == ("rejected", "554")
@@ -65,8 +61,7 @@ async def test_postfix_smtp_sink_hard_error_on_rcpt(redis: aioredis.Redis, redis
     try:
         for n in range(3):
             await enqueue(redis, send_message([f"u{n}@example.com"]))
-        async with running_worker(make_config(redis_url, relay.url)):
-            await wait_until(lambda: settled(redis))
+        await run_until_settled(redis, make_config(redis_url, relay.url))
         assert relay.dumps() == []
     finally:
         relay.close()
@@ -80,8 +75,7 @@ async def test_postfix_smtp_sink_hard_error_on_data(redis: aioredis.Redis, redis
     relay = PostfixSink("-f", "DATA").start()
     try:
         await enqueue(redis, send_message(["ann@example.com"]))
-        async with running_worker(make_config(redis_url, relay.url)):
-            await wait_until(lambda: settled(redis))
+        await run_until_settled(redis, make_config(redis_url, relay.url))
     finally:
         relay.close()
     [dead] = await stream_fields(redis, "email.send.dead")
@@ -96,8 +90,7 @@ async def test_421_to_one_rcpt_defers_it_and_the_recipients_not_yet_asked(
     sink.refuse_rcpt("bob@example.com", "421 4.3.0 try later", times=1)
     to = ["ann@example.com", "bob@example.com", "carl@example.com"]
     await enqueue(redis, send_message(to, message_id="rcpt-421"))
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     assert [r.rcpt_tos for r in sink.received] == [tuple(to)]
     assert [e["event"] for e in await events(redis)] == ["deferred", "delivered"]
     assert sorted((await events(redis))[0]["recipients"]) == to

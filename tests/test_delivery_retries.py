@@ -13,20 +13,20 @@ from tests.delivery_util import (
     enqueue,
     events,
     make_config,
+    run_until_settled,
     running_worker,
     send_message,
     settled,
     stream_fields,
-    wait_until,
 )
+from tests.harness import wait_until
 from tests.sinks import PostfixSink, RecordingSink
 
 
 async def test_4xx_then_success(redis: aioredis.Redis, redis_url: str, sink: RecordingSink) -> None:
     sink.refuse_rcpt("ann@example.com", "451 4.3.0 try again later", times=2)
     entry_id = await enqueue(redis, send_message(["ann@example.com"], message_id="m-4xx"))
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     assert [r.rcpt_tos for r in sink.received] == [("ann@example.com",)]
     seen = await events(redis)
     assert [e["event"] for e in seen] == ["deferred", "deferred", "delivered"]
@@ -48,8 +48,7 @@ async def test_retry_only_for_recipients_not_yet_accepted(
 ) -> None:
     sink.refuse_rcpt("bob@example.com", "452 4.2.2 mailbox full", times=1)
     await enqueue(redis, send_message(["ann@example.com", "bob@example.com"]))
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     assert [r.rcpt_tos for r in sink.received] == [("ann@example.com",), ("bob@example.com",)]
     assert sink.received[0].message_id == sink.received[1].message_id
 
@@ -74,8 +73,7 @@ async def test_attempts_run_out_into_an_expired_dead_letter(
 ) -> None:
     sink.refuse_rcpt("ann@example.com", "450 4.2.0 busy")
     await enqueue(redis, send_message(["ann@example.com"]))
-    async with running_worker(make_config(redis_url, sink.url, max_attempts=3, retry_base=0.1)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url, max_attempts=3, retry_base=0.1))
     [dead] = await stream_fields(redis, "email.send.dead")
     assert dead["reason"] == "expired"
     assert dead["attempts"] == "3"
@@ -91,8 +89,7 @@ async def test_per_message_max_attempts_and_max_age(
     await enqueue(redis, send_message(["ann@example.com"], max_attempts=1))
     await enqueue(redis, send_message(["bob@example.com"], max_age=0.5))
     started = time.monotonic()
-    async with running_worker(make_config(redis_url, sink.url, retry_base=0.2)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url, retry_base=0.2))
     dead = {
         json.loads(d["recipients"])[0]: d for d in await stream_fields(redis, "email.send.dead")
     }
@@ -152,8 +149,7 @@ async def test_disconnect_after_dot_is_retried(
     one case SMTP itself can duplicate)."""
     sink.drop_after_dot(1)
     await enqueue(redis, send_message(["ann@example.com"]))
-    async with running_worker(make_config(redis_url, sink.url)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     assert len(sink.dropped) == 1 and len(sink.received) == 1
     assert [e["event"] for e in await events(redis)] == ["deferred", "delivered"]
 

@@ -14,15 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 import workers.streams.outcomes
-from tests.delivery_util import (
-    enqueue,
-    events,
-    make_config,
-    running_worker,
-    send_message,
-    settled,
-    wait_until,
-)
+from tests.delivery_util import enqueue, events, make_config, running_worker, send_message, settled
+from tests.harness import wait_until
 from tests.sinks import RecordingSink
 from workers.streams.outcomes import SETTLE_IDLE_CHECK
 

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from tests.delivery_util import ROOT, send_message
+from tests.delivery_util import send_message
+from tests.harness import ROOT
 from tests.scripted_relay import ScriptedRelay
 from workers.codec.build import build_message
 from workers.config import DeliveryConfig

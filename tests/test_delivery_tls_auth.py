@@ -14,11 +14,11 @@ from tests.delivery_util import (
     enqueue,
     events,
     make_config,
+    run_until_settled,
     running_worker,
     send_message,
-    settled,
-    wait_until,
 )
+from tests.harness import wait_until
 from tests.ingest_util import make_certificate
 from tests.sinks import RecordingSink
 
@@ -40,8 +40,7 @@ async def test_starttls_when_offered_and_auth_from_the_url(
 ) -> None:
     await enqueue(redis, send_message(["ann@example.com"]))
     relay = f"smtp://mailer:p%40ss%3Aw%2Frd@127.0.0.1:{tls_sink.port}"
-    async with running_worker(make_config(redis_url, relay, tls_verify=False)):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, make_config(redis_url, relay, tls_verify=False))
     [got] = tls_sink.received
     assert got.tls and got.login == "mailer"
 
@@ -54,8 +53,7 @@ async def test_credentials_from_options_override_the_url(
     config = make_config(
         redis_url, relay, tls_verify=False, relay_user="mailer", relay_password="p@ss:w/rd"
     )
-    async with running_worker(config):
-        await wait_until(lambda: settled(redis))
+    await run_until_settled(redis, config)
     assert [r.login for r in tls_sink.received] == ["mailer"]
 
 
@@ -91,8 +89,7 @@ async def test_starttls_off_sends_in_clear_even_when_offered(
     sink = RecordingSink(certificate=certificate).start()
     try:
         await enqueue(redis, send_message(["ann@example.com"]))
-        async with running_worker(make_config(redis_url, sink.url, starttls="off")):
-            await wait_until(lambda: settled(redis))
+        await run_until_settled(redis, make_config(redis_url, sink.url, starttls="off"))
         assert [r.tls for r in sink.received] == [False]
     finally:
         sink.stop()
@@ -105,8 +102,7 @@ async def test_smtps_implicit_tls(
     try:
         await enqueue(redis, send_message(["ann@example.com"]))
         relay = f"smtps://127.0.0.1:{sink.port}"
-        async with running_worker(make_config(redis_url, relay, tls_verify=False)):
-            await wait_until(lambda: settled(redis))
+        await run_until_settled(redis, make_config(redis_url, relay, tls_verify=False))
         assert [r.tls for r in sink.received] == [True]
     finally:
         sink.stop()
@@ -139,8 +135,7 @@ async def test_relay_signed_by_a_private_ca_is_trusted_with_tls_ca_file(
             await wait_until(lambda: _has_deferred(redis))
         assert sink.received == []
         config = make_config(redis_url, relay, starttls="require", tls_ca_file=str(private_ca[0]))
-        async with running_worker(config):
-            await wait_until(lambda: settled(redis))
+        await run_until_settled(redis, config)
         assert [r.tls for r in sink.received] == [True]
     finally:
         sink.stop()

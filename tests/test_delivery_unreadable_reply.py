@@ -8,14 +8,8 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from tests.delivery_util import (
-    enqueue,
-    make_config,
-    running_worker,
-    send_message,
-    settled,
-    wait_until,
-)
+from tests.delivery_util import enqueue, make_config, running_worker, send_message, settled
+from tests.harness import wait_until
 from tests.schema_util import schema_violations
 from tests.scripted_relay import ScriptedRelay
 from workers.relay import Reply, relay_reply

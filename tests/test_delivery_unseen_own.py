@@ -9,14 +9,8 @@ import time
 
 import redis.asyncio as aioredis
 
-from tests.delivery_util import (
-    make_config,
-    pack,
-    running_worker,
-    send_message,
-    settled,
-    wait_until,
-)
+from tests.delivery_util import make_config, pack, running_worker, send_message, settled
+from tests.harness import wait_until
 from tests.sinks import RecordingSink
 from workers.streams.consumer import GroupConsumer
 

@@ -26,7 +26,7 @@ from typing import Any, cast
 import pytest
 import redis
 
-from tests.harness import free_port, running_redis, wait_for_port
+from tests.harness import child_env, free_port, running_redis, wait_for_port
 
 
 def _mailpool(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -47,10 +47,7 @@ def _wait_for_file(folder: Path, timeout: float = 20.0) -> Path:
 
 
 def _pool_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPOOL_")}
-    env |= {"MAILPOOL_DATA_DIR": str(tmp_path / ".mailpool"), "MAILPOOL_LOG_FORMAT": "json",
-            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}  # fmt: skip
-    return env
+    return child_env(MAILPOOL_DATA_DIR=str(tmp_path / ".mailpool"))
 
 
 @pytest.mark.timeout(120)

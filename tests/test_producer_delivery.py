@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from tests.delivery_util import make_config, running_worker, settled, wait_until
+from tests.delivery_util import make_config, run_until_settled
 from tests.sinks import Received, RecordingSink
 from workers.producer import enqueue_send
 
@@ -32,8 +32,7 @@ async def test_cli_send_arrives_at_the_relay_as_intended(
     assert done.returncode == 0, done.stderr
     sink = RecordingSink().start()
     try:
-        async with running_worker(make_config(redis_url, sink.url)):
-            await wait_until(lambda: settled(redis))
+        await run_until_settled(redis, make_config(redis_url, sink.url))
     finally:
         sink.stop()
     (received,) = sink.received
@@ -62,8 +61,7 @@ async def test_helper_send_with_null_sender_and_tuple_attachment(
     )  # fmt: skip
     sink = RecordingSink().start()
     try:
-        async with running_worker(make_config(redis_url, sink.url)):
-            await wait_until(lambda: settled(redis))
+        await run_until_settled(redis, make_config(redis_url, sink.url))
     finally:
         sink.stop()
     (received,) = sink.received
@@ -116,8 +114,7 @@ async def delivered(redis: aioredis.Redis, redis_url: str) -> list[Received]:
     """What a recording relay receives once a delivery worker has settled the stream."""
     sink = RecordingSink().start()
     try:
-        async with running_worker(make_config(redis_url, sink.url)):
-            await wait_until(lambda: settled(redis))
+        await run_until_settled(redis, make_config(redis_url, sink.url))
     finally:
         sink.stop()
     return sink.received

@@ -20,7 +20,8 @@ import redis.asyncio as aioredis
 
 from tests.chaos.delivery_chaos_util import Fleet, enqueue_many, observe, seconds, size
 from tests.chaos.ledger import Ledger
-from tests.delivery_util import settled, wait_until
+from tests.delivery_util import settled
+from tests.harness import wait_until
 from tests.sinks import RecordingSink
 
 WORKERS = 2

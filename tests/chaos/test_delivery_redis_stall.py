@@ -25,14 +25,8 @@ from redis.exceptions import RedisError
 
 from tests.chaos.delivery_chaos_util import enqueue_many, observe, seconds, size
 from tests.chaos.ledger import Ledger
-from tests.delivery_util import (
-    redis_stalled,
-    settled,
-    terminate,
-    wait_until,
-    worker_process,
-)
-from tests.harness import RedisServer
+from tests.delivery_util import redis_stalled, settled, terminate, worker_process
+from tests.harness import RedisServer, wait_until
 from tests.sinks import RecordingSink
 from workers.streams.connection import connect
 

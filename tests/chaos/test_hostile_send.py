@@ -31,7 +31,8 @@ from tests.chaos.delivery_chaos_util import (
     size,
 )
 from tests.chaos.ledger import Ledger
-from tests.delivery_util import pack, send_message, settled, wait_until
+from tests.delivery_util import pack, send_message, settled
+from tests.harness import wait_until
 from tests.sinks import RecordingSink
 
 RSS_GROWTH_LIMIT_KIB = 20 * 1024

@@ -36,7 +36,8 @@ from tests.chaos.delivery_chaos_util import (
     size,
 )
 from tests.chaos.ledger import Ledger, id_in_raw
-from tests.delivery_util import enqueue, events, send_message, settled, wait_until
+from tests.delivery_util import enqueue, events, send_message, settled
+from tests.harness import wait_until
 from tests.sinks import RecordingSink
 
 FAULTY = size(5, 20)  # messages (of each run) the fault hits

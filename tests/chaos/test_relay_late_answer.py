@@ -24,7 +24,8 @@ import redis.asyncio as aioredis
 
 from tests.chaos.delivery_chaos_util import Fleet, enqueue_many, observe, size
 from tests.chaos.ledger import Ledger, id_in_raw
-from tests.delivery_util import events, settled, wait_until
+from tests.delivery_util import events, settled
+from tests.harness import wait_until
 from tests.sinks import RecordingSink
 
 LATE = 1.0  # seconds the relay takes to answer the final dot of a message's first copy
