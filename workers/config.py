@@ -17,61 +17,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import socket
 import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
-from urllib.parse import quote, quote_plus, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
+from workers import errors
 from workers.streams import layout
 from workers.streams.layout import StreamKeys
+
+# The errors and the secret masking live in the lowest module (the streams layer raises
+# them too); re-exported here, where the roles and the CLI have always found them.
+MASK = errors.MASK
+ConfigError = errors.ConfigError
+Unavailable = errors.Unavailable
+mask_secrets = errors.mask_secrets
+mask_url_password = errors.mask_url_password
+remember_secret = errors.remember_secret
 
 ENV_PREFIX = "MAILPOOL_"
 
 # What a secret option holds, which says how to mask it: the whole value, a URL whose
 # password part is the secret, or comma-separated user:password pairs.
 SecretKind = Literal["value", "url", "pairs"]
-MASK = "***"
-# A remembered secret is masked wherever it appears in a log line or error message; one
-# shorter than this is masked only where its place says so (a URL's password part, a
-# password option), or every "pw" in every log line would turn into "***".
-MIN_REMEMBERED_SECRET = 6
 # A secret file holds one password; a bigger file is the wrong file (a key, a dump).
 SECRET_FILE_LIMIT = 4096
-
-
-def mask_secrets(text: str) -> str:
-    """``text`` with URL passwords and every remembered secret replaced by ``***``.
-
-    It runs on every string of every log line: the regular expressions only run on text
-    that can hold what they look for.
-    """
-    if "://" in text:
-        text = _URL_PASSWORD.sub(_mask_url_match, text)
-    if "=" in text:
-        text = _QUERY_PASSWORD.sub(_mask_query_match, text)
-    for secret in _remembered_secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    return text
-
-
-class ConfigError(ValueError):
-    """Bad configuration: the command stops at start with this one-line message."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(mask_secrets(message))  # whatever a raise site put in it
-
-
-class Unavailable(RuntimeError):
-    """A service the command needs cannot be used (Redis down, or not Redis at that URL):
-    the command stops with this one-line message and exit status 1."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(mask_secrets(message))
 
 
 def option(
@@ -278,29 +251,6 @@ def describe(config: CommonConfig) -> dict[str, Any]:
     return shown
 
 
-# scheme://user:password@ in any text; the password runs to the last "@" of the authority
-# (an unencoded "@" in a password still ends up masked whole).
-_URL_PASSWORD = re.compile(
-    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:'\"]*:)(?P<password>[^\s/?#'\"]*)@"
-)
-# ?password=... (redis-py takes connection arguments from the query too)
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd)=)[^&#\s'\"]*", re.IGNORECASE)
-
-
-def _mask_url_match(match: re.Match[str]) -> str:
-    return match.group("head") + (MASK if match.group("password") else "") + "@"
-
-
-def _mask_query_match(match: re.Match[str]) -> str:
-    return match.group("head") + MASK
-
-
-def mask_url_password(url: str) -> str:
-    """The URL with its password (user-info or ``?password=``) replaced by ``***``."""
-    masked = _URL_PASSWORD.sub(_mask_url_match, url)
-    return _QUERY_PASSWORD.sub(_mask_query_match, masked)
-
-
 def url_with_password(url: str, password: str) -> str:
     """``url`` with ``password`` (percent-encoded) as its password, the user kept."""
     parts = urlsplit(url)
@@ -311,19 +261,6 @@ def url_with_password(url: str, password: str) -> str:
 
 
 # --- secrets -------------------------------------------------------------------------------
-# Longest first, so that a secret containing another is masked whole.
-_remembered_secrets: list[str] = []
-
-
-def remember_secret(value: str | None) -> None:
-    """Mask ``value`` (and its URL-encoded forms) in every later log line and error."""
-    if not value or len(value) < MIN_REMEMBERED_SECRET:
-        return
-    forms = {value, unquote(value), quote(value, safe=""), quote_plus(value)}
-    known = set(_remembered_secrets) | {f for f in forms if len(f) >= MIN_REMEMBERED_SECRET}
-    _remembered_secrets[:] = sorted(known, key=len, reverse=True)
-
-
 def secret_values(config: CommonConfig) -> Iterator[str]:
     """Every secret the config holds: password options, URL passwords, AUTH passwords."""
     for f in dataclasses.fields(config):

@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from workers.config import Unavailable, mask_url_password
+from workers.errors import Unavailable, mask_url_password
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # Where `mailpool run` records the URL of the private redis-server it started, so that

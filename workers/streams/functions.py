@@ -28,7 +28,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from workers.config import ConfigError
+from workers.errors import ConfigError
 
 LIBRARY_VERSION = 1
 LIBRARY_PREFIX = "mailpool_v"
