@@ -120,13 +120,15 @@ def _plain(value: Any) -> str:
 
 
 def _line(shown: dict[str, Any]) -> str:
-    last = shown.get("last_attempt")
+    """One table row of a dead letter described by :func:`describe_entry`."""
+    last = shown.get(layout.LAST_ATTEMPT)
     when = "-"
     if isinstance(last, float) and last:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last))
-    error = shown.get("error", "").replace("\n", " ")
-    return (f"{shown['id']}  {shown.get('reason', '?'):<8}  {when}  "
-            f"{_plain(shown.get('recipients', ''))}  {error[:100]}")  # fmt: skip
+    error = shown.get(layout.ERROR, "").replace("\n", " ")
+    reason = shown.get(layout.REASON, "?")
+    recipients = _plain(shown.get(layout.RECIPIENTS, ""))
+    return f"{shown['id']}  {reason:<8}  {when}  {recipients}  {error[:100]}"
 
 
 async def list_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig) -> int:
