@@ -1,6 +1,6 @@
-"""Shared parts of the delivery chaos scenarios: sizes (short / full), bulk enqueueing with
-one unique id and recipient per message, a fleet of real worker processes, and reading the
-outcomes (copies at the sink, dead letters) into the ledger.
+"""Shared parts of the delivery chaos scenarios: bulk enqueueing with one unique id and
+recipient per message, a fleet of real worker processes, and reading the outcomes (copies at
+the sink, dead letters) into the ledger (sizes and durations: tests/chaos/scenario.py).
 
 Every message goes to its own recipient ``<id>@example.com`` with message id ``<id>`` and
 the header ``X-Ledger-Id: <id>`` (the ledger's marker), so a copy at the sink names its
@@ -9,7 +9,6 @@ message; counting is :class:`tests.chaos.ledger.Ledger`'s.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 from collections.abc import Iterable
@@ -21,17 +20,6 @@ import redis.asyncio as aioredis
 from tests.chaos.ledger import HEADER, Ledger, id_in_raw
 from tests.delivery_util import pack, send_message, terminate, worker_process
 from tests.sinks import RecordingSink
-
-FULL = os.environ.get("MAILPOOL_CHAOS", "").lower() == "full"
-
-
-def size(short: int, full: int) -> int:
-    """The scenario's size in the form this run asked for (MAILPOOL_CHAOS=full)."""
-    return full if FULL else short
-
-
-def seconds(short: float, full: float) -> float:
-    return full if FULL else short
 
 
 def recipient(message_id: str) -> str:
@@ -82,14 +70,6 @@ async def observe(ledger: Ledger, redis: aioredis.Redis, sink: RecordingSink) ->
     ``X-Ledger-Id`` in the bytes it got) and every dead letter (``dead``, by message id)."""
     ledger.record_all("delivered", [id_in_raw(r.data) for r in list(sink.received)])
     ledger.record_all("dead", [row.get("message_id") for row in await dead_letters(redis)])
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process, KiB (from /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 @dataclass

@@ -23,8 +23,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tests.chaos.delivery_chaos_util import enqueue_many, observe, seconds, size
+from tests.chaos.delivery_chaos_util import enqueue_many, observe
 from tests.chaos.ledger import Ledger
+from tests.chaos.scenario import seconds, size
 from tests.delivery_util import redis_stalled, settled, terminate, worker_process
 from tests.harness import RedisServer, wait_until
 from tests.sinks import RecordingSink

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tests.chaos.conftest import (
+from tests.chaos.ledger import Ledger
+from tests.chaos.scenario import (
     FULL,
     Replies,
     ledger_message,
@@ -33,7 +34,6 @@ from tests.chaos.conftest import (
     size,
     stored_entries,
 )
-from tests.chaos.ledger import Ledger
 from tests.harness import ROOT, child_env, free_port, wait_for_port
 
 DISK = 8 * 1024 * 1024  # the tmpfs under the pool's Redis

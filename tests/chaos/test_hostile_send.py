@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,9 @@ import msgpack
 import pytest
 import redis.asyncio as aioredis
 
-from tests.chaos.delivery_chaos_util import (
-    Fleet,
-    dead_letters,
-    enqueue_many,
-    observe,
-    rss_kib,
-    size,
-)
+from tests.chaos.delivery_chaos_util import Fleet, dead_letters, enqueue_many, observe
 from tests.chaos.ledger import Ledger
+from tests.chaos.scenario import rss_kib, size
 from tests.delivery_util import pack, send_message, settled
 from tests.harness import wait_until
 from tests.sinks import RecordingSink
@@ -105,13 +98,6 @@ HOSTILE: dict[str, dict[str, bytes]] = {
     "mangled-attempts": {"data": pack(_valid()), "attempts": b"lots"},
     "mangled-recipients": {"data": pack(_valid()), "recipients": b"[not json"},
 }
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 async def _hostile_round(redis: aioredis.Redis, ledger: Ledger, names: dict[str, str]) -> None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from tests.chaos.conftest import FULL, receive_ledger_id, rss_kib, size, stored_entries
 from tests.chaos.ledger import HEADER, Ledger, subject_with
+from tests.chaos.scenario import FULL, receive_ledger_id, rss_kib, size, stored_entries
 from tests.harness import RedisServer
 from tests.ingest_util import IngestProcess, SMTPConn
 

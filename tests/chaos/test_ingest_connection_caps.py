@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.chaos.conftest import size
+from tests.chaos.scenario import size
 from tests.harness import free_port
 from tests.ingest_util import IngestProcess, SMTPConn, message
 

@@ -15,7 +15,8 @@ from collections.abc import Callable
 import pytest
 import redis.asyncio as aioredis
 
-from tests.chaos.conftest import (
+from tests.chaos.ledger import Ledger
+from tests.chaos.scenario import (
     FULL,
     Replies,
     ledger_message,
@@ -24,7 +25,6 @@ from tests.chaos.conftest import (
     size,
     stored_entries,
 )
-from tests.chaos.ledger import Ledger
 from tests.harness import RedisServer
 from tests.ingest_util import IngestProcess, SMTPConn
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.chaos.conftest import (
+from tests.chaos.ledger import Ledger
+from tests.chaos.scenario import (
     FULL,
     Replies,
     ledger_message,
@@ -29,7 +30,6 @@ from tests.chaos.conftest import (
     rss_kib,
     size,
 )
-from tests.chaos.ledger import Ledger
 from tests.harness import RedisServer
 from tests.ingest_util import IngestProcess, SMTPConn
 

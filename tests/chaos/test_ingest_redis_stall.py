@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from tests.chaos.conftest import (
+from tests.chaos.ledger import Ledger
+from tests.chaos.scenario import (
     FULL,
     Replies,
     ids_until,
@@ -35,7 +36,6 @@ from tests.chaos.conftest import (
     size,
     stored_entries,
 )
-from tests.chaos.ledger import Ledger
 from tests.delivery_util import redis_stalled
 from tests.harness import RedisServer
 from tests.ingest_util import IngestProcess, SMTPConn

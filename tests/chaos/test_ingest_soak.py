@@ -10,7 +10,8 @@ from collections.abc import Callable
 import pytest
 import redis.asyncio as aioredis
 
-from tests.chaos.conftest import (
+from tests.chaos.ledger import Ledger
+from tests.chaos.scenario import (
     FULL,
     finish_smtp_source,
     rss_kib,
@@ -18,7 +19,6 @@ from tests.chaos.conftest import (
     size,
     stored_entries,
 )
-from tests.chaos.ledger import Ledger
 from tests.harness import RedisServer
 from tests.ingest_util import IngestProcess
 

@@ -15,7 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tests.chaos.conftest import (
+from tests.chaos.ledger import HEADER, Ledger
+from tests.chaos.scenario import (
     FULL,
     Replies,
     ids_until,
@@ -25,7 +26,6 @@ from tests.chaos.conftest import (
     size,
     stored_entries,
 )
-from tests.chaos.ledger import HEADER, Ledger
 from tests.delivery_util import pack, send_message, settled, terminate, worker_process
 from tests.harness import RedisServer, wait_for_port
 from tests.ingest_util import IngestProcess

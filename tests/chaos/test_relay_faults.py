@@ -19,35 +19,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from tests.chaos.delivery_chaos_util import (
-    Fleet,
-    dead_letters,
-    enqueue_many,
-    observe,
-    recipient,
-    seconds,
-    size,
-)
+from tests.chaos.delivery_chaos_util import Fleet, dead_letters, enqueue_many, observe, recipient
 from tests.chaos.ledger import Ledger, id_in_raw
+from tests.chaos.scenario import seconds, size
 from tests.delivery_util import enqueue, events, send_message, settled
 from tests.harness import wait_until
 from tests.sinks import RecordingSink
 
 FAULTY = size(5, 20)  # messages (of each run) the fault hits
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 async def run_worker(redis: aioredis.Redis, sink: RecordingSink, redis_url: str,

@@ -22,8 +22,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from tests.chaos.delivery_chaos_util import Fleet, enqueue_many, observe, size
+from tests.chaos.delivery_chaos_util import Fleet, enqueue_many, observe
 from tests.chaos.ledger import Ledger, id_in_raw
+from tests.chaos.scenario import size
 from tests.delivery_util import events, settled
 from tests.harness import wait_until
 from tests.sinks import RecordingSink

@@ -11,27 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
-from tests.chaos.delivery_chaos_util import Fleet, enqueue_many, observe, seconds, size
+from tests.chaos.delivery_chaos_util import Fleet, enqueue_many, observe
 from tests.chaos.ledger import Ledger
+from tests.chaos.scenario import seconds, size
 from tests.delivery_util import settled
 from tests.harness import wait_until
 from tests.sinks import RecordingSink
 
 WORKERS = 2
 CONCURRENCY = 8
-
-
-@pytest.fixture
-def sink() -> Iterator[RecordingSink]:
-    server = RecordingSink().start()
-    yield server
-    server.stop()
 
 
 async def produce(redis: aioredis.Redis, ledger: Ledger, total: int, rate: float) -> None:

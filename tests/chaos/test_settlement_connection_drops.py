@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from tests.chaos.conftest import size
+from tests.chaos.scenario import size
 from workers.delivery import Settler
 from workers.streams.layout import MessageRef, StreamKeys, dead_letter, event
 from workers.streams.outcomes import Outcomes, Retry, Settlement
