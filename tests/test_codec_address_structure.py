@@ -1,4 +1,4 @@
-"""Address fields keep their structure after RFC 2047 decoding (issue 10, item 3).
+"""Address fields keep their structure after RFC 2047 decoding.
 
 An encoded-word is one word of a phrase (RFC 2047 section 5): whatever it decodes to, it
 cannot add a mailbox, end a display name or open a group.  The contract's test: on the
@@ -69,7 +69,7 @@ def blanks_folded(boxes: Mailboxes) -> Mailboxes:
     return [(re.sub(r"[ \t]+", " ", name), addr) for name, addr in boxes]
 
 
-# --- the issue's examples ------------------------------------------------------------------
+# --- encoded-words that spell address syntax ------------------------------------------------------
 
 
 def test_encoded_mailbox_syntax_stays_inside_the_display_name() -> None:
@@ -129,7 +129,7 @@ def test_field_without_encoded_words_is_kept_as_sent() -> None:
     assert decode_header_value(value) == value
 
 
-# --- a table of hand-written cases against policy.default ---------------------------------
+# --- a table of hand-written cases against policy.default -----------------------------------------
 
 # Both stdlib readers agree on the stored value (exact names and addresses).
 EXACT = [
@@ -259,7 +259,7 @@ def test_encoded_line_breaks_in_a_display_name_are_replaced() -> None:
     assert defects == ["CR, LF or NUL in the decoded value replaced by a space"]
 
 
-# --- properties over generated address lists ----------------------------------------------
+# --- properties over generated address lists ------------------------------------------------------
 
 _ADJACENT_GAP = re.compile(r"(?<=\?=)[ \t]+(?==\?)")
 

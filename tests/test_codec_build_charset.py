@@ -1,4 +1,4 @@
-"""build_message: a text/* bytes body whose type names no charset (issue 10, item 6).
+"""build_message: a text/* bytes body whose type names no charset.
 
 No charset means US-ASCII (RFC 2046 4.1.2), so UTF-8 bytes sent that way show as
 replacement characters.  The builder declares ``charset=utf-8`` for valid non-ASCII UTF-8,

@@ -1,4 +1,4 @@
-"""build_message: long lines and the fine print of MIME fields (issue 10, item 7).
+"""build_message: long lines and the fine print of MIME fields.
 
 * text lines over 78 characters travel quoted-printable (RFC 5322 2.1.1; Haraka cuts lines
   over 992 octets), shorter ones stay 7bit;

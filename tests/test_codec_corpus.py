@@ -67,7 +67,7 @@ def test_corpus_message_is_schema_valid(path: Path) -> None:
 
 
 def test_corpus_is_present_and_complete() -> None:
-    # The issue names this corpus; a silently empty glob would make the tests above vacuous.
+    # The corpus is the reference; a silently empty glob would make the tests above vacuous.
     assert len(corpus_files()) >= 40, CORPUS_MISSING
 
 
@@ -118,7 +118,7 @@ def test_generated_attachment_filename_is_rfc2231_decoded() -> None:
     assert attachment["body"] == bytes(range(256)) * 20
 
 
-# --- generated messages: the stdlib writes, both read ---------------------------------------
+# --- generated messages: the stdlib writes, both read ---------------------------------------------
 
 _header_text = st.text(
     st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="\x7f"),
@@ -173,7 +173,7 @@ def test_stdlib_written_messages_read_the_same(raw: bytes) -> None:
     assert comparison.excepted == []
 
 
-# --- address structure on real messages (issue 10, item 3) ----------------------------------
+# --- address structure on real messages -----------------------------------------------------------
 
 _HOSTILE_TAILS = (", <evil@attacker.example>", ' "q" (c) <x@y.example>; g:', "")
 

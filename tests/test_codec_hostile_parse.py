@@ -336,7 +336,7 @@ def test_deep_nesting_does_not_copy_the_body_per_level() -> None:
     assert depth_of(message["content"]) == DEFAULT_PARSE_LIMITS.max_depth
 
 
-# --- address fields (issue 10, item 3): the structural reading stays linear -----------------
+# --- address fields: the structural reading stays linear ------------------------------------------
 
 
 @pytest.mark.timeout(10)

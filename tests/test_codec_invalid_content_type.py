@@ -1,4 +1,4 @@
-"""A Content-Type that cannot be read, and line ends in text bodies (issue 10, item 4).
+"""A Content-Type that cannot be read, and line ends in text bodies.
 
 RFC 2045 section 5.2: a syntactically invalid Content-Type means ``text/plain;
 charset=us-ascii``.  That type is reported, the field as sent stays in the part's headers, a
@@ -45,7 +45,7 @@ def with_attachment(content_type: bytes, body: bytes = IMAGE) -> bytes:
     )
 
 
-def test_issue_example_keeps_every_octet_of_the_image() -> None:
+def test_jpeg_with_an_unreadable_type_keeps_every_octet() -> None:
     message = parse(with_attachment(b' ; name="x.jpg"'))
 
     part = message["content"]["parts"][1]

@@ -184,7 +184,7 @@ def test_transfer_encodings_are_decoded(cte: bytes, encoded: bytes, decoded: byt
 
 
 def test_text_bodies_have_line_endings_normalised_binary_bodies_do_not() -> None:
-    # Only CRLF is a line end: a lone CR inside a text body stays (issue 10), a lone LF too.
+    # Only CRLF is a line end: a lone CR inside a text body stays, a lone LF too.
     payload = base64.b64encode(b"a\r\nb\rc\n").decode()
     text = parse(f"Content-Transfer-Encoding: base64\r\n\r\n{payload}".encode())
     blob = parse(

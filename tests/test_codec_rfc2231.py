@@ -1,4 +1,4 @@
-"""RFC 2231 parameter values are literal (issue 10, item 5).
+"""RFC 2231 parameter values are literal.
 
 ``filename*=``, ``name*=`` and their continuations carry the name itself, percent-encoded in
 a declared charset: an "=?" in it is part of the name.  RFC 2047 decoding (which senders put
@@ -39,7 +39,7 @@ def stdlib_filename(fields: bytes) -> str | None:
     return next(message.iter_parts()).get_filename()
 
 
-def test_issue_example_filename_is_not_rfc2047_decoded() -> None:
+def test_encoded_word_spelled_out_in_an_rfc2231_filename_stays_as_sent() -> None:
     fields = b"Content-Disposition: attachment; filename*=utf-8''%3D%3Futf-8%3Fq%3Fa_b%3F%3D.txt"
 
     assert parsed_part(fields)["filename"] == "=?utf-8?q?a_b?=.txt"

@@ -22,7 +22,7 @@ DASHBOARD = (
     Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "mailpool-dashboard.json"
 )
 
-# The metrics the issue and README promise (exposition names).
+# The metrics README promises (exposition names).
 PROMISED = {
     "mailpool_ingest_messages_total",
     "mailpool_ingest_rejected_total",

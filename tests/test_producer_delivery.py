@@ -74,8 +74,8 @@ async def test_helper_send_with_null_sender_and_tuple_attachment(
 async def test_cli_text_attachments_and_long_lines_arrive_readable(
     redis: aioredis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
-    """Issue 10 items 6 and 7: a UTF-8 .txt gets charset=utf-8, a non-UTF-8 one travels as
-    octets, and a 995-character text line arrives quoted-printable in lines of <= 78."""
+    """A UTF-8 .txt gets charset=utf-8, a non-UTF-8 one travels as octets, and a
+    995-character text line arrives quoted-printable in lines of <= 78."""
     notes_text = "Grüße aus Köln – Zoë ✉\nzweite Zeile\n"
     notes = tmp_path / "notes.txt"
     notes.write_bytes(notes_text.encode("utf-8"))

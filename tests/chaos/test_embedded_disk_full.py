@@ -7,7 +7,7 @@ root) where its Redis directory is a small tmpfs, mostly taken by a filler file;
 fills the rest with mail, then deletes the filler through ``/proc/<pid>/root``.  With
 ``appendfsync always`` Redis exits on the write it cannot persist, before replying, and the
 pool starts it again; with ``everysec`` (the former default) it acknowledged such a write
-and lost it in a crash (3 of 202 in the issue's run).
+and lost it in a crash (3 of 202 in one run).
 """
 
 from __future__ import annotations
