@@ -21,7 +21,7 @@ from tests.harness import ROOT
 from tests.scripted_relay import ScriptedRelay
 from workers.codec.build import build_message
 from workers.config import DeliveryConfig
-from workers.relay import SEND_TIMED_OUT, RelaySettings, SendResult, SmtpPool
+from workers.relay import SEND_TIMED_OUT, SendResult, SmtpPool
 
 RECIPIENTS = [f"r{n}@example.com" for n in range(4)]
 
@@ -58,9 +58,7 @@ async def _timed_send(
             relay=url, smtp_timeout=smtp_timeout, smtp_data_timeout=data_timeout
         )
         config.validate()
-        pool = SmtpPool(
-            RelaySettings.from_config(config), size=1, messages_per_connection=10, idle_close=30
-        )
+        pool = SmtpPool(config.relay_settings(), size=1, messages_per_connection=10, idle_close=30)
         started = time.monotonic()
         try:
             result = await pool.send(built, list(to))

@@ -69,13 +69,11 @@ def test_redis_password_from_a_file_or_the_environment_goes_into_the_url(
 
 
 def test_relay_password_from_a_file(password_file: Path) -> None:
-    from workers.relay import RelaySettings
-
     config = configured(
         DeliveryConfig,
         ["--relay", "smtp://mailer@relay.example:587", "--relay-password-file", str(password_file)],
     )
-    settings = RelaySettings.from_config(config)
+    settings = config.relay_settings()
     assert (settings.username, settings.password) == ("mailer", PASSWORD)
     assert PASSWORD not in repr(settings)
 

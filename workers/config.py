@@ -23,9 +23,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from workers import errors
+from workers.relay import MaildirTransport, RelaySettings, SmtpPool, Transport
 from workers.streams import layout
 from workers.streams.layout import StreamKeys
 
@@ -635,6 +636,42 @@ class DeliveryConfig(CommonConfig):
         at most --smtp-timeout before the final dot and --smtp-data-timeout after it, and an
         entry read may wait for one send of its lane before its own starts."""
         return 2 * (self.smtp_timeout + self.smtp_data_timeout)
+
+    def relay_settings(self) -> RelaySettings:
+        """The SMTP relay's settings (of a validated config: ``check_relay`` made sure of
+        the host and port)."""
+        url = urlsplit(self.relay or "")
+        implicit_tls = url.scheme == "smtps"
+        starttls = {"auto": None, "require": True, "off": False}[self.starttls]
+        return RelaySettings(
+            host=url.hostname or "",
+            port=url.port or (465 if implicit_tls else 25),
+            implicit_tls=implicit_tls,
+            starttls=False if implicit_tls else starttls,
+            verify=self.tls_verify,
+            ca_file=self.tls_ca_file,
+            username=self.relay_user or (unquote(url.username) if url.username else None),
+            password=self.relay_password or (unquote(url.password) if url.password else None),
+            local_hostname=self.hostname,
+            timeout=self.smtp_timeout,
+            data_timeout=self.smtp_data_timeout,
+        )
+
+    def open_transport(self) -> Transport:
+        """The relay's transport: a maildir, or a pool of SMTP connections to the relay."""
+        relay = self.relay or ""
+        if relay.startswith("maildir:"):
+            path = maildir_path(relay)
+            try:  # the maildir itself only: its parent must exist (checked at start)
+                return MaildirTransport(path)
+            except OSError as exc:
+                raise ConfigError(f"--relay maildir:{path}: {exc.strerror or exc}") from None
+        return SmtpPool(
+            self.relay_settings(),
+            size=self.concurrency,
+            messages_per_connection=self.messages_per_connection,
+            idle_close=self.idle_close,
+        )
 
     def _derive_claim_after(self) -> None:
         """--claim-after 0 (the default) is derived; a value given must exceed the longest

@@ -40,7 +40,7 @@ from workers.metrics import (
     DELIVERY_SENT,
     DELIVERY_SMTP,
 )
-from workers.relay import SendResult, Transport, open_transport
+from workers.relay import SendResult, Transport
 from workers.streams import outcomes as oc
 from workers.streams.connection import connect, resolve_redis_url
 from workers.streams.consumer import START_ALL, GroupConsumer, StreamEntry
@@ -723,7 +723,7 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
         await oc.require_functions(redis)  # settle/promote are Redis functions: exit 2 if missing
         log.info("delivery_started", relay=_safe_relay(config.relay), consumer=config.consumer,
                  concurrency=config.concurrency)  # fmt: skip
-        worker = DeliveryWorker(config, outcomes, open_transport(config))
+        worker = DeliveryWorker(config, outcomes, config.open_transport())
         async with serving_health(config.http, redis, keys, lambda: not stop.is_set()):
             await worker.run(consumer, stop)
         log.info("delivery_stopped", consumer=config.consumer)

@@ -8,7 +8,12 @@ answer into acks, retries and dead letters.
 SMTP connections are persistent and pooled: reused for the next message, replaced when
 broken or after ``messages_per_connection`` messages, closed when idle for ``idle_close``
 seconds.  The transaction is driven command by command (MAIL, RCPT per recipient, DATA)
-rather than with ``sendmail`` so that each recipient's own reply is known.
+rather than with ``sendmail`` so that each recipient's own reply is known; what the
+message's transfer uses of aiosmtplib beyond its documented API is in
+:mod:`workers.relay.aiosmtplib_fence`.
+
+The relay knows nothing of the command line: :class:`RelaySettings` is its own, and the
+delivery role builds it (and the transport) from its config.
 """
 
 from __future__ import annotations
@@ -24,13 +29,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 import structlog
 
 from workers.codec.build import BuiltMessage
-from workers.config import ConfigError, DeliveryConfig, maildir_path
+from workers.relay import aiosmtplib_fence
 
 log = structlog.get_logger("mailpool.relay")
 
@@ -93,26 +97,6 @@ class RelaySettings:
     timeout: float  # each reply before the final dot, and all of them together
     data_timeout: float  # the reply to the final dot
 
-    @classmethod
-    def from_config(cls, config: DeliveryConfig) -> RelaySettings:
-        """Settings of a validated config (``check_relay`` made sure of host and port)."""
-        url = urlsplit(config.relay or "")
-        implicit_tls = url.scheme == "smtps"
-        starttls = {"auto": None, "require": True, "off": False}[config.starttls]
-        return cls(
-            host=url.hostname or "",
-            port=url.port or (465 if implicit_tls else 25),
-            implicit_tls=implicit_tls,
-            starttls=False if implicit_tls else starttls,
-            verify=config.tls_verify,
-            ca_file=config.tls_ca_file,
-            username=config.relay_user or (unquote(url.username) if url.username else None),
-            password=config.relay_password or (unquote(url.password) if url.password else None),
-            local_hostname=config.hostname,
-            timeout=config.smtp_timeout,
-            data_timeout=config.smtp_data_timeout,
-        )
-
 
 @dataclass
 class _Connection:
@@ -161,7 +145,7 @@ class SmtpPool:
                 log.warning("relay_connect_failed", host=self.settings.host, error=str(exc))
                 return result
             try:
-                result, healthy = await _transaction(
+                result, healthy = await transaction(
                     connection.smtp, message, recipients, deadline, self.settings.data_timeout
                 )
             except BaseException:  # cancelled at shutdown: the connection is mid-transaction
@@ -183,7 +167,7 @@ class SmtpPool:
         )  # fmt: skip
         try:
             await smtp.connect()
-            await _greet(smtp)
+            await greet(smtp)
         except BaseException:  # the send's time ran out (a cancellation) or the relay failed
             smtp.close()
             raise
@@ -233,7 +217,7 @@ class SmtpPool:
         )
 
 
-async def _greet(smtp: aiosmtplib.SMTP) -> None:
+async def greet(smtp: aiosmtplib.SMTP) -> None:
     """EHLO (HELO when refused) right after connecting, if TLS or AUTH set-up has not
     already: the first MAIL's options depend on the extensions the relay offers."""
     if not smtp.is_ehlo_or_helo_needed:
@@ -269,7 +253,7 @@ def _mail_options(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> list[bytes]:
     return options
 
 
-async def _transaction(
+async def transaction(
     smtp: aiosmtplib.SMTP,
     message: BuiltMessage,
     recipients: Sequence[str],
@@ -345,35 +329,24 @@ def _ended(
 
 
 async def _send_data(smtp: aiosmtplib.SMTP, data: bytes) -> None:
-    """DATA, then the dot-stuffed message and its end mark, on the connection's protocol,
-    until the last of it has gone out (the transport's buffer drained).
+    """DATA, then the dot-stuffed message and its end mark, until the last of it has gone
+    out (a slow reader of a big message: the transfer is part of the command budget).
 
-    ``SMTP.data`` would first rewrite every line end with a regular expression and then
-    dot-stuff with another; the builder's output has CRLF line ends only (its tests check
-    that), so stuffing is one ``bytes.replace``.  The connection is ours alone (the pool
-    lends it to one send at a time), as aiosmtplib's command lock would otherwise ensure.
+    Not ``SMTP.data``, which would rewrite every line end and dot-stuff with regular
+    expressions (the fence module says what that costs): the builder's output has CRLF line
+    ends only (its tests check that), so stuffing is one ``bytes.replace``.
     """
     reply = await smtp.execute_command(b"DATA")
     if reply.code != 354:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-    protocol = smtp.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    protocol.write(dot_stuffed(data))
-    try:
-        await protocol._drain_helper()  # a slow reader of a big message: transfer time
-    except ConnectionError as exc:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost") from exc
+    await aiosmtplib_fence.write_message(smtp, dot_stuffed(data))
 
 
 async def _final_reply(smtp: aiosmtplib.SMTP, wait: float) -> aiosmtplib.SMTPResponse:
     """The reply to the final dot, waited for ``wait`` seconds (RFC 5321 section 4.5.3.2.6:
     the relay may be scanning the message; giving up early means sending it twice)."""
-    protocol = smtp.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        return await protocol.read_response(timeout=wait)
+        return await aiosmtplib_fence.read_reply(smtp, wait)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()  # a reply we gave up on must not be read as the next command's
         raise
@@ -418,12 +391,10 @@ class MaildirTransport:
     """
 
     def __init__(self, path: str) -> None:
+        """Creates the maildir itself (OSError when it cannot), not its parent."""
         self.root = Path(path)
-        try:  # the maildir itself only: its parent must exist (checked at start)
-            for folder in (self.root, self.root / "tmp", self.root / "new", self.root / "cur"):
-                folder.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--relay maildir:{path}: {exc.strerror or exc}") from None
+        for folder in (self.root, self.root / "tmp", self.root / "new", self.root / "cur"):
+            folder.mkdir(exist_ok=True)
 
     async def send(self, message: BuiltMessage, recipients: Sequence[str]) -> SendResult:
         try:
@@ -448,15 +419,3 @@ class MaildirTransport:
 
     async def aclose(self) -> None:
         return None
-
-
-def open_transport(config: DeliveryConfig) -> Transport:
-    relay = config.relay or ""
-    if relay.startswith("maildir:"):
-        return MaildirTransport(maildir_path(relay))
-    return SmtpPool(
-        RelaySettings.from_config(config),
-        size=config.concurrency,
-        messages_per_connection=config.messages_per_connection,
-        idle_close=config.idle_close,
-    )
