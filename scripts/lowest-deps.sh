@@ -14,6 +14,7 @@ PYTHON=${PYTHON:-python3}
 # the library internals check.
 TESTS=(
   tests/test_library_internals.py
+  tests/test_internals_*.py
   tests/test_delivery_settler_idle.py
   tests/test_delivery_happy.py
   tests/test_delivery_retries.py

@@ -15,7 +15,6 @@ release is allowed to users and fails here until someone looked at it.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import sys
 from importlib import metadata
 from typing import Any
@@ -112,22 +111,6 @@ async def test_fast_constructor_sets_what_aiosmtpds_own_sets(
     assert sorted(set(stock) ^ set(fast)) == [], f"revisit {SERVER} _init_known_release"
     differing = sorted(k for k in stock if _comparable(stock[k]) != _comparable(fast[k]))
     assert differing == [], f"revisit {SERVER} _init_known_release"
-
-
-# -- aiosmtplib: workers/relay.py --------------------------------------------------------------
-
-RELAY = "workers/relay.py (_send_data, _final_reply: DATA written on SMTP.protocol)"
-
-
-def test_aiosmtplib_protocol_has_what_the_relay_writes_data_with() -> None:
-    import aiosmtplib
-    from aiosmtplib.protocol import SMTPProtocol
-
-    check_release("aiosmtplib", ">=5.0,<6", RELAY)
-    assert aiosmtplib.SMTP().protocol is None, f"revisit {RELAY}: SMTP.protocol is gone"
-    wanted = ["write", "_drain_helper", "read_response"]
-    assert not missing_names(SMTPProtocol, wanted), f"revisit {RELAY}"
-    assert "timeout" in inspect.signature(SMTPProtocol.read_response).parameters, RELAY
 
 
 # -- asyncio (CPython): workers/ingest/data.py -------------------------------------------------

@@ -1,0 +1,122 @@
+"""What the relay client uses of aiosmtplib beyond its documented API, checked against the
+installed release: workers/relay/aiosmtplib_fence.py.
+
+Each test fails loudly, naming that file, when the installed aiosmtplib is not a release the
+fence was checked against or no longer has (or no longer does) what the fence uses; and
+what the fence buys over ``SMTP.data`` is pinned: the message's transfer counts against
+``--smtp-timeout``, not against the wait for the reply to the dot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import time
+from collections.abc import AsyncIterator
+from importlib import metadata
+
+import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from workers.codec.build import BuiltMessage
+from workers.config import DeliveryConfig
+from workers.relay import SEND_TIMED_OUT, SmtpPool, aiosmtplib_fence
+
+FENCE = "workers/relay/aiosmtplib_fence.py"
+# Far more than loopback's socket buffers take in: the sender's transport has to wait.
+BIG = 16 * 1024 * 1024
+
+
+def test_the_installed_aiosmtplib_is_a_release_the_fence_was_checked_against() -> None:
+    installed = Version(metadata.version("aiosmtplib"))
+    checked = aiosmtplib_fence.CHECKED_RELEASES
+    assert installed in SpecifierSet(checked), (
+        f"aiosmtplib {installed} is installed, but {FENCE} was checked against "
+        f"aiosmtplib{checked}: check it against {installed}, then widen CHECKED_RELEASES"
+    )
+
+
+def test_aiosmtplib_still_has_what_the_fence_uses() -> None:
+    assert aiosmtplib.SMTP().protocol is None, f"revisit {FENCE}: SMTP.protocol is gone"
+    used = ["write", "_drain_helper", "read_response"]
+    missing = [name for name in used if not hasattr(SMTPProtocol, name)]
+    assert missing == [], f"revisit {FENCE}: SMTPProtocol has no {missing}"
+    timeout = inspect.signature(SMTPProtocol.read_response).parameters.get("timeout")
+    assert timeout is not None, f"revisit {FENCE}: read_response takes no timeout"
+
+
+@contextlib.asynccontextmanager
+async def relay_that_stops_reading_at_data() -> AsyncIterator[tuple[int, asyncio.Event]]:
+    """A relay that answers each command with 250 and DATA with 354, then reads nothing of
+    the message until the event is set; yields its port and that event."""
+    resume = asyncio.Event()
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 stalling.test ESMTP\r\n")
+        with contextlib.suppress(ConnectionError):
+            while line := await reader.readline():
+                if line.upper().startswith(b"DATA"):
+                    writer.write(b"354 go ahead\r\n")
+                    await resume.wait()
+                    await _read_message(reader)
+                writer.write(b"250 OK\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1], resume
+        resume.set()  # let a stalled session end
+
+
+async def _read_message(reader: asyncio.StreamReader) -> None:
+    tail = b""
+    while not tail.endswith(b"\r\n.\r\n"):
+        chunk = await reader.read(1 << 16)
+        if not chunk:
+            return
+        tail = (tail + chunk)[-5:]
+
+
+async def test_write_message_returns_only_once_the_relay_has_read_the_message() -> None:
+    """``_drain_helper`` waits while the relay reads nothing and returns once it has read."""
+    async with relay_that_stops_reading_at_data() as (port, resume):
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+        await smtp.connect()
+        assert (await smtp.execute_command(b"DATA")).code == 354
+        writing = asyncio.create_task(
+            aiosmtplib_fence.write_message(smtp, b"x" * BIG + b"\r\n.\r\n")
+        )
+        await asyncio.sleep(0.5)
+        assert not writing.done(), f"revisit {FENCE}: the write no longer waits for the relay"
+        resume.set()
+        await asyncio.wait_for(writing, 10)
+        reply = await aiosmtplib_fence.read_reply(smtp, 5.0)
+        assert (reply.code, reply.message) == (250, "OK")
+        smtp.close()
+
+
+async def test_a_relay_that_stops_reading_the_message_is_cut_at_the_smtp_timeout() -> None:
+    """The transfer counts against --smtp-timeout (0.5 s), not against --smtp-data-timeout
+    (5 s, which starts when the dot has left): ``SMTP.data`` would wait the 5 s."""
+    message = BuiltMessage(
+        data=b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (BIG // 1000),
+        mail_from="sender@example.com", recipients=["r@example.com"], message_id="<1@test>",
+        smtputf8=False, eight_bit=False,
+    )  # fmt: skip
+    async with relay_that_stops_reading_at_data() as (port, _):
+        config = DeliveryConfig(
+            relay=f"smtp://127.0.0.1:{port}", starttls="off", smtp_timeout=0.5,
+            smtp_data_timeout=5.0,
+        )  # fmt: skip
+        config.validate()
+        pool = SmtpPool(config.relay_settings(), size=1, messages_per_connection=1, idle_close=30)
+        started = time.monotonic()
+        result = await pool.send(message, message.recipients)
+        took = time.monotonic() - started
+        await pool.aclose()
+    assert not result.accepted and list(result.deferred) == ["r@example.com"]
+    assert result.deferred["r@example.com"].text == SEND_TIMED_OUT
+    assert 0.5 <= took < 2.0
