@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-import workers.delivery
+import workers.delivery.worker
 import workers.streams.outcomes
 from tests.delivery_util import (
     enqueue,
@@ -150,7 +150,7 @@ async def test_a_crash_after_a_send_gives_back_the_message_id(
 ) -> None:
     """A bug after the send of an entry that had waited for its message id: the lane
     survives, the entry stays pending, and later entries with that id are not blocked."""
-    real = workers.delivery.settle_attempt
+    real = workers.delivery.worker.settle_attempt
     crashed: list[str] = []
 
     def crash_once(p: Any, *args: Any, **kwargs: Any) -> Any:
@@ -159,7 +159,7 @@ async def test_a_crash_after_a_send_gives_back_the_message_id(
             raise RuntimeError("injected bug")
         return real(p, *args, **kwargs)
 
-    monkeypatch.setattr(workers.delivery, "settle_attempt", crash_once)
+    monkeypatch.setattr(workers.delivery.worker, "settle_attempt", crash_once)
     for rcpt in ["a@example.com", "b@example.com", "c@example.com"]:
         await enqueue(redis, send_message([rcpt], message_id="crash"))
 

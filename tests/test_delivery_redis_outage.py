@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-import workers.delivery
+import workers.delivery.worker
 from tests.delivery_util import enqueue, make_config, running_worker, send_message, settled
 from tests.harness import RedisServer, wait_until
 from tests.sinks import RecordingSink
@@ -46,7 +46,7 @@ async def test_a_stop_with_redis_gone_ends_within_its_budget(
     """Redis gone at SIGTERM: the outcomes of finished sends cannot be written; after the
     drain the worker gives them FLUSH_CAP, not another --shutdown-grace, so it stops within
     the pod's grace period (the entries stay pending and are redelivered)."""
-    monkeypatch.setattr(workers.delivery, "FLUSH_CAP", 1.0)
+    monkeypatch.setattr(workers.delivery.worker, "FLUSH_CAP", 1.0)
     server = make_redis()
     sink = RecordingSink()
     sink.stall_data = 0.5

@@ -1,0 +1,231 @@
+"""One attempt at a send entry: what was read, the message built from it, and the settlement
+each way it can end (sent, deferred, refused, expired, invalid, poison, nothing left to do).
+
+No state of the worker's here: the functions take what they need and return what Redis is
+to record (:class:`workers.streams.outcomes.Settlement`), logging and counting on the way.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import cast
+
+import structlog
+
+from workers.codec.build import BuiltMessage, build_message
+from workers.codec.errors import CodecError
+from workers.codec.types import SendMessage
+from workers.codec.wire import unpack
+from workers.config import DeliveryConfig
+from workers.metrics import DELIVERY_DEAD, DELIVERY_DEFERRED, DELIVERY_SENT
+from workers.relay import SendResult
+from workers.streams import layout
+from workers.streams import outcomes as oc
+from workers.streams.consumer import StreamEntry
+from workers.streams.retry import RetryPolicy
+
+log = structlog.get_logger("mailpool.delivery")
+
+
+@dataclass(slots=True)  # not frozen: built per message, and frozen __init__ costs 2x
+class Job:
+    """A send entry as read: the producer's ``data`` plus what retries and replays carry."""
+
+    entry_id: str
+    data: bytes
+    deliveries: int
+    source_id: str
+    message_id: str | None  # carried by retries/replays; else from the message or entry id
+    attempts: int
+    first_attempt: float | None
+    recipients: list[str] | None  # carried by retries/replays: who is still to be sent
+
+    @classmethod
+    def from_entry(cls, entry: StreamEntry, fields: layout.RawFields) -> Job:
+        sent = layout.SendEntry.decode(fields)
+        return cls(
+            entry.id, sent.data, entry.deliveries, sent.source_id or entry.id,
+            sent.message_id, sent.attempts, sent.first_attempt, sent.recipients,
+        )  # fmt: skip
+
+
+@dataclass(slots=True)
+class Prepared:
+    job: Job
+    ref: layout.MessageRef
+    built: BuiltMessage
+    recipients: list[str]  # wanted for this attempt (before the idempotency check)
+    policy: RetryPolicy
+
+
+def prepare(
+    entry: StreamEntry, config: DeliveryConfig, policy: RetryPolicy
+) -> Prepared | oc.Settlement:
+    """Decode and build an entry, or the settlement of one that cannot be sent (trimmed
+    while pending: acknowledged; unreadable or invalid: a dead letter)."""
+    if entry.fields is None:
+        log.error("entry_trimmed_while_pending", entry=entry.id, stream=config.send_stream)
+        return oc.Settlement(entry.id, entry.id)
+    job: Job | None = None
+    try:
+        job = Job.from_entry(entry, entry.fields)
+        # build_message validates (SchemaError/BuildError), so the map is not checked twice.
+        message = cast(SendMessage, unpack(job.data))
+        built = build_message(message, default_id=job.source_id, hostname=config.hostname)
+    except (CodecError, ValueError) as exc:  # ValueError: our own fields were mangled
+        return invalid(entry, job, exc)
+    except Exception as exc:  # a builder bug must not crash-loop every worker on one entry
+        log.exception("build_crashed", entry=entry.id)
+        return invalid(entry, job, exc)
+    message_id = job.message_id or message.get("id") or job.source_id
+    if "max_attempts" in message or "max_age" in message:  # the message's own limits
+        policy = replace(
+            policy,
+            max_attempts=message.get("max_attempts", policy.max_attempts),
+            max_age=message.get("max_age", policy.max_age),
+        )
+    ref = layout.MessageRef(message_id, job.source_id, job.data)
+    return Prepared(job, ref, built, job.recipients or built.recipients, policy)
+
+
+async def accepted_before(outcomes: oc.Outcomes, batch: list[Prepared]) -> list[set[str]]:
+    """Recipients already accepted per message (one round trip for the batch).
+
+    An entry read for the first time whose id is its own entry id (no message ``id``, not a
+    retry or replay) cannot have been sent before: it is not looked up.
+    """
+    fresh = [p.job.deliveries == 1 and p.ref.message_id == p.job.entry_id for p in batch]
+    wanted = [
+        (p.ref.message_id, p.recipients) for p, new in zip(batch, fresh, strict=True) if not new
+    ]
+    looked_up = iter(await outcomes.already_sent(wanted))
+    return [set() if new else next(looked_up) for new in fresh]
+
+
+def nothing_left(p: Prepared) -> oc.Settlement:
+    """Every recipient was accepted before (a duplicate, or a redelivery after a crash
+    between the relay's reply and its record): the entry is only acknowledged."""
+    return oc.Settlement(p.job.entry_id, p.ref.message_id)
+
+
+def settle_attempt(
+    p: Prepared, result: SendResult, attempts: int, first_attempt: float, rng: random.Random
+) -> oc.Settlement:
+    """What one attempt's per-recipient answer means: records, dead letters, retry, events."""
+    now = time.time()
+    s = oc.Settlement(p.job.entry_id, p.ref.message_id, accepted=list(result.accepted))
+    if result.accepted:
+        s.events.append(
+            layout.event("delivered", p.ref, result.accepted, result.accepted_reply, now)
+        )
+        DELIVERY_SENT.inc()
+        code = result.accepted_reply.code if result.accepted_reply else None
+        log.info("delivered", id=p.ref.message_id, entry=p.job.entry_id,
+                 recipients=len(result.accepted), code=code)  # fmt: skip
+    if not (result.rejected or result.deferred):
+        return s
+    when = _When(attempts, first_attempt, now)
+    if result.rejected:
+        _add_dead(s, p, "rejected", result.rejected, when)
+    if result.deferred:
+        due = p.policy.next_attempt(attempts, first_attempt, now, rng)
+        if due is None:
+            _add_dead(s, p, "expired", result.deferred, when)
+        else:
+            _add_retry(s, p, result.deferred, when, due)
+    return s
+
+
+@dataclass(slots=True)
+class _When:
+    attempts: int  # this one included
+    first_attempt: float
+    now: float
+
+
+def _add_retry(
+    s: oc.Settlement,
+    p: Prepared,
+    deferred: Mapping[str, layout.SmtpReply],
+    when: _When,
+    due: float,
+) -> None:
+    recipients = list(deferred)
+    retry = layout.retry_entry(
+        data=p.job.data, message_id=p.ref.message_id, source_id=p.ref.source_id,
+        attempts=when.attempts, first_attempt=when.first_attempt, recipients=recipients,
+    )  # fmt: skip
+    s.retry = oc.Retry(due, retry)
+    reply = oc.first_reply(deferred)
+    s.events.append(layout.event("deferred", p.ref, recipients, reply, when.now, next_attempt=due))
+    DELIVERY_DEFERRED.inc()
+    log.info("deferred", id=p.ref.message_id, attempts=when.attempts,
+             due_in=round(due - when.now, 3))  # fmt: skip
+
+
+def _add_dead(
+    s: oc.Settlement,
+    p: Prepared,
+    reason: str,
+    replies: Mapping[str, layout.SmtpReply],
+    when: _When,
+) -> None:
+    recipients = list(replies)
+    reply = oc.first_reply(replies)
+    error = oc.describe_replies(replies)
+    if reason == "expired":
+        error = f"gave up after {when.attempts} attempts: {error}"
+    letter = layout.dead_letter(
+        p.ref, reason=reason, error=error, recipients=recipients, attempts=when.attempts,
+        first_attempt=when.first_attempt, last_attempt=when.now, reply=reply,
+    )  # fmt: skip
+    s.dead_letters.append(letter)
+    s.events.append(layout.event("failed", p.ref, recipients, reply, when.now))
+    DELIVERY_DEAD.inc()
+    log.warning("dead_letter", id=p.ref.message_id, reason=reason, recipients=recipients)
+
+
+def poison(p: Prepared, recipients: list[str]) -> oc.Settlement:
+    """An entry handed out more than --max-deliveries times without an outcome (it kills
+    whichever worker touches it): a dead letter instead of another try."""
+    now = time.time()
+    error = f"handed to consumers {p.job.deliveries} times without an outcome"
+    log.error("poison_entry", entry=p.job.entry_id, id=p.ref.message_id, error=error)
+    dead = layout.dead_letter(
+        p.ref, reason="poison", error=error, recipients=recipients, attempts=p.job.attempts,
+        first_attempt=p.job.first_attempt or now, last_attempt=now,
+    )  # fmt: skip
+    failed = layout.event("failed", p.ref, recipients, None, now)
+    DELIVERY_DEAD.inc()
+    return oc.Settlement(p.job.entry_id, p.ref.message_id, [], [dead], None, [failed])
+
+
+def invalid(entry: StreamEntry, job: Job | None, exc: Exception) -> oc.Settlement:
+    """An entry that cannot be decoded or built: a dead letter with the reason."""
+    ref = layout.MessageRef(
+        (job.message_id if job else None) or entry.id,
+        (job.source_id if job else None) or entry.id,
+        layout.entry_data(entry.fields) or b"",
+    )
+    now = time.time()
+    log.warning("invalid_entry", entry=entry.id, error=str(exc))
+    recipients = _recipients_hint(ref.data)
+    dead = layout.dead_letter(
+        ref, reason="invalid", error=str(exc), recipients=recipients,
+        attempts=job.attempts if job else 0, first_attempt=now, last_attempt=now,
+    )  # fmt: skip
+    failed = layout.event("failed", ref, recipients, None, now)
+    DELIVERY_DEAD.inc()
+    return oc.Settlement(entry.id, ref.message_id, [], [dead], None, [failed])
+
+
+def _recipients_hint(data: bytes) -> list[str]:
+    """The ``to`` list of an entry that failed validation, when it can still be read."""
+    try:
+        to = unpack(data).get("to")
+    except CodecError:
+        return []
+    return [r for r in to if isinstance(r, str)] if isinstance(to, list) else []

@@ -1,0 +1,69 @@
+"""Where a delivery worker's next entries come from: entries pending on it that it does not
+hold, then stale entries of silent consumers, then new ones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from redis.exceptions import RedisError
+
+from workers.delivery.held import HeldEntries
+from workers.streams.consumer import GroupConsumer, StreamEntry
+
+log = structlog.get_logger("mailpool.delivery")
+
+# Seconds between looks at our own pending list for entries we do not hold (one XPENDING):
+# a read that timed out while Redis stalled still runs when it resumes, and the entries it
+# hands us would otherwise wait --claim-after.  A failed read makes the next look immediate.
+OWN_CHECK = 1.0
+READ_RETRY = 1.0  # seconds between failed reads
+
+
+class Reader:
+    """One worker's reads, and when to look at its own pending list between them."""
+
+    def __init__(self, held: HeldEntries) -> None:
+        self._held = held
+        # When to look next for entries pending on us that we do not hold: at once (a
+        # restarted consumer's leftovers), then every OWN_CHECK, and after any failed read.
+        self._own_check_at = 0.0
+
+    def look_at_own_pending_next(self) -> None:
+        """Entries were let go of without an outcome: they come back at the next read."""
+        self._own_check_at = 0.0
+
+    async def read(
+        self, consumer: GroupConsumer, batch: int, stop: asyncio.Event
+    ) -> list[StreamEntry]:
+        """Up to ``batch`` entries ([] after a failed read, which waits a moment)."""
+        consumer.batch = batch
+        self._held.read_started()
+        try:
+            entries = []
+            if time.monotonic() >= self._own_check_at:
+                entries = await self._read_unseen_own(consumer)
+            if not entries:
+                entries = await consumer.read_shared()
+        except (RedisError, OSError) as exc:
+            # Redis may still run the read that failed (a stalled Redis runs what waits in
+            # its socket buffers when it resumes) and hand us entries we never see.
+            self._own_check_at = 0.0
+            log.warning("read_failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), READ_RETRY)
+            return []
+        return self._held.not_settled_since_read(entries)
+
+    async def _read_unseen_own(self, consumer: GroupConsumer) -> list[StreamEntry]:
+        """Entries pending on us that we do not hold: leftovers of a consumer of our name,
+        entries let go of without an outcome, entries of a read whose reply never came."""
+        entries = await consumer.read_unseen_own(self._held, consumer.batch)
+        # A full batch: more may be there, look again at the next read.
+        full = len(entries) >= consumer.batch
+        self._own_check_at = 0.0 if full else time.monotonic() + OWN_CHECK
+        if entries:
+            log.info("own_pending_taken", count=len(entries))
+        return entries

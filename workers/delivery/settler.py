@@ -1,0 +1,119 @@
+"""Group commit of delivery outcomes: settlements queued while one Redis round trip is in
+flight go in the next, so a busy worker records many finished sends per round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+from redis.exceptions import RedisError
+
+from workers.config import Unavailable
+from workers.streams import outcomes as oc
+
+log = structlog.get_logger("mailpool.delivery")
+
+REDIS_BACKOFF_CAP = 5.0
+
+Settled = Callable[[oc.Settlement], None]  # called once Redis has applied the settlement
+
+
+class SettlerCrashed(Unavailable):
+    """The settler died of a bug: the worker stopped (exit 1) so that it is restarted."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "outcomes could not be recorded (settler_crashed in the log); the worker stopped, "
+            "unrecorded entries stay pending and are claimed after --claim-after"
+        )
+
+
+class Settler:
+    """Group commit: settlements queued while one round trip is in flight go in the next.
+
+    Each settlement comes with a callback, called once Redis has applied it (never when it
+    was not: the entry then stays pending).
+    """
+
+    def __init__(self, outcomes: oc.Outcomes, on_crash: Callable[[], None]) -> None:
+        self.outcomes = outcomes
+        # Called when the settler dies of a bug: a worker that keeps sending while nothing
+        # is acknowledged would send every message again after a claim, so it must stop.
+        self._on_crash = on_crash
+        self.crashed = False
+        self._queue: list[tuple[oc.Settlement, Settled]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._applying = 0  # settlements in the round trip under way
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="settler")
+
+    def submit(self, settlement: oc.Settlement, settled: Settled) -> None:
+        self._queue.append((settlement, settled))
+        self._wake.set()
+
+    async def _run(self) -> None:
+        try:
+            await self._settle_until_closed()
+        except Exception:  # a bug (Redis errors are retried in _apply): stop the worker
+            log.exception("settler_crashed", unsettled=len(self._queue) + self._applying)
+            self.crashed = True
+            self._on_crash()
+
+    async def _settle_until_closed(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+                # One loop turn lets sends that finished together join the same round trip.
+                await asyncio.sleep(0)
+                continue
+            batch, self._queue = self._queue, []
+            self._applying = len(batch)
+            await self._apply(batch)
+            self._applying = 0
+
+    async def _apply(self, batch: list[tuple[oc.Settlement, Settled]]) -> None:
+        """Apply a batch; retry what failed (Redis away, out of memory) until it is applied.
+
+        An outcome is never dropped: the recipients it records were really sent, and an
+        entry left unacknowledged would be sent again.  Only the stop deadline ends this.
+        """
+        delay = 0.05
+        while batch:
+            try:
+                results: list[bool | RedisError] = list(
+                    await self.outcomes.settle([s for s, _ in batch], time.time())
+                )
+            except (RedisError, OSError) as exc:
+                results = [RedisError(str(exc))] * len(batch)
+            failed = []
+            for (settlement, settled), result in zip(batch, results, strict=True):
+                if isinstance(result, RedisError):
+                    failed.append((settlement, settled))
+                else:
+                    settled(settlement)
+            if failed:
+                errors = {str(r) for r in results if isinstance(r, RedisError)}
+                log.warning("settle_retry", errors=sorted(errors)[:3], settlements=len(failed))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REDIS_BACKOFF_CAP)
+            batch = failed
+
+    async def close(self, grace: float) -> None:
+        """Flush what is queued; give up after ``grace`` seconds (Redis gone at shutdown)."""
+        self._closing = True
+        self._wake.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self._task, grace)
+        except TimeoutError:
+            # Those entries stay pending; recipients they record as sent may be sent again.
+            log.error("settlements_lost_at_stop", count=len(self._queue) + self._applying)

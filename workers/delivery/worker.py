@@ -1,0 +1,272 @@
+"""The delivery loop: read, prepare, send, settle (:class:`DeliveryWorker`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+
+import structlog
+from redis.exceptions import RedisError
+
+from workers.config import DeliveryConfig
+from workers.delivery.attempt import (
+    accepted_before,
+    nothing_left,
+    poison,
+    prepare,
+    settle_attempt,
+)
+from workers.delivery.held import HeldEntries, HeldEntry
+from workers.delivery.reading import Reader
+from workers.delivery.settler import Settler, SettlerCrashed
+from workers.metrics import DELIVERY_IN_FLIGHT, DELIVERY_SMTP
+from workers.relay import Transport
+from workers.streams import outcomes as oc
+from workers.streams.consumer import GroupConsumer, StreamEntry
+from workers.streams.retry import RetryPolicy
+
+log = structlog.get_logger("mailpool.delivery")
+
+READ_BLOCK = 0.5  # seconds an idle XREADGROUP waits
+# Seconds the outcomes of finished sends may take to reach Redis at stop, after the drain:
+# shutdown grace + this + closing connections (1 s) stays inside the pod's grace period.
+FLUSH_CAP = 10.0
+
+
+class DeliveryWorker:
+    """Reads send entries, sends them over ``--concurrency`` lanes, settles their outcomes.
+
+    Each entry read is held as one :class:`~workers.delivery.held.HeldEntry` whose state
+    says where it is (read, prepared, queued, waiting for its id, sending, settling,
+    settled, handed back).  The invariants, checked in one place
+    (:meth:`~workers.delivery.held.HeldEntries.check`, and ``check_drained`` at the stop):
+
+    * at most 2 x ``--concurrency`` entries are in progress (prepared, and neither settling
+      nor handed back), so an entry starts within one SMTP transaction of its read and
+      ``--claim-after`` never hands a live worker's entry to another;
+    * one entry at a time holds a message id, from its preparation (or its turn) until its
+      outcome is recorded (sent) or decided (not sent): one lane sends it, and the next
+      entry with that id re-checks what the first one's record says;
+    * nothing is sent after the stop;
+    * every entry ends settled or handed back (pending in the group, for a later read or a
+      claim); only settlements the stop deadline cuts off stay settling (logged).
+    """
+
+    def __init__(self, config: DeliveryConfig, outcomes: oc.Outcomes, transport: Transport) -> None:
+        self.config = config
+        self.outcomes = outcomes
+        self.transport = transport
+        self.settler = Settler(outcomes, on_crash=self._stop_now)
+        self.rng = random.Random()  # noqa: S311 - retry jitter, not cryptography
+        self._policy = RetryPolicy(
+            config.retry_base, config.retry_cap, config.max_attempts, config.max_age
+        )
+        self._stop = asyncio.Event()  # run() brings the process's: looked up at each check
+        self._held = HeldEntries(config.concurrency, stopped=lambda: self._stop.is_set())  # noqa: PLW0108
+        self._reader = Reader(self._held)
+        # Queued entries wait here for one of --concurrency lanes (one SMTP connection each).
+        self._queue: asyncio.Queue[HeldEntry | None] = asyncio.Queue()
+
+    async def run(self, consumer: GroupConsumer, stop: asyncio.Event) -> None:
+        """Read, prepare and queue until ``stop``; ``--concurrency`` lanes send what is queued.
+
+        At most one entry per lane waits in the queue (read-ahead hides the read round
+        trip).  On stop: no more reads (one waiting on a stalled Redis is cancelled), sends
+        in flight drain, entries not yet started are handed back for others.
+        """
+        self._stop = stop
+        self.settler.start()
+        promoter = asyncio.create_task(
+            promote_retries(self.outcomes, self.config, stop), name="retry-promoter"
+        )
+        stopping = asyncio.create_task(stop.wait(), name="stop-watch")
+        lanes = [
+            asyncio.create_task(self._lane(), name=f"send-lane-{n}")
+            for n in range(self.config.concurrency)
+        ]
+        reading = asyncio.create_task(self._read_until_stopped(consumer, stop), name="reader")
+        try:
+            await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await self._shut_down(reading, lanes, promoter, stopping)
+        if self.settler.crashed:
+            raise SettlerCrashed
+        if not reading.cancelled() and (bug := reading.exception()) is not None:
+            raise bug
+        self._held.check_drained()
+
+    async def _read_until_stopped(self, consumer: GroupConsumer, stop: asyncio.Event) -> None:
+        """The loop: read what the window has room for, prepare it, queue it, repeat."""
+        while not stop.is_set():
+            room = self._held.room()
+            if room < self.config.concurrency:
+                # Read in batches of at least a window's half: --concurrency sends are
+                # still in flight meanwhile, and one XREADGROUP serves many entries.
+                await self._held.room_freed()
+                continue
+            entries = await self._reader.read(consumer, min(room, self.config.batch), stop)
+            if stop.is_set():
+                break  # what was just read stays pending: another worker claims it
+            if entries and self._held.holds_all(entries):
+                await self._pause()  # own pending entries still in hand
+                continue
+            for held in await self._prepare(entries):
+                self._queue.put_nowait(held)
+
+    async def _prepare(self, entries: list[StreamEntry]) -> list[HeldEntry]:
+        """Take and build each entry not in hand; settle what needs no send; queue the rest
+        with the recipients not accepted before (one idempotency round trip per batch)."""
+        built: list[HeldEntry] = []
+        for entry in entries:
+            held = self._held.take(entry)  # None: in hand already (own pending, re-read)
+            if held is not None and self._build(held):
+                built.append(held)
+        accepted = await self._accepted_before(built) if built else None
+        if accepted is None:
+            return []
+        queued: list[HeldEntry] = []
+        for held, already in zip(built, accepted, strict=True):
+            remaining = [r for r in held.prepared.recipients if r not in already]
+            if not remaining:
+                log.info("already_sent", id=held.message_id, entry=held.entry_id)
+                self._settle(held, nothing_left(held.prepared))
+            elif held.job.deliveries > self.config.max_deliveries:
+                self._settle(held, poison(held.prepared, remaining))
+            else:
+                held.queue(remaining)
+                queued.append(held)
+        return queued
+
+    def _build(self, held: HeldEntry) -> bool:
+        """Decode and build; an entry that cannot be sent is settled at once (False)."""
+        prepared = prepare(held.entry, self.config, self._policy)
+        if isinstance(prepared, oc.Settlement):
+            self._settle(held, prepared)
+            return False
+        held.mark_prepared(prepared)
+        return True
+
+    async def _accepted_before(self, built: list[HeldEntry]) -> list[set[str]] | None:
+        """Recipients already accepted per entry, or None when Redis could not tell: the
+        entries are handed back and come back as our own leftovers at the next read."""
+        try:
+            return await accepted_before(self.outcomes, [held.prepared for held in built])
+        except BaseException as exc:
+            for held in built:  # they stay pending (at stop: for others)
+                held.hand_back()
+            if not isinstance(exc, RedisError | OSError):
+                raise  # cancelled at stop, or a bug
+            log.warning("idempotency_check_failed", error=str(exc))
+            self._reader.look_at_own_pending_next()
+            return None
+
+    async def _lane(self) -> None:
+        """Send queued entries one after another until told to stop (a None)."""
+        while (held := await self._queue.get()) is not None:
+            try:
+                await self._send(held)
+            except Exception:  # a bug must not take a lane down; the entry stays pending
+                log.exception("send_crashed", entry=held.entry_id)
+            finally:
+                if held.undecided:  # not sent (stopped, cancelled, Redis away, a bug)
+                    held.hand_back()
+
+    async def _send(self, held: HeldEntry) -> None:
+        """One queued entry's SMTP transaction, once no other entry here holds its message
+        id.  Returning before a step leaves the entry to the lane, which hands it back."""
+        if self._stop.is_set():
+            return  # not started: it stays pending for another worker
+        recipients = held.recipients if held.holds_id else await self._take_turn(held)
+        if not recipients or self._stop.is_set():
+            return  # nothing left to send (settled), or stopped while it waited its turn
+        held.start_sending(recipients)
+        first_attempt = held.job.first_attempt or time.time()
+        with DELIVERY_IN_FLIGHT.track_inprogress(), DELIVERY_SMTP.time():
+            result = await self.transport.send(held.prepared.built, recipients)
+        attempts = held.job.attempts + 1
+        self._settle(held, settle_attempt(held.prepared, result, attempts, first_attempt, self.rng))
+
+    async def _take_turn(self, held: HeldEntry) -> list[str]:
+        """Wait for the entry here that sends the same message id, take the id, and return
+        the recipients that one did not reach ([] when there is nothing left to do)."""
+        await held.wait_for_id()
+        try:
+            [already] = await self.outcomes.already_sent([(held.message_id, held.recipients)])
+        except (RedisError, OSError) as exc:
+            log.warning("idempotency_check_failed", error=str(exc))
+            return []
+        remaining = [r for r in held.recipients if r not in already]
+        if not remaining:
+            self._settle(held, nothing_left(held.prepared))
+        return remaining
+
+    def _settle(self, held: HeldEntry, settlement: oc.Settlement) -> None:
+        held.settle()
+        self.settler.submit(settlement, held.settled)
+
+    async def _pause(self) -> None:
+        """Wait a moment for a send or settlement to finish instead of re-reading at once."""
+        if not self._held.in_progress:
+            await asyncio.sleep(0.01)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._held.next_finish(), READ_BLOCK)
+
+    async def _shut_down(
+        self,
+        reading: asyncio.Task[None],
+        lanes: list[asyncio.Task[None]],
+        promoter: asyncio.Task[None],
+        stopping: asyncio.Task[bool],
+    ) -> None:
+        # Whatever the reader waits for (a read, an idempotency check) may wait on a stalled
+        # Redis: it must not hold up the stop.  What it would have handed us stays pending.
+        reading.cancel()
+        await asyncio.wait((reading,))
+        await self._drain(lanes)
+        stopping.cancel()
+        promoter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await promoter
+        await self.settler.close(grace=min(max(self.config.shutdown_grace, 1.0), FLUSH_CAP))
+        await self.transport.aclose()
+
+    async def _drain(self, lanes: list[asyncio.Task[None]]) -> None:
+        """Let sends in flight finish up to ``shutdown_grace``; the rest stay pending."""
+        while not self._queue.empty():
+            queued = self._queue.get_nowait()
+            if queued is not None:
+                queued.hand_back()  # not started: it stays pending for others
+        for _ in lanes:
+            self._queue.put_nowait(None)
+        if self._held.in_progress:
+            log.info("draining", in_flight=self._held.in_progress, grace=self.config.shutdown_grace)
+        _, unfinished = await asyncio.wait(lanes, timeout=self.config.shutdown_grace)
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            log.warning("sends_abandoned_at_stop", count=len(unfinished))
+            await asyncio.wait(unfinished)
+
+    def _stop_now(self) -> None:
+        self._stop.set()  # the event run() was given, so the whole process stops
+
+
+async def promote_retries(
+    outcomes: oc.Outcomes, config: DeliveryConfig, stop: asyncio.Event
+) -> None:
+    """Move due retries into the stream; any worker's promoter may take any retry."""
+    interval = min(max(config.retry_base / 4, 0.05), 1.0)
+    while not stop.is_set():
+        try:
+            moved = await outcomes.promote_due(time.time(), config.batch)
+        except (RedisError, OSError) as exc:
+            log.warning("retry_promotion_failed", error=str(exc))
+            moved = 0
+        if moved:
+            log.debug("retries_due", count=moved)
+        if moved < config.batch:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
