@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import RedisServer, running_redis
 from tests.no_skips import pytest_sessionfinish, pytest_terminal_summary
-from tests.sinks import RecordingSink
+from tests.sinks import PostfixSink, RecordingSink
 
 # The hooks that make skips fail `make test` and CI (see tests/no_skips.py).
 __all__ = ["pytest_sessionfinish", "pytest_terminal_summary"]
@@ -55,8 +56,37 @@ def make_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
 
 @pytest.fixture
-def sink() -> Iterator[RecordingSink]:
+def make_sink() -> Iterator[Callable[..., RecordingSink]]:
+    """Recording SMTP relays (aiosmtpd) of the test's own options (``certificate``,
+    ``users``, ``implicit_tls``, ``size_limit``), started on free loopback ports; all
+    stopped at the end."""
+    sinks: list[RecordingSink] = []
+
+    def make(**options: Any) -> RecordingSink:
+        sinks.append(RecordingSink(**options).start())
+        return sinks[-1]
+
+    yield make
+    for server in sinks:
+        server.stop()
+
+
+@pytest.fixture
+def sink(make_sink: Callable[..., RecordingSink]) -> RecordingSink:
     """A recording SMTP relay (aiosmtpd) on a free loopback port."""
-    server = RecordingSink().start()
-    yield server
-    server.stop()
+    return make_sink()
+
+
+@pytest.fixture
+def make_postfix_sink() -> Iterator[Callable[..., PostfixSink]]:
+    """Postfix's smtp-sink with the given fault options (``-f RCPT``, ``-Q DATA``, ...) on
+    free loopback ports; all closed at the end."""
+    sinks: list[PostfixSink] = []
+
+    def make(*options: str) -> PostfixSink:
+        sinks.append(PostfixSink(*options).start())
+        return sinks[-1]
+
+    yield make
+    for server in sinks:
+        server.close()

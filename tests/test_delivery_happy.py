@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
@@ -102,16 +104,12 @@ async def test_lines_starting_with_a_dot_arrive_intact(
 
 
 async def test_first_message_on_a_connection_announces_its_size(
-    redis: aioredis.Redis, redis_url: str
+    redis: aioredis.Redis, redis_url: str, make_sink: Callable[..., RecordingSink]
 ) -> None:
     """EHLO happens when the connection opens (also without STARTTLS), so even the first
     MAIL carries SIZE= when the relay offers it."""
-    relay = RecordingSink(size_limit=1_000_000).start()
-    try:
-        await enqueue(redis, send_message(message_id="size-1"))
-        config = make_config(redis_url, relay.url, concurrency=1, starttls="off")
-        await run_until_settled(redis, config)
-    finally:
-        relay.stop()
+    relay = make_sink(size_limit=1_000_000)
+    await enqueue(redis, send_message(message_id="size-1"))
+    await run_until_settled(redis, make_config(redis_url, relay.url, concurrency=1, starttls="off"))
     [got] = relay.received
     assert [o for o in got.mail_options if o.startswith("SIZE=")] == [f"SIZE={len(got.data)}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
@@ -56,28 +57,26 @@ async def test_data_refused_permanently_is_a_dead_letter(
     assert json.loads(dead["recipients"]) == ["ann@example.com", "bob@example.com"]
 
 
-async def test_postfix_smtp_sink_hard_error_on_rcpt(redis: aioredis.Redis, redis_url: str) -> None:
-    relay = PostfixSink("-f", "RCPT").start()
-    try:
-        for n in range(3):
-            await enqueue(redis, send_message([f"u{n}@example.com"]))
-        await run_until_settled(redis, make_config(redis_url, relay.url))
-        assert relay.dumps() == []
-    finally:
-        relay.close()
+async def test_postfix_smtp_sink_hard_error_on_rcpt(
+    redis: aioredis.Redis, redis_url: str, make_postfix_sink: Callable[..., PostfixSink]
+) -> None:
+    relay = make_postfix_sink("-f", "RCPT")
+    for n in range(3):
+        await enqueue(redis, send_message([f"u{n}@example.com"]))
+    await run_until_settled(redis, make_config(redis_url, relay.url))
+    assert relay.dumps() == []
     dead = await stream_fields(redis, "email.send.dead")
     assert len(dead) == 3
     assert {d["reason"] for d in dead} == {"rejected"}
     assert {d["smtp_code"][0] for d in dead} == {"5"}
 
 
-async def test_postfix_smtp_sink_hard_error_on_data(redis: aioredis.Redis, redis_url: str) -> None:
-    relay = PostfixSink("-f", "DATA").start()
-    try:
-        await enqueue(redis, send_message(["ann@example.com"]))
-        await run_until_settled(redis, make_config(redis_url, relay.url))
-    finally:
-        relay.close()
+async def test_postfix_smtp_sink_hard_error_on_data(
+    redis: aioredis.Redis, redis_url: str, make_postfix_sink: Callable[..., PostfixSink]
+) -> None:
+    relay = make_postfix_sink("-f", "DATA")
+    await enqueue(redis, send_message(["ann@example.com"]))
+    await run_until_settled(redis, make_config(redis_url, relay.url))
     [dead] = await stream_fields(redis, "email.send.dead")
     assert dead["reason"] == "rejected" and dead["smtp_code"].startswith("5")
 

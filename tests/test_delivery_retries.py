@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
@@ -53,18 +54,12 @@ async def test_retry_only_for_recipients_not_yet_accepted(
     assert sink.received[0].message_id == sink.received[1].message_id
 
 
-async def test_postfix_soft_error_then_relay_fixed(redis: aioredis.Redis, redis_url: str) -> None:
-    relay = PostfixSink("-r", "RCPT").start()
-    try:
-        await enqueue(redis, send_message(["ann@example.com"]))
-        async with running_worker(make_config(redis_url, relay.url, retry_base=0.5)):
-            await wait_until(lambda: _has_event(redis, "deferred"))
-            relay.stop()
-            relay.start("-p")  # same port, no faults
-            await wait_until(lambda: settled(redis))
-        assert len(relay.wait_for_dumps(1)) == 1
-    finally:
-        relay.close()
+async def test_postfix_soft_error_then_relay_fixed(
+    redis: aioredis.Redis, redis_url: str, make_postfix_sink: Callable[..., PostfixSink]
+) -> None:
+    relay = make_postfix_sink("-r", "RCPT")
+    await _deferred_until_the_relay_is_fixed(redis, redis_url, relay)
+    assert len(relay.wait_for_dumps(1)) == 1
     assert await redis.xlen("email.send.dead") == 0
 
 
@@ -155,19 +150,24 @@ async def test_disconnect_after_dot_is_retried(
 
 
 async def test_postfix_421_disconnect_on_data_is_retried(
-    redis: aioredis.Redis, redis_url: str
+    redis: aioredis.Redis, redis_url: str, make_postfix_sink: Callable[..., PostfixSink]
 ) -> None:
-    relay = PostfixSink("-Q", "DATA").start()
-    try:
-        await enqueue(redis, send_message(["ann@example.com"]))
-        async with running_worker(make_config(redis_url, relay.url, retry_base=0.5)):
-            await wait_until(lambda: _has_event(redis, "deferred"))
-            relay.stop()
-            relay.start("-p")
-            await wait_until(lambda: settled(redis))
-        assert len(relay.wait_for_dumps(1)) == 1
-    finally:
-        relay.close()
+    relay = make_postfix_sink("-Q", "DATA")
+    await _deferred_until_the_relay_is_fixed(redis, redis_url, relay)
+    assert len(relay.wait_for_dumps(1)) == 1
+
+
+async def _deferred_until_the_relay_is_fixed(
+    redis: aioredis.Redis, redis_url: str, relay: PostfixSink
+) -> None:
+    """One message and a worker: once the relay's fault has deferred it, the relay comes
+    back on the same port without faults, and the worker settles the stream."""
+    await enqueue(redis, send_message(["ann@example.com"]))
+    async with running_worker(make_config(redis_url, relay.url, retry_base=0.5)):
+        await wait_until(lambda: _has_event(redis, "deferred"))
+        relay.stop()
+        relay.start("-p")  # same port, no faults
+        await wait_until(lambda: settled(redis))
 
 
 async def _has_event(redis: aioredis.Redis, kind: str) -> bool:

@@ -4,7 +4,7 @@ from --relay-user/--relay-password."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,10 +29,10 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def tls_sink(certificate: tuple[Path, Path]) -> Iterator[RecordingSink]:
-    server = RecordingSink(certificate=certificate, users={"mailer": "p@ss:w/rd"}).start()
-    yield server
-    server.stop()
+def tls_sink(
+    make_sink: Callable[..., RecordingSink], certificate: tuple[Path, Path]
+) -> RecordingSink:
+    return make_sink(certificate=certificate, users={"mailer": "p@ss:w/rd"})
 
 
 async def test_starttls_when_offered_and_auth_from_the_url(
@@ -71,41 +71,37 @@ async def test_wrong_password_defers_instead_of_dead_lettering(
 
 
 async def test_starttls_required_but_not_offered_sends_nothing_in_clear(
-    redis: aioredis.Redis, redis_url: str
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
 ) -> None:
-    plain = RecordingSink().start()
-    try:
-        await enqueue(redis, send_message(["ann@example.com"]))
-        async with running_worker(make_config(redis_url, plain.url, starttls="require")):
-            await wait_until(lambda: _has_deferred(redis))
-        assert plain.received == []
-    finally:
-        plain.stop()
+    await enqueue(redis, send_message(["ann@example.com"]))
+    async with running_worker(make_config(redis_url, sink.url, starttls="require")):
+        await wait_until(lambda: _has_deferred(redis))
+    assert sink.received == []
 
 
 async def test_starttls_off_sends_in_clear_even_when_offered(
-    redis: aioredis.Redis, redis_url: str, certificate: tuple[Path, Path]
+    redis: aioredis.Redis,
+    redis_url: str,
+    make_sink: Callable[..., RecordingSink],
+    certificate: tuple[Path, Path],
 ) -> None:
-    sink = RecordingSink(certificate=certificate).start()
-    try:
-        await enqueue(redis, send_message(["ann@example.com"]))
-        await run_until_settled(redis, make_config(redis_url, sink.url, starttls="off"))
-        assert [r.tls for r in sink.received] == [False]
-    finally:
-        sink.stop()
+    sink = make_sink(certificate=certificate)
+    await enqueue(redis, send_message(["ann@example.com"]))
+    await run_until_settled(redis, make_config(redis_url, sink.url, starttls="off"))
+    assert [r.tls for r in sink.received] == [False]
 
 
 async def test_smtps_implicit_tls(
-    redis: aioredis.Redis, redis_url: str, certificate: tuple[Path, Path]
+    redis: aioredis.Redis,
+    redis_url: str,
+    make_sink: Callable[..., RecordingSink],
+    certificate: tuple[Path, Path],
 ) -> None:
-    sink = RecordingSink(certificate=certificate, implicit_tls=True).start()
-    try:
-        await enqueue(redis, send_message(["ann@example.com"]))
-        relay = f"smtps://127.0.0.1:{sink.port}"
-        await run_until_settled(redis, make_config(redis_url, relay, tls_verify=False))
-        assert [r.tls for r in sink.received] == [True]
-    finally:
-        sink.stop()
+    sink = make_sink(certificate=certificate, implicit_tls=True)
+    await enqueue(redis, send_message(["ann@example.com"]))
+    relay = f"smtps://127.0.0.1:{sink.port}"
+    await run_until_settled(redis, make_config(redis_url, relay, tls_verify=False))
+    assert [r.tls for r in sink.received] == [True]
 
 
 async def test_certificate_verification_is_on_by_default(
@@ -121,24 +117,25 @@ async def test_certificate_verification_is_on_by_default(
 
 @pytest.mark.parametrize("implicit_tls", [False, True], ids=["starttls", "smtps"])
 async def test_relay_signed_by_a_private_ca_is_trusted_with_tls_ca_file(
-    redis: aioredis.Redis, redis_url: str, tmp_path: Path, implicit_tls: bool
+    redis: aioredis.Redis,
+    redis_url: str,
+    make_sink: Callable[..., RecordingSink],
+    tmp_path: Path,
+    implicit_tls: bool,
 ) -> None:
     """Not trusted by the system's CAs (deferred, nothing sent); trusted, and verified with
     its host name, once the worker is given the CA's certificate."""
     private_ca = make_certificate(tmp_path / "ca", ca=True)
     relay_certificate = make_certificate(tmp_path / "relay", issuer=private_ca)
-    sink = RecordingSink(certificate=relay_certificate, implicit_tls=implicit_tls).start()
+    sink = make_sink(certificate=relay_certificate, implicit_tls=implicit_tls)
     relay = f"smtps://127.0.0.1:{sink.port}" if implicit_tls else sink.url
-    try:
-        await enqueue(redis, send_message(["ann@example.com"]))
-        async with running_worker(make_config(redis_url, relay, starttls="require")):
-            await wait_until(lambda: _has_deferred(redis))
-        assert sink.received == []
-        config = make_config(redis_url, relay, starttls="require", tls_ca_file=str(private_ca[0]))
-        await run_until_settled(redis, config)
-        assert [r.tls for r in sink.received] == [True]
-    finally:
-        sink.stop()
+    await enqueue(redis, send_message(["ann@example.com"]))
+    async with running_worker(make_config(redis_url, relay, starttls="require")):
+        await wait_until(lambda: _has_deferred(redis))
+    assert sink.received == []
+    config = make_config(redis_url, relay, starttls="require", tls_ca_file=str(private_ca[0]))
+    await run_until_settled(redis, config)
+    assert [r.tls for r in sink.received] == [True]
 
 
 async def _has_deferred(redis: aioredis.Redis) -> bool:

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import redis as syncredis
@@ -45,6 +47,22 @@ MIXED = (
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "workers", *args]
+
+
+@contextlib.contextmanager
+def listen_process(*args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``mailpool listen`` as a running child with its output piped; killed if the test
+    leaves it running."""
+    process = subprocess.Popen(
+        cli("listen", *args),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=ROOT,
+    )  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def run_listen(redis_url: str, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -120,11 +138,8 @@ def test_undecodable_entry_is_printed_with_its_error_and_acknowledged(redis_url:
 def test_follows_new_messages_and_stops_cleanly_on_sigterm(redis_url: str) -> None:
     client = syncredis.Redis.from_url(redis_url)
     add(client, MIXED)  # history: a group starting "new" never prints it
-    process = subprocess.Popen(
-        cli("listen", "--redis-url", redis_url, "--group", "live", "--consumer", "c1"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=ROOT,
-    )  # fmt: skip
-    try:
+    listen = ("--redis-url", redis_url, "--group", "live", "--consumer", "c1")
+    with listen_process(*listen) as process:
         wait_until_blocking(lambda: group_exists(client, "live"), timeout=10)
         entry_id = add(client, b"Subject: live\r\n\r\nnow\r\n")
         assert process.stdout is not None
@@ -134,10 +149,6 @@ def test_follows_new_messages_and_stops_cleanly_on_sigterm(redis_url: str) -> No
         assert (line["entry_id"], line["headers"]["subject"]) == (entry_id, "live")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.stdout.read() == b""  # nothing else printed
     assert pending(client, "live") == 0
     assert consumers(client, "live") == []  # a clean stop leaves no consumer behind
@@ -145,29 +156,17 @@ def test_follows_new_messages_and_stops_cleanly_on_sigterm(redis_url: str) -> No
 
 def test_sigint_while_idle_exits_zero(redis_url: str) -> None:
     client = syncredis.Redis.from_url(redis_url)
-    process = subprocess.Popen(
-        cli("listen", "--redis-url", redis_url, "--group", "idle"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=ROOT,
-    )  # fmt: skip
-    try:
+    with listen_process("--redis-url", redis_url, "--group", "idle") as process:
         wait_until_blocking(lambda: group_exists(client, "idle"), timeout=10)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_waits_for_redis_that_is_not_there_yet_then_stops_on_sigterm() -> None:
     port = free_port()
     url = f"redis://app:s3cret@127.0.0.1:{port}/0"
-    process = subprocess.Popen(
-        cli("listen", "--redis-url", url, "--group", "g"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=ROOT,
-    )  # fmt: skip
-    assert process.stderr is not None
-    try:
+    with listen_process("--redis-url", url, "--group", "g") as process:
+        assert process.stderr is not None
         told: dict[str, Any] = {}
         warnings = 0
         deadline = time.monotonic() + 15
@@ -185,10 +184,6 @@ def test_waits_for_redis_that_is_not_there_yet_then_stops_on_sigterm() -> None:
         assert ".mailpool/redis.url" in told["hint"] and "waiting" in told["hint"]
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_a_finished_run_removes_its_consumer(redis_url: str) -> None:

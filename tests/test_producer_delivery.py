@@ -10,32 +10,24 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from tests.delivery_util import make_config, run_until_settled
+from tests.harness import ROOT
 from tests.sinks import Received, RecordingSink
 from workers.producer import enqueue_send
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 async def test_cli_send_arrives_at_the_relay_as_intended(
-    redis: aioredis.Redis, redis_url: str, tmp_path: Path
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink, tmp_path: Path
 ) -> None:
     invoice = tmp_path / "facture été.pdf"
     invoice.write_bytes(b"%PDF-1.4\n" + bytes(range(256)))
-    done = subprocess.run(
-        [sys.executable, "-m", "workers", "send", "--redis-url", redis_url,
-         "--from", "billing@example.com", "--to", "ann@example.net", "--to", "bob@example.org",
-         "--subject", "Votre facture — mars", "--text", "Bonjour,\nci-joint.\n",
-         "--html", "<p>Bonjour, ci-joint.</p>", "--attach", str(invoice),
-         "--header", "X-Tag: one", "--header", "X-Tag: two", "--id", "invoice-2026-03"],
-        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
+    mailpool_send(
+        redis_url, "--from", "billing@example.com", "--to", "ann@example.net",
+        "--to", "bob@example.org", "--subject", "Votre facture — mars",
+        "--text", "Bonjour,\nci-joint.\n", "--html", "<p>Bonjour, ci-joint.</p>",
+        "--attach", str(invoice), "--header", "X-Tag: one", "--header", "X-Tag: two",
+        "--id", "invoice-2026-03",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    sink = RecordingSink().start()
-    try:
-        await run_until_settled(redis, make_config(redis_url, sink.url))
-    finally:
-        sink.stop()
-    (received,) = sink.received
+    (received,) = await delivered(redis, redis_url, sink)
     assert received.mail_from == "billing@example.com"
     assert sorted(received.rcpt_tos) == ["ann@example.net", "bob@example.org"]
     message = received.message
@@ -52,19 +44,14 @@ async def test_cli_send_arrives_at_the_relay_as_intended(
 
 
 async def test_helper_send_with_null_sender_and_tuple_attachment(
-    redis: aioredis.Redis, redis_url: str
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
 ) -> None:
     await enqueue_send(
         redis, from_=None, to="ann@example.net", subject="bounce",
         headers={"From": "MAILER-DAEMON@example.com"},
         attachments=[("report.txt", b"line 1\nline 2\n", "text/plain")],
     )  # fmt: skip
-    sink = RecordingSink().start()
-    try:
-        await run_until_settled(redis, make_config(redis_url, sink.url))
-    finally:
-        sink.stop()
-    (received,) = sink.received
+    (received,) = await delivered(redis, redis_url, sink)
     assert received.mail_from == "<>"  # aiosmtpd spells the null sender so
     (attachment,) = received.message.iter_parts()
     assert attachment.get_filename() == "report.txt"
@@ -72,7 +59,7 @@ async def test_helper_send_with_null_sender_and_tuple_attachment(
 
 
 async def test_cli_text_attachments_and_long_lines_arrive_readable(
-    redis: aioredis.Redis, redis_url: str, tmp_path: Path
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink, tmp_path: Path
 ) -> None:
     """A UTF-8 .txt gets charset=utf-8, a non-UTF-8 one travels as octets, and a
     995-character text line arrives quoted-printable in lines of <= 78."""
@@ -86,7 +73,7 @@ async def test_cli_text_attachments_and_long_lines_arrive_readable(
         redis_url, "--from", "app@example.com", "--to", "ann@example.net", "--subject", "notes",
         "--text", long_text, "--attach", str(notes), "--attach", str(legacy),
     )  # fmt: skip
-    (received,) = await delivered(redis, redis_url)
+    (received,) = await delivered(redis, redis_url, sink)
     text, notes_part, legacy_part = received.message.iter_parts()
     assert text["content-transfer-encoding"] == "quoted-printable"
     encoded = text.get_payload()
@@ -110,11 +97,7 @@ def mailpool_send(redis_url: str, *args: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-async def delivered(redis: aioredis.Redis, redis_url: str) -> list[Received]:
-    """What a recording relay receives once a delivery worker has settled the stream."""
-    sink = RecordingSink().start()
-    try:
-        await run_until_settled(redis, make_config(redis_url, sink.url))
-    finally:
-        sink.stop()
+async def delivered(redis: aioredis.Redis, redis_url: str, sink: RecordingSink) -> list[Received]:
+    """What ``sink`` receives once a delivery worker has settled the stream."""
+    await run_until_settled(redis, make_config(redis_url, sink.url))
     return sink.received

@@ -224,11 +224,9 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def relay(certificate: tuple[Path, Path]) -> Iterator[RecordingSink]:
+def relay(make_sink: Callable[..., RecordingSink], certificate: tuple[Path, Path]) -> RecordingSink:
     """A relay that offers STARTTLS and requires AUTH as ``mailer`` with the password."""
-    sink = RecordingSink(certificate=certificate, users={RELAY_USER: PASSWORD}).start()
-    yield sink
-    sink.stop()
+    return make_sink(certificate=certificate, users={RELAY_USER: PASSWORD})
 
 
 class RefusingRelay(RecordingSink):

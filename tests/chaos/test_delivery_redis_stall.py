@@ -91,8 +91,9 @@ class Scene:
 
 
 @pytest.fixture
-async def scene(make_redis: Callable[..., RedisServer], tmp_path: Path) -> AsyncIterator[Scene]:
-    sink = RecordingSink().start()
+async def scene(
+    make_redis: Callable[..., RedisServer], sink: RecordingSink, tmp_path: Path
+) -> AsyncIterator[Scene]:
     client = connect((server := make_redis()).url, retries=0)
     scene = Scene(server, sink, client, Ledger("delivery-redis-stall"), tmp_path / "deliver.log")
     try:
@@ -100,7 +101,6 @@ async def scene(make_redis: Callable[..., RedisServer], tmp_path: Path) -> Async
     finally:
         for worker in scene.workers:
             terminate(worker, signal.SIGKILL)
-        sink.stop()
         await client.aclose()
 
 
