@@ -7,10 +7,10 @@ persistent SMTP connections (``--concurrency``, default 10):
 * raw: the messages are built into RFC 5322 bytes before the clock starts, then sent with
   ``aiosmtplib``'s ``sendmail`` by one coroutine per connection.  This is the baseline the
   target is set against (worker >= 0.7x raw).
-* rawtx: the same, but each message goes through the worker's own SMTP transaction code
-  (``workers.relay``: commands with pre-checked addresses, one-pass dot-stuffing) instead
-  of ``sendmail``.  worker/rawtx is the cost of the bookkeeping alone (Redis, build,
-  records, events), without the worker's cheaper use of aiosmtplib.
+* rawtx: the same, but each message goes through the worker's own SMTP transaction
+  (``workers.relay.transaction``: commands with pre-checked addresses, one-pass
+  dot-stuffing) instead of ``sendmail``.  worker/rawtx is the cost of the bookkeeping alone
+  (Redis, build, records, events), without the worker's cheaper use of aiosmtplib.
 * worker: the messages are pre-enqueued on ``email.send`` of a private redis-server, then
   ``workers.delivery.serve`` drains them with all its bookkeeping (build, idempotency
   record, ack, events).  The clock runs from the worker's start to the moment the group has
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +58,13 @@ from workers.codec.wire import pack  # noqa: E402
 from workers.config import DeliveryConfig  # noqa: E402
 from workers.logs import configure_logging  # noqa: E402
 from workers.producer import make_send_message  # noqa: E402
+from workers.relay import greet, transaction  # noqa: E402
+from workers.streams.layout import data_entry  # noqa: E402
 
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 TARGET_SIZE = 2048
 DRAIN_TIMEOUT = 600.0
+SEND_TIMEOUT = 60.0  # rawtx: the transaction's budgets (never reached against smtp-sink)
 
 
 @dataclass
@@ -144,10 +148,9 @@ async def with_sendmail(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> None:
 
 
 async def with_own_transaction(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> None:
-    from workers.relay import _greet, _transaction
-
-    await _greet(smtp)  # once per connection: a no-op after the first message
-    result, _ = await _transaction(smtp, message, message.recipients)
+    await greet(smtp)  # once per connection: a no-op after the first message
+    deadline = asyncio.get_running_loop().time() + SEND_TIMEOUT
+    result, _ = await transaction(smtp, message, message.recipients, deadline, SEND_TIMEOUT)
     if not result.accepted:
         raise SystemExit(f"rawtx: not accepted: {result}")
 
@@ -190,7 +193,7 @@ async def enqueue_all(redis: aioredis.Redis, stream: str, messages: list[SendMes
     for start in range(0, len(messages), 500):
         pipe = redis.pipeline(transaction=False)
         for message in messages[start : start + 500]:
-            pipe.xadd(stream, {"data": pack(message)})
+            pipe.xadd(stream, data_entry(pack(message)))
         await pipe.execute()
 
 
@@ -238,7 +241,7 @@ async def run_worker(
 
 async def check_nothing_failed(redis: aioredis.Redis, config: DeliveryConfig) -> None:
     dead = await redis.xlen(config.dead_stream)
-    retries = await redis.zcard(config.key_prefix + "retry")
+    retries = await redis.zcard(config.stream_keys().retry_schedule)
     if dead or retries:
         raise SystemExit(f"worker round had {dead} dead letters and {retries} retries waiting")
 
@@ -288,12 +291,22 @@ def summary(results: list[Result]) -> None:
         print(f"worker/raw per round: {rounds} (median {statistics.median(paired):.2f})")
 
 
-async def bench(args: argparse.Namespace, workdir: Path) -> None:
+@contextlib.contextmanager
+def sink_and_redis(workdir: Path) -> Iterator[tuple[SmtpSink, RedisServer]]:
+    """smtp-sink and a private redis-server in ``workdir``, stopped on the way out."""
     sink = SmtpSink(workdir)
     server = RedisServer(workdir / "redis")
     sink.start()
     server.start()
     try:
+        yield sink, server
+    finally:
+        server.stop(kill=True)
+        sink.stop()
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> None:
+    with sink_and_redis(workdir) as (sink, server):
         sample = make_messages(1, "size")[0]
         size = len(build_message(sample, default_id="size").data)
         print(
@@ -319,9 +332,6 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
                 report(result)
                 results.append(result)
         summary(results)
-    finally:
-        server.stop(kill=True)
-        sink.stop()
 
 
 def main() -> None:
