@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import RedisServer, running_redis
+from tests.ingest_util import IngestProcess
 from tests.no_skips import pytest_sessionfinish, pytest_terminal_summary
 from tests.sinks import PostfixSink, RecordingSink
 
@@ -53,6 +54,22 @@ def make_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield make
     for server in servers:
         server.stop(kill=True)
+
+
+@pytest.fixture
+def ingest_workers(tmp_path: Path) -> Iterator[Callable[..., IngestProcess]]:
+    """Start ``python -m workers ingest`` processes; all are killed at the end."""
+    started: list[IngestProcess] = []
+
+    def start(redis_url: str, *args: str) -> IngestProcess:
+        worker = IngestProcess(redis_url, *args, log_path=tmp_path / f"ingest{len(started)}.log")
+        worker.start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
 
 
 @pytest.fixture

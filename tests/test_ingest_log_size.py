@@ -5,8 +5,7 @@ client sent after DATA (dot-unstuffed, without the end mark), which is also ``le
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,11 +15,8 @@ from tests.ingest_util import IngestProcess, entries, message, send_one
 
 
 @pytest.fixture
-def process(redis_url: str, tmp_path: Path) -> Iterator[IngestProcess]:
-    proc = IngestProcess(redis_url, "--keep-raw", "always", log_path=tmp_path / "ingest.log")
-    proc.start()
-    yield proc
-    proc.kill()
+def process(redis_url: str, ingest_workers: Callable[..., IngestProcess]) -> IngestProcess:
+    return ingest_workers(redis_url, "--keep-raw", "always")
 
 
 def _accepted_lines(process: IngestProcess) -> list[dict[str, object]]:

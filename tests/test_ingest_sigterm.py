@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,11 +18,8 @@ SECRET_BODY = b"the-body-text-that-must-not-be-logged"
 
 
 @pytest.fixture
-def process(redis_url: str, tmp_path: Path) -> Iterator[IngestProcess]:
-    proc = IngestProcess(redis_url, "--shutdown-grace", "3", log_path=tmp_path / "ingest.log")
-    proc.start()
-    yield proc
-    proc.kill()
+def process(redis_url: str, ingest_workers: Callable[..., IngestProcess]) -> IngestProcess:
+    return ingest_workers(redis_url, "--shutdown-grace", "3")
 
 
 async def _refused(port: int) -> bool:

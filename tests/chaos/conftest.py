@@ -1,16 +1,14 @@
 """Fixtures of the chaos scenarios: the JSON Schema check of what each scenario left in
-Redis, and ingest worker processes.  Their helpers are in tests/chaos/scenario.py."""
+Redis.  Their helpers are in tests/chaos/scenario.py."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.chaos.outcome_schemas import check_outcomes
 from tests.harness import RedisServer
-from tests.ingest_util import IngestProcess
 
 
 @pytest.fixture(autouse=True)
@@ -37,19 +35,3 @@ def make_redis(make_redis: Callable[..., RedisServer]) -> Iterator[Callable[...,
 
     yield make
     check_outcomes([server.url for server in started if server.process is not None])
-
-
-@pytest.fixture
-def ingest_workers(tmp_path: Path) -> Iterator[Callable[..., IngestProcess]]:
-    """Start ``python -m workers ingest`` processes; all are killed at the end."""
-    started: list[IngestProcess] = []
-
-    def start(redis_url: str, *args: str) -> IngestProcess:
-        worker = IngestProcess(redis_url, *args, log_path=tmp_path / f"ingest{len(started)}.log")
-        worker.start()
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.kill()
