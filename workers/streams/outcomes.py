@@ -25,21 +25,15 @@ the time it was first accepted; it expires ``sent_ttl`` seconds after the last w
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError, ResponseError
 
-from workers.streams import functions, layout
+from workers.streams import functions, layout, redis_fence
+from workers.streams.hiredis_fence import pack_command
 from workers.streams.layout import Fields, StreamKeys
-from workers.streams.redis_compat import checkout, is_stale
-
-SETTLE_IDLE_CHECK = 5.0  # seconds idle after which the settlement connection is re-checked
 
 
 @dataclass(frozen=True)
@@ -90,11 +84,6 @@ class Outcomes:
         self.group = group
         self.sent_ttl = max(1, int(sent_ttl))
         self.events_maxlen = events_maxlen
-        # Settlements keep one connection: a pool checkout per round trip (lock, liveness
-        # probe, bookkeeping) costs as much CPU as the settlement's own Python work.
-        self._settle_connection: AbstractConnection | None = None
-        self._settle_used = 0.0  # monotonic time of its last round trip
-        self._settle_lock = asyncio.Lock()
 
     async def already_sent(self, wanted: Sequence[tuple[str, Sequence[str]]]) -> list[set[str]]:
         """For each (message id, recipients): the recipients already accepted by a relay."""
@@ -155,55 +144,23 @@ class Outcomes:
     ) -> list[bool | RedisError]:
         """FCALL per settlement, all written at once on one connection, packed by hiredis.
 
-        This is the per-message hot path: redis-py's pipeline costs more CPU than the send's
-        own SMTP exchange.
+        This is the per-message hot path: redis-py's pipeline costs 10% more CPU per
+        message (figures in :mod:`workers.streams.redis_fence`).
         """
         now_text = repr(now)
-        packed = b"".join(
-            # hiredis's stub declares a 1-tuple; it takes a tuple of any length
-            hiredis.pack_command(tuple(self._settle_command(s, now_text)))  # type: ignore[arg-type]
-            for s in settlements
-        )
-        async with self._settle_lock:
-            connection = await self._held_connection()
-            try:
-                await connection.send_packed_command(packed)
-                results: list[bool | RedisError] = []
-                for _ in settlements:
-                    try:
-                        results.append(bool(await connection.read_response()))
-                    except ResponseError as exc:  # this one failed; the others stand
-                        results.append(exc)
-                return results
-            except BaseException:
-                await self._give_back(disconnect=True)  # replies may be left unread on it
-                raise
-
-    async def _held_connection(self) -> AbstractConnection:
-        """The settlement connection, checked after an idle spell: the server may have closed
-        it meanwhile (Redis ``timeout``), which the pool's checkout does not notice while
-        redis-py's maintenance notifications are on."""
-        now = time.monotonic()
-        connection = self._settle_connection
-        if connection is None:
-            connection = await checkout(self.redis.connection_pool)
-            self._settle_connection = connection
-        elif now - self._settle_used > SETTLE_IDLE_CHECK and await is_stale(connection):
-            await connection.disconnect()  # the next command connects again
-        self._settle_used = now
-        return connection
-
-    async def _give_back(self, *, disconnect: bool) -> None:
-        connection, self._settle_connection = self._settle_connection, None
-        if connection is not None:
-            if disconnect:
-                await connection.disconnect()
-            await self.redis.connection_pool.release(connection)
+        packed = b"".join(pack_command(self._settle_command(s, now_text)) for s in settlements)
+        async with redis_fence.borrowed(self.redis.connection_pool) as connection:
+            await redis_fence.send_packed(connection, packed)
+            results: list[bool | RedisError] = []
+            for _ in settlements:
+                try:
+                    results.append(bool(await redis_fence.read_reply(connection)))
+                except ResponseError as exc:  # this one failed; the others stand
+                    results.append(exc)
+            return results
 
     async def aclose(self) -> None:
-        """Give the settlement connection back to the pool."""
-        async with self._settle_lock:
-            await self._give_back(disconnect=False)
+        """Nothing to give back: each round trip returns its connection to the pool."""
 
     async def promote_due(self, now: float, limit: int = 100) -> int:
         """Move retries due by ``now`` back into the send stream; returns how many."""

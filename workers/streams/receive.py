@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -37,9 +37,8 @@ import structlog
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ReadOnlyError, ResponseError
 
-from workers.streams import layout
+from workers.streams import layout, redis_fence
 from workers.streams.connection import as_text
-from workers.streams.redis_compat import checkout, is_stale
 
 log = structlog.get_logger("mailpool.ingest")
 
@@ -213,22 +212,20 @@ class ReceiveStream:
                 if batch:
                     await self._store(connection, batch)
             finally:
-                await self.redis.connection_pool.release(connection)
+                await redis_fence.release(self.redis.connection_pool, connection)
 
     async def _connection(self) -> AbstractConnection:
         """A pooled connection, replaced when it died while idle (a Redis restart): a write
         on it would fail after some of the batch may have gone out."""
         pool = self.redis.connection_pool
-        connection = await checkout(pool)
+        connection = await redis_fence.checkout(pool)
         try:
-            if await is_stale(connection):
-                await connection.disconnect()
-                # redis-py leaves connect untyped; connecting here, not in the write,
-                # keeps a failure to connect apart from a failure after the batch left.
-                connect: Callable[[], Awaitable[None]] = connection.connect
-                await connect()
+            if await redis_fence.is_stale(connection):
+                # Connecting here, not in the write, keeps a failure to connect apart from
+                # a failure after the batch left.
+                await redis_fence.reconnect(connection)
         except BaseException:
-            await pool.release(connection)
+            await redis_fence.release(pool, connection)
             raise
         return connection
 
@@ -256,7 +253,7 @@ class ReceiveStream:
         try:
             await asyncio.wait_for(self._exchange(connection, batch), wait)
         except BaseException as exc:
-            await connection.disconnect(nowait=True)
+            await redis_fence.drop(connection)
             if isinstance(exc, TimeoutError):
                 log.warning(
                     "store_reply_missing", messages=len(batch), waited=round(wait, 1),
@@ -275,11 +272,11 @@ class ReceiveStream:
         if self.min_replicas:
             chunks.append(self._wait)
         for piece in _pieces(chunks):
-            await connection.send_packed_command(piece, check_health=False)
+            await redis_fence.send_packed(connection, piece, check_health=False)
         written: list[tuple[_Pending, str]] = []
         for pending in batch:
             try:
-                entry_id = as_text(await connection.read_response())
+                entry_id = as_text(await redis_fence.read_reply(connection))
             except ResponseError as exc:  # this XADD was refused; the others stand
                 self._resolve(pending, None, _classify(exc, maybe_stored=False))
                 continue
@@ -294,7 +291,7 @@ class ReceiveStream:
 
     async def _replication_problem(self, connection: AbstractConnection) -> StoreError | None:
         try:
-            acked = int(await connection.read_response())
+            acked = int(await redis_fence.read_reply(connection))
         except ResponseError as exc:
             return _classify(exc, maybe_stored=True)
         if acked >= self.min_replicas:

@@ -1,0 +1,161 @@
+"""What mailpool uses of redis-py, hiredis and msgpack below their command-level API,
+checked against the installed releases: workers/streams/redis_fence.py,
+workers/streams/hiredis_fence.py and workers/codec/wire.py.
+
+Each test fails loudly, naming the file to revisit, when the installed release is outside
+the range that file was checked against, no longer has a name it uses, or no longer behaves
+as it relies on (against a real redis-server).  No other module of the package makes those
+calls: the last test keeps it so.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import ResponseError
+
+from workers.streams import hiredis_fence, redis_fence
+
+REDIS_FENCE = "workers/streams/redis_fence.py"
+HIREDIS_FENCE = "workers/streams/hiredis_fence.py"
+WIRE = "workers/codec/wire.py (_UNPACKER_STACK)"
+
+
+def check_release(distribution: str, checked: str, revisit: str) -> Version:
+    """The installed release of ``distribution``; fails loudly outside ``checked``."""
+    installed = Version(metadata.version(distribution))
+    if installed not in SpecifierSet(checked):
+        pytest.fail(
+            f"{distribution} {installed} is installed, but {revisit} was checked against "
+            f"{distribution}{checked}: check it against {installed}, then widen the range "
+            "there (and the bound in pyproject.toml where there is one)"
+        )
+    return installed
+
+
+# -- redis-py: workers/streams/redis_fence.py ------------------------------------------------
+
+
+def test_redis_py_has_what_the_fence_calls() -> None:
+    installed = check_release("redis", redis_fence.CHECKED_RELEASES, REDIS_FENCE)
+    probe = "can_read" if installed >= Version("8.0") else "can_read_destructive"
+    used = [probe, "send_packed_command", "read_response", "disconnect", "connect"]
+    missing = [name for name in used if not hasattr(AbstractConnection, name)]
+    assert missing == [], f"revisit {REDIS_FENCE}: connections have no {missing}"
+    assert hasattr(ConnectionPool, "get_connection") and hasattr(ConnectionPool, "release")
+    for method, parameter in [("send_packed_command", "check_health"), ("disconnect", "nowait")]:
+        signature = inspect.signature(getattr(AbstractConnection, method))
+        assert parameter in signature.parameters, f"revisit {REDIS_FENCE}: {method}({parameter})"
+    # The command name of a checkout became optional (and deprecated) in 5.3.0.
+    wanted = installed < Version("5.3")
+    assert redis_fence.needs_command_name(ConnectionPool()) is wanted, f"revisit {REDIS_FENCE}"
+
+
+async def test_a_packed_batch_with_an_error_reply_reads_every_reply(redis_url: str) -> None:
+    """What the settlement relies on: one reply per packed command, an error reply raised
+    for that command alone, the next reply still read from the same connection."""
+    client = aioredis.Redis.from_url(redis_url)
+    commands = [("SET", "k", "v"), ("INCR", "k"), ("GET", "k")]
+    packed = b"".join(hiredis_fence.pack_command(c) for c in commands)
+    try:
+        async with redis_fence.borrowed(client.connection_pool) as connection:
+            await redis_fence.send_packed(connection, packed)
+            assert await redis_fence.read_reply(connection) == b"OK"  # raw: no callbacks
+            with pytest.raises(ResponseError):
+                await redis_fence.read_reply(connection)
+            assert await redis_fence.read_reply(connection) == b"v"
+            assert not await redis_fence.is_stale(connection)
+    finally:
+        await client.aclose()
+
+
+async def test_the_probe_finds_a_connection_the_server_closed(redis_url: str) -> None:
+    """What ingest relies on before a write: an idle connection killed by the server is
+    stale, and a reconnect makes it usable again."""
+    client = aioredis.Redis.from_url(redis_url)
+    admin = aioredis.Redis.from_url(redis_url)
+    pool = client.connection_pool
+    try:
+        connection = await redis_fence.checkout(pool)
+        try:
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            assert await redis_fence.is_stale(connection), f"revisit {REDIS_FENCE}: is_stale"
+            await redis_fence.reconnect(connection)
+            assert not await redis_fence.is_stale(connection)
+            await redis_fence.send_packed(connection, hiredis_fence.pack_command(["PING"]))
+            assert await redis_fence.read_reply(connection) == b"PONG"
+        finally:
+            await redis_fence.release(pool, connection)
+    finally:
+        await client.aclose()
+        await admin.aclose()
+
+
+# -- hiredis: workers/streams/hiredis_fence.py -----------------------------------------------
+
+
+def test_hiredis_packs_a_settlement_command() -> None:
+    check_release("hiredis", hiredis_fence.CHECKED_RELEASES, HIREDIS_FENCE)
+    packed = hiredis_fence.pack_command(("FCALL", b"\x00sha", 6, "Zoë"))
+    assert packed == b"*4\r\n$5\r\nFCALL\r\n$4\r\n\x00sha\r\n$1\r\n6\r\n$4\r\nZo\xc3\xab\r\n"
+
+
+# -- msgpack: workers/codec/wire.py ----------------------------------------------------------
+
+
+def test_msgpack_decodes_with_its_c_unpacker() -> None:
+    """wire.py's nesting limit (_UNPACKER_STACK) is the C unpacker's stack; the pure-Python
+    fallback (a msgpack without a wheel for this Python) has none."""
+    import msgpack
+
+    check_release("msgpack", ">=1.0.5,<2", WIRE)
+    assert msgpack.Unpacker.__module__ == "msgpack._cmsgpack", "msgpack's C extension is missing"
+
+
+# -- nothing outside the fences --------------------------------------------------------------
+
+WORKERS = Path(__file__).resolve().parent.parent / "workers"
+FENCES = {WORKERS / "streams" / "redis_fence.py", WORKERS / "streams" / "hiredis_fence.py"}
+# Connection-level names of redis-py and hiredis (aiosmtplib's protocol has a read_response
+# of its own: workers/relay/ is left to its fence's test).
+BELOW_THE_COMMAND_API = {
+    "send_packed_command", "read_response", "get_connection", "can_read",
+    "can_read_destructive", "pack_command", "pack_commands",
+}  # fmt: skip
+
+
+def reaches(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found = [
+        f"{path.relative_to(WORKERS)}:{node.lineno} .{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr in BELOW_THE_COMMAND_API
+    ]
+    found += [
+        f"{path.relative_to(WORKERS)}:{node.lineno} imports hiredis"
+        for node in ast.walk(tree)
+        if (isinstance(node, ast.Import) and any(a.name == "hiredis" for a in node.names))
+        or (isinstance(node, ast.ImportFrom) and node.module == "hiredis")
+    ]
+    return found
+
+
+def test_no_module_outside_the_fences_reaches_below_redis_pys_command_api() -> None:
+    outside = [
+        reach
+        for path in sorted(WORKERS.rglob("*.py"))
+        if path not in FENCES and "relay" not in path.relative_to(WORKERS).parts
+        for reach in reaches(path)
+    ]
+    allowed = {
+        "connection_pool"
+    }  # handed to the fence: ``redis_fence.checkout(r.connection_pool)``
+    assert [r for r in outside if r.rpartition(".")[2] not in allowed] == []

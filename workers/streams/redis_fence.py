@@ -1,0 +1,120 @@
+"""Every call mailpool makes below redis-py's command API, in one place.
+
+Two hot paths talk to a connection instead of going through ``Redis.pipeline``:
+
+* delivery settlements (:mod:`workers.streams.outcomes`): a batch of ``FCALL`` packed by
+  hiredis (:mod:`workers.streams.hiredis_fence`), written at once on a connection checked
+  out of the pool, the replies read one by one.  The public variant, a pipeline
+  (``execute(raise_on_error=False)``), costs 10% more CPU per message (``bench/redis_fence.py
+  --variant pipeline``: 0.90 and 0.90 msg/CPU-s in two runs of 4 and 6 alternated rounds,
+  redis-py 8.2.0).  Holding one connection outside the pool across round trips bought 2%
+  (``--variant pooled``: 0.99, 0.98), under the 5% that pays for a reach-in, so a
+  settlement checks one out per round trip now, and redis-py's own checkout probes it;
+* ingest appends (:mod:`workers.streams.receive`): XADDs packed by hand and written in 1 MiB
+  pieces on a connection the writer chose, so that it knows which batch left on which
+  connection (one 250, one entry: nothing that left is sent again, README Guarantees), reads
+  each reply as it comes, and never holds a second copy of a large message (the ingest
+  memory budget).  A pipeline has none of the three; the figure is
+  ``bench/ingest.py --against`` a tree whose ``_exchange`` uses one (see the closing note of
+  the change that made this module).
+
+Written against redis-py 8.2.0 and checked from 5.0.1 (pyproject's floor, the lowest-deps
+run) to 8.x; ``tests/test_internals_redis.py`` fails on a release outside that range or one
+that lacks a name used here.  What differs between those releases:
+
+* ``ConnectionPool.get_connection`` requires a command name (which it ignores) before
+  redis-py 5.3; from 5.3 the name is optional and passing one warns (DeprecationWarning).
+* The liveness probe of an idle connection is ``can_read`` from 8.0, which deprecates the
+  ``can_read_destructive`` of earlier releases (8.x runs the same code for both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+# The releases this module was checked against (tests/test_internals_redis.py).
+CHECKED_RELEASES = ">=5.0.1,<9"
+# What redis-py 5.0-5.2 want as the (unused) command name of a checkout.
+_CHECKOUT_COMMAND = "EVALSHA"
+
+
+def needs_command_name(pool: ConnectionPool) -> bool:
+    """True where the pool's ``get_connection`` still requires a command name (< 5.3)."""
+    parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+async def checkout(pool: ConnectionPool) -> AbstractConnection:
+    """A connected connection of ``pool``'s, the caller's until :func:`release`."""
+    # redis-py's deprecation decorator leaves get_connection untyped.
+    get_connection: Callable[..., Awaitable[AbstractConnection]] = pool.get_connection
+    if needs_command_name(pool):
+        return await get_connection(_CHECKOUT_COMMAND)
+    return await get_connection()
+
+
+async def release(pool: ConnectionPool, connection: AbstractConnection) -> None:
+    await pool.release(connection)
+
+
+@contextlib.asynccontextmanager
+async def borrowed(pool: ConnectionPool) -> AsyncIterator[AbstractConnection]:
+    """A connection for one exchange: closed when the block fails (replies may be left
+    unread on it), given back to the pool either way."""
+    connection = await checkout(pool)
+    try:
+        yield connection
+    except BaseException:
+        await connection.disconnect()
+        raise
+    finally:
+        await pool.release(connection)
+
+
+async def is_stale(connection: AbstractConnection) -> bool:
+    """True when a connection that sat idle is at EOF or holds unread data, so the next
+    command would fail or read someone else's reply.  The probe may consume that data; a
+    stale connection is disconnected anyway."""
+    has_can_read = hasattr(connection, "can_read")  # redis-py >= 8.0
+    probe = connection.can_read if has_can_read else connection.can_read_destructive
+    try:
+        return bool(await probe())
+    except RedisConnectionError:  # closed by the server, or never connected
+        return True
+
+
+async def reconnect(connection: AbstractConnection) -> None:
+    """Close and connect again now, so a failure to connect is told apart from a failure
+    after a write left."""
+    await connection.disconnect()
+    # redis-py leaves connect untyped.
+    connect: Callable[[], Awaitable[None]] = connection.connect
+    await connect()
+
+
+async def drop(connection: AbstractConnection) -> None:
+    """Close at once, without waiting for the socket (a stalled peer)."""
+    await connection.disconnect(nowait=True)
+
+
+# The two calls of the hot paths return redis-py's own awaitable: no coroutine of ours
+# in between, once per message.
+
+
+def send_packed(
+    connection: AbstractConnection, packed: bytes | Iterable[bytes], *, check_health: bool = True
+) -> Awaitable[None]:
+    """Write commands already in the Redis protocol; ``check_health=False`` skips redis-py's
+    PING of a connection idle past ``health_check_interval`` (the caller probed it)."""
+    return connection.send_packed_command(packed, check_health=check_health)
+
+
+def read_reply(connection: AbstractConnection) -> Awaitable[Any]:
+    """The next reply on ``connection``; a Redis error reply is raised (ResponseError)."""
+    return connection.read_response()
