@@ -100,6 +100,10 @@ class HeldEntry:
         return self._held.id_holder(self.message_id) is self
 
     @property
+    def was_prepared(self) -> bool:
+        return self._prepared is not None
+
+    @property
     def undecided(self) -> bool:
         """Neither settling, settled nor handed back."""
         return self.state in _UNDECIDED
@@ -263,9 +267,9 @@ class HeldEntries:
         self._give_back_id(entry)
 
     def _give_back_id(self, entry: HeldEntry) -> None:
-        if entry._prepared is None:
+        if not entry.was_prepared:
             return  # never prepared: it never had a message id
-        message_id = entry._prepared.ref.message_id
+        message_id = entry.message_id
         if self._id_holders.get(message_id) is entry:
             del self._id_holders[message_id]
             if (freed := self._id_freed.pop(message_id, None)) is not None:

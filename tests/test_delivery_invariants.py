@@ -1,0 +1,127 @@
+"""The delivery worker's invariants, seen from Redis and from the relay: one lane at a time
+sends a message id, at most 2 x --concurrency entries are in hand before their outcome, and
+a stop in the middle of everything leaves each entry either settled or pending (none lost,
+none sent twice)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from tests.delivery_util import (
+    enqueue,
+    make_config,
+    run_until_settled,
+    running_worker,
+    send_message,
+)
+from tests.harness import wait_until
+from tests.sinks import RecordingSink
+
+
+@dataclass(frozen=True)
+class Span:
+    """One DATA at the relay: from the end of the message to the reply."""
+
+    recipients: tuple[str, ...]
+    began: float
+    ended: float
+
+    def overlaps(self, other: Span) -> bool:
+        return self.began < other.ended and other.began < self.ended
+
+
+@dataclass
+class TimedSink(RecordingSink):
+    """A recording sink that also notes when each DATA began and was answered."""
+
+    spans: list[Span] = field(default_factory=list)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        began = time.monotonic()
+        reply = await super().handle_DATA(server, session, envelope)
+        self.spans.append(Span(tuple(envelope.rcpt_tos), began, time.monotonic()))
+        return reply
+
+
+async def test_one_message_id_is_sent_by_one_lane_at_a_time(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """Three entries with one id and three with others, three lanes: the three of one id
+    reach the relay one after the other, while the others run beside them."""
+    sink = TimedSink(stall_data=0.3)
+    sink.start()
+    try:
+        for rcpt in ["a@example.com", "b@example.com", "c@example.com"]:
+            await enqueue(redis, send_message([rcpt], message_id="same"))
+        for n in range(3):
+            await enqueue(redis, send_message([f"o{n}@example.com"], message_id=f"other{n}"))
+        await run_until_settled(redis, make_config(redis_url, sink.url, concurrency=3))
+    finally:
+        sink.stop()
+    same = sorted((s for s in sink.spans if s.recipients[0][0] != "o"), key=lambda s: s.began)
+    others = [s for s in sink.spans if s.recipients[0][0] == "o"]
+    assert [s.recipients[0] for s in same] == ["a@example.com", "b@example.com", "c@example.com"]
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(same, 2))
+    assert len(others) == 3
+    assert any(o.overlaps(s) for o in others for s in same)  # the lanes did run side by side
+
+
+async def test_at_most_twice_the_concurrency_is_in_hand(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """A slow relay and many entries: the worker reads ahead one entry per lane, no more.
+    Redis counts an entry pending from its read to its acknowledgement, so the count may
+    also hold one settling entry per lane (finished, its outcome on the way)."""
+    concurrency = 2
+    sink = RecordingSink(stall_data=0.3).start()
+    most = 0
+
+    async def pending() -> bool:
+        nonlocal most
+        most = max(most, int((await redis.xpending("email.send", "delivery"))["pending"]))
+        return len(sink.received) == 12
+
+    try:
+        for n in range(12):
+            await enqueue(redis, send_message([f"u{n}@example.com"], message_id=f"w{n}"))
+        await redis.xgroup_create("email.send", "delivery", id="0")  # to count from the start
+        async with running_worker(make_config(redis_url, sink.url, concurrency=concurrency)):
+            await wait_until(pending, "all 12 sent", timeout=15, interval=0.02)
+    finally:
+        sink.stop()
+    assert 2 * concurrency <= most <= 3 * concurrency
+
+
+async def test_a_stop_leaves_every_entry_settled_or_pending(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """A stop while one entry is sending, one waits for its message id and two are queued:
+    the worker stops cleanly (its own check finds nothing undecided), the sent one is
+    settled, the other three stay pending, and a restarted worker sends each recipient
+    exactly once."""
+    sink = RecordingSink(stall_data=0.5).start()
+    try:
+        await enqueue(redis, send_message(["a@example.com"], message_id="x"))
+        await enqueue(redis, send_message(["b@example.com"], message_id="x"))
+        for n in range(4):
+            await enqueue(redis, send_message([f"d{n}@example.com"], message_id=f"d{n}"))
+        config = make_config(
+            redis_url, sink.url, concurrency=2, smtp_data_timeout=3.0, claim_after=30.0
+        )
+        async with running_worker(config) as stop:
+            await asyncio.to_thread(sink.data_arrived.wait, 5)
+            stop.set()
+        assert [r.rcpt_tos for r in sink.received] == [("a@example.com",)]
+        assert (await redis.xpending("email.send", "delivery"))["pending"] == 3
+        sink.stall_data = 0.0
+        await run_until_settled(redis, config)  # the same consumer: its leftovers at once
+    finally:
+        sink.stop()
+    got = sorted(rcpt for r in sink.received for rcpt in r.rcpt_tos)
+    assert got == ["a@example.com", "b@example.com"] + [f"d{n}@example.com" for n in range(4)]
