@@ -99,6 +99,20 @@ class SMTPConn:
         await self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
         return await self.reply()
 
+    @classmethod
+    async def open_session(
+        cls, port: int, *, ssl_context: ssl.SSLContext | None = None
+    ) -> SMTPConn:
+        """A connection past the 220 greeting and EHLO, ready for MAIL (closed again when
+        the EHLO fails)."""
+        conn = await cls.open(port, ssl_context=ssl_context)
+        try:
+            await conn.ehlo()
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
     async def ehlo(self, name: str = "client.test") -> list[str]:
         code, text = await self.cmd(f"EHLO {name}")
         assert code == 250, text

@@ -64,8 +64,7 @@ async def test_fan_out_to_two_groups_and_sharing_within_a_group(
     for group in ("billing", "archive"):
         await redis.xgroup_create("email.receive", group, id="$", mkstream=True)
     async with ingest(redis_url) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         for number in range(6):
             assert (await conn.transaction(message(f"fan {number}")))[0] == 250
         await conn.close()

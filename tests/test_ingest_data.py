@@ -13,8 +13,7 @@ from workers.ingest.data import DataRefusal, read_data, unstuff
 
 
 async def _open_transaction(port: int) -> SMTPConn:
-    conn = await SMTPConn.open(port)
-    await conn.ehlo()
+    conn = await SMTPConn.open_session(port)
     assert (await conn.cmd("MAIL FROM:<a@example.org>"))[0] == 250
     assert (await conn.cmd("RCPT TO:<b@example.com>"))[0] == 250
     assert (await conn.cmd("DATA"))[0] == 354

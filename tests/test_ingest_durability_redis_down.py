@@ -27,8 +27,7 @@ async def test_redis_stopped_mid_run_451_then_250_nothing_lost_or_doubled(
     sent: list[str] = []
     deferred = 0
     async with ingest(server.url) as smtp:
-        conn = await SMTPConn.open(smtp.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(smtp.port)
         for number in range(20):
             if number == 8:
                 server.stop()  # clean shutdown: what was acknowledged is in the AOF
@@ -52,8 +51,7 @@ async def test_redis_stopped_mid_run_451_then_250_nothing_lost_or_doubled(
         # Retry what was deferred while Redis was down (the sender kept it).
         missing = [f"message {n}" for n in range(20) if f"message {n}" not in sent]
         assert len(missing) == 4
-        conn = await SMTPConn.open(smtp.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(smtp.port)
         for subject in missing:
             code, _ = await conn.transaction(message(subject))
             assert code == 250
@@ -71,8 +69,7 @@ async def test_out_of_memory_and_read_only_answer_451(
     server = make_redis()
     client = await _client(server)
     async with ingest(server.url) as smtp:
-        conn = await SMTPConn.open(smtp.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(smtp.port)
         await client.config_set("maxmemory", "1")
         code, text = await conn.transaction(message("oom"))
         assert (code, text.split()[0]) == (451, "4.3.0")
@@ -95,8 +92,7 @@ async def test_min_replicas_waits_for_a_real_replica(
 ) -> None:
     primary = make_redis(extra=["--repl-diskless-sync-delay", "0"])
     async with ingest(primary.url, min_replicas=1, replica_timeout=0.5) as smtp:
-        conn = await SMTPConn.open(smtp.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(smtp.port)
         code, text = await conn.transaction(message("no replica yet"))
         assert (code, text.split()[0]) == (451, "4.3.0")
         await conn.close()
@@ -111,8 +107,7 @@ async def test_min_replicas_waits_for_a_real_replica(
 
         await wait_until(in_sync, timeout=15)
         await primary_client.aclose()
-        conn = await SMTPConn.open(smtp.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(smtp.port)
         # A replica the primary has just called online still misses the first WAIT now and
         # then (about one run in ten here); the sender retries on 451 as MTAs do.
         for _attempt in range(8):
@@ -136,8 +131,7 @@ async def test_hung_redis_times_out_with_451(make_redis: Callable[..., RedisServ
     server = make_redis()
     assert server.process is not None
     async with ingest(server.url, store_timeout=2.0) as smtp:
-        conn = await SMTPConn.open(smtp.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(smtp.port)
         assert (await conn.transaction(message("before")))[0] == 250
         assert (await conn.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
         assert (await conn.cmd("RCPT TO:<bob@example.com>"))[0] == 250

@@ -23,8 +23,7 @@ LINE = b"z" * 78 + b"\r\n"
 
 
 async def _mail(port: int, size: int | None = None) -> tuple[SMTPConn, int, str]:
-    conn = await SMTPConn.open(port)
-    await conn.ehlo()
+    conn = await SMTPConn.open_session(port)
     code, text = await conn.cmd("MAIL FROM:<a@example.org>" + (f" SIZE={size}" if size else ""))
     return conn, code, text
 

@@ -50,8 +50,7 @@ async def test_250_names_the_stream_entry_holding_the_message(
 async def test_null_sender_and_pipelined_transaction(redis_url: str, redis: aioredis.Redis) -> None:
     """RFC 2920: a client may send MAIL, RCPT, DATA in one write; replies come in order."""
     async with ingest(redis_url) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         await conn.send(
             b"MAIL FROM:<>\r\nRCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
         )
@@ -70,8 +69,7 @@ async def test_null_sender_and_pipelined_transaction(redis_url: str, redis: aior
 
 async def test_550_outside_the_accepted_domains(redis_url: str, redis: aioredis.Redis) -> None:
     async with ingest(redis_url, accept_domain=["Example.COM."]) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         assert (await conn.cmd("MAIL FROM:<x@elsewhere.net>"))[0] == 250
         code, text = await conn.cmd("RCPT TO:<bob@elsewhere.net>")
         assert (code, text.split()[0]) == (550, "5.7.1")
@@ -83,8 +81,7 @@ async def test_550_outside_the_accepted_domains(redis_url: str, redis: aioredis.
 
 async def test_452_beyond_the_recipient_limit(redis_url: str, redis: aioredis.Redis) -> None:
     async with ingest(redis_url, max_recipients=100) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         await conn.cmd("MAIL FROM:<a@example.org>")
         await conn.send(b"".join(b"RCPT TO:<r%d@example.com>\r\n" % i for i in range(102)))
         codes = [(await conn.reply())[0] for _ in range(102)]
@@ -99,8 +96,7 @@ async def test_452_beyond_the_recipient_limit(redis_url: str, redis: aioredis.Re
 
 async def test_552_over_the_size_limit(redis_url: str, redis: aioredis.Redis) -> None:
     async with ingest(redis_url, max_size=2000) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         code, text = await conn.cmd("MAIL FROM:<a@example.org> SIZE=2001")
         assert (code, text.split()[0]) == (552, "5.3.4")
         code, text = await conn.transaction(message(body=("y" * 70 + "\r\n") * 40))
@@ -116,8 +112,7 @@ async def test_500_for_lines_and_commands_over_the_rfc_limits(
     redis_url: str, redis: aioredis.Redis
 ) -> None:
     async with ingest(redis_url) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         # RFC 5321 4.5.3.1.4: a command line is at most 512 octets.
         code, text = await conn.cmd("NOOP " + "x" * 600)
         assert (code, text.split()[0]) == (500, "5.5.2")
@@ -132,8 +127,7 @@ async def test_500_for_lines_and_commands_over_the_rfc_limits(
 
 async def test_smtputf8_addresses_and_invalid_utf8(redis_url: str, redis: aioredis.Redis) -> None:
     async with ingest(redis_url) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         assert (await conn.cmd("MAIL FROM:<jürgen@exämple.org> SMTPUTF8"))[0] == 250
         assert (await conn.cmd("RCPT TO:<\xff\xfe@example.com>".encode("latin-1")))[0] == 553
         # Control characters in a quoted local part would reach our Received field.
@@ -193,8 +187,7 @@ async def test_hostile_bytes_are_stored_never_refused(
 ) -> None:
     """Bad input from the internet is kept (best effort + defects + raw), never a 4xx loop."""
     async with ingest(redis_url) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         for data in HOSTILE:
             code, text = await conn.transaction(data)
             assert code == 250, (data, text)

@@ -34,14 +34,12 @@ async def _refused(port: int) -> bool:
 async def test_sigterm_drains_sessions_and_exits_zero(
     process: IngestProcess, redis: aioredis.Redis
 ) -> None:
-    busy = await SMTPConn.open(process.port)
-    await busy.ehlo()
+    busy = await SMTPConn.open_session(process.port)
     assert (await busy.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
     assert (await busy.cmd("RCPT TO:<bob@example.com>"))[0] == 250
     assert (await busy.cmd("DATA"))[0] == 354
     await busy.send(b"Subject: in flight\r\n\r\n" + SECRET_BODY)
-    idle = await SMTPConn.open(process.port)
-    await idle.ehlo()
+    idle = await SMTPConn.open_session(process.port)
 
     process.terminate()
     code, text = await idle.reply()
@@ -75,8 +73,7 @@ async def test_sigterm_drains_sessions_and_exits_zero(
 async def test_grace_period_ends_a_stalled_transaction(
     process: IngestProcess, redis: aioredis.Redis
 ) -> None:
-    stalled = await SMTPConn.open(process.port)
-    await stalled.ehlo()
+    stalled = await SMTPConn.open_session(process.port)
     assert (await stalled.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
     started = time.monotonic()
     process.terminate()

@@ -35,8 +35,7 @@ SMUGGLED = (
 @pytest.mark.parametrize("variant", VARIANTS, ids=[repr(v)[2:-1] for v in VARIANTS])
 async def test_one_data_one_message(redis_url: str, redis: aioredis.Redis, variant: bytes) -> None:
     async with ingest(redis_url) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         assert (await conn.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
         assert (await conn.cmd("RCPT TO:<bob@example.com>"))[0] == 250
         assert (await conn.cmd("DATA"))[0] == 354

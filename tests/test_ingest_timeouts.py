@@ -13,8 +13,7 @@ from tests.ingest_util import SMTPConn, entries, ingest, message
 
 async def test_idle_client_gets_421_after_the_command_timeout(redis_url: str) -> None:
     async with ingest(redis_url, command_timeout=0.4) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         started = time.monotonic()
         code, text = await conn.reply(timeout=5)
         waited = time.monotonic() - started
@@ -47,8 +46,7 @@ async def test_data_trickler_is_bounded_by_the_connection_timeout(
     """During DATA every chunk restarts the command timeout (RFC 5321 data block timeout), so a
     client sending one byte per 0.1 s would stay forever; the session limit ends it."""
     async with ingest(redis_url, command_timeout=0.5, connection_timeout=1.5) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         assert (await conn.cmd("MAIL FROM:<a@example.org>"))[0] == 250
         assert (await conn.cmd("RCPT TO:<b@example.com>"))[0] == 250
         assert (await conn.cmd("DATA"))[0] == 354
@@ -76,8 +74,7 @@ async def test_session_limit_spares_a_busy_but_steady_client(
 ) -> None:
     """Messages sent within the limits are taken; the session limit then closes the session."""
     async with ingest(redis_url, command_timeout=1.0, connection_timeout=1.0) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         assert (await conn.transaction(message("one")))[0] == 250
         code, _ = await conn.reply(timeout=3)
         assert code == 421

@@ -80,8 +80,7 @@ async def test_require_tls_and_aiosmtplib_starttls(
 ) -> None:
     cert, key = certificate
     async with ingest(redis_url, tls_cert=str(cert), tls_key=str(key), require_tls=True) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         code, text = await conn.cmd("MAIL FROM:<a@example.org>")
         assert (code, text.split()[0]) == (530, "5.7.0")
         await conn.close()
@@ -129,8 +128,7 @@ async def test_commands_pipelined_behind_starttls_are_discarded(
     the same packet must not be executed inside the TLS session."""
     cert, key = certificate
     async with ingest(redis_url, tls_cert=str(cert), tls_key=str(key)) as server:
-        conn = await SMTPConn.open(server.port)
-        await conn.ehlo()
+        conn = await SMTPConn.open_session(server.port)
         await conn.send(b"STARTTLS\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<x@example.com>\r\n")
         code, _ = await conn.reply()
         assert code == 220

@@ -161,8 +161,7 @@ async def send_with_ledger(
             while True:
                 try:
                     if conn is None:
-                        conn = await SMTPConn.open(port)
-                        await conn.ehlo()
+                        conn = await SMTPConn.open_session(port)
                     code, text = await conn.transaction(make_message(ledger_id))
                 except (ConnectionError, OSError, TimeoutError, AssertionError):
                     ledger.mark_indeterminate(ledger_id)
