@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import sys
 
 sys.path.insert(0, ".")
@@ -49,13 +48,9 @@ def render() -> str:
     common = {f.name for f in dataclasses.fields(CommonConfig)}
     out = [BEGIN, *table("Every command", CommonConfig, set())]
     for command in COMMANDS:
-        module = importlib.import_module(command.module)
-        config_class = getattr(module, command.config, None) or getattr(
-            importlib.import_module("workers.config"), command.config
-        )
         if command.name == "run":
             continue  # run takes the union of ingest and deliver options, plus --data-dir
-        out += table(f"`mailpool {command.name}`", config_class, common)
+        out += table(f"`mailpool {command.name}`", command.config, common)
     out.append(END)
     return "\n".join(out)
 

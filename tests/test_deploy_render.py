@@ -16,7 +16,6 @@ import argparse
 import atexit
 import copy
 import dataclasses
-import importlib
 import json
 import re
 import shutil
@@ -213,25 +212,12 @@ def secret_file(content: str) -> Path:
     return path
 
 
-def role_of(container: dict[str, Any]) -> cli.Command:
+def role_of(container: dict[str, Any]) -> cli.Command[Any]:
     command = container.get("command", [])
     assert len(command) == 2 and command[0] == "mailpool", f"unexpected command {command}"
     by_name = {c.name: c for c in cli.COMMANDS}
     assert command[1] in by_name, f"`mailpool {command[1]}` is not a mailpool command"
     return by_name[command[1]]
-
-
-def config_class(command: cli.Command) -> type[CommonConfig]:
-    """The role's config class (its module may still be in the works: fall back to config)."""
-    try:
-        found = getattr(importlib.import_module(command.module), command.config, None)
-    except ImportError:
-        found = None
-    if found is None:
-        found = getattr(importlib.import_module("workers.config"), command.config, None)
-    if found is None:
-        pytest.fail(f"no config class {command.config} for `mailpool {command.name}`")
-    return found  # type: ignore[no-any-return]
 
 
 def option_env_names(cls: type[CommonConfig]) -> set[str]:
@@ -476,7 +462,7 @@ def test_delivery_scales_on_lag_from_zero(rendered: list[dict[str, Any]]) -> Non
     assert spec["minReplicaCount"] == 0
 
     env = container_env(rendered, container)
-    delivery = from_arguments(config_class(role_of(container)), argparse.Namespace(), env)
+    delivery = from_arguments(role_of(container).config, argparse.Namespace(), env)
     triggers = spec["triggers"]
     assert all(t["type"] == "redis-streams" for t in triggers)
     for trigger in triggers:
@@ -525,7 +511,7 @@ def test_keda_credentials_come_from_the_secret(rendered: list[dict[str, Any]]) -
 def test_each_role_gets_a_valid_configuration(rendered: list[dict[str, Any]]) -> None:
     for deployment, container in deployments(rendered):
         command = role_of(container)
-        cls = config_class(command)
+        cls = command.config
         env = container_env(rendered, container)
         unresolved = {k: v for k, v in env.items() if "$(" in v}
         assert not unresolved, f"{deployment['metadata']['name']}: unexpanded {unresolved}"
@@ -547,7 +533,7 @@ def test_each_role_gets_a_valid_configuration(rendered: list[dict[str, Any]]) ->
 def test_shared_settings_are_options_of_some_role(rendered: list[dict[str, Any]]) -> None:
     known: set[str] = set()
     for _, container in deployments(rendered):
-        known |= option_env_names(config_class(role_of(container)))
+        known |= option_env_names(role_of(container).config)
     (config_map,) = of_kind(rendered, "ConfigMap")
     settings = {k for k in config_map["data"] if k.startswith("MAILPOOL_")}
     assert settings, "the ConfigMap carries the MAILPOOL_* settings"
@@ -557,7 +543,7 @@ def test_shared_settings_are_options_of_some_role(rendered: list[dict[str, Any]]
 def test_roles_serve_probes_and_metrics_on_the_http_port(rendered: list[dict[str, Any]]) -> None:
     for deployment, container in deployments(rendered):
         name = deployment["metadata"]["name"]
-        cls = config_class(role_of(container))
+        cls = role_of(container).config
         env = container_env(rendered, container)
         assert "MAILPOOL_HTTP" in option_env_names(cls), f"{name}: its role has no --http"
         http_port = parse_host_port(env["MAILPOOL_HTTP"], "MAILPOOL_HTTP")[1]
@@ -585,7 +571,7 @@ def prestop_seconds(container: dict[str, Any]) -> float:
 def test_termination_grace_covers_prestop_and_drain(rendered: list[dict[str, Any]]) -> None:
     for deployment, container in deployments(rendered):
         pod = deployment["spec"]["template"]["spec"]
-        cls = config_class(role_of(container))
+        cls = role_of(container).config
         config = from_arguments(cls, argparse.Namespace(), container_env(rendered, container))
         drain = float(getattr(config, "shutdown_grace", 0.0))
         if isinstance(config, DeliveryConfig):  # then outcomes flushed, connections closed

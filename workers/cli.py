@@ -1,88 +1,104 @@
 """``mailpool`` command line: parse arguments, build the role's config, call the role.
 
-Nothing here knows SMTP or Redis; each command names a config class and an async entry
-point ``main(config) -> int`` in its role module, imported only when that command runs.
-Whatever command fails, the operator gets one line on stderr, never a traceback: exit
-status 2 for bad configuration (:class:`ConfigError`), 1 for a service it cannot use
-(:class:`Unavailable`, e.g. Redis down or something else listening at the Redis URL).
+Nothing here knows SMTP or Redis; ``COMMANDS`` names each command's config class and
+async entry point ``main(config) -> int``, imported like any other module: a role module
+that cannot be imported stops every command (``--help`` too) with its ImportError, it never
+drops out of the list.  (The parser needs every config class, so nothing would be saved by
+importing a role only when its command runs.)  Whatever command fails, the operator gets
+one line on stderr, never a traceback: exit status 2 for bad configuration
+(:class:`ConfigError`), 1 for a service it cannot use (:class:`Unavailable`, e.g. Redis
+down or something else listening at the Redis URL).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Generic, TypeVar
 
-from workers import __version__
-from workers.config import CommonConfig, ConfigError, Unavailable, add_arguments, from_arguments
+from workers import (
+    __version__,
+    deadletters,
+    delivery,
+    housekeeping,
+    ingest,
+    listen,
+    pool,
+    producer,
+    redis_setup,
+    status,
+)
+from workers.config import (
+    CommonConfig,
+    ConfigError,
+    DeliveryConfig,
+    IngestConfig,
+    Unavailable,
+    add_arguments,
+    from_arguments,
+)
 from workers.logs import configure_logging
 
 DESCRIPTION = "An email worker pool on Redis streams (the Email ASGI message format)."
 
 
+C = TypeVar("C", bound=CommonConfig)
+
+
 @dataclass(frozen=True)
-class Command:
+class Command(Generic[C]):
     name: str
     help: str
-    module: str  # role module with `main(config) -> int` and the config class
-    config: str  # name of the config class in workers.config or the role module
+    config: type[C]
+    main: Callable[[C], Coroutine[Any, Any, int]]  # the role's entry point
 
 
-COMMANDS = (
+COMMANDS: tuple[Command[Any], ...] = (
     Command(
         "run",
         "the whole pool in one process (ingest + delivery + housekeeping)",
-        "workers.pool",
-        "RunConfig",
+        pool.RunConfig,
+        pool.main,
     ),
     Command(
-        "ingest",
-        "SMTP server role: received mail -> email.receive",
-        "workers.ingest",
-        "IngestConfig",
+        "ingest", "SMTP server role: received mail -> email.receive", IngestConfig, ingest.main
     ),
-    Command(
-        "deliver", "delivery role: email.send -> SMTP relay", "workers.delivery", "DeliveryConfig"
-    ),
+    Command("deliver", "delivery role: email.send -> SMTP relay", DeliveryConfig, delivery.main),
     Command(
         "listen",
         "print email.receive messages of a consumer group as JSON lines",
-        "workers.listen",
-        "ListenConfig",
+        listen.ListenConfig,
+        listen.main,
     ),
-    Command("send", "enqueue one message on email.send", "workers.producer", "SendConfig"),
+    Command("send", "enqueue one message on email.send", producer.SendConfig, producer.main),
     Command(
         "status",
         "streams, groups, lag, pending, dead letters, retries",
-        "workers.status",
-        "StatusConfig",
+        status.StatusConfig,
+        status.main,
     ),
     Command(
         "housekeep",
         "retention: trim streams safely, remove vanished consumers",
-        "workers.housekeeping",
-        "HousekeepConfig",
+        housekeeping.HousekeepConfig,
+        housekeeping.main,
     ),
-    Command("dead", "dead letters: list, show, replay, purge", "workers.deadletters", "DeadConfig"),
+    Command(
+        "dead",
+        "dead letters: list, show, replay, purge",
+        deadletters.DeadConfig,
+        deadletters.main,
+    ),
     Command(
         "redis-setup",
         "load the Redis functions the roles call (once per Redis, as an admin user)",
-        "workers.redis_setup",
-        "RedisSetupConfig",
+        redis_setup.RedisSetupConfig,
+        redis_setup.main,
     ),
 )
-
-
-def _config_class(command: Command) -> type[CommonConfig]:
-    module = importlib.import_module(command.module)
-    found = getattr(module, command.config, None)
-    if found is None:
-        found = getattr(importlib.import_module("workers.config"), command.config)
-    return cast(type[CommonConfig], found)
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -113,40 +129,33 @@ def _without_values(extras: Sequence[str]) -> list[str]:
     return shown
 
 
-def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[Command[Any]] = COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailpool", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"mailpool {__version__}")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=CommandParser
     )
     for command in commands:
-        try:
-            config_class = _config_class(command)
-        except (ImportError, AttributeError):
-            continue  # a role that is not part of this build
         command_parser = sub.add_parser(command.name, help=command.help, description=command.help)
-        add_arguments(command_parser, config_class)
-        extra = getattr(config_class, "add_positional_arguments", None)
+        add_arguments(command_parser, command.config)
+        extra = getattr(command.config, "add_positional_arguments", None)
         if extra is not None:
             extra(command_parser)
-        command_parser.set_defaults(_command=command, _config_class=config_class)
+        command_parser.set_defaults(_command=command)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command: Command = args._command
+    command: Command[Any] = args._command
     try:
-        config = from_arguments(args._config_class, args)
+        config = from_arguments(command.config, args)
     except ConfigError as exc:
         print(f"mailpool {command.name}: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.log_level)
-    runner = cast(
-        Callable[[Any], Coroutine[Any, Any, int]], importlib.import_module(command.module).main
-    )
     try:
-        return asyncio.run(runner(config))
+        return asyncio.run(command.main(config))
     except ConfigError as exc:  # problems only visible at start (port in use, bad certificate)
         print(f"mailpool {command.name}: {exc}", file=sys.stderr)
         return 2
