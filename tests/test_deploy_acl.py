@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import smtplib
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
-from tests.harness import RedisServer
+from tests.harness import RedisServer, child_env
 from workers.config import ConfigError
 from workers.streams import functions
 from workers.streams.consumer import GroupConsumer
@@ -197,14 +196,10 @@ def role_url(server: RedisServer, role: str) -> str:
 
 def run_mailpool(server: RedisServer, role: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``mailpool ARGS`` in a process of its own, as ``role`` (URL in the environment)."""
-    env = {
-        **os.environ,
-        "MAILPOOL_REDIS_URL": role_url(server, role),
-        "MAILPOOL_LOG_FORMAT": "json",
-    }
     return subprocess.run(
         [sys.executable, "-m", "workers", *args],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=child_env(MAILPOOL_REDIS_URL=role_url(server, role)),
+        capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
 
