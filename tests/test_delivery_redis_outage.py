@@ -16,11 +16,11 @@ from tests.sinks import RecordingSink
 from workers.streams.connection import connect
 
 
-async def test_redis_restart_mid_stream(make_redis: Callable[..., RedisServer]) -> None:
+async def test_redis_restart_mid_stream(
+    make_redis: Callable[..., RedisServer], sink: RecordingSink
+) -> None:
     server = make_redis(appendonly=True)
-    sink = RecordingSink()
     sink.stall_data = 0.02
-    sink.start()
     client = connect(server.url)  # retries a dropped connection, like the workers
     try:
         for n in range(40):
@@ -36,21 +36,18 @@ async def test_redis_restart_mid_stream(make_redis: Callable[..., RedisServer]) 
         assert max(counts.values()) == 1
         assert await client.xlen("email.send.dead") == 0
     finally:
-        sink.stop()
         await client.aclose()
 
 
 async def test_a_stop_with_redis_gone_ends_within_its_budget(
-    make_redis: Callable[..., RedisServer], monkeypatch: pytest.MonkeyPatch
+    make_redis: Callable[..., RedisServer], sink: RecordingSink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis gone at SIGTERM: the outcomes of finished sends cannot be written; after the
     drain the worker gives them FLUSH_CAP, not another --shutdown-grace, so it stops within
     the pod's grace period (the entries stay pending and are redelivered)."""
     monkeypatch.setattr(workers.delivery.worker, "FLUSH_CAP", 1.0)
     server = make_redis()
-    sink = RecordingSink()
     sink.stall_data = 0.5
-    sink.start()
     client = connect(server.url)
     try:
         for n in range(8):
@@ -69,7 +66,6 @@ async def test_a_stop_with_redis_gone_ends_within_its_budget(
         assert time.monotonic() - stopped_at < sink.stall_data + 1.0 + 1.5
         assert sink.received  # sends in flight finished against the relay
     finally:
-        sink.stop()
         await client.aclose()
 
 
