@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import RedisServer, running_redis
-from tests.ingest_util import IngestProcess
+from tests.ingest_util import IngestProcess, make_certificate
 from tests.no_skips import pytest_sessionfinish, pytest_terminal_summary
 from tests.sinks import PostfixSink, RecordingSink
 
@@ -70,6 +70,12 @@ def ingest_workers(tmp_path: Path) -> Iterator[Callable[..., IngestProcess]]:
     yield start
     for worker in started:
         worker.kill()
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1 (cert.pem, key.pem)."""
+    return make_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

@@ -24,11 +24,6 @@ from tests.sinks import RecordingSink
 
 
 @pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    return make_certificate(tmp_path / "tls")
-
-
-@pytest.fixture
 def tls_sink(
     make_sink: Callable[..., RecordingSink], certificate: tuple[Path, Path]
 ) -> RecordingSink:

@@ -12,12 +12,7 @@ import aiosmtplib
 import pytest
 import redis.asyncio as aioredis
 
-from tests.ingest_util import SMTPConn, client_tls, entries, ingest, make_certificate, message
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_certificate(tmp_path_factory.mktemp("tls"))
+from tests.ingest_util import SMTPConn, client_tls, entries, ingest, message
 
 
 def _smtplib_send(

@@ -38,7 +38,6 @@ from tests.harness import (
     wait_for_port,
     wait_until_blocking,
 )
-from tests.ingest_util import make_certificate
 from tests.sinks import RecordingSink
 
 CORE = uuid.uuid4().hex
@@ -216,11 +215,6 @@ def client(acl_redis: RedisServer) -> Iterator[redis.Redis]:
     connection.flushall()
     yield connection
     connection.close()
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
