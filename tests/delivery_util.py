@@ -21,6 +21,8 @@ import redis.asyncio as aioredis
 from tests.harness import ROOT, RedisServer, child_env, wait_until
 from workers.config import DeliveryConfig
 from workers.delivery import serve
+from workers.streams.layout import StreamKeys
+from workers.streams.outcomes import Outcomes
 
 # Small timings so retries, claims and drains happen within a test's seconds.
 FAST = {
@@ -107,6 +109,12 @@ async def events(redis: aioredis.Redis) -> list[dict[str, Any]]:
     for row in rows:
         row["recipients"] = json.loads(row["recipients"])
     return rows
+
+
+def outcomes_for(redis: aioredis.Redis) -> Outcomes:
+    """The delivery group's settlement writer, as a worker with short-lived records has it."""
+    return Outcomes(redis, StreamKeys(), group="delivery",
+                    sent_ttl=60, events_maxlen=1000)  # fmt: skip
 
 
 @contextlib.asynccontextmanager

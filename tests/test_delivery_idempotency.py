@@ -15,6 +15,7 @@ from tests.delivery_util import (
     enqueue,
     events,
     make_config,
+    outcomes_for,
     run_until_settled,
     running_worker,
     send_message,
@@ -22,13 +23,7 @@ from tests.delivery_util import (
 from tests.harness import wait_until
 from tests.sinks import RecordingSink
 from workers.streams.connection import connect
-from workers.streams.layout import StreamKeys
-from workers.streams.outcomes import Outcomes, Retry, Settlement
-
-
-def outcomes_for(redis: aioredis.Redis) -> Outcomes:
-    return Outcomes(redis, StreamKeys(), group="delivery",
-                    sent_ttl=60, events_maxlen=1000)  # fmt: skip
+from workers.streams.outcomes import Retry, Settlement
 
 
 async def test_same_id_enqueued_twice_is_sent_once(

@@ -10,14 +10,8 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from tests.delivery_util import enqueue, send_message
-from workers.streams.layout import StreamKeys
-from workers.streams.outcomes import Outcomes, Retry, Settlement
-
-
-def outcomes_for(redis: aioredis.Redis) -> Outcomes:
-    return Outcomes(redis, StreamKeys(), group="delivery",
-                    sent_ttl=60, events_maxlen=1000)  # fmt: skip
+from tests.delivery_util import enqueue, outcomes_for, send_message
+from workers.streams.outcomes import Retry, Settlement
 
 
 async def read_one(redis: aioredis.Redis) -> str:
