@@ -102,6 +102,11 @@ def receive_ledger_id(message: dict[str, Any]) -> str | None:
     return id_in_headers(message.get("headers", {}))
 
 
+def stored_ledger_ids(entries: Iterable[tuple[str, dict[str, Any]]]) -> list[str | None]:
+    """The ledger id of each entry ``stored_entries`` read (None: a message without one)."""
+    return [receive_ledger_id(message) for _, message in entries]
+
+
 async def record_stored(redis_url: str, ledger: Ledger) -> int:
     """Record every entry of ``email.receive`` as ``stored`` in ``ledger``; how many."""
     client = aioredis.Redis.from_url(redis_url)
@@ -109,7 +114,7 @@ async def record_stored(redis_url: str, ledger: Ledger) -> int:
         entries = await stored_entries(client, batch=4)
     finally:
         await client.aclose()
-    ledger.record_all("stored", (receive_ledger_id(message) for _, message in entries))
+    ledger.record_all("stored", stored_ledger_ids(entries))
     return len(entries)
 
 

@@ -29,10 +29,10 @@ from tests.chaos.scenario import (
     FULL,
     Replies,
     ledger_message,
-    receive_ledger_id,
     send_with_ledger,
     size,
     stored_entries,
+    stored_ledger_ids,
 )
 from tests.harness import ROOT, child_env, free_port, wait_for_port
 
@@ -123,7 +123,7 @@ async def send(port: int, ledger: Ledger, ids: list[str], *, retry: bool) -> Rep
 
 
 async def stored_ids(client: aioredis.Redis) -> list[str | None]:
-    return [receive_ledger_id(message) for _, message in await stored_entries(client)]
+    return stored_ledger_ids(await stored_entries(client))
 
 
 @pytest.mark.timeout(600 if FULL else 120)

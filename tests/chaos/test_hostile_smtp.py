@@ -15,7 +15,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.chaos.ledger import HEADER, Ledger, subject_with
-from tests.chaos.scenario import FULL, receive_ledger_id, rss_kib, size, stored_entries
+from tests.chaos.scenario import (
+    FULL,
+    receive_ledger_id,
+    rss_kib,
+    size,
+    stored_entries,
+    stored_ledger_ids,
+)
 from tests.harness import RedisServer
 from tests.ingest_util import IngestProcess, SMTPConn
 
@@ -246,7 +253,7 @@ async def test_hostile_input_is_rejected_or_stored_with_defects_and_memory_stays
     finally:
         await client.aclose()
     defects = {receive_ledger_id(m): m.get("defects", []) for _, m in entries}
-    ledger.record_all("stored", (receive_ledger_id(m) for _, m in entries))
+    ledger.record_all("stored", stored_ledger_ids(entries))
     ledger.report(
         ["stored"],
         rounds=ROUNDS + 1,

@@ -13,17 +13,15 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
-import redis.asyncio as aioredis
 
 from tests.chaos.ledger import Ledger
 from tests.chaos.scenario import (
     FULL,
     Replies,
     ledger_message,
-    receive_ledger_id,
+    record_stored,
     send_with_ledger,
     size,
-    stored_entries,
 )
 from tests.harness import RedisServer
 from tests.ingest_util import IngestProcess, SMTPConn
@@ -57,12 +55,7 @@ async def test_large_messages_at_once_one_entry_per_250_none_per_451(
     )  # fmt: skip
     await asyncio.wait_for(asyncio.gather(*senders), timeout=PATIENT)
 
-    client = aioredis.Redis.from_url(server.url)
-    try:
-        entries = await stored_entries(client, batch=4)
-    finally:
-        await client.aclose()
-    ledger.record_all("stored", (receive_ledger_id(message) for _, message in entries))
+    entries = await record_stored(server.url, ledger)
     phantoms = ledger.phantoms(["stored"])
     ledger.report(
         ["stored"],
@@ -70,7 +63,7 @@ async def test_large_messages_at_once_one_entry_per_250_none_per_451(
         megabytes=MEGABYTES,
         replies_250=replies.count(lambda c: c == 250),
         replies_4xx=replies.count(lambda c: 400 <= c < 500),
-        entries=len(entries),
+        entries=entries,
         entries_for_451=len(phantoms),
     )
     assert len(ledger.sent) == SENDERS

@@ -15,10 +15,10 @@ from tests.chaos.scenario import (
     FULL,
     Replies,
     ledger_message,
-    receive_ledger_id,
     send_with_ledger,
     size,
     stored_entries,
+    stored_ledger_ids,
 )
 from tests.harness import RedisServer
 from tests.ingest_util import IngestProcess
@@ -112,7 +112,7 @@ async def test_out_of_memory_answers_4xx_never_250_and_resumes(
     finally:
         await client.aclose()
 
-    ledger.record_all("stored", (receive_ledger_id(m) for _, m in entries))
+    ledger.record_all("stored", stored_ledger_ids(entries))
     ledger.report(
         ["stored"],
         filled_after=filled_with,

@@ -21,10 +21,10 @@ from tests.chaos.scenario import (
     Replies,
     ids_until,
     maildir_ids,
-    receive_ledger_id,
     send_with_ledger,
     size,
     stored_entries,
+    stored_ledger_ids,
 )
 from tests.delivery_util import pack, send_message, settled, terminate, worker_process
 from tests.harness import RedisServer, wait_for_port
@@ -128,7 +128,7 @@ async def test_redis_killed_and_restarted_under_load(
     # Back-off, not a busy loop: a handful of warnings per outage, not thousands.
     warnings = (tmp_path / "deliver.log").read_text().count('"level": "warning"')
 
-    ingest_ledger.record_all("stored", (receive_ledger_id(m) for _, m in entries))
+    ingest_ledger.record_all("stored", stored_ledger_ids(entries))
     send_ledger.record_all("delivered", maildir_ids(maildir))
     send_ledger.record_all("dead", [d for d in dead if d])
 
