@@ -17,6 +17,12 @@ own at start and finds a library that is missing or not its own.
 Keys: each function names the keys it is given (``KEYS``), except ``promote``, which
 derives the payload hash of each due retry from the schedule member.  Standalone Redis
 allows that; Redis Cluster would need every key declared (and in one slot).
+
+Fields: the Lua spells no field name.  Entries arrive as field/value pairs that
+:mod:`workers.streams.layout` built (``settle``, ``replay``) or that the payload hash holds
+(``promote``), and are written as they come; the key names arrive as ``KEYS`` or, for the
+retry payloads, as a prefix argument.  The only words the Lua and Python share are the
+section kinds of ``settle``, formatted into the Lua from the constants below.
 """
 
 from __future__ import annotations

@@ -200,29 +200,3 @@ def first_reply(replies: Mapping[str, layout.SmtpReply]) -> layout.SmtpReply | N
     with_code = [r for r in replies.values() if r.code is not None]
     return with_code[0] if with_code else next(iter(replies.values()), None)
 
-
-# --- transitional names --------------------------------------------------------------------
-# The entry layout moved to workers.streams.layout; these keep delivery.py importable while
-# it switches to the new names.  Removed once nothing uses them.
-FIELD_DATA = layout.DATA
-FIELD_MESSAGE_ID = layout.MESSAGE_ID
-FIELD_SOURCE_ID = layout.SOURCE_ID
-FIELD_ATTEMPTS = layout.ATTEMPTS
-FIELD_FIRST_ATTEMPT = layout.FIRST_ATTEMPT
-FIELD_RECIPIENTS = layout.RECIPIENTS
-FIELD_REPLAY_OF = layout.REPLAY_OF
-MAX_ERROR_TEXT = layout.MAX_ERROR_TEXT
-MessageRef = layout.MessageRef
-SmtpReply = layout.SmtpReply
-dead_letter = layout.dead_letter
-event = layout.event
-recipients_text = layout.recipients_text
-recipients_from_text = layout.recipients_from_text
-
-
-class OutcomeKeys:
-    """Transitional: :class:`Outcomes` takes the :class:`StreamKeys` themselves now."""
-
-    @staticmethod
-    def from_stream_keys(keys: StreamKeys) -> StreamKeys:
-        return keys
