@@ -57,3 +57,9 @@ def test_the_lowest_modules_import_nothing_of_mailpool(path: Path) -> None:
 def test_shared_modules_import_no_command_module(name: str) -> None:
     commands = mailpool_imports(WORKERS / name) & COMMAND_MODULES
     assert commands == set(), f"{name} imports the command module(s) {sorted(commands)}"
+
+
+def test_the_status_command_only_renders() -> None:
+    """``mailpool status`` reads its snapshot through the streams layer, never Redis itself."""
+    clients = {n for n in imported_modules(WORKERS / "status.py") if n.split(".")[0] == "redis"}
+    assert clients == set()
