@@ -108,8 +108,8 @@ class Stored:
     message_ids: set[str]  # ingest's id of each stored message (in its log lines too)
 
 
-async def record_stored(server: RedisServer, ledger: Ledger) -> Stored:
-    """Record every entry in the ledger."""
+async def record_stored_by_entry(server: RedisServer, ledger: Ledger) -> Stored:
+    """Record every entry in the ledger; which ledger id each entry holds."""
     client = aioredis.Redis.from_url(server.url)
     try:
         entries = await stored_entries(client)
@@ -136,7 +136,7 @@ async def test_a_stall_shorter_than_the_store_timeout_gives_one_entry_per_250(
     workers = [ingest_workers(server.url) for _ in range(WORKERS)]
     ledger = Ledger(f"ingest-redis-stall-{stall:g}s")
     run = await run_stall(server, workers, ledger, stall)
-    await record_stored(server, ledger)
+    await record_stored_by_entry(server, ledger)
 
     codes = run.codes()
     during = [code for at, code in codes if run.stalled_at + 0.2 < at < run.resumed_at]
@@ -172,7 +172,7 @@ async def test_a_stall_longer_than_the_store_timeout_defers_and_logs_what_is_sto
     ]
     ledger = Ledger("ingest-redis-stall-over-store-timeout")
     run = await run_stall(server, workers, ledger, LONG_STALL)
-    stored = await record_stored(server, ledger)
+    stored = await record_stored_by_entry(server, ledger)
 
     deferred = events(workers, "message_deferred")
     maybe_stored = [e for e in deferred if e.get("stored") == "unknown"]
