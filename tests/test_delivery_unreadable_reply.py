@@ -13,7 +13,7 @@ from tests.harness import wait_until
 from tests.schema_util import schema_violations
 from tests.scripted_relay import ScriptedRelay
 from workers.relay import Reply, relay_reply
-from workers.streams import outcomes
+from workers.streams import layout
 
 TOO_LONG = b"250 2.0.0 " + b"x" * 10_000  # aiosmtplib reads lines of at most 8192 octets
 
@@ -50,18 +50,18 @@ async def test_unreadable_reply_is_a_local_failure_in_schema_true_entries(
 def test_codes_outside_2xx_to_5xx_never_become_smtp_codes(code: int) -> None:
     reply = relay_reply(code, "Response too long")
     assert reply.code is None and not reply.permanent
-    ref = outcomes.MessageRef("m", "1-0", b"")
-    event = outcomes.event("deferred", ref, ["ann@example.com"], reply, 1.0, next_attempt=2.0)
+    ref = layout.MessageRef("m", "1-0", b"")
+    event = layout.event("deferred", ref, ["ann@example.com"], reply, 1.0, next_attempt=2.0)
     assert (event["smtp_code"], event["smtp_text"]) == ("", "")
     assert "Response too long" in str(event["error"])
     # the builders check too, whatever a transport hands them
     raw = Reply(code, "Response too long")
-    letter = outcomes.dead_letter(
+    letter = layout.dead_letter(
         ref, reason="expired", error="gave up", recipients=["ann@example.com"], attempts=1,
         first_attempt=1.0, last_attempt=1.0, reply=raw,
     )  # fmt: skip
     assert "smtp_code" not in letter and "smtp_text" not in letter
-    assert outcomes.event("failed", ref, [], raw, 1.0)["smtp_code"] == ""
+    assert layout.event("failed", ref, [], raw, 1.0)["smtp_code"] == ""
 
 
 @pytest.mark.parametrize("code", [250, 421, 550, 599])

@@ -29,7 +29,7 @@ from workers.codec.build import build_message
 from workers.codec.errors import CodecError, WireError
 from workers.codec.parse import parse_message
 from workers.codec.validate import validate_receive, validate_send
-from workers.streams import outcomes
+from workers.streams import layout
 
 INVALID_DIR = VECTOR_DIR / "invalid"
 ENTRY_DIR = VECTOR_DIR / "entries"
@@ -286,28 +286,28 @@ class _Reply:
 async def test_entries_mailpool_writes_satisfy_the_schemas(redis: aioredis.Redis) -> None:
     """The delivery side's own field builders, through a real Redis, against the schemas."""
     data = (VECTOR_DIR / "send-minimal.msgpack").read_bytes()
-    ref = outcomes.MessageRef("order-42", "1767225600250-0", data)
+    ref = layout.MessageRef("order-42", "1767225600250-0", data)
     now = 1767225601.5
     rejected = _Reply(550, "5.1.1 <ann@example.org>: Recipient address rejected")
     dead = [
-        outcomes.dead_letter(
+        layout.dead_letter(
             ref, reason="rejected", error="refused", recipients=["ann@example.org"],
             attempts=1, first_attempt=now, last_attempt=now, reply=rejected,
         ),
-        outcomes.dead_letter(
-            outcomes.MessageRef("1767225600250-1", "1767225600250-1", b"\xc1"),
+        layout.dead_letter(
+            layout.MessageRef("1767225600250-1", "1767225600250-1", b"\xc1"),
             reason="invalid", error="not msgpack", recipients=[], attempts=0,
             first_attempt=now, last_attempt=now,
         ),
     ]  # fmt: skip
     events = [
-        outcomes.event("delivered", ref, ["ann@example.org"], _Reply(250, "2.0.0 Ok"), now),
-        outcomes.event(
+        layout.event("delivered", ref, ["ann@example.org"], _Reply(250, "2.0.0 Ok"), now),
+        layout.event(
             "deferred", ref, ["bob@example.org"], _Reply(451, "4.3.0"), now, next_attempt=now + 60
         ),
-        outcomes.event("failed", ref, ["ann@example.org"], rejected, now),
-        outcomes.event("failed", ref, ["ann@example.org"], None, now),
-        outcomes.event(
+        layout.event("failed", ref, ["ann@example.org"], rejected, now),
+        layout.event("failed", ref, ["ann@example.org"], None, now),
+        layout.event(
             "deferred", ref, ["bob@example.org"], _Reply(None, "timeout"), now, next_attempt=now
         ),
     ]
