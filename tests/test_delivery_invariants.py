@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
@@ -22,6 +23,7 @@ from tests.delivery_util import (
 )
 from tests.harness import wait_until
 from tests.sinks import RecordingSink
+from workers.streams.outcomes import Outcomes
 
 
 @dataclass(frozen=True)
@@ -125,3 +127,31 @@ async def test_a_stop_leaves_every_entry_settled_or_pending(
         sink.stop()
     got = sorted(rcpt for r in sink.received for rcpt in r.rcpt_tos)
     assert got == ["a@example.com", "b@example.com"] + [f"d{n}@example.com" for n in range(4)]
+
+
+async def test_a_bug_while_taking_its_turn_gives_the_message_id_back(
+    redis: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three entries with one id: the second crashes (a bug, not a Redis error) right after
+    taking the id from the first.  Its lane hands it back with the id, so the third is not
+    blocked, and the second comes back from the pending list and is sent too."""
+    real = Outcomes.already_sent
+    crashed: list[object] = []
+
+    async def crash_once(self: Outcomes, wanted: Any) -> list[set[str]]:
+        if list(wanted) == [("turn", ["b@example.com"])] and not crashed:
+            crashed.append(wanted)
+            raise RuntimeError("injected bug")
+        return await real(self, wanted)
+
+    monkeypatch.setattr(Outcomes, "already_sent", crash_once)
+    sink = RecordingSink(stall_data=0.2).start()
+    try:
+        for rcpt in ["a@example.com", "b@example.com", "c@example.com"]:
+            await enqueue(redis, send_message([rcpt], message_id="turn"))
+        await run_until_settled(redis, make_config(redis_url, sink.url, concurrency=3))
+    finally:
+        sink.stop()
+    assert crashed
+    got = sorted(rcpt for r in sink.received for rcpt in r.rcpt_tos)
+    assert got == ["a@example.com", "b@example.com", "c@example.com"]
