@@ -199,4 +199,3 @@ def first_reply(replies: Mapping[str, layout.SmtpReply]) -> layout.SmtpReply | N
     """The reply a dead letter or event quotes: the first one a server actually gave."""
     with_code = [r for r in replies.values() if r.code is not None]
     return with_code[0] if with_code else next(iter(replies.values()), None)
-
