@@ -13,7 +13,6 @@ PYTHON=${PYTHON:-python3}
 # settlement connection's idle check), the wire format (msgpack), the metrics endpoint and
 # the library internals check.
 TESTS=(
-  tests/test_library_internals.py
   tests/test_internals_*.py
   tests/test_delivery_settler_idle.py
   tests/test_delivery_happy.py

@@ -125,6 +125,25 @@ async def test_500_for_lines_and_commands_over_the_rfc_limits(
     assert len(await entries(redis)) == 1
 
 
+async def test_the_mail_line_limit_is_the_sessions_own(redis_url: str) -> None:
+    """After EHLO a MAIL line may be 512 + 26 (SIZE=) + 10 (SMTPUTF8) = 548 octets, whatever
+    other sessions connect or say EHLO meanwhile."""
+
+    def mail_line(octets: int) -> str:
+        return "MAIL FROM:<" + "x" * (octets - 24) + "@example.org>"
+
+    async with ingest(redis_url) as server:
+        conn = await SMTPConn.open_session(server.port)
+        others = [await SMTPConn.open(server.port)]  # a new session, no EHLO yet
+        assert (await conn.cmd(mail_line(548)))[0] == 250
+        assert (await conn.cmd("RSET"))[0] == 250
+        others += [await SMTPConn.open_session(server.port) for _ in range(3)]
+        code, text = await conn.cmd(mail_line(549))
+        assert (code, text.split()[0]) == (500, "5.5.2"), text
+        for each in [conn, *others]:
+            await each.close()
+
+
 async def test_smtputf8_addresses_and_invalid_utf8(redis_url: str, redis: aioredis.Redis) -> None:
     async with ingest(redis_url) as server:
         conn = await SMTPConn.open_session(server.port)

@@ -1,14 +1,26 @@
 """Time limits on real sockets: an idle client is cut off after --command-timeout, a client that
-trickles DATA bytes is bounded by --connection-timeout, both with 421 4.4.2."""
+trickles DATA bytes is bounded by --connection-timeout, both with 421 4.4.2; neither limit
+cuts a session off while its message is being stored."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
+from tests.harness import RedisServer
 from tests.ingest_util import SMTPConn, entries, ingest, message
+
+
+async def _reply_within(conn: SMTPConn, seconds: float) -> tuple[int, str] | None:
+    """The server's next reply if it comes within ``seconds``, else None."""
+    try:
+        return await conn.reply(timeout=seconds)
+    except TimeoutError:
+        return None
 
 
 async def test_idle_client_gets_421_after_the_command_timeout(redis_url: str) -> None:
@@ -32,9 +44,7 @@ async def test_slow_command_bytes_are_bounded_by_the_command_timeout(redis_url: 
                 await conn.send(bytes([byte]))
             except ConnectionError:
                 break
-            await asyncio.sleep(0.1)
-            if conn.reader.at_eof() or conn.reader._buffer:  # type: ignore[attr-defined]
-                with_reply = await conn.reply()
+            if with_reply := await _reply_within(conn, 0.1):
                 break
         assert with_reply is not None and with_reply[0] == 421
         assert time.monotonic() - started < 2.0
@@ -57,9 +67,7 @@ async def test_data_trickler_is_bounded_by_the_connection_timeout(
                 await conn.send(b"x")
             except ConnectionError:
                 break
-            await asyncio.sleep(0.1)
-            if conn.reader._buffer or conn.reader.at_eof():  # type: ignore[attr-defined]
-                reply = await conn.reply()
+            if reply := await _reply_within(conn, 0.1):
                 break
         elapsed = time.monotonic() - started
         assert reply is not None
@@ -80,3 +88,30 @@ async def test_session_limit_spares_a_busy_but_steady_client(
         assert code == 421
         await conn.close()
     assert len(await entries(redis)) == 1
+
+
+async def test_a_store_slower_than_the_timeouts_still_gets_its_250(
+    make_redis: Callable[..., RedisServer],
+) -> None:
+    """Redis stalls longer than both limits while the message is stored: the sender gets its
+    250 once Redis answers (a 421 then would make it send a message already stored)."""
+    server = make_redis()
+    assert server.process is not None
+    async with ingest(
+        server.url, command_timeout=0.5, connection_timeout=1.0, store_timeout=10.0
+    ) as smtp:
+        conn = await SMTPConn.open_session(smtp.port)
+        assert (await conn.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
+        assert (await conn.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+        assert (await conn.cmd("DATA"))[0] == 354
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            await conn.send(message("stalled") + b".\r\n")
+            await asyncio.sleep(2.0)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        code, text = await conn.reply(timeout=10)
+        assert code == 250, text
+        code, _ = await conn.reply(timeout=5)  # then the session limit, long past
+        assert code == 421
+        await conn.close()

@@ -17,6 +17,7 @@ rest is drained and the reply is ``452 4.3.1``.
 The message is unstuffed and checked as it arrives, into one buffer that becomes the
 ``bytes`` handed on without a copy: the message is held once while it is read (aiosmtpd's
 reader and the previous version of this one held it four to five times at the end of data).
+What arrived after the end of data goes back to the reader (:mod:`.asyncio_fence`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import enum
 import io
 from dataclasses import dataclass
 
+from workers.ingest.asyncio_fence import unread
 from workers.ingest.memory import Reservation
 
 END_OF_DATA = b"\r\n.\r\n"
@@ -51,15 +53,6 @@ def unstuff(stuffed: bytes) -> bytes:
     if stuffed.startswith(b"."):
         stuffed = stuffed[1:]
     return stuffed.replace(b"\r\n.", b"\r\n")
-
-
-def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
-    """Give back bytes read past the end of data (pipelined commands) to the command loop.
-
-    StreamReader has no public unread; its buffer is a bytearray (CPython 3.8 to 3.13), the
-    same internal aiosmtpd itself clears after STARTTLS.
-    """
-    reader._buffer[:0] = data  # type: ignore[attr-defined]
 
 
 def _safe_cut(pending: bytes) -> int:
@@ -159,6 +152,6 @@ async def read_data(
         pending += chunk
     collector.take(pending[: end + 2])
     leftover = pending[end + len(END_OF_DATA) :]
-    if leftover:
-        _unread(reader, leftover)
+    if leftover:  # pipelined commands: back to the command loop
+        unread(reader, leftover)
     return collector.result()

@@ -10,9 +10,10 @@ did not).  :class:`IngestServer` owns the listeners, caps concurrent connections
 and per client address (``421 4.7.0`` beyond) and drains sessions gracefully on stop.
 
 Three hot-path replacements keep a transaction cheaper than in stock aiosmtpd (measured by
-``bench/ingest.py``): DATA is read in chunks (:mod:`.data`), the per-connection command
-and hook tables are built once per listener (:data:`FAST_INIT`), and plain ``<a@b>``
-paths skip the stdlib header parser (:func:`simple_path`).
+``bench/ingest.py``): DATA is read in chunks (:mod:`.data`), a session is built from tables
+computed once per listener, and plain ``<a@b>`` paths skip the stdlib header parser.  What
+this needs of aiosmtpd beyond its documented API is in :mod:`.aiosmtpd_fence`, with what
+each use buys; this module uses aiosmtpd's documented API and the fence's names only.
 """
 
 from __future__ import annotations
@@ -21,24 +22,16 @@ import asyncio
 import collections
 import contextlib
 import ipaddress
-import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, AnyStr
+from typing import Any
 
-import aiosmtpd
 import structlog
-from aiosmtpd.smtp import (
-    MISSING,
-    SMTP,
-    AuthenticatorType,
-    _AuthMechAttr,
-    login_always_fail,
-    syntax,
-)
+from aiosmtpd.smtp import AuthenticatorType, Envelope, syntax
 
 from workers.config import ConfigError, parse_host_port
+from workers.ingest.aiosmtpd_fence import Command, FencedSMTP, SessionArguments
 from workers.ingest.data import DataRefusal, read_data
 from workers.ingest.memory import (
     REPLY_NO_MEMORY,
@@ -68,30 +61,6 @@ REPLIES_TO_REFUSED_DATA = {
     DataRefusal.LINE_TOO_LONG: REPLY_LINE_TOO_LONG,
     DataRefusal.NO_MEMORY: REPLY_NO_MEMORY,
 }
-# aiosmtpd's own refusals, given RFC 3463 enhanced status codes (same reply codes).
-_REWRITTEN_REPLIES = {
-    "552 Error: message size exceeds fixed maximum message size": (
-        "552 5.3.4 Message size exceeds fixed maximum message size"
-    ),
-    "500 Command line too long": "500 5.5.2 Command line too long",
-    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
-}
-# The usual MAIL/RCPT argument: <dot-atom@domain> and maybe parameters.  aiosmtpd parses
-# addresses with the stdlib's RFC 5322 header parser (~0.2 ms each, a tenth of a whole
-# transaction); a path in this strict form gives the same result with one regex, anything
-# else still goes to aiosmtpd's parser.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-SIMPLE_PATH = re.compile(
-    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:\s+(.*))?", re.DOTALL
-)
-
-
-def simple_path(arg: str) -> tuple[str, str] | None:
-    """(address, parameters) of a MAIL/RCPT argument in the strict common form, else None."""
-    match = SIMPLE_PATH.fullmatch(arg)
-    return (match.group(1), match.group(2) or "") if match else None
-
-
 # During shutdown, how often sessions that finished their transaction are told 421.
 IDLE_SWEEP = 0.25
 # After the grace period, sessions still storing a message get this long to finish the XADD.
@@ -168,81 +137,23 @@ class SessionRegistry:
 class SessionShared:
     """What every session of one listener shares, computed once instead of per connection."""
 
-    handler: Any
+    smtp: SessionArguments
     limits: SessionLimits
     registry: SessionRegistry
-    tls_context: ssl.SSLContext | None  # for STARTTLS; None on the implicit-TLS listener
     implicit_tls: bool
-    authenticator: AuthenticatorType | None
-    handle_hooks: dict[str, Callable[..., Any]]
     budget: MemoryBudget
     trimmer: HeapTrimmer
 
 
-def handler_hooks(handler: Any) -> dict[str, Callable[..., Any]]:
-    """``handle_XXX`` methods by command, as aiosmtpd looks them up."""
-    return {name[7:]: getattr(handler, name) for name in dir(handler) if name.startswith("handle_")}
-
-
-# aiosmtpd's SMTP.__init__ rebuilds its command, hook and AUTH tables with dir() and
-# inspect.getmembers() for every connection: about 1 ms of CPU, more than the rest of a
-# whole mail transaction.  For the aiosmtpd release this module is written against, the
-# session sets the same attributes itself from tables computed once; any other release
-# takes aiosmtpd's own constructor (same behaviour, slower), see IngestSMTP.__init__.
-FAST_INIT = aiosmtpd.__version__ == "1.4.6"
-
-
-class CommandTable:
-    """aiosmtpd's ``_smtp_methods`` (command -> bound ``smtp_*`` method), resolved on
-    lookup; while the worker shuts down, a command outside a transaction gets the 421."""
-
-    __slots__ = ("_session",)
-    names: frozenset[str] = frozenset()
-
-    def __init__(self, session: IngestSMTP) -> None:
-        self._session = session
-
-    def get(self, name: str, default: Any = None) -> Any:
-        if name not in self.names:
-            return default
-        session = self._session
-        if session.registry.stopping and name != "QUIT" and not session.transaction_open():
-            return session.refuse_shutting_down
-        return getattr(session, "smtp_" + name)
-
-    def items(self) -> list[tuple[str, Any]]:  # for HELP
-        return [(name, getattr(self._session, "smtp_" + name)) for name in sorted(self.names)]
-
-
-class IngestSMTP(SMTP):
+class IngestSMTP(FencedSMTP):
     """One SMTP session (aiosmtpd protocol instance) with mailpool's session rules."""
 
     def __init__(self, shared: SessionShared) -> None:
         # First: aiosmtpd's constructor may create an envelope (see _create_envelope).
         self.budget = shared.budget
         self._reservation: Reservation | None = None
+        super().__init__(shared.smtp)
         limits = shared.limits
-        if FAST_INIT:
-            self._init_known_release(shared)
-        else:  # pragma: no cover - exercised by test_ingest_limits with FAST_INIT off
-            super().__init__(
-                shared.handler,
-                data_size_limit=limits.max_size,
-                enable_SMTPUTF8=True,
-                hostname=limits.hostname,
-                ident=IDENT,
-                tls_context=shared.tls_context,
-                require_starttls=limits.require_tls and shared.tls_context is not None,
-                timeout=limits.command_timeout,
-                auth_required=limits.auth_required,
-                auth_require_tls=not shared.implicit_tls,
-                authenticator=shared.authenticator,
-                auth_exclude_mechanism=None if shared.authenticator else ["PLAIN", "LOGIN"],
-            )
-        # aiosmtpd keeps these limits in a class-level dict that every EHLO grows; ours
-        # stays per session.
-        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
-        self._smtp_methods = CommandTable(self)  # type: ignore[assignment]  # duck-typed: get, items
         self.limits = limits
         self.registry = shared.registry
         self.trimmer = shared.trimmer
@@ -253,56 +164,12 @@ class IngestSMTP(SMTP):
         self._storing = False
         self._session_timer: asyncio.TimerHandle | None = None
 
-    def _init_known_release(self, shared: SessionShared) -> None:
-        """What aiosmtpd 1.4.6's ``SMTP.__init__`` sets for our arguments, minus the
-        per-connection introspection (its tables come from ``shared``)."""
-        self.__ident__ = IDENT
-        self.loop = asyncio.get_running_loop()
-        asyncio.StreamReaderProtocol.__init__(
-            self,
-            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected,
-            loop=self.loop,
-        )
-        limits = shared.limits
-        self.event_handler = shared.handler
-        self.data_size_limit = limits.max_size
-        self.enable_SMTPUTF8 = True
-        self._decode_data = False
-        self.hostname = limits.hostname
-        self.tls_context = shared.tls_context
-        self.require_starttls = bool(shared.tls_context) and limits.require_tls
-        self._timeout_duration = limits.command_timeout
-        self._timeout_handle = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = not shared.implicit_tls
-        self._proxy_timeout = None
-        self._authenticator = shared.authenticator
-        self._auth_callback = None if shared.authenticator else login_always_fail
-        self._auth_required = limits.auth_required
-        self._auth_methods = (
-            {
-                "LOGIN": _AuthMechAttr(self.auth_LOGIN, True),
-                "PLAIN": _AuthMechAttr(self.auth_PLAIN, True),
-            }
-            if shared.authenticator
-            else {}
-        )
-        self._handle_hooks = shared.handle_hooks
-        self._ehlo_hook_ver = "new" if "EHLO" in shared.handle_hooks else None
-        self._enforce_call_limit = False
-
     # -- state ------------------------------------------------------------------------
 
     @property
     def is_tls(self) -> bool:
-        return self.implicit_tls or self._tls_protocol is not None
+        # aiosmtpd sets the session's ssl once a STARTTLS handshake succeeded.
+        return self.implicit_tls or (self.session is not None and self.session.ssl is not None)
 
     def transaction_open(self) -> bool:
         return self.envelope is not None and self.envelope.mail_from is not None
@@ -355,7 +222,7 @@ class IngestSMTP(SMTP):
         # During DATA the command timeout restarts with every chunk received, like RFC 5321
         # section 4.5.3.2.5's data block timeout; the session limit still bounds a trickler.
         if self._in_data and not self._storing:
-            self._reset_timeout()
+            self.restart_command_timer()
         super().data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -379,9 +246,9 @@ class IngestSMTP(SMTP):
             self._reservation = self.budget.reservation()
         return self._reservation
 
-    def _timeout_cb(self) -> None:
+    def command_timed_out(self) -> None:
         if self._storing:  # never cut a session off between XADD and its reply
-            self._reset_timeout()
+            self.restart_command_timer()
             return
         INGEST_REJECTED.labels("timeout").inc()
         log.info("session_timeout", peer=self._peer_ip(), limit="command")
@@ -414,44 +281,31 @@ class IngestSMTP(SMTP):
     async def refuse_shutting_down(self, arg: str | None) -> None:
         self._say_and_close(REPLY_SHUTTING_DOWN)
 
+    def command_override(self, name: str) -> Command | None:
+        """While the worker stops, any command but QUIT outside a transaction gets 421."""
+        if self.registry.stopping and name != "QUIT" and not self.transaction_open():
+            return self.refuse_shutting_down
+        return None
+
     # -- commands ---------------------------------------------------------------------
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        return simple_path(arg) or super()._getaddr(arg)
-
-    async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str):
-            status = _REWRITTEN_REPLIES.get(status, status)
-        await super().push(status)
-
-    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
-        if command == "MAIL":
-            return await self._mail_within_budget(*args)
-        if command != "DATA":
-            return await super()._call_handler_hook(command, *args)
-        self._storing = True
-        try:
-            return await super()._call_handler_hook(command, *args)
-        finally:
-            self._storing = False
-
-    async def _mail_within_budget(self, address: str, mail_options: list[str]) -> Any:
+    def mail_refusal(self, mail_options: list[str]) -> str | None:
         """MAIL FROM with a ``SIZE=`` the budget has no room for now: RFC 1870's 452
         (checked, not reserved: see :mod:`.memory`)."""
         size = declared_size(mail_options)
-        if size and not self.budget.has_room(size):
-            INGEST_REJECTED.labels("memory").inc()
-            log.info(
-                "sender_deferred", peer=self._peer_ip(), size=size, code=452, reason="memory",
-                budget_used=self.budget.used, budget=self.budget.capacity,
-            )  # fmt: skip
-            return REPLY_NO_MEMORY
-        return await super()._call_handler_hook("MAIL", address, mail_options)
+        if not size or self.budget.has_room(size):
+            return None
+        INGEST_REJECTED.labels("memory").inc()
+        log.info(
+            "sender_deferred", peer=self._peer_ip(), size=size, code=452, reason="memory",
+            budget_used=self.budget.used, budget=self.budget.capacity,
+        )  # fmt: skip
+        return REPLY_NO_MEMORY
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
         """aiosmtpd's DATA command with the chunked reader of :mod:`.data`."""
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+        if await self.refused_before_helo_or_auth("DATA"):
             return
         envelope = self.envelope
         assert envelope is not None
@@ -465,7 +319,7 @@ class IngestSMTP(SMTP):
         self._in_data = True
         try:
             received = await read_data(
-                self._reader, self.data_size_limit, self._transaction_reservation()
+                self.stream_reader, self.data_size_limit, self._transaction_reservation()
             )
         finally:
             self._in_data = False
@@ -480,13 +334,20 @@ class IngestSMTP(SMTP):
             # The envelope holds the one copy of the message the handler reads.
             envelope.content = envelope.original_content = received.content
             del received
-            try:
-                status = await self._call_handler_hook("DATA")
-            finally:
-                self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
-            await self.push("250 OK" if status is MISSING else status)
+            await self.push(await self._stored(envelope))
         finally:
             self.trimmer.after_message(size)
+
+    async def _stored(self, envelope: Envelope) -> str:
+        """The handler's reply to the message in ``envelope``; the command timer is held
+        while it runs (see :meth:`command_timed_out`)."""
+        self._storing = True
+        try:
+            reply: str = await self.event_handler.handle_DATA(self, self.session, envelope)
+        finally:
+            self._storing = False
+            self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state
+        return reply
 
     async def _refuse_data(self, refusal: DataRefusal, size: int) -> None:
         envelope = self.envelope
@@ -561,15 +422,26 @@ class IngestServer:
         self.tls_port: int | None = None
 
     def _factory(self, implicit_tls: bool) -> Callable[[], asyncio.BaseProtocol]:
-        shared = SessionShared(
+        limits = self.limits
+        # On the implicit-TLS listener the socket is already encrypted: no STARTTLS.
+        starttls = None if implicit_tls else self.tls_context
+        smtp = SessionArguments(
             handler=self.handler,
-            limits=self.limits,
-            registry=self.registry,
-            # On the implicit-TLS listener the socket is already encrypted: no STARTTLS.
-            tls_context=None if implicit_tls else self.tls_context,
-            implicit_tls=implicit_tls,
+            hostname=limits.hostname,
+            ident=IDENT,
+            data_size_limit=limits.max_size,
+            timeout=limits.command_timeout,
+            tls_context=starttls,
+            require_starttls=limits.require_tls and starttls is not None,
+            auth_required=limits.auth_required,
+            auth_require_tls=not implicit_tls,
             authenticator=self.authenticator,
-            handle_hooks=handler_hooks(self.handler),
+        )
+        shared = SessionShared(
+            smtp=smtp,
+            limits=limits,
+            registry=self.registry,
+            implicit_tls=implicit_tls,
             budget=self.budget,
             trimmer=self.trimmer,
         )
@@ -635,8 +507,3 @@ class IngestServer:
         self._servers.clear()
         self.trimmer.cancel()
         log.info("ingest_stopped", sessions_left=len(self.registry.sessions))
-
-
-CommandTable.names = frozenset(
-    name[5:] for name in dir(IngestSMTP) if name.startswith("smtp_") and name[5:].isupper()
-)

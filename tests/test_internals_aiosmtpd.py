@@ -1,0 +1,241 @@
+"""What the ingest role uses of aiosmtpd beyond its documented API, checked against the
+installed release: workers/ingest/aiosmtpd_fence.py.
+
+Each test fails loudly, naming that file, when the installed aiosmtpd is not the release
+the fence was written for, lacks a name the fence uses, or no longer calls what the fence
+overrides: a session class that uses every hook of the fence runs on real sockets, with
+the fence's copy of the constructor and with aiosmtpd's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from importlib import metadata
+from typing import Any
+
+import aiosmtpd
+import pytest
+from aiosmtpd import smtp
+from aiosmtpd.smtp import syntax
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from tests.ingest_util import SMTPConn, ingest, message
+from workers.ingest import aiosmtpd_fence, server
+from workers.ingest.aiosmtpd_fence import Command, FencedSMTP, SessionArguments, simple_path
+
+FENCE = "workers/ingest/aiosmtpd_fence.py"
+
+
+def test_the_installed_aiosmtpd_is_the_release_the_fence_was_written_for() -> None:
+    installed = Version(metadata.version("aiosmtpd"))
+    checked = aiosmtpd_fence.CHECKED_RELEASES
+    assert installed in SpecifierSet(checked), (
+        f"aiosmtpd {installed} is installed, but {FENCE} was written for aiosmtpd{checked}: "
+        f"check it against {installed}'s aiosmtpd/smtp.py, then widen CHECKED_RELEASES"
+    )
+    assert aiosmtpd.__version__ == str(installed), f"{FENCE}: FAST_INIT reads __version__"
+    assert aiosmtpd_fence.FAST_INIT, f"{FENCE}: FAST_INIT is off for aiosmtpd {installed}"
+
+
+def test_aiosmtpd_still_has_what_the_fence_uses() -> None:
+    overridden_or_called = [
+        "_getaddr", "_call_handler_hook", "_reset_timeout", "_timeout_cb",
+        "_cb_client_connected", "check_helo_needed", "check_auth_needed",
+        "auth_LOGIN", "auth_PLAIN", "line_length_limit", "command_size_limit",
+        "command_size_limits",
+    ]  # fmt: skip
+    missing = [name for name in overridden_or_called if not hasattr(smtp.SMTP, name)]
+    assert missing == [], f"revisit {FENCE}: aiosmtpd's SMTP has no {missing}"
+    imported = ["_AuthMechAttr", "login_always_fail"]
+    missing = [name for name in imported if not hasattr(smtp, name)]
+    assert missing == [], f"revisit {FENCE}: aiosmtpd.smtp has no {missing}"
+
+
+# -- a session that uses every hook of the fence ------------------------------------------
+
+
+class _Handler:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return "250 OK"
+
+
+class _Probe(FencedSMTP):
+    """Answers NOOP through the command override, refuses ``SIZE=7`` in mail_refusal,
+    records the command timeout, and reads one line of DATA from the stream reader."""
+
+    timeouts = 0
+
+    def command_override(self, name: str) -> Command | None:
+        return self._overridden if name == "NOOP" else None
+
+    async def _overridden(self, arg: str | None) -> None:
+        await self.push("250 overridden")
+
+    def mail_refusal(self, mail_options: list[str]) -> str | None:
+        return "452 4.3.1 refused by the probe" if "SIZE=7" in mail_options else None
+
+    def command_timed_out(self) -> None:
+        type(self).timeouts += 1
+        super().command_timed_out()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.refused_before_helo_or_auth("DATA"):
+            return
+        await self.push("354 one line")
+        self.restart_command_timer()
+        line = await self.stream_reader.readline()
+        await self.push("250 read " + line.decode().strip())
+
+
+def _arguments(**overrides: Any) -> SessionArguments:
+    values: dict[str, Any] = {
+        "handler": _Handler(), "hostname": "probe.test", "ident": "probe",
+        "data_size_limit": 1000, "timeout": 5.0, "tls_context": None,
+        "require_starttls": False, "auth_required": False, "auth_require_tls": True,
+        "authenticator": None,
+    }  # fmt: skip
+    values.update(overrides)
+    return SessionArguments(**values)
+
+
+@contextlib.asynccontextmanager
+async def _probe_server(arguments: SessionArguments) -> AsyncIterator[int]:
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(lambda: _Probe(arguments), "127.0.0.1", 0)
+    try:
+        yield int(listener.sockets[0].getsockname()[1])
+    finally:
+        listener.close()
+
+
+@pytest.fixture(params=[True, False], ids=["fast-init", "aiosmtpd-init"])
+def fast_init(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both constructors: the fence's copy, and aiosmtpd's own (what another release gets)."""
+    monkeypatch.setattr(aiosmtpd_fence, "FAST_INIT", request.param)
+    return bool(request.param)
+
+
+async def test_aiosmtpd_calls_the_fences_hooks(fast_init: bool) -> None:
+    async with _probe_server(_arguments()) as port:
+        conn = await SMTPConn.open(port)
+        assert await conn.cmd("DATA") == (503, "Error: send HELO first"), FENCE
+        await conn.ehlo()
+        assert await conn.cmd("NOOP") == (250, "overridden"), f"{FENCE}: _smtp_methods"
+        code, text = await conn.cmd("HELP")
+        assert code == 250 and "NOOP" in text and "DATA" in text, f"{FENCE}: _smtp_methods"
+        refused = await conn.cmd("MAIL FROM:<a@example.org> SIZE=7")
+        assert refused == (452, "4.3.1 refused by the probe"), f"{FENCE}: _call_handler_hook"
+        assert (await conn.cmd("MAIL FROM:<a@example.org> SIZE=8"))[0] == 250
+        assert (await conn.cmd("RCPT TO:<b@example.com>"))[0] == 250
+        assert (await conn.cmd("DATA"))[0] == 354
+        assert await conn.cmd("first line") == (250, "read first line"), f"{FENCE}: _reader"
+        await conn.close()
+
+
+async def test_the_command_timeout_goes_to_the_fences_hook(fast_init: bool) -> None:
+    _Probe.timeouts = 0
+    async with _probe_server(_arguments(timeout=0.3)) as port:
+        conn = await SMTPConn.open(port)
+        assert await conn.closed_by_server(timeout=3)
+        await conn.close()
+    assert _Probe.timeouts == 1, f"{FENCE}: aiosmtpd no longer calls _timeout_cb"
+
+
+async def test_aiosmtpds_refusals_get_enhanced_codes(fast_init: bool) -> None:
+    """REWRITTEN_REPLIES matches aiosmtpd's wording: each refusal arrives rewritten."""
+    expected = f"{FENCE}: REWRITTEN_REPLIES no longer matches aiosmtpd's wording"
+    async with _probe_server(_arguments()) as port:
+        conn = await SMTPConn.open_session(port)
+        code, text = await conn.cmd("MAIL FROM:<a@example.org> SIZE=1001")
+        assert (code, text.split()[0]) == (552, "5.3.4"), expected
+        code, text = await conn.cmd("NOOP " + "x" * 600)
+        assert (code, text.split()[0]) == (500, "5.5.2"), expected
+        await conn.close()
+    no_certificate_needed = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    arguments = _arguments(tls_context=no_certificate_needed, require_starttls=True)
+    async with _probe_server(arguments) as port:
+        conn = await SMTPConn.open_session(port)
+        code, text = await conn.cmd("MAIL FROM:<a@example.org>")
+        assert (code, text.split()[0]) == (530, "5.7.0"), expected
+        await conn.close()
+
+
+# -- the constructor copy ------------------------------------------------------------------
+
+
+def _session_attributes(monkeypatch: pytest.MonkeyPatch, *, fast: bool) -> dict[str, Any]:
+    """The attributes of a new ingest session built by the fast or the stock constructor."""
+    monkeypatch.setattr(aiosmtpd_fence, "FAST_INIT", fast)
+    limits = server.SessionLimits(
+        hostname="mx.test", max_size=1000, command_timeout=5, connection_timeout=60,
+        require_tls=False, auth_required=False,
+    )  # fmt: skip
+    ingest_server = server.IngestServer(
+        _Handler(), limits, listen="127.0.0.1:0", authenticator=lambda *args: None
+    )
+    return vars(ingest_server._factory(False)())
+
+
+def _comparable(value: Any) -> Any:
+    """What must agree between the two constructors: scalars (None and False both mean
+    "off") and the keys of tables; objects made per session cannot be compared."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, str | int | float):
+        return value
+    if isinstance(value, dict):
+        return sorted(value)
+    return type(value).__name__
+
+
+async def test_fast_constructor_sets_what_aiosmtpds_own_sets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Same attribute names and the same settings as SMTP.__init__ of the installed
+    release: a release that adds or changes an attribute is caught here, not in production."""
+    fast = _session_attributes(monkeypatch, fast=True)
+    stock = _session_attributes(monkeypatch, fast=False)
+    assert sorted(set(stock) ^ set(fast)) == [], f"revisit {FENCE} _init_as_1_4_6"
+    differing = sorted(k for k in stock if _comparable(stock[k]) != _comparable(fast[k]))
+    assert differing == [], f"revisit {FENCE} _init_as_1_4_6"
+
+
+async def test_ingest_sessions_with_aiosmtpds_own_constructor(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With another aiosmtpd release the sessions take aiosmtpd's own constructor."""
+    monkeypatch.setattr(aiosmtpd_fence, "FAST_INIT", False)
+    async with ingest(redis_url, max_recipients=100) as ingest_server:
+        conn = await SMTPConn.open(ingest_server.port)
+        assert "PIPELINING" in await conn.ehlo()
+        assert (await conn.transaction(message()))[0] == 250
+        assert (await conn.cmd("HELP"))[0] == 250
+        await conn.close()
+
+
+# -- the address fast path -----------------------------------------------------------------
+
+PATHS = [
+    "<a@b.c>", "<a@b.c> SIZE=10", "<a@b.c>  SIZE=10 BODY=8BITMIME",
+    "<first.last+tag@sub.example.com>",
+    "<a..b@c.d>", "<.a@b.c>", "<a@b..c>", "<a@-b.c>", '<"q q"@b.c>', "<@relay:a@b.c>",
+    "<a@[1.2.3.4]>", "<a@b.c>x", "< a@b.c>", "<a(c)@b.c>", "<postmaster>", "<>", "a@b.c",
+    "<a@b.c> SMTPUTF8", "<jürgen@exämple.org>", "<a@b.c>\tSIZE=1",
+]  # fmt: skip
+
+
+async def test_fast_address_path_agrees_with_aiosmtpd() -> None:
+    """The regex fast path for <local@domain> gives what aiosmtpd's own parser gives."""
+    reference = smtp.SMTP(object())
+    fast_hits = 0
+    for path in PATHS:
+        fast = simple_path(path)
+        if fast is not None:
+            fast_hits += 1
+            assert fast == reference._getaddr(path), f"{FENCE} simple_path: {path}"
+    assert fast_hits >= 6
