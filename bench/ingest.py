@@ -3,6 +3,14 @@ server whose handler only answers 250, measured alternately in the same run.
 
     python bench/ingest.py            # full matrix, ~2 minutes
     python bench/ingest.py --quick    # 2 KB at 10 sessions only
+    python bench/ingest.py --quick --against /tmp/other-checkout --rounds 7
+
+With ``--against`` a second ``mailpool ingest`` runs from another checkout of this
+repository (a ``git worktree`` of an earlier commit, or of a variant to compare), next to
+this tree's, and the rounds alternate between the two (the order flips every round, so a
+drift of the machine's load falls on both alike).  Printed then, per case: the median over
+the rounds of this tree's rate divided by the other's, wall and per CPU-second; the latency
+part is left out.
 
 Load: Postfix's ``smtp-source`` (test tool only; the Postfix daemon is never started) sends
 2 KB and 20 KB messages over 10 and 50 parallel sessions, with connection reuse (``-d``: all
@@ -131,19 +139,23 @@ def start_bare() -> Server:
     return Server("bare", process, port)
 
 
-def start_ingest(redis_url: str, log_path: Path, http_port: int) -> Server:
+def start_ingest(
+    redis_url: str, log_path: Path, http_port: int, *, root: Path = ROOT, name: str = "ingest"
+) -> Server:
+    """``mailpool ingest`` of the checkout at ``root`` (its ``workers`` package comes first
+    on the path, ahead of the one the venv has installed)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPOOL_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     # The real thing: one JSON log line per message, written to a file.
     process = subprocess.Popen(
         [sys.executable, "-m", "workers", "ingest", "--listen", f"127.0.0.1:{port}",
          "--redis-url", redis_url, "--hostname", "ingest.bench", "--log-format", "json",
          "--max-connections", "2000", "--http", f"127.0.0.1:{http_port}"],
-        cwd=ROOT, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
+        cwd=root, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     wait_for_port(port)
-    return Server("ingest", process, port)
+    return Server(name, process, port)
 
 
 # --- load -----------------------------------------------------------------------------
@@ -308,10 +320,57 @@ def cases(quick: bool) -> list[Case]:
     return found
 
 
+def against_bare(bare: Server, ingest: Server, quick: bool, rounds: int) -> float:
+    """The table of ingest against the bare server; returns half of ingest's 2 KB/10-session
+    rate with connection reuse (the rate the latency is measured at)."""
+    print(f"{'case':<30} {'bare msg/s':>10} {'ingest msg/s':>12} {'ratio':>6}   "
+          f"{'bare msg/cpu-s':>14} {'ingest msg/cpu-s':>16} {'ratio':>6}")  # fmt: skip
+    half_rate = 0.0
+    for case in cases(quick):
+        bare_runs, ingest_runs = [], []
+        for _ in range(rounds):
+            bare_runs.append(smtp_source(bare, case))
+            ingest_runs.append(smtp_source(ingest, case))
+        a = statistics.median(r.rate for r in bare_runs)
+        b = statistics.median(r.rate for r in ingest_runs)
+        a_cpu = statistics.median(r.per_cpu for r in bare_runs)
+        b_cpu = statistics.median(r.per_cpu for r in ingest_runs)
+        print(
+            f"{case.label:<30} {a:>10.0f} {b:>12.0f} {b / a:>6.2f}   "
+            f"{a_cpu:>14.0f} {b_cpu:>16.0f} {b_cpu / a_cpu:>6.2f}",
+            flush=True,
+        )
+        if case.size == 2048 and case.sessions == 10 and case.reuse:
+            half_rate = b / 2
+    return half_rate
+
+
+def against_other_tree(ingest: Server, other: Server, quick: bool, rounds: int) -> None:
+    """This tree's ingest against the other checkout's, rounds alternating in order; the
+    figure is the median of the per-round ratios."""
+    print(f"\nthis tree / {other.name}, median of {rounds} alternating rounds:")
+    print(f"{'case':<30} {'msg/s ratio':>11} {'msg/cpu-s ratio':>15}   per-round msg/cpu-s ratios")
+    for case in cases(quick):
+        rate_ratios, cpu_ratios = [], []
+        for round_number in range(rounds):
+            pair = (ingest, other) if round_number % 2 == 0 else (other, ingest)
+            result = {server.name: smtp_source(server, case) for server in pair}
+            ours, theirs = result[ingest.name], result[other.name]
+            rate_ratios.append(ours.rate / theirs.rate)
+            cpu_ratios.append(ours.per_cpu / theirs.per_cpu)
+        each = " ".join(f"{ratio:.2f}" for ratio in cpu_ratios)
+        print(
+            f"{case.label:<30} {statistics.median(rate_ratios):>11.3f} "
+            f"{statistics.median(cpu_ratios):>15.3f}   {each}",
+            flush=True,
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per case")
+    parser.add_argument("--against", type=Path, help="another checkout to compare ingest with")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -324,32 +383,24 @@ def main() -> int:
         bare = start_bare()
         http_port = free_port()
         ingest = start_ingest(url, Path(tmp) / "ingest.log", http_port)
+        servers = [bare, ingest]
         try:
-            smtp_source(bare, Case(2048, 10, True, 300))  # warm-up both
-            smtp_source(ingest, Case(2048, 10, True, 300))
-            print(f"{'case':<30} {'bare msg/s':>10} {'ingest msg/s':>12} {'ratio':>6}   "
-                  f"{'bare msg/cpu-s':>14} {'ingest msg/cpu-s':>16} {'ratio':>6}")  # fmt: skip
-            half_rate = 0.0
-            for case in cases(args.quick):
-                bare_runs, ingest_runs = [], []
-                for _ in range(args.rounds):
-                    bare_runs.append(smtp_source(bare, case))
-                    ingest_runs.append(smtp_source(ingest, case))
-                a = statistics.median(r.rate for r in bare_runs)
-                b = statistics.median(r.rate for r in ingest_runs)
-                a_cpu = statistics.median(r.per_cpu for r in bare_runs)
-                b_cpu = statistics.median(r.per_cpu for r in ingest_runs)
-                print(
-                    f"{case.label:<30} {a:>10.0f} {b:>12.0f} {b / a:>6.2f}   "
-                    f"{a_cpu:>14.0f} {b_cpu:>16.0f} {b_cpu / a_cpu:>6.2f}",
-                    flush=True,
-                )
-                if case.size == 2048 and case.sessions == 10 and case.reuse:
-                    half_rate = b / 2
-            report_latency(ingest, bare, http_port, half_rate, args.rounds + 1)
+            if args.against:
+                other = start_ingest(
+                    url, Path(tmp) / "other.log", free_port(), root=args.against.resolve(),
+                    name=f"ingest of {args.against}",
+                )  # fmt: skip
+                servers.append(other)
+            for server in servers:  # warm-up
+                smtp_source(server, Case(2048, 10, True, 300))
+            half_rate = against_bare(bare, ingest, args.quick, args.rounds)
+            if args.against:
+                against_other_tree(ingest, other, args.quick, args.rounds)
+            else:
+                report_latency(ingest, bare, http_port, half_rate, args.rounds + 1)
         finally:
-            bare.stop()
-            ingest.stop()
+            for server in servers:
+                server.stop()
     return 0
 
 
