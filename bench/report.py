@@ -45,6 +45,7 @@ from aiosmtpd.controller import Controller  # noqa: E402
 from tests.harness import RedisServer, free_port, wait_for_port  # noqa: E402
 from workers.codec.wire import pack  # noqa: E402
 from workers.producer import make_send_message  # noqa: E402
+from workers.streams import layout  # noqa: E402
 
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -232,8 +233,8 @@ def filler_message(n: int) -> bytes:
 
 
 async def settled_send(redis: aioredis.Redis) -> bool:
-    groups = await redis.xinfo_groups("email.send")
-    info = await redis.xinfo_stream("email.send")
+    groups = await redis.xinfo_groups(layout.DEFAULT_SEND)
+    info = await redis.xinfo_stream(layout.DEFAULT_SEND)
     if not groups:
         return False
     group = groups[0]
@@ -257,16 +258,16 @@ async def delivery_memory(total: int, workdir: Path) -> Memory:
             "rss",
         )
         with worker(*args, log=workdir / "deliver.log") as process:
-            await wait_for(lambda: redis.exists("email.send"), 30, "the delivery group")
+            await wait_for(lambda: redis.exists(layout.DEFAULT_SEND), 30, "the delivery group")
             await asyncio.sleep(1.0)
             memory = Memory(rss_kib(process.pid))
             for done in range(chunk, total + 1, chunk):
                 pipe = redis.pipeline(transaction=False)
                 for _ in range(chunk):
-                    pipe.xadd("email.send", {"data": data})
+                    pipe.xadd(layout.DEFAULT_SEND, layout.data_entry(data))
                 await pipe.execute()
                 await wait_for(lambda: settled_send(redis), 600, "the delivery worker")
-                await redis.xtrim("email.send", maxlen=0)  # all acked: keep Redis small
+                await redis.xtrim(layout.DEFAULT_SEND, maxlen=0)  # all acked: keep Redis small
                 memory.samples.append((done, rss_kib(process.pid)))
         await redis.aclose()
     return memory
@@ -312,7 +313,9 @@ async def ingest_memory(total: int, workdir: Path) -> Memory:
                 await asyncio.to_thread(
                     subprocess.run, source, check=True, timeout=900, capture_output=True
                 )
-                await redis.xtrim("email.receive", maxlen=0)  # no readers here: keep it small
+                await redis.xtrim(
+                    layout.DEFAULT_RECEIVE, maxlen=0
+                )  # no readers here: keep it small
                 memory.samples.append((done, rss_kib(process.pid)))
         await redis.aclose()
     return memory
@@ -360,7 +363,7 @@ async def paced(redis: aioredis.Redis, ids: range, rate: float) -> dict[int, flo
         if ahead > 0:
             await asyncio.sleep(ahead)
         sent[n] = time.time()
-        await redis.xadd("email.send", {"data": payloads[n]})
+        await redis.xadd(layout.DEFAULT_SEND, layout.data_entry(payloads[n]))
     return sent
 
 
@@ -399,7 +402,7 @@ async def latency_rows(quick: bool, workdir: Path) -> list[Row]:
             "latency",
         )
         with worker(*args, log=workdir / "latency.log"):
-            await wait_for(lambda: redis.exists("email.send"), 30, "the delivery group")
+            await wait_for(lambda: redis.exists(layout.DEFAULT_SEND), 30, "the delivery group")
             await paced(redis, range(0, 50), 50)  # warm-up: connections opened
             await wait_for(lambda: _all_stamped(sink, range(0, 50)), 60, "warm-up")
             peak = await max_rate(redis, sink, range(1000, 1000 + burst))
