@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import re
 import ssl
 from collections.abc import AsyncIterator
 from importlib import metadata
@@ -168,15 +170,17 @@ async def test_aiosmtpds_refusals_get_enhanced_codes(fast_init: bool) -> None:
 # -- the constructor copy ------------------------------------------------------------------
 
 
+_LIMITS = server.SessionLimits(
+    hostname="mx.test", max_size=1000, command_timeout=5, connection_timeout=60,
+    require_tls=False, auth_required=False,
+)  # fmt: skip
+
+
 def _session_attributes(monkeypatch: pytest.MonkeyPatch, *, fast: bool) -> dict[str, Any]:
     """The attributes of a new ingest session built by the fast or the stock constructor."""
     monkeypatch.setattr(aiosmtpd_fence, "FAST_INIT", fast)
-    limits = server.SessionLimits(
-        hostname="mx.test", max_size=1000, command_timeout=5, connection_timeout=60,
-        require_tls=False, auth_required=False,
-    )  # fmt: skip
     ingest_server = server.IngestServer(
-        _Handler(), limits, listen="127.0.0.1:0", authenticator=lambda *args: None
+        _Handler(), _LIMITS, listen="127.0.0.1:0", authenticator=lambda *args: None
     )
     return vars(ingest_server._factory(False)())
 
@@ -216,6 +220,27 @@ async def test_ingest_sessions_with_aiosmtpds_own_constructor(
         assert (await conn.transaction(message()))[0] == 250
         assert (await conn.cmd("HELP"))[0] == 250
         await conn.close()
+
+
+# What the ingest session overrides of aiosmtpd's SMTP on purpose: the fence's hooks, and in
+# server.py documented ones (the asyncio protocol methods, _create_envelope, smtp_DATA).
+OVERRIDDEN = {
+    "_call_handler_hook", "_getaddr", "_timeout_cb", "push", "command_size_limits",
+    "connection_made", "connection_lost", "data_received", "eof_received",
+    "_create_envelope", "smtp_DATA",
+}  # fmt: skip
+
+
+async def test_the_ingest_session_shadows_no_other_name_aiosmtpd_uses() -> None:
+    """A method or attribute of ours named like one aiosmtpd's SMTP uses (in its class or
+    as ``self.<name>`` anywhere in its module) would replace it without a word."""
+    aiosmtpd_names = set(dir(smtp.SMTP)) | set(re.findall(r"self\.(\w+)", inspect.getsource(smtp)))
+    session = server.IngestServer(_Handler(), _LIMITS, listen="127.0.0.1:0")._factory(False)()
+    ours = set(vars(session)) - set(vars(smtp.SMTP(_Handler())))
+    ours |= set(vars(server.IngestSMTP)) | set(vars(FencedSMTP))
+    shadowed = {name for name in ours & aiosmtpd_names if not name.startswith("__")}
+    assert sorted(shadowed - OVERRIDDEN) == [], f"revisit {FENCE} and workers/ingest/server.py"
+    assert sorted(OVERRIDDEN - shadowed) == [], f"{FENCE}: aiosmtpd no longer has these"
 
 
 # -- the address fast path -----------------------------------------------------------------
