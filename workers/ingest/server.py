@@ -153,8 +153,7 @@ class IngestSMTP(FencedSMTP):
         self.budget = shared.budget
         self._reservation: Reservation | None = None
         super().__init__(shared.smtp)
-        limits = shared.limits
-        self.limits = limits
+        self.limits = shared.limits
         self.registry = shared.registry
         self.trimmer = shared.trimmer
         self.implicit_tls = shared.implicit_tls
