@@ -15,17 +15,15 @@ import inspect
 import re
 import ssl
 from collections.abc import AsyncIterator
-from importlib import metadata
 from typing import Any
 
 import aiosmtpd
 import pytest
 from aiosmtpd import smtp
 from aiosmtpd.smtp import syntax
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
 
 from tests.ingest_util import SMTPConn, ingest, message
+from tests.internals_util import check_release
 from workers.ingest import aiosmtpd_fence, server
 from workers.ingest.aiosmtpd_fence import Command, FencedSMTP, SessionArguments, simple_path
 
@@ -33,12 +31,7 @@ FENCE = "workers/ingest/aiosmtpd_fence.py"
 
 
 def test_the_installed_aiosmtpd_is_the_release_the_fence_was_written_for() -> None:
-    installed = Version(metadata.version("aiosmtpd"))
-    checked = aiosmtpd_fence.CHECKED_RELEASES
-    assert installed in SpecifierSet(checked), (
-        f"aiosmtpd {installed} is installed, but {FENCE} was written for aiosmtpd{checked}: "
-        f"check it against {installed}'s aiosmtpd/smtp.py, then widen CHECKED_RELEASES"
-    )
+    installed = check_release("aiosmtpd", aiosmtpd_fence.CHECKED_RELEASES, FENCE)
     assert aiosmtpd.__version__ == str(installed), f"{FENCE}: FAST_INIT reads __version__"
     assert aiosmtpd_fence.FAST_INIT, f"{FENCE}: FAST_INIT is off for aiosmtpd {installed}"
 

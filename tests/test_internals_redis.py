@@ -12,33 +12,20 @@ from __future__ import annotations
 
 import ast
 import inspect
-from importlib import metadata
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ResponseError
 
+from tests.internals_util import check_release
 from workers.streams import hiredis_fence, redis_fence
 
 REDIS_FENCE = "workers/streams/redis_fence.py"
 HIREDIS_FENCE = "workers/streams/hiredis_fence.py"
 WIRE = "workers/codec/wire.py (_UNPACKER_STACK)"
-
-
-def check_release(distribution: str, checked: str, revisit: str) -> Version:
-    """The installed release of ``distribution``; fails loudly outside ``checked``."""
-    installed = Version(metadata.version(distribution))
-    if installed not in SpecifierSet(checked):
-        pytest.fail(
-            f"{distribution} {installed} is installed, but {revisit} was checked against "
-            f"{distribution}{checked}: check it against {installed}, then widen the range "
-            "there (and the bound in pyproject.toml where there is one)"
-        )
-    return installed
 
 
 # -- redis-py: workers/streams/redis_fence.py ------------------------------------------------

@@ -60,9 +60,9 @@ def unit_of(name: str) -> str:
     return max(found, key=len) if found else ""
 
 
-def mailpool_imports(path: Path) -> set[str]:
-    """The mailpool modules ``path`` imports (``from workers import x`` gives workers.x when
-    x is a module, else workers)."""
+def imported_names(path: Path) -> set[str]:
+    """Every absolute name ``path`` imports: ``import x`` gives x; ``from x import y`` gives
+    x.y when that is a mailpool module, else x."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -71,7 +71,12 @@ def mailpool_imports(path: Path) -> set[str]:
             for alias in node.names:
                 child = f"{node.module}.{alias.name}"
                 found.add(child if is_module(child) else node.module)
-    return {name for name in found if name.split(".")[0] == "workers"}
+    return found
+
+
+def mailpool_imports(path: Path) -> set[str]:
+    """The mailpool modules ``path`` imports."""
+    return {name for name in imported_names(path) if name.split(".")[0] == "workers"}
 
 
 SOURCES = sorted(WORKERS.rglob("*.py"))
@@ -99,3 +104,16 @@ def test_no_relative_imports() -> None:
         if isinstance(node, ast.ImportFrom) and node.level
     ]
     assert relative == []
+
+
+@pytest.mark.parametrize("path", [WORKERS / "errors.py", WORKERS / "streams" / "layout.py"])
+def test_the_pure_modules_import_nothing_of_mailpool_and_no_redis_client(path: Path) -> None:
+    """The errors and the Redis entry layout are plain data: no client, no I/O."""
+    assert mailpool_imports(path) == set()
+    assert {n for n in imported_names(path) if n.split(".")[0] in {"redis", "hiredis"}} == set()
+
+
+def test_the_status_command_only_renders() -> None:
+    """``mailpool status`` reads its snapshot through the streams layer, never Redis itself."""
+    clients = {n for n in imported_names(WORKERS / "status.py") if n.split(".")[0] == "redis"}
+    assert clients == set()

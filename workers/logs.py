@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from workers.config import MASK, mask_secrets
+from workers.errors import MASK, mask_secrets
 
 # Field names whose values are secrets whatever they hold (``*_file`` fields are paths).
 SECRET_FIELD = re.compile(r"pass(word|wd|phrase)?($|_)|secret|credential|auth_users", re.I)

@@ -5,7 +5,8 @@ then stale entries of silent consumers, then new ones), prepare it (decode, buil
 recipients already accepted), start up to ``--concurrency`` sends, and hand each outcome to
 the settler, which writes idempotency records, acks, dead letters, retries and events in
 one Redis round trip per batch of finished sends (group commit).  A side task moves due
-retries back into the stream.  Redis layout and atomicity: :mod:`workers.streams.outcomes`.
+retries back into the stream.  Entry layout: :mod:`workers.streams.layout`; atomicity of each move:
+:mod:`workers.streams.outcomes`.
 
 The modules: :mod:`~workers.delivery.worker` (the loop and its invariants),
 :mod:`~workers.delivery.held` (one state per entry in hand, one method per step),

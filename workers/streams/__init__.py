@@ -12,5 +12,5 @@ roles (ingest, delivery, listen) call it and never spell a key or a field themse
 * :mod:`.redis_fence`, :mod:`.hiredis_fence`: every use of redis-py and hiredis below the
   command API, with the releases checked and what each buys (tests/test_internals_redis.py).
 
-Nothing here imports a role, a command or their config (tests/test_layering_streams.py).
+Nothing here imports a role, a command or their config (tests/test_layering.py).
 """
