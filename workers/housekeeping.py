@@ -18,7 +18,7 @@ import structlog
 
 from workers.config import CommonConfig, option, parse_host_port, positive
 from workers.health import serving_health
-from workers.lifecycle import install_stop_signals
+from workers.lifecycle import serve_until_signalled
 from workers.streams import layout
 from workers.streams.connection import as_text, connect, resolve_redis_url
 from workers.streams.layout import StreamKeys
@@ -143,7 +143,4 @@ async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:
 
 
 async def main(config: HousekeepConfig) -> int:
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    await serve(config, stop)
-    return 0
+    return await serve_until_signalled(serve, config)

@@ -23,7 +23,7 @@ from workers.config import ConfigError, DeliveryConfig, IngestConfig, mask_url_p
 from workers.embedded import embedded_redis
 from workers.health import serving_health
 from workers.housekeeping import HousekeepConfig
-from workers.lifecycle import install_stop_signals
+from workers.lifecycle import serve_until_signalled
 from workers.streams.connection import connect
 from workers.streams.connection import data_dir as default_data_dir
 
@@ -89,7 +89,4 @@ async def serve(config: RunConfig, stop: asyncio.Event) -> None:
 
 
 async def main(config: RunConfig) -> int:
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    await serve(config, stop)
-    return 0
+    return await serve_until_signalled(serve, config)

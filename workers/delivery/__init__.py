@@ -35,7 +35,7 @@ from workers.delivery.attempt import Job, Prepared, settle_attempt
 from workers.delivery.settler import REDIS_BACKOFF_CAP, Settler, SettlerCrashed
 from workers.delivery.worker import FLUSH_CAP, READ_BLOCK, DeliveryWorker
 from workers.health import serving_health
-from workers.lifecycle import install_stop_signals
+from workers.lifecycle import serve_until_signalled
 from workers.streams import outcomes as oc
 from workers.streams.connection import connect, resolve_redis_url
 from workers.streams.consumer import START_ALL, GroupConsumer
@@ -125,7 +125,4 @@ def _safe_relay(relay: str | None) -> str:
 
 
 async def main(config: DeliveryConfig) -> int:
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    await serve(config, stop)
-    return 0
+    return await serve_until_signalled(serve, config)

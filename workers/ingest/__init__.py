@@ -23,7 +23,7 @@ from workers.ingest.auth import Authenticator, load_credentials
 from workers.ingest.handler import HandlerSettings, IngestHandler, KeepRaw, normalise_domain
 from workers.ingest.memory import tune_allocator
 from workers.ingest.server import IngestServer, SessionLimits, load_tls_context
-from workers.lifecycle import install_stop_signals
+from workers.lifecycle import serve_until_signalled
 from workers.streams.connection import connect, connect_for_writes, resolve_redis_url
 from workers.streams.receive import ReceiveStream
 
@@ -111,7 +111,4 @@ async def serve(config: IngestConfig, stop: asyncio.Event) -> None:
 
 
 async def main(config: IngestConfig) -> int:
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    await serve(config, stop)
-    return 0
+    return await serve_until_signalled(serve, config)
