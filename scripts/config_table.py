@@ -19,7 +19,7 @@ def _default(field: dataclasses.Field[object]) -> str:
         return "(none)"
     value = field.default
     if field.name in {"hostname", "consumer"}:
-        return "host name" + (" + pid" if field.name == "consumer" else "")
+        return "host name" + (" + pid + random suffix" if field.name == "consumer" else "")
     if field.name == "data_dir":
         return "`.mailpool`"
     return "(none)" if value is None else f"`{value}`"

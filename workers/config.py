@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import secrets
 import socket
 import ssl
 from collections.abc import Iterator, Mapping
@@ -59,8 +60,10 @@ def option(
 ) -> Any:
     """Declare a config field: its default, help text and (optionally) a custom flag name.
 
-    ``sensitive`` marks a secret to mask (see :data:`SecretKind`); ``file_for`` makes the option
-    a file holding the value of the named (secret) field, read at start.
+    A function as ``default`` is called for each config made (a value unique per worker, not
+    one made at import and shared by every process forked after it).  ``sensitive`` marks a
+    secret to mask (see :data:`SecretKind`); ``file_for`` makes the option a file holding the
+    value of the named (secret) field, read at start.
     """
     metadata = {
         "help": help, "flag": flag, "repeatable": repeatable, "sensitive": sensitive,
@@ -68,6 +71,8 @@ def option(
     }  # fmt: skip
     if repeatable:
         return field(default_factory=lambda: list(default), metadata=metadata)
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -184,8 +189,15 @@ class CommonConfig:
 
 
 def default_consumer_name() -> str:
-    """Unique per process and stable for its life: host name (the pod name) plus pid."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """A consumer name no other worker has: host name (the pod name) and pid, for people
+    reading ``XINFO CONSUMERS``, plus a random suffix, because the two together are not
+    unique: containers on the host network share the host's name and each runs as pid 1.
+
+    Made once per worker (config or listener) and kept for its life.  A restarted worker is
+    a new consumer: what its predecessor left pending is claimed after ``--claim-after``
+    (give ``--consumer`` a stable, unique name to have it resume its own at once).
+    """
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 C = TypeVar("C", bound=CommonConfig)
@@ -563,7 +575,7 @@ class DeliveryConfig(CommonConfig):
     )
     group: str = option("delivery", "consumer group on the send stream")
     consumer: str = option(
-        default_consumer_name(), "consumer name in the group (unique per worker)"
+        default_consumer_name, "consumer name in the group (unique per worker)"
     )
     concurrency: int = option(10, "sends in flight per worker (and pooled SMTP connections)")
     batch: int = option(

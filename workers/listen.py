@@ -367,7 +367,7 @@ class ListenConfig(CommonConfig):
     """``mailpool listen``: print the messages of one consumer group as JSON lines."""
 
     group: str | None = option(None, "consumer group (one per application; required)")
-    consumer: str = option(default_consumer_name(), "consumer name in the group")
+    consumer: str = option(default_consumer_name, "consumer name in the group")
     start: str = option("new", "where a new group starts: new (from now) or all (history)")
     claim_after: float = option(
         DEFAULT_CLAIM_AFTER, "take over entries pending this long on a silent consumer, seconds"

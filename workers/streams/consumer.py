@@ -104,7 +104,7 @@ class GroupConsumer:
         return [StreamEntry(as_text(i), f, 1) for i, f in _entries_of(reply)]
 
     async def _read_own_pending(self) -> list[StreamEntry]:
-        """A restarted consumer with the same name (a pod's host name) resumes its own work."""
+        """A consumer restarted under the same name (an explicit one) resumes its own work."""
         reply = await self.redis.xreadgroup(
             self.group, self.consumer, {self.stream: "0"}, count=self.batch
         )
