@@ -313,6 +313,7 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
     "producer": [("PING",), ("XADD", "email.send", "*", "data", "x")],
     "delivery": [
         ("PING",),
+        ("WAIT", "0", "10"),  # --min-replicas
         ("XGROUP", "CREATE", "email.send", "delivery", "0", "MKSTREAM"),  # BUSYGROUP is fine
         ("XREADGROUP", "GROUP", "delivery", "w1", "COUNT", "10", "STREAMS", "email.send", ">"),
         ("XPENDING", "email.send", "delivery", "-", "+", "10"),

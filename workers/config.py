@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from workers import errors
 from workers.relay import MaildirTransport, RelaySettings, SmtpPool, Transport
-from workers.streams import layout
+from workers.streams import layout, sentinel
 from workers.streams.layout import StreamKeys
 
 # The errors and the secret masking live in the lowest module (the streams layer raises
@@ -93,10 +93,16 @@ def parse_host_port(value: str, what: str) -> tuple[str, int]:
 
 
 def check_redis_url(url: str) -> None:
+    if sentinel.is_sentinel_url(url):
+        sentinel.parse_sentinel_url(url)  # ConfigError naming what is wrong
+        return
     parts = urlsplit(url)
     shown = mask_url_password(url)
     if parts.scheme not in {"redis", "rediss", "unix"}:
-        raise ConfigError(f"--redis-url: expected redis://, rediss:// or unix://, got {shown!r}")
+        raise ConfigError(
+            "--redis-url: expected redis://, rediss://, unix://, redis+sentinel:// or "
+            f"rediss+sentinel://, got {shown!r}"
+        )
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number in range
     except ValueError:
@@ -128,9 +134,10 @@ class CommonConfig:
 
     redis_url: str | None = option(
         None,
-        "Redis URL (redis://[user@]host:port/db, rediss://, unix://; the password: "
-        "--redis-password-file). Default: the pool's embedded redis-server when one is "
-        "running, else redis://127.0.0.1:6379/0",
+        "Redis URL (redis://[user@]host:port/db, rediss://, unix://, or Sentinel's "
+        "redis+sentinel://[user@]host:port,host:port/MASTER-NAME[/db] and rediss+sentinel://; "
+        "the password: --redis-password-file). Default: the pool's embedded redis-server when "
+        "one is running, else redis://127.0.0.1:6379/0",
         sensitive="url",
     )
     redis_password: str | None = option(
@@ -143,6 +150,16 @@ class CommonConfig:
         None, "file holding the Redis password (e.g. a mounted Kubernetes Secret)",
         file_for="redis_password",
     )  # fmt: skip
+    sentinel_password: str | None = option(
+        None,
+        "password of the Sentinels of a redis+sentinel:// --redis-url (their default user; "
+        "the URL's password is the Redis servers'); keep it off the command line: environment "
+        "or --sentinel-password-file",
+        sensitive="value",
+    )
+    sentinel_password_file: str | None = option(
+        None, "file holding the Sentinels' password", file_for="sentinel_password"
+    )
     key_prefix: str = option(layout.DEFAULT_PREFIX, "prefix of mailpool's internal Redis keys")
     receive_stream: str = option(layout.DEFAULT_RECEIVE, "stream of received messages")
     send_stream: str = option(layout.DEFAULT_SEND, "stream of messages to send")
@@ -173,6 +190,14 @@ class CommonConfig:
                     "--redis-password needs --redis-url: the URL says which server and user"
                 )
             self.redis_url = url_with_password(self.redis_url, self.redis_password)
+        if self.sentinel_password:
+            if not (self.redis_url and sentinel.is_sentinel_url(self.redis_url)):
+                raise ConfigError(
+                    "--sentinel-password needs a Sentinel --redis-url (redis+sentinel://...)"
+                )
+            self.redis_url = url_with_query(
+                self.redis_url, sentinel.PASSWORD_PARAMETER, self.sentinel_password
+            )
         for name in ("receive_stream", "send_stream", "dead_stream", "events_stream"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} must not be empty")
@@ -273,6 +298,14 @@ def url_with_password(url: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def url_with_query(url: str, name: str, value: str) -> str:
+    """``url`` with the query parameter ``name`` set to ``value`` (percent-encoded)."""
+    parts = urlsplit(url)
+    kept = [item for item in parts.query.split("&") if item and item.split("=")[0] != name]
+    query = "&".join([*kept, f"{name}={quote(value, safe='')}"])
+    return urlunsplit(parts._replace(query=query))
+
+
 # --- secrets -------------------------------------------------------------------------------
 def secret_values(config: CommonConfig) -> Iterator[str]:
     """Every secret the config holds: password options, URL passwords, AUTH passwords."""
@@ -296,7 +329,7 @@ def _url_passwords(url: str) -> Iterator[str]:
     if parts.password:
         yield parts.password
     for name, _, value in (item.partition("=") for item in parts.query.split("&")):
-        if name.lower() in {"password", "passwd"} and value:
+        if name.lower() in {"password", "passwd", sentinel.PASSWORD_PARAMETER} and value:
             yield value
 
 
@@ -605,6 +638,12 @@ class DeliveryConfig(CommonConfig):
     max_age: float = option(172_800.0, "seconds since the first attempt before a dead letter")
     events_maxlen: int = option(100_000, "approximate cap of the events stream")
     sent_ttl: float = option(604_800.0, "how long idempotency records are kept, seconds")
+    min_replicas: int = option(
+        0,
+        "WAIT N replica acks after each batch of settlements; unconfirmed ones are run again "
+        "until confirmed (a stopped worker leaves the entry pending)",
+    )
+    replica_timeout: float = option(1.0, "seconds to wait for --min-replicas acks")
     shutdown_grace: float = option(30.0, "seconds sends in flight may finish after SIGTERM")
     hostname: str = option(socket.gethostname(), "EHLO name and Message-ID domain")
     http: str | None = option(None, "serve /metrics, /healthz, /readyz on HOST:PORT")
@@ -636,8 +675,10 @@ class DeliveryConfig(CommonConfig):
             "max_age",
             "events_maxlen",
             "sent_ttl",
+            "replica_timeout",
         ):
             positive(name, getattr(self, name))
+        positive("min_replicas", self.min_replicas, allow_zero=True)
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
         if self.retry_cap < self.retry_base:
             raise ConfigError("--retry-cap must be >= --retry-base")

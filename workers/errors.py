@@ -3,8 +3,8 @@
 The lowest layer of the package: the streams layer raises these errors and config, the
 roles and the log processors import them from here (config re-exports them).  Their
 messages are masked as they are built, so a password put into one by a raise site never
-reaches a terminal or a log: URL passwords (``scheme://user:password@``, ``?password=``) and
-every secret :func:`remember_secret` was given.
+reaches a terminal or a log: URL passwords (``scheme://user:password@``, ``?password=``,
+``?sentinel_password=``) and every secret :func:`remember_secret` was given.
 """
 
 from __future__ import annotations
@@ -55,8 +55,11 @@ class Unavailable(RuntimeError):
 _URL_PASSWORD = re.compile(
     r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:'\"]*:)(?P<password>[^\s/?#'\"]*)@"
 )
-# ?password=... (redis-py takes connection arguments from the query too)
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd)=)[^&#\s'\"]*", re.IGNORECASE)
+# ?password=... (redis-py takes connection arguments from the query too), and the
+# ?sentinel_password=... of a Sentinel URL
+_QUERY_PASSWORD = re.compile(
+    r"(?P<head>[?&](?:sentinel_)?(?:password|passwd)=)[^&#\s'\"]*", re.IGNORECASE
+)
 
 
 def _mask_url_match(match: re.Match[str]) -> str:

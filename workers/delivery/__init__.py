@@ -91,7 +91,8 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
     keys = config.stream_keys()
     outcomes = oc.Outcomes(
         redis, keys, group=config.group, sent_ttl=config.sent_ttl,
-        events_maxlen=config.events_maxlen,
+        events_maxlen=config.events_maxlen, min_replicas=config.min_replicas,
+        replica_timeout=config.replica_timeout,
     )  # fmt: skip
     # The reads keep a connection of their own (a blocking XREADGROUP holds it anyway):
     # a pool checkout per read costs CPU on every batch.  No retries on it: redis-py would

@@ -7,7 +7,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -17,6 +17,7 @@ from redis.exceptions import InvalidResponse, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from workers.errors import Unavailable, mask_url_password
+from workers.streams.sentinel import is_sentinel_url, parse_sentinel_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # Where `mailpool run` records the URL of the private redis-server it started, so that
@@ -47,6 +48,14 @@ def resolve_redis_url(url: str | None) -> str:
     return DEFAULT_REDIS_URL
 
 
+def client_for(url: str, **options: Any) -> aioredis.Redis:
+    """A client of the Redis at ``url``; of the current master for a Sentinel URL
+    (:mod:`workers.streams.sentinel`), whose connections follow it across failovers."""
+    if is_sentinel_url(url):
+        return parse_sentinel_url(url).master_client(**options)
+    return aioredis.Redis.from_url(url, **options)
+
+
 def connect(url: str, *, retries: int = 3, socket_timeout: float = 5.0) -> aioredis.Redis:
     """A client that retries a dropped connection a few times with jittered back-off.
 
@@ -56,7 +65,7 @@ def connect(url: str, *, retries: int = 3, socket_timeout: float = 5.0) -> aiore
     twice uses :func:`connect_for_writes`.  Long outages are ridden out by the roles' own
     loops, which reconnect with back-off.
     """
-    return aioredis.Redis.from_url(
+    return client_for(
         url,
         decode_responses=False,
         socket_timeout=socket_timeout,
@@ -78,7 +87,7 @@ def connect_for_writes(url: str, *, connect_timeout: float = 5.0) -> aioredis.Re
     on the same connection, and decides itself what it may send again: only what never
     left.  ``connect_timeout`` bounds the TCP connect; the caller bounds the handshake.
     """
-    return aioredis.Redis.from_url(
+    return client_for(
         url,
         decode_responses=False,
         socket_timeout=None,

@@ -21,6 +21,16 @@ them up.
 
 Idempotency records: the hash ``<prefix>sent:<message id>`` maps each accepted recipient to
 the time it was first accepted; it expires ``sent_ttl`` seconds after the last write.
+
+Replicas (``min_replicas``): a batch of settlements ends with ``WAIT``, on the connection that
+ran them.  When fewer replicas than asked acknowledge them in time, every settlement of the
+batch counts as not applied (:class:`ReplicasMissing`): the settler runs it again until a
+``WAIT`` confirms it (a second run writes nothing), and a worker that stops first leaves the
+entry pending, to be claimed and decided by the duplicate guard, as after any failure.  A
+failover then cannot take back a settlement the worker counted as done, which would send the
+message again.  One gap: a second run that finds its work already done, on another connection
+than the first (the first one broke), confirms what that connection wrote, so only a replica
+that syncs meanwhile is certain to hold the first run's writes.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError, ResponseError
 
 from workers.streams import functions, layout, redis_fence
@@ -67,6 +78,10 @@ def _section(
     return [kind, len(fields), due, *_pairs(fields)]
 
 
+class ReplicasMissing(RedisError):
+    """A batch of settlements was applied, but fewer replicas than asked confirmed it."""
+
+
 class Outcomes:
     """Idempotency checks, settlements and retry promotion, each one round trip per batch."""
 
@@ -78,12 +93,16 @@ class Outcomes:
         group: str,
         sent_ttl: float,
         events_maxlen: int,
+        min_replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.group = group
         self.sent_ttl = max(1, int(sent_ttl))
         self.events_maxlen = events_maxlen
+        self.min_replicas = min_replicas
+        self.replica_timeout_ms = max(1, round(replica_timeout * 1000))
 
     async def already_sent(self, wanted: Sequence[tuple[str, Sequence[str]]]) -> list[set[str]]:
         """For each (message id, recipients): the recipients already accepted by a relay."""
@@ -149,6 +168,8 @@ class Outcomes:
         """
         now_text = repr(now)
         packed = b"".join(pack_command(self._settle_command(s, now_text)) for s in settlements)
+        if self.min_replicas:
+            packed += pack_command(["WAIT", self.min_replicas, self.replica_timeout_ms])
         async with redis_fence.borrowed(self.redis.connection_pool) as connection:
             await redis_fence.send_packed(connection, packed)
             results: list[bool | RedisError] = []
@@ -157,7 +178,21 @@ class Outcomes:
                     results.append(bool(await redis_fence.read_reply(connection)))
                 except ResponseError as exc:  # this one failed; the others stand
                     results.append(exc)
+            if self.min_replicas:
+                missing = await self._replicas_missing(connection)
+                if missing is not None:
+                    results = [r if isinstance(r, RedisError) else missing for r in results]
             return results
+
+    async def _replicas_missing(self, connection: AbstractConnection) -> ReplicasMissing | None:
+        """None when ``WAIT``'s reply counts ``min_replicas`` replicas."""
+        acked = int(await redis_fence.read_reply(connection))
+        if acked >= self.min_replicas:
+            return None
+        return ReplicasMissing(
+            f"{acked} of {self.min_replicas} replicas confirmed the settlements within "
+            f"{self.replica_timeout_ms} ms"
+        )
 
     async def aclose(self) -> None:
         """Nothing to give back: each round trip returns its connection to the pool."""

@@ -28,6 +28,9 @@ that lacks a name used here.  What differs between those releases:
   redis-py 5.3; from 5.3 the name is optional and passing one warns (DeprecationWarning).
 * The liveness probe of an idle connection is ``can_read`` from 8.0, which deprecates the
   ``can_read_destructive`` of earlier releases (8.x runs the same code for both).
+* ``redis.asyncio.sentinel.Sentinel`` closes the clients it keeps of each Sentinel with
+  ``aclose`` in recent releases (8.2 has it); 5.x has no such method, and there each of its
+  ``sentinels`` is closed in turn (:func:`close_sentinel`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 # The releases this module was checked against (tests/test_internals_redis.py).
@@ -103,6 +107,16 @@ async def reconnect(connection: AbstractConnection) -> None:
 async def drop(connection: AbstractConnection) -> None:
     """Close at once, without waiting for the socket (a stalled peer)."""
     await connection.disconnect(nowait=True)
+
+
+async def close_sentinel(sentinel: Sentinel) -> None:
+    """Close the clients ``sentinel`` keeps of each Sentinel (not those of the masters)."""
+    aclose: Callable[[], Awaitable[None]] | None = getattr(sentinel, "aclose", None)
+    if aclose is not None:
+        await aclose()
+        return
+    for client in sentinel.sentinels:  # redis-py < 8: no Sentinel.aclose
+        await client.aclose()
 
 
 # The two calls of the hot paths return redis-py's own awaitable: no coroutine of ours
