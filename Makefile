@@ -27,6 +27,13 @@ typecheck:
 pytest:
 	MAILPOOL_NO_SKIPS=1 $(PY) -m pytest -q
 
+# The container image from deploy/Dockerfile, built without Docker: podman, runc and a
+# Debian base made with mmdebstrap (scripts/build-image.sh; deploy/README.md has the recipe).
+IMAGE ?= localhost/mailpool:dev
+.PHONY: image
+image:
+	./scripts/build-image.sh --tag $(IMAGE)
+
 bench: setup-dev
 	$(PY) bench/report.py --full
 

@@ -32,6 +32,11 @@ if [ "$DEV" = 1 ]; then
   gocode=/usr/share/gocode/src/github.com
   { command -v go >/dev/null && [ -d "$gocode/gomodule/redigo" ] && [ -d "$gocode/vmihailenco/msgpack/v5" ]; } ||
     need_apt+=(golang-go golang-github-gomodule-redigo-dev golang-github-vmihailenco-msgpack.v5-dev)
+  # The container image test builds and runs deploy/Dockerfile without Docker
+  # (scripts/build-image.sh): podman with runc, and mmdebstrap for the Python base image.
+  for tool in podman runc mmdebstrap; do
+    command -v "$tool" >/dev/null || need_apt+=("$tool")
+  done
   # CPython's email test messages (the codec's corpus tests) sit beside the standard library;
   # Debian's python3 ships them separately, in libpython3.X-testsuite.
   stdlib=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')
