@@ -1,9 +1,11 @@
-"""deploy/Dockerfile, checked without a Docker engine (none on these machines).
+"""deploy/Dockerfile, checked without building it.
 
-The image cannot be built here, so the tests check what can be checked offline: the
-stages and their instructions, that the builder stage copies everything the wheel build
-needs (and the .dockerignore lets it through), and the HEALTHCHECK command itself, run
-against the real /healthz endpoint of :mod:`workers.health`.
+tests/test_image_podman.py builds the image and runs it; these checks are the ones a build
+would not catch: the stages and their instructions (no build tools in the runtime stage,
+a numeric non-root user), that the builder stage copies everything the wheel build needs
+(and the .dockerignore lets it through, and nothing else), and the HEALTHCHECK command
+itself, failing as well as passing, against the real /healthz endpoint of
+:mod:`workers.health`.
 """
 
 from __future__ import annotations
