@@ -23,17 +23,23 @@ from tests.harness import REDIS_SERVER, RedisServer, free_port, wait_for_port
 
 MASTER = "mailpool"
 QUORUM = 2
-DOWN_AFTER_MS = 500
-FAILOVER_TIMEOUT_MS = 3000
+DOWN_AFTER_MS = 1000
+# Also how long a Sentinel waits before it tries the same master again: twice this.
+FAILOVER_TIMEOUT_MS = 2000
 # Sentinel's own periods, shortened with SENTINEL DEBUG (Redis >= 7.0) so that a failover,
-# and the discovery of a replica started again, take about a second instead of ten.  TILT
+# and the discovery of a replica started again, take about a second instead of ten.  PINGs
+# go out every 250 ms: well within the 1 s after which a server counts as down (at 500 ms
+# and a PING every 500 ms, a master just promoted was taken for down before its first
+# reply, and failed over again), and Sentinel promotes no replica silent for 5 of them (at
+# 100 ms, a replica on two busy cores was found not good enough now and then).  TILT
 # (Sentinel stops acting for 30 s when its timer runs late) is made hard to enter: on two
 # busy cores a late timer is load, not a clock jump.
 DEBUG_TIMINGS = {
-    "info-period": 250, "ping-period": 100, "ask-period": 250, "publish-period": 250,
+    "info-period": 250, "ping-period": 250, "ask-period": 250, "publish-period": 250,
     "min-link-reconnect-period": 500, "election-timeout": 1000, "slave-reconf-timeout": 2000,
     "tilt-trigger": 60_000, "tilt-period": 1000,
 }  # fmt: skip
+GOOD_REPLICA_MS = 1000
 # Full resyncs go over the socket at once (Redis 7 waits 5 s for more replicas by default).
 REPLICATION = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
 
@@ -92,6 +98,16 @@ class SentinelServer:
             self.process.kill()
             self.process.wait(timeout=10)
             self.process = None
+
+
+def good_replica(replica: dict[str, Any]) -> bool:
+    """A replica Sentinel would promote: up, linked to its master, answering of late."""
+    return bool(
+        not replica["is_sdown"]
+        and replica.get("master-link-status") == "ok"
+        and int(replica["info-refresh"]) <= GOOD_REPLICA_MS
+        and int(replica["last-ok-ping-reply"]) <= GOOD_REPLICA_MS
+    )
 
 
 class SentinelSet:
@@ -233,7 +249,7 @@ class SentinelSet:
             with contextlib.closing(self._client(sentinel)) as client:
                 for replica in client.sentinel_slaves(MASTER):
                     alive = any(s.port == int(replica["port"]) and s.process for s in self.servers)
-                    if alive and (replica["is_sdown"] or replica.get("master-link-status") != "ok"):
+                    if alive and not good_replica(replica):
                         return f"replica {replica['port']}: {replica['flags']}"
         return None
 
@@ -245,6 +261,28 @@ class SentinelSet:
         master.process.wait(timeout=10)
         master.process = None
         return master, time.monotonic()
+
+    def pause_master(self) -> tuple[RedisServer, float]:
+        """SIGSTOP the master, as a partition would cut it off: its connections stay open,
+        what clients send meanwhile waits in its socket buffers (see ``resume``)."""
+        master = self.master()
+        assert master.process is not None
+        master.process.send_signal(signal.SIGSTOP)
+        return master, time.monotonic()
+
+    def resume(self, server: RedisServer) -> None:
+        """SIGCONT: it runs what waited, as the master it still thinks it is, until the
+        Sentinels make it a replica of the new master (which drops what it ran meanwhile)."""
+        assert server.process is not None
+        server.process.send_signal(signal.SIGCONT)
+
+    def failover(self) -> tuple[RedisServer, float]:
+        """SENTINEL FAILOVER: the Sentinels promote the replica without waiting for the
+        master to fail; returns the master as it was and when the failover was asked for."""
+        master, at = self.master(), time.monotonic()
+        with contextlib.closing(self._client(self.sentinels[0])) as client:
+            client.execute_command("SENTINEL", "FAILOVER", MASTER)
+        return master, at
 
     def wait_for_new_master(self, old: RedisServer, timeout: float = 20.0) -> RedisServer:
         """Until a majority of the Sentinels names another master, which says it is one."""

@@ -39,6 +39,7 @@ from workers.lifecycle import serve_until_signalled
 from workers.streams import outcomes as oc
 from workers.streams.connection import connect, resolve_redis_url
 from workers.streams.consumer import START_ALL, GroupConsumer
+from workers.streams.sentinel import is_sentinel_url
 
 __all__ = [
     "FLUSH_CAP",
@@ -99,7 +100,11 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
     # send a read that timed out again, and Redis may run both; our loop retries instead
     # and then looks at our pending list for what the lost read handed us.
     reads = connect(url, retries=0)
-    reader = reads.client()
+    # Through Sentinel, each read checks a connection out of the pool instead: redis-py 8
+    # connects a held connection again to the address it had, so after a failover it would
+    # read from the old master (now a replica: READONLY) for ever; a checkout asks the
+    # Sentinels where the master is.
+    reader = reads if is_sentinel_url(url) else reads.client()
     consumer = GroupConsumer(
         reader, keys.send, config.group, config.consumer,
         claim_after=config.claim_after, batch=config.batch, block=READ_BLOCK,
