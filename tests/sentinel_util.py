@@ -170,7 +170,7 @@ class SentinelSet:
             server.start()
         for sentinel in self.sentinels:
             sentinel.start()
-            with contextlib.closing(self._client(sentinel)) as client:
+            with contextlib.closing(self.sentinel_client(sentinel)) as client:
                 args = [item for pair in DEBUG_TIMINGS.items() for item in pair]
                 client.execute_command("SENTINEL", "DEBUG", *args)
         self.wait_until_watched()
@@ -190,7 +190,8 @@ class SentinelSet:
         with contextlib.closing(self.server_client(server)) as client:
             return str(client.execute_command("ROLE")[0].decode())
 
-    def _client(self, sentinel: SentinelServer) -> redis.Redis:
+    def sentinel_client(self, sentinel: SentinelServer) -> redis.Redis:
+        """A client of one Sentinel (the caller closes it)."""
         return redis.Redis(
             port=sentinel.port, socket_timeout=2, decode_responses=True, **self.client_options
         )
@@ -201,7 +202,7 @@ class SentinelSet:
         for sentinel in self.sentinels:
             with (
                 contextlib.suppress(redis.RedisError),
-                contextlib.closing(self._client(sentinel)) as client,
+                contextlib.closing(self.sentinel_client(sentinel)) as client,
             ):
                 views.append(client.sentinel_master(MASTER))
         return views
@@ -246,7 +247,7 @@ class SentinelSet:
 
     def _replica_problem(self) -> str | None:
         for sentinel in self.sentinels:
-            with contextlib.closing(self._client(sentinel)) as client:
+            with contextlib.closing(self.sentinel_client(sentinel)) as client:
                 for replica in client.sentinel_slaves(MASTER):
                     alive = any(s.port == int(replica["port"]) and s.process for s in self.servers)
                     if alive and not good_replica(replica):
@@ -280,7 +281,7 @@ class SentinelSet:
         """SENTINEL FAILOVER: the Sentinels promote the replica without waiting for the
         master to fail; returns the master as it was and when the failover was asked for."""
         master, at = self.master(), time.monotonic()
-        with contextlib.closing(self._client(self.sentinels[0])) as client:
+        with contextlib.closing(self.sentinel_client(self.sentinels[0])) as client:
             client.execute_command("SENTINEL", "FAILOVER", MASTER)
         return master, at
 

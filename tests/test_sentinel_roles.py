@@ -24,7 +24,7 @@ from tests.delivery_util import (
     run_until_settled,
     send_message,
 )
-from tests.harness import ROOT, child_env
+from tests.harness import ROOT, child_env, wait_until
 from tests.ingest_util import entries, send_one
 from tests.ingest_util import ingest as running_ingest
 from tests.sentinel_util import SentinelSet, running_sentinels
@@ -111,6 +111,27 @@ async def test_a_settlement_the_replica_did_not_confirm_counts_as_not_applied(
     assert isinstance(stalled, ReplicasMissing), stalled
     assert "0 of 1 replicas confirmed the settlements within 300 ms" in str(stalled)
     assert again is False  # applied by the first run: acknowledged, now on the replica too
+
+
+async def test_closing_a_client_closes_its_connections_to_the_sentinels(
+    sentinels: SentinelSet,
+) -> None:
+    """A role's client asks the Sentinels over connections of its own; closing the client
+    closes them too (redis_fence.close_sentinel: Sentinel.aclose, or each Sentinel's client
+    where redis-py has no such method)."""
+
+    def askers() -> int:  # connections whose last command was the master lookup
+        found = 0
+        for sentinel in sentinels.sentinels:
+            with contextlib.closing(sentinels.sentinel_client(sentinel)) as admin:
+                found += sum(c["cmd"] == "sentinel|masters" for c in admin.client_list())
+        return found
+
+    client = connect(sentinels.url())
+    await client.ping()
+    assert askers() == 1
+    await client.aclose()
+    await wait_until(lambda: askers() == 0, "the Sentinel connections closed", timeout=5)
 
 
 def test_a_one_shot_command_finds_the_master_through_the_sentinels(

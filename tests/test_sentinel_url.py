@@ -157,6 +157,13 @@ def test_no_master_found_reads_as_what_each_sentinel_answered() -> None:
         "no Sentinel names a master 'mailpool' (ConnectionError: Error 111 connecting to s1:1. "
         "Connect call failed ('s1', 1).; TimeoutError: Timeout connecting to s2:2)"
     )
+    redis_py_5 = (
+        "No master found for 'm' : Redis<ConnectionPool<Connection<host=s1,port=1,db=0>>> - "
+        "ConnectionError('Error 111 connecting to s1:1. 111.')"
+    )
+    assert readable(redis_py_5, "m") == (
+        "no Sentinel names a master 'm' (ConnectionError('Error 111 connecting to s1:1. 111.'))"
+    )
     assert readable("No master found for 'm'", "m") == (
         "no Sentinel names a master 'm' (none of them watches it or it is down)"
     )

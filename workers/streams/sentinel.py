@@ -97,7 +97,8 @@ class ReadableSentinel(Sentinel):
 
 
 _REPR = re.compile(r"<[^<>]*>")
-_EACH = re.compile(r"(?:^|,)\s*-\s")
+# redis-py 8 writes "<repr> - error", 5.x "Redis<repr> - error", joined by ", ".
+_EACH = re.compile(r"(?:^|,)\s*(?:Redis\s*)?-\s")
 
 
 def readable(message: str, master: str) -> str:
