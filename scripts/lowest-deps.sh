@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 VENV=${LOWEST_VENV:-.venv-lowest}
 PYTHON=${PYTHON:-python3}
 # What the floors must carry: every end-to-end path (relay, ingest, listen, producer, the
-# settlement connection's idle check), the wire format (msgpack), the metrics endpoint and
-# the library internals check.
+# settlement connection's idle check, Redis Sentinel), the wire format (msgpack), the
+# metrics endpoint and the library internals check.
 TESTS=(
   tests/test_internals_*.py
   tests/test_delivery_settler_idle.py
@@ -24,6 +24,7 @@ TESTS=(
   tests/test_delivery_tls_auth.py
   tests/test_ingest_*.py
   tests/test_listen_*.py
+  tests/test_sentinel_roles.py
   tests/test_producer_delivery.py
   tests/test_producer_helper.py
   tests/test_streams_consumer.py
