@@ -36,6 +36,7 @@ that lacks a name used here.  What differs between those releases:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -52,7 +53,12 @@ _CHECKOUT_COMMAND = "EVALSHA"
 
 def needs_command_name(pool: ConnectionPool) -> bool:
     """True where the pool's ``get_connection`` still requires a command name (< 5.3)."""
-    parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+    return _needs_command_name(type(pool))
+
+
+@functools.cache  # inspect.signature takes ~34 us: once per pool class, not per checkout
+def _needs_command_name(pool_class: type[ConnectionPool]) -> bool:
+    parameter = inspect.signature(pool_class.get_connection).parameters.get("command_name")
     return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
