@@ -3,8 +3,9 @@ be given (the Redis URL of a real redis-server whose ACL user has it, the relay 
 --relay-password of a real SMTP relay that requires AUTH, --auth-users / --auth-file of
 ingest, the *_PASSWORD variables and *-file options), every command runs with debug logging
 (run, ingest, deliver, housekeep, send, listen, status, dead list/show) on its happy path and
-its failure paths (Redis unreachable, Redis refusing the login, the relay refusing AUTH, bad
-configuration), and all of their stdout, stderr and /metrics output is searched for it.
+its failure paths (Redis unreachable, Redis refusing the login, no Sentinel answering, the
+relay refusing AUTH, bad configuration), and all of their stdout, stderr and /metrics output
+is searched for it.
 
 What is searched for is a random hex core inside the password: it survives any percent-
 encoding, so a URL-encoded leak is found too.
@@ -376,10 +377,15 @@ def test_failure_paths_never_show_the_password(scene: Scene) -> None:
         ("status",), ("dead", "list"),
         ("send", "--from", "a@example.org", "--to", "b@example.org", "--text", "x"),
     ]  # fmt: skip
+    no_sentinel = {
+        **scene.environment, "MAILPOOL_SENTINEL_PASSWORD": PASSWORD,
+        "MAILPOOL_REDIS_URL": f"redis+sentinel://{USER}:{ENCODED}@127.0.0.1:{free_port()}/m",
+    }  # fmt: skip
     run_all(out, [
-        Run(f"{' '.join(args)} {why}", args, env, status=1)
-        for env, why in ((nowhere, "unreachable"), (wrong_user, "login refused"))
-        for args in one_shots
+        *(Run(f"{' '.join(args)} {why}", args, env, status=1)
+          for env, why in ((nowhere, "unreachable"), (wrong_user, "login refused"))
+          for args in one_shots),
+        Run("status no sentinel", ("status",), no_sentinel, status=1),
     ])  # fmt: skip
 
     smtp = free_port()
@@ -408,7 +414,9 @@ def test_failure_paths_never_show_the_password(scene: Scene) -> None:
             role.stop()
     finally:
         refusing.stop()
-    out.assert_clean("cannot use Redis at", "535", "relay_connect_failed")
+    out.assert_clean(
+        "cannot use Redis at", "535", "relay_connect_failed", "no Sentinel names a master"
+    )
 
 
 # Bad configuration with the password somewhere on the line: one line, exit 2, no password.
@@ -427,6 +435,16 @@ BAD_CONFIGURATIONS = {
     "redis password without url": ["status", "--redis-password", PASSWORD],
     "mistyped password flag": ["deliver", "--relay", "x", "--relay-pasword", PASSWORD],
     "mistyped flag with =": ["status", f"--redis-pasword={PASSWORD}"],
+    "sentinel url port": [
+        "status", "--redis-url", f"redis+sentinel://{USER}:{ENCODED}@127.0.0.1:port/mailpool",
+    ],
+    "sentinel url option": [
+        "status", "--redis-url",
+        f"redis+sentinel://127.0.0.1/mailpool?sentinel_password={ENCODED}&db=1",
+    ],
+    "sentinel password without a sentinel url": [
+        "status", "--redis-url", "redis://127.0.0.1:1/0", "--sentinel-password", PASSWORD,
+    ],
 }  # fmt: skip
 
 
@@ -439,4 +457,6 @@ def test_bad_configuration_never_shows_the_password(
             "--relay-password-file", str(other)]  # fmt: skip
     bad = [*BAD_CONFIGURATIONS.items(), ("password and its file", both)]
     run_all(transcript, [Run(label, tuple(args), environment, status=2) for label, args in bad])
-    transcript.assert_clean("--redis-url", "--relay", "--max-attempts", "--relay-pasword")
+    transcript.assert_clean(
+        "--redis-url", "--relay", "--max-attempts", "--relay-pasword", "--sentinel-password"
+    )
