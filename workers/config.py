@@ -607,9 +607,7 @@ class DeliveryConfig(CommonConfig):
         None, "PEM file of the CA certificates to verify the relay with, instead of the system's"
     )
     group: str = option("delivery", "consumer group on the send stream")
-    consumer: str = option(
-        default_consumer_name, "consumer name in the group (unique per worker)"
-    )
+    consumer: str = option(default_consumer_name, "consumer name in the group (unique per worker)")
     concurrency: int = option(10, "sends in flight per worker (and pooled SMTP connections)")
     batch: int = option(
         100, "most entries read per XREADGROUP (a worker holds at most 2 x --concurrency)"
