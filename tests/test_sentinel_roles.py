@@ -5,7 +5,9 @@ replica on loopback), ``--min-replicas`` confirms each write on the replica, and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +26,7 @@ from tests.delivery_util import (
     run_until_settled,
     send_message,
 )
-from tests.harness import ROOT, child_env, wait_until
+from tests.harness import ROOT, child_env, free_port, wait_for_port, wait_until
 from tests.ingest_util import entries, send_one
 from tests.ingest_util import ingest as running_ingest
 from tests.sentinel_util import SentinelSet, running_sentinels
@@ -132,6 +134,32 @@ async def test_closing_a_client_closes_its_connections_to_the_sentinels(
     assert askers() == 1
     await client.aclose()
     await wait_until(lambda: askers() == 0, "the Sentinel connections closed", timeout=5)
+
+
+async def test_mailpool_run_with_a_sentinel_url_starts_no_redis_of_its_own(
+    sentinels: SentinelSet, tmp_path: Path
+) -> None:
+    """`mailpool run` stays standalone: only without --redis-url does it start its own
+    redis-server; given a Sentinel URL its three roles use that deployment."""
+    smtp_port, maildir = free_port(), tmp_path / "maildir"
+    pool = subprocess.Popen(
+        [sys.executable, "-m", "workers", "run", "--redis-url", sentinels.url(),
+         "--listen", f"127.0.0.1:{smtp_port}", "--relay", f"maildir:{maildir}"],
+        cwd=tmp_path, env=child_env(MAILPOOL_DATA_DIR=str(tmp_path / ".mailpool")),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(wait_for_port, smtp_port, 30)
+        code, reply = await send_one(smtp_port)
+        assert code == 250, reply
+        async with direct(sentinels) as master:
+            assert reply.rsplit(" ", 1)[-1] in [e for e, _ in await entries(master)]
+            await enqueue(master, send_message(message_id="through-the-pool"))
+        await wait_until(lambda: (maildir / "new").is_dir() and any((maildir / "new").iterdir()))
+    finally:
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(timeout=30) == 0
+    assert not (tmp_path / ".mailpool" / "redis.url").exists()  # no embedded redis-server
 
 
 def test_a_one_shot_command_finds_the_master_through_the_sentinels(
