@@ -48,7 +48,6 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import StreamIdT
 
 from workers.codec.errors import CodecError
 from workers.codec.types import ReceiveMessage
@@ -73,9 +72,6 @@ DEFAULT_CLAIM_AFTER = 300.0
 # Back-off while Redis is away: the listener keeps trying instead of dying with it.
 RETRY_DELAY_FIRST = 0.1
 RETRY_DELAY_CAP = 5.0
-# Idle time given to entries a stopping listener read but never handed out: 30 days, past
-# any sensible claim_after, so the next claim pass of any consumer takes them.
-RELEASED_IDLE_MS = 30 * 86_400_000
 
 
 @dataclass
@@ -189,23 +185,13 @@ class Listener:
         return None
 
     async def release_unread(self) -> None:
-        """Make entries read but never handed out claimable by other consumers at once.
-
-        They stay pending on this consumer (Redis has no "un-read"), but with their idle
-        time pushed far back, so any consumer of the group claims them on its next claim
-        pass instead of waiting ``claim_after``.  JUSTID leaves the delivery count alone.
-        """
-        ids: list[StreamIdT] = [entry.id for entry in self._buffer if entry.fields is not None]
+        """Make entries read but never handed out claimable by other consumers at once
+        (:meth:`GroupConsumer.release <workers.streams.consumer.GroupConsumer.release>`):
+        any consumer of the group claims them on its next claim pass instead of waiting
+        ``claim_after``; a failure leaves them to ``claim_after``."""
+        unread = list(self._buffer)
         self._buffer.clear()
-        if not ids:
-            return
-        try:
-            await self.redis.xclaim(
-                self.stream, self.group, self.consumer, min_idle_time=0,
-                message_ids=ids, idle=RELEASED_IDLE_MS, justid=True,
-            )  # fmt: skip
-        except RedisError as exc:  # they still come back after claim_after
-            log.warning("release_failed", group=self.group, count=len(ids), error=str(exc))
+        await self._reader.release(unread)
 
     async def remove_consumer_if_idle(self) -> bool:
         """Delete this consumer from the group unless entries are pending on it.

@@ -7,14 +7,16 @@ written once.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
+from redis.typing import StreamIdT
 
 from workers.streams import layout
 from workers.streams.connection import as_text
@@ -25,6 +27,11 @@ log = structlog.get_logger("mailpool.streams")
 START_NEW = "$"  # only messages added after the group was created
 START_ALL = "0"  # all retained history
 OWN_PAGE = 200  # own pending entries listed per XPENDING (a consumer holds few at a time)
+# Idle time given to released entries: 30 days, past any sensible claim_after, so the next
+# claim pass of any consumer of the group takes them.
+RELEASED_IDLE_MS = 30 * 86_400_000
+# Seconds a release may take: it runs at a stop, and Redis may be the reason for the stop.
+RELEASE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -65,12 +72,17 @@ class GroupConsumer:
         claim_after: float,
         batch: int = 100,
         block: float = 1.0,
+        claim_every: float | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
         self.group = group
         self.consumer = consumer
         self.claim_after_ms = int(claim_after * 1000)
+        # Seconds from a full claim pass to the next.  A fraction of claim_after finds the
+        # entries of a dead consumer soon enough; entries another consumer released (see
+        # release) are claimable at once, and a shorter pause finds them sooner.
+        self.claim_every = max(claim_after / 4, 0.5) if claim_every is None else claim_every
         self.batch = batch
         self.block_ms = int(block * 1000)
         self._claim_cursor = "0-0"
@@ -183,8 +195,7 @@ class GroupConsumer:
         deleted = [as_text(i) for i in (reply[2] if len(reply) > 2 else [])]
         self._claim_cursor = cursor
         if cursor == "0-0":
-            # A full pass is done; look again after a fraction of the idle time.
-            self._next_claim_at = time.monotonic() + max(self.claim_after_ms / 4000, 0.5)
+            self._next_claim_at = time.monotonic() + self.claim_every  # a full pass is done
         entries = [(as_text(i), f) for i, f in claimed if f is not None]
         counts = await self._delivery_counts([i for i, _ in entries])
         result = [StreamEntry(i, f, counts.get(i, 1)) for i, f in entries]
@@ -193,6 +204,34 @@ class GroupConsumer:
         if result:
             log.info("entries_claimed", stream=self.stream, group=self.group, count=len(result))
         return result
+
+    async def release(self, entries: Iterable[StreamEntry]) -> int:
+        """Make ``entries``, pending on this consumer, claimable by the others at once.
+
+        For a consumer that stops with entries it read and will not work on.  They stay
+        pending here (Redis has no "un-read"), with their idle time pushed far back (XCLAIM
+        ... IDLE to ourselves, one round trip), so the next claim pass of any consumer of the
+        group takes them instead of waiting ``claim_after``; JUSTID leaves their delivery
+        counters alone.  Trimmed entries are left out (XCLAIM would drop them from the
+        pending list unseen).  Returns how many were released.  A failure (Redis away, or
+        slower than ``RELEASE_TIMEOUT``) is logged and harmless: they are claimed after
+        ``claim_after``, as without a release.
+        """
+        ids: list[StreamIdT] = [entry.id for entry in entries if entry.fields is not None]
+        if not ids:
+            return 0
+        claim = self.redis.xclaim(
+            self.stream, self.group, self.consumer, min_idle_time=0,
+            message_ids=ids, idle=RELEASED_IDLE_MS, justid=True,
+        )  # fmt: skip
+        try:
+            released = len(await asyncio.wait_for(claim, RELEASE_TIMEOUT))
+        except (RedisError, OSError) as exc:  # OSError: TimeoutError too
+            log.warning("release_failed", stream=self.stream, group=self.group, count=len(ids),
+                        error=str(exc) or type(exc).__name__)  # fmt: skip
+            return 0
+        log.info("entries_released", stream=self.stream, group=self.group, count=released)
+        return released
 
     async def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
         """Delivery counters of our pending entries: one XPENDING per id, one round trip."""
