@@ -318,6 +318,7 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("XREADGROUP", "GROUP", "delivery", "w1", "COUNT", "10", "STREAMS", "email.send", ">"),
         ("XPENDING", "email.send", "delivery", "-", "+", "10"),
         ("XAUTOCLAIM", "email.send", "delivery", "w2", "0", "0-0", "COUNT", "10"),
+        ("XCLAIM", "email.send", "delivery", "w1", "0", "0-1", "IDLE", "2592000000", "JUSTID"),
         ("XACK", "email.send", "delivery", "0-1"),
         ("XADD", "email.send.dead", "*", "data", "x", "reason", "rejected"),
         ("XADD", "email.send.events", "MAXLEN", "~", "1000", "*", "event", "sent"),
@@ -409,6 +410,7 @@ REFUSED: dict[str, list[tuple[Any, ...]]] = {
     "delivery": [
         ("XADD", "email.receive", "*", "data", "x"),
         ("XREADGROUP", "GROUP", "app", "d", "STREAMS", "email.receive", ">"),
+        ("XCLAIM", "email.receive", "app", "d", "0", "0-1", "JUSTID"),
         ("XRANGE", "email.receive", "-", "+"),
         ("XTRIM", "email.send", "MAXLEN", "0"),
         ("XTRIM", "email.send.dead", "MAXLEN", "0"),
@@ -662,10 +664,8 @@ async def test_listener_reads_claims_releases_and_acks(as_role: Any, admin: redi
     second = GroupConsumer(listener, "email.receive", "app3", "l2", claim_after=0.001, batch=10)
     claimed = await second.claim_stale()  # XAUTOCLAIM + XPENDING per entry
     assert [(c.id, c.deliveries) for c in claimed] == [(entry.id, 2)]
-    # Listener.release_unread hands entries back with XCLAIM JUSTID IDLE.
-    await listener.xclaim(
-        "email.receive", "app3", "l1", min_idle_time=0, message_ids=[entry.id], justid=True
-    )
+    # Listener.release_unread hands entries back with XCLAIM ... IDLE JUSTID.
+    assert await first.release([entry]) == 1
     assert await second.ack(entry.id) == 1
 
 
@@ -713,6 +713,17 @@ async def test_delivery_settles_retries_and_promotes(as_role: Any, admin: redis.
     assert await outcomes.promote_due(time.time()) == 2
     assert admin.xlen("email.send") == 2 and admin.zcard("mailpool:retry") == 0
     assert admin.xlen("email.send.events") == 2
+
+
+async def test_delivery_releases_what_it_did_not_start(as_role: Any, admin: redis.Redis) -> None:
+    """A stopping worker's release (XCLAIM ... IDLE JUSTID) as `delivery`: another worker
+    with a long --claim-after claims the entry at once."""
+    delivery = as_role("delivery")
+    stopping = GroupConsumer(delivery, "email.send", "delivery", "w1", claim_after=900)
+    (entry,) = await stopping.read()
+    assert await stopping.release([entry]) == 1
+    other = GroupConsumer(delivery, "email.send", "delivery", "w2", claim_after=900)
+    assert [(e.id, e.deliveries) for e in await other.claim_stale()] == [(entry.id, 2)]
 
 
 async def test_housekeeping_trims_promotes_and_reports(as_role: Any, admin: redis.Redis) -> None:

@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from workers.config import DeliveryConfig, mask_url_password
 from workers.delivery.attempt import Job, Prepared, settle_attempt
+from workers.delivery.reading import CLAIM_CHECK
 from workers.delivery.settler import REDIS_BACKOFF_CAP, Settler, SettlerCrashed
 from workers.delivery.worker import FLUSH_CAP, READ_BLOCK, DeliveryWorker
 from workers.health import serving_health
@@ -108,6 +109,7 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
     consumer = GroupConsumer(
         reader, keys.send, config.group, config.consumer,
         claim_after=config.claim_after, batch=config.batch, block=READ_BLOCK,
+        claim_every=CLAIM_CHECK,
     )  # fmt: skip
     try:
         if not await _ensure_group(consumer, stop):

@@ -16,7 +16,9 @@ step               from                                        to
 
 A step the table does not list raises :class:`InvariantBroken`: a bug in the worker,
 never a condition to handle.  :meth:`HeldEntries.check` is the one place the worker's
-invariants are checked (see :class:`workers.delivery.worker.DeliveryWorker`).
+invariants are checked (see :class:`workers.delivery.worker.DeliveryWorker`).  Entries
+handed back after the stop from a state before SENDING never started an SMTP transaction:
+:attr:`HeldEntries.unstarted_at_stop` lists them for the worker to release to the others.
 """
 
 from __future__ import annotations
@@ -171,6 +173,9 @@ class HeldEntries:
         # Entry ids settled since the current read was sent: that read's reply may still
         # list them (Redis answered it before the settlement's XACK, on another connection).
         self._settled_since_read: set[str] = set()
+        # Let go of after the stop without a send started: nothing brings them back to this
+        # consumer, and no relay has seen them (see DeliveryWorker._release_unstarted).
+        self.unstarted_at_stop: list[StreamEntry] = []
         self.in_progress = 0  # entries in _IN_PROGRESS states
         self._room = asyncio.Event()  # in_progress fell to --concurrency or below
         self._one_finished = asyncio.Event()  # an entry left _IN_PROGRESS
@@ -209,6 +214,10 @@ class HeldEntries:
         if not self._settled_since_read:
             return entries
         return [e for e in entries if e.id not in self._settled_since_read]
+
+    def read_at_stop(self, entries: list[StreamEntry]) -> None:
+        """A read that returned after the stop: its entries are never taken, nor started."""
+        self.unstarted_at_stop.extend(e for e in entries if e.id not in self._entries)
 
     def room(self) -> int:
         """How many more entries the window of 2 x --concurrency has room for."""
@@ -256,6 +265,8 @@ class HeldEntries:
             self._let_go(entry)
         elif now is State.HANDED_BACK:
             self._let_go(entry)
+            if was is not State.SENDING and self._stopped():
+                self.unstarted_at_stop.append(entry.entry)
         if (now in _IN_PROGRESS) != (was in _IN_PROGRESS):
             self._count(+1 if now in _IN_PROGRESS else -1)
 

@@ -20,6 +20,9 @@ log = structlog.get_logger("mailpool.delivery")
 # hands us would otherwise wait --claim-after.  A failed read makes the next look immediate.
 OWN_CHECK = 1.0
 READ_RETRY = 1.0  # seconds between failed reads
+# Seconds between claim passes (one XAUTOCLAIM): entries a stopping worker released are
+# sent within this, not after --claim-after (a dead worker's entries wait that anyway).
+CLAIM_CHECK = 1.0
 
 
 class Reader:

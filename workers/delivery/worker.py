@@ -51,7 +51,9 @@ class DeliveryWorker:
       entry with that id re-checks what the first one's record says;
     * nothing is sent after the stop;
     * every entry ends settled or handed back (pending in the group, for a later read or a
-      claim); only settlements the stop deadline cuts off stay settling (logged).
+      claim); only settlements the stop deadline cuts off stay settling (logged);
+    * entries handed back at the stop before their send started are released for an
+      immediate claim by the other workers; none whose send started is.
     """
 
     def __init__(self, config: DeliveryConfig, outcomes: oc.Outcomes, transport: Transport) -> None:
@@ -74,7 +76,7 @@ class DeliveryWorker:
 
         At most one entry per lane waits in the queue (read-ahead hides the read round
         trip).  On stop: no more reads (one waiting on a stalled Redis is cancelled), sends
-        in flight drain, entries not yet started are handed back for others.
+        in flight drain, entries not yet started are handed back and released for others.
         """
         self._stop = stop
         self.settler.start()
@@ -90,7 +92,7 @@ class DeliveryWorker:
         try:
             await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await self._shut_down(reading, lanes, promoter, stopping)
+            await self._shut_down(consumer, reading, lanes, promoter, stopping)
         if self.settler.crashed:
             raise SettlerCrashed
         if not reading.cancelled() and (bug := reading.exception()) is not None:
@@ -108,7 +110,8 @@ class DeliveryWorker:
                 continue
             entries = await self._reader.read(consumer, min(room, self.config.batch), stop)
             if stop.is_set():
-                break  # what was just read stays pending: another worker claims it
+                self._held.read_at_stop(entries)  # released for another worker
+                break
             if entries and self._held.holds_all(entries):
                 await self._pause()  # own pending entries still in hand
                 continue
@@ -177,7 +180,7 @@ class DeliveryWorker:
         """One queued entry's SMTP transaction, once no other entry here holds its message
         id.  Returning before a step leaves the entry to the lane, which hands it back."""
         if self._stop.is_set():
-            return  # not started: it stays pending for another worker
+            return  # not started: released for another worker
         recipients = held.recipients if held.holds_id else await self._take_turn(held)
         if not recipients or self._stop.is_set():
             return  # nothing left to send (settled), or stopped while it waited its turn
@@ -216,6 +219,7 @@ class DeliveryWorker:
 
     async def _shut_down(
         self,
+        consumer: GroupConsumer,
         reading: asyncio.Task[None],
         lanes: list[asyncio.Task[None]],
         promoter: asyncio.Task[None],
@@ -231,14 +235,34 @@ class DeliveryWorker:
         with contextlib.suppress(asyncio.CancelledError):
             await promoter
         await self.settler.close(grace=min(max(self.config.shutdown_grace, 1.0), FLUSH_CAP))
-        await self.transport.aclose()
+        # After the flush: an entry released may share its message id with one just sent,
+        # and the worker that claims it must find that send's record.  Both take at most
+        # a second (the QUITs, the release).
+        await asyncio.gather(self._release_unstarted(consumer), self.transport.aclose())
+
+    async def _release_unstarted(self, consumer: GroupConsumer) -> None:
+        """Release the entries handed back at the stop that never started an SMTP
+        transaction (read, prepared, queued, or waiting for their message id): any other
+        worker's next claim pass takes them (:meth:`GroupConsumer.release`, one round trip
+        of at most a second).  Without it they would wait ``--claim-after`` (half an hour by
+        default) on a consumer that is gone: every rolling restart under load would hold
+        back up to 2 x ``--concurrency`` messages per worker that long.
+
+        Entries whose send started and was cut off are not released: the relay may have
+        accepted them (its reply to DATA was never read), so they keep the ``--claim-after``
+        wait, as a worker that died leaves them.  Entries handed back while running (an
+        idempotency check that failed) come back to this consumer by its own pending list
+        and are left alone.  A release that fails (Redis may be why we stop) is logged and
+        only leaves them to ``--claim-after``.
+        """
+        await consumer.release(self._held.unstarted_at_stop)
 
     async def _drain(self, lanes: list[asyncio.Task[None]]) -> None:
         """Let sends in flight finish up to ``shutdown_grace``; the rest stay pending."""
         while not self._queue.empty():
             queued = self._queue.get_nowait()
             if queued is not None:
-                queued.hand_back()  # not started: it stays pending for others
+                queued.hand_back()  # not started: released for others
         for _ in lanes:
             self._queue.put_nowait(None)
         if self._held.in_progress:
