@@ -219,8 +219,9 @@ def default_consumer_name() -> str:
     unique: containers on the host network share the host's name and each runs as pid 1.
 
     Made once per worker (config or listener) and kept for its life.  A restarted worker is
-    a new consumer: what its predecessor left pending is claimed after ``--claim-after``
-    (give ``--consumer`` a stable, unique name to have it resume its own at once).
+    a new consumer: what its predecessor left pending is claimed after ``--claim-after``,
+    but for what a stop released (read and never started: claimed at once); give
+    ``--consumer`` a stable, unique name to have it resume its own at once.
     """
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 

@@ -3,8 +3,8 @@ turn is told to stop (SIGTERM), drains, exits 0 and is replaced by a new one (a 
 name, as in a Deployment's rollout).
 
 Guarantee: 0 lost and 0 duplicates.  A stopping worker finishes and settles its sends in
-flight within ``--shutdown-grace``; entries it read but did not start stay pending and are
-claimed by the others after ``--claim-after``, and nothing it sent is sent again.
+flight within ``--shutdown-grace``; entries it read but did not start it releases, and the
+others claim them within a second; nothing it sent is sent again.
 """
 
 from __future__ import annotations
