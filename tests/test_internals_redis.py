@@ -1,6 +1,6 @@
-"""What mailpool uses of redis-py, hiredis and msgpack below their command-level API,
-checked against the installed releases: workers/streams/redis_fence.py,
-workers/streams/hiredis_fence.py and workers/codec/wire.py.
+"""What mailpool uses of redis-py and hiredis below their command-level API, checked
+against the installed releases: workers/streams/redis_fence.py and
+workers/streams/hiredis_fence.py (msgpack's: tests/test_internals_msgpack.py).
 
 Each test fails loudly, naming the file to revisit, when the installed release is outside
 the range that file was checked against, no longer has a name it uses, or no longer behaves
@@ -25,7 +25,6 @@ from workers.streams import hiredis_fence, redis_fence
 
 REDIS_FENCE = "workers/streams/redis_fence.py"
 HIREDIS_FENCE = "workers/streams/hiredis_fence.py"
-WIRE = "workers/codec/wire.py (_UNPACKER_STACK)"
 
 
 # -- redis-py: workers/streams/redis_fence.py ------------------------------------------------
@@ -96,18 +95,6 @@ def test_hiredis_packs_a_settlement_command() -> None:
 
 
 # -- msgpack: workers/codec/wire.py ----------------------------------------------------------
-
-
-def test_msgpack_decodes_with_its_c_unpacker() -> None:
-    """wire.py's nesting limit (_UNPACKER_STACK) is the C unpacker's stack; the pure-Python
-    fallback (a msgpack without a wheel for this Python) has none."""
-    import msgpack
-
-    check_release("msgpack", ">=1.0.5,<2", WIRE)
-    assert msgpack.Unpacker.__module__ == "msgpack._cmsgpack", "msgpack's C extension is missing"
-
-
-# -- nothing outside the fences --------------------------------------------------------------
 
 WORKERS = Path(__file__).resolve().parent.parent / "workers"
 FENCES = {WORKERS / "streams" / "redis_fence.py", WORKERS / "streams" / "hiredis_fence.py"}

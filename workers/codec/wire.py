@@ -16,13 +16,11 @@ from typing import Any, NoReturn, cast
 import msgpack
 
 from workers.codec.errors import WireError
+from workers.codec.msgpack_fence import UNPACKER_STACK, is_ext_refusal
 
 __all__ = ["DEFAULT_LIMITS", "WireLimits", "pack", "unpack"]
 
 MiB = 1024 * 1024
-# msgpack-python's C unpacker keeps its own stack of 1024 containers and raises StackError
-# beyond it, so a configured depth above this is reported with the same clear WireError.
-_UNPACKER_STACK = 1024
 
 
 @dataclass(frozen=True)
@@ -198,7 +196,9 @@ def _unpack_checked(data: bytes, limits: WireLimits) -> object:
     except msgpack.OutOfData as error:
         raise WireError("", "truncated msgpack data") from error
     except msgpack.StackError as error:
-        raise WireError("", f"nesting deeper than {_UNPACKER_STACK} levels") from error
+        # The C unpacker's own stack (msgpack_fence): a configured depth above it is
+        # reported with the same clear WireError.
+        raise WireError("", f"nesting deeper than {UNPACKER_STACK} levels") from error
     except UnicodeDecodeError as error:
         raise WireError("", f"msgpack str is not valid UTF-8: {error.reason}") from error
     except (ValueError, TypeError) as error:
@@ -213,7 +213,7 @@ def _unpack_checked(data: bytes, limits: WireLimits) -> object:
 
 def _describe(error: Exception) -> str:
     text = str(error)
-    if "max_ext_len" in text:
+    if is_ext_refusal(error):
         return "msgpack ext types are not allowed"
     return text or "reserved or unknown type code"
 
