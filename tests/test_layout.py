@@ -47,7 +47,8 @@ async def test_a_retry_entry_settled_promoted_and_read_decodes_to_what_was_writt
     )  # fmt: skip
     outcomes = Outcomes(redis, KEYS, group="delivery", sent_ttl=60, events_maxlen=100)
     try:
-        settled = Settlement(entry_id, "order-1", retry=Retry(due=1.0, fields=retry))
+        retried = Retry(due=1.0, fields=retry)
+        settled = Settlement(entry_id=entry_id, message_id="order-1", retry=retried)
         assert await outcomes.settle([settled], now=time.time()) == [True]
         payload = await redis.hgetall(KEYS.retry_payload(entry_id))
         assert await outcomes.promote_due(time.time()) == 1
@@ -171,11 +172,19 @@ SPELLED_BY_LAYOUT = {
     layout.SMTP_TEXT, layout.NEXT_ATTEMPT, layout.DEFAULT_PREFIX, layout.DEFAULT_RECEIVE,
     layout.DEFAULT_SEND, layout.DEFAULT_DEAD, layout.DEFAULT_EVENTS, layout.DATA,
 }  # fmt: skip
+# Stream ids with a special meaning to Redis (start positions, cursors): named by the layout.
+STREAM_IDS = {layout.MIN_ID, layout.FROM_START, layout.NEW_ONLY, layout.UNDELIVERED}
 # Where one of those words means something else; each says what.
 OTHER_MEANINGS = {
     ("streams/consumer.py", "message_id"): "redis-py's name for an XPENDING row's entry id",
     ("listen.py", "data"): "the key of a listen JSON line (documented output format)",
     ("ingest/handler.py", "message_id"): "the codec's keyword for the Message-ID it adds",
+    ("config.py", "0"): "a false boolean in an environment variable",
+    ("streams/sentinel.py", "0"): "the database number a Sentinel URL without one means",
+    ("streams/outcomes.py", "0"): "the due time of a settlement section that is not a retry",
+    ("relay/__init__.py", ">"): "the end of the path in MAIL FROM:<...> and RCPT TO:<...>",
+    ("ingest/handler.py", ">"): "the end of the address in the Received header's for <...>",
+    ("delivery/held.py", ">"): "the end of a held entry's repr <HeldEntry ...>",
 }
 
 
@@ -206,13 +215,13 @@ def spelled_literals(path: Path) -> set[str]:
     return found
 
 
-def test_no_module_but_the_layout_spells_a_field_or_key() -> None:
+def test_no_module_but_the_layout_spells_a_field_key_or_stream_id() -> None:
     spelled = []
     for path in sorted(WORKERS.rglob("*.py")):
         where = path.relative_to(WORKERS).as_posix()
         if path == LAYOUT or where.startswith("codec/"):  # the codec's keys are the spec's
             continue
-        for literal in sorted(spelled_literals(path) & SPELLED_BY_LAYOUT):
+        for literal in sorted(spelled_literals(path) & (SPELLED_BY_LAYOUT | STREAM_IDS)):
             if (where, literal) not in OTHER_MEANINGS:
                 spelled.append(f"{where}: {literal!r}")
     assert spelled == []

@@ -60,9 +60,9 @@ async def protected_from(redis: aioredis.Redis, stream: str) -> str | None:
     for group, info in status.groups.items():
         if info.pending:
             summary = await redis.xpending(stream, group)
-            floors.append(as_text(summary["min"]) or "0-0")
+            floors.append(as_text(summary["min"]) or layout.MIN_ID)
         else:
-            floors.append(layout.id_after(info.last_delivered_id or "0-0"))
+            floors.append(layout.id_after(info.last_delivered_id or layout.MIN_ID))
     if not floors:
         return None
     return layout.format_id(*min(layout.parse_id(floor) for floor in floors))
@@ -78,7 +78,7 @@ async def _length_floor(redis: aioredis.Redis, stream: str, max_len: int) -> str
     if excess <= 0:
         return None
     oldest = await redis.xrange(stream, count=excess)
-    return layout.id_after(as_text(oldest[-1][0]) or "0-0") if oldest else None
+    return layout.id_after(as_text(oldest[-1][0]) or layout.MIN_ID) if oldest else None
 
 
 async def trim_stream(redis: aioredis.Redis, stream: str, max_age: float, max_len: int) -> int:

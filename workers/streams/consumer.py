@@ -24,8 +24,8 @@ from workers.streams.connection import as_text
 log = structlog.get_logger("mailpool.streams")
 
 # Start positions for a new group, in operator words.
-START_NEW = "$"  # only messages added after the group was created
-START_ALL = "0"  # all retained history
+START_NEW = layout.NEW_ONLY  # only messages added after the group was created
+START_ALL = layout.FROM_START  # all retained history
 OWN_PAGE = 200  # own pending entries listed per XPENDING (a consumer holds few at a time)
 # Idle time given to released entries: 30 days, past any sensible claim_after, so the next
 # claim pass of any consumer of the group takes them.
@@ -85,7 +85,7 @@ class GroupConsumer:
         self.claim_every = max(claim_after / 4, 0.5) if claim_every is None else claim_every
         self.batch = batch
         self.block_ms = int(block * 1000)
-        self._claim_cursor = "0-0"
+        self._claim_cursor = layout.MIN_ID
         self._next_claim_at = 0.0
         self._own_pending_done = False
 
@@ -111,14 +111,18 @@ class GroupConsumer:
 
     async def read_new(self) -> list[StreamEntry]:
         reply = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=self.batch, block=self.block_ms
+            self.group,
+            self.consumer,
+            {self.stream: layout.UNDELIVERED},
+            count=self.batch,
+            block=self.block_ms,
         )
         return [StreamEntry(as_text(i), f, 1) for i, f in _entries_of(reply)]
 
     async def _read_own_pending(self) -> list[StreamEntry]:
         """A consumer restarted under the same name (an explicit one) resumes its own work."""
         reply = await self.redis.xreadgroup(
-            self.group, self.consumer, {self.stream: "0"}, count=self.batch
+            self.group, self.consumer, {self.stream: layout.FROM_START}, count=self.batch
         )
         entries = _entries_of(reply)
         if not entries:
@@ -194,7 +198,7 @@ class GroupConsumer:
         cursor, claimed = as_text(reply[0]), reply[1]
         deleted = [as_text(i) for i in (reply[2] if len(reply) > 2 else [])]
         self._claim_cursor = cursor
-        if cursor == "0-0":
+        if cursor == layout.MIN_ID:
             self._next_claim_at = time.monotonic() + self.claim_every  # a full pass is done
         entries = [(as_text(i), f) for i, f in claimed if f is not None]
         counts = await self._delivery_counts([i for i, _ in entries])

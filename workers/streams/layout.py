@@ -370,6 +370,15 @@ def event(
 
 MAX_SEQ = 2**64 - 1
 
+# The ids with a special meaning to Redis that mailpool passes; nowhere else spells them.
+MIN_ID = "0-0"  # the smallest id: XAUTOCLAIM/XPENDING/XRANGE start at the very beginning,
+# XAUTOCLAIM's cursor comes back as it when a pass is complete, and it is the position of a
+# group that has read nothing
+FROM_START = "0"  # XGROUP CREATE: the group reads the stream's whole retained history;
+# XREADGROUP: the consumer's own pending entries (those handed to it and not acknowledged)
+NEW_ONLY = "$"  # XGROUP CREATE: the group reads only entries added after it was created
+UNDELIVERED = ">"  # XREADGROUP: entries never handed to any consumer of the group
+
 
 def parse_id(entry_id: str) -> tuple[int, int]:
     """``"<ms>-<seq>"`` as numbers (a bare ``"<ms>"`` is sequence 0), for comparing ids."""
@@ -392,7 +401,7 @@ def id_before(entry_id: str) -> str:
     ms, seq = parse_id(entry_id)
     if seq:
         return format_id(ms, seq - 1)
-    return format_id(ms - 1, MAX_SEQ) if ms else "0-0"
+    return format_id(ms - 1, MAX_SEQ) if ms else MIN_ID
 
 
 def id_at(epoch: float) -> str:

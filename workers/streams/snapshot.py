@@ -58,7 +58,7 @@ async def _group_status(
     if pending:
         summary = await redis.xpending(stream, group)
         if summary.get("min"):
-            age = time.time() - layout.id_time(as_text(summary["min"]) or "0")
+            age = time.time() - layout.id_time(as_text(summary["min"]) or layout.MIN_ID)
             oldest = round(max(0.0, age), 3)
     return GroupStatus(
         consumers=int(info["consumers"]),
