@@ -16,9 +16,11 @@ import time
 from collections.abc import AsyncIterator
 
 import aiosmtplib
+import pytest
 from aiosmtplib.protocol import SMTPProtocol
 
 from tests.internals_util import check_release
+from tests.scripted_relay import ScriptedRelay
 from workers.codec.build import BuiltMessage
 from workers.config import DeliveryConfig
 from workers.relay import SEND_TIMED_OUT, SmtpPool, aiosmtplib_fence
@@ -39,6 +41,33 @@ def test_aiosmtplib_still_has_what_the_fence_uses() -> None:
     assert missing == [], f"revisit {FENCE}: SMTPProtocol has no {missing}"
     timeout = inspect.signature(SMTPProtocol.read_response).parameters.get("timeout")
     assert timeout is not None, f"revisit {FENCE}: read_response takes no timeout"
+
+
+@pytest.mark.parametrize(
+    "odd_reply",
+    [b"250 2.1.0 " + b"x" * 10_000, b"2S0 not three digits"],
+    ids=["line-too-long", "malformed"],
+)
+async def test_an_unreadable_reply_has_the_fences_code(odd_reply: bytes) -> None:
+    """aiosmtplib raises a reply it cannot read with a code of its own, which
+    ``is_unreadable_reply`` recognises (and no code a relay can send)."""
+    relay = ScriptedRelay(replies={b"MAIL": odd_reply})
+    async with relay.running() as url:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=int(url.rpartition(":")[2]))
+        await smtp.connect(start_tls=False)
+        try:
+            await smtp.ehlo()
+            try:
+                await smtp.mail("a@example.org")
+                raise AssertionError(f"{FENCE}: aiosmtplib read {odd_reply[:20]!r}...")
+            except aiosmtplib.SMTPResponseException as exc:
+                code = exc.code
+        finally:
+            smtp.close()
+    assert aiosmtplib_fence.is_unreadable_reply(code), (
+        f"revisit {FENCE} UNREADABLE_REPLY_CODE: aiosmtplib now reports {code}"
+    )
+    assert not any(map(aiosmtplib_fence.is_unreadable_reply, range(0, 1000)))
 
 
 @contextlib.asynccontextmanager

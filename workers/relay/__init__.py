@@ -55,12 +55,13 @@ class Reply:
 
 def relay_reply(code: int, text: str) -> Reply:
     """A reply as the relay gave it.  A code that is no SMTP reply code is a local failure
-    to read one: aiosmtplib reports a reply line too long or malformed as code -1, and a
-    relay may send digits outside 2xx-5xx.  Those have code None (a transient failure, like
-    a timeout) and say what happened in the text."""
+    to read one: aiosmtplib reports a reply line too long or malformed with a code of its
+    own (:func:`~workers.relay.aiosmtplib_fence.is_unreadable_reply`), and a relay may send
+    digits outside 2xx-5xx.  Those have code None (a transient failure, like a timeout) and
+    say what happened in the text."""
     if code in SMTP_CODES:
         return Reply(code, text)
-    said = text if code < 0 else f"{code} {text}"  # aiosmtplib's -1 is not the relay's
+    said = text if aiosmtplib_fence.is_unreadable_reply(code) else f"{code} {text}"
     return Reply(None, f"unreadable reply from the relay: {said}")
 
 

@@ -15,6 +15,13 @@ builder's CRLF-only output needs one ``bytes.replace``: 2 us).  And it waits for
 and for the reply to the final dot with one timeout, where RFC 5321 (section 4.5.3.2)
 gives the transfer to the command budget (``--smtp-timeout``) and the reply to the dot a
 budget of its own (``--smtp-data-timeout``) that starts when the dot has left.
+
+And one behaviour the relay client reads replies by: a reply aiosmtplib could not read (a
+line over its 8192-octet limit, a line that does not start with three digits) is raised as
+``SMTPResponseException`` with code -1 (``SMTPStatus.invalid_response``), a code no relay
+sent; :func:`is_unreadable_reply` tells it apart, so that the relay client reports it as a
+local failure and never as the relay's reply (test_delivery_unreadable_reply,
+test_internals_aiosmtplib::test_an_unreadable_reply_has_the_fences_code).
 """
 
 from __future__ import annotations
@@ -23,6 +30,14 @@ import aiosmtplib
 from aiosmtplib.protocol import SMTPProtocol
 
 CHECKED_RELEASES = ">=5.0.0,<=5.1.3"
+# aiosmtplib 5.0.0-5.1.3 (protocol.py, data_received and _read_response_from_buffer): the
+# code of an SMTPResponseException for a reply it could not read.
+UNREADABLE_REPLY_CODE = -1
+
+
+def is_unreadable_reply(code: int) -> bool:
+    """True for the code aiosmtplib gives a reply it could not read: not the relay's."""
+    return code == UNREADABLE_REPLY_CODE
 
 
 def _protocol(smtp: aiosmtplib.SMTP) -> SMTPProtocol:
