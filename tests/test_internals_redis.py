@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import ast
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 from packaging.version import Version
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.exceptions import ResponseError
 
+from tests.harness import free_port
 from tests.internals_util import check_release
+from tests.sentinel_util import SentinelServer
 from workers.streams import hiredis_fence, redis_fence
 
 REDIS_FENCE = "workers/streams/redis_fence.py"
@@ -83,6 +87,71 @@ async def test_the_probe_finds_a_connection_the_server_closed(redis_url: str) ->
     finally:
         await client.aclose()
         await admin.aclose()
+
+
+@pytest.fixture
+def lone_sentinel(tmp_path: Path) -> Iterator[int]:
+    """The port of a real Sentinel that knows no master ``absent`` (it watches only one on
+    a port where nothing listens)."""
+    sentinel = SentinelServer(tmp_path, free_port(), settings=[])
+    sentinel.start()
+    try:
+        yield sentinel.port
+    finally:
+        sentinel.stop()
+
+
+async def _no_master_error(sentinels: list[tuple[str, int]]) -> str:
+    sentinel = Sentinel(sentinels, sentinel_kwargs={"socket_connect_timeout": 1})
+    try:
+        with pytest.raises(MasterNotFoundError) as raised:
+            await sentinel.discover_master("absent")
+    finally:
+        await redis_fence.close_sentinel(sentinel)
+    return str(raised.value)
+
+
+async def test_redis_pys_no_master_error_reads_as_one_line(lone_sentinel: int) -> None:
+    """The text of the error redis-py raises, with one Sentinel that knows no such master
+    and one that is down, reads as that down Sentinel's error without object reprs."""
+    down = free_port()
+    raw = await _no_master_error([("127.0.0.1", lone_sentinel), ("127.0.0.1", down)])
+    said = redis_fence.readable_master_not_found(raw, "absent")
+    revisit = f"revisit {REDIS_FENCE} readable_master_not_found: redis-py said {raw!r}"
+    assert said.startswith("no Sentinel names a master 'absent' ("), revisit
+    assert f"Error 111 connecting to 127.0.0.1:{down}." in said, revisit
+    assert "<" not in said and "Redis" not in said and len(said) < 200, revisit
+    raw = await _no_master_error([("127.0.0.1", lone_sentinel)])
+    said = redis_fence.readable_master_not_found(raw, "absent")
+    assert said == (
+        "no Sentinel names a master 'absent' (none of them watches it or it is down)"
+    ), revisit
+
+
+def test_no_master_found_reads_as_what_each_sentinel_answered() -> None:
+    """redis-py's MasterNotFoundError carries the repr of every client (thousands of
+    characters); the one line keeps each Sentinel's error."""
+    readable = redis_fence.readable_master_not_found
+    raw = (
+        "No master found for 'mailpool' : <redis.asyncio.client.Redis(<redis.asyncio."
+        "connection.ConnectionPool(<redis.asyncio.connection.Connection(host=s1,port=1)>)>)> - "
+        "ConnectionError: Error 111 connecting to s1:1. Connect call failed ('s1', 1)., "
+        "<redis.asyncio.client.Redis(<...>)> - TimeoutError: Timeout connecting to s2:2"
+    )
+    assert readable(raw, "mailpool") == (
+        "no Sentinel names a master 'mailpool' (ConnectionError: Error 111 connecting to s1:1. "
+        "Connect call failed ('s1', 1).; TimeoutError: Timeout connecting to s2:2)"
+    )
+    redis_py_5 = (
+        "No master found for 'm' : Redis<ConnectionPool<Connection<host=s1,port=1,db=0>>> - "
+        "ConnectionError('Error 111 connecting to s1:1. 111.')"
+    )
+    assert readable(redis_py_5, "m") == (
+        "no Sentinel names a master 'm' (ConnectionError('Error 111 connecting to s1:1. 111.'))"
+    )
+    assert readable("No master found for 'm'", "m") == (
+        "no Sentinel names a master 'm' (none of them watches it or it is down)"
+    )
 
 
 # -- hiredis: workers/streams/hiredis_fence.py -----------------------------------------------

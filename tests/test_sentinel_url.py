@@ -25,7 +25,7 @@ from workers.config import (
     from_arguments,
     mask_secrets,
 )
-from workers.streams.sentinel import SentinelTarget, parse_sentinel_url, readable
+from workers.streams.sentinel import SentinelTarget, parse_sentinel_url
 
 PASSWORD = "s3ntinel/p@ss-word"  # characters a URL must percent-encode
 IN_URL = "s3ntinel%2Fp%40ss-word"
@@ -142,28 +142,3 @@ def test_a_sentinel_password_without_a_sentinel_url_is_refused() -> None:
             CommonConfig, ["--redis-url", "redis://h:6379/0"],
             {"MAILPOOL_SENTINEL_PASSWORD": PASSWORD},
         )  # fmt: skip
-
-
-def test_no_master_found_reads_as_what_each_sentinel_answered() -> None:
-    """redis-py's MasterNotFoundError carries the repr of every client (thousands of
-    characters); the one line keeps each Sentinel's error."""
-    raw = (
-        "No master found for 'mailpool' : <redis.asyncio.client.Redis(<redis.asyncio."
-        "connection.ConnectionPool(<redis.asyncio.connection.Connection(host=s1,port=1)>)>)> - "
-        "ConnectionError: Error 111 connecting to s1:1. Connect call failed ('s1', 1)., "
-        "<redis.asyncio.client.Redis(<...>)> - TimeoutError: Timeout connecting to s2:2"
-    )
-    assert readable(raw, "mailpool") == (
-        "no Sentinel names a master 'mailpool' (ConnectionError: Error 111 connecting to s1:1. "
-        "Connect call failed ('s1', 1).; TimeoutError: Timeout connecting to s2:2)"
-    )
-    redis_py_5 = (
-        "No master found for 'm' : Redis<ConnectionPool<Connection<host=s1,port=1,db=0>>> - "
-        "ConnectionError('Error 111 connecting to s1:1. 111.')"
-    )
-    assert readable(redis_py_5, "m") == (
-        "no Sentinel names a master 'm' (ConnectionError('Error 111 connecting to s1:1. 111.'))"
-    )
-    assert readable("No master found for 'm'", "m") == (
-        "no Sentinel names a master 'm' (none of them watches it or it is down)"
-    )

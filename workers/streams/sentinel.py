@@ -18,7 +18,6 @@ to the new master.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -93,23 +92,8 @@ class ReadableSentinel(Sentinel):
         try:
             return await super().discover_master(service_name)
         except MasterNotFoundError as exc:
-            raise MasterNotFoundError(readable(str(exc), service_name)) from None
-
-
-_REPR = re.compile(r"<[^<>]*>")
-# redis-py 8 writes "<repr> - error", 5.x "Redis<repr> - error", joined by ", ".
-_EACH = re.compile(r"(?:^|,)\s*(?:Redis\s*)?-\s")
-
-
-def readable(message: str, master: str) -> str:
-    """redis-py's MasterNotFoundError text without object reprs (nested ``<...>``)."""
-    previous = None
-    while previous != message:
-        previous, message = message, _REPR.sub("", message)
-    # What is left: "No master found for 'm' :  - error,  - error" (one per Sentinel).
-    answers = [" ".join(part.split()) for part in _EACH.split(message.partition(" : ")[2])]
-    said = "; ".join(a for a in answers if a) or "none of them watches it or it is down"
-    return f"no Sentinel names a master {master!r} ({said})"
+            said = redis_fence.readable_master_not_found(str(exc), service_name)
+            raise MasterNotFoundError(said) from None
 
 
 class SentinelMasterClient(aioredis.Redis):
