@@ -15,14 +15,15 @@ import inspect
 import re
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import aiosmtpd
 import pytest
 from aiosmtpd import smtp
 from aiosmtpd.smtp import syntax
 
-from tests.ingest_util import SMTPConn, ingest, message
+from tests.ingest_util import SMTPConn, client_tls, ingest, message
 from tests.internals_util import check_release
 from workers.ingest import aiosmtpd_fence, server
 from workers.ingest.aiosmtpd_fence import Command, FencedSMTP, SessionArguments, simple_path
@@ -63,6 +64,11 @@ class _Probe(FencedSMTP):
     records the command timeout, and reads one line of DATA from the stream reader."""
 
     timeouts = 0
+    connections_made: ClassVar[list[bool]] = []  # first_connection_made() at each call
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        type(self).connections_made.append(self.first_connection_made())
+        super().connection_made(transport)
 
     def command_override(self, name: str) -> Command | None:
         return self._overridden if name == "NOOP" else None
@@ -139,6 +145,26 @@ async def test_the_command_timeout_goes_to_the_fences_hook(fast_init: bool) -> N
         assert await conn.closed_by_server(timeout=3)
         await conn.close()
     assert _Probe.timeouts == 1, f"{FENCE}: aiosmtpd no longer calls _timeout_cb"
+
+
+async def test_starttls_makes_the_connection_a_second_time(
+    fast_init: bool, certificate: tuple[Path, Path]
+) -> None:
+    """aiosmtpd calls connection_made again at STARTTLS, on the same session, and the fence
+    tells that call from the first."""
+    _Probe.connections_made = []
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(*certificate)
+    async with _probe_server(_arguments(tls_context=server_tls)) as port:
+        conn = await SMTPConn.open(port)
+        assert "STARTTLS" in await conn.ehlo()
+        await conn.starttls(client_tls(certificate[0]))
+        assert "STARTTLS" not in await conn.ehlo()  # the same session, now over TLS
+        await conn.close()
+    assert _Probe.connections_made == [True, False], (
+        f"revisit {FENCE} first_connection_made: STARTTLS no longer calls connection_made "
+        "again with the transport set"
+    )
 
 
 async def test_aiosmtpds_refusals_get_enhanced_codes(fast_init: bool) -> None:

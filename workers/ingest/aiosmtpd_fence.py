@@ -1,9 +1,11 @@
 """What the ingest role uses of aiosmtpd beyond its documented API, in one place.
 
-Written against aiosmtpd 1.4.6 (``CHECKED_RELEASES``; pyproject.toml allows nothing else).
-tests/test_internals_aiosmtpd.py fails, naming this file, on any other release or when a
-name used here is gone; check this file against that release's ``aiosmtpd/smtp.py``, then
-widen the range.
+Written against aiosmtpd 1.4.6 (``CHECKED_RELEASES``).  pyproject.toml allows 1.4.x, so that
+a user can take a patch release; on any other release than 1.4.6 the sessions take
+aiosmtpd's own constructor (``FAST_INIT``), and tests/test_internals_aiosmtpd.py fails,
+naming this file, until someone has checked this file against that release's
+``aiosmtpd/smtp.py`` and widened ``CHECKED_RELEASES``; it also fails when a name used here
+is gone or aiosmtpd no longer behaves as relied on here.
 
 The role code (server.py, handler.py, auth.py) keeps to what aiosmtpd documents: the
 ``SMTP`` constructor's arguments, ``event_handler``, ``data_size_limit``, ``hostname``,
@@ -46,6 +48,13 @@ that constructs 2 000 sessions:
 * ``command_size_limits`` (undocumented) is aiosmtpd's per-command line limit, a dict on
   the class that every EHLO of any session raises and every new session clears; here each
   session has its own (test_ingest_replies::test_the_mail_line_limit_is_the_sessions_own).
+* STARTTLS calls ``connection_made`` a second time, for the TLS transport, on the same
+  session with ``transport`` already set (1.4.6 ``smtp_STARTTLS`` hands the connection to
+  an ``SSLProtocol`` whose handshake calls back; ``connection_made`` tells the two calls
+  apart the same way): :meth:`FencedSMTP.first_connection_made` says which call it is, so
+  that the ingest session admits a connection against the caps and starts its session
+  timer once, not again at STARTTLS
+  (test_internals_aiosmtpd::test_starttls_makes_the_connection_a_second_time).
 * :data:`REWRITTEN_REPLIES` matches 1.4.6's wording of three refusals to give them
   enhanced status codes (test_ingest_replies::test_552_over_the_size_limit,
   ::test_500_for_lines_and_commands_over_the_rfc_limits,
@@ -240,6 +249,11 @@ class FencedSMTP(SMTP):
         return None
 
     # -- for the subclass to call ---------------------------------------------------------
+
+    def first_connection_made(self) -> bool:
+        """In ``connection_made``: True for the connection's own call, False for the one
+        1.4.6's STARTTLS makes again for the TLS transport (``transport`` is set by then)."""
+        return self.transport is None
 
     @property
     def stream_reader(self) -> asyncio.StreamReader:

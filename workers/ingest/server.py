@@ -185,7 +185,7 @@ class IngestSMTP(FencedSMTP):
     # -- connection life cycle --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None  # STARTTLS calls this again for the TLS transport
+        first = self.first_connection_made()  # not the call STARTTLS makes again
         if first and not self._admitted(transport):
             return
         super().connection_made(transport)
