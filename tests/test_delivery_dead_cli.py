@@ -134,3 +134,24 @@ def test_replay_needs_ids_or_all(redis_url: str) -> None:
     result = dead(redis_url, "replay")
     assert result.returncode == 2
     assert "ids or --all" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_a_field_mailpool_does_not_know_is_shown_where_it_is_stored(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """The schema lets others add fields: list and show print them, nothing is hidden."""
+    fields = {
+        "data": pack(send_message()),
+        "reason": "expired",
+        "ticket": "OPS-42",
+        "attempts": "3",
+    }
+    dead_id = (await redis.xadd("email.send.dead", fields)).decode()
+    (listed,) = [json.loads(line) for line in dead(redis_url, "list", "--json").stdout.splitlines()]
+    shown_json = json.loads(dead(redis_url, "show", dead_id, "--json").stdout)
+    for letter in (listed, shown_json):
+        assert list(letter)[:4] == ["id", "reason", "ticket", "attempts"]
+        assert (letter["ticket"], letter["attempts"]) == ("OPS-42", 3)
+    shown = dead(redis_url, "show", dead_id)
+    assert shown.returncode == 0
+    assert "reason: expired\nticket: OPS-42\nattempts: 3\n" in shown.stdout

@@ -88,6 +88,39 @@ async def test_a_replayed_dead_letter_keeps_data_byte_for_byte(redis: aioredis.R
     assert list(fields) == [b"data", b"message_id", b"source_id", b"replay_of", b"recipients"]
 
 
+async def test_a_dead_letter_reads_back_typed_and_keeps_what_it_does_not_know(
+    redis: aioredis.Redis,
+) -> None:
+    class Reply:
+        code: int | None = 550
+        text = "5.1.1 no such user"
+
+    ref = MessageRef(message_id="order-8", source_id="1700000000000-4", data=NOT_UTF8)
+    fields = layout.dead_letter(
+        ref, reason="rejected", error="550 no", recipients=["cy@example.org"], attempts=3,
+        first_attempt=1.5, last_attempt=2.5, reply=Reply(),
+    )  # fmt: skip
+    fields["ticket"] = "OPS-42"  # a field some other tool added
+    dead_id = (await redis.xadd(KEYS.dead, fields)).decode()
+    ((_, stored),) = await redis.xrange(KEYS.dead)
+    letter = layout.DeadLetter.decode(dead_id, stored)
+    assert letter == layout.DeadLetter(
+        id=dead_id, data=NOT_UTF8, reason="rejected", error="550 no",
+        recipients=["cy@example.org"], attempts=3, first_attempt=1.5, last_attempt=2.5,
+        source_id="1700000000000-4", message_id="order-8", smtp_code=550,
+        smtp_text="5.1.1 no such user", extra={"ticket": "OPS-42"},
+        order=tuple(name for name in fields if name != "data"),
+    )  # fmt: skip
+    assert letter.shown()["ticket"] == "OPS-42"
+    # A value that does not read as the schema's type is kept as its text, not dropped.
+    unreadable = layout.DeadLetter.decode(dead_id, {b"attempts": b"many", b"smtp_code": b"5x"})
+    assert (unreadable.attempts, unreadable.extra) == (
+        None,
+        {"attempts": "many", "smtp_code": "5x"},
+    )
+    assert unreadable.shown() == {"attempts": "many", "smtp_code": "5x"}
+
+
 async def test_a_dead_letter_without_recipients_replays_to_all_and_invalid_stays(
     redis: aioredis.Redis,
 ) -> None:

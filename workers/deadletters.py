@@ -30,7 +30,7 @@ from workers.config import CommonConfig, ConfigError, option
 from workers.streams import layout
 from workers.streams import outcomes as oc
 from workers.streams.connection import one_shot_client
-from workers.streams.layout import StreamKeys
+from workers.streams.layout import DeadLetter, StreamKeys
 
 ACTIONS = ("list", "show", "replay", "purge")
 PAGE = 500
@@ -75,13 +75,12 @@ def _id(raw: bytes | str | None) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-def describe_entry(entry_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+def describe(letter: DeadLetter) -> dict[str, Any]:
     """A dead letter for people: fields typed, ``data`` summarised (never dumped)."""
-    shown: dict[str, Any] = {"id": entry_id, **layout.dead_letter_fields(fields)}
-    data = layout.entry_data(fields) or b""
-    shown["data_size"] = len(data)
+    shown: dict[str, Any] = {"id": letter.id, **letter.shown()}
+    shown["data_size"] = len(letter.data)
     try:
-        message = decode_send(data)
+        message = decode_send(letter.data)
         shown["from"] = message["from"]
         shown["to"] = message["to"]
         shown["subject"] = message["headers"].get("subject", "")
@@ -98,20 +97,20 @@ def _rows(reply: Any) -> list[tuple[str, Fields]]:
     return [(_id(raw_id), dict(fields or {})) for raw_id, fields in reply or []]
 
 
-async def iterate_dead(redis: aioredis.Redis, stream: str) -> AsyncIterator[tuple[str, Fields]]:
+async def iterate_dead(redis: aioredis.Redis, stream: str) -> AsyncIterator[DeadLetter]:
     start = "-"
     while True:
         page = _rows(await redis.xrange(stream, min=start, max="+", count=PAGE))
         for entry_id, fields in page:
-            yield entry_id, fields
+            yield DeadLetter.decode(entry_id, fields)
         if len(page) < PAGE:
             return
         start = layout.exclusive(page[-1][0])
 
 
-async def fetch(redis: aioredis.Redis, stream: str, entry_id: str) -> Fields | None:
+async def fetch(redis: aioredis.Redis, stream: str, entry_id: str) -> DeadLetter | None:
     found = _rows(await redis.xrange(stream, min=entry_id, max=entry_id, count=1))
-    return found[0][1] if found else None
+    return DeadLetter.decode(*found[0]) if found else None
 
 
 def _plain(value: Any) -> str:
@@ -119,23 +118,22 @@ def _plain(value: Any) -> str:
     return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def _line(shown: dict[str, Any]) -> str:
-    """One table row of a dead letter described by :func:`describe_entry`."""
-    last = shown.get(layout.LAST_ATTEMPT)
+def _line(letter: DeadLetter) -> str:
+    """One table row of a dead letter."""
     when = "-"
-    if isinstance(last, float) and last:
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last))
-    error = shown.get(layout.ERROR, "").replace("\n", " ")
-    reason = shown.get(layout.REASON, "?")
-    recipients = _plain(shown.get(layout.RECIPIENTS, ""))
-    return f"{shown['id']}  {reason:<8}  {when}  {recipients}  {error[:100]}"
+    if letter.last_attempt:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.last_attempt))
+    error = (letter.error or "").replace("\n", " ")
+    reason = "?" if letter.reason is None else letter.reason
+    # Recipients that do not read as an array are shown as stored.
+    recipients = _plain(letter.recipients or letter.extra.get(layout.RECIPIENTS, ""))
+    return f"{letter.id}  {reason:<8}  {when}  {recipients}  {error[:100]}"
 
 
 async def list_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig) -> int:
     count = 0
-    async for entry_id, fields in iterate_dead(redis, keys.dead):
-        shown = describe_entry(entry_id, fields)
-        print(json.dumps(shown, ensure_ascii=False) if config.json else _line(shown))
+    async for letter in iterate_dead(redis, keys.dead):
+        print(json.dumps(describe(letter), ensure_ascii=False) if config.json else _line(letter))
         count += 1
         if count >= config.limit:
             break
@@ -148,12 +146,12 @@ async def list_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig)
 async def show_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig) -> int:
     status = 0
     for entry_id in config.ids:
-        fields = await fetch(redis, keys.dead, entry_id)
-        if fields is None:
+        letter = await fetch(redis, keys.dead, entry_id)
+        if letter is None:
             print(f"{entry_id}: no such dead letter", file=sys.stderr)
             status = 1
             continue
-        shown = describe_entry(entry_id, fields)
+        shown = describe(letter)
         if config.json:
             print(json.dumps(shown, ensure_ascii=False))
         else:
@@ -163,10 +161,10 @@ async def show_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig)
 
 async def _targets(
     redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig
-) -> AsyncIterator[tuple[str, dict[bytes, bytes] | None]]:
+) -> AsyncIterator[tuple[str, DeadLetter | None]]:
     if config.all_entries:
-        async for entry_id, fields in iterate_dead(redis, keys.dead):
-            yield entry_id, fields
+        async for letter in iterate_dead(redis, keys.dead):
+            yield letter.id, letter
         return
     for entry_id in config.ids:
         yield entry_id, await fetch(redis, keys.dead, entry_id)
@@ -176,8 +174,7 @@ async def replay_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfi
     await oc.require_functions(redis)  # replay is a Redis function: exit 2 if missing
     outcomes = oc.Outcomes(redis, keys, group="", sent_ttl=1, events_maxlen=1)
     status, replayed, skipped = 0, 0, 0
-    async for entry_id, fields in _targets(redis, keys, config):
-        letter = None if fields is None else layout.DeadLetter.decode(entry_id, fields)
+    async for entry_id, letter in _targets(redis, keys, config):
         if letter is None:
             print(f"{entry_id}: no such dead letter", file=sys.stderr)
             status = 1

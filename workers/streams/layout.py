@@ -259,29 +259,55 @@ def _server_code(reply: SmtpReply | None) -> int | None:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A dead letter read back: what ``mailpool dead`` needs to replay it."""
+    """A dead letter read back: what ``mailpool dead`` shows and replays.
+
+    The schema's fields are typed as it says (numbers, the recipients array); a value that
+    does not read as its type, and every field this version does not know, stays text in
+    ``extra`` so that it is still shown (the schema lets others add fields).
+    """
 
     id: str
-    data: bytes  # byte for byte the send entry's data (empty when it had none)
-    reason: str | None
-    message_id: str | None
-    source_id: str | None
-    recipients_field: bytes | None  # JSON array text, parsed only to replay (see below)
+    data: bytes = b""  # byte for byte the send entry's data (empty when it had none)
+    reason: str | None = None
+    error: str | None = None
+    recipients: list[str] | None = None
+    attempts: int | None = None
+    first_attempt: float | None = None
+    last_attempt: float | None = None
+    source_id: str | None = None
+    message_id: str | None = None
+    smtp_code: int | None = None
+    smtp_text: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # name -> text, as stored
+    order: tuple[str, ...] = ()  # every field name but data, in stored order (for display)
 
     @classmethod
     def decode(cls, entry_id: str, fields: RawFields) -> DeadLetter:
-        def text(name: str) -> str | None:
-            value = fields.get(name.encode())
-            return None if value is None else value.decode(errors="replace")
+        typed: dict[str, Any] = {}
+        extra: dict[str, str] = {}
+        names: list[str] = []
+        for raw_name, raw_value in fields.items():
+            if raw_name == DATA_KEY:
+                continue
+            name, text = raw_name.decode(errors="replace"), raw_value.decode(errors="replace")
+            names.append(name)
+            read = DEAD_LETTER_READERS.get(name)
+            if read is None:
+                extra[name] = text
+                continue
+            try:
+                typed[name] = read(text)
+            except ValueError:  # json.JSONDecodeError is a ValueError too
+                extra[name] = text
+        data = fields.get(DATA_KEY, b"")
+        return cls(id=entry_id, data=data, extra=extra, order=tuple(names), **typed)
 
-        return cls(
-            id=entry_id,
-            data=fields.get(DATA_KEY, b""),
-            reason=text(REASON),
-            message_id=text(MESSAGE_ID),
-            source_id=text(SOURCE_ID),
-            recipients_field=fields.get(RECIPIENTS.encode()),
-        )
+    def shown(self) -> dict[str, object]:
+        """Every field but ``data`` in stored order: typed where it reads, else its text."""
+        return {
+            name: self.extra[name] if name in self.extra else getattr(self, name)
+            for name in self.order
+        }
 
     @property
     def replayable(self) -> bool:
@@ -293,46 +319,31 @@ class DeadLetter:
 
         ValueError when its recipients field is not a JSON array of text.
         """
+        if RECIPIENTS in self.extra:  # stored, but not as an array of text
+            recipients_from_text(self.extra[RECIPIENTS])  # raises its ValueError
         source_id = self.source_id or self.id
         return replay_entry(
             data=self.data,
             message_id=self.message_id or source_id,
             source_id=source_id,
             replay_of=self.id,
-            recipients=recipients_from_text(self.recipients_field) or [],
+            recipients=self.recipients or [],
         )
 
 
-# Dead-letter fields that are not text (the schema's numbers and JSON arrays).
-DEAD_LETTER_TYPES: dict[str, Callable[[str], Any]] = {
+# How each field of the dead-letter schema reads; the keys are DeadLetter's attribute names.
+DEAD_LETTER_READERS: dict[str, Callable[[str], object]] = {
+    REASON: str,
+    ERROR: str,
     RECIPIENTS: recipients_from_text,
     ATTEMPTS: int,
-    SMTP_CODE: int,
     FIRST_ATTEMPT: float,
     LAST_ATTEMPT: float,
+    SOURCE_ID: str,
+    MESSAGE_ID: str,
+    SMTP_CODE: int,
+    SMTP_TEXT: str,
 }
-
-
-def dead_letter_fields(fields: RawFields) -> dict[str, Any]:
-    """Every field of a dead letter but ``data``, in stored order, typed where the schema
-    says; a value that does not parse stays text (shown, not lost)."""
-    shown: dict[str, Any] = {}
-    for raw_name, raw_value in fields.items():
-        if raw_name == DATA_KEY:
-            continue
-        name = raw_name.decode(errors="replace")
-        shown[name] = _typed(name, raw_value.decode(errors="replace"))
-    return shown
-
-
-def _typed(name: str, text: str) -> Any:
-    convert = DEAD_LETTER_TYPES.get(name)
-    if convert is None:
-        return text
-    try:
-        return convert(text)
-    except ValueError:  # json.JSONDecodeError is a ValueError too
-        return text
 
 
 def event(
