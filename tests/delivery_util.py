@@ -19,6 +19,7 @@ import msgpack
 import redis.asyncio as aioredis
 
 from tests.harness import ROOT, RedisServer, child_env, wait_until
+from tests.sinks import RecordingSink
 from workers.config import DeliveryConfig
 from workers.delivery import serve
 from workers.streams.layout import StreamKeys
@@ -90,6 +91,11 @@ async def settled(redis: aioredis.Redis) -> bool:
     group = groups[0]
     all_read = group["last-delivered-id"] == info["last-generated-id"]
     return int(group["pending"]) == 0 and all_read and int(waiting) == 0
+
+
+def received_at_least(sink: RecordingSink, count: int) -> bool:
+    """The sink has accepted ``count`` messages or more (a check for ``wait_until``)."""
+    return len(sink.received) >= count
 
 
 async def stream_fields(redis: aioredis.Redis, stream: str) -> list[dict[str, Any]]:

@@ -10,7 +10,14 @@ from collections.abc import Callable
 import pytest
 
 import workers.delivery.worker
-from tests.delivery_util import enqueue, make_config, running_worker, send_message, settled
+from tests.delivery_util import (
+    enqueue,
+    make_config,
+    received_at_least,
+    running_worker,
+    send_message,
+    settled,
+)
 from tests.harness import RedisServer, wait_until
 from tests.sinks import RecordingSink
 from workers.streams.connection import connect
@@ -26,7 +33,7 @@ async def test_redis_restart_mid_stream(
         for n in range(40):
             await enqueue(client, send_message([f"u{n}@example.com"], message_id=f"r{n}"))
         async with running_worker(make_config(server.url, sink.url, concurrency=4)):
-            await wait_until(lambda: _received(sink, 5))
+            await wait_until(lambda: received_at_least(sink, 5))
             server.stop()  # sends in flight finish against the relay; their records wait
             await asyncio.sleep(1.0)
             server.start()
@@ -67,7 +74,3 @@ async def test_a_stop_with_redis_gone_ends_within_its_budget(
         assert sink.received  # sends in flight finished against the relay
     finally:
         await client.aclose()
-
-
-async def _received(sink: RecordingSink, count: int) -> bool:
-    return len(sink.received) >= count

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 
 from tests.harness import RedisServer
+from tests.listen_util import next_message
 from workers.codec.parse import parse_message
 from workers.codec.wire import pack
 from workers.listen import ListenedMessage, Listener
@@ -28,12 +29,6 @@ async def add_received(redis: aioredis.Redis, n: int, stream: str = STREAM) -> s
     message = parse_message(raw_mail(n), mail_from="a@example.com", rcpt_tos=["b@example.com"])
     entry_id = await redis.xadd(stream, {"data": pack(message)})
     return str(entry_id.decode())
-
-
-async def next_message(listener: Listener, timeout: float = 5.0) -> ListenedMessage:
-    message = await asyncio.wait_for(listener.next(), timeout)
-    assert message is not None
-    return message
 
 
 async def drain(listener: Listener, expected: int) -> list[ListenedMessage]:

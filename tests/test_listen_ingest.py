@@ -3,14 +3,13 @@ SMTP client, the ingest server, and two groups read through the listener API."""
 
 from __future__ import annotations
 
-import asyncio
-
 import aiosmtplib
 import redis.asyncio as aioredis
 
 from tests.ingest_util import ingest_config
+from tests.listen_util import next_message
 from workers.ingest import running_ingest
-from workers.listen import ListenedMessage, Listener
+from workers.listen import Listener
 
 MAIL = (
     b"From: Ann <ann@example.net>\r\n"
@@ -19,12 +18,6 @@ MAIL = (
     b"\r\n"
     b"Hello desk\r\n"
 )
-
-
-async def next_message(listener: Listener) -> ListenedMessage:
-    message = await asyncio.wait_for(listener.next(), 10)
-    assert message is not None
-    return message
 
 
 async def test_message_accepted_over_smtp_reaches_each_group(
@@ -40,7 +33,7 @@ async def test_message_accepted_over_smtp_reaches_each_group(
             hostname="127.0.0.1", port=server.port,
         )  # fmt: skip
         assert errors == {}, reply  # every recipient accepted (250 after the XADD)
-        got = [await next_message(crm), await next_message(archive)]
+        got = [await next_message(crm, 10), await next_message(archive, 10)]
     assert got[0].id == got[1].id
     for message in got:
         assert message.message is not None

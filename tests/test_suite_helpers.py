@@ -1,7 +1,8 @@
 """The test suite's shared pieces stay defined once: the helpers of tests/harness.py, the
-fixtures of tests/conftest.py and the chaos helpers of tests/chaos/scenario.py are not written
-again in a test module, chaos scenarios import their helpers from a module rather than from a
-conftest, and test text says what it checks instead of citing issue numbers."""
+fixtures of tests/conftest.py, the chaos helpers of tests/chaos/scenario.py and the
+tests/*_util.py helpers test modules once copied are not written again in a test module,
+chaos scenarios import their helpers from a module rather than from a conftest, and test text
+says what it checks instead of citing issue numbers."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ CONFTEST = TESTS / "conftest.py"
 SCENARIO = TESTS / "chaos" / "scenario.py"
 # Fixtures a conftest deliberately wraps under the same name (it extends the outer one).
 EXTENDED = {("chaos/conftest.py", "make_redis")}
+# Helpers of a tests/*_util.py module that test modules once wrote again, by their home.
+UTIL_HELPERS = {"next_message": "listen_util.py", "received_at_least": "delivery_util.py"}
 ISSUE_NUMBER = re.compile(r"\bissues?\s*#?\s*\d+|#\d+\b|\bitems? \d+\b", re.IGNORECASE)
 
 
@@ -61,6 +64,18 @@ def test_shared_helpers_and_fixtures_are_not_defined_again() -> None:
         and name in names
         and (home != CONFTEST or is_fixture(node))  # a plain function may share a name
         and (path.relative_to(TESTS).as_posix(), name) not in EXTENDED
+    ]
+    assert again == []
+
+
+def test_util_helpers_are_defined_only_in_their_module() -> None:
+    for name, home in UTIL_HELPERS.items():
+        assert name in top_level_functions(TESTS / home), f"{name} moved from {home}"
+    again = [
+        f"{path.relative_to(TESTS)}: {name} (defined in {UTIL_HELPERS[name]})"
+        for path in sources()
+        for name in top_level_functions(path)
+        if name in UTIL_HELPERS and path.name != UTIL_HELPERS[name]
     ]
     assert again == []
 

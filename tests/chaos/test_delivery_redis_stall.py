@@ -26,7 +26,13 @@ from redis.exceptions import RedisError
 from tests.chaos.delivery_chaos_util import enqueue_many, observe
 from tests.chaos.ledger import Ledger
 from tests.chaos.scenario import seconds, size
-from tests.delivery_util import redis_stalled, settled, terminate, worker_process
+from tests.delivery_util import (
+    received_at_least,
+    redis_stalled,
+    settled,
+    terminate,
+    worker_process,
+)
 from tests.harness import RedisServer, wait_until
 from tests.sinks import RecordingSink
 from workers.streams.connection import connect
@@ -121,7 +127,7 @@ async def test_entries_read_during_a_stall_are_sent_within_seconds_of_resume(
     stop_producing = asyncio.Event()
     producer = asyncio.create_task(produce(scene.server.url, scene.ledger, stop_producing))
     try:
-        await wait_until(lambda: _received(scene.sink, 30), timeout=15)
+        await wait_until(lambda: received_at_least(scene.sink, 30), timeout=15)
         with redis_stalled(scene.server):
             await asyncio.sleep(STALL)
         resumed_at = time.monotonic()
@@ -152,7 +158,7 @@ async def test_sigterm_during_a_stall_exits_within_the_documented_bound(scene: S
     await accept_all(scene.client, scene.ledger, (f"t{n}" for n in range(size(100, 1000))))
     grace = ("--shutdown-grace", str(GRACE))
     first = scene.start_worker("w1", *grace, "--http", "127.0.0.1:0")
-    await wait_until(lambda: _received(scene.sink, 8), timeout=15)
+    await wait_until(lambda: received_at_least(scene.sink, 8), timeout=15)
     with redis_stalled(scene.server):
         await asyncio.sleep(1.0)  # the worker's read and settlements now wait on Redis
         code, exit_s = await _sigterm(first)
@@ -201,10 +207,6 @@ async def _connected(pid: int, port: int) -> bool:
         if fields[2].endswith(hex_port) and fields[3] == "01":  # remote address, ESTABLISHED
             return True
     return False
-
-
-async def _received(sink: RecordingSink, count: int) -> bool:
-    return len(sink.received) >= count
 
 
 async def _settled_after(client: aioredis.Redis, resumed_at: float, within: float) -> float | None:
