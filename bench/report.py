@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import redis.asyncio as aioredis  # noqa: E402
 from aiosmtpd.controller import Controller  # noqa: E402
 
-from tests.harness import RedisServer, free_port, wait_for_port  # noqa: E402
+from tests.harness import RedisServer, free_port, wait_for_port, wait_until  # noqa: E402
 from workers.codec.wire import pack  # noqa: E402
 from workers.producer import make_send_message  # noqa: E402
 from workers.streams import layout  # noqa: E402
@@ -190,12 +190,11 @@ def rss_kib(pid: int) -> int:
 
 
 async def wait_for(check: Callable[[], Any], limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise SystemExit(f"timed out waiting for {what}")
+    """The tests' ``wait_until``, ending the report with one line instead of a traceback."""
+    try:
+        await wait_until(check, what, timeout=limit)
+    except AssertionError as late:
+        raise SystemExit(f"timed out: {late}") from None
 
 
 # --- memory per worker -------------------------------------------------------------------

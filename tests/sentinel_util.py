@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from tests.harness import REDIS_SERVER, RedisServer, free_port, wait_for_port
+from tests.harness import REDIS_SERVER, RedisServer, free_port, wait_for_port, wait_until_blocking
 
 MASTER = "mailpool"
 QUORUM = 2
@@ -220,6 +220,7 @@ class SentinelSet:
     def wait_until_watched(self, timeout: float = 20.0) -> RedisServer:
         """Until every Sentinel names the same live master, knows the other Sentinels and
         sees every running replica linked to it: a failover can then happen."""
+        # a loop, not wait_until_blocking: the failure names the last problem it saw
         deadline = time.monotonic() + timeout
         while True:
             problem = self._watch_problem()
@@ -287,16 +288,19 @@ class SentinelSet:
 
     def wait_for_new_master(self, old: RedisServer, timeout: float = 20.0) -> RedisServer:
         """Until a majority of the Sentinels names another master, which says it is one."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        promoted: list[RedisServer] = []
+
+        def moved_on() -> bool:
             ports = [int(view["port"]) for view in self._views()]
             moved = [p for p in ports if p != old.port]
-            if len(moved) >= QUORUM and len(set(moved)) == 1:
-                new = next(s for s in self.servers if s.port == moved[0])
-                if new.process is not None and self.role(new) == "master":
-                    return new
-            time.sleep(0.05)
-        raise AssertionError(f"no failover from {old.port} within {timeout}s")
+            if len(moved) < QUORUM or len(set(moved)) != 1:
+                return False
+            new = next(s for s in self.servers if s.port == moved[0])
+            promoted[:] = [new] if new.process is not None and self.role(new) == "master" else []
+            return bool(promoted)
+
+        wait_until_blocking(moved_on, f"a failover from {old.port}", timeout=timeout)
+        return promoted[0]
 
     def restart_as_replica(self, server: RedisServer, master: RedisServer) -> None:
         """Start a killed server again as a replica of ``master`` (empty, it syncs from it:

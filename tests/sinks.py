@@ -251,6 +251,7 @@ class PostfixSink:
         return [p.read_bytes() for p in sorted(self.dump_dir.glob("m.*"))]
 
     def wait_for_dumps(self, count: int, timeout: float = 10.0) -> list[bytes]:
+        # not wait_until_blocking: async tests call this, and it returns what came when time is up
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = self.dumps()

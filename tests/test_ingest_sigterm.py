@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 import redis.asyncio as aioredis
 
+from tests.harness import wait_until
 from tests.ingest_util import IngestProcess, SMTPConn, entries
 
 SECRET_BODY = b"the-body-text-that-must-not-be-logged"
@@ -45,10 +46,7 @@ async def test_sigterm_drains_sessions_and_exits_zero(
     code, text = await idle.reply()
     assert (code, text.split()[0]) == (421, "4.3.2")
     assert await idle.closed_by_server()
-    deadline = time.monotonic() + 3
-    while not await _refused(process.port):
-        assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: _refused(process.port), "connections refused after SIGTERM", timeout=3)
 
     await busy.send(b"\r\n.\r\n")
     code, text = await busy.reply()

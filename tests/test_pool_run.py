@@ -26,7 +26,13 @@ from typing import Any, cast
 import pytest
 import redis
 
-from tests.harness import child_env, free_port, running_redis, wait_for_port
+from tests.harness import (
+    child_env,
+    free_port,
+    running_redis,
+    wait_for_port,
+    wait_until_blocking,
+)
 
 
 def _mailpool(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -37,13 +43,14 @@ def _mailpool(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Complete
 
 
 def _wait_for_file(folder: Path, timeout: float = 20.0) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = sorted(folder.glob("*")) if folder.is_dir() else []
-        if found:
-            return found[0]
-        time.sleep(0.1)
-    raise AssertionError(f"nothing delivered into {folder} within {timeout}s")
+    found: list[Path] = []
+
+    def delivered() -> bool:
+        found[:] = sorted(folder.glob("*")) if folder.is_dir() else []
+        return bool(found)
+
+    wait_until_blocking(delivered, f"something delivered into {folder}", timeout=timeout)
+    return found[0]
 
 
 def _pool_env(tmp_path: Path) -> dict[str, str]:
@@ -126,13 +133,14 @@ def _log_events(tmp_path: Path) -> list[dict[str, Any]]:
 
 
 def _wait_for_event(tmp_path: Path, name: str, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for event in _log_events(tmp_path):
-            if event.get("event") == name:
-                return event
-        time.sleep(0.05)
-    raise AssertionError(f"no {name} in the pool's log within {timeout}s")
+    found: list[dict[str, Any]] = []
+
+    def logged() -> bool:
+        found[:] = [e for e in _log_events(tmp_path) if e.get("event") == name]
+        return bool(found)
+
+    wait_until_blocking(logged, f"{name} in the pool's log", timeout=timeout)
+    return found[0]
 
 
 def _kill_embedded_redis(tmp_path: Path) -> None:
@@ -143,19 +151,13 @@ def _kill_embedded_redis(tmp_path: Path) -> None:
             os.kill(int(event["pid"]), signal.SIGKILL)
 
 
-def _process_gone(pid: int, timeout: float) -> bool:
-    """True once ``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
-    stat = Path(f"/proc/{pid}/stat")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = stat.read_text().rpartition(")")[2].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        if state in {"Z", "X"}:
-            return True
-        time.sleep(0.05)
-    return False
+def _process_gone(pid: int) -> bool:
+    """``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in {"Z", "X"}
 
 
 def _smtp_line(conn: socket.socket, line: bytes, expect: bytes) -> None:
@@ -231,4 +233,5 @@ def test_private_redis_does_not_outlive_a_killed_pool(tmp_path: Path) -> None:
         redis_pid = int(_wait_for_event(tmp_path, "embedded_redis_started")["pid"])
         os.kill(pool.pid, signal.SIGKILL)
         pool.wait(timeout=10)
-        assert _process_gone(redis_pid, timeout=10), "redis-server outlived its pool"
+        gone = "redis-server gone with its pool (not outliving it)"
+        wait_until_blocking(lambda: _process_gone(redis_pid), gone, timeout=10)

@@ -17,7 +17,6 @@ import contextlib
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -149,13 +148,14 @@ class Role:
         return self.log.read_text(errors="replace")
 
     def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def logged() -> bool:
             if text in self.output():
-                return
+                return True
             assert self.process.poll() is None, f"{self.label} exited:\n{self.output()[-2000:]}"
-            time.sleep(0.05)
-        raise AssertionError(f"{self.label}: no {text!r} within {timeout}s:\n{self.output()}")
+            return False
+
+        what = f"{self.label} logging {text!r} (its output: {self.log})"
+        wait_until_blocking(logged, what, timeout=timeout)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -34,7 +34,7 @@ from tests.chaos.scenario import (
     stored_entries,
     stored_ledger_ids,
 )
-from tests.harness import ROOT, child_env, free_port, wait_for_port
+from tests.harness import ROOT, child_env, free_port, wait_for_port, wait_until
 
 DISK = 8 * 1024 * 1024  # the tmpfs under the pool's Redis
 ROOM = 512 * 1024  # what the filler leaves for the AOF, about 50 messages
@@ -95,19 +95,27 @@ async def kill_9_and_wait_for_restart(url: str) -> aioredis.Redis:
     pool has started it again, a client to it."""
     port = int(url.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
     deadline = time.monotonic() + 30
-    while (pid := redis_pid(port)) is None:
-        assert time.monotonic() < deadline, f"no redis-server on port {port}"
-        await asyncio.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+    pids: list[int] = []
+
+    def running() -> bool:
+        pids[:] = [pid] if (pid := redis_pid(port)) is not None else []
+        return bool(pids)
+
+    await wait_until(running, f"a redis-server on port {port}", timeout=30, interval=0.1)
+    os.kill(pids[0], signal.SIGKILL)
     client = aioredis.Redis.from_url(url, socket_timeout=2)
-    while True:
-        await asyncio.sleep(0.2)
-        try:
-            if await client.ping():
-                return client
-        except (aioredis.ConnectionError, aioredis.ResponseError, OSError, TimeoutError):
-            # refused until restarted, then LOADING while it reads its AOF
-            assert time.monotonic() < deadline + 30, "the pool did not restart its Redis"
+    await asyncio.sleep(0.2)  # not asking the killed server, in case it is not gone yet
+    left = deadline + 30 - time.monotonic()
+    restarted = "the pool restarted its Redis"
+    await wait_until(lambda: _answers(client), restarted, timeout=left, interval=0.2)
+    return client
+
+
+async def _answers(client: aioredis.Redis) -> bool:
+    try:
+        return bool(await client.ping())
+    except (aioredis.ConnectionError, aioredis.ResponseError, OSError, TimeoutError):
+        return False  # refused until restarted, then LOADING while it reads its AOF
 
 
 async def send(port: int, ledger: Ledger, ids: list[str], *, retry: bool) -> Replies:

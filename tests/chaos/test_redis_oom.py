@@ -55,6 +55,7 @@ async def send_batch(port: int, ledger: Ledger, ids: list[str], *, retry: bool) 
 
 async def settled_memory(client: aioredis.Redis, timeout: float = 5.0) -> int:
     """used_memory once client buffers are back under 1 MB."""
+    # a loop, not wait_until: past the timeout it returns its reading rather than failing
     deadline = time.monotonic() + timeout
     while True:
         memory = await client.info("memory")
