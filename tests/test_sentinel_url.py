@@ -80,7 +80,9 @@ def test_a_sentinel_url_names_the_sentinels_the_master_and_the_credentials(
         ("redis+sentinel://s1:26379,/m", "an empty Sentinel address"),
         ("redis+sentinel://:26379/m", "no host in ':26379'"),
         ("redis+sentinel://[::1/m", "Invalid IPv6 URL"),
-        ("redis+sentinel://[::1]x/m", "bad address '[::1]x'"),
+        # urllib itself refuses this one on CPython 3.11.2 (Debian 12), later releases
+        # leave it to us: either way one line naming the problem.
+        ("redis+sentinel://[::1]x/m", "bad address '[::1]x'|Invalid IPv6 URL"),
         ("redis+sentinel://s1/m?socket_timeout=1", "unknown option 'socket_timeout'"),
         ("redis+sentinel://s1/m?ssl_ca_certs=/ca.pem", "without TLS (rediss+sentinel://)"),
         ("redis+sentinel://s1/m#frag", "a '#' part"),
@@ -90,7 +92,7 @@ def test_a_bad_sentinel_url_is_one_line_naming_the_problem(url: str, problem: st
     with pytest.raises(ConfigError) as caught:
         configured(CommonConfig, ["--redis-url", url], {})
     message = str(caught.value)
-    assert problem in message and "\n" not in message
+    assert any(one in message for one in problem.split("|")) and "\n" not in message
     assert message.startswith("--redis-url 'redis+sentinel://")
 
 
