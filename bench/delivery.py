@@ -150,9 +150,9 @@ async def with_sendmail(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> None:
 async def with_own_transaction(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> None:
     await greet(smtp)  # once per connection: a no-op after the first message
     deadline = asyncio.get_running_loop().time() + SEND_TIMEOUT
-    result, _ = await transaction(smtp, message, message.recipients, deadline, SEND_TIMEOUT)
-    if not result.accepted:
-        raise SystemExit(f"rawtx: not accepted: {result}")
+    done = await transaction(smtp, message, message.recipients, deadline, SEND_TIMEOUT)
+    if not done.result.accepted:
+        raise SystemExit(f"rawtx: not accepted: {done.result}")
 
 
 async def run_baseline(

@@ -41,7 +41,12 @@ from bench.delivery import Result, SmtpSink, make_messages, run_worker, sink_and
 from tests.harness import RedisServer  # noqa: E402
 from workers.codec.build import BuiltMessage  # noqa: E402
 from workers.logs import configure_logging  # noqa: E402
-from workers.relay import SendResult, aiosmtplib_fence, dot_stuffed  # noqa: E402
+from workers.relay import (  # noqa: E402
+    SendResult,
+    TransactionResult,
+    aiosmtplib_fence,
+    dot_stuffed,
+)
 
 
 async def _mail_and_rcpts(smtp: aiosmtplib.SMTP, message: BuiltMessage, public: bool) -> None:
@@ -58,7 +63,7 @@ async def _mail_and_rcpts(smtp: aiosmtplib.SMTP, message: BuiltMessage, public: 
 
 Transaction = Callable[
     [aiosmtplib.SMTP, BuiltMessage, Sequence[str], float, float],
-    Awaitable[tuple[SendResult, bool]],
+    Awaitable[TransactionResult],
 ]
 
 
@@ -71,7 +76,7 @@ def transaction_variant(*, public_commands: bool, public_data: bool) -> Transact
         recipients: Sequence[str],
         deadline: float,
         data_timeout: float,
-    ) -> tuple[SendResult, bool]:
+    ) -> TransactionResult:
         async with asyncio.timeout_at(deadline):
             await _mail_and_rcpts(smtp, message, public_commands)
             if not public_data:
@@ -84,7 +89,8 @@ def transaction_variant(*, public_commands: bool, public_data: bool) -> Transact
         if reply.code != 250:
             raise SystemExit(f"the relay refused a benchmark message: {reply}")
         accepted = workers.relay.Reply(reply.code, reply.message)
-        return SendResult(accepted=list(recipients), accepted_reply=accepted), True
+        result = SendResult(accepted=list(recipients), accepted_reply=accepted)
+        return TransactionResult(result, reusable=True)
 
     return transaction
 

@@ -62,8 +62,18 @@ async def test_settlement_applies_once(redis: aioredis.Redis) -> None:
     entry_id = await enqueue(redis, send_message())
     await redis.xreadgroup("delivery", "a", {"email.send": ">"})
     outcomes = outcomes_for(redis)
-    retry = Settlement(entry_id, "m1", ["ann@example.com"], [], Retry(1e12, {"data": b"x"}), [])
-    dead = Settlement(entry_id, "m1", ["bob@example.com"], [{"data": b"x", "reason": "expired"}])
+    retry = Settlement(
+        entry_id=entry_id,
+        message_id="m1",
+        accepted=["ann@example.com"],
+        retry=Retry(due=1e12, fields={"data": b"x"}),
+    )
+    dead = Settlement(
+        entry_id=entry_id,
+        message_id="m1",
+        accepted=["bob@example.com"],
+        dead_letters=[{"data": b"x", "reason": "expired"}],
+    )
     assert await outcomes.settle([retry], now=1.0) == [True]
     assert await outcomes.settle([dead], now=2.0) == [False]
     assert await redis.xlen("email.send.dead") == 0
@@ -78,7 +88,11 @@ async def test_concurrent_promoters_move_each_retry_once(redis: aioredis.Redis) 
     for n in range(50):
         entry_id = await enqueue(redis, send_message())
         await redis.xreadgroup("delivery", "a", {"email.send": ">"}, count=1)
-        s = Settlement(entry_id, f"m{n}", [], [], Retry(10.0, {"data": b"x", "n": n}), [])
+        s = Settlement(
+            entry_id=entry_id,
+            message_id=f"m{n}",
+            retry=Retry(due=10.0, fields={"data": b"x", "n": n}),
+        )
         await outcomes[0].settle([s], now=1.0)
     before = await redis.xlen("email.send")
     moved = await asyncio.gather(*(o.promote_due(now=20.0, limit=7) for o in outcomes * 5))
@@ -98,7 +112,9 @@ async def test_settlement_survives_a_flushed_function_library(redis: aioredis.Re
     await redis.xreadgroup("delivery", "a", {"email.send": ">"})
     outcomes = outcomes_for(redis)
     await redis.function_flush()
-    assert await outcomes.settle([Settlement(entry_id, "m2", ["ann@example.com"])], 1.0) == [True]
+    assert await outcomes.settle(
+        [Settlement(entry_id=entry_id, message_id="m2", accepted=["ann@example.com"])], 1.0
+    ) == [True]
     assert await redis.hgetall("mailpool:sent:m2") == {b"ann@example.com": b"1.0"}
     assert (await redis.xpending("email.send", "delivery"))["pending"] == 0
 
@@ -115,9 +131,13 @@ async def test_settlements_after_an_idle_spell_survive_a_server_side_timeout(
     outcomes = outcomes_for(client)
     await client.config_set("timeout", 1)
     try:
-        assert await outcomes.settle([Settlement(ids[0], "idle0", ["ann@example.com"])], 1.0)
+        assert await outcomes.settle(
+            [Settlement(entry_id=ids[0], message_id="idle0", accepted=["ann@example.com"])], 1.0
+        )
         await asyncio.sleep(2.5)  # the server closes the idle settlement connection
-        assert await outcomes.settle([Settlement(ids[1], "idle1", ["ann@example.com"])], 2.0)
+        assert await outcomes.settle(
+            [Settlement(entry_id=ids[1], message_id="idle1", accepted=["ann@example.com"])], 2.0
+        )
         assert (await client.xpending("email.send", "delivery"))["pending"] == 0
     finally:
         await client.config_set("timeout", 0)

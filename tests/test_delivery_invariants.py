@@ -23,7 +23,7 @@ from tests.delivery_util import (
 )
 from tests.harness import wait_until
 from tests.sinks import RecordingSink
-from workers.streams.outcomes import Outcomes
+from workers.streams.outcomes import Outcomes, SentLookup
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ async def test_a_bug_while_taking_its_turn_gives_the_message_id_back(
     crashed: list[object] = []
 
     async def crash_once(self: Outcomes, wanted: Any) -> list[set[str]]:
-        if list(wanted) == [("turn", ["b@example.com"])] and not crashed:
+        if list(wanted) == [SentLookup("turn", ["b@example.com"])] and not crashed:
             crashed.append(wanted)
             raise RuntimeError("injected bug")
         return await real(self, wanted)

@@ -690,7 +690,7 @@ def _send_one(port: int) -> tuple[int, bytes]:
 
 
 async def test_delivery_settles_retries_and_promotes(as_role: Any, admin: redis.Redis) -> None:
-    from workers.streams.outcomes import Outcomes, Retry, Settlement
+    from workers.streams.outcomes import Outcomes, Retry, SentLookup, Settlement
 
     delivery = as_role("delivery")
     keys = StreamKeys()
@@ -706,7 +706,7 @@ async def test_delivery_settles_retries_and_promotes(as_role: Any, admin: redis.
         events=[{"event": "deferred"}],
     )
     assert await outcomes.settle([settled], now=time.time()) == [True]  # EVALSHA after load
-    assert await outcomes.already_sent([("m2", ["a@example.org", "b@example.org"])]) == [
+    assert await outcomes.already_sent([SentLookup("m2", ["a@example.org", "b@example.org"])]) == [
         {"a@example.org"}
     ]
     # Due: our retry and the fixture's schedule member "1-0" (no payload: dropped).
@@ -898,7 +898,10 @@ async def the_settler_and_promoter_say_what_to_run(acl_server: RedisServer) -> N
     outcomes = Outcomes(delivery, StreamKeys(), group="delivery",
                         sent_ttl=60, events_maxlen=1000)  # fmt: skip
     try:
-        for attempt in (outcomes.settle([Settlement("1-0", "m")], 1.0), outcomes.promote_due(1.0)):
+        for attempt in (
+            outcomes.settle([Settlement(entry_id="1-0", message_id="m")], 1.0),
+            outcomes.promote_due(1.0),
+        ):
             with pytest.raises(functions.FunctionsNotLoaded, match="run `mailpool redis-setup`"):
                 await attempt
     finally:

@@ -103,7 +103,9 @@ async def test_a_settlement_the_replica_did_not_confirm_counts_as_not_applied(
         client, StreamKeys(), group="delivery", sent_ttl=60, events_maxlen=100,
         min_replicas=1, replica_timeout=0.3,
     )  # fmt: skip
-    settlement = Settlement(entry_id, "unconfirmed", accepted=["ann@example.com"])
+    settlement = Settlement(
+        entry_id=entry_id, message_id="unconfirmed", accepted=["ann@example.com"]
+    )
     try:
         with redis_stalled(sentinels.replicas()[0]):
             (stalled,) = await outcomes.settle([settlement], time.time())

@@ -38,7 +38,7 @@ def settlement_for(n: int, entry_id: str) -> Settlement:
     (built as delivery builds them, so the chaos suite's schema check holds)."""
     now = time.time()
     ref = MessageRef(message_id=f"m{n}", source_id=entry_id or "1-0", data=b"x")
-    s = Settlement(entry_id, ref.message_id, accepted=[f"r{n}@example.com"])
+    s = Settlement(entry_id=entry_id, message_id=ref.message_id, accepted=[f"r{n}@example.com"])
     s.events.append(event("delivered", ref, [f"r{n}@example.com"], Reply(250, "ok"), now))
     if n % 5 == 0:
         dead = [f"d{n}@example.com"]

@@ -68,7 +68,7 @@ def prepare(
     while pending: acknowledged; unreadable or invalid: a dead letter)."""
     if entry.fields is None:
         log.error("entry_trimmed_while_pending", entry=entry.id, stream=config.send_stream)
-        return oc.Settlement(entry.id, entry.id)
+        return oc.Settlement(entry_id=entry.id, message_id=entry.id)
     job: Job | None = None
     try:
         job = Job.from_entry(entry, entry.fields)
@@ -99,7 +99,9 @@ async def accepted_before(outcomes: oc.Outcomes, batch: list[Prepared]) -> list[
     """
     fresh = [p.job.deliveries == 1 and p.ref.message_id == p.job.entry_id for p in batch]
     wanted = [
-        (p.ref.message_id, p.recipients) for p, new in zip(batch, fresh, strict=True) if not new
+        oc.SentLookup(p.ref.message_id, p.recipients)
+        for p, new in zip(batch, fresh, strict=True)
+        if not new
     ]
     looked_up = iter(await outcomes.already_sent(wanted))
     return [set() if new else next(looked_up) for new in fresh]
@@ -108,7 +110,7 @@ async def accepted_before(outcomes: oc.Outcomes, batch: list[Prepared]) -> list[
 def nothing_left(p: Prepared) -> oc.Settlement:
     """Every recipient was accepted before (a duplicate, or a redelivery after a crash
     between the relay's reply and its record): the entry is only acknowledged."""
-    return oc.Settlement(p.job.entry_id, p.ref.message_id)
+    return oc.Settlement(entry_id=p.job.entry_id, message_id=p.ref.message_id)
 
 
 def settle_attempt(
@@ -116,7 +118,9 @@ def settle_attempt(
 ) -> oc.Settlement:
     """What one attempt's per-recipient answer means: records, dead letters, retry, events."""
     now = time.time()
-    s = oc.Settlement(p.job.entry_id, p.ref.message_id, accepted=list(result.accepted))
+    s = oc.Settlement(
+        entry_id=p.job.entry_id, message_id=p.ref.message_id, accepted=list(result.accepted)
+    )
     if result.accepted:
         s.events.append(
             layout.event("delivered", p.ref, result.accepted, result.accepted_reply, now)
@@ -158,7 +162,7 @@ def _add_retry(
         data=p.job.data, message_id=p.ref.message_id, source_id=p.ref.source_id,
         attempts=when.attempts, first_attempt=when.first_attempt, recipients=recipients,
     )  # fmt: skip
-    s.retry = oc.Retry(due, retry)
+    s.retry = oc.Retry(due=due, fields=retry)
     reply = oc.first_reply(deferred)
     s.events.append(layout.event("deferred", p.ref, recipients, reply, when.now, next_attempt=due))
     DELIVERY_DEFERRED.inc()
@@ -200,7 +204,9 @@ def poison(p: Prepared, recipients: list[str]) -> oc.Settlement:
     )  # fmt: skip
     failed = layout.event("failed", p.ref, recipients, None, now)
     DELIVERY_DEAD.inc()
-    return oc.Settlement(p.job.entry_id, p.ref.message_id, [], [dead], None, [failed])
+    return oc.Settlement(
+        entry_id=p.job.entry_id, message_id=p.ref.message_id, dead_letters=[dead], events=[failed]
+    )
 
 
 def invalid(entry: StreamEntry, job: Job | None, exc: Exception) -> oc.Settlement:
@@ -219,7 +225,9 @@ def invalid(entry: StreamEntry, job: Job | None, exc: Exception) -> oc.Settlemen
     )  # fmt: skip
     failed = layout.event("failed", ref, recipients, None, now)
     DELIVERY_DEAD.inc()
-    return oc.Settlement(entry.id, ref.message_id, [], [dead], None, [failed])
+    return oc.Settlement(
+        entry_id=entry.id, message_id=ref.message_id, dead_letters=[dead], events=[failed]
+    )
 
 
 def _recipients_hint(data: bytes) -> list[str]:

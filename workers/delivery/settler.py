@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 from redis.exceptions import RedisError
@@ -18,6 +19,14 @@ log = structlog.get_logger("mailpool.delivery")
 REDIS_BACKOFF_CAP = 5.0
 
 Settled = Callable[[oc.Settlement], None]  # called once Redis has applied the settlement
+
+
+@dataclass(slots=True)  # not frozen: one per message (frozen __init__ costs 2x)
+class Queued:
+    """A settlement waiting for its round trip, and whom to tell once it is applied."""
+
+    settlement: oc.Settlement
+    settled: Settled
 
 
 class SettlerCrashed(Unavailable):
@@ -43,7 +52,7 @@ class Settler:
         # is acknowledged would send every message again after a claim, so it must stop.
         self._on_crash = on_crash
         self.crashed = False
-        self._queue: list[tuple[oc.Settlement, Settled]] = []
+        self._queue: list[Queued] = []
         self._wake = asyncio.Event()
         self._closing = False
         self._applying = 0  # settlements in the round trip under way
@@ -53,7 +62,7 @@ class Settler:
         self._task = asyncio.create_task(self._run(), name="settler")
 
     def submit(self, settlement: oc.Settlement, settled: Settled) -> None:
-        self._queue.append((settlement, settled))
+        self._queue.append(Queued(settlement, settled))
         self._wake.set()
 
     async def _run(self) -> None:
@@ -79,7 +88,7 @@ class Settler:
             await self._apply(batch)
             self._applying = 0
 
-    async def _apply(self, batch: list[tuple[oc.Settlement, Settled]]) -> None:
+    async def _apply(self, batch: list[Queued]) -> None:
         """Apply a batch; retry what failed (Redis away, out of memory) until it is applied.
 
         An outcome is never dropped: the recipients it records were really sent, and an
@@ -89,16 +98,16 @@ class Settler:
         while batch:
             try:
                 results: list[bool | RedisError] = list(
-                    await self.outcomes.settle([s for s, _ in batch], time.time())
+                    await self.outcomes.settle([q.settlement for q in batch], time.time())
                 )
             except (RedisError, OSError) as exc:
                 results = [RedisError(str(exc))] * len(batch)
             failed = []
-            for (settlement, settled), result in zip(batch, results, strict=True):
+            for queued, result in zip(batch, results, strict=True):
                 if isinstance(result, RedisError):
-                    failed.append((settlement, settled))
+                    failed.append(queued)
                 else:
-                    settled(settlement)
+                    queued.settled(queued.settlement)
             if failed:
                 errors = {str(r) for r in results if isinstance(r, RedisError)}
                 log.warning("settle_retry", errors=sorted(errors)[:3], settlements=len(failed))

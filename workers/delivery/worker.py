@@ -196,7 +196,8 @@ class DeliveryWorker:
         the recipients that one did not reach ([] when there is nothing left to do)."""
         await held.wait_for_id()
         try:
-            [already] = await self.outcomes.already_sent([(held.message_id, held.recipients)])
+            lookup = oc.SentLookup(held.message_id, held.recipients)
+            [already] = await self.outcomes.already_sent([lookup])
         except (RedisError, OSError) as exc:
             log.warning("idempotency_check_failed", error=str(exc))
             return []

@@ -78,6 +78,15 @@ class SendResult:
             target[rcpt] = reply
 
 
+@dataclass(slots=True)  # not frozen: one per message (frozen __init__ costs 2x)
+class TransactionResult:
+    """What :func:`transaction` returns: the per-recipient result, and whether the
+    connection may carry the next transaction (else it is closed)."""
+
+    result: SendResult
+    reusable: bool
+
+
 class Transport(Protocol):
     async def send(self, message: BuiltMessage, recipients: Sequence[str]) -> SendResult: ...
 
@@ -146,14 +155,14 @@ class SmtpPool:
                 log.warning("relay_connect_failed", host=self.settings.host, error=str(exc))
                 return result
             try:
-                result, healthy = await transaction(
+                done = await transaction(
                     connection.smtp, message, recipients, deadline, self.settings.data_timeout
                 )
             except BaseException:  # cancelled at shutdown: the connection is mid-transaction
                 connection.smtp.close()
                 raise
-            self._release(connection, healthy)
-            return result
+            self._release(connection, done.reusable)
+            return done.result
 
     async def _acquire(self) -> _Connection:
         while self._idle:
@@ -260,8 +269,8 @@ async def transaction(
     recipients: Sequence[str],
     deadline: float,
     data_timeout: float,
-) -> tuple[SendResult, bool]:
-    """One MAIL/RCPT/DATA transaction; returns the result and whether the connection is fit.
+) -> TransactionResult:
+    """One MAIL/RCPT/DATA transaction: the result and whether the connection is fit.
 
     Everything up to the final dot runs by ``deadline`` (event loop time); the reply to the
     dot gets ``data_timeout`` of its own, from the moment the dot left.  Commands go through
@@ -274,7 +283,7 @@ async def transaction(
     if message.smtputf8 and not smtp.supports_extension("smtputf8"):
         # A property of the relay, not a passing fault: retrying would not help.
         result.rejected = dict.fromkeys(recipients, Reply(None, "relay does not offer SMTPUTF8"))
-        return result, True
+        return TransactionResult(result, reusable=True)
     encoding = "utf-8" if message.smtputf8 else "ascii"
     accepted: list[str] = []  # recipients the relay accepted in this transaction
     index = 0  # recipients[index:] have no answer of their own yet
@@ -299,34 +308,35 @@ async def transaction(
                     result.refuse([rcpt], relay_reply(reply.code, reply.message))
             index = len(recipients)
             if not accepted:
-                return result, await _reset(smtp, deadline)
+                return TransactionResult(result, reusable=await _reset(smtp, deadline))
             await _send_data(smtp, message.data)
         reply = await _final_reply(smtp, data_timeout)
     except aiosmtplib.SMTPResponseException as exc:
         result.refuse(accepted + list(recipients[index:]), _reply_of(exc))
         fit = exc.code in SMTP_CODES and exc.code != 421 and smtp.is_connected
-        return result, fit and await _reset(smtp, deadline)
+        return TransactionResult(result, reusable=fit and await _reset(smtp, deadline))
     except ValueError as exc:  # the sender: aiosmtplib will not put it on a command line
         result.rejected.update(dict.fromkeys(recipients, Reply(None, f"unsendable address: {exc}")))
-        return result, False
+        return TransactionResult(result, reusable=False)
     except CONNECTION_ERRORS as exc:
         # The connection failed: those accepted and those not yet asked are tried again.
         result.refuse(accepted + list(recipients[index:]), _reply_of(exc))
-        return result, False
+        return TransactionResult(result, reusable=False)
     return _ended(smtp, result, accepted, reply)
 
 
 def _ended(
     smtp: aiosmtplib.SMTP, result: SendResult, accepted: list[str], reply: aiosmtplib.SMTPResponse
-) -> tuple[SendResult, bool]:
+) -> TransactionResult:
     """The outcome of the reply to the final dot.  Whatever it says, the transaction is over
     (RFC 5321 section 4.1.1.4): the connection needs no RSET to be used again."""
     if reply.code != 250:
         result.refuse(accepted, relay_reply(reply.code, reply.message))
-        return result, reply.code in SMTP_CODES and reply.code != 421 and smtp.is_connected
+        fit = reply.code in SMTP_CODES and reply.code != 421 and smtp.is_connected
+        return TransactionResult(result, reusable=fit)
     result.accepted = accepted
     result.accepted_reply = Reply(reply.code, reply.message)
-    return result, True
+    return TransactionResult(result, reusable=True)
 
 
 async def _send_data(smtp: aiosmtplib.SMTP, data: bytes) -> None:

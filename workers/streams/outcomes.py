@@ -53,9 +53,10 @@ class Retry:
     fields: Mapping[str, str | bytes | int | float]  # the retry entry (layout.retry_entry)
 
 
-@dataclass
+@dataclass(slots=True, kw_only=True)  # not frozen: one per message (frozen __init__ costs 2x)
 class Settlement:
-    """Everything that happens to one read entry once its fate is known."""
+    """Everything that happens to one read entry once its fate is known (built with keyword
+    arguments only: five of its six fields are lists or optional and easy to swap)."""
 
     entry_id: str
     message_id: str
@@ -63,6 +64,15 @@ class Settlement:
     dead_letters: list[Fields] = field(default_factory=list)  # layout.dead_letter
     retry: Retry | None = None
     events: list[Fields] = field(default_factory=list)  # layout.event
+
+
+@dataclass(slots=True)  # not frozen: one per message looked up
+class SentLookup:
+    """One message's question to :meth:`Outcomes.already_sent`: which of these recipients
+    did a relay accept already?"""
+
+    message_id: str
+    recipients: Sequence[str]
 
 
 def _pairs(fields: Mapping[str, str | bytes | int | float]) -> list[str | bytes | int]:
@@ -104,17 +114,17 @@ class Outcomes:
         self.min_replicas = min_replicas
         self.replica_timeout_ms = max(1, round(replica_timeout * 1000))
 
-    async def already_sent(self, wanted: Sequence[tuple[str, Sequence[str]]]) -> list[set[str]]:
-        """For each (message id, recipients): the recipients already accepted by a relay."""
+    async def already_sent(self, wanted: Sequence[SentLookup]) -> list[set[str]]:
+        """For each lookup: the recipients among its own already accepted by a relay."""
         if not wanted:
             return []
         pipe = self.redis.pipeline(transaction=False)
-        for message_id, recipients in wanted:
-            pipe.hmget(self.keys.sent(message_id), list(recipients))
+        for lookup in wanted:
+            pipe.hmget(self.keys.sent(lookup.message_id), list(lookup.recipients))
         replies = await pipe.execute()
         return [
-            {rcpt for rcpt, mark in zip(recipients, marks, strict=True) if mark is not None}
-            for (_, recipients), marks in zip(wanted, replies, strict=True)
+            {rcpt for rcpt, mark in zip(lookup.recipients, marks, strict=True) if mark is not None}
+            for lookup, marks in zip(wanted, replies, strict=True)
         ]
 
     async def settle(
