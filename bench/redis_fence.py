@@ -52,7 +52,7 @@ async def settle_with_pipeline(
     now_text = repr(now)
     pipe = self.redis.pipeline(transaction=False)
     for settlement in settlements:
-        pipe.execute_command(*self._settle_command(settlement, now_text))
+        pipe.execute_command(*self.settle_command(settlement, now_text))
     replies = await pipe.execute(raise_on_error=False)
     return [r if isinstance(r, ResponseError) else bool(r) for r in replies]
 
@@ -63,7 +63,7 @@ async def settle_packed_by_redis_py(
     """As now, packed by the connection's own packer instead of hiredis directly."""
     now_text = repr(now)
     async with redis_fence.borrowed(self.redis.connection_pool) as connection:
-        packed = connection.pack_commands([self._settle_command(s, now_text) for s in settlements])
+        packed = connection.pack_commands([self.settle_command(s, now_text) for s in settlements])
         await connection.send_packed_command(packed)
         return await read_replies(connection, len(settlements))
 
@@ -86,15 +86,17 @@ VARIANTS = {
 
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
+    """The worker's settlements sent by variant ``name`` (Outcomes.settle_batch is the
+    documented seam for that; the worker builds its own Outcomes, so the class's is swapped)."""
     if name == "current":
         yield
         return
-    original = outcomes.Outcomes._settle_batch
-    outcomes.Outcomes._settle_batch = VARIANTS[name]  # type: ignore[method-assign]
+    original = outcomes.Outcomes.settle_batch
+    outcomes.Outcomes.settle_batch = VARIANTS[name]  # type: ignore[method-assign]
     try:
         yield
     finally:
-        outcomes.Outcomes._settle_batch = original  # type: ignore[method-assign]
+        outcomes.Outcomes.settle_batch = original  # type: ignore[method-assign]
 
 
 async def one_round(

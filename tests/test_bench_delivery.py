@@ -1,7 +1,7 @@
 """The delivery benchmarks run: each side of bench/delivery.py (raw ``sendmail``, the relay's
-own transaction, the worker) and every variant of bench/relay_fence.py send a few messages
-into smtp-sink, so a change of the relay's API breaks the test suite, not the next
-benchmark run."""
+own transaction, the worker) and every variant of bench/relay_fence.py and
+bench/redis_fence.py send a few messages into smtp-sink, so a change of the relay's or the
+outcomes' API breaks the test suite, not the next benchmark run."""
 
 from __future__ import annotations
 
@@ -33,3 +33,10 @@ def test_every_variant_of_the_relay_fence_benchmark_runs() -> None:
     out = run_bench("relay_fence.py", "-n", "50", "--rounds", "1")
     for variant in ("copy", "data", "commands"):
         assert f"median {variant}/current:" in out, out
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("variant", ["pipeline", "packer"])
+def test_every_variant_of_the_redis_fence_benchmark_runs(variant: str) -> None:
+    out = run_bench("redis_fence.py", "-n", "50", "--rounds", "1", "--variant", variant)
+    assert f"median {variant}/current:" in out, out

@@ -139,20 +139,22 @@ class Outcomes:
         """
         if not settlements:
             return []
-        results = await self._settle_batch(settlements, now)
+        results = await self.settle_batch(settlements, now)
         missing = [
             i for i, r in enumerate(results)
             if isinstance(r, ResponseError) and functions.is_function_missing(r)
         ]  # fmt: skip
         if missing:  # the library is gone (FUNCTION FLUSH, Redis lost its data): load, redo
             await functions.ensure_library(self.redis)
-            redone = await self._settle_batch([settlements[i] for i in missing], now)
+            redone = await self.settle_batch([settlements[i] for i in missing], now)
             for i, result in zip(missing, redone, strict=True):
                 results[i] = result
         return results
 
-    def _settle_command(self, s: Settlement, now: str) -> list[str | bytes | int]:
-        """FCALL of the settle function for one settlement (floats already written as text)."""
+    def settle_command(self, s: Settlement, now: str) -> list[str | bytes | int]:
+        """FCALL of the settle function for one settlement; ``now`` is ``repr(time)``, written
+        once per batch.  Public so that other ways of sending the batch can be measured
+        (bench/redis_fence.py)."""
         keys = self.keys
         command: list[str | bytes | int] = [
             "FCALL", functions.SETTLE, 6, keys.send, keys.dead, keys.events,
@@ -168,16 +170,20 @@ class Outcomes:
             command += _section(functions.SECTION_EVENT, event)
         return command
 
-    async def _settle_batch(
+    async def settle_batch(
         self, settlements: Sequence[Settlement], now: float
     ) -> list[bool | RedisError]:
-        """FCALL per settlement, all written at once on one connection, packed by hiredis.
+        """FCALL per settlement, all written at once on one connection, packed by hiredis;
+        one result per settlement, as :meth:`settle` returns them (without its reload of a
+        missing library).
 
         This is the per-message hot path: redis-py's pipeline costs 10% more CPU per
-        message (figures in :mod:`workers.streams.redis_fence`).
+        message (figures in :mod:`workers.streams.redis_fence`).  It is the seam where
+        bench/redis_fence.py puts its variants (a subclass or a swapped method, built from
+        :meth:`settle_command`).
         """
         now_text = repr(now)
-        packed = b"".join(pack_command(self._settle_command(s, now_text)) for s in settlements)
+        packed = b"".join(pack_command(self.settle_command(s, now_text)) for s in settlements)
         if self.min_replicas:
             packed += pack_command(["WAIT", self.min_replicas, self.replica_timeout_ms])
         async with redis_fence.borrowed(self.redis.connection_pool) as connection:
