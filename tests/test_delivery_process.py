@@ -19,6 +19,7 @@ from tests.delivery_util import (
     enqueue,
     events,
     make_config,
+    received_at_least,
     running_worker,
     send_message,
     settled,
@@ -100,7 +101,7 @@ async def test_kill_9_mid_batch_loses_nothing(
     first = worker_process(redis_url, sink.url, "--concurrency", "5", consumer="doomed",
                            log=tmp_path / "w.log")  # fmt: skip
     try:
-        await wait_until(lambda: _received_at_least(sink, 10), timeout=20)
+        await wait_until(lambda: received_at_least(sink, 10), timeout=20)
         first.kill()  # kill -9 with sends in flight and entries read but not started
         first.wait(timeout=5)
     finally:
@@ -117,10 +118,6 @@ async def test_kill_9_mid_batch_loses_nothing(
     duplicates = sum(c - 1 for c in counts.values())
     assert duplicates <= 5  # at most the sends in flight at the kill
     assert await redis.xlen("email.send.dead") == 0
-
-
-async def _received_at_least(sink: RecordingSink, count: int) -> bool:
-    return len(sink.received) >= count
 
 
 @pytest.mark.slow
