@@ -246,7 +246,7 @@ SEND_TIMED_OUT = "TimeoutError: no final dot within --smtp-timeout (all replies 
 
 def _reply_of(exc: BaseException) -> Reply:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return relay_reply(exc.code, exc.message)
+        return relay_reply(aiosmtplib_fence.response_code(exc), exc.message)
     if isinstance(exc, TimeoutError) and not str(exc):
         return Reply(None, SEND_TIMED_OUT)
     return Reply(None, f"{type(exc).__name__}: {exc}")
@@ -313,7 +313,8 @@ async def transaction(
         reply = await _final_reply(smtp, data_timeout)
     except aiosmtplib.SMTPResponseException as exc:
         result.refuse(accepted + list(recipients[index:]), _reply_of(exc))
-        fit = exc.code in SMTP_CODES and exc.code != 421 and smtp.is_connected
+        code = aiosmtplib_fence.response_code(exc)
+        fit = code in SMTP_CODES and code != 421 and smtp.is_connected
         return TransactionResult(result, reusable=fit and await _reset(smtp, deadline))
     except ValueError as exc:  # the sender: aiosmtplib will not put it on a command line
         result.rejected.update(dict.fromkeys(recipients, Reply(None, f"unsendable address: {exc}")))

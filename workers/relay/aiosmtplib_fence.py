@@ -16,23 +16,42 @@ and for the reply to the final dot with one timeout, where RFC 5321 (section 4.5
 gives the transfer to the command budget (``--smtp-timeout``) and the reply to the dot a
 budget of its own (``--smtp-data-timeout``) that starts when the dot has left.
 
-And one behaviour the relay client reads replies by: a reply aiosmtplib could not read (a
-line over its 8192-octet limit, a line that does not start with three digits) is raised as
-``SMTPResponseException`` with code -1 (``SMTPStatus.invalid_response``), a code no relay
-sent; :func:`is_unreadable_reply` tells it apart, so that the relay client reports it as a
-local failure and never as the relay's reply (test_delivery_unreadable_reply,
-test_internals_aiosmtplib::test_an_unreadable_reply_has_the_fences_code).
+And one behaviour the relay client reads replies by: a reply aiosmtplib could not read is
+raised as ``SMTPResponseException`` with a code no relay sent.  5.1.3 gives -1
+(``SMTPStatus.invalid_response``) to a line over its 8192-octet limit and to a line that
+does not start with three digits; 5.0.0 gives -1 to the second but
+``SMTPStatus.unrecognized_command`` (500, an enum member, where a relay's code is a plain
+int) with "Response too long" to the first.  :func:`response_code` turns both into
+:data:`UNREADABLE_REPLY_CODE` and every code into a plain int, and
+:func:`is_unreadable_reply` tells it apart, so that the relay client reports an unreadable
+reply as a local failure and never as the relay's (on 5.0.0 a line too long was a permanent
+500, and the enum member stopped the settler: hiredis packs no enum), and a relay's own 500
+stays a 500 (test_delivery_unreadable_reply,
+test_internals_aiosmtplib::test_an_unreadable_reply_has_the_fences_code,
+::test_a_relays_own_500_keeps_its_code).
 """
 
 from __future__ import annotations
 
 import aiosmtplib
+from aiosmtplib import SMTPStatus
 from aiosmtplib.protocol import SMTPProtocol
 
 CHECKED_RELEASES = ">=5.0.0,<=5.1.3"
 # aiosmtplib 5.0.0-5.1.3 (protocol.py, data_received and _read_response_from_buffer): the
-# code of an SMTPResponseException for a reply it could not read.
+# code of an SMTPResponseException for a reply it could not read (5.0.0: see response_code).
 UNREADABLE_REPLY_CODE = -1
+# 5.0.0's code and text for a reply line over 8192 octets (5.1.3 gives -1).
+_TOO_LONG_5_0 = (SMTPStatus.unrecognized_command, "Response too long")
+
+
+def response_code(exc: aiosmtplib.SMTPResponseException) -> int:
+    """The code of a reply aiosmtplib raised, a plain int; :data:`UNREADABLE_REPLY_CODE`
+    for a reply it could not read, on every release checked."""
+    made_up = isinstance(exc.code, SMTPStatus)  # a relay's code is parsed: a plain int
+    if made_up and (exc.code, exc.message) == _TOO_LONG_5_0:
+        return UNREADABLE_REPLY_CODE
+    return int(exc.code)
 
 
 def is_unreadable_reply(code: int) -> bool:
