@@ -45,7 +45,7 @@ def queued(held: HeldEntries, entry_id: str, message_id: str = "m") -> HeldEntry
 
 
 def settled_by_redis(entry: HeldEntry) -> None:
-    entry.settled(Settlement(entry.entry_id, entry.message_id))
+    entry.settled(Settlement(entry_id=entry.entry_id, message_id=entry.message_id))
 
 
 def not_stopped() -> bool:
@@ -96,7 +96,7 @@ def _hand_back(entry: HeldEntry) -> None:
 
 
 def _settled_with_another_entrys_outcome(entry: HeldEntry) -> None:
-    entry.settled(Settlement("9-9", "m"))
+    entry.settled(Settlement(entry_id="9-9", message_id="m"))
 
 
 Step = Callable[[HeldEntry], None]
@@ -179,6 +179,48 @@ async def test_an_entry_settled_without_a_send_gives_its_id_back_at_once() -> No
     assert second.holds_id
     second.settle()  # nothing left to send after its turn
     assert held.id_holder("m") is None
+
+
+async def test_an_id_let_go_goes_to_the_entry_waiting_for_it_not_to_a_newcomer() -> None:
+    """The id passes to the waiter before its lane resumes: an entry with that id prepared
+    in between waits in line.  (It used to take the id: the waiter waited for ever, and with
+    --concurrency 1 the only lane with it while the newcomer sat behind it in the queue.)"""
+    held = HeldEntries(concurrency=1, stopped=not_stopped)
+    sending, waiting = queued(held, "1-0"), queued(held, "2-0")
+    sending.start_sending(sending.recipients)
+    sending.settle()
+    turn = asyncio.create_task(waiting.wait_for_id())
+    await asyncio.sleep(0)
+    settled_by_redis(sending)
+    newcomer = queued(held, "3-0")  # the same loop turn: the waiter has not resumed yet
+    assert held.id_holder("m") is waiting and not newcomer.holds_id
+    await asyncio.wait_for(turn, 1)
+    waiting.start_sending(waiting.recipients)
+    newcomers_turn = asyncio.create_task(newcomer.wait_for_id())
+    waiting.settle()
+    settled_by_redis(waiting)
+    await asyncio.wait_for(newcomers_turn, 1)
+    assert held.id_holder("m") is newcomer
+
+
+async def test_entries_take_an_id_in_the_order_they_waited_and_a_cancelled_wait_is_skipped() -> (
+    None
+):
+    held = HeldEntries(concurrency=4, stopped=not_stopped)
+    holder = queued(held, "1-0")
+    first, cancelled, last = queued(held, "2-0"), queued(held, "3-0"), queued(held, "4-0")
+    turns = {e: asyncio.create_task(e.wait_for_id()) for e in (first, cancelled, last)}
+    await asyncio.sleep(0)
+    turns[cancelled].cancel()  # the stop: its lane hands it back
+    holder.hand_back()
+    assert held.id_holder("m") is first
+    cancelled.hand_back()  # still in line, so it never held the id: nothing passes on
+    assert held.id_holder("m") is first and not turns[last].done()
+    first.settle()  # nothing left to send
+    assert held.id_holder("m") is last
+    await asyncio.wait_for(turns[last], 1)
+    last.hand_back()
+    assert held.id_holder("m") is None and turns[cancelled].cancelled()
 
 
 def test_at_the_stop_every_entry_is_settled_settling_or_handed_back() -> None:

@@ -74,6 +74,28 @@ async def test_one_message_id_is_sent_by_one_lane_at_a_time(
     assert any(o.overlaps(s) for o in others for s in same)  # the lanes did run side by side
 
 
+async def test_one_lane_sends_many_entries_with_one_id_in_turn(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """--concurrency 1 and twenty entries with one id: each entry after the first waits for
+    its id while the reader prepares the next one, often in the loop turn the settler lets
+    the id go.  Every one reaches the relay in turn; none is left waiting for an id that a
+    later entry took (the only lane would wait for ever, that entry queued behind it)."""
+    sink = TimedSink(stall_data=0.02)
+    sink.start()
+    recipients = [f"r{n:02}@example.com" for n in range(20)]
+    try:
+        for rcpt in recipients:
+            await enqueue(redis, send_message([rcpt], message_id="one"))
+        config = make_config(redis_url, sink.url, concurrency=1)
+        await run_until_settled(redis, config, timeout=10)
+    finally:
+        sink.stop()
+    spans = sorted(sink.spans, key=lambda s: s.began)
+    assert [s.recipients[0] for s in spans] == recipients
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(spans, 2))
+
+
 async def test_at_most_twice_the_concurrency_is_in_hand(
     redis: aioredis.Redis, redis_url: str
 ) -> None:

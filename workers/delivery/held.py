@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 
 from workers.delivery.attempt import Job, Prepared
@@ -126,7 +127,7 @@ class HeldEntry:
         self._move(State.QUEUED)
 
     async def wait_for_id(self) -> None:
-        """Wait until no other entry here holds the message id, then take it."""
+        """Take the message id, or wait in line until the entries before it let it go."""
         self._move(State.WAITING_FOR_ID)
         await self._held.take_id(self)
 
@@ -169,7 +170,9 @@ class HeldEntries:
         self._stopped = stopped
         self._entries: dict[str, HeldEntry] = {}
         self._id_holders: dict[str, HeldEntry] = {}  # message id -> the entry sending it
-        self._id_freed: dict[str, asyncio.Event] = {}  # message id -> set when let go
+        # message id -> the entries waiting for it, first come first: the holder hands the
+        # id to the first one directly, so an entry prepared meanwhile cannot take it.
+        self._id_waiters: dict[str, deque[_Turn]] = {}
         # Entry ids settled since the current read was sent: that read's reply may still
         # list them (Redis answered it before the settlement's XACK, on another connection).
         self._settled_since_read: set[str] = set()
@@ -198,13 +201,17 @@ class HeldEntries:
         return self._id_holders.get(message_id)
 
     async def take_id(self, entry: HeldEntry) -> None:
+        """Take the message id now if nobody holds it, else wait in line for it: each
+        holder hands it to the first waiter (:meth:`_give_back_id`)."""
         message_id = entry.message_id
-        while message_id in self._id_holders:
-            freed = self._id_freed.get(message_id)
-            if freed is None:
-                freed = self._id_freed[message_id] = asyncio.Event()
-            await freed.wait()
-        self._id_holders[message_id] = entry
+        if message_id not in self._id_holders:
+            self._id_holders[message_id] = entry
+            return
+        turn = _Turn(entry)
+        self._id_waiters.setdefault(message_id, deque()).append(turn)
+        # Cancelled (the stop) while in line: the turn stays in line, cancelled, and is
+        # skipped.  Cancelled once given: the lane hands the entry back, which passes it on.
+        await turn.given
 
     # --- reading -------------------------------------------------------------------------
     def read_started(self) -> None:
@@ -257,6 +264,7 @@ class HeldEntries:
         """Bookkeeping after ``entry`` moved on from ``was``: message ids, counts, wake-ups."""
         now = entry.state
         if now is State.PREPARED and entry.message_id not in self._id_holders:
+            # No holder means no waiters either: a holder hands its id to the first waiter.
             self._id_holders[entry.message_id] = entry
         elif now is State.SETTLING and was is not State.SENDING:
             self._give_back_id(entry)
@@ -285,7 +293,26 @@ class HeldEntries:
         if not entry.was_prepared:
             return  # never prepared: it never had a message id
         message_id = entry.message_id
-        if self._id_holders.get(message_id) is entry:
+        if self._id_holders.get(message_id) is not entry:
+            return
+        waiters = self._id_waiters.get(message_id)
+        while waiters:
+            turn = waiters.popleft()
+            if not turn.given.cancelled():
+                self._id_holders[message_id] = turn.entry  # before it wakes: nobody cuts in
+                turn.given.set_result(None)
+                break
+        else:
             del self._id_holders[message_id]
-            if (freed := self._id_freed.pop(message_id, None)) is not None:
-                freed.set()
+        if waiters is not None and not waiters:
+            del self._id_waiters[message_id]
+
+
+class _Turn:
+    """An entry in line for a message id; ``given`` is done once the id is its own."""
+
+    __slots__ = ("entry", "given")
+
+    def __init__(self, entry: HeldEntry) -> None:
+        self.entry = entry
+        self.given: asyncio.Future[None] = asyncio.get_running_loop().create_future()
