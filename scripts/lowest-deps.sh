@@ -22,6 +22,7 @@ TESTS=(
   tests/test_delivery_idempotency.py
   tests/test_delivery_process.py
   tests/test_delivery_tls_auth.py
+  tests/test_delivery_unreadable_reply.py
   tests/test_ingest_*.py
   tests/test_listen_*.py
   tests/test_sentinel_roles.py
