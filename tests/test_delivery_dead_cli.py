@@ -155,3 +155,21 @@ async def test_a_field_mailpool_does_not_know_is_shown_where_it_is_stored(
     shown = dead(redis_url, "show", dead_id)
     assert shown.returncode == 0
     assert "reason: expired\nticket: OPS-42\nattempts: 3\n" in shown.stdout
+
+
+async def test_a_dead_letter_whose_recipients_do_not_parse_is_named_and_the_rest_replayed(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """A letter written by something else with a mangled recipients field is one line, not
+    a traceback; the other letters are still replayed and the exit status says one failed."""
+    mangled = await redis.xadd(
+        "email.send.dead",
+        {"data": pack(send_message()), "reason": "expired", "recipients": "not json"},
+    )
+    await redis.xadd("email.send.dead", {"data": pack(send_message()), "reason": "expired"})
+    result = dead(redis_url, "replay", "--all")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    [named] = [line for line in result.stderr.splitlines() if mangled.decode() in line]
+    assert "recipients" in named
+    assert await redis.xlen("email.send") == 1  # the other letter

@@ -182,7 +182,9 @@ async def replay_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfi
             print(f"{entry_id}: not replayed (invalid: the same data would fail again)",
                   file=sys.stderr)  # fmt: skip
             skipped += 1
-        elif (new_id := await outcomes.replay(entry_id, letter.replay_entry())) is None:
+        elif (entry := _replay_entry(entry_id, letter)) is None:
+            status = 1
+        elif (new_id := await outcomes.replay(entry_id, entry)) is None:
             print(
                 f"{entry_id}: gone meanwhile (replayed or purged by someone else)", file=sys.stderr
             )
@@ -192,6 +194,17 @@ async def replay_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfi
             replayed += 1
     print(f"replayed {replayed}, skipped {skipped} invalid", file=sys.stderr)
     return status
+
+
+def _replay_entry(entry_id: str, letter: layout.DeadLetter) -> layout.Fields | None:
+    """The send entry a letter becomes, or None (said in one line) when a field written by
+    something else does not parse: that letter stays, the others are still replayed."""
+    try:
+        return letter.replay_entry()
+    except ValueError as exc:
+        print(f"{entry_id}: not replayed: its recipients field does not parse ({exc})",
+              file=sys.stderr)  # fmt: skip
+        return None
 
 
 async def purge_dead(redis: aioredis.Redis, keys: StreamKeys, config: DeadConfig) -> int:
