@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import workers.delivery.worker
+import workers.streams.outcomes
 from tests.delivery_util import (
     enqueue,
     events,
@@ -120,10 +121,11 @@ async def test_settlement_survives_a_flushed_function_library(redis: aioredis.Re
 
 
 async def test_settlements_after_an_idle_spell_survive_a_server_side_timeout(
-    redis: aioredis.Redis, redis_url: str
+    redis: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Redis closes idle clients (``timeout``); the pool's checkout finds the closed
-    connection, so the next settlement does not fail on a dead socket."""
+    """Redis closes idle clients (``timeout``); the held settlement connection is checked
+    again after an idle spell, so the next settlement does not fail on a dead socket."""
+    monkeypatch.setattr(workers.streams.outcomes, "SETTLE_IDLE_CHECK", 0.5)
     await redis.xgroup_create("email.send", "delivery", id="0", mkstream=True)
     ids = [await enqueue(redis, send_message(message_id=f"idle{n}")) for n in range(2)]
     await redis.xreadgroup("delivery", "a", {"email.send": ">"})

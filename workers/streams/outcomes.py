@@ -92,6 +92,9 @@ class ReplicasMissing(RedisError):
     """A batch of settlements was applied, but fewer replicas than asked confirmed it."""
 
 
+SETTLE_IDLE_CHECK = 5.0  # seconds idle after which the settlement connection is probed
+
+
 class Outcomes:
     """Idempotency checks, settlements and retry promotion, each one round trip per batch."""
 
@@ -113,6 +116,9 @@ class Outcomes:
         self.events_maxlen = events_maxlen
         self.min_replicas = min_replicas
         self.replica_timeout_ms = max(1, round(replica_timeout * 1000))
+        self._settlements = redis_fence.HeldConnection(
+            redis.connection_pool, idle_check=SETTLE_IDLE_CHECK
+        )
 
     async def already_sent(self, wanted: Sequence[SentLookup]) -> list[set[str]]:
         """For each lookup: the recipients among its own already accepted by a relay."""
@@ -186,7 +192,7 @@ class Outcomes:
         packed = b"".join(pack_command(self.settle_command(s, now_text)) for s in settlements)
         if self.min_replicas:
             packed += pack_command(["WAIT", self.min_replicas, self.replica_timeout_ms])
-        async with redis_fence.borrowed(self.redis.connection_pool) as connection:
+        async with self._settlements.use() as connection:
             await redis_fence.send_packed(connection, packed)
             results: list[bool | RedisError] = []
             for _ in settlements:
@@ -211,7 +217,8 @@ class Outcomes:
         )
 
     async def aclose(self) -> None:
-        """Nothing to give back: each round trip returns its connection to the pool."""
+        """Give the settlement connection back to the pool."""
+        await self._settlements.aclose()
 
     async def promote_due(self, now: float, limit: int = 100) -> int:
         """Move retries due by ``now`` back into the send stream; returns how many."""

@@ -7,9 +7,8 @@ Two hot paths talk to a connection instead of going through ``Redis.pipeline``:
   out of the pool, the replies read one by one.  The public variant, a pipeline
   (``execute(raise_on_error=False)``), costs 10% more CPU per message (``bench/redis_fence.py
   --variant pipeline``: 0.90 and 0.90 msg/CPU-s in two runs of 4 and 6 alternated rounds,
-  redis-py 8.2.0).  Holding one connection outside the pool across round trips bought 2%
-  (``--variant pooled``: 0.99, 0.98), under the 5% that pays for a reach-in, so a
-  settlement checks one out per round trip now, and redis-py's own checkout probes it;
+  redis-py 8.2.0).  The connection is held across round trips (:class:`HeldConnection`):
+  a checkout per round trip costs 19 us of CPU, ~8% of a delivered message (figures there);
 * ingest appends (:mod:`workers.streams.receive`): XADDs packed by hand and written in 1 MiB
   pieces on a connection the writer chose, so that it knows which batch left on which
   connection (one 250, one entry: nothing that left is sent again, README Guarantees), reads
@@ -43,15 +42,17 @@ that lacks a name used here.  What differs between those releases:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 # The releases this module was checked against (tests/test_internals_redis.py).
@@ -96,6 +97,66 @@ async def borrowed(pool: ConnectionPool) -> AsyncIterator[AbstractConnection]:
         raise
     finally:
         await pool.release(connection)
+
+
+class HeldConnection:
+    """One connection of ``pool``'s kept across round trips (the settlements' hot path).
+
+    A checkout per round trip costs 19 us of CPU (a PING on a loopback Redis: 97 us
+    borrowed, 78 us held, redis-py 8.2.0), about 8% of a delivered message at the worker's
+    ~245 us, which a settlement batch of one or two messages pays in full: bench/delivery.py
+    worker/raw per CPU-second 0.69 with a checkout per batch, against 0.76 before it.
+    After an idle spell the connection is probed (:func:`is_stale`): the server may have
+    closed it meanwhile (Redis ``timeout``), which nothing else notices.  A Sentinel pool is
+    never held: a held connection reconnects to the address it had, which after a failover
+    is a replica; each round trip checks one out so that the pool asks the Sentinels.
+    """
+
+    def __init__(self, pool: ConnectionPool, *, idle_check: float = 5.0) -> None:
+        self.pool = pool
+        self.idle_check = idle_check
+        self._held = not isinstance(pool, SentinelConnectionPool)
+        self._connection: AbstractConnection | None = None
+        self._used = 0.0  # monotonic time of its last round trip
+        self._lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[AbstractConnection]:
+        """The connection for one exchange, one user at a time; dropped when the exchange
+        fails (replies may be left unread on it)."""
+        if not self._held:
+            async with borrowed(self.pool) as connection:
+                yield connection
+            return
+        async with self._lock:
+            connection = await self._checked()
+            try:
+                yield connection
+            except BaseException:
+                await self._give_back(disconnect=True)
+                raise
+
+    async def _checked(self) -> AbstractConnection:
+        now = time.monotonic()
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = await checkout(self.pool)
+        elif now - self._used > self.idle_check and await is_stale(connection):
+            await connection.disconnect()  # the next command connects again
+        self._used = now
+        return connection
+
+    async def _give_back(self, *, disconnect: bool) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            if disconnect:
+                await connection.disconnect()
+            await self.pool.release(connection)
+
+    async def aclose(self) -> None:
+        """Give the connection back to the pool."""
+        async with self._lock:
+            await self._give_back(disconnect=False)
 
 
 async def is_stale(connection: AbstractConnection) -> bool:
