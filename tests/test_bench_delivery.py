@@ -40,3 +40,8 @@ def test_every_variant_of_the_relay_fence_benchmark_runs() -> None:
 def test_every_variant_of_the_redis_fence_benchmark_runs(variant: str) -> None:
     out = run_bench("redis_fence.py", "-n", "50", "--rounds", "1", "--variant", variant)
     assert f"median {variant}/current:" in out, out
+
+
+def test_the_held_state_benchmark_runs() -> None:
+    out = run_bench("held_state.py", "-n", "200", "--repeats", "1")
+    assert out.startswith("state bookkeeping: ") and "us per entry" in out, out
