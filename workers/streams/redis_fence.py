@@ -3,12 +3,13 @@
 Two hot paths talk to a connection instead of going through ``Redis.pipeline``:
 
 * delivery settlements (:mod:`workers.streams.outcomes`): a batch of ``FCALL`` packed by
-  hiredis (:mod:`workers.streams.hiredis_fence`), written at once on a connection checked
-  out of the pool, the replies read one by one.  The public variant, a pipeline
+  hiredis (:mod:`workers.streams.hiredis_fence`), written at once on one connection of the
+  pool's, the replies read one by one.  The public variant, a pipeline
   (``execute(raise_on_error=False)``), costs 10% more CPU per message (``bench/redis_fence.py
   --variant pipeline``: 0.90 and 0.90 msg/CPU-s in two runs of 4 and 6 alternated rounds,
   redis-py 8.2.0).  The connection is held across round trips (:class:`HeldConnection`):
-  a checkout per round trip costs 19 us of CPU, ~8% of a delivered message (figures there);
+  a checkout per round trip costs 19 us of CPU, about 6% of the worker's messages per
+  CPU-second (figures there);
 * ingest appends (:mod:`workers.streams.receive`): XADDs packed by hand and written in 1 MiB
   pieces on a connection the writer chose, so that it knows which batch left on which
   connection (one 250, one entry: nothing that left is sent again, README Guarantees), reads
