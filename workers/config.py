@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from workers import errors
 from workers.relay import MaildirTransport, RelaySettings, SmtpPool, Transport
-from workers.streams import layout, sentinel
+from workers.streams import cluster, layout, sentinel
 from workers.streams.layout import StreamKeys
 
 # The errors and the secret masking live in the lowest module (the streams layer raises
@@ -96,12 +96,15 @@ def check_redis_url(url: str) -> None:
     if sentinel.is_sentinel_url(url):
         sentinel.parse_sentinel_url(url)  # ConfigError naming what is wrong
         return
+    if cluster.is_cluster_url(url):
+        cluster.parse_cluster_url(url)
+        return
     parts = urlsplit(url)
     shown = mask_url_password(url)
     if parts.scheme not in {"redis", "rediss", "unix"}:
         raise ConfigError(
-            "--redis-url: expected redis://, rediss://, unix://, redis+sentinel:// or "
-            f"rediss+sentinel://, got {shown!r}"
+            "--redis-url: expected redis://, rediss://, unix://, redis+sentinel://, "
+            f"rediss+sentinel://, redis+cluster:// or rediss+cluster://, got {shown!r}"
         )
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number in range
@@ -160,6 +163,11 @@ class CommonConfig:
     sentinel_password_file: str | None = option(
         None, "file holding the Sentinels' password", file_for="sentinel_password"
     )
+    partitions: int = option(
+        1,
+        "streams split into this many partitions (keys tagged {0}..{N-1}, schema/README.md); "
+        "on a Redis Cluster (redis+cluster://h1:p1,h2:p2) the keys are tagged even for 1",
+    )
     key_prefix: str = option(layout.DEFAULT_PREFIX, "prefix of mailpool's internal Redis keys")
     receive_stream: str = option(layout.DEFAULT_RECEIVE, "stream of received messages")
     send_stream: str = option(layout.DEFAULT_SEND, "stream of messages to send")
@@ -201,6 +209,26 @@ class CommonConfig:
         for name in ("receive_stream", "send_stream", "dead_stream", "events_stream"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} must not be empty")
+        self._validate_partitions()
+
+    def _validate_partitions(self) -> None:
+        positive("partitions", self.partitions)
+        if not self.partitioned:
+            return
+        for name in ("receive_stream", "send_stream", "dead_stream", "events_stream", "key_prefix"):
+            if any(c in getattr(self, name) for c in layout.TAG_CHARACTERS):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: no '{{' or '}}' in names of partitioned "
+                    "streams (the partition's hash tag is the only one)"
+                )
+
+    @property
+    def partitioned(self) -> bool:
+        return self.partitions > 1 or cluster.is_cluster_url(self.redis_url)
+
+    def partition_keys(self) -> tuple[StreamKeys, ...]:
+        """The keys of every partition (the contract's names alone when not partitioned)."""
+        return layout.partitions(self.stream_keys(), self.partitions, tagged=self.partitioned)
 
     def stream_keys(self) -> StreamKeys:
         """The Redis keys these options name (the layout owns how they are derived)."""

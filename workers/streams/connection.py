@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, overload
 
@@ -17,6 +17,8 @@ from redis.exceptions import InvalidResponse, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from workers.errors import Unavailable, mask_url_password
+from workers.streams.cluster import ClusterTopology, is_cluster_url, parse_cluster_url
+from workers.streams.layout import StreamKeys
 from workers.streams.sentinel import is_sentinel_url, parse_sentinel_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -48,15 +50,41 @@ def resolve_redis_url(url: str | None) -> str:
     return DEFAULT_REDIS_URL
 
 
-def client_for(url: str, **options: Any) -> aioredis.Redis:
+def client_for(
+    url: str, *, key: str = "", topology: ClusterTopology | None = None, **options: Any
+) -> aioredis.Redis:
     """A client of the Redis at ``url``; of the current master for a Sentinel URL
-    (:mod:`workers.streams.sentinel`), whose connections follow it across failovers."""
+    (:mod:`workers.streams.sentinel`), whose connections follow it across failovers; of the
+    primary serving ``key``'s slot for a cluster URL (:mod:`workers.streams.cluster`),
+    sharing ``topology`` with the caller's other partitions."""
     if is_sentinel_url(url):
         return parse_sentinel_url(url).master_client(**options)
+    if is_cluster_url(url):
+        target = parse_cluster_url(url)
+        return target.slot_client(topology or target.topology(), key, **options)
     return aioredis.Redis.from_url(url, **options)
 
 
-def connect(url: str, *, retries: int = 3, socket_timeout: float = 5.0) -> aioredis.Redis:
+def partition_clients(
+    url: str, partitions: Sequence[StreamKeys], make: Callable[..., aioredis.Redis], **options: Any
+) -> list[aioredis.Redis]:
+    """One client per partition, made by ``make`` (:func:`connect`, :func:`connect_for_writes`):
+    on a cluster each serves its partition's slot; elsewhere all partitions share one."""
+    if not is_cluster_url(url):
+        return [make(url, **options)] * len(partitions)
+    topology = parse_cluster_url(url).topology()
+    return [make(url, key=keys.send, topology=topology, **options) for keys in partitions]
+
+
+async def close_all(clients: Sequence[aioredis.Redis]) -> None:
+    """Close each distinct client once (partitions of a standalone Redis share one)."""
+    for client in {id(c): c for c in clients}.values():
+        await client.aclose()
+
+
+def connect(
+    url: str, *, retries: int = 3, socket_timeout: float = 5.0, **routing: Any
+) -> aioredis.Redis:
     """A client that retries a dropped connection a few times with jittered back-off.
 
     Only for commands that may safely run twice (reads, and writes made idempotent by the
@@ -67,6 +95,7 @@ def connect(url: str, *, retries: int = 3, socket_timeout: float = 5.0) -> aiore
     """
     return client_for(
         url,
+        **routing,
         decode_responses=False,
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
@@ -76,7 +105,7 @@ def connect(url: str, *, retries: int = 3, socket_timeout: float = 5.0) -> aiore
     )
 
 
-def connect_for_writes(url: str, *, connect_timeout: float = 5.0) -> aioredis.Redis:
+def connect_for_writes(url: str, *, connect_timeout: float = 5.0, **routing: Any) -> aioredis.Redis:
     """A client for a write that must not run twice (ingest's XADD): no retries and no
     socket timeout.
 
@@ -89,6 +118,7 @@ def connect_for_writes(url: str, *, connect_timeout: float = 5.0) -> aioredis.Re
     """
     return client_for(
         url,
+        **routing,
         decode_responses=False,
         socket_timeout=None,
         socket_connect_timeout=connect_timeout,

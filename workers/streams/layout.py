@@ -28,6 +28,7 @@ Stream ids ``<ms>-<seq>`` are compared and stepped only by the helpers at the en
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -65,6 +66,44 @@ class StreamKeys:
 
     def sent(self, message_id: str) -> str:
         return self.sent_prefix + message_id
+
+
+# --- partitions ----------------------------------------------------------------------------
+# Partitioned (on a Redis Cluster, or more than one partition): partition p's keys carry the
+# hash tag "{p}", after each stream name and after the prefix, so every key one Redis
+# function touches lies in one cluster slot.  Not partitioned: the contract's names as they
+# are.  schema/README.md tells producers the same rule.
+
+TAG_CHARACTERS = "{}"
+
+
+def partition_tag(partition: int) -> str:
+    return f"{{{partition}}}"
+
+
+def partition_keys(keys: StreamKeys, partition: int) -> StreamKeys:
+    """The keys of one partition of a partitioned deployment."""
+    tag = partition_tag(partition)
+    return StreamKeys(
+        receive=keys.receive + tag,
+        send=keys.send + tag,
+        dead=keys.dead + tag,
+        events=keys.events + tag,
+        prefix=keys.prefix + tag,
+    )
+
+
+def partitions(keys: StreamKeys, count: int, *, tagged: bool) -> tuple[StreamKeys, ...]:
+    """Every partition's keys: ``keys`` itself when not ``tagged`` and ``count`` is 1."""
+    if count == 1 and not tagged:
+        return (keys,)
+    return tuple(partition_keys(keys, p) for p in range(count))
+
+
+def partition_of(message_id: str, count: int) -> int:
+    """The partition of a message with an ``id``: CRC-32 (zlib/IEEE) of its UTF-8 bytes
+    modulo the partition count, so a same-id send meets its duplicate guard."""
+    return zlib.crc32(message_id.encode()) % count
 
 
 # --- fields --------------------------------------------------------------------------------
