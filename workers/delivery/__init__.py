@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Coroutine
 from typing import TypeVar
 
+import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
@@ -38,8 +40,10 @@ from workers.delivery.worker import FLUSH_CAP, READ_BLOCK, DeliveryWorker
 from workers.health import serving_health
 from workers.lifecycle import serve_until_signalled
 from workers.streams import outcomes as oc
-from workers.streams.connection import connect, resolve_redis_url
+from workers.streams.cluster import is_cluster_url
+from workers.streams.connection import close_all, connect, partition_clients, resolve_redis_url
 from workers.streams.consumer import START_ALL, GroupConsumer
+from workers.streams.layout import StreamKeys
 from workers.streams.sentinel import is_sentinel_url
 
 __all__ = [
@@ -88,24 +92,54 @@ async def _unless_stopped(work: Coroutine[object, object, T], stop: asyncio.Even
 
 
 async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
+    """One delivery loop per partition (one alone when not partitioned): each reads its own
+    partition, so a busy partition never starves another; --concurrency is shared out."""
     url = resolve_redis_url(config.redis_url)
-    redis = connect(url)
-    keys = config.stream_keys()
+    partitions = config.partition_keys()
+    redis = partition_clients(url, partitions, connect)
+    # The reads keep a connection of their own (a blocking XREADGROUP holds it anyway):
+    # a pool checkout per read costs CPU on every batch.  No retries on it: redis-py would
+    # send a read that timed out again, and Redis may run both; our loop retries instead
+    # and then looks at our pending list for what the lost read handed us.
+    reads = partition_clients(url, partitions, connect, retries=0)
+    try:
+        loops = [
+            _serve_partition(_partition_config(config, n, len(partitions)), keys, r, rd, stop)
+            for n, (keys, r, rd) in enumerate(zip(partitions, redis, reads, strict=True))
+        ]
+        await asyncio.gather(*loops)
+    finally:
+        await close_all(reads)
+        await close_all(redis)
+
+
+def _partition_config(config: DeliveryConfig, n: int, count: int) -> DeliveryConfig:
+    """The options of partition ``n``'s loop: its share of --concurrency, and /metrics,
+    /healthz, /readyz served by the first loop only."""
+    if count == 1:
+        return config
+    share = max(1, -(-config.concurrency // count))
+    return dataclasses.replace(config, concurrency=share, http=config.http if n == 0 else None)
+
+
+async def _serve_partition(
+    config: DeliveryConfig,
+    keys: StreamKeys,
+    redis: aioredis.Redis,
+    reads: aioredis.Redis,
+    stop: asyncio.Event,
+) -> None:
     outcomes = oc.Outcomes(
         redis, keys, group=config.group, sent_ttl=config.sent_ttl,
         events_maxlen=config.events_maxlen, min_replicas=config.min_replicas,
         replica_timeout=config.replica_timeout,
     )  # fmt: skip
-    # The reads keep a connection of their own (a blocking XREADGROUP holds it anyway):
-    # a pool checkout per read costs CPU on every batch.  No retries on it: redis-py would
-    # send a read that timed out again, and Redis may run both; our loop retries instead
-    # and then looks at our pending list for what the lost read handed us.
-    reads = connect(url, retries=0)
-    # Through Sentinel, each read checks a connection out of the pool instead: redis-py 8
-    # connects a held connection again to the address it had, so after a failover it would
-    # read from the old master (now a replica: READONLY) for ever; a checkout asks the
-    # Sentinels where the master is.
-    reader = reads if is_sentinel_url(url) else reads.client()
+    # Through Sentinel or a cluster, each read checks a connection out of the pool instead:
+    # redis-py 8 connects a held connection again to the address it had, so after a
+    # failover it would read from the old master (now a replica: READONLY) for ever; a
+    # checkout asks the Sentinels (the cluster) where the master is.
+    url = config.redis_url or ""
+    reader = reads if is_sentinel_url(url) or is_cluster_url(url) else reads.client()
     consumer = GroupConsumer(
         reader, keys.send, config.group, config.consumer,
         claim_after=config.claim_after, batch=config.batch, block=READ_BLOCK,
@@ -116,16 +150,15 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
             return
         await oc.require_functions(redis)  # settle/promote are Redis functions: exit 2 if missing
         log.info("delivery_started", relay=_safe_relay(config.relay), consumer=config.consumer,
-                 concurrency=config.concurrency)  # fmt: skip
+                 concurrency=config.concurrency, stream=keys.send)  # fmt: skip
         worker = DeliveryWorker(config, outcomes, config.open_transport())
         async with serving_health(config.http, redis, keys, lambda: not stop.is_set()):
             await worker.run(consumer, stop)
-        log.info("delivery_stopped", consumer=config.consumer)
+        log.info("delivery_stopped", consumer=config.consumer, stream=keys.send)
     finally:
         await outcomes.aclose()
-        await reader.aclose()
-        await reads.aclose()
-        await redis.aclose()
+        if reader is not reads:
+            await reader.aclose()
 
 
 def _safe_relay(relay: str | None) -> str:

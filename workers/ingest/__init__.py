@@ -24,15 +24,21 @@ from workers.ingest.handler import HandlerSettings, IngestHandler, KeepRaw, norm
 from workers.ingest.memory import tune_allocator
 from workers.ingest.server import IngestServer, SessionLimits, load_tls_context
 from workers.lifecycle import serve_until_signalled
-from workers.streams.connection import connect, connect_for_writes, resolve_redis_url
-from workers.streams.receive import ReceiveStream
+from workers.streams.connection import (
+    close_all,
+    connect,
+    connect_for_writes,
+    partition_clients,
+    resolve_redis_url,
+)
+from workers.streams.receive import ReceiveStream, SpreadReceive, Store
 
 __all__ = ["IngestConfig", "IngestServer", "main", "running_ingest", "serve"]
 
 log = structlog.get_logger("mailpool.ingest")
 
 
-def build_server(config: IngestConfig, store: ReceiveStream) -> IngestServer:
+def build_server(config: IngestConfig, store: Store) -> IngestServer:
     """The listeners and handler for ``config``; raises ConfigError on bad TLS/AUTH files."""
     tls = None
     if config.tls_cert and config.tls_key:
@@ -73,18 +79,22 @@ async def running_ingest(config: IngestConfig) -> AsyncIterator[IngestServer]:
     The server's ``port``/``tls_port`` are the bound ports (``--listen 127.0.0.1:0`` in tests).
     """
     url = resolve_redis_url(config.redis_url)
-    # The XADDs go over a client that never retries (a retried batch is stored twice);
+    partitions = config.partition_keys()
+    # The XADDs go over clients that never retry (a retried batch is stored twice);
     # the health probes over one that may.
-    writes = connect_for_writes(url)
-    redis = connect(url, retries=1)
-    keys = config.stream_keys()
-    store = ReceiveStream(
-        writes,
-        keys.receive,
-        min_replicas=config.min_replicas,
-        replica_timeout=config.replica_timeout,
-        store_timeout=config.store_timeout,
-    )
+    writes = partition_clients(url, partitions, connect_for_writes)
+    redis = connect(url, retries=1, key=partitions[0].receive)
+    stores = [
+        ReceiveStream(
+            client,
+            keys.receive,
+            min_replicas=config.min_replicas,
+            replica_timeout=config.replica_timeout,
+            store_timeout=config.store_timeout,
+        )
+        for client, keys in zip(writes, partitions, strict=True)
+    ]
+    store: Store = stores[0] if len(stores) == 1 else SpreadReceive(stores)
     try:
         server = build_server(config, store)
         await server.start()
@@ -92,13 +102,13 @@ async def running_ingest(config: IngestConfig) -> AsyncIterator[IngestServer]:
         # collections then scan only per-message garbage, which keeps GC pauses short.
         gc.freeze()
         try:
-            async with serving_health(config.http, redis, keys, server.is_listening):
+            async with serving_health(config.http, redis, partitions[0], server.is_listening):
                 yield server
         finally:
             await server.stop(config.shutdown_grace)
     finally:
         await redis.aclose()
-        await writes.aclose()
+        await close_all(writes)
 
 
 async def serve(config: IngestConfig, stop: asyncio.Event) -> None:

@@ -25,7 +25,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 from workers.codec.parse import parse_message
 from workers.codec.wire import DEFAULT_LIMITS, pack
 from workers.metrics import INGEST_MESSAGES, INGEST_REJECTED, INGEST_TRANSACTION
-from workers.streams.receive import ReceiveStream, StoreError
+from workers.streams.receive import Store, StoreError
 
 log = structlog.get_logger("mailpool.ingest")
 
@@ -151,7 +151,7 @@ class IngestHandler:
     """aiosmtpd handler hooks (``handle_EHLO``, ``handle_MAIL``, ``handle_RCPT``,
     ``handle_DATA``, ``handle_exception``)."""
 
-    def __init__(self, settings: HandlerSettings, store: ReceiveStream) -> None:
+    def __init__(self, settings: HandlerSettings, store: Store) -> None:
         self.settings = settings
         self.store = store
 

@@ -28,9 +28,11 @@ up, and an XADD that Redis answered with an error leave nothing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis.asyncio as aioredis
 import structlog
@@ -322,6 +324,24 @@ class ReceiveStream:
             if error is not None:
                 self._resolve(pending, None, error)
             self._octets_ahead -= len(pending.data)
+
+
+class Store(Protocol):
+    """Where ingest stores received mail: one receive stream, or all partitions' in turn."""
+
+    async def append(self, data: bytes, message_id: str | None = None) -> str: ...
+
+
+class SpreadReceive:
+    """The receive streams of every partition, each append to the next one in turn (received
+    mail has no duplicate guard to keep in one partition: spreading evens out the shards)."""
+
+    def __init__(self, streams: Sequence[ReceiveStream]) -> None:
+        self.streams = list(streams)
+        self._turns = itertools.cycle(self.streams)
+
+    async def append(self, data: bytes, message_id: str | None = None) -> str:
+        return await next(self._turns).append(data, message_id)
 
 
 # Octets handed to the socket at once.  asyncio joins what one write gets into a single

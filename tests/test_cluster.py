@@ -1,0 +1,150 @@
+"""Partitioned streams and Redis Cluster: the names, the producers' rule, cluster URLs, and
+ingest and delivery end to end on a real cluster (3 primaries, 3 replicas on loopback) with
+entries on several shards."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.cluster_util import ClusterSet, running_cluster
+from tests.delivery_util import make_config, pack, running_worker, send_message
+from tests.harness import wait_until
+from tests.ingest_util import ingest, send_one
+from tests.sinks import RecordingSink
+from workers.errors import ConfigError
+from workers.streams import layout
+from workers.streams.cluster import parse_cluster_url
+from workers.streams.connection import close_all, connect, partition_clients
+from workers.streams.layout import StreamKeys
+
+PARTITIONS = 6
+
+
+def test_one_partition_on_a_standalone_redis_keeps_the_contracts_names() -> None:
+    (keys,) = layout.partitions(StreamKeys(), 1, tagged=False)
+    assert (keys.receive, keys.send, keys.dead, keys.events) == (
+        "email.receive", "email.send", "email.send.dead", "email.send.events",
+    )  # fmt: skip
+    assert (keys.retry_schedule, keys.retry_payload("1-0"), keys.sent("m")) == (
+        "mailpool:retry", "mailpool:retry:1-0", "mailpool:sent:m",
+    )  # fmt: skip
+
+
+def test_every_key_of_a_partition_shares_its_hash_tag() -> None:
+    keys = layout.partitions(StreamKeys(), 3, tagged=True)[2]
+    names = [keys.receive, keys.send, keys.dead, keys.events, keys.retry_schedule,
+             keys.retry_payload("1-0"), keys.sent("a{b}c")]  # fmt: skip
+    assert names == [
+        "email.receive{2}", "email.send{2}", "email.send.dead{2}", "email.send.events{2}",
+        "mailpool:{2}retry", "mailpool:{2}retry:1-0", "mailpool:{2}sent:a{b}c",
+    ]  # fmt: skip
+    # On a cluster even one partition is tagged: settle's six keys must share a slot.
+    assert layout.partitions(StreamKeys(), 1, tagged=True)[0].send == "email.send{0}"
+
+
+def test_the_partition_of_an_id_is_its_crc32_modulo_the_count() -> None:
+    assert layout.partition_of("order-1042", 4) == zlib.crc32(b"order-1042") % 4
+    assert layout.partition_of("Grüße-1", 7) == zlib.crc32("Grüße-1".encode()) % 7
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+cluster://127.0.0.1:7000/0", "a path"),
+        ("redis+cluster://127.0.0.1:99999", "bad port"),
+        ("redis+cluster://:pw@127.0.0.1:7000,", "an empty node address"),
+        ("redis+cluster://127.0.0.1:7000?ssl_ca_certs=/x", "without TLS"),
+        ("rediss+cluster://127.0.0.1:7000?db=1", "unknown option 'db'"),
+    ],
+)
+def test_a_bad_cluster_url_is_one_line_without_the_password(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_cluster_url(url)
+    assert problem in str(caught.value)
+    assert ":pw@" not in str(caught.value)
+
+
+def test_a_cluster_url_names_its_seeds_user_and_tls() -> None:
+    target = parse_cluster_url("rediss+cluster://ann:s%40cret@h1:7000,[::1]:7001,h3")
+    assert target.seeds == (("h1", 7000), ("::1", 7001), ("h3", 6379))
+    assert (target.username, target.password, target.tls) == ("ann", "s@cret", True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSet]:
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+async def partitions(cluster: ClusterSet) -> AsyncIterator[list[aioredis.Redis]]:
+    """A client per partition; every primary emptied first (the library stays)."""
+    for server in cluster.running():
+        if cluster.client(server).info("replication")["role"] == "master":
+            cluster.client(server).flushall()
+    clients = partition_clients(cluster.url(), all_keys(), connect)
+    yield clients
+    await close_all(clients)
+
+
+def all_keys() -> tuple[StreamKeys, ...]:
+    return layout.partitions(StreamKeys(), PARTITIONS, tagged=True)
+
+
+def shards_holding(cluster: ClusterSet, pattern: str) -> set[int]:
+    return {s.port for s in cluster.running() if cluster.node_keys(s, pattern)}
+
+
+async def test_ingest_spreads_received_mail_over_the_partitions_and_shards(
+    cluster: ClusterSet, partitions: list[aioredis.Redis]
+) -> None:
+    async with ingest(cluster.url(), partitions=PARTITIONS) as server:
+        for n in range(2 * PARTITIONS):
+            code, _ = await send_one(server.port)
+            assert code == 250, n
+    lengths = [await c.xlen(k.receive) for c, k in zip(partitions, all_keys(), strict=True)]
+    assert lengths == [2] * PARTITIONS
+    assert len(shards_holding(cluster, "email.receive{*}")) >= 2
+
+
+async def test_delivery_sends_every_partitions_mail_once_on_a_cluster(
+    cluster: ClusterSet, partitions: list[aioredis.Redis], sink: RecordingSink
+) -> None:
+    keys = all_keys()
+    ids = [f"order-{n}" for n in range(24)]
+    for message_id in [*ids, ids[0], ids[5]]:  # two sent twice: the duplicate guard holds
+        p = layout.partition_of(message_id, PARTITIONS)
+        message = send_message([f"{message_id}@example.com"], message_id=message_id)
+        await partitions[p].xadd(keys[p].send, {"data": pack(message)})
+    assert len(shards_holding(cluster, "email.send{*}")) >= 2
+    config = make_config(cluster.url(), sink.url, partitions=PARTITIONS, concurrency=6)
+    async with running_worker(config):
+        await wait_until(lambda: len(sink.received) >= len(ids), "every message sent")
+        await wait_until(lambda: all_settled(partitions, keys), "every partition settled")
+    assert sorted(r for m in sink.received for r in m.rcpt_tos) == sorted(
+        f"{i}@example.com" for i in ids
+    )
+    delivered = 0
+    for client, k in zip(partitions, keys, strict=True):
+        for _, fields in await client.xrange(k.events):
+            delivered += fields[b"event"] == b"delivered"
+    assert delivered == len(ids)
+
+
+async def all_settled(clients: list[aioredis.Redis], keys: tuple[StreamKeys, ...]) -> bool:
+    for client, k in zip(clients, keys, strict=True):
+        if not await client.exists(k.send):
+            continue
+        groups = await client.xinfo_groups(k.send)
+        info = await client.xinfo_stream(k.send)
+        if (
+            not groups
+            or int(groups[0]["pending"])
+            or (groups[0]["last-delivered-id"] != info["last-generated-id"])
+        ):
+            return False
+    return True
