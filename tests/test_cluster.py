@@ -4,6 +4,10 @@ entries on several shards."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
+import sys
 import zlib
 from collections.abc import AsyncIterator, Iterator
 
@@ -12,10 +16,12 @@ import redis.asyncio as aioredis
 
 from tests.cluster_util import ClusterSet, running_cluster
 from tests.delivery_util import make_config, pack, running_worker, send_message
-from tests.harness import wait_until
+from tests.harness import child_env, wait_until
 from tests.ingest_util import ingest, send_one
 from tests.sinks import RecordingSink
+from workers import housekeeping
 from workers.errors import ConfigError
+from workers.housekeeping import HousekeepConfig
 from workers.streams import layout
 from workers.streams.cluster import parse_cluster_url
 from workers.streams.connection import close_all, connect, partition_clients
@@ -148,3 +154,47 @@ async def all_settled(clients: list[aioredis.Redis], keys: tuple[StreamKeys, ...
         ):
             return False
     return True
+
+
+async def test_status_shows_every_partition_and_sums_dead_letters(
+    cluster: ClusterSet, partitions: list[aioredis.Redis]
+) -> None:
+    keys = all_keys()
+    for p in (1, 4):
+        await partitions[p].xadd(keys[p].send, {"data": b"x"})
+        await partitions[p].xadd(keys[p].dead, {"data": b"x", "reason": "rejected"})
+    out = subprocess.run(
+        [sys.executable, "-m", "workers", "status", "--json", "--redis-url", cluster.url(),
+         "--partitions", str(PARTITIONS)],
+        capture_output=True, env=child_env(), timeout=30, check=True,
+    )  # fmt: skip
+    status = json.loads(out.stdout)
+    assert {name: s["length"] for name, s in status["streams"].items()} == {
+        "email.send{1}": 1, "email.send{4}": 1,
+    }  # fmt: skip
+    assert status["dead_letters"] == 2
+
+
+async def test_housekeeping_trims_every_partition_on_a_cluster(
+    cluster: ClusterSet, partitions: list[aioredis.Redis]
+) -> None:
+    keys = all_keys()
+    for client, k in zip(partitions, keys, strict=True):
+        for _ in range(3):
+            await client.xadd(k.receive, {"data": b"x"})
+    config = HousekeepConfig(
+        redis_url=cluster.url(), partitions=PARTITIONS, receive_max_len=1, housekeep_interval=0.2
+    )
+    config.validate()
+    stop = asyncio.Event()
+    task = asyncio.create_task(housekeeping.serve(config, stop))
+
+    async def trimmed() -> bool:
+        lengths = [await c.xlen(k.receive) for c, k in zip(partitions, keys, strict=True)]
+        return lengths == [1] * PARTITIONS
+
+    try:
+        await wait_until(trimmed, "every receive partition trimmed to 1 entry")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)

@@ -20,7 +20,13 @@ from workers.config import CommonConfig, option, parse_host_port, positive
 from workers.health import serving_health
 from workers.lifecycle import serve_until_signalled
 from workers.streams import layout
-from workers.streams.connection import as_text, connect, resolve_redis_url
+from workers.streams.connection import (
+    as_text,
+    close_all,
+    connect,
+    partition_clients,
+    resolve_redis_url,
+)
 from workers.streams.layout import StreamKeys
 from workers.streams.outcomes import promote_due, require_functions
 from workers.streams.snapshot import stream_status
@@ -121,25 +127,27 @@ async def housekeep_once(redis: aioredis.Redis, keys: StreamKeys, config: Housek
 
 
 async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:
-    redis = connect(resolve_redis_url(config.redis_url))
-    keys = config.stream_keys()
+    url = resolve_redis_url(config.redis_url)
+    partitions = config.partition_keys()
+    clients = partition_clients(url, partitions, connect)
     try:
         async with serving_health(
-            config.http, redis, keys, lambda: not stop.is_set(), stream_gauges=True
+            config.http, clients[0], partitions[0], lambda: not stop.is_set(), stream_gauges=True
         ):
-            library_checked = False
+            checked: set[int] = set()  # partitions whose library was found (exit 2 if missing)
             while not stop.is_set():
-                try:
-                    if not library_checked:  # promotion is a Redis function: exit 2 if missing
-                        await require_functions(redis)
-                        library_checked = True
-                    await housekeep_once(redis, keys, config)
-                except (aioredis.RedisError, OSError) as exc:
-                    log.warning("housekeeping_failed", error=str(exc))  # next pass tries again
+                for n, (redis, keys) in enumerate(zip(clients, partitions, strict=True)):
+                    try:
+                        if n not in checked:
+                            await require_functions(redis)
+                            checked.add(n)
+                        await housekeep_once(redis, keys, config)
+                    except (aioredis.RedisError, OSError) as exc:  # the next pass tries again
+                        log.warning("housekeeping_failed", error=str(exc), stream=keys.send)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), config.housekeep_interval)
     finally:
-        await redis.aclose()
+        await close_all(clients)
 
 
 async def main(config: HousekeepConfig) -> int:

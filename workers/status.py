@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 
 from workers.config import CommonConfig, option
-from workers.streams.connection import one_shot_client
+from workers.streams.connection import one_shot_partitions
 from workers.streams.layout import Snapshot
-from workers.streams.snapshot import collect_status
+from workers.streams.snapshot import collect_partitions
 
 
 @dataclass
@@ -55,10 +55,10 @@ def render_table(status: Snapshot) -> str:
 
 
 async def main(config: StatusConfig) -> int:
-    keys = config.stream_keys()
-    async with one_shot_client(config.redis_url) as redis:
+    partitions = config.partition_keys()
+    async with one_shot_partitions(config.redis_url, partitions) as clients:
         while True:
-            status = await collect_status(redis, keys)
+            status = await collect_partitions(clients, partitions)
             if config.json:
                 print(json.dumps(status.as_json()), flush=True)
             else:

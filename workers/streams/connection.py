@@ -163,17 +163,29 @@ async def one_shot_client(url_option: str | None) -> AsyncIterator[aioredis.Redi
     the block becomes :class:`RedisUnavailable` (one line naming the URL; the CLI exits
     with status 1) instead of a traceback or a wait of minutes.
     """
-    url = resolve_redis_url(url_option)
-    client = connect(url, retries=ONE_SHOT_RETRIES, socket_timeout=ONE_SHOT_SOCKET_TIMEOUT)
-    try:
-        problem = await first_reply_problem(client)
-        if problem is not None:
-            raise RedisUnavailable(url, problem)
+    async with one_shot_partitions(url_option, (StreamKeys(),)) as (client,):
         yield client
+
+
+@contextlib.asynccontextmanager
+async def one_shot_partitions(
+    url_option: str | None, partitions: Sequence[StreamKeys]
+) -> AsyncIterator[list[aioredis.Redis]]:
+    """:func:`one_shot_client` for each partition (one client shared off a cluster)."""
+    url = resolve_redis_url(url_option)
+    clients = partition_clients(
+        url, partitions, connect, retries=ONE_SHOT_RETRIES, socket_timeout=ONE_SHOT_SOCKET_TIMEOUT
+    )
+    try:
+        for client in {id(c): c for c in clients}.values():
+            problem = await first_reply_problem(client)
+            if problem is not None:
+                raise RedisUnavailable(url, problem)
+        yield clients
     except (RedisError, OSError) as exc:
         raise RedisUnavailable(url, describe_failure(exc)) from exc
     finally:
-        await client.aclose()
+        await close_all(clients)
 
 
 @overload

@@ -8,6 +8,7 @@ snapshot's types are in :mod:`workers.streams.layout`.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -107,4 +108,27 @@ async def collect_status(
         dead_letters=int(await redis.xlen(keys.dead)),
         retries_waiting=int(await redis.zcard(keys.retry_schedule)),
         next_retry_at=float(next_due[0][1]) if next_due else None,
+    )
+
+
+async def collect_partitions(
+    clients: Sequence[aioredis.Redis],
+    partitions: Sequence[StreamKeys],
+    *,
+    lag_limit: int = LAG_COUNT_LIMIT,
+) -> Snapshot:
+    """One snapshot of every partition: each partition's streams under their own names,
+    dead letters and retries waiting summed, the soonest retry."""
+    parts = [
+        await collect_status(client, keys, lag_limit=lag_limit)
+        for client, keys in zip(clients, partitions, strict=True)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    due = [p.next_retry_at for p in parts if p.next_retry_at is not None]
+    return Snapshot(
+        streams={name: s for p in parts for name, s in p.streams.items()},
+        dead_letters=sum(p.dead_letters for p in parts),
+        retries_waiting=sum(p.retries_waiting for p in parts),
+        next_retry_at=min(due) if due else None,
     )
