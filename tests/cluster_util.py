@@ -73,19 +73,27 @@ class ClusterSet:
         return {str(k): str(v) for k, v in info.items()}
 
     def wait_until_ok(self, timeout: float = 30.0) -> None:
-        """Every running node says the cluster is ok (all slots served)."""
+        """Every running node says the cluster is ok (all slots served), and every running
+        replica is in sync with its primary (a replica promoted in the middle of its first
+        sync would take over with nothing: the consumer groups gone)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             states = []
-            for server in self.servers:
-                if server.process is None:
-                    continue
+            for server in self.running():
                 with contextlib.suppress(redis.RedisError, OSError):
                     states.append(self.info(server).get("cluster_state"))
+                    states.append(self.link(server))
             if states and all(state == "ok" for state in states):
                 return
             time.sleep(0.1)
         raise AssertionError(f"the cluster is not ok after {timeout}s")
+
+    def link(self, server: RedisServer) -> str:
+        """ "ok" for a primary or a replica whose link to its primary is up."""
+        info = self.client(server).info("replication")
+        return (
+            "ok" if info["role"] == "master" or info.get("master_link_status") == "up" else "down"
+        )
 
     def primary_of(self, key: str) -> RedisServer:
         """The running node that serves ``key`` as primary now."""

@@ -28,8 +28,16 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection
 from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 
 from workers.errors import ConfigError, mask_url_password
 
@@ -38,8 +46,10 @@ DEFAULT_PORT = 6379
 TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 # A node asked for the slots answers at once or is skipped for the next.
 TOPOLOGY_TIMEOUT = 1.0
-# Replies that say the slot's primary is elsewhere now (or about to be).
+# Replies that say the slot's primary is elsewhere now (or about to be); redis-py raises
+# most of them as their own classes, whose text leaves the reply's first word out.
 MOVED_REPLIES = ("MOVED", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "ASK")
+MOVED_ERRORS = (MovedError, AskError, TryAgainError, ClusterDownError, ReadOnlyError)
 _FORM = "redis+cluster://[user@]host:port,host:port"
 
 
@@ -137,7 +147,7 @@ class SlotConnection(Connection):
         try:
             return await super().read_response(*args, **kwargs)
         except ResponseError as exc:
-            if not str(exc).startswith(MOVED_REPLIES):
+            if not isinstance(exc, MOVED_ERRORS) and not str(exc).startswith(MOVED_REPLIES):
                 raise
             self.topology.stale()
             await self.disconnect()
