@@ -19,9 +19,13 @@ import redis
 from redis.crc import key_slot
 
 from tests.harness import RedisServer, free_port
+from workers.streams import layout
+from workers.streams.layout import StreamKeys
 
 NODE_TIMEOUT_MS = 1000
 PRIMARIES = 3
+# The partitions of the shared cluster's tests: {0}..{5} fall on every shard of three.
+PARTITIONS = 6
 
 
 class ClusterSet:
@@ -128,3 +132,15 @@ def running_cluster(data_dir: Path, **kwargs: int) -> Iterator[ClusterSet]:
         yield cluster
     finally:
         cluster.stop()
+
+
+def all_keys(partitions: int = PARTITIONS) -> tuple[StreamKeys, ...]:
+    """The default names of every partition on a cluster (tagged)."""
+    return layout.partitions(StreamKeys(), partitions, tagged=True)
+
+
+def flush_primaries(cluster: ClusterSet) -> None:
+    """Empty every primary (the function library stays)."""
+    for server in cluster.running():
+        if cluster.client(server).info("replication")["role"] == "master":
+            cluster.client(server).flushall()

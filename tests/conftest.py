@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from tests.cluster_util import ClusterSet, all_keys, flush_primaries, running_cluster
 from tests.harness import RedisServer, running_redis
 from tests.ingest_util import IngestProcess, make_certificate
 from tests.no_skips import pytest_sessionfinish, pytest_terminal_summary
 from tests.sinks import PostfixSink, RecordingSink
+from workers.streams.connection import close_all, connect, partition_clients
 
 # The hooks that make skips fail `make test` and CI (see tests/no_skips.py).
 __all__ = ["pytest_sessionfinish", "pytest_terminal_summary"]
@@ -23,6 +25,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     """One private redis-server for the session; tests get it flushed (see ``redis_url``)."""
     with running_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSet]:
+    """One Redis Cluster (3 primaries, 3 replicas) for the session's tests that do not kill
+    its nodes; they get it emptied (see ``partitions``)."""
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+async def partitions(cluster: ClusterSet) -> AsyncIterator[list[aioredis.Redis]]:
+    """A client per partition of the shared cluster (``cluster_util.PARTITIONS``), every
+    primary emptied first."""
+    flush_primaries(cluster)
+    clients = partition_clients(cluster.url(), all_keys(), connect)
+    yield clients
+    await close_all(clients)
 
 
 @pytest.fixture

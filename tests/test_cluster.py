@@ -9,12 +9,11 @@ import json
 import subprocess
 import sys
 import zlib
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
-from tests.cluster_util import ClusterSet, running_cluster
+from tests.cluster_util import PARTITIONS, ClusterSet, all_keys
 from tests.delivery_util import make_config, pack, running_worker, send_message
 from tests.harness import child_env, wait_until
 from tests.ingest_util import ingest, send_one
@@ -24,10 +23,7 @@ from workers.errors import ConfigError
 from workers.housekeeping import HousekeepConfig
 from workers.streams import layout
 from workers.streams.cluster import parse_cluster_url
-from workers.streams.connection import close_all, connect, partition_clients
 from workers.streams.layout import StreamKeys
-
-PARTITIONS = 6
 
 
 def test_one_partition_on_a_standalone_redis_keeps_the_contracts_names() -> None:
@@ -78,27 +74,6 @@ def test_a_cluster_url_names_its_seeds_user_and_tls() -> None:
     target = parse_cluster_url("rediss+cluster://ann:s%40cret@h1:7000,[::1]:7001,h3")
     assert target.seeds == (("h1", 7000), ("::1", 7001), ("h3", 6379))
     assert (target.username, target.password, target.tls) == ("ann", "s@cret", True)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSet]:
-    with running_cluster(tmp_path_factory.mktemp("cluster")) as nodes:
-        yield nodes
-
-
-@pytest.fixture
-async def partitions(cluster: ClusterSet) -> AsyncIterator[list[aioredis.Redis]]:
-    """A client per partition; every primary emptied first (the library stays)."""
-    for server in cluster.running():
-        if cluster.client(server).info("replication")["role"] == "master":
-            cluster.client(server).flushall()
-    clients = partition_clients(cluster.url(), all_keys(), connect)
-    yield clients
-    await close_all(clients)
-
-
-def all_keys() -> tuple[StreamKeys, ...]:
-    return layout.partitions(StreamKeys(), PARTITIONS, tagged=True)
 
 
 def shards_holding(cluster: ClusterSet, pattern: str) -> set[int]:
