@@ -101,16 +101,30 @@ class ClusterTopology:
         raise RedisConnectionError("no cluster node answered: " + "; ".join(problems))
 
     async def _slots_from(self, host: str, port: int) -> list[tuple[int, int, str, int]]:
+        return _slot_ranges(await self._ask(host, port, "CLUSTER SLOTS"), host)
+
+    async def primaries(self) -> list[tuple[str, int]]:
+        """Every primary of the cluster, with or without slots (``CLUSTER SHARDS`` of the
+        first known node that answers): what per-node state, such as the functions
+        library, must reach.  A replica is left out: it copies its primary."""
+        problems: list[str] = []
+        for host, port in self._known_nodes():
+            try:
+                return _shard_primaries(await self._ask(host, port, "CLUSTER SHARDS"), host)
+            except (RedisError, OSError) as exc:
+                problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
+        raise RedisConnectionError("no cluster node answered: " + "; ".join(problems))
+
+    async def _ask(self, host: str, port: int, command: str) -> Any:
         node = aioredis.Redis(
             host=host, port=port, socket_timeout=TOPOLOGY_TIMEOUT,
             socket_connect_timeout=TOPOLOGY_TIMEOUT, **self.node_options,
         )  # fmt: skip
         try:
-            asking = node.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
-            reply = await asyncio.wait_for(asking, TOPOLOGY_TIMEOUT)
+            asking = node.execute_command(command)  # type: ignore[no-untyped-call]
+            return await asyncio.wait_for(asking, TOPOLOGY_TIMEOUT)
         finally:
             await node.aclose()
-        return _slot_ranges(reply, host)
 
 
 def _slot_ranges(reply: Any, asked: str) -> list[tuple[int, int, str, int]]:
@@ -125,6 +139,29 @@ def _slot_ranges(reply: Any, asked: str) -> list[tuple[int, int, str, int]]:
         host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
         ranges.append((int(start), int(end), host or asked, int(primary[1])))
     return ranges
+
+
+def _fields(item: Any) -> dict[str, Any]:
+    """A CLUSTER SHARDS map: a dict (RESP3, newer redis-py) or a flat key/value list."""
+    pairs = item.items() if isinstance(item, dict) else zip(item[::2], item[1::2], strict=True)
+    return {key.decode() if isinstance(key, bytes) else str(key): value for key, value in pairs}
+
+
+def _shard_primaries(reply: Any, asked: str) -> list[tuple[str, int]]:
+    """The online primaries of a CLUSTER SHARDS reply as (host, port); an empty ``ip``
+    (a node that does not know its own address) is the node asked."""
+    found = []
+    for shard in reply:
+        for node in (_fields(n) for n in _fields(shard)["nodes"]):
+            if as_str(node["role"]) != "master" or as_str(node["health"]) != "online":
+                continue
+            host = as_str(node.get("ip") or b"") or asked
+            found.append((host, int(node.get("port") or node["tls-port"])))
+    return found
+
+
+def as_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class SlotConnection(Connection):
@@ -177,6 +214,10 @@ class ClusterTarget:
 
     def topology(self) -> ClusterTopology:
         return ClusterTopology(self.seeds, self.node_options())
+
+    def node_client(self, host: str, port: int, **options: Any) -> aioredis.Redis:
+        """A client of one node (``options`` as for ``aioredis.Redis``), for per-node work."""
+        return aioredis.Redis(host=host, port=port, **self.node_options(), **options)
 
     def slot_client(self, topology: ClusterTopology, key: str, **options: Any) -> aioredis.Redis:
         """A client of the primary serving ``key``'s slot (``options`` as for ``from_url``)."""
