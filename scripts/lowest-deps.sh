@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 VENV=${LOWEST_VENV:-.venv-lowest}
 PYTHON=${PYTHON:-python3}
 # What the floors must carry: every end-to-end path (relay, ingest, listen, producer, the
-# settlement connection's idle check, Redis Sentinel), the wire format (msgpack), the
+# settlement connection's idle check, Redis Sentinel, Redis Cluster: SlotConnection overrides
+# redis-py's Connection._connect and read_response), the wire format (msgpack), the
 # metrics endpoint and the library internals check.
 TESTS=(
   tests/test_internals_*.py
@@ -26,6 +27,8 @@ TESTS=(
   tests/test_ingest_*.py
   tests/test_listen_*.py
   tests/test_sentinel_roles.py
+  tests/test_cluster.py
+  tests/test_cluster_setup.py
   tests/test_producer_delivery.py
   tests/test_producer_helper.py
   tests/test_streams_consumer.py
