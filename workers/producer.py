@@ -11,6 +11,14 @@ data <msgpack>``.  Nothing here talks to the delivery workers directly.
         text="Hello", html="<p>Hello</p>", attachments=["invoice.pdf"],
     )
 
+A partitioned deployment (``--partitions N`` or a Redis Cluster, schema/README.md
+"Partitioned streams") is written through :class:`SendPartitions`, which applies the
+producers' rule: ``crc32(id) mod N`` for a message with an ``id`` (a same-id send meets its
+duplicate guard in that partition), else the partitions in turn (round robin)::
+
+    async with send_partitions("redis+cluster://h1:7000,h2:7000", partitions=6) as sends:
+        entry_id = await enqueue_send(sends, from_=..., to=[...], id="order-1042")
+
 Message layout built by :func:`make_send_message`:
 
 * text only -> ``text/plain; charset=utf-8``; html only -> ``text/html; charset=utf-8``;
@@ -30,10 +38,12 @@ Message layout built by :func:`make_send_message`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mimetypes
 import os
+import random
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -48,7 +58,8 @@ from workers.codec.validate import validate_send
 from workers.codec.wire import pack
 from workers.config import CommonConfig, ConfigError, option
 from workers.streams import layout
-from workers.streams.connection import one_shot_client
+from workers.streams.connection import close_all, connect, one_shot_partitions, partition_clients
+from workers.streams.layout import StreamKeys
 
 # Compressed files: mimetypes reports the compression separately (``x.tar.gz`` ->
 # ``application/x-tar`` + ``gzip``); what is attached is the compressed file.
@@ -197,10 +208,77 @@ def deliverable(message: dict[str, Any]) -> SendMessage:
     return send
 
 
+# ---------------------------------------------------------------------------------------------
+# Partitions
+
+
+def partition_for(
+    message: SendMessage, count: int, spread: Callable[[int], int] = random.randrange
+) -> int:
+    """The producers' rule: ``crc32(id) mod count`` for a message with an ``id``, so that a
+    same-id send lands where its idempotency record is; else ``spread(count)``: any
+    partition will do."""
+    message_id = message.get("id")
+    return spread(count) if message_id is None else layout.partition_of(message_id, count)
+
+
+class SendPartitions:
+    """The send stream of every partition, each with a client of the Redis serving it (on a
+    cluster, the primary of the partition's slot): :func:`enqueue` picks one per message by
+    :func:`partition_for`, messages without an ``id`` going to the partitions in turn."""
+
+    def __init__(self, clients: Sequence[aioredis.Redis], keys: Sequence[StreamKeys]) -> None:
+        if not keys or len(clients) != len(keys):
+            raise ValueError("SendPartitions: one client per partition, at least one")
+        self.clients = list(clients)
+        self.streams = [k.send for k in keys]
+        # Many short-lived producers must not all start on partition 0.
+        self._turn = random.randrange(len(keys))  # noqa: S311 - spreading load, not secrets
+
+    def _next_turn(self, count: int) -> int:
+        self._turn = (self._turn + 1) % count
+        return self._turn
+
+    def target(self, message: SendMessage) -> tuple[aioredis.Redis, str]:
+        """The client and send stream ``message`` goes to."""
+        partition = partition_for(message, len(self.streams), self._next_turn)
+        return self.clients[partition], self.streams[partition]
+
+
+@contextlib.asynccontextmanager
+async def send_partitions(
+    redis_url: str, partitions: int = 1, *, send_stream: str = layout.DEFAULT_SEND
+) -> AsyncIterator[SendPartitions]:
+    """The :class:`SendPartitions` of a deployment, named as its workers' options name it
+    (``--redis-url``, ``--partitions``, ``--send-stream``); ConfigError (a ValueError) for
+    options the workers would refuse.  Standalone with 1 partition: ``send_stream`` itself.
+
+    The clients never send a command twice (an XADD retried after a lost reply would
+    enqueue the message twice): a Redis failure reaches the caller, who decides.
+    """
+    config = CommonConfig(redis_url=redis_url, partitions=partitions, send_stream=send_stream)
+    config.validate()
+    keys = config.partition_keys()
+    clients = partition_clients(redis_url, keys, connect, retries=0)
+    try:
+        yield SendPartitions(clients, keys)
+    finally:
+        await close_all(clients)
+
+
 async def enqueue(
-    redis: aioredis.Redis, message: SendMessage, *, stream: str = layout.DEFAULT_SEND
+    redis: aioredis.Redis | SendPartitions,
+    message: SendMessage,
+    *,
+    stream: str = layout.DEFAULT_SEND,
 ) -> str:
-    """XADD one validated send message; returns the stream entry id."""
+    """XADD one validated send message; returns the stream entry id.
+
+    To ``stream`` through one client, or to the partition :class:`SendPartitions` picks
+    (``stream`` is then unused: each partition has its own).
+    """
+    if isinstance(redis, SendPartitions):
+        redis, stream = redis.target(message)
     # redis-py types the field map as a dict of its own unions (invariant): copied into one.
     entry: dict[FieldT, EncodableT] = dict(layout.data_entry(pack(message)).items())
     entry_id = await redis.xadd(stream, entry)
@@ -208,7 +286,7 @@ async def enqueue(
 
 
 async def enqueue_send(
-    redis: aioredis.Redis,
+    redis: aioredis.Redis | SendPartitions,
     *,
     from_: str | None,
     to: str | Sequence[str],
@@ -222,7 +300,8 @@ async def enqueue_send(
     max_age: float | None = None,
     stream: str = layout.DEFAULT_SEND,
 ) -> str:
-    """Build, validate and enqueue one send (see :func:`make_send_message`); the entry id."""
+    """Build, validate and enqueue one send (see :func:`make_send_message`); the entry id.
+    ``redis`` and ``stream`` as for :func:`enqueue`."""
     specs = list(attachments)
     arguments: dict[str, Any] = {
         "from_": from_, "to": to, "subject": subject, "text": text, "html": html,
@@ -243,7 +322,11 @@ async def enqueue_send(
 
 @dataclass
 class SendConfig(CommonConfig):
-    """``mailpool send``: enqueue one message on the send stream and print its entry id."""
+    """``mailpool send``: enqueue one message on the send stream and print its entry id.
+
+    Partitioned: on the send stream of partition ``crc32(--id) mod --partitions``, without
+    ``--id`` of a random one (each run sends one message: there is no turn to take).
+    """
 
     sender: str | None = option(
         None, "envelope sender and default From header ('<>' for the null sender)", flag="--from"
@@ -257,7 +340,10 @@ class SendConfig(CommonConfig):
         [], "extra header 'Name: value' (repeatable; overrides From/To/Subject)", repeatable=True
     )
     message_id: str | None = option(
-        None, "idempotency id: the message is sent at most once per recipient", flag="--id"
+        None,
+        "idempotency id: the message is sent at most once per recipient (partitioned: it "
+        "picks the partition, crc32(id) mod N; without it a random partition)",
+        flag="--id",
     )
 
     def validate(self) -> None:
@@ -298,7 +384,10 @@ def message_from_config(config: SendConfig) -> SendMessage:
 
 async def main(config: SendConfig) -> int:
     message = message_from_config(config)
-    async with one_shot_client(config.redis_url) as redis:
-        entry_id = await enqueue(redis, message, stream=config.send_stream)
+    partitions = config.partition_keys()
+    # Only the chosen partition's Redis is connected to (and must answer).
+    keys = partitions[partition_for(message, len(partitions))]
+    async with one_shot_partitions(config.redis_url, (keys,)) as (redis,):
+        entry_id = await enqueue(redis, message, stream=keys.send)
     print(entry_id, flush=True)
     return 0
