@@ -24,6 +24,11 @@ Semantics (Redis consumer groups, see ``workers.streams.consumer``):
 * Leaving ``async with`` without an exception removes the consumer from the group when it
   has nothing pending (so short runs do not pile up consumers); with entries pending it
   stays, so that they come back to it, and says so in the log.
+* Partitioned (``--partitions N`` or a cluster URL): every partition's receive stream,
+  ``email.receive{0}`` .. ``{N-1}``, in the same group; the entries ready are handed out in
+  turn, one per partition, so a busy partition never starves another.  Order holds within
+  a partition, not across them (see :class:`Listener`); ``ack`` goes to the entry's own
+  stream, and ``mailpool listen`` adds ``stream`` to each line.
 
 ``mailpool listen`` prints one JSON line per entry; see :func:`to_json_line` for the format.
 """
@@ -37,7 +42,7 @@ import json
 import os
 import sys
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from types import TracebackType
@@ -62,7 +67,13 @@ from workers.config import (
 )
 from workers.lifecycle import install_stop_signals
 from workers.streams import functions, layout
-from workers.streams.connection import connect, first_reply_problem, resolve_redis_url
+from workers.streams.connection import (
+    close_all,
+    connect,
+    first_reply_problem,
+    partition_clients,
+    resolve_redis_url,
+)
 from workers.streams.consumer import START_ALL, START_NEW, GroupConsumer, StreamEntry
 
 log = structlog.get_logger("mailpool.listen")
@@ -84,21 +95,57 @@ class ListenedMessage:
     deliveries: int  # 1 on first delivery, more when claimed again after claim_after
     data: bytes | None  # the entry's raw `data` field (None when missing or trimmed)
     _listener: Listener = field(repr=False)
+    # The stream it came from (entry ids are per stream: partitions may repeat one).
+    stream: str = layout.DEFAULT_RECEIVE
 
     async def ack(self) -> None:
         await self._listener.ack(self)
 
 
+class _Partition:
+    """One stream of a listener: its consumer, its read in flight (at most one) and the
+    entries read but not handed out yet, in stream order."""
+
+    def __init__(self, reader: GroupConsumer) -> None:
+        self.reader = reader
+        self.buffer: deque[StreamEntry] = deque()
+        self.reading: asyncio.Task[list[StreamEntry]] | None = None
+        self.asked = 0  # how many entries the read in flight may return
+        self.group_ready = False
+
+    @property
+    def stream(self) -> str:
+        return self.reader.stream
+
+    def harvest(self) -> None:
+        """Move the entries of a finished read into the buffer (its error, if any, raises)."""
+        if self.reading is not None and self.reading.done():
+            reading, self.reading, self.asked = self.reading, None, 0
+            self.buffer.extend(reading.result())
+
+
 class Listener:
-    """Async iterator of decoded ``email.receive`` messages of one consumer in one group."""
+    """Async iterator of decoded ``email.receive`` messages of one consumer in one group,
+    over one stream or over every partition's stream (``redis`` and ``stream`` as
+    sequences, or one client for all streams).
+
+    With several streams (``email.receive{0}`` .. ``{N-1}`` of a partitioned deployment)
+    the consumer has the same name in the group of each; each stream has its own read in
+    flight, and the entries ready are handed out in turn, one per stream, so a busy
+    partition never starves another.  Order guarantees: within one stream, entries are
+    handed out in stream order (an entry handed out again, claimed after ``claim_after`` or
+    released, may come after newer ones of its stream, as with one stream); across streams
+    there is no order (ingest spreads received mail round robin over the partitions).
+    Acknowledgements go to the stream each message came from.
+    """
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: aioredis.Redis | Sequence[aioredis.Redis],
         group: str,
         consumer: str | None = None,
         *,
-        stream: str = layout.DEFAULT_RECEIVE,
+        stream: str | Sequence[str] = layout.DEFAULT_RECEIVE,
         start: str = "new",
         claim_after: float = DEFAULT_CLAIM_AFTER,
         batch: int = 100,
@@ -107,30 +154,37 @@ class Listener:
     ) -> None:
         if start not in STARTS:
             raise ValueError(f"start must be 'new' or 'all', got {start!r}")
-        self.redis = redis
+        streams = [stream] if isinstance(stream, str) else list(stream)
+        clients = [redis] * len(streams) if isinstance(redis, aioredis.Redis) else list(redis)
+        if not streams or len(clients) != len(streams):
+            raise ValueError("one Redis client per stream, or one client for all streams")
+        self.redis, self.stream, self.streams = clients[0], streams[0], tuple(streams)
         self.group = group
         self.consumer = consumer or default_consumer_name()
-        self.stream = stream
         self.start = start
         # block bounds how long a stop request waits for a quiet XREADGROUP to return.
-        self._reader = GroupConsumer(
-            redis, stream, group, self.consumer, claim_after=claim_after, batch=batch, block=block
-        )
+        self._parts = [
+            _Partition(GroupConsumer(client, name, group, self.consumer,
+                                     claim_after=claim_after, batch=batch, block=block))
+            for client, name in zip(clients, streams, strict=True)
+        ]  # fmt: skip
+        self._block_ms = int(block * 1000)
         self.batch = batch
         # limit: hand out this many entries, then end; reads never fetch beyond it, so a
         # script that wants one message does not leave others pending on its consumer.
         self.limit = limit
         self.handed_out = 0
-        self._buffer: deque[StreamEntry] = deque()
-        self._group_ready = False
+        self._hand_turn = 0  # the stream whose entry goes out next, when it has one
+        self._read_turn = 0  # the stream that reads next, when the limit lets few read
         self._stopped = asyncio.Event()
 
     async def __aenter__(self) -> Listener:
-        try:
-            await self.ensure_group()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            # Not fatal: the first read waits for Redis and creates the group then.
-            log.warning("redis_unavailable", error=str(exc))
+        for part in self._parts:
+            try:
+                await self._ensure_group(part)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # Not fatal: the first read waits for Redis and creates the group then.
+                log.warning("redis_unavailable", stream=part.stream, error=str(exc))
         return self
 
     async def __aexit__(
@@ -167,84 +221,165 @@ class Listener:
         return self._stopped.is_set()
 
     async def ensure_group(self) -> None:
-        if not self._group_ready:
-            await self._reader.ensure_group(STARTS[self.start])
-            self._group_ready = True
+        for part in self._parts:
+            await self._ensure_group(part)
+
+    async def _ensure_group(self, part: _Partition) -> None:
+        if not part.group_ready:
+            await part.reader.ensure_group(STARTS[self.start])
+            part.group_ready = True
 
     async def next(self) -> ListenedMessage | None:
         """The next message, waiting as long as needed; None once :meth:`stop` was called."""
         while not self._stopped.is_set():
             if self.limit is not None and self.handed_out >= self.limit:
                 return None
-            if self._buffer:
+            for part in self._parts:
+                part.harvest()
+            self._start_reads()
+            taken = self._take_in_turn()
+            if taken is not None:
                 self.handed_out += 1
-                return self._wrap(self._buffer.popleft())
-            wanted = self.batch if self.limit is None else self.limit - self.handed_out
-            self._reader.batch = min(self.batch, wanted)
-            self._buffer.extend(await self._read_riding_out_outages())
+                return self._wrap(*taken)
+            await self._wait_for_a_read()
         return None
+
+    def _take_in_turn(self) -> tuple[_Partition, StreamEntry] | None:
+        count = len(self._parts)
+        for step in range(count):
+            index = (self._hand_turn + step) % count
+            part = self._parts[index]
+            if part.buffer:
+                self._hand_turn = (index + 1) % count
+                return part, part.buffer.popleft()
+        return None
+
+    def _start_reads(self) -> None:
+        """A read for every stream with nothing in hand and no read in flight, as far as
+        ``limit`` allows: while fewer entries are wanted than such streams, the first ones
+        in turn read one entry each, with ``block`` divided by the stream count so that
+        the others soon get their turn."""
+        count = len(self._parts)
+        in_turn = (self._parts[(self._read_turn + step) % count] for step in range(count))
+        idle = [part for part in in_turn if not part.buffer and part.reading is None]
+        wanted = self._wanted(len(idle))
+        if not idle or wanted <= 0:
+            return
+        share = min(self.batch, max(1, wanted // len(idle)))
+        block_ms = self._block_ms if wanted >= len(idle) else max(1, self._block_ms // count)
+        for part in idle[:wanted]:
+            part.asked = share
+            part.reader.batch, part.reader.block_ms = share, block_ms
+            part.reading = asyncio.create_task(self._read_riding_out_outages(part))
+            self._read_turn = (self._parts.index(part) + 1) % count
+
+    def _wanted(self, idle: int) -> int:
+        """How many more entries reads may fetch: without a limit, a batch per idle stream;
+        with one, what is left of it beyond what was handed out, read or asked for."""
+        if self.limit is None:
+            return self.batch * idle
+        in_hand = sum(len(p.buffer) + p.asked for p in self._parts)
+        return self.limit - self.handed_out - in_hand
+
+    async def _wait_for_a_read(self) -> None:
+        reads = [p.reading for p in self._parts if p.reading is not None]
+        stopping = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait([*reads, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
 
     async def release_unread(self) -> None:
         """Make entries read but never handed out claimable by other consumers at once
         (:meth:`GroupConsumer.release <workers.streams.consumer.GroupConsumer.release>`):
         any consumer of the group claims them on its next claim pass instead of waiting
-        ``claim_after``; a failure leaves them to ``claim_after``."""
-        unread = list(self._buffer)
-        self._buffer.clear()
-        await self._reader.release(unread)
+        ``claim_after``; a failure leaves them to ``claim_after``.  Once stopped, the reads
+        still in flight are waited for (at most ``block``) and their entries released too."""
+        if self._stopped.is_set():
+            reads = [p.reading for p in self._parts if p.reading is not None]
+            if reads:
+                await asyncio.wait(reads)
+        for part in self._parts:
+            with contextlib.suppress(RedisError, OSError):  # a read that failed: nothing read
+                part.harvest()
+            unread = list(part.buffer)
+            part.buffer.clear()
+            await part.reader.release(unread)
 
     async def remove_consumer_if_idle(self) -> bool:
-        """Delete this consumer from the group unless entries are pending on it.
+        """Delete this consumer from the group of each stream unless entries are pending on
+        it there.
 
-        True when it was removed.  A consumer with pending entries is kept (XGROUP
-        DELCONSUMER would drop them from the group for good); they come back to a listener
-        with the same consumer name at once, or to any other after ``claim_after``.
+        True when it was removed everywhere.  A consumer with pending entries is kept
+        (XGROUP DELCONSUMER would drop them from the group for good); they come back to a
+        listener with the same consumer name at once, or to any other after
+        ``claim_after``.
         """
-        if not self._group_ready:
-            return False  # never reached Redis: nothing was created under this name
+        removed = [await self._remove_if_idle(part) for part in self._parts if part.group_ready]
+        if removed and all(removed):
+            log.info("consumer_removed", group=self.group, consumer=self.consumer)
+            return True
+        return False
+
+    async def _remove_if_idle(self, part: _Partition) -> bool:
         remove = functions.REMOVE_IDLE_CONSUMER  # one step: checks nothing is pending first
         try:
             reply = await functions.fcall(
-                self.redis, remove, [self.stream], [self.group, self.consumer]
+                part.reader.redis, remove, [part.stream], [self.group, self.consumer]
             )
             pending = int(reply)
         except RedisError as exc:  # e.g. a user without FCALL; housekeeping removes it later
             log.warning("consumer_not_removed", group=self.group, consumer=self.consumer,
-                        error=str(exc))  # fmt: skip
+                        stream=part.stream, error=str(exc))  # fmt: skip
             return False
         if pending:
             log.info("consumer_kept", group=self.group, consumer=self.consumer, pending=pending,
-                     reason="entries are pending on it")  # fmt: skip
+                     stream=part.stream, reason="entries are pending on it")  # fmt: skip
             return False
-        log.info("consumer_removed", group=self.group, consumer=self.consumer)
         return True
 
-    async def ack(self, *messages: ListenedMessage | str) -> int:
-        """Acknowledge messages (or entry ids); returns how many were still pending."""
-        ids = [m if isinstance(m, str) else m.id for m in messages]
-        return await self._reader.ack(*ids)
+    async def ack(self, *messages: ListenedMessage | str, stream: str | None = None) -> int:
+        """Acknowledge messages (or entry ids of ``stream``, which one stream alone may
+        leave out); returns how many were still pending."""
+        ids: dict[int, list[str]] = {}
+        for m in messages:
+            entry_id, source = (m, stream) if isinstance(m, str) else (m.id, m.stream)
+            ids.setdefault(self._index_of(source), []).append(entry_id)
+        return sum([await self._parts[index].reader.ack(*group) for index, group in ids.items()])
 
-    async def _read_riding_out_outages(self) -> list[StreamEntry]:
+    def _index_of(self, stream: str | None) -> int:
+        if stream is None:
+            if len(self._parts) > 1:
+                raise ValueError("an entry id alone is ambiguous over several streams: "
+                                 "acknowledge the message, or name its stream")  # fmt: skip
+            return 0
+        try:
+            return self.streams.index(stream)
+        except ValueError:
+            raise ValueError(f"{stream!r} is not a stream of this listener") from None
+
+    async def _read_riding_out_outages(self, part: _Partition) -> list[StreamEntry]:
         delay = RETRY_DELAY_FIRST
         while not self._stopped.is_set():
             try:
-                await self.ensure_group()
-                return await self._reader.read()
+                await self._ensure_group(part)
+                return await part.reader.read()
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("redis_unavailable", error=str(exc), retry_in=delay)
+                log.warning("redis_unavailable", stream=part.stream, error=str(exc),
+                            retry_in=delay)  # fmt: skip
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 # The group (or the stream) vanished, e.g. a Redis restarted without
                 # persistence: create it again from the configured start.
-                log.warning("group_missing", stream=self.stream, group=self.group)
-                self._group_ready = False
+                log.warning("group_missing", stream=part.stream, group=self.group)
+                part.group_ready = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), delay)
             delay = min(delay * 2, RETRY_DELAY_CAP)
         return []
 
-    def _wrap(self, entry: StreamEntry) -> ListenedMessage:
+    def _wrap(self, part: _Partition, entry: StreamEntry) -> ListenedMessage:
         data = entry.data
         message: ReceiveMessage | None = None
         error: str | None = None
@@ -259,9 +394,9 @@ class Listener:
                 error = f"not a valid email.receive message: {exc}"
         if error is not None:
             log.warning(
-                "undecodable_entry", stream=self.stream, group=self.group, id=entry.id, error=error
+                "undecodable_entry", stream=part.stream, group=self.group, id=entry.id, error=error
             )
-        return ListenedMessage(entry.id, message, error, entry.deliveries, data, self)
+        return ListenedMessage(entry.id, message, error, entry.deliveries, data, self, part.stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +450,7 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def to_json_line(message: ListenedMessage) -> str:
+def to_json_line(message: ListenedMessage, *, stream: bool = False) -> str:
     """One JSON object (no newline) for one entry.
 
     A good message: ``entry_id`` and ``deliveries``, then every key of the message as stored
@@ -325,9 +460,14 @@ def to_json_line(message: ListenedMessage) -> str:
     else ``"base64"``.  The ``raw`` extension, when present, is base64 with
     ``raw_encoding: "base64"``.  An undecodable entry: ``entry_id``, ``deliveries``, ``error``
     and, when the entry still had one, its ``data`` field as base64 with
-    ``data_encoding: "base64"``; it has no spec keys.
+    ``data_encoding: "base64"``; it has no spec keys.  With ``stream`` (partitioned), the
+    entry's stream follows ``entry_id`` (``"stream": "email.receive{3}"``): an entry id
+    names an entry of one stream only.
     """
-    out: dict[str, Any] = {"entry_id": message.id, "deliveries": message.deliveries}
+    out: dict[str, Any] = {"entry_id": message.id}
+    if stream:
+        out["stream"] = message.stream
+    out["deliveries"] = message.deliveries
     if message.message is None:
         out["error"] = message.error
         if message.data is not None:
@@ -382,11 +522,12 @@ def write_line(line: str) -> None:
     sys.stdout.buffer.flush()
 
 
-async def print_messages(listener: Listener, *, ack: bool) -> int:
-    """Print entries until the listener ends (its limit, or stopped); returns how many."""
+async def print_messages(listener: Listener, *, ack: bool, stream: bool = False) -> int:
+    """Print entries until the listener ends (its limit, or stopped); returns how many.
+    ``stream``: each line names its entry's stream (see :func:`to_json_line`)."""
     printed = 0
     async for message in listener:
-        write_line(to_json_line(message))
+        write_line(to_json_line(message, stream=stream))
         if ack:
             await message.ack()
         printed += 1
@@ -402,23 +543,29 @@ POOL_HINT = (
 )
 
 
-async def say_if_redis_is_missing(redis: aioredis.Redis, url: str) -> None:
-    """One clear warning naming the URL when nothing answers there at start."""
-    problem = await first_reply_problem(redis)
-    if problem is not None:
+async def say_if_redis_is_missing(clients: Sequence[aioredis.Redis], url: str) -> None:
+    """One clear warning naming the URL when nothing answers there at start (on a cluster:
+    the first partition whose primary does not answer)."""
+    for client in {id(c): c for c in clients}.values():
+        problem = await first_reply_problem(client)
+        if problem is None:
+            continue
         log.warning("redis_not_answering", redis_url=mask_url_password(url), error=problem,
                     hint=POOL_HINT)  # fmt: skip
+        return
 
 
 async def main(config: ListenConfig) -> int:
     assert config.group is not None  # validate() insists
     url = resolve_redis_url(config.redis_url)
-    redis = connect(url)
+    partitions = config.partition_keys()
+    # Partitioned: every partition's receive stream, each through the client of its slot.
+    clients = partition_clients(url, partitions, connect)
     listener = Listener(
-        redis,
+        clients,
         config.group,
         config.consumer,
-        stream=config.receive_stream,
+        stream=[keys.receive for keys in partitions],
         start=config.start,
         claim_after=config.claim_after,
         batch=config.batch,
@@ -428,11 +575,12 @@ async def main(config: ListenConfig) -> int:
     install_stop_signals(stop)
     stopper = asyncio.create_task(_stop_when_set(stop, listener))
     log.info("listen_started", redis_url=mask_url_password(url), stream=config.receive_stream,
-             group=config.group, consumer=config.consumer, start=config.start)  # fmt: skip
+             partitions=len(partitions), group=config.group, consumer=config.consumer,
+             start=config.start)  # fmt: skip
     try:
-        await say_if_redis_is_missing(redis, url)
+        await say_if_redis_is_missing(clients, url)
         async with listener:
-            printed = await print_messages(listener, ack=config.ack)
+            printed = await print_messages(listener, ack=config.ack, stream=config.partitioned)
     except BrokenPipeError:
         # The reader went away (`| head -1`): nothing more to print to, not an error.  The
         # entry being printed was not acknowledged, so no message is lost.
@@ -440,7 +588,7 @@ async def main(config: ListenConfig) -> int:
         return 0
     finally:
         stopper.cancel()
-        await redis.aclose()
+        await close_all(clients)
     log.info("listen_stopped", group=config.group, printed=printed)
     return 0
 
