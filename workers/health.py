@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from http import HTTPStatus
 
 import redis.asyncio as aioredis
@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from workers.config import parse_host_port
 from workers.metrics import record_stream_status
 from workers.streams.layout import StreamKeys
-from workers.streams.snapshot import collect_status
+from workers.streams.snapshot import collect_partitions
 
 log = structlog.get_logger("mailpool.health")
 
@@ -110,15 +110,30 @@ def _request_line(head: bytes) -> tuple[str, str]:
 
 
 async def refresh_stream_gauges(
-    redis: aioredis.Redis, keys: StreamKeys, stop: asyncio.Event
+    redis: aioredis.Redis,
+    keys: StreamKeys,
+    stop: asyncio.Event,
+    *,
+    partitions: Sequence[tuple[aioredis.Redis, StreamKeys]] = (),
 ) -> None:
-    """Keep the stream gauges (lag, pending, dead letters) fresh for /metrics."""
+    """Keep the stream gauges (lag, pending, dead letters) fresh for /metrics.
+
+    They cover every partition in ``partitions`` (``redis`` and ``keys`` alone when empty):
+    each partition's streams under their own names, ``stream="email.send{3}"``, which
+    Prometheus sums (``sum without (stream) (mailpool_stream_length{stream=~"email.send{.*"})``);
+    dead letters and retries waiting summed.  Not partitioned: the contract's names.
+    """
+    sources = list(partitions) or [(redis, keys)]
+    clients, partition_keys = [c for c, _ in sources], [k for _, k in sources]
     while not stop.is_set():
         try:
             # No counting of a lag Redis cannot tell: XRANGE returns whole messages (up to
             # --max-size each), too much to read every refresh; the series is absent then.
-            record_stream_status(await collect_status(redis, keys, lag_limit=0))
+            snapshot = await collect_partitions(clients, partition_keys, lag_limit=0)
+            record_stream_status(snapshot)
         except (aioredis.RedisError, OSError) as exc:
+            # One partition away (a failover) keeps every gauge at its last value until
+            # the next refresh reads them all.
             log.debug("gauge_refresh_failed", error=str(exc))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), GAUGE_REFRESH)
@@ -132,12 +147,15 @@ async def serving_health(
     listening: Callable[[], bool],
     *,
     stream_gauges: bool = False,
+    partitions: Sequence[tuple[aioredis.Redis, StreamKeys]] = (),
 ) -> AsyncIterator[HealthServer | None]:
     """Run the HTTP endpoints for the life of a role (no-op without --http).
 
     ``stream_gauges`` also refreshes the stream gauges; only roles whose Redis user may read
     every stream turn it on (housekeeping, ``mailpool run``), so with least-privilege ACLs
-    one pod exports them and the others do not log NOPERM every refresh.
+    one pod exports them and the others do not log NOPERM every refresh.  The gauges read
+    every partition's client and keys in ``partitions`` (``redis`` and ``keys`` alone when
+    empty, as when not partitioned).
     """
     if not address:
         yield None
@@ -146,7 +164,9 @@ async def serving_health(
     await server.start()
     stop = asyncio.Event()
     refresher = (
-        asyncio.create_task(refresh_stream_gauges(redis, keys, stop)) if stream_gauges else None
+        asyncio.create_task(refresh_stream_gauges(redis, keys, stop, partitions=partitions))
+        if stream_gauges
+        else None
     )
     try:
         yield server

@@ -132,8 +132,9 @@ async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:
     clients = partition_clients(url, partitions, connect)
     try:
         async with serving_health(
-            config.http, clients[0], partitions[0], lambda: not stop.is_set(), stream_gauges=True
-        ):
+            config.http, clients[0], partitions[0], lambda: not stop.is_set(), stream_gauges=True,
+            partitions=list(zip(clients, partitions, strict=True)),
+        ):  # fmt: skip
             checked: set[int] = set()  # partitions whose library was found (exit 2 if missing)
             while not stop.is_set():
                 for n, (redis, keys) in enumerate(zip(clients, partitions, strict=True)):
