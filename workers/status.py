@@ -12,12 +12,14 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from workers.config import CommonConfig, option
 from workers.streams.connection import one_shot_partitions
 from workers.streams.layout import Snapshot
-from workers.streams.snapshot import collect_partitions
+from workers.streams.snapshot import StreamTotal, collect_partitions, partition_totals
 
 
 @dataclass
@@ -31,18 +33,24 @@ def _cell(value: object) -> str:
     return "unknown" if value is None else str(value)
 
 
-def render_table(status: Snapshot) -> str:
+def render_table(
+    status: Snapshot, totals: Mapping[str, StreamTotal] | None = None, partitions: int = 1
+) -> str:
+    """The table; with ``totals`` (partitioned), one row per stream base name and group
+    after the partitions' rows: ``email.send (all 6)``, its length, lag and pending summed,
+    the oldest pending of them all."""
     header = ("STREAM", "LENGTH", "GROUP", "CONSUMERS", "LAG", "PENDING", "OLDEST PENDING s")
     rows: list[tuple[str, ...]] = [header]
     for name, stream in status.streams.items():
         if not stream.groups:
             rows.append((name, str(stream.length), "-", "", "", "", ""))
         for group, info in stream.groups.items():
-            oldest = info.oldest_pending_seconds
             rows.append((
                 name, str(stream.length), group, str(info.consumers), _cell(info.lag),
-                str(info.pending), "-" if oldest is None else f"{oldest:.1f}",
+                str(info.pending), _age(info.oldest_pending_seconds),
             ))  # fmt: skip
+    for base, total in (totals or {}).items():
+        rows.extend(_total_rows(f"{base} (all {partitions})", total))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in rows]  # fmt: skip
@@ -54,17 +62,48 @@ def render_table(status: Snapshot) -> str:
     return "\n".join(lines)
 
 
+def _age(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}"
+
+
+def _total_rows(label: str, total: StreamTotal) -> list[tuple[str, ...]]:
+    """A summed stream's rows; no consumer count: one process is a consumer in every
+    partition, so a sum would count it once per partition."""
+    if not total.groups:
+        return [(label, str(total.length), "-", "", "", "", "")]
+    return [
+        (label, str(total.length), group, "", _cell(g.lag), str(g.pending),
+         _age(g.oldest_pending_seconds))
+        for group, g in total.groups.items()
+    ]  # fmt: skip
+
+
+def as_json(status: Snapshot, totals: Mapping[str, StreamTotal] | None) -> dict[str, Any]:
+    """The contract's document; partitioned, also ``totals``: per stream base name the
+    summed ``length`` and per group ``pending`` and ``lag`` (null when any partition's lag
+    is unknown), the oldest pending, and how many ``partitions`` each covers."""
+    document = status.as_json()
+    if totals is not None:
+        document["totals"] = {base: asdict(total) for base, total in totals.items()}
+    return document
+
+
 async def main(config: StatusConfig) -> int:
     partitions = config.partition_keys()
     async with one_shot_partitions(config.redis_url, partitions) as clients:
         while True:
             status = await collect_partitions(clients, partitions)
+            totals = (
+                partition_totals(status, config.stream_keys(), partitions)
+                if config.partitioned
+                else None
+            )
             if config.json:
-                print(json.dumps(status.as_json()), flush=True)
+                print(json.dumps(as_json(status, totals)), flush=True)
             else:
                 if config.watch:
                     sys.stdout.write("\x1b[2J\x1b[H")  # clear the terminal between refreshes
-                print(render_table(status), flush=True)
+                print(render_table(status, totals, len(partitions)), flush=True)
             if not config.watch:
                 return 0
             await asyncio.sleep(config.interval)

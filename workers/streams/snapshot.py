@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -117,18 +118,83 @@ async def collect_partitions(
     *,
     lag_limit: int = LAG_COUNT_LIMIT,
 ) -> Snapshot:
-    """One snapshot of every partition: each partition's streams under their own names,
-    dead letters and retries waiting summed, the soonest retry."""
+    """One snapshot of every partition: each partition's streams under their own names
+    (receive streams first, partition by partition, then send, then events), dead letters
+    and retries waiting summed, the soonest retry."""
     parts = [
         await collect_status(client, keys, lag_limit=lag_limit)
         for client, keys in zip(clients, partitions, strict=True)
     ]
     if len(parts) == 1:
         return parts[0]
+    names = [name for kind in STREAM_KINDS for name in (getattr(k, kind) for k in partitions)]
+    found = {name: s for p in parts for name, s in p.streams.items()}
     due = [p.next_retry_at for p in parts if p.next_retry_at is not None]
     return Snapshot(
-        streams={name: s for p in parts for name, s in p.streams.items()},
+        streams={name: found[name] for name in names if name in found},
         dead_letters=sum(p.dead_letters for p in parts),
         retries_waiting=sum(p.retries_waiting for p in parts),
         next_retry_at=min(due) if due else None,
+    )
+
+
+# --- totals across partitions ----------------------------------------------------------------
+# The StreamKeys fields of the streams a snapshot shows, in the order it shows them.
+STREAM_KINDS = ("receive", "send", "events")
+
+
+@dataclass(frozen=True)
+class GroupTotal:
+    """One group over every partition where it exists."""
+
+    partitions: int  # how many partitions' streams have the group
+    pending: int
+    # Summed; None (unknown) when any partition's lag is unknown: the sum of the others
+    # would understate it, and a low lag reads as "nearly caught up".
+    lag: int | None
+    oldest_pending_seconds: float | None  # the oldest of all partitions
+
+
+@dataclass(frozen=True)
+class StreamTotal:
+    """One stream base name (``email.send``) over every partition whose stream exists."""
+
+    partitions: int
+    length: int
+    groups: dict[str, GroupTotal]
+
+
+def partition_totals(
+    snapshot: Snapshot, base: StreamKeys, partitions: Sequence[StreamKeys]
+) -> dict[str, StreamTotal]:
+    """Each stream base name's partitions summed, for the streams that exist somewhere."""
+    totals: dict[str, StreamTotal] = {}
+    for kind in STREAM_KINDS:
+        names = (getattr(keys, kind) for keys in partitions)
+        found = [snapshot.streams[name] for name in names if name in snapshot.streams]
+        if found:
+            totals[getattr(base, kind)] = _stream_total(found)
+    return totals
+
+
+def _stream_total(streams: Sequence[StreamStatus]) -> StreamTotal:
+    by_group: dict[str, list[GroupStatus]] = {}
+    for stream in streams:
+        for group, info in stream.groups.items():
+            by_group.setdefault(group, []).append(info)
+    return StreamTotal(
+        partitions=len(streams),
+        length=sum(s.length for s in streams),
+        groups={group: _group_total(infos) for group, infos in by_group.items()},
+    )
+
+
+def _group_total(infos: Sequence[GroupStatus]) -> GroupTotal:
+    lags = [g.lag for g in infos]
+    ages = [g.oldest_pending_seconds for g in infos if g.oldest_pending_seconds is not None]
+    return GroupTotal(
+        partitions=len(infos),
+        pending=sum(g.pending for g in infos),
+        lag=None if None in lags else sum(lag for lag in lags if lag is not None),
+        oldest_pending_seconds=max(ages) if ages else None,
     )
