@@ -8,18 +8,38 @@ The calls block; a test with an event loop of its own runs them with ``asyncio.t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
+import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from tests.harness import RedisServer, free_port
+from tests.chaos.delivery_chaos_util import recipient
+from tests.chaos.ledger import HEADER, Ledger, id_in_raw
+from tests.chaos.scenario import (
+    Replies,
+    ids_until,
+    receive_ledger_id,
+    send_with_ledger,
+    stored_entries,
+)
+from tests.delivery_util import pack, send_message, terminate, worker_process
+from tests.harness import RedisServer, free_port, wait_until
+from tests.ingest_util import IngestProcess
+from tests.schema_util import schema_violations
+from tests.sinks import RecordingSink
 from workers.streams import layout
+from workers.streams.connection import close_all, connect, partition_clients
 from workers.streams.layout import StreamKeys
 
 NODE_TIMEOUT_MS = 1000
@@ -48,6 +68,9 @@ class ClusterSet:
             # A replica may take over however long it was cut off (the test kills primaries).
             "--cluster-replica-validity-factor", "0",
             "--appendfsync", "everysec",
+            # A replica (re)joining syncs at once, not 5 s later (Redis's default): the
+            # start-up, and a killed node's return, wait for replicas in sync.
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
 
     def url(self, scheme: str = "redis+cluster") -> str:
@@ -144,3 +167,422 @@ def flush_primaries(cluster: ClusterSet) -> None:
     for server in cluster.running():
         if cluster.client(server).info("replication")["role"] == "master":
             cluster.client(server).flushall()
+
+
+# --- Failover under load ----------------------------------------------------------------
+# The scenario of tests/test_cluster_failover.py (one kill per mode, in CI) and
+# tests/chaos/test_cluster_failover.py (several kills on different shards, `make chaos`):
+# SMTP senders into an ingest worker and producers feeding a delivery worker, both real
+# processes given the cluster URL, while primaries are killed with kill -9.  Counted like
+# the Sentinel scenario (tests/chaos/test_sentinel_failover.py), per mode:
+#   ingest: 250s whose entry no partition holds afterwards (acknowledged-then-lost),
+#     entries beyond one per id (duplicates), 451s, and the time without a writable primary
+#     as the senders saw it: from the first 451 after a kill to the first 250 whose entry
+#     is in a partition the killed node served;
+#   delivery: for each confirmed send id, copies at the relay (0: lost, 2+: duplicates) and
+#     whether its delivered event and its sent:<id> record survived; the sends in flight at
+#     a kill (relay reached in the half second before it, by ids of the killed node's
+#     partitions), and the time without settlements: the longest gap between delivered
+#     events of those partitions around the kill.
+
+GUARD = ("--min-replicas", "1", "--replica-timeout", "0.5")
+FAILOVER_MODES = {"guarded": GUARD, "unguarded": ()}
+IN_FLIGHT_WINDOW = 0.5  # seconds before a kill in which a send counts as in flight
+RELAY_STALL = 0.05  # the relay's pause before its reply to DATA: sends are mid-way at a kill
+FAILOVER_TIMEOUT = 30.0
+
+
+@dataclass
+class Kill:
+    """One kill -9 of a primary: the partitions it served and how long each step took."""
+
+    port: int
+    partitions: list[int]
+    at: float  # time.monotonic() (the clock of Replies and TimedLedger)
+    wall: float  # time.time() (stream ids are wall-clock milliseconds)
+    promoted_s: float  # until CLUSTER SLOTS named its replica
+    round_s: float  # until the killed node, started again, was an in-sync replica
+
+
+def shards(cluster: ClusterSet, keys: Sequence[StreamKeys]) -> list[list[int]]:
+    """The partitions grouped by the primary that serves them now, in partition order."""
+    by_port: dict[int, list[int]] = {}
+    for p, k in enumerate(keys):
+        by_port.setdefault(cluster.primary_of(k.send).port, []).append(p)
+    return sorted(by_port.values())
+
+
+def kill_primary(cluster: ClusterSet, keys: Sequence[StreamKeys], shard: int) -> Kill:
+    """kill -9 the primary of ``shard`` (an index into :func:`shards`); wait for its
+    replica's promotion; start the killed node again and wait until it is the new primary's
+    replica in sync (with --min-replicas 1 the new primary needs one to confirm writes)."""
+    partitions = shards(cluster, keys)[shard % PRIMARIES]
+    key = keys[partitions[0]].send
+    victim = cluster.primary_of(key)
+    wall, at = time.time(), time.monotonic()
+    victim.stop(kill=True)
+    while cluster.primary_of(key) is victim:
+        assert time.monotonic() < at + FAILOVER_TIMEOUT, "no replica promoted"
+        time.sleep(0.05)
+    promoted = time.monotonic() - at
+    victim.start()
+    while not _in_sync_replica(cluster, victim):
+        assert time.monotonic() < at + 2 * FAILOVER_TIMEOUT, "the killed node did not rejoin"
+        time.sleep(0.05)
+    cluster.wait_until_ok()
+    return Kill(victim.port, partitions, at, wall, promoted, time.monotonic() - at)
+
+
+def _in_sync_replica(cluster: ClusterSet, server: RedisServer) -> bool:
+    with contextlib.suppress(redis.RedisError, OSError):
+        info = cluster.client(server).info("replication")
+        return bool(info["role"] == "slave" and info.get("master_link_status") == "up")
+    return False
+
+
+class TimedLedger(Ledger):
+    """A ledger that also notes when each id got its promise (``time.monotonic()``)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.accepted_at: dict[str, float] = {}
+
+    def accept(self, ledger_id: str, receipt: str | None = None) -> None:
+        super().accept(ledger_id, receipt)
+        self.accepted_at[ledger_id] = time.monotonic()
+
+
+@dataclass
+class TimedSink(RecordingSink):
+    """A recording relay that also notes when it accepted each message (``arrivals[i]`` is
+    ``received[i]``'s ``time.monotonic()``)."""
+
+    arrivals: list[float] = field(default_factory=list)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        before = len(self.received)
+        reply = await super().handle_DATA(server, session, envelope)
+        if len(self.received) > before:  # appended just now: no await since
+            self.arrivals.append(time.monotonic())
+        return reply
+
+
+def partition_ids(stop: asyncio.Event, prefix: str, partition: int) -> Iterator[str]:
+    """Fresh ledger ids whose partition (the producers' rule) is ``partition``."""
+    for ledger_id in ids_until(stop, prefix):
+        if layout.partition_of(ledger_id, PARTITIONS) == partition:
+            yield ledger_id
+
+
+async def produce_confirmed(
+    client: aioredis.Redis,
+    keys: StreamKeys,
+    ledger: Ledger,
+    ledger_ids: Iterable[str],
+    *,
+    pause: float = 0.05,
+    give_up_after: float = 60.0,
+) -> None:
+    """A producer of one partition whose sends count once a replica holds them (XADD, then
+    WAIT 1 on the same connection); otherwise the same id is enqueued again (the duplicate
+    guard sends it once).  The enqueue side is confirmed in both modes, so that what the
+    delivery ledger loses is the delivery worker's."""
+    for ledger_id in ledger_ids:
+        message = send_message([recipient(ledger_id)], message_id=ledger_id)
+        message["headers"][HEADER.lower()] = ledger_id
+        data = pack(message)
+        ledger.send(ledger_id)
+        deadline = time.monotonic() + give_up_after
+        while time.monotonic() < deadline:
+            try:
+                pipe = client.pipeline(transaction=False)
+                pipe.xadd(keys.send, {"data": data})
+                pipe.execute_command("WAIT", 1, 500)
+                entry_id, replicas = await pipe.execute()
+            except (redis.RedisError, OSError):
+                replicas = 0
+            if replicas >= 1:
+                ledger.accept(ledger_id, receipt=entry_id.decode())
+                break
+            ledger.mark_indeterminate(ledger_id)
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(pause)
+
+
+async def partitions_settled(clients: Sequence[aioredis.Redis], keys: Sequence[StreamKeys]) -> bool:
+    """Every partition's send stream read, nothing pending, no retry waiting."""
+    for client, k in zip(clients, keys, strict=True):
+        try:
+            groups = await client.xinfo_groups(k.send)
+            info = await client.xinfo_stream(k.send)
+            waiting = await client.zcard(k.retry_schedule)
+        except (redis.RedisError, OSError):
+            return False
+        if not groups or int(groups[0]["pending"]) or int(waiting):
+            return False
+        if groups[0]["last-delivered-id"] != info["last-generated-id"]:
+            return False
+    return True
+
+
+async def stored_partition_entries(
+    clients: Sequence[aioredis.Redis], keys: Sequence[StreamKeys]
+) -> list[tuple[int, str, str | None]]:
+    """Every partition's receive entries as (partition, entry id, ledger id)."""
+    found = []
+    for p, (client, k) in enumerate(zip(clients, keys, strict=True)):
+        for entry_id, message in await stored_entries(client, k.receive):
+            found.append((p, entry_id, receive_ledger_id(message)))
+    return found
+
+
+def ingest_outage(
+    ledger: TimedLedger, replies: Replies, stored: list[tuple[int, str, str | None]], kill: Kill
+) -> float:
+    """From the first 451 after ``kill`` to the first 250 whose entry is in a partition the
+    killed node served (0 when no sender saw a 451; inf when no such 250 came)."""
+    refused = [at for at, code in replies.codes if code == 451 and at >= kill.at]
+    if not refused:
+        return 0.0
+    in_victim = {(entry_id, lid) for p, entry_id, lid in stored if p in kill.partitions}
+    back = [
+        at for lid, at in ledger.accepted_at.items()
+        if at > refused[0] and (ledger.accepted[lid], lid) in in_victim
+    ]  # fmt: skip
+    return min(back) - refused[0] if back else float("inf")
+
+
+@dataclass
+class SendOutcomes:
+    """What became of each confirmed send id: copies at the relay, delivered events left in
+    its partition, whether its sent:<id> record is there, and its first copy's time."""
+
+    copies: Counter[str]
+    events: Counter[str]
+    recorded: set[str]
+    first_copy_at: dict[str, float]
+    event_ms: dict[int, list[int]]  # partition -> delivered events' entry times (ms)
+    dead: list[str]
+    schema_violations: list[str]  # events and dead letters against schema/*.schema.json
+
+
+async def send_outcomes(
+    clients: Sequence[aioredis.Redis], keys: Sequence[StreamKeys], sink: TimedSink,
+    ledger: Ledger,
+) -> SendOutcomes:  # fmt: skip
+    copies: Counter[str] = Counter()
+    first_copy_at: dict[str, float] = {}
+    for record, at in zip(list(sink.received), list(sink.arrivals), strict=False):
+        lid = id_in_raw(record.data)
+        if lid is not None:
+            copies[lid] += 1
+            first_copy_at.setdefault(lid, at)
+    events: Counter[str] = Counter()
+    event_ms: dict[int, list[int]] = {}
+    recorded: set[str] = set()
+    dead: list[str] = []
+    violations: list[str] = []
+    for p, (client, k) in enumerate(zip(clients, keys, strict=True)):
+        event_ms[p] = []
+        event_rows = await _all_entries(client, k.events)
+        for entry_id, fields in event_rows:
+            if fields.get(b"event") == b"delivered":
+                events[fields[b"id"].decode()] += 1
+                event_ms[p].append(int(entry_id.partition("-")[0]))
+        dead_rows = await _all_entries(client, k.dead)
+        dead += [fields.get(b"message_id", b"").decode() for _, fields in dead_rows]
+        for kind, rows in (("event", event_rows), ("dead-letter", dead_rows)):
+            violations += schema_violations(kind, [(i.encode(), f) for i, f in rows])
+        mine = sorted(i for i in ledger.sent if layout.partition_of(i, PARTITIONS) == p)
+        pipe = client.pipeline(transaction=False)
+        for lid in mine:
+            pipe.exists(k.sent(lid))
+        recorded.update(lid for lid, n in zip(mine, await pipe.execute(), strict=True) if n)
+    return SendOutcomes(copies, events, recorded, first_copy_at, event_ms, dead, violations)
+
+
+async def _all_entries(
+    client: aioredis.Redis, stream: str, batch: int = 2000
+) -> list[tuple[str, dict[bytes, bytes]]]:
+    found: list[tuple[str, dict[bytes, bytes]]] = []
+    start = "-"
+    while True:
+        rows: Any = await client.xrange(stream, min=start, count=batch)
+        found += [(entry_id.decode(), fields) for entry_id, fields in rows]
+        if len(rows) < batch:
+            return found
+        start = "(" + rows[-1][0].decode()
+
+
+def longest_gap(times: Sequence[float], start: float, end: float) -> float:
+    """The longest time without an event among the gaps that reach into [start, end]
+    (inf when no event comes after ``end``)."""
+    ordered = sorted(times)
+    gaps = [b - a for a, b in itertools.pairwise(ordered) if b >= start and a <= end]
+    if not ordered or ordered[-1] < end or not gaps:
+        return float("inf")
+    return max(gaps)
+
+
+def delivery_outage(outcomes: SendOutcomes, kill: Kill) -> float:
+    """The longest gap between delivered events of the killed node's partitions around
+    the kill (until the node was back as a replica)."""
+    times = [ms / 1000 for p in kill.partitions for ms in outcomes.event_ms[p]]
+    return longest_gap(times, kill.wall, kill.wall + kill.round_s)
+
+
+def in_flight(outcomes: SendOutcomes, kills: Sequence[Kill]) -> set[str]:
+    """Send ids of a killed node's partitions whose first copy reached the relay in the
+    IN_FLIGHT_WINDOW before the kill: their settlement may not have reached the replica."""
+    return {
+        lid
+        for kill in kills
+        for lid, at in outcomes.first_copy_at.items()
+        if kill.at - IN_FLIGHT_WINDOW <= at <= kill.at
+        and layout.partition_of(lid, PARTITIONS) in kill.partitions
+    }
+
+
+def delivery_figures(
+    ledger: Ledger, outcomes: SendOutcomes, kills: Sequence[Kill]
+) -> dict[str, Any]:
+    """The delivery side's counts (see the section comment); ``lost`` is a confirmed send
+    with no copy at the relay and no dead letter."""
+    accepted = set(ledger.accepted)
+    delivered = {i for i in accepted if outcomes.copies[i]}
+    duplicated = {i for i in delivered if outcomes.copies[i] > 1}
+    flying = in_flight(outcomes, kills) & accepted
+    no_event = {i for i in delivered if not outcomes.events[i]}
+    no_record = delivered - outcomes.recorded
+    gaps = sorted(delivery_outage(outcomes, kill) for kill in kills)
+    return {
+        "accepted": len(accepted),
+        "delivered": len(delivered),
+        "lost": len(accepted - delivered - set(outcomes.dead)),
+        "dup": sum(outcomes.copies[i] - 1 for i in duplicated),
+        "dup_ids": len(duplicated),
+        "dead": len(outcomes.dead),
+        "events_missing": len(no_event),
+        "records_missing": len(no_record),
+        "extra_events": sum(max(0, n - 1) for n in outcomes.events.values()),
+        "in_flight": len(flying),
+        "in_flight_dup": len(flying & duplicated),
+        "in_flight_event_lost": len(flying & no_event),
+        "in_flight_record_lost": len(flying & no_record),
+        "dup_not_in_flight": len(duplicated - flying),
+        "strangers": len(set(outcomes.copies) - ledger.sent),
+        "unavailable_median_s": statistics.median(gaps) if gaps else 0.0,
+        "unavailable_max_s": gaps[-1] if gaps else 0.0,
+    }
+
+
+PRODUCER_PAUSE = 0.05  # per partition's producer, between confirmed sends
+SENDER_PAUSE = 0.02  # per SMTP sender, between messages and before a retry
+
+
+@dataclass
+class FailoverRun:
+    """What one mode of the scenario saw (:func:`failover_under_load`)."""
+
+    mode: str
+    received: TimedLedger  # ingest: SMTP ids, stored entries recorded as "stored"
+    sends: Ledger  # delivery: confirmed enqueues, copies as "delivered", "dead"
+    replies: Replies
+    kills: list[Kill]
+    stored: list[tuple[int, str, str | None]]
+    outcomes: SendOutcomes
+    crashed: list[str]  # the roles whose process died
+
+    def report(self, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Print a ``FIGURE <name>-ingest-<mode>:`` and a ``FIGURE <name>-delivery-<mode>:``
+        line (and add them to $MAILPOOL_CHAOS_FIGURES); returns both figure sets."""
+        self.received.name = f"{name}-ingest-{self.mode}"
+        self.sends.name = f"{name}-delivery-{self.mode}"
+        lost = self.received.lost(["stored"])
+        outages = sorted(
+            ingest_outage(self.received, self.replies, self.stored, kill) for kill in self.kills
+        )
+        kills = {
+            "kills": len(self.kills),
+            "promoted_max_s": max((k.promoted_s for k in self.kills), default=0.0),
+            "round_max_s": max((k.round_s for k in self.kills), default=0.0),
+        }
+        ingest = self.received.report(
+            ["stored"],
+            acked_then_lost=len(lost),
+            dup_without_retry=len(self.received.unexplained_duplicates("stored")),
+            replies_451=self.replies.count(lambda c: c == 451),
+            replies_other_4xx=self.replies.count(lambda c: 400 <= c < 500 and c != 451),
+            replies_5xx=self.replies.count(lambda c: c >= 500),
+            unavailable_median_s=statistics.median(outages) if outages else 0.0,
+            unavailable_max_s=outages[-1] if outages else 0.0,
+            **kills,
+        )
+        figures = delivery_figures(self.sends, self.outcomes, self.kills)
+        in_summary = ("accepted", "delivered", "lost", "dup", "dead")  # Ledger.summary's own
+        shown = {k: v for k, v in figures.items() if k not in in_summary}
+        delivery = self.sends.report(["delivered", "dead"], **shown, **kills)
+        return ingest, delivery
+
+
+async def failover_under_load(
+    cluster: ClusterSet,
+    mode: str,
+    logs: Path,
+    *,
+    rounds: int,
+    senders: int,
+    steady: float,
+    first_shard: int = 0,
+) -> FailoverRun:
+    """Both roles under load through the cluster URL, with ``FAILOVER_MODES[mode]``, while
+    ``rounds`` primaries are killed in turn (shard ``first_shard``, then the next...), with
+    ``steady`` seconds of load before, between and after; then delivery drains and the
+    outcomes are read from every partition."""
+    guard, keys, url = FAILOVER_MODES[mode], all_keys(), cluster.url()
+    received, sends, replies = TimedLedger(mode), Ledger(mode), Replies()
+    sink = TimedSink(stall_data=RELAY_STALL)
+    sink.start()
+    partitioned = ("--partitions", str(PARTITIONS), *guard)
+    ingest = IngestProcess(url, *partitioned, "--store-timeout", "5", log_path=logs / "ingest.log")
+    delivery = worker_process(url, sink.url, *partitioned, "--max-deliveries", "1000",
+                              log=logs / "deliver.log")  # fmt: skip
+    clients = partition_clients(url, keys, connect, retries=0, socket_timeout=2.0)
+    kills: list[Kill] = []
+    try:
+        ingest.start()
+        stop = asyncio.Event()
+        load = [
+            send_with_ledger(ingest.port, received, ids_until(stop, f"{mode}-in{n}"), replies,
+                             pause=SENDER_PAUSE)
+            for n in range(senders)
+        ] + [
+            produce_confirmed(clients[p], keys[p], sends, partition_ids(stop, f"{mode}-s", p),
+                              pause=PRODUCER_PAUSE)
+            for p in range(PARTITIONS)
+        ]  # fmt: skip
+        running = [asyncio.create_task(work) for work in load]
+        try:
+            await wait_until(lambda: bool(sink.received) and replies.count(lambda c: c == 250) > 0,
+                             "both roles at work", timeout=30)  # fmt: skip
+            await asyncio.sleep(steady)
+            for r in range(rounds):
+                kills.append(await asyncio.to_thread(kill_primary, cluster, keys, first_shard + r))
+                await asyncio.sleep(steady)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*running), timeout=120)
+        await wait_until(lambda: partitions_settled(clients, keys), "delivery drained", timeout=60)
+        stored = await stored_partition_entries(clients, keys)
+        outcomes = await send_outcomes(clients, keys, sink, sends)
+        crashed = [role for role, process in (("ingest", ingest.process), ("delivery", delivery))
+                   if process is None or process.poll() is not None]  # fmt: skip
+    finally:
+        terminate(delivery)
+        ingest.kill()
+        sink.stop()
+        await close_all(clients)
+    received.record_all("stored", [lid for _, _, lid in stored])
+    sends.record_all("delivered", [lid for lid, n in outcomes.copies.items() for _ in range(n)])
+    sends.record_all("dead", outcomes.dead)
+    return FailoverRun(mode, received, sends, replies, kills, stored, outcomes, crashed)
