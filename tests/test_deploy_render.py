@@ -13,10 +13,12 @@ be a valid configuration for its role.
 from __future__ import annotations
 
 import argparse
+import ast
 import atexit
 import copy
 import dataclasses
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -47,6 +49,7 @@ from workers.config import (
     from_arguments,
     parse_host_port,
 )
+from workers.streams.cluster import is_cluster_url, parse_cluster_url
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -58,6 +61,7 @@ TOOLS_REQUIREMENTS = REPO / "tests" / "tools-requirements.txt"
 K8S_VERSION = "1.30.0"
 KEDA_GROUP = "keda.sh"
 
+CLUSTER_OVERLAY = DEPLOY / "overlays" / "cluster"
 KUSTOMIZATIONS = [
     DEPLOY / "base",
     *sorted(p for p in (DEPLOY / "overlays").iterdir() if (p / "kustomization.yaml").is_file()),
@@ -72,6 +76,15 @@ REDIS_STREAMS_KEYS = {
     "stream", "consumerGroup", "pendingEntriesCount", "streamLength",
     "lagCount", "activationLagCount",
 }  # fmt: skip
+# The redis-cluster-streams scaler (KEDA docs, "Redis Streams (supports Redis Cluster)") reads
+# the same keys, but a list of nodes in place of one address.
+REDIS_CLUSTER_STREAMS_KEYS = (
+    REDIS_STREAMS_KEYS - {"address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv"}
+) | {"addresses", "addressesFromEnv", "hosts", "hostsFromEnv", "ports", "portsFromEnv"}
+TRIGGER_KEYS = {
+    "redis-streams": REDIS_STREAMS_KEYS,
+    "redis-cluster-streams": REDIS_CLUSTER_STREAMS_KEYS,
+}
 # Parameters a TriggerAuthentication may supply to the redis scalers (KEDA docs).
 REDIS_AUTH_PARAMETERS = {"username", "password", "tls", "ca", "cert", "key", "keyPassword"}
 
@@ -269,7 +282,25 @@ def package_schemas() -> dict[str, Any]:
         check=False, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, f"reading the KEDA schemas failed:\n{result.stderr}"
-    return {schema_id: strict(schema) for schema_id, schema in json.loads(result.stdout).items()}
+    schemas = {schema_id: strict(schema) for schema_id, schema in json.loads(result.stdout).items()}
+    advanced = schemas[f"{KEDA_GROUP}.v1alpha1.ScaledObject"]["properties"]["spec"]["properties"]
+    advanced["advanced"]["properties"]["scalingModifiers"] = strict(SCALING_MODIFIERS_SCHEMA)
+    return schemas
+
+
+# advanced.scalingModifiers (KEDA 2.12; the cluster overlay's sum over partitions) is newer
+# than the pinned package's CRDs (KEDA 2.10.1), and npm has no package with a newer CRD as
+# JSON schema (@kubernetes-models/keda 0.4.x is KEDA 2.10.1 too; 2.0.0 ships compiled
+# validators that accept unknown fields).  So this one field is added to the pinned schema
+# as KEDA's CRD declares it (config/crd/bases/keda.sh_scaledobjects.yaml, 2.12 and later):
+# an object of four strings and nothing else.  Any other newer field still fails.  What KEDA
+# checks beyond the CRD is in check_scaling_modifiers.
+SCALING_MODIFIERS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        name: {"type": "string"} for name in ("activationTarget", "formula", "metricType", "target")
+    },
+}
 
 
 @cache
@@ -316,6 +347,39 @@ KNOWN_CEL_RULES = {
 }
 
 
+# What a formula may hold: names, numbers, + and *, max() and parentheses, where expr (the
+# language of KEDA's formulas) and Python agree, so the tests below can evaluate it.
+FORMULA_NODES = (ast.Expression, ast.BinOp, ast.Add, ast.Mult, ast.Call, ast.Name, ast.Load,
+                 ast.Constant)  # fmt: skip
+
+
+def formula_names(formula: str) -> set[str]:
+    """The trigger names a formula reads (``max`` is a function, not a trigger)."""
+    tree = ast.parse(formula, mode="eval")
+    odd = [type(n).__name__ for n in ast.walk(tree) if not isinstance(n, FORMULA_NODES)]
+    assert not odd, f"formula {formula!r}: {odd} (this test reads names, numbers, +, *, max())"
+    calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call)}  # type: ignore[attr-defined]
+    assert calls <= {"max"}, f"formula {formula!r} calls {calls - {'max'}}"
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return names - calls
+
+
+def check_scaling_modifiers(doc: dict[str, Any]) -> None:
+    """What KEDA's admission webhook checks of scalingModifiers beyond the CRD: formula and
+    target given, target a number, metricType AverageValue or Value, and every name in the
+    formula a named trigger of this ScaledObject."""
+    modifiers = doc["spec"].get("advanced", {}).get("scalingModifiers")
+    if modifiers is None:
+        return
+    assert modifiers.get("formula") and modifiers.get("target"), "formula and target required"
+    float(modifiers["target"])
+    float(modifiers.get("activationTarget", "0"))
+    assert modifiers.get("metricType", "AverageValue") in {"AverageValue", "Value"}
+    triggers = {t.get("name") for t in doc["spec"]["triggers"]}
+    unknown = formula_names(modifiers["formula"]) - triggers
+    assert not unknown, f"the formula reads {sorted(unknown)}, which no trigger is named"
+
+
 def validate_custom_resource(doc: dict[str, Any]) -> None:
     schema = crd_schemas().get((doc["apiVersion"], doc["kind"]))
     if schema is None:
@@ -323,6 +387,7 @@ def validate_custom_resource(doc: dict[str, Any]) -> None:
     jsonschema.Draft7Validator(schema, registry=schema_registry()).validate(doc)
     if doc["kind"] == "ScaledObject":
         check_scaledobject_cel(doc)
+        check_scaling_modifiers(doc)
     for rule in cel_rules(schema):
         KNOWN_CEL_RULES[rule](doc)
 
@@ -408,6 +473,31 @@ def test_scaledobject_validation_catches_mistakes(
         validate_custom_resource(scaled)
 
 
+def modifiers_of(scaled: dict[str, Any]) -> dict[str, Any]:
+    return scaled["spec"]["advanced"]["scalingModifiers"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda s: modifiers_of(s).update(formulas="x"), id="unknown-field"),
+        pytest.param(lambda s: modifiers_of(s).update(target=50), id="target-not-a-string"),
+        pytest.param(lambda s: modifiers_of(s).pop("target"), id="no-target"),
+        pytest.param(lambda s: modifiers_of(s).update(metricType="Utilization"), id="type"),
+        pytest.param(lambda s: modifiers_of(s).update(formula="lag0 + lag9"), id="no-trigger"),
+        pytest.param(lambda s: s["spec"]["triggers"][0].pop("name"), id="unnamed-trigger"),
+    ],
+)
+def test_scaling_modifiers_validation_catches_mistakes(mutate: Any) -> None:
+    scaled = copy.deepcopy(
+        named(list(render(CLUSTER_OVERLAY)), "ScaledObject", "mailpool-delivery")
+    )
+    validate_custom_resource(scaled)
+    mutate(scaled)
+    with pytest.raises((jsonschema.ValidationError, AssertionError)):
+        validate_custom_resource(scaled)
+
+
 def test_keda_schemas_are_the_pinned_packages() -> None:
     """The schemas come from the package version tests/keda pins, and a CEL rule that a new
     pin brings fails here until this test checks it."""
@@ -463,31 +553,92 @@ def test_delivery_scales_on_lag_from_zero(rendered: list[dict[str, Any]]) -> Non
 
     env = container_env(rendered, container)
     delivery = from_arguments(role_of(container).config, argparse.Namespace(), env)
+    assert isinstance(delivery, DeliveryConfig)
+    on_cluster = is_cluster_url(delivery.redis_url)
+    kind = "redis-cluster-streams" if on_cluster else "redis-streams"
     triggers = spec["triggers"]
-    assert all(t["type"] == "redis-streams" for t in triggers)
+    assert all(t["type"] == kind for t in triggers), f"a {kind} trigger for this Redis"
     for trigger in triggers:
         metadata = trigger["metadata"]
-        unknown = set(metadata) - REDIS_STREAMS_KEYS
-        assert not unknown, f"keys the redis-streams scaler does not read: {unknown}"
-        # The scaler watches what the workers read: same stream, same group.
-        assert metadata["stream"] == delivery.send_stream  # type: ignore[attr-defined]
-        assert metadata["consumerGroup"] == delivery.group  # type: ignore[attr-defined]
+        unknown = set(metadata) - TRIGGER_KEYS[kind]
+        assert not unknown, f"keys the {kind} scaler does not read: {unknown}"
+        # The scaler watches what the workers read: same group.
+        assert metadata["consumerGroup"] == delivery.group
         # KEDA resolves *FromEnv names in the scale target's container environment.
-        for key in ("addressFromEnv", "hostFromEnv", "portFromEnv"):
+        for key in ("addressFromEnv", "hostFromEnv", "portFromEnv", "addressesFromEnv"):
             if key in metadata:
                 assert metadata[key] in env, f"{key}: {metadata[key]} not set in the container"
-        assert {"address", "addressFromEnv", "host", "hostFromEnv"} & set(metadata)
+        assert {"address", "addressFromEnv", "host", "hostFromEnv", "addresses",
+                "addressesFromEnv"} & set(metadata)  # fmt: skip
 
+    # One lag trigger (the mode that wakes from zero) and one pending trigger per partition,
+    # on the stream of that partition the workers read.
+    sends = [keys.send for keys in delivery.partition_keys()]
     lag = [t for t in triggers if "lagCount" in t["metadata"]]
-    assert len(lag) == 1, "exactly one trigger in lag mode (the one that wakes from zero)"
-    lag_metadata = lag[0]["metadata"]
-    assert "pendingEntriesCount" not in lag_metadata and "streamLength" not in lag_metadata
-    assert int(lag_metadata["lagCount"]) > 0
-    # activation when lag > activationLagCount: 0 means the first waiting entry wakes a pod.
-    assert int(lag_metadata["activationLagCount"]) == 0
-    address = env[lag_metadata["addressFromEnv"]]
-    host, port = parse_host_port(address, "REDIS_ADDRESS")
-    assert host and port
+    pending = [t for t in triggers if "pendingEntriesCount" in t["metadata"]]
+    assert len(lag) == len(pending) == delivery.partitions == len(triggers) // 2
+    assert sorted(t["metadata"]["stream"] for t in lag) == sorted(sends)
+    assert sorted(t["metadata"]["stream"] for t in pending) == sorted(sends)
+    for trigger in lag:
+        lag_metadata = trigger["metadata"]
+        assert "pendingEntriesCount" not in lag_metadata and "streamLength" not in lag_metadata
+        assert int(lag_metadata["lagCount"]) > 0
+        # activation when lag > activationLagCount: 0 means the first waiting entry wakes a pod.
+        assert int(lag_metadata["activationLagCount"]) == 0
+    addresses = env[
+        lag[0]["metadata"].get("addressesFromEnv") or lag[0]["metadata"]["addressFromEnv"]
+    ]
+    seeds = [parse_host_port(a.strip(), "REDIS_ADDRESS") for a in addresses.split(",")]
+    assert all(host and port for host, port in seeds)
+    if on_cluster:  # KEDA asks the nodes the roles are given
+        assert tuple(seeds) == parse_cluster_url(str(delivery.redis_url)).seeds
+    else:
+        assert len(seeds) == 1
+    if len(triggers) > 2:
+        check_replicas_follow_the_sum_over_partitions(spec, lag, pending)
+
+
+def composite_replicas(spec: dict[str, Any], values: dict[str, float]) -> int:
+    """Replicas the HPA asks for from the scalingModifiers metric (AverageValue: the metric
+    over the target, rounded up), 0 when the metric is not above the activation target."""
+    modifiers = spec["advanced"]["scalingModifiers"]
+    assert modifiers.get("metricType", "AverageValue") == "AverageValue"
+    formula = modifiers["formula"]
+    formula_names(formula)  # only what expr and Python read alike
+    metric = float(eval(formula, {"__builtins__": {}, "max": max}, values))
+    if metric <= float(modifiers.get("activationTarget", "0")):
+        return 0
+    return math.ceil(metric / float(modifiers["target"]))
+
+
+def check_replicas_follow_the_sum_over_partitions(
+    spec: dict[str, Any], lag: list[dict[str, Any]], pending: list[dict[str, Any]]
+) -> None:
+    """With a trigger per partition, one composite metric scales delivery: every trigger is
+    named and in the formula, and the replicas follow the lag and the pending entries
+    summed over the partitions with the base's targets (lagCount, pendingEntriesCount)."""
+    names = [str(t.get("name") or "") for t in (*lag, *pending)]
+    assert all(names) and len(set(names)) == len(names), "each trigger needs its own name"
+    modifiers = spec["advanced"]["scalingModifiers"]
+    assert formula_names(modifiers["formula"]) == set(names), "the formula reads every trigger"
+    per_lag = int(lag[0]["metadata"]["lagCount"])
+    per_pending = int(pending[0]["metadata"]["pendingEntriesCount"])
+    idle = dict.fromkeys(names, 0.0)
+
+    def replicas(**values: float) -> int:
+        return composite_replicas(spec, idle | values)
+
+    assert replicas() == 0
+    first, second = lag[0]["name"], lag[-1]["name"]
+    assert replicas(**{first: 1}) == 1, "one waiting entry wakes a worker"
+    # Lag spread over partitions adds up: 2 x 0.6 targets is 2 workers, not 1.
+    share = 0.6 * per_lag
+    assert replicas(**{first: share, second: share}) == 2
+    # A lag Redis cannot count (KEDA reads nil as -1) does not cancel another's.
+    assert replicas(**{first: -1, second: 1}) == 1
+    in_flight = {t["name"]: 0.3 * per_pending for t in pending[:4]}  # 1.2 workers' worth
+    assert replicas(**in_flight) == 2
+    assert replicas(**{pending[0]["name"]: 1}) == 1, "a pending entry keeps a worker"
 
 
 def test_keda_credentials_come_from_the_secret(rendered: list[dict[str, Any]]) -> None:
@@ -522,7 +673,8 @@ def test_each_role_gets_a_valid_configuration(rendered: list[dict[str, Any]]) ->
         assert not stray, f"not options of `mailpool {command.name}`: {sorted(stray)}"
         # Each role connects as its own Redis ACL user, its password read from its Secret file.
         url = urlsplit(config.redis_url)
-        assert url.scheme == "redis" and url.username == env["REDIS_USERNAME"]
+        assert url.scheme in {"redis", "redis+cluster"}
+        assert url.username == env["REDIS_USERNAME"]
         password_file = next(v["value"] for v in container["env"]
                              if v["name"] == "MAILPOOL_REDIS_PASSWORD_FILE")  # fmt: skip
         assert (
