@@ -110,3 +110,14 @@ async def test_an_entry_id_alone_is_acknowledged_only_with_its_stream(
         assert await listener.ack(message.id, stream=message.stream) == 1
     assert (message.id, message.stream) == (entry_id, STREAMS[2])
     assert await pending(partitions, "app") == [0] * PARTITIONS
+
+
+async def test_partitions_on_a_standalone_redis_share_one_client(redis: aioredis.Redis) -> None:
+    streams = [keys.receive for keys in all_keys(3)]
+    ids = {stream: [await add_received(redis, stream, f"{stream} {n}") for n in range(2)]
+           for stream in streams}  # fmt: skip
+    async with Listener(redis, "app", "one", stream=streams, start="all", block=0.3) as listener:
+        got = [await next_message(listener) for _ in range(6)]
+        await listener.ack(*got)
+    assert {s: [m.id for m in got if m.stream == s] for s in streams} == ids
+    assert [(await redis.xpending(s, "app"))["pending"] for s in streams] == [0, 0, 0]

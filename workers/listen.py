@@ -155,7 +155,7 @@ class Listener:
         if start not in STARTS:
             raise ValueError(f"start must be 'new' or 'all', got {start!r}")
         streams = [stream] if isinstance(stream, str) else list(stream)
-        clients = [redis] * len(streams) if isinstance(redis, aioredis.Redis) else list(redis)
+        clients = list(redis) if isinstance(redis, Sequence) else [redis] * len(streams)
         if not streams or len(clients) != len(streams):
             raise ValueError("one Redis client per stream, or one client for all streams")
         self.redis, self.stream, self.streams = clients[0], streams[0], tuple(streams)
