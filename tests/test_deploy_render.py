@@ -365,14 +365,14 @@ def formula_names(formula: str) -> set[str]:
 
 
 def check_scaling_modifiers(doc: dict[str, Any]) -> None:
-    """What KEDA's admission webhook checks of scalingModifiers beyond the CRD: formula and
-    target given, target a number, metricType AverageValue or Value, and every name in the
-    formula a named trigger of this ScaledObject."""
+    """What KEDA's admission webhook checks of scalingModifiers beyond the CRD (2.13,
+    ValidateAndCompileScalingModifiers): formula and target given, target a number above 0,
+    metricType not Utilization, and every name in the formula a named trigger."""
     modifiers = doc["spec"].get("advanced", {}).get("scalingModifiers")
     if modifiers is None:
         return
     assert modifiers.get("formula") and modifiers.get("target"), "formula and target required"
-    float(modifiers["target"])
+    assert float(modifiers["target"]) > 0
     float(modifiers.get("activationTarget", "0"))
     assert modifiers.get("metricType", "AverageValue") in {"AverageValue", "Value"}
     triggers = {t.get("name") for t in doc["spec"]["triggers"]}
@@ -483,6 +483,7 @@ def modifiers_of(scaled: dict[str, Any]) -> dict[str, Any]:
         pytest.param(lambda s: modifiers_of(s).update(formulas="x"), id="unknown-field"),
         pytest.param(lambda s: modifiers_of(s).update(target=50), id="target-not-a-string"),
         pytest.param(lambda s: modifiers_of(s).pop("target"), id="no-target"),
+        pytest.param(lambda s: modifiers_of(s).update(target="0"), id="target-zero"),
         pytest.param(lambda s: modifiers_of(s).update(metricType="Utilization"), id="type"),
         pytest.param(lambda s: modifiers_of(s).update(formula="lag0 + lag9"), id="no-trigger"),
         pytest.param(lambda s: s["spec"]["triggers"][0].pop("name"), id="unnamed-trigger"),
