@@ -11,7 +11,7 @@ import time
 import redis
 
 from tests.cluster_util import PARTITIONS, ClusterSet
-from tests.harness import child_env
+from tests.harness import child_env, free_port
 from workers.redis_setup import library_names
 from workers.streams import functions
 
@@ -64,3 +64,17 @@ def test_redis_setup_loads_the_library_on_every_primary_of_a_cluster(
         # even when this test failed half way.
         for primary in nodes["master"]:
             primary.function_load(functions.LIBRARY_CODE, replace=True)
+
+
+def test_redis_setup_names_each_cluster_seed_that_did_not_answer() -> None:
+    port = free_port()  # nothing listens there
+    url = f"redis+cluster://setup:secret@127.0.0.1:{port}"
+    result = subprocess.run(
+        [sys.executable, "-m", "workers", "redis-setup", "--redis-url", url],
+        capture_output=True, text=True, env=child_env(), timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert "secret" not in line
+    assert f"no cluster node answered: 127.0.0.1:{port}: " in line
+    assert not line.endswith(": "), "says why the seed did not answer"

@@ -97,7 +97,7 @@ class ClusterTopology:
             try:
                 return await self._slots_from(host, port)
             except (RedisError, OSError) as exc:
-                problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
+                problems.append(f"{host}:{port}: {_problem(exc)}")
         raise RedisConnectionError("no cluster node answered: " + "; ".join(problems))
 
     async def _slots_from(self, host: str, port: int) -> list[tuple[int, int, str, int]]:
@@ -112,7 +112,7 @@ class ClusterTopology:
             try:
                 return _shard_primaries(await self._ask(host, port, "CLUSTER SHARDS"), host)
             except (RedisError, OSError) as exc:
-                problems.append(f"{host}:{port}: {exc or type(exc).__name__}")
+                problems.append(f"{host}:{port}: {_problem(exc)}")
         raise RedisConnectionError("no cluster node answered: " + "; ".join(problems))
 
     async def _ask(self, host: str, port: int, command: str) -> Any:
@@ -125,6 +125,13 @@ class ClusterTopology:
             return await asyncio.wait_for(asking, TOPOLOGY_TIMEOUT)
         finally:
             await node.aclose()
+
+
+def _problem(exc: BaseException) -> str:
+    """Why a node did not answer, in words (a timeout's own text is empty)."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {TOPOLOGY_TIMEOUT:g} s"
+    return str(exc) or type(exc).__name__
 
 
 def _slot_ranges(reply: Any, asked: str) -> list[tuple[int, int, str, int]]:
