@@ -113,6 +113,18 @@ async def test_purge_ids_and_all(redis: aioredis.Redis, redis_url: str) -> None:
     assert await redis.xlen("email.send.dead") == 0
 
 
+async def test_purge_all_after_the_newest_letter_was_purged_by_id_leaves_none(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """An approximate trim (``~``) drops whole stream nodes only: with the newest letter
+    deleted by id, ``purge --all`` kept the older ones."""
+    await redis.xadd("email.send.dead", {"data": b"d", "reason": "expired"}, id="1-0")
+    await redis.xadd("email.send.dead", {"data": b"d", "reason": "expired"}, id="2-0")
+    assert dead(redis_url, "purge", "2-0").returncode == 0
+    assert dead(redis_url, "purge", "--all").returncode == 0
+    assert await redis.xlen("email.send.dead") == 0
+
+
 async def test_a_field_that_does_not_parse_is_shown_as_text(
     redis: aioredis.Redis, redis_url: str
 ) -> None:

@@ -835,10 +835,11 @@ async def test_operator_lists_replays_and_purges_dead_letters(
     def config(action: str, *ids: str) -> Any:
         return deadletters.DeadConfig(_action=action, _ids=list(ids))
 
-    assert await deadletters.list_dead(operator, keys, config("list")) == 0
+    partitions = [deadletters.Partition(0, operator, keys, qualified=False)]
+    assert await deadletters.list_dead(partitions, config("list")) == 0
     assert capsys.readouterr().out.count("\n") == 3
-    assert await deadletters.replay_dead(operator, keys, config("replay", rejected)) == 0
-    assert await deadletters.purge_dead(operator, keys, config("purge", purged)) == 0
+    assert await deadletters.replay_dead(partitions, config("replay", rejected)) == 0
+    assert await deadletters.purge_dead(partitions, config("purge", purged)) == 0
     assert admin.xlen("email.send.dead") == 1 and admin.xlen("email.send") == 2
 
 

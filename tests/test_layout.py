@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from workers.deadletters import DeadConfig, replay_dead
+from workers.deadletters import DeadConfig, Partition, replay_dead
 from workers.streams import layout
 from workers.streams.consumer import GroupConsumer
 from workers.streams.layout import MessageRef, SendEntry, StreamKeys
@@ -77,7 +77,7 @@ async def dead_letter_of(redis: aioredis.Redis, *, reason: str, recipients: list
 async def test_a_replayed_dead_letter_keeps_data_byte_for_byte(redis: aioredis.Redis) -> None:
     dead_id = await dead_letter_of(redis, reason="rejected", recipients=["cy@example.org"])
     config = DeadConfig(_action="replay", _ids=[dead_id])
-    assert await replay_dead(redis, KEYS, config) == 0
+    assert await replay_dead([Partition(0, redis, KEYS, qualified=False)], config) == 0
     assert await redis.xlen(KEYS.dead) == 0
     ((_, fields),) = await redis.xrange(KEYS.send)
     assert fields[b"data"] == NOT_UTF8
@@ -127,7 +127,7 @@ async def test_a_dead_letter_without_recipients_replays_to_all_and_invalid_stays
     unknown = await dead_letter_of(redis, reason="poison", recipients=[])
     invalid = await dead_letter_of(redis, reason="invalid", recipients=["x@example.org"])
     config = DeadConfig(_action="replay", _ids=[unknown, invalid])
-    assert await replay_dead(redis, KEYS, config) == 0
+    assert await replay_dead([Partition(0, redis, KEYS, qualified=False)], config) == 0
     ((_, fields),) = await redis.xrange(KEYS.send)
     assert b"recipients" not in fields  # unknown: the message's own recipients
     assert [entry_id for entry_id, _ in await redis.xrange(KEYS.dead)] == [invalid.encode()]
