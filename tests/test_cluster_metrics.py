@@ -11,8 +11,9 @@ import redis.asyncio as aioredis
 
 from tests.cluster_util import PARTITIONS, ClusterSet, all_keys
 from tests.harness import free_port, wait_until
-from workers import housekeeping
+from workers import housekeeping, pool
 from workers.housekeeping import HousekeepConfig
+from workers.pool import RunConfig
 
 KEYS = all_keys()
 
@@ -59,3 +60,33 @@ async def test_housekeeping_metrics_show_every_partitions_streams(
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_the_pools_metrics_show_every_partitions_streams(
+    cluster: ClusterSet, partitions: list[aioredis.Redis]
+) -> None:
+    """``mailpool run`` against a cluster: its own gauges, not partition 0's alone."""
+    for n in range(3):
+        await partitions[4].xadd(KEYS[4].receive, {"data": f"m{n}"})
+    port = free_port()
+    config = RunConfig(
+        redis_url=cluster.url(), partitions=PARTITIONS, http=f"127.0.0.1:{port}",
+        listen=f"127.0.0.1:{free_port()}", relay="smtp://127.0.0.1:9",
+    )  # fmt: skip
+    config.validate()
+    stop = asyncio.Event()
+    task = asyncio.create_task(pool.serve(config, stop))
+    wanted = 'mailpool_stream_length{stream="email.receive{4}"} 3.0'
+
+    async def exported() -> bool:
+        try:
+            text = await asyncio.to_thread(metrics, port)
+        except OSError:
+            return False  # not listening yet
+        return wanted in text.splitlines()
+
+    try:
+        await wait_until(exported, "partition 4's receive stream length", timeout=10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)

@@ -24,7 +24,7 @@ from workers.embedded import embedded_redis
 from workers.health import serving_health
 from workers.housekeeping import HousekeepConfig
 from workers.lifecycle import serve_until_signalled
-from workers.streams.connection import connect
+from workers.streams.connection import close_all, connect, partition_clients
 from workers.streams.connection import data_dir as default_data_dir
 
 log = structlog.get_logger("mailpool.run")
@@ -73,11 +73,12 @@ async def serve(config: RunConfig, stop: asyncio.Event) -> None:
             asyncio.create_task(delivery.serve(role_config, stop), name="delivery"),
             asyncio.create_task(housekeeping.serve(role_config, stop), name="housekeeping"),
         ]
-        redis = connect(url)
+        partitions = config.partition_keys()
+        clients = partition_clients(url, partitions, connect)
         try:
             async with serving_health(
-                config.http, redis, config.stream_keys(), lambda: not stop.is_set(),
-                stream_gauges=True,
+                config.http, clients[0], partitions[0], lambda: not stop.is_set(),
+                stream_gauges=True, partitions=list(zip(clients, partitions, strict=True)),
             ):  # fmt: skip
                 done, _ = await asyncio.wait(roles, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
@@ -85,7 +86,7 @@ async def serve(config: RunConfig, stop: asyncio.Event) -> None:
         finally:
             stop.set()
             await asyncio.gather(*roles, return_exceptions=True)
-            await redis.aclose()
+            await close_all(clients)
 
 
 async def main(config: RunConfig) -> int:
