@@ -8,6 +8,9 @@ Rows:
 * ratios: each benchmark (bench/codec.py, bench/ingest.py, bench/delivery.py) run as it
   is, its ratios against the baseline it measured in the same run (higher is better for us);
   their whole output is kept in the log directory printed at the end;
+* Redis cost (``--full`` only): bench/capacity.py's Redis CPU and memory per message (2 KB
+  and 100 KB) and bench/cluster.py's Redis CPU per message on a 3-primary cluster with 6
+  partitions over a standalone server's (lower is better; the issue's target is <= 1.10);
 * memory: RSS of one ``mailpool deliver`` and one ``mailpool ingest`` process (real
   processes, real redis-server, Postfix's smtp-sink / smtp-source) at idle, after the first
   tenth of the messages (warm: pools and caches filled) and after all of them; "flat" means
@@ -126,6 +129,36 @@ def delivery_rows(output: str) -> list[Row]:
             Row("delivery worker/rawtx", f"{own.group(1)}x", f"{note}; per CPU-s {own.group(2)}x")
         )
     return rows
+
+
+def capacity_rows(output: str) -> list[Row]:
+    pattern = (
+        r"^CAPACITY (\d+) B: ingest ([\d.]+) us, delivery ([\d.]+) us, (\d+) msg/s .*?(\d+) B per"
+    )
+    rows = []
+    for size, ingest, delivery, per_core, entry in re.findall(pattern, output, re.M):
+        rows.append(
+            Row(
+                f"Redis per {int(size) // 1024} KB msg",
+                f"{ingest} + {delivery} us CPU",
+                f"ingest + delivery; {per_core} msg/s per Redis core; "
+                f"{entry} B per email.receive entry",
+            )
+        )
+    return rows or [Row("Redis per msg", "?", "no CAPACITY line in bench/capacity.py output")]
+
+
+def cluster_rows(output: str) -> list[Row]:
+    pattern = r"RATIO cluster/(standalone\S*) (\w+): ([\d.]+) \(net ([\d.]+)\); per round (.*)"
+    rows = [
+        Row(
+            f"Redis CPU/msg {role} cluster/{base}",
+            f"{ratio}x",
+            f"net of idle {net}x; rounds {each}",
+        )
+        for base, role, ratio, net, each in re.findall(pattern, output)
+    ]
+    return rows or [Row("Redis CPU/msg cluster", "?", "no RATIO line in bench/cluster.py output")]
 
 
 # --- real parts: redis-server, smtp-sink, worker processes ------------------------------
@@ -452,6 +485,10 @@ async def report(quick: bool, messages: int, logs: Path) -> list[Row]:
     ):
         print(f"running bench/{script}{' --quick' if quick else ''} ...", flush=True)
         rows.extend(parse(run_benchmark(script, quick, logs)))
+    if not quick:  # a cluster of six nodes and 100 KB messages: the full report's
+        for script, parse in (("capacity.py", capacity_rows), ("cluster.py", cluster_rows)):
+            print(f"running bench/{script} ...", flush=True)
+            rows.extend(parse(run_benchmark(script, quick, logs)))
     print(f"memory: {messages:,} messages through a delivery and an ingest worker ...", flush=True)
     rows.extend((await delivery_memory(messages, logs)).rows("deliver"))
     rows.extend((await ingest_memory(messages, logs)).rows("ingest"))

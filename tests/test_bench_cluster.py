@@ -1,0 +1,37 @@
+"""The Redis-cost benchmarks run: bench/cluster.py (Redis CPU per message on the shared
+cluster with its partitions against a standalone redis-server) and bench/capacity.py
+(Redis CPU and memory per message, 2 KB and 100 KB) each send a few messages through the
+real ingest and delivery workers, so a change of the workers' options or of the Redis
+layout breaks the test suite, not the next benchmark run."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.cluster_util import PARTITIONS, ClusterSet
+from tests.test_bench_delivery import run_bench
+
+
+@pytest.mark.timeout(150)
+def test_the_cluster_benchmark_compares_redis_cpu_per_message_with_standalone(
+    cluster: ClusterSet,
+) -> None:
+    out = run_bench(
+        "cluster.py", "--cluster-url", cluster.url(), "--partitions", str(PARTITIONS),
+        "--rounds", "1", "--ingest-messages", "40", "--delivery-messages", "40",
+        "--warmup", "10", "--idle-seconds", "0.1", "--no-replica",
+    )  # fmt: skip
+    for role in ("ingest", "delivery"):
+        ratio = re.search(rf"RATIO cluster/standalone {role}: ([\d.]+)", out)
+        assert ratio and float(ratio.group(1)) > 0, out
+    assert f"cluster 3x{PARTITIONS}p" in out and "socket reads" in out, out
+
+
+@pytest.mark.timeout(150)
+def test_the_capacity_benchmark_prints_redis_cost_and_memory_per_message() -> None:
+    out = run_bench("capacity.py", "--rounds", "1", "--messages", "60", "--no-aof")
+    for size in (2048, 102400):
+        line = re.search(rf"CAPACITY {size} B: ingest ([\d.]+) us.* (\d+) B per receive", out)
+        assert line and float(line.group(1)) > 0 and int(line.group(2)) > size, out
