@@ -28,7 +28,7 @@ up, and an XADD that Redis answered with an error leave nothing.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -332,16 +332,62 @@ class Store(Protocol):
     async def append(self, data: bytes, message_id: str | None = None) -> str: ...
 
 
+# How long a partition whose append failed is passed over (then one append tries it again).
+AWAY_FOR = 1.0
+
+
 class SpreadReceive:
     """The receive streams of every partition, each append to the next one in turn (received
-    mail has no duplicate guard to keep in one partition: spreading evens out the shards)."""
+    mail has no duplicate guard to keep in one partition: spreading evens out the shards).
 
-    def __init__(self, streams: Sequence[ReceiveStream]) -> None:
+    A partition whose append failed is passed over for ``away_for`` seconds, so that while
+    one shard is down or failing over the others take the mail: the sender still gets 250.
+    A message whose append failed with nothing stored goes to the next partition at once; a
+    message that may be stored (``maybe_stored``, or its wait ran out) is not sent again (it
+    would be there twice), its sender gets the 451.
+    """
+
+    def __init__(self, streams: Sequence[ReceiveStream], *, away_for: float = AWAY_FOR) -> None:
         self.streams = list(streams)
-        self._turns = itertools.cycle(self.streams)
+        self.away_for = away_for
+        self._next = 0
+        self._away_until = [0.0] * len(self.streams)  # monotonic time, per partition
 
     async def append(self, data: bytes, message_id: str | None = None) -> str:
-        return await next(self._turns).append(data, message_id)
+        index = self._usable(tried=set())
+        if index is None:  # every partition failed lately: the next in turn all the same
+            index, self._next = self._next % len(self.streams), self._next + 1
+        tried = {index}
+        while True:
+            try:
+                return await self.streams[index].append(data, message_id)
+            except StoreError as exc:
+                self._pass_over(index, exc)
+                again = self._usable(tried)
+                if exc.maybe_stored or exc.reason == "timeout" or again is None:
+                    raise
+                index = again
+                tried.add(index)
+
+    def _usable(self, tried: set[int]) -> int | None:
+        """The next partition in turn that is neither tried nor passed over, if any."""
+        now = time.monotonic()
+        count = len(self.streams)
+        for step in range(count):
+            index = (self._next + step) % count
+            if index not in tried and self._away_until[index] <= now:
+                self._next = index + 1
+                return index
+        return None
+
+    def _pass_over(self, index: int, exc: StoreError) -> None:
+        now = time.monotonic()
+        if self._away_until[index] <= now:
+            log.warning(
+                "partition_passed_over", stream=self.streams[index].stream, reason=exc.reason,
+                detail=exc.detail, seconds=self.away_for,
+            )  # fmt: skip
+        self._away_until[index] = now + self.away_for
 
 
 # Octets handed to the socket at once.  asyncio joins what one write gets into a single
