@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
 import statistics
 import subprocess
 import time
@@ -171,19 +172,18 @@ def flush_primaries(cluster: ClusterSet) -> None:
 
 # --- Failover under load ----------------------------------------------------------------
 # The scenario of tests/test_cluster_failover.py (one kill per mode, in CI) and
-# tests/chaos/test_cluster_failover.py (several kills on different shards, `make chaos`):
-# SMTP senders into an ingest worker and producers feeding a delivery worker, both real
-# processes given the cluster URL, while primaries are killed with kill -9.  Counted like
-# the Sentinel scenario (tests/chaos/test_sentinel_failover.py), per mode:
-#   ingest: 250s whose entry no partition holds afterwards (acknowledged-then-lost),
-#     entries beyond one per id (duplicates), 451s, and the time without a writable primary
-#     as the senders saw it: from the first 451 after a kill to the first 250 whose entry
-#     is in a partition the killed node served;
+# tests/chaos/test_cluster_failover.py (kills and pauses on each shard in turn, `make
+# chaos`): SMTP senders into an ingest worker and producers feeding a delivery worker, both
+# real processes given the cluster URL, while primaries fail (``Fault``).  Counted like the
+# Sentinel scenario (tests/chaos/test_sentinel_failover.py), per mode:
+#   ingest: 250s whose entry no partition holds afterwards (acknowledged-then-lost, by the
+#     fault whose round they fell in), entries beyond one per id (duplicates), 451s, and the
+#     time without a writable primary as the senders saw it (``ingest_outage``);
 #   delivery: for each confirmed send id, copies at the relay (0: lost, 2+: duplicates) and
 #     whether its delivered event and its sent:<id> record survived; the sends in flight at
-#     a kill (relay reached in the half second before it, by ids of the killed node's
+#     a fault (relay reached in the half second before it, ids of the faulty node's
 #     partitions), and the time without settlements: the longest gap between delivered
-#     events of those partitions around the kill.
+#     events of those partitions around the fault.
 
 GUARD = ("--min-replicas", "1", "--replica-timeout", "0.5")
 FAILOVER_MODES = {"guarded": GUARD, "unguarded": ()}
@@ -193,15 +193,19 @@ FAILOVER_TIMEOUT = 30.0
 
 
 @dataclass
-class Kill:
-    """One kill -9 of a primary: the partitions it served and how long each step took."""
+class Fault:
+    """One fault of a primary: ``kill`` (kill -9, then started again) or ``pause`` (SIGSTOP
+    until its replica is promoted, then SIGCONT: for a moment it still takes writes as the
+    primary it thinks it is, as a primary cut off from its cluster does until its node
+    timeout); the partitions it served, and how long each step took."""
 
+    kind: str
     port: int
     partitions: list[int]
     at: float  # time.monotonic() (the clock of Replies and TimedLedger)
     wall: float  # time.time() (stream ids are wall-clock milliseconds)
     promoted_s: float  # until CLUSTER SLOTS named its replica
-    round_s: float  # until the killed node, started again, was an in-sync replica
+    round_s: float  # until the node was back as the new primary's in-sync replica
 
 
 def shards(cluster: ClusterSet, keys: Sequence[StreamKeys]) -> list[list[int]]:
@@ -212,7 +216,7 @@ def shards(cluster: ClusterSet, keys: Sequence[StreamKeys]) -> list[list[int]]:
     return sorted(by_port.values())
 
 
-def kill_primary(cluster: ClusterSet, keys: Sequence[StreamKeys], shard: int) -> Kill:
+def kill_primary(cluster: ClusterSet, keys: Sequence[StreamKeys], shard: int) -> Fault:
     """kill -9 the primary of ``shard`` (an index into :func:`shards`); wait for its
     replica's promotion; start the killed node again and wait until it is the new primary's
     replica in sync (with --min-replicas 1 the new primary needs one to confirm writes)."""
@@ -221,16 +225,59 @@ def kill_primary(cluster: ClusterSet, keys: Sequence[StreamKeys], shard: int) ->
     victim = cluster.primary_of(key)
     wall, at = time.time(), time.monotonic()
     victim.stop(kill=True)
-    while cluster.primary_of(key) is victim:
-        assert time.monotonic() < at + FAILOVER_TIMEOUT, "no replica promoted"
-        time.sleep(0.05)
+    _wait_for_promotion(cluster, key, victim, at)
     promoted = time.monotonic() - at
     victim.start()
-    while not _in_sync_replica(cluster, victim):
-        assert time.monotonic() < at + 2 * FAILOVER_TIMEOUT, "the killed node did not rejoin"
+    _wait_for_replica(cluster, victim, at)
+    return Fault("kill", victim.port, partitions, at, wall, promoted, time.monotonic() - at)
+
+
+def pause_primary(cluster: ClusterSet, keys: Sequence[StreamKeys], shard: int) -> Fault:
+    """SIGSTOP the primary of ``shard`` until its replica is promoted, then SIGCONT; wait
+    until it is the new primary's replica in sync."""
+    partitions = shards(cluster, keys)[shard % PRIMARIES]
+    key = keys[partitions[0]].send
+    victim = cluster.primary_of(key)
+    assert victim.process is not None
+    wall, at = time.time(), time.monotonic()
+    victim.process.send_signal(signal.SIGSTOP)
+    try:
+        _wait_for_promotion(cluster, key, victim, at)
+        promoted = time.monotonic() - at
+    finally:
+        victim.process.send_signal(signal.SIGCONT)
+    _wait_for_replica(cluster, victim, at)
+    return Fault("pause", victim.port, partitions, at, wall, promoted, time.monotonic() - at)
+
+
+FAULTS = {"kill": kill_primary, "pause": pause_primary}
+
+
+def _wait_for_promotion(cluster: ClusterSet, key: str, victim: RedisServer, at: float) -> None:
+    """Until a node other than ``victim`` (which may not answer) names another primary."""
+    while _serving_port(cluster, key, victim) in (None, victim.port):
+        assert time.monotonic() < at + FAILOVER_TIMEOUT, "no replica promoted"
+        time.sleep(0.05)
+
+
+def _serving_port(cluster: ClusterSet, key: str, asked_not: RedisServer) -> int | None:
+    """The primary's port for ``key`` as the first other node that answers says."""
+    slot = key_slot(key.encode())
+    for server in cluster.running():
+        if server is asked_not:
+            continue
+        with contextlib.suppress(redis.RedisError, OSError):
+            for (start, end), port in _ranges(cluster.client(server).cluster("SLOTS")):
+                if start <= slot <= end:
+                    return port
+    return None
+
+
+def _wait_for_replica(cluster: ClusterSet, server: RedisServer, at: float) -> None:
+    while not _in_sync_replica(cluster, server):
+        assert time.monotonic() < at + 2 * FAILOVER_TIMEOUT, "the node did not come back"
         time.sleep(0.05)
     cluster.wait_until_ok()
-    return Kill(victim.port, partitions, at, wall, promoted, time.monotonic() - at)
 
 
 def _in_sync_replica(cluster: ClusterSet, server: RedisServer) -> bool:
@@ -337,19 +384,39 @@ async def stored_partition_entries(
 
 
 def ingest_outage(
-    ledger: TimedLedger, replies: Replies, stored: list[tuple[int, str, str | None]], kill: Kill
+    ledger: TimedLedger, replies: Replies, stored: list[tuple[int, str, str | None]], fault: Fault
 ) -> float:
-    """From the first 451 after ``kill`` to the first 250 whose entry is in a partition the
-    killed node served (0 when no sender saw a 451; inf when no such 250 came)."""
-    refused = [at for at, code in replies.codes if code == 451 and at >= kill.at]
-    if not refused:
-        return 0.0
-    in_victim = {(entry_id, lid) for p, entry_id, lid in stored if p in kill.partitions}
+    """How long the senders found the faulty node's partitions unwritable: from the first
+    451 after a kill (from the start of a pause: a paused node answers nothing) to the first
+    250 whose entry is in one of those partitions and was written after the fault began,
+    so by the new primary.  0 when no sender saw a 451 after a kill; inf when no such 250."""
+    start = fault.at
+    if fault.kind == "kill":
+        refused = [at for at, code in replies.codes if code == 451 and at >= fault.at]
+        if not refused:
+            return 0.0
+        start = refused[0]
+    written_after = {
+        (entry_id, lid) for p, entry_id, lid in stored
+        if p in fault.partitions and _entry_ms(entry_id) >= fault.wall * 1000
+    }  # fmt: skip
     back = [
         at for lid, at in ledger.accepted_at.items()
-        if at > refused[0] and (ledger.accepted[lid], lid) in in_victim
+        if at > start and (ledger.accepted[lid], lid) in written_after
     ]  # fmt: skip
-    return min(back) - refused[0] if back else float("inf")
+    return min(back) - start if back else float("inf")
+
+
+def _entry_ms(entry_id: str | None) -> int:
+    return int((entry_id or "0").partition("-")[0])
+
+
+def fault_of(entry_ms: int, faults: Sequence[Fault]) -> str:
+    """The kind of the fault whose round (from a second before it) holds ``entry_ms``."""
+    for fault in faults:
+        if (fault.wall - 1) * 1000 <= entry_ms <= (fault.wall + fault.round_s) * 1000:
+            return fault.kind
+    return "none"
 
 
 @dataclass
@@ -424,37 +491,53 @@ def longest_gap(times: Sequence[float], start: float, end: float) -> float:
     return max(gaps)
 
 
-def delivery_outage(outcomes: SendOutcomes, kill: Kill) -> float:
-    """The longest gap between delivered events of the killed node's partitions around
-    the kill (until the node was back as a replica)."""
-    times = [ms / 1000 for p in kill.partitions for ms in outcomes.event_ms[p]]
-    return longest_gap(times, kill.wall, kill.wall + kill.round_s)
+def delivery_outage(outcomes: SendOutcomes, fault: Fault) -> float:
+    """The longest gap between delivered events of the faulty node's partitions around the
+    fault (until the node was back as a replica)."""
+    times = [ms / 1000 for p in fault.partitions for ms in outcomes.event_ms[p]]
+    return longest_gap(times, fault.wall, fault.wall + fault.round_s)
 
 
-def in_flight(outcomes: SendOutcomes, kills: Sequence[Kill]) -> set[str]:
-    """Send ids of a killed node's partitions whose first copy reached the relay in the
-    IN_FLIGHT_WINDOW before the kill: their settlement may not have reached the replica."""
+def in_flight(outcomes: SendOutcomes, faults: Sequence[Fault]) -> set[str]:
+    """Send ids of a faulty node's partitions whose first copy reached the relay in the
+    IN_FLIGHT_WINDOW before the fault, or during a pause until the promotion (their
+    settlement waited for the paused node, which took it when resumed, just before it
+    became a replica): their settlement may never have reached the replica."""
     return {
         lid
-        for kill in kills
+        for fault in faults
         for lid, at in outcomes.first_copy_at.items()
-        if kill.at - IN_FLIGHT_WINDOW <= at <= kill.at
-        and layout.partition_of(lid, PARTITIONS) in kill.partitions
+        if fault.at - IN_FLIGHT_WINDOW <= at <= fault.at + _paused_for(fault)
+        and layout.partition_of(lid, PARTITIONS) in fault.partitions
     }
 
 
+def _paused_for(fault: Fault) -> float:
+    return fault.promoted_s if fault.kind == "pause" else 0.0
+
+
+def outage_figures(outages: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """``unavailable_<kind>_median_s`` and ``_max_s`` for each kind of fault."""
+    figures = {}
+    for kind in FAULTS:
+        seconds = sorted(s for k, s in outages if k == kind)
+        if seconds:
+            figures[f"unavailable_{kind}_median_s"] = statistics.median(seconds)
+            figures[f"unavailable_{kind}_max_s"] = seconds[-1]
+    return figures
+
+
 def delivery_figures(
-    ledger: Ledger, outcomes: SendOutcomes, kills: Sequence[Kill]
+    ledger: Ledger, outcomes: SendOutcomes, faults: Sequence[Fault]
 ) -> dict[str, Any]:
     """The delivery side's counts (see the section comment); ``lost`` is a confirmed send
     with no copy at the relay and no dead letter."""
     accepted = set(ledger.accepted)
     delivered = {i for i in accepted if outcomes.copies[i]}
     duplicated = {i for i in delivered if outcomes.copies[i] > 1}
-    flying = in_flight(outcomes, kills) & accepted
+    flying = in_flight(outcomes, faults) & accepted
     no_event = {i for i in delivered if not outcomes.events[i]}
     no_record = delivered - outcomes.recorded
-    gaps = sorted(delivery_outage(outcomes, kill) for kill in kills)
     return {
         "accepted": len(accepted),
         "delivered": len(delivered),
@@ -471,8 +554,7 @@ def delivery_figures(
         "in_flight_record_lost": len(flying & no_record),
         "dup_not_in_flight": len(duplicated - flying),
         "strangers": len(set(outcomes.copies) - ledger.sent),
-        "unavailable_median_s": statistics.median(gaps) if gaps else 0.0,
-        "unavailable_max_s": gaps[-1] if gaps else 0.0,
+        **outage_figures([(f.kind, delivery_outage(outcomes, f)) for f in faults]),
     }
 
 
@@ -488,7 +570,7 @@ class FailoverRun:
     received: TimedLedger  # ingest: SMTP ids, stored entries recorded as "stored"
     sends: Ledger  # delivery: confirmed enqueues, copies as "delivered", "dead"
     replies: Replies
-    kills: list[Kill]
+    faults: list[Fault]
     stored: list[tuple[int, str, str | None]]
     outcomes: SendOutcomes
     crashed: list[str]  # the roles whose process died
@@ -499,29 +581,32 @@ class FailoverRun:
         self.received.name = f"{name}-ingest-{self.mode}"
         self.sends.name = f"{name}-delivery-{self.mode}"
         lost = self.received.lost(["stored"])
-        outages = sorted(
-            ingest_outage(self.received, self.replies, self.stored, kill) for kill in self.kills
+        lost_after = Counter(
+            fault_of(_entry_ms(self.received.accepted[lid]), self.faults) for lid in lost
         )
-        kills = {
-            "kills": len(self.kills),
-            "promoted_max_s": max((k.promoted_s for k in self.kills), default=0.0),
-            "round_max_s": max((k.round_s for k in self.kills), default=0.0),
-        }
+        faults: dict[str, Any] = {f"{kind}s": 0 for kind in FAULTS}
+        faults.update(Counter(f"{f.kind}s" for f in self.faults))
+        faults["promoted_max_s"] = max((f.promoted_s for f in self.faults), default=0.0)
+        faults["round_max_s"] = max((f.round_s for f in self.faults), default=0.0)
+        outages = [
+            (f.kind, ingest_outage(self.received, self.replies, self.stored, f))
+            for f in self.faults
+        ]
         ingest = self.received.report(
             ["stored"],
             acked_then_lost=len(lost),
+            **{f"lost_after_{kind}": lost_after[kind] for kind in FAULTS},
             dup_without_retry=len(self.received.unexplained_duplicates("stored")),
             replies_451=self.replies.count(lambda c: c == 451),
             replies_other_4xx=self.replies.count(lambda c: 400 <= c < 500 and c != 451),
             replies_5xx=self.replies.count(lambda c: c >= 500),
-            unavailable_median_s=statistics.median(outages) if outages else 0.0,
-            unavailable_max_s=outages[-1] if outages else 0.0,
-            **kills,
+            **outage_figures(outages),
+            **faults,
         )
-        figures = delivery_figures(self.sends, self.outcomes, self.kills)
+        figures = delivery_figures(self.sends, self.outcomes, self.faults)
         in_summary = ("accepted", "delivered", "lost", "dup", "dead")  # Ledger.summary's own
         shown = {k: v for k, v in figures.items() if k not in in_summary}
-        delivery = self.sends.report(["delivered", "dead"], **shown, **kills)
+        delivery = self.sends.report(["delivered", "dead"], **shown, **faults)
         return ingest, delivery
 
 
@@ -533,12 +618,13 @@ async def failover_under_load(
     rounds: int,
     senders: int,
     steady: float,
+    faults: Sequence[str] = ("kill",),
     first_shard: int = 0,
 ) -> FailoverRun:
     """Both roles under load through the cluster URL, with ``FAILOVER_MODES[mode]``, while
-    ``rounds`` primaries are killed in turn (shard ``first_shard``, then the next...), with
-    ``steady`` seconds of load before, between and after; then delivery drains and the
-    outcomes are read from every partition."""
+    for ``rounds`` rounds each of ``faults`` (:data:`FAULTS`) hits a primary, shard
+    ``first_shard`` first, then the next..., with ``steady`` seconds of load before, between
+    and after; then delivery drains and the outcomes are read from every partition."""
     guard, keys, url = FAILOVER_MODES[mode], all_keys(), cluster.url()
     received, sends, replies = TimedLedger(mode), Ledger(mode), Replies()
     sink = TimedSink(stall_data=RELAY_STALL)
@@ -548,7 +634,7 @@ async def failover_under_load(
     delivery = worker_process(url, sink.url, *partitioned, "--max-deliveries", "1000",
                               log=logs / "deliver.log")  # fmt: skip
     clients = partition_clients(url, keys, connect, retries=0, socket_timeout=2.0)
-    kills: list[Kill] = []
+    done: list[Fault] = []
     try:
         ingest.start()
         stop = asyncio.Event()
@@ -566,8 +652,9 @@ async def failover_under_load(
             await wait_until(lambda: bool(sink.received) and replies.count(lambda c: c == 250) > 0,
                              "both roles at work", timeout=30)  # fmt: skip
             await asyncio.sleep(steady)
-            for r in range(rounds):
-                kills.append(await asyncio.to_thread(kill_primary, cluster, keys, first_shard + r))
+            for n, kind in enumerate(kind for _ in range(rounds) for kind in faults):
+                fault = FAULTS[kind]
+                done.append(await asyncio.to_thread(fault, cluster, keys, first_shard + n))
                 await asyncio.sleep(steady)
         finally:
             stop.set()
@@ -585,4 +672,4 @@ async def failover_under_load(
     received.record_all("stored", [lid for _, _, lid in stored])
     sends.record_all("delivered", [lid for lid, n in outcomes.copies.items() for _ in range(n)])
     sends.record_all("dead", outcomes.dead)
-    return FailoverRun(mode, received, sends, replies, kills, stored, outcomes, crashed)
+    return FailoverRun(mode, received, sends, replies, done, stored, outcomes, crashed)

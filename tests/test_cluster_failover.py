@@ -6,29 +6,45 @@ counted one by one.  Counted like the Sentinel scenario, in each mode, with and 
 ``--min-replicas 1`` on both roles (``FIGURE cluster-failover-<role>-<mode>:`` lines, ``-s``):
 
 - with it, nothing acknowledged is lost: every 250 is stored and every confirmed send
-  reaches the relay; an ingest entry stored twice was retried after a 451, and a send goes
-  to the relay twice only when it was in flight at the kill (its settlement lost with the
-  primary, the ``sent:<id>`` guard with it);
+  reaches the relay; an ingest entry stored twice was retried after a 451.  The bound on
+  delivery duplicates: a send whose settlement the failover took back is sent again, and
+  the ``sent:<id>`` guard cannot stop it, since that same settlement writes the guard; only
+  sends in flight at the kill can be in that case, and with --min-replicas 1 the worker
+  runs such a settlement again on the new primary until a replica holds it, so the guard is
+  back before the entry can be claimed (every run so far: none sent twice);
 - without it the figures are reported, not judged.
 
 One cluster of our own for the module (the scenario kills its nodes); each mode kills the
-primary of a different shard.  The full size, several kills per mode:
-tests/chaos/test_cluster_failover.py (``make chaos``)."""
+primary of a different shard.  The full size, kills and pauses on every shard:
+tests/chaos/test_cluster_failover.py (``make chaos``).  The last test pins a defect those
+scenarios found (a delivered event missing after a read the failover took back)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.cluster_util import (
     FAILOVER_MODES,
+    PARTITIONS,
     ClusterSet,
+    all_keys,
     failover_under_load,
     flush_primaries,
+    partitions_settled,
     running_cluster,
 )
+from tests.delivery_util import make_config, pack, running_worker, send_message
+from tests.harness import wait_until
+from tests.sinks import RecordingSink
+from workers.relay import Reply
+from workers.streams import layout
+from workers.streams.consumer import ensure_group
+from workers.streams.outcomes import Outcomes, Settlement
 
 STEADY = 0.8  # seconds of load before and after the kill
 
@@ -53,15 +69,15 @@ async def test_a_killed_primary_is_followed_by_both_roles(
     ingest, delivery = run.report("cluster-failover")
 
     assert not run.crashed, f"died: {run.crashed}"
-    (kill,) = run.kills
+    (kill,) = run.faults
     assert ingest["replies_451"] > 0, "no 451: the kill hit no partition the senders wrote"
     assert ingest["replies_5xx"] == 0
     assert delivery["in_flight"] > 0, "no send in flight at the kill: it tested nothing"
     assert not run.received.strangers(["stored"]) and not run.sends.strangers()
     assert delivery["dead"] == 0, f"dead letters from a failover: {run.outcomes.dead[:3]}"
     # Both roles found the new primary: 250s and settlements in its partitions again.
-    assert ingest["unavailable_max_s"] < kill.round_s + 5
-    assert delivery["unavailable_max_s"] < kill.round_s + 5
+    assert ingest["unavailable_kill_max_s"] < kill.round_s + 5
+    assert delivery["unavailable_kill_max_s"] < kill.round_s + 5
     if FAILOVER_MODES[mode]:
         # Nothing acknowledged is lost; a 250 never turns into two entries; a send reaches
         # the relay twice only if it was in flight at the kill.
@@ -69,3 +85,42 @@ async def test_a_killed_primary_is_followed_by_both_roles(
         assert ingest["dup_without_retry"] == 0
         run.sends.check(["delivered", "dead"], max_duplicates=delivery["in_flight"])
         assert delivery["dup_not_in_flight"] == 0
+        assert delivery["records_missing"] == 0, "a sent:<id> guard confirmed, then lost"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: settle writes no event when XACK finds the entry unread "
+    "(workers/streams/functions.py settle; reported to the lead)",
+)
+async def test_a_send_whose_read_the_failover_took_back_keeps_its_delivered_event(
+    cluster: ClusterSet, partitions: list[aioredis.Redis], sink: RecordingSink
+) -> None:
+    """The old primary handed the worker an entry (XREADGROUP) and died, or was cut off,
+    before the read reached its replica; the relay accepted the message and the worker's
+    settlement runs on the new primary, where the entry is unread in the group.  The
+    delivered event must still be written once (the scenario above shows this after pauses
+    in guarded mode: delivered once, sent:<id> recorded, no delivered event)."""
+    keys, message_id = all_keys(), "read-taken-back"
+    p = layout.partition_of(message_id, PARTITIONS)
+    data = pack(send_message(["ann@example.com"], message_id=message_id))
+    await ensure_group(partitions[p], keys[p].send, "delivery")  # as the new primary has it
+    entry_id = (await partitions[p].xadd(keys[p].send, {"data": data})).decode()
+    ref = layout.MessageRef(message_id, entry_id, data)
+    sent = Reply(250, "2.0.0 queued")
+    settlement = Settlement(
+        entry_id=entry_id, message_id=message_id, accepted=["ann@example.com"],
+        events=[layout.event("delivered", ref, ["ann@example.com"], sent, time.time())],
+    )  # fmt: skip
+    outcomes = Outcomes(partitions[p], keys[p], group="delivery", sent_ttl=60, events_maxlen=100)
+    try:
+        await outcomes.settle([settlement], time.time())
+    finally:
+        await outcomes.aclose()
+    # A worker then reads the entry as new, finds it sent, and acknowledges it.
+    config = make_config(cluster.url(), sink.url, partitions=PARTITIONS)
+    async with running_worker(config):
+        await wait_until(lambda: partitions_settled(partitions, keys), "the entry settled")
+    events = [f for _, f in await partitions[p].xrange(keys[p].events)]
+    assert not sink.received, "sent again"
+    assert [f[b"event"] for f in events if f[b"id"] == message_id.encode()] == [b"delivered"]
