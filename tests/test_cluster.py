@@ -173,3 +173,42 @@ async def test_housekeeping_trims_every_partition_on_a_cluster(
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_retries_and_dead_letters_stay_in_their_partition_on_a_cluster(
+    cluster: ClusterSet, partitions: list[aioredis.Redis], sink: RecordingSink
+) -> None:
+    """Each refused once with 451 is retried in its own partition (its retry schedule and
+    payload share the partition's slot) and delivered; a 550 is dead-lettered there."""
+    keys = all_keys()
+    ids = [f"retry-{n}" for n in range(12)]
+    for message_id in ids:
+        sink.refuse_rcpt(f"{message_id}@example.com", "451 4.3.0 try later", times=1)
+    sink.refuse_rcpt("gone@example.com", "550 5.1.1 no such user")
+    placed = {}
+    for message_id in [*ids, "bounce-1"]:
+        p = placed[message_id] = layout.partition_of(message_id, PARTITIONS)
+        to = "gone@example.com" if message_id == "bounce-1" else f"{message_id}@example.com"
+        data = pack(send_message([to], message_id=message_id))
+        await partitions[p].xadd(keys[p].send, {"data": data})
+    assert len(set(placed.values())) >= 3
+    config = make_config(cluster.url(), sink.url, partitions=PARTITIONS)
+    async with running_worker(config):
+        await wait_until(lambda: len(sink.received) >= len(ids), "every retry delivered")
+        await wait_until(lambda: all_settled(partitions, keys), "every partition settled")
+    assert sorted(r for m in sink.received for r in m.rcpt_tos) == sorted(
+        f"{i}@example.com" for i in ids
+    )
+    bounced = placed["bounce-1"]
+    assert [await c.xlen(k.dead) for c, k in zip(partitions, keys, strict=True)] == [
+        int(p == bounced) for p in range(PARTITIONS)
+    ]
+    deferred: dict[int, set[str]] = {}
+    for p, (client, k) in enumerate(zip(partitions, keys, strict=True)):
+        assert await client.zcard(k.retry_schedule) == 0
+        for _, fields in await client.xrange(k.events):
+            if fields[b"event"] == b"deferred":
+                deferred.setdefault(p, set()).add(fields[b"id"].decode())
+    assert deferred == {
+        p: {i for i in ids if placed[i] == p} for p in sorted(set(placed[i] for i in ids))
+    }
