@@ -104,7 +104,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> list[Side]:
         size = built_size(sized_messages(1, SIZE, "size"))
         print(
             f"{SIZE} octet messages (delivery: {size} built), ingest {args.ingest_messages} and "
-            f"delivery {args.delivery_messages} per round, {args.rounds} alternating rounds",
+            f"delivery {args.delivery_messages} per round, {args.rounds} alternating rounds; "
+            f"{args.sessions} SMTP sessions, delivery --concurrency {args.concurrency}",
             flush=True,
         )
         for side in found:  # warm-up (connections, function library, first use of memory)
@@ -123,11 +124,11 @@ async def measure(side: Side, sink: SmtpSink, args: argparse.Namespace, number: 
     deployment = side.deployment
     replicas_before = deployment.replica_cpu()
     deployment.flush()
-    done = ingest_round(deployment, side.ingest, SIZE, args.ingest_messages)
+    done = ingest_round(deployment, side.ingest, SIZE, args.ingest_messages, args.sessions)
     side.rounds["ingest"].append(done)
     replicas_mid = deployment.replica_cpu()
     messages = sized_messages(args.delivery_messages, SIZE, f"r{number}")
-    sent = await delivery_round(deployment, sink, messages)
+    sent = await delivery_round(deployment, sink, messages, args.concurrency)
     side.rounds["delivery"].append(sent)
     side.replica_cpu["ingest"] += replicas_mid - replicas_before
     side.replica_cpu["delivery"] += deployment.replica_cpu() - replicas_mid
@@ -181,6 +182,8 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=6, help="partitions on the cluster")
     parser.add_argument("--ingest-messages", type=int, help="per round (default 3000)")
     parser.add_argument("--delivery-messages", type=int, help="per round (default 2000)")
+    parser.add_argument("--sessions", type=int, default=10, help="smtp-source sessions")
+    parser.add_argument("--concurrency", type=int, default=10, help="delivery --concurrency")
     parser.add_argument("--warmup", type=int, default=300, help="messages per warm-up round")
     parser.add_argument("--idle-seconds", type=float, default=2.0, help="idle CPU measured so long")
     parser.add_argument("--cluster-url", help="a running cluster (else one is started)")

@@ -268,10 +268,12 @@ def start_ingest(deployment: Deployment, log: Path) -> Server:
     return Server(f"ingest on {deployment.name}", process, port)
 
 
-def ingest_round(deployment: Deployment, server: Server, size: int, messages: int) -> Round:
+def ingest_round(
+    deployment: Deployment, server: Server, size: int, messages: int, sessions: int = SESSIONS
+) -> Round:
     before = deployment.counters()
     started = time.perf_counter()
-    result = smtp_source(server, Case(size, SESSIONS, True, messages))
+    result = smtp_source(server, Case(size, sessions, True, messages))
     seconds = time.perf_counter() - started
     spent = deployment.counters() - before
     return Round(messages, seconds, messages / result.per_cpu, spent, spent.memory)
@@ -295,14 +297,17 @@ def built_size(messages: list[SendMessage]) -> int:
 
 
 async def delivery_round(
-    deployment: Deployment, sink: SmtpSink, messages: list[SendMessage]
+    deployment: Deployment,
+    sink: SmtpSink,
+    messages: list[SendMessage],
+    concurrency: int = CONCURRENCY,
 ) -> Round:
     """Enqueue round robin over the partitions, then time the worker until all is settled."""
     from workers.delivery import serve
 
     config = DeliveryConfig(
         redis_url=deployment.url, relay=f"smtp://127.0.0.1:{sink.port}", starttls="off",
-        concurrency=CONCURRENCY, consumer="bench-worker", hostname="bench.invalid",
+        concurrency=concurrency, consumer="bench-worker", hostname="bench.invalid",
         partitions=deployment.partitions,
     )  # fmt: skip
     config.validate()
