@@ -90,7 +90,8 @@ def sides(args: argparse.Namespace, workdir: Path) -> Iterator[list[Side]]:
         if args.cluster_url:
             cluster = cluster_deployment(args.cluster_url, args.partitions)
         else:
-            cluster = stack.enter_context(own_cluster(workdir, args.partitions))
+            started = own_cluster(workdir, args.partitions, replicas=args.replica)
+            cluster = stack.enter_context(started)
         found: list[Side] = []
         for deployment in (*found_deployments, cluster):
             server = start_ingest(deployment, workdir / f"ingest-{len(found)}.log")
@@ -189,7 +190,8 @@ def main() -> int:
     parser.add_argument("--cluster-url", help="a running cluster (else one is started)")
     parser.add_argument(
         "--no-replica", dest="replica", action="store_false",
-        help="leave out the standalone server with a replica (the cluster's shards have one)",
+        help="no replicas: leave out the standalone server with a replica, and stop the "
+        "replicas of the cluster started here (the primaries go on serving)",
     )  # fmt: skip
     parser.add_argument(
         "--split", action="store_true",

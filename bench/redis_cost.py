@@ -185,10 +185,19 @@ def cluster_deployment(url: str, partition_count: int) -> Deployment:
 
 
 @contextmanager
-def own_cluster(workdir: Path, partition_count: int) -> Iterator[Deployment]:
-    """tests/cluster_util.py's cluster (3 primaries, 3 replicas, AOF everysec)."""
+def own_cluster(
+    workdir: Path, partition_count: int, *, replicas: bool = True
+) -> Iterator[Deployment]:
+    """tests/cluster_util.py's cluster (3 primaries, 3 replicas, AOF everysec); without
+    ``replicas`` they are stopped once it is up (the primaries go on serving)."""
     with running_cluster(workdir / "cluster") as nodes:
-        yield cluster_deployment(nodes.url(), partition_count)
+        deployment = cluster_deployment(nodes.url(), partition_count)
+        if not replicas:
+            for server in nodes.servers:
+                if server.port in deployment.replicas:
+                    server.stop(kill=True)
+            deployment.replicas = []
+        yield deployment
 
 
 @contextmanager
