@@ -17,6 +17,13 @@ socket reads and writes per message and the costliest commands (INFO commandstat
     python bench/cluster.py                 # 2 KB, 6 partitions, 5 rounds of 3000/2000 msgs
     python bench/cluster.py --quick         # 3 rounds of 1000 messages
     python bench/cluster.py --cluster-url redis+cluster://127.0.0.1:7000 --partitions 6
+    python bench/cluster.py --split     # + one server split into 6 partitions: the split's cost
+    python bench/cluster.py --sessions 50 --concurrency 60   # heavier load, bigger batches
+
+What was found (2-core VM): a cluster with 1 partition costs what a standalone server with a
+replica does; with 6 partitions ingest and delivery cost 2-3x at 10 sessions / concurrency 10,
+most of it the split itself (each partition batches alone: socket reads per message 0.21 ->
+0.8 for ingest, 0.36 -> 1.3 for delivery, also on one server split in 6), less at heavier load.
 """
 
 from __future__ import annotations
