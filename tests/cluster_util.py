@@ -190,6 +190,7 @@ FAILOVER_MODES = {"guarded": GUARD, "unguarded": ()}
 IN_FLIGHT_WINDOW = 0.5  # seconds before a kill in which a send counts as in flight
 RELAY_STALL = 0.05  # the relay's pause before its reply to DATA: sends are mid-way at a kill
 FAILOVER_TIMEOUT = 30.0
+STORE_TIMEOUT = 5.0  # ingest's --store-timeout: a 451 at the latest this long after a fault
 
 
 @dataclass
@@ -372,6 +373,25 @@ async def partitions_settled(clients: Sequence[aioredis.Redis], keys: Sequence[S
     return True
 
 
+async def served_again(
+    clients: Sequence[aioredis.Redis], keys: Sequence[StreamKeys], fault: Fault
+) -> bool:
+    """Every partition of the faulty node has a received entry written after the fault
+    and a delivered event after its round: both roles use the new primary (so the outage
+    figures of the fault are measured before the load stops)."""
+    for p in fault.partitions:
+        try:
+            received: Any = await clients[p].xrevrange(keys[p].receive, count=1)
+            settled: Any = await clients[p].xrevrange(keys[p].events, count=1)
+        except (redis.RedisError, OSError):
+            return False
+        if not received or _entry_ms(received[0][0].decode()) < fault.wall * 1000:
+            return False
+        if not settled or _entry_ms(settled[0][0].decode()) < (fault.wall + fault.round_s) * 1000:
+            return False
+    return True
+
+
 async def stored_partition_entries(
     clients: Sequence[aioredis.Redis], keys: Sequence[StreamKeys]
 ) -> list[tuple[int, str, str | None]]:
@@ -384,27 +404,29 @@ async def stored_partition_entries(
 
 
 def ingest_outage(
-    ledger: TimedLedger, replies: Replies, stored: list[tuple[int, str, str | None]], fault: Fault
+    ledger: TimedLedger, stored: list[tuple[int, str, str | None]], fault: Fault
 ) -> float:
-    """How long the senders found the faulty node's partitions unwritable: from the first
-    451 after a kill (from the start of a pause: a paused node answers nothing) to the first
-    250 whose entry is in one of those partitions and was written after the fault began,
-    so by the new primary.  0 when no sender saw a 451 after a kill; inf when no such 250."""
-    start = fault.at
-    if fault.kind == "kill":
-        refused = [at for at, code in replies.codes if code == 451 and at >= fault.at]
-        if not refused:
-            return 0.0
-        start = refused[0]
+    """How long the faulty node's partitions took no writes, as the senders' 250s show it:
+    from the fault to the first 250 whose entry is in one of those partitions and was
+    written after the fault began, so by the new primary (inf when none came).  The
+    senders saw less of it (``refusing``): ingest passes over a partition it cannot write."""
     written_after = {
         (entry_id, lid) for p, entry_id, lid in stored
         if p in fault.partitions and _entry_ms(entry_id) >= fault.wall * 1000
     }  # fmt: skip
     back = [
         at for lid, at in ledger.accepted_at.items()
-        if at > start and (ledger.accepted[lid], lid) in written_after
+        if at > fault.at and (ledger.accepted[lid], lid) in written_after
     ]  # fmt: skip
-    return min(back) - start if back else float("inf")
+    return min(back) - fault.at if back else float("inf")
+
+
+def refusing(replies: Replies, fault: Fault, until: float) -> float:
+    """From the first to the last 451 of the fault's round (before ``until``, the next
+    fault): how long the senders saw refusals."""
+    end = min(until, fault.at + fault.round_s + STORE_TIMEOUT)
+    refused = [at for at, code in replies.codes if code == 451 and fault.at <= at < end]
+    return refused[-1] - refused[0] if refused else 0.0
 
 
 def _entry_ms(entry_id: str | None) -> int:
@@ -516,14 +538,16 @@ def _paused_for(fault: Fault) -> float:
     return fault.promoted_s if fault.kind == "pause" else 0.0
 
 
-def outage_figures(outages: Sequence[tuple[str, float]]) -> dict[str, float]:
-    """``unavailable_<kind>_median_s`` and ``_max_s`` for each kind of fault."""
+def outage_figures(
+    outages: Sequence[tuple[str, float]], name: str = "unavailable"
+) -> dict[str, float]:
+    """``<name>_<kind>_median_s`` and ``_max_s`` for each kind of fault."""
     figures = {}
     for kind in FAULTS:
         seconds = sorted(s for k, s in outages if k == kind)
         if seconds:
-            figures[f"unavailable_{kind}_median_s"] = statistics.median(seconds)
-            figures[f"unavailable_{kind}_max_s"] = seconds[-1]
+            figures[f"{name}_{kind}_median_s"] = statistics.median(seconds)
+            figures[f"{name}_{kind}_max_s"] = seconds[-1]
     return figures
 
 
@@ -588,9 +612,11 @@ class FailoverRun:
         faults.update(Counter(f"{f.kind}s" for f in self.faults))
         faults["promoted_max_s"] = max((f.promoted_s for f in self.faults), default=0.0)
         faults["round_max_s"] = max((f.round_s for f in self.faults), default=0.0)
-        outages = [
-            (f.kind, ingest_outage(self.received, self.replies, self.stored, f))
-            for f in self.faults
+        outages = [(f.kind, ingest_outage(self.received, self.stored, f)) for f in self.faults]
+        ends = [f.at for f in self.faults[1:]] + [float("inf")]
+        refusals = [
+            (f.kind, refusing(self.replies, f, end))
+            for f, end in zip(self.faults, ends, strict=True)
         ]
         ingest = self.received.report(
             ["stored"],
@@ -601,6 +627,7 @@ class FailoverRun:
             replies_other_4xx=self.replies.count(lambda c: 400 <= c < 500 and c != 451),
             replies_5xx=self.replies.count(lambda c: c >= 500),
             **outage_figures(outages),
+            **outage_figures(refusals, "refusing"),
             **faults,
         )
         figures = delivery_figures(self.sends, self.outcomes, self.faults)
@@ -630,7 +657,9 @@ async def failover_under_load(
     sink = TimedSink(stall_data=RELAY_STALL)
     sink.start()
     partitioned = ("--partitions", str(PARTITIONS), *guard)
-    ingest = IngestProcess(url, *partitioned, "--store-timeout", "5", log_path=logs / "ingest.log")
+    ingest = IngestProcess(
+        url, *partitioned, "--store-timeout", str(STORE_TIMEOUT), log_path=logs / "ingest.log"
+    )
     delivery = worker_process(url, sink.url, *partitioned, "--max-deliveries", "1000",
                               log=logs / "deliver.log")  # fmt: skip
     clients = partition_clients(url, keys, connect, retries=0, socket_timeout=2.0)
@@ -655,6 +684,8 @@ async def failover_under_load(
             for n, kind in enumerate(kind for _ in range(rounds) for kind in faults):
                 fault = FAULTS[kind]
                 done.append(await asyncio.to_thread(fault, cluster, keys, first_shard + n))
+                again = "the partitions written and settled again"
+                await wait_until(lambda: served_again(clients, keys, done[-1]), again, timeout=30)
                 await asyncio.sleep(steady)
         finally:
             stop.set()
