@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from packaging.version import Version
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.exceptions import ResponseError
 
@@ -47,6 +47,10 @@ def test_redis_py_has_what_the_fence_calls() -> None:
     # The command name of a checkout became optional (and deprecated) in 5.3.0.
     wanted = installed < Version("5.3")
     assert redis_fence.needs_command_name(ConnectionPool()) is wanted, f"revisit {REDIS_FENCE}"
+    # SlotConnection sets host and port, then lets the private _connect open the socket.
+    connect = getattr(Connection, "_connect", None)
+    assert inspect.iscoroutinefunction(connect), f"revisit {REDIS_FENCE}: Connection._connect"
+    assert {"host", "port"} <= set(inspect.signature(Connection).parameters), REDIS_FENCE
 
 
 async def test_a_packed_batch_with_an_error_reply_reads_every_reply(redis_url: str) -> None:

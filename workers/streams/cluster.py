@@ -10,11 +10,12 @@ paths (settlements, ingest appends) write packed commands on a connection checke
 pool (:mod:`workers.streams.redis_fence`).  Every key of one partition shares one hash slot
 (:func:`workers.streams.layout.partitions`), so a partition is served by one primary, and an
 ordinary client whose connections connect to that primary does everything the standalone
-code does.  :class:`SlotConnection` asks the shared :class:`ClusterTopology` for the
-primary at each connect.  A reply saying the slot lives elsewhere now (``MOVED``,
-``READONLY`` from a demoted primary, ``CLUSTERDOWN``, ``TRYAGAIN``) or a failed connect
-marks the topology stale and becomes a ConnectionError, which every role treats as "Redis
-away, try again" (ingest answers 451, delivery runs the settlement again); the next connect
+code does.  Its connections (``redis_fence.SlotConnection``) ask the shared
+:class:`ClusterTopology` for the primary at each connect.  A reply saying the slot lives
+elsewhere now (``MOVED``, ``READONLY`` from a demoted primary, ``CLUSTERDOWN``,
+``TRYAGAIN``) or a failed connect marks the topology stale and becomes a ConnectionError,
+which every role treats as "Redis away, try again" (ingest answers 451, delivery runs the
+settlement again); the next connect
 reads the slots again, so the clients follow a failover.
 """
 
@@ -26,30 +27,19 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection
+from redis.asyncio.connection import ConnectionPool
 from redis.crc import key_slot
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    MovedError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TryAgainError,
-)
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from workers.errors import ConfigError, mask_url_password
+from workers.streams.redis_fence import SlotConnection, SlotSSLConnection
 
 SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
 DEFAULT_PORT = 6379
 TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 # A node asked for the slots answers at once or is skipped for the next.
 TOPOLOGY_TIMEOUT = 1.0
-# Replies that say the slot's primary is elsewhere now (or about to be); redis-py raises
-# most of them as their own classes, whose text leaves the reply's first word out.
-MOVED_REPLIES = ("MOVED", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "ASK")
-MOVED_ERRORS = (MovedError, AskError, TryAgainError, ClusterDownError, ReadOnlyError)
 _FORM = "redis+cluster://[user@]host:port,host:port"
 
 
@@ -169,37 +159,6 @@ def _shard_primaries(reply: Any, asked: str) -> list[tuple[str, int]]:
 
 def as_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class SlotConnection(Connection):
-    """A connection to whichever primary serves ``slot`` when it connects."""
-
-    def __init__(self, *, topology: ClusterTopology, slot: int, **options: Any) -> None:
-        self.topology = topology
-        self.slot = slot
-        super().__init__(**options)
-
-    async def _connect(self) -> None:
-        self.host, self.port = await self.topology.primary_of(self.slot)
-        try:
-            await super()._connect()  # type: ignore[no-untyped-call]
-        except (OSError, RedisError):
-            self.topology.stale()
-            raise
-
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().read_response(*args, **kwargs)
-        except ResponseError as exc:
-            if not isinstance(exc, MOVED_ERRORS) and not str(exc).startswith(MOVED_REPLIES):
-                raise
-            self.topology.stale()
-            await self.disconnect()
-            raise RedisConnectionError(f"slot {self.slot} moved ({exc})") from exc
-
-
-class SlotSSLConnection(SlotConnection, SSLConnection):
-    pass
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,10 @@ that lacks a name used here.  What differs between those releases:
 * ``redis.asyncio.sentinel.Sentinel`` closes the clients it keeps of each Sentinel with
   ``aclose`` in recent releases (8.2 has it); 5.x has no such method, and there each of its
   ``sentinels`` is closed in turn (:func:`close_sentinel`).
+* ``Connection._connect`` (private) opens the socket to ``self.host``/``self.port`` in every
+  release of that range; :class:`SlotConnection` sets those first (the primary that serves
+  its cluster slot now).  ``ConnectionPool`` hands its keyword arguments to the connection
+  class, which is how the slot and the topology reach it.
 * The text of ``MasterNotFoundError`` (undocumented) is "No master found for 'm'" then, for
   each Sentinel that failed, its client's repr and its error: "<repr> - network:
   ConnectionError: Error 111 ..." in 8.2, "Redis<repr> - ConnectionError('Error 111 ...')"
@@ -50,10 +54,19 @@ import inspect
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool, SSLConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 # The releases this module was checked against (tests/test_internals_redis.py).
@@ -229,3 +242,51 @@ def send_packed(
 def read_reply(connection: AbstractConnection) -> Awaitable[Any]:
     """The next reply on ``connection``; a Redis error reply is raised (ResponseError)."""
     return connection.read_response()
+
+
+# Replies that say a cluster slot's primary is elsewhere now (or about to be); redis-py
+# raises most of them as their own classes, whose text leaves the reply's first word out.
+MOVED_REPLIES = ("MOVED", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "ASK")
+MOVED_ERRORS = (MovedError, AskError, TryAgainError, ClusterDownError, ReadOnlyError)
+
+
+class SlotRouter(Protocol):
+    """Where a cluster slot is served (:class:`workers.streams.cluster.ClusterTopology`)."""
+
+    async def primary_of(self, slot: int) -> tuple[str, int]: ...
+
+    def stale(self) -> None: ...
+
+
+class SlotConnection(Connection):
+    """A connection to whichever primary serves ``slot`` when it connects (redis-py's
+    ``_connect`` asks ``topology`` first).  A reply saying the slot lives elsewhere now,
+    and a failed connect, mark the topology stale; the reply becomes a ConnectionError
+    (the connection is dropped), which every role treats as "Redis away, try again"."""
+
+    def __init__(self, *, topology: SlotRouter, slot: int, **options: Any) -> None:
+        self.topology = topology
+        self.slot = slot
+        super().__init__(**options)
+
+    async def _connect(self) -> None:
+        self.host, self.port = await self.topology.primary_of(self.slot)
+        try:
+            await super()._connect()  # type: ignore[no-untyped-call]
+        except (OSError, RedisError):
+            self.topology.stale()
+            raise
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as exc:
+            if not isinstance(exc, MOVED_ERRORS) and not str(exc).startswith(MOVED_REPLIES):
+                raise
+            self.topology.stale()
+            await self.disconnect()
+            raise RedisConnectionError(f"slot {self.slot} moved ({exc})") from exc
+
+
+class SlotSSLConnection(SlotConnection, SSLConnection):
+    pass
