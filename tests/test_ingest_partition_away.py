@@ -1,16 +1,22 @@
-"""Ingest over partitions passes over one that fails: while a shard is down or failing
-over, the other partitions take the mail and senders still get 250.  A message whose append
-failed with nothing stored goes to the next partition; one that may be stored is never sent
-again (its sender gets the 451).  A real redis-server with three partitions; partition 1's
-stream made unwritable by a key of the wrong type (every XADD to it refused)."""
+"""Ingest over partitions: received mail goes out a batch per partition in turn (batches as
+large as with one stream), and a partition whose store failed is passed over for a second,
+so while a shard is down or failing over the others take the mail.  A batch that could not
+be sent at all goes to the next partition; a message that may be stored is never sent again
+(its sender gets the 451).  A real redis-server, partitions of it made to fail: a key of the
+wrong type (every XADD refused), a client of a port where nothing listens."""
 
 from __future__ import annotations
 
+import asyncio
+
 import redis.asyncio as aioredis
 
+from tests.harness import free_port
 from tests.ingest_util import ingest, send_one
 from workers.streams import layout
+from workers.streams.connection import connect_for_writes
 from workers.streams.layout import StreamKeys
+from workers.streams.receive import ReceiveStream
 
 PARTITIONS = 3
 KEYS = layout.partitions(StreamKeys(), PARTITIONS, tagged=True)
@@ -20,15 +26,52 @@ async def lengths(redis: aioredis.Redis) -> list[int]:
     return [await redis.xlen(k.receive) for k in KEYS]
 
 
-async def test_a_failing_partition_is_passed_over_and_every_sender_gets_250(
+async def test_a_batch_goes_to_one_partition_and_the_next_batch_to_the_next(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    client = connect_for_writes(redis_url)
+    stream = ReceiveStream(
+        client, KEYS[0].receive, max_in_flight=1,
+        more_partitions=[(client, k.receive) for k in KEYS[1:]],
+    )  # fmt: skip
+    try:
+        # Queued before the writer runs: each gather is one batch.
+        for _ in range(2):
+            await asyncio.gather(*(stream.append(b"m%d" % n) for n in range(30)))
+    finally:
+        await client.aclose()
+    assert await lengths(redis) == [30, 30, 0]
+
+
+async def test_a_partition_that_cannot_be_reached_is_passed_over_and_nothing_is_lost(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    good = connect_for_writes(redis_url)
+    nowhere = connect_for_writes(f"redis://127.0.0.1:{free_port()}/0")
+    stream = ReceiveStream(
+        good, KEYS[0].receive,
+        more_partitions=[(nowhere, KEYS[1].receive), (good, KEYS[2].receive)],
+    )  # fmt: skip
+    try:
+        for n in range(9):
+            await stream.append(b"m%d" % n)
+    finally:
+        await good.aclose()
+        await nowhere.aclose()
+    stored = [f[b"data"] for k in KEYS for _, f in await redis.xrange(k.receive)]
+    assert sorted(stored) == sorted(b"m%d" % n for n in range(9))
+    assert await redis.xlen(KEYS[1].receive) == 0
+
+
+async def test_a_partition_refusing_writes_is_passed_over_after_one_batch(
     redis: aioredis.Redis, redis_url: str
 ) -> None:
     await redis.set(KEYS[1].receive, "not a stream")  # WRONGTYPE for every XADD
     async with ingest(redis_url, partitions=PARTITIONS) as server:
         codes = [(await send_one(server.port))[0] for _ in range(9)]
-    assert codes == [250] * 9
+    assert sorted(codes) == [250] * 8 + [451]  # the message of the batch that found out
     await redis.delete(KEYS[1].receive)
-    assert sum(await lengths(redis)) == 9
+    assert sum(await lengths(redis)) == 8
 
 
 async def test_a_message_that_may_be_stored_is_not_sent_to_another_partition(

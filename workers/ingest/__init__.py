@@ -31,7 +31,7 @@ from workers.streams.connection import (
     partition_clients,
     resolve_redis_url,
 )
-from workers.streams.receive import ReceiveStream, SpreadReceive, Store
+from workers.streams.receive import ReceiveStream, Store
 
 __all__ = ["IngestConfig", "IngestServer", "main", "running_ingest", "serve"]
 
@@ -84,17 +84,15 @@ async def running_ingest(config: IngestConfig) -> AsyncIterator[IngestServer]:
     # the health probes over one that may.
     writes = partition_clients(url, partitions, connect_for_writes)
     redis = connect(url, retries=1, key=partitions[0].receive)
-    stores = [
-        ReceiveStream(
-            client,
-            keys.receive,
-            min_replicas=config.min_replicas,
-            replica_timeout=config.replica_timeout,
-            store_timeout=config.store_timeout,
-        )
-        for client, keys in zip(writes, partitions, strict=True)
-    ]
-    store: Store = stores[0] if len(stores) == 1 else SpreadReceive(stores)
+    # One stream, a batch per partition in turn (a partition failing is passed over).
+    store = ReceiveStream(
+        writes[0],
+        partitions[0].receive,
+        min_replicas=config.min_replicas,
+        replica_timeout=config.replica_timeout,
+        store_timeout=config.store_timeout,
+        more_partitions=[(c, k.receive) for c, k in zip(writes[1:], partitions[1:], strict=True)],
+    )
     try:
         server = build_server(config, store)
         await server.start()

@@ -31,7 +31,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -64,6 +64,8 @@ CONNECT_TIMEOUT = 5.0
 # sends no further batch into a Redis that does not answer (the messages queued behind get
 # a 451 that means "not stored").
 LINGER = 60.0
+# How long a partition whose store failed is passed over (then a batch tries it again).
+AWAY_FOR = 1.0
 
 
 class StoreError(Exception):
@@ -113,6 +115,39 @@ class _Pending:
     taken: bool = False
 
 
+@dataclass(eq=False)
+class _Partition:
+    """One receive stream a :class:`ReceiveStream` writes to: a client of the Redis that
+    serves it, and until when it is passed over after a failure."""
+
+    redis: aioredis.Redis
+    stream: str
+    away_until: float = 0.0  # monotonic time
+    # XADD <stream> * data <message>: all but the message, which follows as a bulk string.
+    xadd_head: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.xadd_head = (
+            b"*5\r\n$4\r\nXADD\r\n" + _bulk(self.stream.encode()) + b"$1\r\n*\r\n"
+            + _bulk(layout.DATA_KEY)
+        )  # fmt: skip
+
+    async def connection(self) -> AbstractConnection:
+        """A pooled connection, replaced when it died while idle (a Redis restart): a write
+        on it would fail after some of the batch may have gone out."""
+        pool = self.redis.connection_pool
+        connection = await redis_fence.checkout(pool)
+        try:
+            if await redis_fence.is_stale(connection):
+                # Connecting here, not in the write, keeps a failure to connect apart from
+                # a failure after the batch left.
+                await redis_fence.reconnect(connection)
+        except BaseException:
+            await redis_fence.release(pool, connection)
+            raise
+        return connection
+
+
 class ReceiveStream:
     """The ``email.receive`` stream as the ingest role writes it.
 
@@ -138,20 +173,21 @@ class ReceiveStream:
         max_batch: int = MAX_BATCH,
         max_batch_bytes: int = MAX_BATCH_BYTES,
         max_in_flight: int = MAX_IN_FLIGHT,
+        more_partitions: Sequence[tuple[aioredis.Redis, str]] = (),
+        away_for: float = AWAY_FOR,
     ) -> None:
         self.redis = redis
         self.stream = stream
+        self.partitions = [_Partition(redis, stream)]
+        self.partitions += [_Partition(client, name) for client, name in more_partitions]
         self.min_replicas = min_replicas
         self.replica_timeout_ms = max(1, round(replica_timeout * 1000))
         self.store_timeout = store_timeout
         self.max_batch = max_batch
         self.max_batch_bytes = max_batch_bytes
         self.max_in_flight = max_in_flight
-        # XADD <stream> * data <message>: all but the message, which follows as a bulk string.
-        self._xadd_head = (
-            b"*5\r\n$4\r\nXADD\r\n" + _bulk(stream.encode()) + b"$1\r\n*\r\n"
-            + _bulk(layout.DATA_KEY)
-        )  # fmt: skip
+        self.away_for = away_for
+        self._turn = 0  # the partition the next batch goes to, unless it is passed over
         self._wait = b"*3\r\n$4\r\nWAIT\r\n" + _bulk(b"%d" % min_replicas)
         self._wait += _bulk(b"%d" % self.replica_timeout_ms)
         self._waiting: deque[_Pending] = deque()
@@ -203,33 +239,51 @@ class ReceiveStream:
 
     async def _drain_queue(self) -> None:
         while self._waiting:
+            partition = self._next_partition()
             try:
-                connection = await asyncio.wait_for(self._connection(), CONNECT_TIMEOUT)
+                connection = await asyncio.wait_for(partition.connection(), CONNECT_TIMEOUT)
             except Exception as exc:
-                # Nothing of the next batch was written: refused, and certainly not stored.
-                self._finish(self._next_batch(), _classify(exc, maybe_stored=False))
+                # Nothing of the next batch was written: another partition may take it.
+                problem = _classify(exc, maybe_stored=False)
+                self._pass_over(partition, problem)
+                if not self._another_usable(partition):
+                    self._finish(self._next_batch(), problem)
                 continue
             try:
                 batch = self._next_batch()  # taken only now: until here each may give up
                 if batch:
-                    await self._store(connection, batch)
+                    await self._store(partition, connection, batch)
             finally:
-                await redis_fence.release(self.redis.connection_pool, connection)
+                await redis_fence.release(partition.redis.connection_pool, connection)
 
-    async def _connection(self) -> AbstractConnection:
-        """A pooled connection, replaced when it died while idle (a Redis restart): a write
-        on it would fail after some of the batch may have gone out."""
-        pool = self.redis.connection_pool
-        connection = await redis_fence.checkout(pool)
-        try:
-            if await redis_fence.is_stale(connection):
-                # Connecting here, not in the write, keeps a failure to connect apart from
-                # a failure after the batch left.
-                await redis_fence.reconnect(connection)
-        except BaseException:
-            await redis_fence.release(pool, connection)
-            raise
-        return connection
+    def _next_partition(self) -> _Partition:
+        """The next partition in turn that is not passed over (the next in turn when all
+        are).  Received mail goes out a batch per partition, so batches stay as large as
+        with one stream, and over many batches each partition gets its share."""
+        now = time.monotonic()
+        count = len(self.partitions)
+        in_turn = [self.partitions[(self._turn + step) % count] for step in range(count)]
+        partition = next((p for p in in_turn if p.away_until <= now), in_turn[0])
+        self._turn = (self.partitions.index(partition) + 1) % count
+        return partition
+
+    def _another_usable(self, partition: _Partition) -> bool:
+        now = time.monotonic()
+        return any(p.away_until <= now for p in self.partitions if p is not partition)
+
+    def _pass_over(self, partition: _Partition, problem: StoreError) -> None:
+        """With several partitions, one whose store failed is passed over for ``away_for``
+        seconds (then a batch tries it again): while its shard is down or failing over,
+        the others take the mail."""
+        if len(self.partitions) == 1:
+            return
+        now = time.monotonic()
+        if partition.away_until <= now:
+            log.warning(
+                "partition_passed_over", stream=partition.stream, reason=problem.reason,
+                detail=problem.detail, seconds=self.away_for,
+            )  # fmt: skip
+        partition.away_until = now + self.away_for
 
     def _next_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -243,7 +297,9 @@ class ReceiveStream:
             batch.append(pending)
         return batch
 
-    async def _store(self, connection: AbstractConnection, batch: list[_Pending]) -> None:
+    async def _store(
+        self, partition: _Partition, connection: AbstractConnection, batch: list[_Pending]
+    ) -> None:
         """Send the batch and hand each reply to its sender as it comes.
 
         Replies are awaited until every sender of the batch has given up, and then LINGER
@@ -253,7 +309,7 @@ class ReceiveStream:
         linger = max(LINGER, self.store_timeout)
         wait = max(p.deadline for p in batch) - loop.time() + linger
         try:
-            await asyncio.wait_for(self._exchange(connection, batch), wait)
+            await asyncio.wait_for(self._exchange(partition, connection, batch), wait)
         except BaseException as exc:
             await redis_fence.drop(connection)
             if isinstance(exc, TimeoutError):
@@ -261,16 +317,21 @@ class ReceiveStream:
                     "store_reply_missing", messages=len(batch), waited=round(wait, 1),
                     ids=[p.message_id for p in batch if not p.future.done()],
                 )  # fmt: skip
-            self._finish(batch, _classify(exc, maybe_stored=True))
+            problem = _classify(exc, maybe_stored=True)
+            self._pass_over(partition, problem)
+            self._finish(batch, problem)
             if not isinstance(exc, Exception):
                 raise  # cancelled: stop writing
         else:
             self._finish(batch, None)
 
-    async def _exchange(self, connection: AbstractConnection, batch: list[_Pending]) -> None:
+    async def _exchange(
+        self, partition: _Partition, connection: AbstractConnection, batch: list[_Pending]
+    ) -> None:
+        head = partition.xadd_head
         chunks: list[bytes] = []
         for pending in batch:
-            chunks += (self._xadd_head, b"$%d\r\n" % len(pending.data), pending.data, b"\r\n")
+            chunks += (head, b"$%d\r\n" % len(pending.data), pending.data, b"\r\n")
         if self.min_replicas:
             chunks.append(self._wait)
         for piece in _pieces(chunks):
@@ -280,16 +341,20 @@ class ReceiveStream:
             try:
                 entry_id = as_text(await redis_fence.read_reply(connection))
             except ResponseError as exc:  # this XADD was refused; the others stand
-                self._resolve(pending, None, _classify(exc, maybe_stored=False))
+                problem = _classify(exc, maybe_stored=False)
+                self._pass_over(partition, problem)
+                self._resolve(pending, None, problem)
                 continue
             if self.min_replicas:
                 written.append((pending, entry_id))
             else:
                 self._resolve(pending, entry_id)
         if self.min_replicas:
-            problem = await self._replication_problem(connection)
+            unreplicated = await self._replication_problem(connection)
+            if unreplicated is not None:
+                self._pass_over(partition, unreplicated)
             for pending, entry_id in written:
-                self._resolve(pending, entry_id, problem)
+                self._resolve(pending, entry_id, unreplicated)
 
     async def _replication_problem(self, connection: AbstractConnection) -> StoreError | None:
         try:
@@ -330,64 +395,6 @@ class Store(Protocol):
     """Where ingest stores received mail: one receive stream, or all partitions' in turn."""
 
     async def append(self, data: bytes, message_id: str | None = None) -> str: ...
-
-
-# How long a partition whose append failed is passed over (then one append tries it again).
-AWAY_FOR = 1.0
-
-
-class SpreadReceive:
-    """The receive streams of every partition, each append to the next one in turn (received
-    mail has no duplicate guard to keep in one partition: spreading evens out the shards).
-
-    A partition whose append failed is passed over for ``away_for`` seconds, so that while
-    one shard is down or failing over the others take the mail: the sender still gets 250.
-    A message whose append failed with nothing stored goes to the next partition at once; a
-    message that may be stored (``maybe_stored``, or its wait ran out) is not sent again (it
-    would be there twice), its sender gets the 451.
-    """
-
-    def __init__(self, streams: Sequence[ReceiveStream], *, away_for: float = AWAY_FOR) -> None:
-        self.streams = list(streams)
-        self.away_for = away_for
-        self._next = 0
-        self._away_until = [0.0] * len(self.streams)  # monotonic time, per partition
-
-    async def append(self, data: bytes, message_id: str | None = None) -> str:
-        index = self._usable(tried=set())
-        if index is None:  # every partition failed lately: the next in turn all the same
-            index, self._next = self._next % len(self.streams), self._next + 1
-        tried = {index}
-        while True:
-            try:
-                return await self.streams[index].append(data, message_id)
-            except StoreError as exc:
-                self._pass_over(index, exc)
-                again = self._usable(tried)
-                if exc.maybe_stored or exc.reason == "timeout" or again is None:
-                    raise
-                index = again
-                tried.add(index)
-
-    def _usable(self, tried: set[int]) -> int | None:
-        """The next partition in turn that is neither tried nor passed over, if any."""
-        now = time.monotonic()
-        count = len(self.streams)
-        for step in range(count):
-            index = (self._next + step) % count
-            if index not in tried and self._away_until[index] <= now:
-                self._next = index + 1
-                return index
-        return None
-
-    def _pass_over(self, index: int, exc: StoreError) -> None:
-        now = time.monotonic()
-        if self._away_until[index] <= now:
-            log.warning(
-                "partition_passed_over", stream=self.streams[index].stream, reason=exc.reason,
-                detail=exc.detail, seconds=self.away_for,
-            )  # fmt: skip
-        self._away_until[index] = now + self.away_for
 
 
 # Octets handed to the socket at once.  asyncio joins what one write gets into a single
