@@ -88,11 +88,6 @@ async def test_a_killed_primary_is_followed_by_both_roles(
         assert delivery["records_missing"] == 0, "a sent:<id> guard confirmed, then lost"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: settle writes no event when XACK finds the entry unread "
-    "(workers/streams/functions.py settle; reported to the lead)",
-)
 async def test_a_send_whose_read_the_failover_took_back_keeps_its_delivered_event(
     cluster: ClusterSet, partitions: list[aioredis.Redis], sink: RecordingSink
 ) -> None:

@@ -877,7 +877,7 @@ async def test_roles_stop_at_start_with_one_line_when_the_library_is_missing(
         for role, result in zip(runs, done, strict=True):
             assert result.returncode == 2, (role, result.stderr)
             (line,) = result.stderr.strip().splitlines()[-1:]
-            assert "functions library mailpool_v1 is not loaded" in line, (role, line)
+            assert f"functions library {functions.LIBRARY} is not loaded" in line, (role, line)
             assert "run `mailpool redis-setup`" in line, (role, line)
         config = HousekeepConfig(redis_url=role_url(acl_server, "housekeeping"))
         with pytest.raises(ConfigError, match="mailpool redis-setup"):

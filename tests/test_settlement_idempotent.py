@@ -83,3 +83,27 @@ async def test_an_entry_acknowledged_by_another_worker_gets_no_second_outcome(
     state = await snapshot(redis)
     assert state == {"events": [], "dead": [], "retries": [],
                      "sent": {b"ann@example.com": b"1.0"}}  # fmt: skip
+
+
+async def test_a_settlement_of_an_entry_a_failover_left_unread_writes_its_events_once(
+    redis: aioredis.Redis,
+) -> None:
+    """The read reached the old primary only: on the new one the entry is unread, so XACK
+    finds nothing.  The sends happened: their events are written (once, also when the
+    settlement runs again); the dead letter and the retry are not, since the entry read
+    again attempts the recipients not accepted."""
+    await redis.xgroup_create("email.send", "delivery", id="0", mkstream=True)
+    entry_id = await enqueue(redis, send_message(["ann@example.com", "bob@example.com"]))
+    outcomes = outcomes_for(redis)
+    try:
+        assert await outcomes.settle([every_kind(entry_id)], now=1.0) == [True]
+        assert await outcomes.settle([every_kind(entry_id)], now=2.0) == [False]
+    finally:
+        await outcomes.aclose()
+    after = await snapshot(redis)
+    assert [f[b"event"] for _, f in after["events"]] == [b"delivered", b"deferred"]  # type: ignore[attr-defined]
+    assert after["dead"] == [] and after["retries"] == []
+    assert after["sent"] == {b"ann@example.com": b"1.0"}
+    # Still unread: the next read hands it out, and its recipients are found recorded.
+    [[_, entries]] = await redis.xreadgroup("delivery", "w1", {"email.send": ">"})
+    assert [e[0].decode() for e in entries] == [entry_id]

@@ -15,8 +15,8 @@ the version).  ``mailpool_v<N>_version`` returns that digest: a role compares it
 own at start and finds a library that is missing or not its own.
 
 Keys: each function names the keys it is given (``KEYS``), except ``promote``, which
-derives the payload hash of each due retry from the schedule member.  Standalone Redis
-allows that; Redis Cluster would need every key declared (and in one slot).
+derives the payload hash of each due retry from the schedule member.  Redis Cluster allows
+that too: the payload keys carry the partition's hash tag, so they share the schedule's slot.
 
 Fields: the Lua spells no field name.  Entries arrive as field/value pairs that
 :mod:`workers.streams.layout` built (``settle``, ``replay``) or that the payload hash holds
@@ -36,7 +36,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from workers.errors import ConfigError
 
-LIBRARY_VERSION = 1
+LIBRARY_VERSION = 2
 LIBRARY_PREFIX = "mailpool_v"
 LIBRARY = f"{LIBRARY_PREFIX}{LIBRARY_VERSION}"
 SETTLE = f"{LIBRARY}_settle"
@@ -57,11 +57,43 @@ _FUNCTIONS = f"""
 -- the first acceptance stays), then acknowledges the entry; its events, dead letters and
 -- retry are written only when this XACK acknowledged it.  A second run of the same
 -- settlement (its first reply was lost with the connection) or a settlement of an entry
--- another worker acknowledged first therefore writes nothing.
+-- another worker acknowledged first therefore writes nothing.  One exception: a failover
+-- can take back the read (the new primary never saw the XREADGROUP), so the entry is
+-- unread in the group and XACK finds nothing to acknowledge.  When this run recorded an
+-- acceptance (so it is the first run), its events are written all the same: the sends
+-- happened, and the entry read again finds them recorded and is only acknowledged.  Its
+-- dead letters and retry are not: that read attempts the recipients not accepted again.
 -- KEYS: 1 send stream, 2 dead stream, 3 events stream, 4 retry schedule, 5 retry payload
 --       hash, 6 sent hash
 -- ARGV: 1 group, 2 entry id, 3 now, 4 sent ttl (s), 5 events maxlen, 6 n accepted, then n
 --       recipients, then sections: kind ("dead"|"retry"|"event"), n pairs, due, pairs
+
+-- True when stream id a comes after stream id b ('<ms>-<seq>').
+local function after(a, b)
+  local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
+  local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
+  if not a_ms or not b_ms then
+    return false
+  end
+  a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
+  return a_ms > b_ms or (a_ms == b_ms and tonumber(a_seq) > tonumber(b_seq))
+end
+
+-- True when the group has not read the entry: past its last-delivered id.
+local function unread(stream, group, id)
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local name, last
+    for k = 1, #info, 2 do
+      if info[k] == 'name' then name = info[k + 1] end
+      if info[k] == 'last-delivered-id' then last = info[k + 1] end
+    end
+    if name == group then
+      return last ~= nil and after(id, last)
+    end
+  end
+  return false
+end
+
 local function settle(keys, args)
   local n = tonumber(args[6])
   local recorded = 0
@@ -71,8 +103,12 @@ local function settle(keys, args)
   if recorded > 0 then
     redis.call('EXPIRE', keys[6], args[4])
   end
+  local events_only = false
   if redis.call('XACK', keys[1], args[1], args[2]) == 0 then
-    return 0
+    if recorded == 0 or not unread(keys[1], args[1], args[2]) then
+      return 0
+    end
+    events_only = true
   end
   local i = 7 + n
   while i <= #args do
@@ -83,6 +119,8 @@ local function settle(keys, args)
     i = i + 3 + 2 * pairs_count
     if kind == '{SECTION_EVENT}' then
       redis.call('XADD', keys[3], 'MAXLEN', '~', args[5], '*', unpack(fields))
+    elseif events_only then
+      -- the entry read again attempts the recipients not accepted
     elseif kind == '{SECTION_DEAD}' then
       redis.call('XADD', keys[2], '*', unpack(fields))
     elseif kind == '{SECTION_RETRY}' then
