@@ -88,19 +88,24 @@ async def test_a_killed_primary_is_followed_by_both_roles(
         assert delivery["records_missing"] == 0, "a sent:<id> guard confirmed, then lost"
 
 
-async def test_a_send_whose_read_the_failover_took_back_keeps_its_delivered_event(
-    cluster: ClusterSet, partitions: list[aioredis.Redis], sink: RecordingSink
+@pytest.mark.parametrize("with_id", [True, False], ids=["with-id", "without-id"])
+async def test_a_send_whose_read_the_failover_took_back_keeps_its_event_and_goes_once(
+    cluster: ClusterSet, partitions: list[aioredis.Redis], sink: RecordingSink, with_id: bool
 ) -> None:
     """The old primary handed the worker an entry (XREADGROUP) and died, or was cut off,
     before the read reached its replica; the relay accepted the message and the worker's
     settlement runs on the new primary, where the entry is unread in the group.  The
-    delivered event must still be written once (the scenario above shows this after pauses
-    in guarded mode: delivered once, sent:<id> recorded, no delivered event)."""
-    keys, message_id = all_keys(), "read-taken-back"
-    p = layout.partition_of(message_id, PARTITIONS)
-    data = pack(send_message(["ann@example.com"], message_id=message_id))
+    delivered event is written once, and the entry read again as new is not sent again:
+    with an ``id`` its record says so; without one (its record named by the entry id) a
+    first delivery is looked up too under ``--min-replicas``, which is what makes failovers
+    safe (before: sent twice)."""
+    keys = all_keys()
+    p = layout.partition_of("read-taken-back", PARTITIONS) if with_id else 0
+    message = send_message(["ann@example.com"], message_id="read-taken-back" if with_id else None)
+    data = pack(message)
     await ensure_group(partitions[p], keys[p].send, "delivery")  # as the new primary has it
     entry_id = (await partitions[p].xadd(keys[p].send, {"data": data})).decode()
+    message_id = "read-taken-back" if with_id else entry_id
     ref = layout.MessageRef(message_id, entry_id, data)
     sent = Reply(250, "2.0.0 queued")
     settlement = Settlement(
@@ -113,7 +118,8 @@ async def test_a_send_whose_read_the_failover_took_back_keeps_its_delivered_even
     finally:
         await outcomes.aclose()
     # A worker then reads the entry as new, finds it sent, and acknowledges it.
-    config = make_config(cluster.url(), sink.url, partitions=PARTITIONS)
+    guard = {} if with_id else {"min_replicas": 1}
+    config = make_config(cluster.url(), sink.url, partitions=PARTITIONS, **guard)
     async with running_worker(config):
         await wait_until(lambda: partitions_settled(partitions, keys), "the entry settled")
     events = [f for _, f in await partitions[p].xrange(keys[p].events)]

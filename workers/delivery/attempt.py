@@ -91,13 +91,21 @@ def prepare(
     return Prepared(job, ref, built, job.recipients or built.recipients, policy)
 
 
-async def accepted_before(outcomes: oc.Outcomes, batch: list[Prepared]) -> list[set[str]]:
+async def accepted_before(
+    outcomes: oc.Outcomes, batch: list[Prepared], *, reads_may_be_taken_back: bool
+) -> list[set[str]]:
     """Recipients already accepted per message (one round trip for the batch).
 
     An entry read for the first time whose id is its own entry id (no message ``id``, not a
-    retry or replay) cannot have been sent before: it is not looked up.
+    retry or replay) cannot have been sent before: it is not looked up.  Unless reads may be
+    taken back: a read that reached a primary but not its replica is undone by a failover,
+    and the entry, sent and recorded meanwhile, comes again as a first delivery
+    (``--min-replicas``: the settlements wait for a replica, the reads cannot).
     """
-    fresh = [p.job.deliveries == 1 and p.ref.message_id == p.job.entry_id for p in batch]
+    fresh = [
+        not reads_may_be_taken_back and p.job.deliveries == 1 and p.ref.message_id == p.job.entry_id
+        for p in batch
+    ]
     wanted = [
         oc.SentLookup(p.ref.message_id, p.recipients)
         for p, new in zip(batch, fresh, strict=True)
@@ -123,7 +131,7 @@ def settle_attempt(
     )
     if result.accepted:
         s.events.append(
-            layout.event("delivered", p.ref, result.accepted, result.accepted_reply, now)
+            layout.event(layout.EVENT_DELIVERED, p.ref, result.accepted, result.accepted_reply, now)
         )
         DELIVERY_SENT.inc()
         code = result.accepted_reply.code if result.accepted_reply else None

@@ -155,7 +155,10 @@ class DeliveryWorker:
         """Recipients already accepted per entry, or None when Redis could not tell: the
         entries are handed back and come back as our own leftovers at the next read."""
         try:
-            return await accepted_before(self.outcomes, [held.prepared for held in built])
+            return await accepted_before(
+                self.outcomes, [held.prepared for held in built],
+                reads_may_be_taken_back=self.config.min_replicas > 0,
+            )  # fmt: skip
         except BaseException as exc:
             for held in built:  # they stay pending (at stop: for others)
                 held.hand_back()

@@ -49,6 +49,8 @@ VERSION = f"{LIBRARY}_version"
 SECTION_DEAD = "dead"
 SECTION_RETRY = "retry"
 SECTION_EVENT = "event"
+# An event of recipients the relay accepted: also written for an entry a failover left unread.
+SECTION_ACCEPTED_EVENT = "accepted-event"
 
 SETUP_HINT = "run `mailpool redis-setup` as a Redis user allowed FUNCTION LOAD (deploy/README.md)"
 
@@ -60,13 +62,14 @@ _FUNCTIONS = f"""
 -- another worker acknowledged first therefore writes nothing.  One exception: a failover
 -- can take back the read (the new primary never saw the XREADGROUP), so the entry is
 -- unread in the group and XACK finds nothing to acknowledge.  When this run recorded an
--- acceptance (so it is the first run), its events are written all the same: the sends
--- happened, and the entry read again finds them recorded and is only acknowledged.  Its
--- dead letters and retry are not: that read attempts the recipients not accepted again.
+-- acceptance (so it is the first run), the events of the accepted recipients are written
+-- all the same (the sends happened; the entry read again finds them recorded); its other
+-- events, dead letters and retry are not: that read attempts those recipients again.
 -- KEYS: 1 send stream, 2 dead stream, 3 events stream, 4 retry schedule, 5 retry payload
 --       hash, 6 sent hash
 -- ARGV: 1 group, 2 entry id, 3 now, 4 sent ttl (s), 5 events maxlen, 6 n accepted, then n
---       recipients, then sections: kind ("dead"|"retry"|"event"), n pairs, due, pairs
+--       recipients, then sections: kind ("dead"|"retry"|"event"|"accepted-event"), n
+--       pairs, due, pairs
 
 -- True when stream id a comes after stream id b ('<ms>-<seq>').
 local function after(a, b)
@@ -103,7 +106,7 @@ local function settle(keys, args)
   if recorded > 0 then
     redis.call('EXPIRE', keys[6], args[4])
   end
-  local events_only = false
+  local events_only = false  -- only the accepted recipients' events
   if redis.call('XACK', keys[1], args[1], args[2]) == 0 then
     if recorded == 0 or not unread(keys[1], args[1], args[2]) then
       return 0
@@ -117,10 +120,12 @@ local function settle(keys, args)
     local due = args[i + 2]
     local fields = {{unpack(args, i + 3, i + 2 + 2 * pairs_count)}}
     i = i + 3 + 2 * pairs_count
-    if kind == '{SECTION_EVENT}' then
+    if kind == '{SECTION_ACCEPTED_EVENT}' then
       redis.call('XADD', keys[3], 'MAXLEN', '~', args[5], '*', unpack(fields))
     elseif events_only then
       -- the entry read again attempts the recipients not accepted
+    elseif kind == '{SECTION_EVENT}' then
+      redis.call('XADD', keys[3], 'MAXLEN', '~', args[5], '*', unpack(fields))
     elseif kind == '{SECTION_DEAD}' then
       redis.call('XADD', keys[2], '*', unpack(fields))
     elseif kind == '{SECTION_RETRY}' then

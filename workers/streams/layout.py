@@ -122,6 +122,7 @@ ERROR = "error"
 SMTP_CODE = "smtp_code"
 SMTP_TEXT = "smtp_text"
 EVENT = "event"  # events: delivered | deferred | failed
+EVENT_DELIVERED = "delivered"  # the event of recipients a relay accepted
 EVENT_ID = "id"  # events: the message id
 NEXT_ATTEMPT = "next_attempt"
 TIME = "time"

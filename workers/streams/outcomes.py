@@ -88,6 +88,13 @@ def _section(
     return [kind, len(fields), due, *_pairs(fields)]
 
 
+def _event_section(event: layout.Fields) -> str:
+    """The section kind of an event: those of accepted recipients are told apart (settle
+    writes them also for an entry a failover left unread)."""
+    accepted = event.get(layout.EVENT) == layout.EVENT_DELIVERED
+    return functions.SECTION_ACCEPTED_EVENT if accepted else functions.SECTION_EVENT
+
+
 class ReplicasMissing(RedisError):
     """A batch of settlements was applied, but fewer replicas than asked confirmed it."""
 
@@ -173,7 +180,7 @@ class Outcomes:
         if s.retry is not None:
             command += _section(functions.SECTION_RETRY, s.retry.fields, repr(s.retry.due))
         for event in s.events:
-            command += _section(functions.SECTION_EVENT, event)
+            command += _section(_event_section(event), event)
         return command
 
     async def settle_batch(
