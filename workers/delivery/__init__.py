@@ -104,13 +104,30 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
     reads = partition_clients(url, partitions, connect, retries=0)
     try:
         loops = [
-            _serve_partition(_partition_config(config, n, len(partitions)), keys, r, rd, stop)
+            asyncio.create_task(
+                _serve_partition(_partition_config(config, n, len(partitions)), keys, r, rd, stop),
+                name=f"delivery-{keys.send}",
+            )
             for n, (keys, r, rd) in enumerate(zip(partitions, redis, reads, strict=True))
         ]
-        await asyncio.gather(*loops)
+        await _until_all_done(loops, stop)
     finally:
         await close_all(reads)
         await close_all(redis)
+
+
+async def _until_all_done(loops: list[asyncio.Task[None]], stop: asyncio.Event) -> None:
+    """Wait for every partition's loop; when one fails, the others stop as at a signal
+    (their sends drain, their unstarted entries are released) before its error is raised:
+    closing the clients under loops still sending would cut their sends off."""
+    try:
+        await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        if not all(loop.done() for loop in loops):
+            stop.set()
+            await asyncio.wait(loops)
+    for loop in loops:
+        loop.result()  # the first failure, if any
 
 
 def _partition_config(config: DeliveryConfig, n: int, count: int) -> DeliveryConfig:
