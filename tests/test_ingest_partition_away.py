@@ -63,6 +63,37 @@ async def test_a_partition_that_cannot_be_reached_is_passed_over_and_nothing_is_
     assert await redis.xlen(KEYS[1].receive) == 0
 
 
+async def test_a_partition_that_hangs_holds_one_writer_and_the_others_go_on(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """A primary that accepts connections and never answers (stalled, or cut off): a writer
+    waits on it for CONNECT_TIMEOUT (5 s); the others write the other partitions meanwhile.
+    Before, every writer took its turn there and the healthy partitions stalled with it."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    good = connect_for_writes(redis_url)
+    hangs = connect_for_writes(f"redis://127.0.0.1:{port}/0")
+    stream = ReceiveStream(
+        good, KEYS[0].receive,
+        more_partitions=[(hangs, KEYS[1].receive), (good, KEYS[2].receive)],
+    )  # fmt: skip
+
+    async def sender(n: int) -> None:
+        for m in range(10):
+            await stream.append(b"s%d-%d" % (n, m))
+
+    started = asyncio.get_running_loop().time()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(sender(n) for n in range(4))), 4.0)
+    finally:
+        elapsed = asyncio.get_running_loop().time() - started
+        await good.aclose()
+        await hangs.aclose()
+        silent.close()
+    assert elapsed < 4.0  # all 40 stored well before the hung connect's 5 s ran out
+    assert await redis.xlen(KEYS[0].receive) + await redis.xlen(KEYS[2].receive) == 40
+
+
 async def test_a_partition_refusing_writes_is_passed_over_after_one_batch(
     redis: aioredis.Redis, redis_url: str
 ) -> None:

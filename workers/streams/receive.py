@@ -64,8 +64,10 @@ CONNECT_TIMEOUT = 5.0
 # sends no further batch into a Redis that does not answer (the messages queued behind get
 # a 451 that means "not stored").
 LINGER = 60.0
-# How long a partition whose store failed is passed over (then a batch tries it again).
+# How long a partition whose store failed is passed over (then a batch tries it again),
+# twice as long after each failure in a row, up to AWAY_MAX.
 AWAY_FOR = 1.0
+AWAY_MAX = 30.0
 
 
 class StoreError(Exception):
@@ -123,6 +125,8 @@ class _Partition:
     redis: aioredis.Redis
     stream: str
     away_until: float = 0.0  # monotonic time
+    failures: int = 0  # passed over in a row: each time twice as long, up to AWAY_MAX
+    writers: int = 0  # writers connecting to it or waiting for its replies
     # XADD <stream> * data <message>: all but the message, which follows as a bulk string.
     xadd_head: bytes = field(init=False)
 
@@ -240,30 +244,40 @@ class ReceiveStream:
     async def _drain_queue(self) -> None:
         while self._waiting:
             partition = self._next_partition()
+            partition.writers += 1
             try:
-                connection = await asyncio.wait_for(partition.connection(), CONNECT_TIMEOUT)
-            except Exception as exc:
-                # Nothing of the next batch was written: another partition may take it.
-                problem = _classify(exc, maybe_stored=False)
-                self._pass_over(partition, problem)
-                if not self._another_usable(partition):
-                    self._finish(self._next_batch(), problem)
-                continue
-            try:
-                batch = self._next_batch()  # taken only now: until here each may give up
-                if batch:
-                    await self._store(partition, connection, batch)
+                await self._write_next_batch(partition)
             finally:
-                await redis_fence.release(partition.redis.connection_pool, connection)
+                partition.writers -= 1
+
+    async def _write_next_batch(self, partition: _Partition) -> None:
+        try:
+            connection = await asyncio.wait_for(partition.connection(), CONNECT_TIMEOUT)
+        except Exception as exc:
+            # Nothing of the next batch was written: another partition may take it.
+            problem = _classify(exc, maybe_stored=False)
+            self._pass_over(partition, problem)
+            if not self._another_usable(partition):
+                self._finish(self._next_batch(), problem)
+            return
+        try:
+            batch = self._next_batch()  # taken only now: until here each may give up
+            if batch:
+                await self._store(partition, connection, batch)
+        finally:
+            await redis_fence.release(partition.redis.connection_pool, connection)
 
     def _next_partition(self) -> _Partition:
-        """The next partition in turn that is not passed over (the next in turn when all
-        are).  Received mail goes out a batch per partition, so batches stay as large as
-        with one stream, and over many batches each partition gets its share."""
+        """The next partition in turn with the fewest writers among those not passed over
+        (among all when every one is).  Received mail goes out a batch per
+        partition, so batches stay as large as with one stream, and over many batches each
+        partition gets its share; a writer per partition keeps a partition that hangs (a
+        stalled or cut-off primary) from holding every writer until their timeouts."""
         now = time.monotonic()
         count = len(self.partitions)
         in_turn = [self.partitions[(self._turn + step) % count] for step in range(count)]
-        partition = next((p for p in in_turn if p.away_until <= now), in_turn[0])
+        usable = [p for p in in_turn if p.away_until <= now] or in_turn
+        partition = min(usable, key=lambda p: p.writers)  # the first with the fewest
         self._turn = (self.partitions.index(partition) + 1) % count
         return partition
 
@@ -279,11 +293,13 @@ class ReceiveStream:
             return
         now = time.monotonic()
         if partition.away_until <= now:
+            seconds = min(self.away_for * 2**partition.failures, AWAY_MAX)
+            partition.failures += 1
             log.warning(
                 "partition_passed_over", stream=partition.stream, reason=problem.reason,
-                detail=problem.detail, seconds=self.away_for,
+                detail=problem.detail, seconds=seconds,
             )  # fmt: skip
-        partition.away_until = now + self.away_for
+            partition.away_until = now + seconds
 
     def _next_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -323,6 +339,8 @@ class ReceiveStream:
             if not isinstance(exc, Exception):
                 raise  # cancelled: stop writing
         else:
+            if partition.away_until <= time.monotonic():
+                partition.failures = 0  # stored without a failure: passed over no more
             self._finish(batch, None)
 
     async def _exchange(
