@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-from tests.harness import RedisServer
-from workers.health import serving_health
+from tests.harness import RedisServer, free_port
+from workers.health import redis_ready, serving_health
 from workers.streams.connection import connect
 from workers.streams.layout import StreamKeys
 
@@ -52,3 +52,17 @@ async def test_probes_follow_redis_and_listener(make_redis: Callable[..., RedisS
 async def test_no_address_serves_nothing(redis: aioredis.Redis) -> None:
     async with serving_health(None, redis, StreamKeys(), lambda: True) as http:
         assert http is None
+
+
+async def test_ready_while_any_partitions_redis_answers(redis_url: str) -> None:
+    """Partitioned, /readyz pings every partition's client: one shard failing over (here a
+    port where nothing listens) does not take every ingest pod out of its Service."""
+    good = connect(redis_url)
+    gone = connect(f"redis://127.0.0.1:{free_port()}/0", retries=0)
+    try:
+        assert await redis_ready([gone, good], lambda: True)() is True
+        assert await redis_ready([gone], lambda: True)() is False
+        assert await redis_ready([good], lambda: False)() is False  # not listening
+    finally:
+        await good.aclose()
+        await gone.aclose()

@@ -33,18 +33,31 @@ GAUGE_REFRESH = 15.0
 ReadyCheck = Callable[[], Awaitable[bool]]
 
 
-def redis_ready(redis: aioredis.Redis, listening: Callable[[], bool]) -> ReadyCheck:
-    """Ready = the role's listener is up and Redis answers PING."""
+def redis_ready(clients: Sequence[aioredis.Redis], listening: Callable[[], bool]) -> ReadyCheck:
+    """Ready = the role's listener is up and Redis answers PING: any of ``clients`` (one per
+    partition): while one shard fails over, the others still take the mail."""
 
     async def check() -> bool:
         if not listening():
             return False
+        pings = [asyncio.ensure_future(_answers(client)) for client in clients]
         try:
-            return bool(await redis.ping())
-        except (aioredis.RedisError, OSError):
+            for answered in asyncio.as_completed(pings):
+                if await answered:
+                    return True
             return False
+        finally:
+            for ping in pings:
+                ping.cancel()
 
     return check
+
+
+async def _answers(redis: aioredis.Redis) -> bool:
+    try:
+        return bool(await redis.ping())
+    except (aioredis.RedisError, OSError):
+        return False
 
 
 class HealthServer:
@@ -155,12 +168,13 @@ async def serving_health(
     every stream turn it on (housekeeping, ``mailpool run``), so with least-privilege ACLs
     one pod exports them and the others do not log NOPERM every refresh.  The gauges read
     every partition's client and keys in ``partitions`` (``redis`` and ``keys`` alone when
-    empty, as when not partitioned).
+    empty, as when not partitioned); /readyz pings them too, and any that answers will do.
     """
     if not address:
         yield None
         return
-    server = HealthServer(address, redis_ready(redis, listening))
+    clients = [client for client, _ in partitions] or [redis]
+    server = HealthServer(address, redis_ready(clients, listening))
     await server.start()
     stop = asyncio.Event()
     refresher = (

@@ -83,7 +83,7 @@ async def running_ingest(config: IngestConfig) -> AsyncIterator[IngestServer]:
     # The XADDs go over clients that never retry (a retried batch is stored twice);
     # the health probes over one that may.
     writes = partition_clients(url, partitions, connect_for_writes)
-    redis = connect(url, retries=1, key=partitions[0].receive)
+    health = partition_clients(url, partitions, connect, retries=1)
     # One stream, a batch per partition in turn (a partition failing is passed over).
     store = ReceiveStream(
         writes[0],
@@ -100,12 +100,15 @@ async def running_ingest(config: IngestConfig) -> AsyncIterator[IngestServer]:
         # collections then scan only per-message garbage, which keeps GC pauses short.
         gc.freeze()
         try:
-            async with serving_health(config.http, redis, partitions[0], server.is_listening):
+            async with serving_health(
+                config.http, health[0], partitions[0], server.is_listening,
+                partitions=list(zip(health, partitions, strict=True)),
+            ):  # fmt: skip
                 yield server
         finally:
             await server.stop(config.shutdown_grace)
     finally:
-        await redis.aclose()
+        await close_all(health)
         await close_all(writes)
 
 
