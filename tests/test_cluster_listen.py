@@ -14,12 +14,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.cluster_util import PARTITIONS, ClusterSet, all_keys
-from tests.harness import ROOT, child_env
+from tests.harness import ROOT, child_env, free_port
 from tests.ingest_util import ingest, send_one
 from tests.listen_util import next_message
 from workers.codec.parse import parse_message
 from workers.codec.wire import pack
 from workers.listen import Listener
+from workers.streams.connection import connect
 
 KEYS = all_keys()
 STREAMS = [keys.receive for keys in KEYS]
@@ -121,3 +122,21 @@ async def test_partitions_on_a_standalone_redis_share_one_client(redis: aioredis
         await listener.ack(*got)
     assert {s: [m.id for m in got if m.stream == s] for s in streams} == ids
     assert [(await redis.xpending(s, "app"))["pending"] for s in streams] == [0, 0, 0]
+
+
+async def test_a_partition_that_cannot_be_reached_does_not_hold_up_a_limited_listen(
+    redis: aioredis.Redis,
+) -> None:
+    """``mailpool listen --count 1`` while one partition's shard is down: the one read the
+    limit allows goes to the down partition first; it gives its turn up after a failed
+    read instead of waiting the outage out (before: nothing handed out, for ever)."""
+    streams = [keys.receive for keys in all_keys(2)]
+    entry = await add_received(redis, streams[1], "from the partition that is up")
+    gone = connect(f"redis://127.0.0.1:{free_port()}/0", retries=0)
+    try:
+        async with Listener([gone, redis], "app", "one", stream=streams, start="all",
+                            block=0.3, limit=1) as listener:  # fmt: skip
+            message = await next_message(listener, timeout=5.0)
+    finally:
+        await gone.aclose()
+    assert (message.stream, message.id) == (streams[1], entry)

@@ -112,6 +112,7 @@ class _Partition:
         self.reading: asyncio.Task[list[StreamEntry]] | None = None
         self.asked = 0  # how many entries the read in flight may return
         self.group_ready = False
+        self.retry_delay = RETRY_DELAY_FIRST  # after a failed read, doubling up to the cap
 
     @property
     def stream(self) -> str:
@@ -359,14 +360,16 @@ class Listener:
             raise ValueError(f"{stream!r} is not a stream of this listener") from None
 
     async def _read_riding_out_outages(self, part: _Partition) -> list[StreamEntry]:
-        delay = RETRY_DELAY_FIRST
+        """A read of ``part``, waiting out Redis outages.  With several streams a failed
+        read waits its delay and returns nothing, so that the turn passes to the others (a
+        ``limit`` smaller than the stream count lets few read at once)."""
         while not self._stopped.is_set():
             try:
                 await self._ensure_group(part)
-                return await part.reader.read()
+                entries = await part.reader.read()
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("redis_unavailable", stream=part.stream, error=str(exc),
-                            retry_in=delay)  # fmt: skip
+                            retry_in=part.retry_delay)  # fmt: skip
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -374,9 +377,14 @@ class Listener:
                 # persistence: create it again from the configured start.
                 log.warning("group_missing", stream=part.stream, group=self.group)
                 part.group_ready = False
+            else:
+                part.retry_delay = RETRY_DELAY_FIRST
+                return entries
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), delay)
-            delay = min(delay * 2, RETRY_DELAY_CAP)
+                await asyncio.wait_for(self._stopped.wait(), part.retry_delay)
+            part.retry_delay = min(part.retry_delay * 2, RETRY_DELAY_CAP)
+            if len(self._parts) > 1:
+                return []
         return []
 
     def _wrap(self, part: _Partition, entry: StreamEntry) -> ListenedMessage:
