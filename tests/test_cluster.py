@@ -15,14 +15,14 @@ import redis.asyncio as aioredis
 
 from tests.cluster_util import PARTITIONS, ClusterSet, all_keys
 from tests.delivery_util import make_config, pack, running_worker, send_message
-from tests.harness import child_env, wait_until
+from tests.harness import child_env, free_port, wait_until
 from tests.ingest_util import ingest, send_one
 from tests.sinks import RecordingSink
 from workers import housekeeping
 from workers.errors import ConfigError
 from workers.housekeeping import HousekeepConfig
 from workers.streams import layout
-from workers.streams.cluster import parse_cluster_url
+from workers.streams.cluster import ClusterTopology, parse_cluster_url, slot_of
 from workers.streams.layout import StreamKeys
 
 
@@ -212,3 +212,17 @@ async def test_retries_and_dead_letters_stay_in_their_partition_on_a_cluster(
     assert deferred == {
         p: {i for i in ids if placed[i] == p} for p in sorted(set(placed[i] for i in ids))
     }
+
+
+async def test_the_slot_map_is_found_through_learned_nodes_when_the_seeds_are_gone(
+    cluster: ClusterSet,
+) -> None:
+    """The primaries a slot map named are asked too: with every seed of the URL gone, a
+    client still finds where its slot lives (before: only the seeds were ever asked)."""
+    seed = cluster.servers[0]
+    topology = ClusterTopology(seeds=(("127.0.0.1", seed.port),))
+    slot = slot_of("email.send{0}")
+    first = await topology.primary_of(slot)
+    topology.seeds = (("127.0.0.1", free_port()),)  # the seeds of the URL, all gone
+    topology.stale()
+    assert await topology.primary_of(slot) == first

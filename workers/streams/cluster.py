@@ -58,6 +58,9 @@ class ClusterTopology:
     seeds: tuple[tuple[str, int], ...]
     node_options: dict[str, Any] = field(default_factory=dict)  # auth and TLS of every node
     _ranges: list[tuple[int, int, str, int]] = field(default_factory=list)
+    # Every primary a slot map named: asked too when the seeds do not answer (kept when the
+    # map is marked stale).
+    _learned: list[tuple[str, int]] = field(default_factory=list)
     _lock: asyncio.Lock | None = None
 
     def stale(self) -> None:
@@ -70,6 +73,8 @@ class ClusterTopology:
             async with self._lock:
                 if not self._ranges:
                     self._ranges = await self._read_slots()
+                    learned = [(host, port) for _, _, host, port in self._ranges]
+                    self._learned = list(dict.fromkeys(self._learned + learned))
         for start, end, host, port in self._ranges:
             if start <= slot <= end:
                 return host, port
@@ -78,8 +83,7 @@ class ClusterTopology:
 
     def _known_nodes(self) -> list[tuple[str, int]]:
         nodes = list(self.seeds)
-        nodes += [(h, p) for _, _, h, p in self._ranges if (h, p) not in nodes]
-        return nodes
+        return nodes + [node for node in self._learned if node not in nodes]
 
     async def _read_slots(self) -> list[tuple[int, int, str, int]]:
         problems: list[str] = []
