@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import ConnectionPool
@@ -212,16 +212,18 @@ def parse_cluster_url(url: str, what: str = "--redis-url") -> ClusterTarget:
     scheme, _, rest = url.partition("://")
     if scheme.lower() not in SCHEMES:
         raise bad("not a cluster URL")
-    try:
-        parts = urlsplit("x://" + rest)
-    except ValueError as exc:
-        raise bad(str(exc)) from None
-    if parts.fragment or parts.path.strip("/"):
+    # Split by hand, not by urlsplit: the netloc holds several hosts, IPv6 ones in
+    # brackets, which urlsplit judges differently from one Python release to the next
+    # (3.11.2 refuses 'h1:7000,[::1]:7001,h3', 3.11.7 leaves it to us).
+    rest, hash_sign, _ = rest.partition("#")
+    rest, _, query_text = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    if hash_sign or path.strip("/"):
         raise bad("a path or '#' part (a cluster has database 0 only)")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
+    userinfo, _, hosts = netloc.rpartition("@")
     user, _, password = userinfo.partition(":")
     try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        pairs = parse_qsl(query_text, keep_blank_values=True, strict_parsing=bool(query_text))
     except ValueError:
         raise bad("an unreadable query") from None
     query = dict(pairs)
