@@ -704,3 +704,16 @@ async def failover_under_load(
     sends.record_all("delivered", [lid for lid, n in outcomes.copies.items() for _ in range(n)])
     sends.record_all("dead", outcomes.dead)
     return FailoverRun(mode, received, sends, replies, done, stored, outcomes, crashed)
+
+
+def check_nothing_acknowledged_lost(
+    run: Any, ingest: dict[str, Any], delivery: dict[str, Any]
+) -> None:
+    """The judgement of a guarded run (``--min-replicas 1``): nothing acknowledged is lost,
+    a 250 never turns into two entries, a send reaches the relay twice only if it was in
+    flight at a fault, and no confirmed ``sent:<id>`` guard is lost."""
+    run.received.check(["stored"], max_duplicates=ingest["replies_451"])
+    assert ingest["dup_without_retry"] == 0
+    run.sends.check(["delivered", "dead"], max_duplicates=delivery["in_flight"])
+    assert delivery["dup_not_in_flight"] == 0
+    assert delivery["records_missing"] == 0, "a sent:<id> guard confirmed, then lost"

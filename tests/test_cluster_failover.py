@@ -33,6 +33,7 @@ from tests.cluster_util import (
     PARTITIONS,
     ClusterSet,
     all_keys,
+    check_nothing_acknowledged_lost,
     failover_under_load,
     flush_primaries,
     partitions_settled,
@@ -45,6 +46,7 @@ from workers.relay import Reply
 from workers.streams import layout
 from workers.streams.consumer import ensure_group
 from workers.streams.outcomes import Outcomes, Settlement
+from workers.streams.receive import AWAY_MAX
 
 STEADY = 0.8  # seconds of load before and after the kill
 
@@ -76,16 +78,11 @@ async def test_a_killed_primary_is_followed_by_both_roles(
     assert not run.received.strangers(["stored"]) and not run.sends.strangers()
     assert delivery["dead"] == 0, f"dead letters from a failover: {run.outcomes.dead[:3]}"
     # Both roles found the new primary: 250s and settlements in its partitions again.
-    assert ingest["unavailable_kill_max_s"] < kill.round_s + 5
+    # (Ingest may pass over the new primary's partitions a while longer: AWAY_MAX.)
+    assert ingest["unavailable_kill_max_s"] < kill.round_s + AWAY_MAX + 5
     assert delivery["unavailable_kill_max_s"] < kill.round_s + 5
     if FAILOVER_MODES[mode]:
-        # Nothing acknowledged is lost; a 250 never turns into two entries; a send reaches
-        # the relay twice only if it was in flight at the kill.
-        run.received.check(["stored"], max_duplicates=ingest["replies_451"])
-        assert ingest["dup_without_retry"] == 0
-        run.sends.check(["delivered", "dead"], max_duplicates=delivery["in_flight"])
-        assert delivery["dup_not_in_flight"] == 0
-        assert delivery["records_missing"] == 0, "a sent:<id> guard confirmed, then lost"
+        check_nothing_acknowledged_lost(run, ingest, delivery)
 
 
 @pytest.mark.parametrize("with_id", [True, False], ids=["with-id", "without-id"])

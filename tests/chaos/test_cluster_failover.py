@@ -35,6 +35,7 @@ from tests.chaos.scenario import FULL, seconds, size
 from tests.cluster_util import (
     FAILOVER_MODES,
     ClusterSet,
+    check_nothing_acknowledged_lost,
     failover_under_load,
     flush_primaries,
     running_cluster,
@@ -53,8 +54,13 @@ def killable_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clust
         yield nodes
 
 
+# The short form runs the guarded mode only (its kill and pause judge it; both modes' kills
+# run in tests/test_cluster_failover.py): the CI budget.  Full size: both.
+MODES = sorted(FAILOVER_MODES) if FULL else ["guarded"]
+
+
 @pytest.mark.timeout(900 if FULL else 120)
-@pytest.mark.parametrize("mode", sorted(FAILOVER_MODES))
+@pytest.mark.parametrize("mode", MODES)
 async def test_primaries_killed_in_turn_under_load(
     mode: str, killable_cluster: ClusterSet, tmp_path: Path
 ) -> None:
@@ -75,10 +81,4 @@ async def test_primaries_killed_in_turn_under_load(
         assert figures["unavailable_kill_max_s"] < OUTAGE_LIMIT
         assert figures["unavailable_pause_max_s"] < OUTAGE_LIMIT
     if FAILOVER_MODES[mode]:
-        # Nothing acknowledged is lost; a 250 never turns into two entries; a send reaches
-        # the relay twice only if it was in flight at a fault.
-        run.received.check(["stored"], max_duplicates=ingest["replies_451"])
-        assert ingest["dup_without_retry"] == 0
-        run.sends.check(["delivered", "dead"], max_duplicates=delivery["in_flight"])
-        assert delivery["dup_not_in_flight"] == 0
-        assert delivery["records_missing"] == 0, "a sent:<id> guard confirmed, then lost"
+        check_nothing_acknowledged_lost(run, ingest, delivery)

@@ -25,7 +25,6 @@ reported, not judged.  Short form: one kill and one pause per mode; ``make chaos
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from tests.chaos.scenario import (
     stored_entries,
     stored_ledger_ids,
 )
+from tests.cluster_util import longest_gap
 from tests.delivery_util import pack, send_message, settled, terminate, worker_process
 from tests.harness import wait_until
 from tests.ingest_util import IngestProcess
@@ -121,16 +121,6 @@ async def produce_confirmed(url: str, ledger: Ledger, stop: asyncio.Event) -> No
             await asyncio.sleep(0.02)
     finally:
         await client.aclose()
-
-
-def longest_gap(times: list[float], start: float, end: float) -> float:
-    """The longest time without an event between ``start`` and ``end`` (the gaps that
-    reach into that span; inf when none comes after it)."""
-    ordered = sorted(times)
-    gaps = [b - a for a, b in itertools.pairwise(ordered) if b >= start and a <= end]
-    if not ordered or ordered[-1] < end or not gaps:
-        return float("inf")
-    return max(gaps)
 
 
 def ingest_outage(replies: Replies, fault: Fault) -> float:

@@ -67,7 +67,7 @@ LINGER = 60.0
 # How long a partition whose store failed is passed over (then a batch tries it again),
 # twice as long after each failure in a row, up to AWAY_MAX.
 AWAY_FOR = 1.0
-AWAY_MAX = 30.0
+AWAY_MAX = 5.0
 
 
 class StoreError(Exception):
