@@ -340,21 +340,34 @@ async def produce_confirmed(
         message["headers"][HEADER.lower()] = ledger_id
         data = pack(message)
         ledger.send(ledger_id)
-        deadline = time.monotonic() + give_up_after
-        while time.monotonic() < deadline:
-            try:
-                pipe = client.pipeline(transaction=False)
-                pipe.xadd(keys.send, {"data": data})
-                pipe.execute_command("WAIT", 1, 500)
-                entry_id, replicas = await pipe.execute()
-            except (redis.RedisError, OSError):
-                replicas = 0
-            if replicas >= 1:
-                ledger.accept(ledger_id, receipt=entry_id.decode())
-                break
-            ledger.mark_indeterminate(ledger_id)
-            await asyncio.sleep(0.1)
+        await enqueue_until_replicated(client, keys.send, data, ledger, ledger_id, give_up_after)
         await asyncio.sleep(pause)
+
+
+async def enqueue_until_replicated(
+    client: aioredis.Redis,
+    stream: str,
+    data: bytes,
+    ledger: Ledger,
+    ledger_id: str,
+    give_up_after: float,
+) -> None:
+    """XADD, then WAIT 1 on the same connection, until a replica holds the entry (accepted
+    in the ledger) or ``give_up_after`` seconds passed (indeterminate)."""
+    deadline = time.monotonic() + give_up_after
+    while time.monotonic() < deadline:
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.xadd(stream, {"data": data})
+            pipe.execute_command("WAIT", 1, 500)
+            entry_id, replicas = await pipe.execute()
+        except (redis.RedisError, OSError):
+            replicas = 0
+        if replicas >= 1:
+            ledger.accept(ledger_id, receipt=entry_id.decode())
+            return
+        ledger.mark_indeterminate(ledger_id)
+        await asyncio.sleep(0.1)
 
 
 async def partitions_settled(clients: Sequence[aioredis.Redis], keys: Sequence[StreamKeys]) -> bool:

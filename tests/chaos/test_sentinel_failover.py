@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from redis.exceptions import RedisError
 
 from tests.chaos.delivery_chaos_util import dead_letters, observe, recipient
 from tests.chaos.ledger import HEADER, Ledger
@@ -46,7 +45,7 @@ from tests.chaos.scenario import (
     stored_entries,
     stored_ledger_ids,
 )
-from tests.cluster_util import longest_gap
+from tests.cluster_util import enqueue_until_replicated, longest_gap
 from tests.delivery_util import pack, send_message, settled, terminate, worker_process
 from tests.harness import wait_until
 from tests.ingest_util import IngestProcess
@@ -105,19 +104,7 @@ async def produce_confirmed(url: str, ledger: Ledger, stop: asyncio.Event) -> No
             message["headers"][HEADER.lower()] = ledger_id
             data = pack(message)
             ledger.send(ledger_id)
-            for _attempt in range(300):
-                try:
-                    pipe = client.pipeline(transaction=False)
-                    pipe.xadd("email.send", {"data": data})
-                    pipe.execute_command("WAIT", 1, 500)
-                    entry_id, replicas = await pipe.execute()
-                except (RedisError, OSError):
-                    replicas = 0
-                if replicas >= 1:
-                    ledger.accept(ledger_id, receipt=entry_id.decode())
-                    break
-                ledger.mark_indeterminate(ledger_id)
-                await asyncio.sleep(0.1)
+            await enqueue_until_replicated(client, "email.send", data, ledger, ledger_id, 60.0)
             await asyncio.sleep(0.02)
     finally:
         await client.aclose()
