@@ -153,7 +153,8 @@ class _Partition:
 
 
 class ReceiveStream:
-    """The ``email.receive`` stream as the ingest role writes it.
+    """The ``email.receive`` stream as the ingest role writes it: ``stream`` through
+    ``redis``, and with ``more_partitions`` every partition's stream, a batch each in turn.
 
     Appends from all SMTP sessions of a worker are batched: while pipelines are on their way
     to Redis (at most ``max_in_flight``), the appends that arrive meanwhile queue up and go
@@ -180,8 +181,6 @@ class ReceiveStream:
         more_partitions: Sequence[tuple[aioredis.Redis, str]] = (),
         away_for: float = AWAY_FOR,
     ) -> None:
-        self.redis = redis
-        self.stream = stream
         self.partitions = [_Partition(redis, stream)]
         self.partitions += [_Partition(client, name) for client, name in more_partitions]
         self.min_replicas = min_replicas
