@@ -212,6 +212,41 @@ class RecordingSink:
         return dict(counts)
 
 
+@dataclass(frozen=True)
+class Span:
+    """One DATA at the relay: from the end of the message to the reply."""
+
+    recipients: tuple[str, ...]
+    began: float
+    ended: float
+
+    def overlaps(self, other: Span) -> bool:
+        return self.began < other.ended and other.began < self.ended
+
+
+def most_at_once(spans: list[Span]) -> int:
+    """The most DATA phases the relay had in progress at one time."""
+    starts_and_ends = sorted([(s.began, 1) for s in spans] + [(s.ended, -1) for s in spans])
+    most = now = 0
+    for _, change in starts_and_ends:  # an end before a start at the same instant
+        now += change
+        most = max(most, now)
+    return most
+
+
+@dataclass
+class TimedSink(RecordingSink):
+    """A recording sink that also notes when each DATA began and was answered."""
+
+    spans: list[Span] = field(default_factory=list)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        began = time.monotonic()
+        reply = await super().handle_DATA(server, session, envelope)
+        self.spans.append(Span(tuple(envelope.rcpt_tos), began, time.monotonic()))
+        return reply
+
+
 class PostfixSink:
     """``smtp-sink`` on a free port, with fault options; accepted mail dumped to files."""
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -22,33 +20,8 @@ from tests.delivery_util import (
     send_message,
 )
 from tests.harness import wait_until
-from tests.sinks import RecordingSink
+from tests.sinks import RecordingSink, TimedSink
 from workers.streams.outcomes import Outcomes, SentLookup
-
-
-@dataclass(frozen=True)
-class Span:
-    """One DATA at the relay: from the end of the message to the reply."""
-
-    recipients: tuple[str, ...]
-    began: float
-    ended: float
-
-    def overlaps(self, other: Span) -> bool:
-        return self.began < other.ended and other.began < self.ended
-
-
-@dataclass
-class TimedSink(RecordingSink):
-    """A recording sink that also notes when each DATA began and was answered."""
-
-    spans: list[Span] = field(default_factory=list)
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        began = time.monotonic()
-        reply = await super().handle_DATA(server, session, envelope)
-        self.spans.append(Span(tuple(envelope.rcpt_tos), began, time.monotonic()))
-        return reply
 
 
 async def test_one_message_id_is_sent_by_one_lane_at_a_time(

@@ -1,7 +1,7 @@
 """``mailpool deliver``: read ``email.send`` in the ``delivery`` group and send each message.
 
-One loop (:class:`~workers.delivery.worker.DeliveryWorker`): read a batch (own leftovers,
-then stale entries of silent consumers, then new ones), prepare it (decode, build, drop
+One loop (:class:`~workers.delivery.worker.DeliveryWorker`, for every partition in turn):
+read a batch (own leftovers, then stale entries of silent consumers, then new ones), prepare it (decode, build, drop
 recipients already accepted), start up to ``--concurrency`` sends, and hand each outcome to
 the settler, which writes idempotency records, acks, dead letters, retries and events in
 one Redis round trip per batch of finished sends (group commit).  A side task moves due
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import Coroutine
 from typing import TypeVar
 
@@ -36,7 +35,7 @@ from workers.config import DeliveryConfig, mask_url_password
 from workers.delivery.attempt import Job, Prepared, settle_attempt
 from workers.delivery.reading import CLAIM_CHECK
 from workers.delivery.settler import REDIS_BACKOFF_CAP, Settler, SettlerCrashed
-from workers.delivery.worker import FLUSH_CAP, READ_BLOCK, DeliveryWorker
+from workers.delivery.worker import FLUSH_CAP, READ_BLOCK, DeliveryWorker, Stream
 from workers.health import serving_health
 from workers.lifecycle import serve_until_signalled
 from workers.streams import outcomes as oc
@@ -54,6 +53,7 @@ __all__ = [
     "Prepared",
     "Settler",
     "SettlerCrashed",
+    "Stream",
     "main",
     "serve",
     "settle_attempt",
@@ -92,8 +92,9 @@ async def _unless_stopped(work: Coroutine[object, object, T], stop: asyncio.Even
 
 
 async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
-    """One delivery loop per partition (one alone when not partitioned): each reads its own
-    partition, so a busy partition never starves another; --concurrency is shared out."""
+    """One worker for all partitions (one alone when not partitioned): each read takes
+    from the next partition in turn what the window has room for, and --concurrency lanes
+    send from all of them, so a busy partition never starves another."""
     url = resolve_redis_url(config.redis_url)
     partitions = config.partition_keys()
     redis = partition_clients(url, partitions, connect)
@@ -102,80 +103,61 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
     # send a read that timed out again, and Redis may run both; our loop retries instead
     # and then looks at our pending list for what the lost read handed us.
     reads = partition_clients(url, partitions, connect, retries=0)
-    try:
-        loops = [
-            asyncio.create_task(
-                _serve_partition(_partition_config(config, n, len(partitions)), keys, r, rd, stop),
-                name=f"delivery-{keys.send}",
-            )
-            for n, (keys, r, rd) in enumerate(zip(partitions, redis, reads, strict=True))
-        ]
-        await _until_all_done(loops, stop)
-    finally:
-        await close_all(reads)
-        await close_all(redis)
-
-
-async def _until_all_done(loops: list[asyncio.Task[None]], stop: asyncio.Event) -> None:
-    """Wait for every partition's loop; when one fails, the others stop as at a signal
-    (their sends drain, their unstarted entries are released) before its error is raised:
-    closing the clients under loops still sending would cut their sends off."""
-    try:
-        await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        if not all(loop.done() for loop in loops):
-            stop.set()
-            await asyncio.wait(loops)
-    for loop in loops:
-        loop.result()  # the first failure, if any
-
-
-def _partition_config(config: DeliveryConfig, n: int, count: int) -> DeliveryConfig:
-    """The options of partition ``n``'s loop: its share of --concurrency, and /metrics,
-    /healthz, /readyz served by the first loop only."""
-    if count == 1:
-        return config
-    share = max(1, -(-config.concurrency // count))
-    return dataclasses.replace(config, concurrency=share, http=config.http if n == 0 else None)
-
-
-async def _serve_partition(
-    config: DeliveryConfig,
-    keys: StreamKeys,
-    redis: aioredis.Redis,
-    reads: aioredis.Redis,
-    stop: asyncio.Event,
-) -> None:
-    outcomes = oc.Outcomes(
-        redis, keys, group=config.group, sent_ttl=config.sent_ttl,
-        events_maxlen=config.events_maxlen, min_replicas=config.min_replicas,
-        replica_timeout=config.replica_timeout,
-    )  # fmt: skip
     # Through Sentinel or a cluster, each read checks a connection out of the pool instead:
     # redis-py 8 connects a held connection again to the address it had, so after a
     # failover it would read from the old master (now a replica: READONLY) for ever; a
     # checkout asks the Sentinels (the cluster) where the master is.
-    url = config.redis_url or ""
-    reader = reads if is_sentinel_url(url) or is_cluster_url(url) else reads.client()
-    consumer = GroupConsumer(
+    pooled = is_sentinel_url(url) or is_cluster_url(url)
+    readers = [r if pooled else r.client() for r in reads]
+    streams = [
+        Stream(_consumer(config, keys, reader), _outcomes(config, keys, r))
+        for keys, r, reader in zip(partitions, redis, readers, strict=True)
+    ]
+    try:
+        await _serve_streams(config, streams, redis[0], partitions[0], stop)
+    finally:
+        for stream in streams:
+            await stream.outcomes.aclose()
+        await close_all([held for held, r in zip(readers, reads, strict=True) if held is not r])
+        await close_all(reads)
+        await close_all(redis)
+
+
+async def _serve_streams(
+    config: DeliveryConfig,
+    streams: list[Stream],
+    redis: aioredis.Redis,
+    keys: StreamKeys,
+    stop: asyncio.Event,
+) -> None:
+    for stream in streams:
+        if not await _ensure_group(stream.consumer, stop):
+            return
+        # settle/promote are Redis functions: exit 2 if missing (on every primary)
+        await oc.require_functions(stream.outcomes.redis)
+    names = [stream.consumer.stream for stream in streams]
+    log.info("delivery_started", relay=_safe_relay(config.relay), consumer=config.consumer,
+             concurrency=config.concurrency, streams=names)  # fmt: skip
+    worker = DeliveryWorker(config, streams, config.open_transport())
+    async with serving_health(config.http, redis, keys, lambda: not stop.is_set()):
+        await worker.run(stop)
+    log.info("delivery_stopped", consumer=config.consumer)
+
+
+def _consumer(config: DeliveryConfig, keys: StreamKeys, reader: aioredis.Redis) -> GroupConsumer:
+    return GroupConsumer(
         reader, keys.send, config.group, config.consumer,
         claim_after=config.claim_after, batch=config.batch, block=READ_BLOCK,
         claim_every=CLAIM_CHECK,
     )  # fmt: skip
-    try:
-        if not await _ensure_group(consumer, stop):
-            return
-        await oc.require_functions(redis)  # settle/promote are Redis functions: exit 2 if missing
-        log.info("delivery_started", relay=_safe_relay(config.relay), consumer=config.consumer,
-                 concurrency=config.concurrency, stream=keys.send)  # fmt: skip
-        worker = DeliveryWorker(config, outcomes, config.open_transport())
-        async with serving_health(config.http, redis, keys, lambda: not stop.is_set()):
-            await worker.run(consumer, stop)
-        log.info("delivery_stopped", consumer=config.consumer, stream=keys.send)
-    finally:
-        await outcomes.aclose()
-        if reader is not reads:
-            await reader.aclose()
+
+
+def _outcomes(config: DeliveryConfig, keys: StreamKeys, redis: aioredis.Redis) -> oc.Outcomes:
+    return oc.Outcomes(
+        redis, keys, group=config.group, sent_ttl=config.sent_ttl,
+        events_maxlen=config.events_maxlen, min_replicas=config.min_replicas,
+        replica_timeout=config.replica_timeout,
+    )  # fmt: skip
 
 
 def _safe_relay(relay: str | None) -> str:

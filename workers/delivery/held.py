@@ -161,12 +161,53 @@ class HeldEntry:
         self._held.moved(self, was)
 
 
+class Window:
+    """The entries in progress (prepared, and neither settling nor handed back) of one
+    worker, at most 2 x ``--concurrency``: each starts within one SMTP transaction of its
+    read, so ``--claim-after`` never hands a live worker's entry to another."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.in_progress = 0
+        self._room = asyncio.Event()  # in_progress fell to --concurrency or below
+        self._one_finished = asyncio.Event()  # an entry left progress
+
+    def room(self) -> int:
+        """How many more entries the window of 2 x --concurrency has room for."""
+        return 2 * self.concurrency - self.in_progress
+
+    def full(self) -> bool:
+        return self.in_progress >= 2 * self.concurrency
+
+    async def room_freed(self) -> None:
+        """Wait until no more than --concurrency entries are in progress."""
+        self._room.clear()
+        await self._room.wait()
+
+    def next_finish(self) -> Coroutine[object, object, bool]:
+        """Waits for the next entry to leave progress (armed now, not when first awaited:
+        ``asyncio.wait_for`` starts it a loop turn later, and a finish in between counts)."""
+        self._one_finished.clear()
+        return self._one_finished.wait()
+
+    def count(self, change: int) -> None:
+        self.in_progress += change
+        if change < 0:
+            self._one_finished.set()
+            if self.in_progress <= self.concurrency:
+                self._room.set()
+
+
 class HeldEntries:
     """The entries a worker holds (by entry id), which of them holds each message id, and
     the bookkeeping of their steps; :meth:`check` guards the worker's invariants."""
 
-    def __init__(self, concurrency: int, stopped: Callable[[], bool]) -> None:
-        self._concurrency = concurrency
+    def __init__(
+        self, concurrency: int, stopped: Callable[[], bool], window: Window | None = None
+    ) -> None:
+        # The window may be shared: a worker reading several partitions holds each
+        # partition's entries apart (entry ids repeat across streams) in one window.
+        self.window = Window(concurrency) if window is None else window
         self._stopped = stopped
         self._entries: dict[str, HeldEntry] = {}
         self._id_holders: dict[str, HeldEntry] = {}  # message id -> the entry sending it
@@ -179,9 +220,6 @@ class HeldEntries:
         # Let go of after the stop without a send started: nothing brings them back to this
         # consumer, and no relay has seen them (see DeliveryWorker._release_unstarted).
         self.unstarted_at_stop: list[StreamEntry] = []
-        self.in_progress = 0  # entries in _IN_PROGRESS states
-        self._room = asyncio.Event()  # in_progress fell to --concurrency or below
-        self._one_finished = asyncio.Event()  # an entry left _IN_PROGRESS
 
     def __contains__(self, entry_id: object) -> bool:
         return entry_id in self._entries
@@ -226,26 +264,25 @@ class HeldEntries:
         """A read that returned after the stop: its entries are never taken, nor started."""
         self.unstarted_at_stop.extend(e for e in entries if e.id not in self._entries)
 
+    @property
+    def in_progress(self) -> int:
+        """Entries in progress in the whole window (every partition's)."""
+        return self.window.in_progress
+
     def room(self) -> int:
-        """How many more entries the window of 2 x --concurrency has room for."""
-        return 2 * self._concurrency - self.in_progress
+        return self.window.room()
 
     async def room_freed(self) -> None:
-        """Wait until no more than --concurrency entries are in progress."""
-        self._room.clear()
-        await self._room.wait()
+        await self.window.room_freed()
 
     def next_finish(self) -> Coroutine[object, object, bool]:
-        """Waits for the next entry to leave progress (armed now, not when first awaited:
-        ``asyncio.wait_for`` starts it a loop turn later, and a finish in between counts)."""
-        self._one_finished.clear()
-        return self._one_finished.wait()
+        return self.window.next_finish()
 
     # --- invariants ----------------------------------------------------------------------
     def check(self, entry: HeldEntry, to: State) -> None:
         """The worker's invariants, checked before ``entry`` moves ``to`` its next state."""
-        if to is State.PREPARED and self.in_progress >= 2 * self._concurrency:
-            raise InvariantBroken(f"more than 2 x {self._concurrency} entries in progress")
+        if to is State.PREPARED and self.window.full():
+            raise InvariantBroken(f"more than 2 x {self.window.concurrency} entries in progress")
         if to is State.SENDING:
             if self._stopped():
                 raise InvariantBroken(f"entry {entry.entry_id}: a send after the stop")
@@ -276,14 +313,7 @@ class HeldEntries:
             if was is not State.SENDING and self._stopped():
                 self.unstarted_at_stop.append(entry.entry)
         if (now in _IN_PROGRESS) != (was in _IN_PROGRESS):
-            self._count(+1 if now in _IN_PROGRESS else -1)
-
-    def _count(self, change: int) -> None:
-        self.in_progress += change
-        if change < 0:
-            self._one_finished.set()
-            if self.in_progress <= self._concurrency:
-                self._room.set()
+            self.window.count(+1 if now in _IN_PROGRESS else -1)
 
     def _let_go(self, entry: HeldEntry) -> None:
         del self._entries[entry.entry_id]

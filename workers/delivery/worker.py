@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import structlog
 from redis.exceptions import RedisError
@@ -18,7 +20,7 @@ from workers.delivery.attempt import (
     prepare,
     settle_attempt,
 )
-from workers.delivery.held import HeldEntries, HeldEntry
+from workers.delivery.held import HeldEntries, HeldEntry, Window
 from workers.delivery.reading import Reader
 from workers.delivery.settler import Settler, SettlerCrashed
 from workers.metrics import DELIVERY_IN_FLIGHT, DELIVERY_SMTP
@@ -29,14 +31,56 @@ from workers.streams.retry import RetryPolicy
 
 log = structlog.get_logger("mailpool.delivery")
 
-READ_BLOCK = 0.5  # seconds an idle XREADGROUP waits
+READ_BLOCK = 0.5  # seconds an idle XREADGROUP waits (shared out over the partitions)
 # Seconds the outcomes of finished sends may take to reach Redis at stop, after the drain:
 # shutdown grace + this + closing connections (1 s) stays inside the pod's grace period.
 FLUSH_CAP = 10.0
 
 
+@dataclass(frozen=True)
+class Stream:
+    """One partition's send stream, as a worker reads it and records its outcomes."""
+
+    consumer: GroupConsumer
+    outcomes: oc.Outcomes
+
+
+@dataclass
+class _Partition:
+    """What the worker keeps per partition: its entries in hand (entry ids repeat across
+    streams), its reads, and its settlements (each goes to the partition's own Redis)."""
+
+    stream: Stream
+    held: HeldEntries
+    settler: Settler
+    reader: Reader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reader = Reader(self.held)
+
+    @property
+    def consumer(self) -> GroupConsumer:
+        return self.stream.consumer
+
+    @property
+    def outcomes(self) -> oc.Outcomes:
+        return self.stream.outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """A queued entry and the partition it came from, for a lane to send."""
+
+    partition: _Partition
+    held: HeldEntry
+
+
 class DeliveryWorker:
     """Reads send entries, sends them over ``--concurrency`` lanes, settles their outcomes.
+
+    With several partitions (``--partitions``), one worker reads them all in turn into one
+    window and one set of lanes; each partition keeps its own entries in hand, reads and
+    settler (its Redis may be another shard's primary).
 
     Each entry read is held as one :class:`~workers.delivery.held.HeldEntry` whose state
     says where it is (read, prepared, queued, waiting for its id, sending, settling,
@@ -56,22 +100,35 @@ class DeliveryWorker:
       immediate claim by the other workers; none whose send started is.
     """
 
-    def __init__(self, config: DeliveryConfig, outcomes: oc.Outcomes, transport: Transport) -> None:
+    def __init__(
+        self, config: DeliveryConfig, streams: Sequence[Stream], transport: Transport
+    ) -> None:
         self.config = config
-        self.outcomes = outcomes
         self.transport = transport
-        self.settler = Settler(outcomes, on_crash=self._stop_now)
         self.rng = random.Random()  # noqa: S311 - retry jitter, not cryptography
         self._policy = RetryPolicy(
             config.retry_base, config.retry_cap, config.max_attempts, config.max_age
         )
         self._stop = asyncio.Event()  # run() brings the process's: looked up at each check
-        self._held = HeldEntries(config.concurrency, stopped=lambda: self._stop.is_set())  # noqa: PLW0108
-        self._reader = Reader(self._held)
+        # One window and one set of lanes for all partitions: every read fills a whole
+        # window's room, as with one stream (a window per partition made reads N x smaller
+        # and N x as many: Redis's CPU per message rose by a third, bench/cluster.py --split).
+        self._window = Window(config.concurrency)
+        self._partitions = [self._partition(stream) for stream in streams]
         # Queued entries wait here for one of --concurrency lanes (one SMTP connection each).
-        self._queue: asyncio.Queue[HeldEntry | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Work | None] = asyncio.Queue()
 
-    async def run(self, consumer: GroupConsumer, stop: asyncio.Event) -> None:
+    def _partition(self, stream: Stream) -> _Partition:
+        # The event is looked up at each check: run() replaces it with the process's.
+        stopped = lambda: self._stop.is_set()  # noqa: E731, PLW0108
+        held = HeldEntries(self.config.concurrency, stopped=stopped, window=self._window)
+        settler = Settler(
+            stream.outcomes, on_crash=self._stop_now,
+            fill=settle_fill(self.config.concurrency), linger=self.config.settle_linger,
+        )  # fmt: skip
+        return _Partition(stream, held, settler)
+
+    async def run(self, stop: asyncio.Event) -> None:
         """Read, prepare and queue until ``stop``; ``--concurrency`` lanes send what is queued.
 
         At most one entry per lane waits in the queue (read-ahead hides the read round
@@ -79,54 +136,67 @@ class DeliveryWorker:
         in flight drain, entries not yet started are handed back and released for others.
         """
         self._stop = stop
-        self.settler.start()
-        promoter = asyncio.create_task(
-            promote_retries(self.outcomes, self.config, stop), name="retry-promoter"
-        )
+        for partition in self._partitions:
+            partition.settler.start()
+        promoters = [
+            asyncio.create_task(
+                promote_retries(p.outcomes, self.config, stop), name=f"retry-promoter-{n}"
+            )
+            for n, p in enumerate(self._partitions)
+        ]
         stopping = asyncio.create_task(stop.wait(), name="stop-watch")
         lanes = [
             asyncio.create_task(self._lane(), name=f"send-lane-{n}")
             for n in range(self.config.concurrency)
         ]
-        reading = asyncio.create_task(self._read_until_stopped(consumer, stop), name="reader")
+        reading = asyncio.create_task(self._read_until_stopped(stop), name="reader")
         try:
             await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await self._shut_down(consumer, reading, lanes, promoter, stopping)
-        if self.settler.crashed:
+            await self._shut_down(reading, lanes, promoters, stopping)
+        if any(p.settler.crashed for p in self._partitions):
             raise SettlerCrashed
         if not reading.cancelled() and (bug := reading.exception()) is not None:
             raise bug
-        self._held.check_drained()
+        for partition in self._partitions:
+            partition.held.check_drained()
 
-    async def _read_until_stopped(self, consumer: GroupConsumer, stop: asyncio.Event) -> None:
-        """The loop: read what the window has room for, prepare it, queue it, repeat."""
+    async def _read_until_stopped(self, stop: asyncio.Event) -> None:
+        """The loop: read what the window has room for from the next partition in turn,
+        prepare it, queue it, repeat."""
+        count, turn, empty_reads = len(self._partitions), 0, 0
         while not stop.is_set():
-            room = self._held.room()
+            room = self._window.room()
             if room < self.config.concurrency:
                 # Read in batches of at least a window's half: --concurrency sends are
                 # still in flight meanwhile, and one XREADGROUP serves many entries.
-                await self._held.room_freed()
+                await self._window.room_freed()
                 continue
-            entries = await self._reader.read(consumer, min(room, self.config.batch), stop)
+            partition = self._partitions[turn]
+            turn = (turn + 1) % count
+            partition.consumer.block_ms = read_block_ms(count, empty_reads)
+            entries = await partition.reader.read(
+                partition.consumer, min(room, self.config.batch), stop
+            )
+            empty_reads = 0 if entries else empty_reads + 1
             if stop.is_set():
-                self._held.read_at_stop(entries)  # released for another worker
+                partition.held.read_at_stop(entries)  # released for another worker
                 break
-            if entries and self._held.holds_all(entries):
+            if entries and partition.held.holds_all(entries):
                 await self._pause()  # own pending entries still in hand
                 continue
-            for held in await self._prepare(entries):
-                self._queue.put_nowait(held)
+            for held in await self._prepare(partition, entries):
+                self._queue.put_nowait(_Work(partition, held))
 
-    async def _prepare(self, entries: list[StreamEntry]) -> list[HeldEntry]:
+    async def _prepare(self, partition: _Partition, entries: list[StreamEntry]) -> list[HeldEntry]:
         """Take and build each entry not in hand; settle what needs no send; queue the rest
         with the recipients not accepted before (one idempotency round trip per batch)."""
         built: list[HeldEntry] = []
         for entry in entries:
-            held = self._held.take(entry)  # None: in hand already (own pending, re-read)
-            if held is not None and self._build(held):
+            held = partition.held.take(entry)  # None: in hand already (own pending, re-read)
+            if held is not None and self._build(partition, held):
                 built.append(held)
-        accepted = await self._accepted_before(built) if built else None
+        accepted = await self._accepted_before(partition, built) if built else None
         if accepted is None:
             return []
         queued: list[HeldEntry] = []
@@ -134,29 +204,31 @@ class DeliveryWorker:
             remaining = [r for r in held.prepared.recipients if r not in already]
             if not remaining:
                 log.info("already_sent", id=held.message_id, entry=held.entry_id)
-                self._settle(held, nothing_left(held.prepared))
+                self._settle(partition, held, nothing_left(held.prepared))
             elif held.job.deliveries > self.config.max_deliveries:
-                self._settle(held, poison(held.prepared, remaining))
+                self._settle(partition, held, poison(held.prepared, remaining))
             else:
                 held.queue(remaining)
                 queued.append(held)
         return queued
 
-    def _build(self, held: HeldEntry) -> bool:
+    def _build(self, partition: _Partition, held: HeldEntry) -> bool:
         """Decode and build; an entry that cannot be sent is settled at once (False)."""
         prepared = prepare(held.entry, self.config, self._policy)
         if isinstance(prepared, oc.Settlement):
-            self._settle(held, prepared)
+            self._settle(partition, held, prepared)
             return False
         held.mark_prepared(prepared)
         return True
 
-    async def _accepted_before(self, built: list[HeldEntry]) -> list[set[str]] | None:
+    async def _accepted_before(
+        self, partition: _Partition, built: list[HeldEntry]
+    ) -> list[set[str]] | None:
         """Recipients already accepted per entry, or None when Redis could not tell: the
         entries are handed back and come back as our own leftovers at the next read."""
         try:
             return await accepted_before(
-                self.outcomes, [held.prepared for held in built],
+                partition.outcomes, [held.prepared for held in built],
                 reads_may_be_taken_back=self.config.min_replicas > 0,
             )  # fmt: skip
         except BaseException as exc:
@@ -165,26 +237,26 @@ class DeliveryWorker:
             if not isinstance(exc, RedisError | OSError):
                 raise  # cancelled at stop, or a bug
             log.warning("idempotency_check_failed", error=str(exc))
-            self._reader.look_at_own_pending_next()
+            partition.reader.look_at_own_pending_next()
             return None
 
     async def _lane(self) -> None:
         """Send queued entries one after another until told to stop (a None)."""
-        while (held := await self._queue.get()) is not None:
+        while (work := await self._queue.get()) is not None:
             try:
-                await self._send(held)
+                await self._send(work.partition, work.held)
             except Exception:  # a bug must not take a lane down; the entry stays pending
-                log.exception("send_crashed", entry=held.entry_id)
+                log.exception("send_crashed", entry=work.held.entry_id)
             finally:
-                if held.undecided:  # not sent (stopped, cancelled, Redis away, a bug)
-                    held.hand_back()
+                if work.held.undecided:  # not sent (stopped, cancelled, Redis away, a bug)
+                    work.held.hand_back()
 
-    async def _send(self, held: HeldEntry) -> None:
+    async def _send(self, partition: _Partition, held: HeldEntry) -> None:
         """One queued entry's SMTP transaction, once no other entry here holds its message
         id.  Returning before a step leaves the entry to the lane, which hands it back."""
         if self._stop.is_set():
             return  # not started: released for another worker
-        recipients = held.recipients if held.holds_id else await self._take_turn(held)
+        recipients = held.recipients if held.holds_id else await self._take_turn(partition, held)
         if not recipients or self._stop.is_set():
             return  # nothing left to send (settled), or stopped while it waited its turn
         held.start_sending(recipients)
@@ -192,41 +264,41 @@ class DeliveryWorker:
         with DELIVERY_IN_FLIGHT.track_inprogress(), DELIVERY_SMTP.time():
             result = await self.transport.send(held.prepared.built, recipients)
         attempts = held.job.attempts + 1
-        self._settle(held, settle_attempt(held.prepared, result, attempts, first_attempt, self.rng))
+        settlement = settle_attempt(held.prepared, result, attempts, first_attempt, self.rng)
+        self._settle(partition, held, settlement)
 
-    async def _take_turn(self, held: HeldEntry) -> list[str]:
+    async def _take_turn(self, partition: _Partition, held: HeldEntry) -> list[str]:
         """Wait for the entry here that sends the same message id, take the id, and return
         the recipients that one did not reach ([] when there is nothing left to do)."""
         await held.wait_for_id()
         try:
             lookup = oc.SentLookup(held.message_id, held.recipients)
-            [already] = await self.outcomes.already_sent([lookup])
+            [already] = await partition.outcomes.already_sent([lookup])
         except (RedisError, OSError) as exc:
             log.warning("idempotency_check_failed", error=str(exc))
             return []
         remaining = [r for r in held.recipients if r not in already]
         if not remaining:
-            self._settle(held, nothing_left(held.prepared))
+            self._settle(partition, held, nothing_left(held.prepared))
         return remaining
 
-    def _settle(self, held: HeldEntry, settlement: oc.Settlement) -> None:
+    def _settle(self, partition: _Partition, held: HeldEntry, settlement: oc.Settlement) -> None:
         held.settle()
-        self.settler.submit(settlement, held.settled)
+        partition.settler.submit(settlement, held.settled)
 
     async def _pause(self) -> None:
         """Wait a moment for a send or settlement to finish instead of re-reading at once."""
-        if not self._held.in_progress:
+        if not self._window.in_progress:
             await asyncio.sleep(0.01)
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._held.next_finish(), READ_BLOCK)
+            await asyncio.wait_for(self._window.next_finish(), READ_BLOCK)
 
     async def _shut_down(
         self,
-        consumer: GroupConsumer,
         reading: asyncio.Task[None],
         lanes: list[asyncio.Task[None]],
-        promoter: asyncio.Task[None],
+        promoters: list[asyncio.Task[None]],
         stopping: asyncio.Task[bool],
     ) -> None:
         # Whatever the reader waits for (a read, an idempotency check) may wait on a stalled
@@ -235,22 +307,23 @@ class DeliveryWorker:
         await asyncio.wait((reading,))
         await self._drain(lanes)
         stopping.cancel()
-        promoter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await promoter
-        await self.settler.close(grace=min(max(self.config.shutdown_grace, 1.0), FLUSH_CAP))
+        for promoter in promoters:
+            promoter.cancel()
+        await asyncio.gather(*promoters, return_exceptions=True)
+        grace = min(max(self.config.shutdown_grace, 1.0), FLUSH_CAP)
+        await asyncio.gather(*(p.settler.close(grace=grace) for p in self._partitions))
         # After the flush: an entry released may share its message id with one just sent,
         # and the worker that claims it must find that send's record.  Both take at most
         # a second (the QUITs, the release).
-        await asyncio.gather(self._release_unstarted(consumer), self.transport.aclose())
+        await asyncio.gather(self._release_unstarted(), self.transport.aclose())
 
-    async def _release_unstarted(self, consumer: GroupConsumer) -> None:
+    async def _release_unstarted(self) -> None:
         """Release the entries handed back at the stop that never started an SMTP
         transaction (read, prepared, queued, or waiting for their message id): any other
         worker's next claim pass takes them (:meth:`GroupConsumer.release`, one round trip
-        of at most a second).  Without it they would wait ``--claim-after`` (half an hour by
-        default) on a consumer that is gone: every rolling restart under load would hold
-        back up to 2 x ``--concurrency`` messages per worker that long.
+        of at most a second per partition).  Without it they would wait ``--claim-after``
+        (half an hour by default) on a consumer that is gone: every rolling restart under
+        load would hold back up to 2 x ``--concurrency`` messages per worker that long.
 
         Entries whose send started and was cut off are not released: the relay may have
         accepted them (its reply to DATA was never read), so they keep the ``--claim-after``
@@ -259,18 +332,21 @@ class DeliveryWorker:
         and are left alone.  A release that fails (Redis may be why we stop) is logged and
         only leaves them to ``--claim-after``.
         """
-        await consumer.release(self._held.unstarted_at_stop)
+        await asyncio.gather(
+            *(p.consumer.release(p.held.unstarted_at_stop) for p in self._partitions)
+        )
 
     async def _drain(self, lanes: list[asyncio.Task[None]]) -> None:
         """Let sends in flight finish up to ``shutdown_grace``; the rest stay pending."""
         while not self._queue.empty():
             queued = self._queue.get_nowait()
             if queued is not None:
-                queued.hand_back()  # not started: released for others
+                queued.held.hand_back()  # not started: released for others
         for _ in lanes:
             self._queue.put_nowait(None)
-        if self._held.in_progress:
-            log.info("draining", in_flight=self._held.in_progress, grace=self.config.shutdown_grace)
+        if self._window.in_progress:
+            in_flight = self._window.in_progress
+            log.info("draining", in_flight=in_flight, grace=self.config.shutdown_grace)
         _, unfinished = await asyncio.wait(lanes, timeout=self.config.shutdown_grace)
         for task in unfinished:
             task.cancel()
@@ -280,6 +356,23 @@ class DeliveryWorker:
 
     def _stop_now(self) -> None:
         self._stop.set()  # the event run() was given, so the whole process stops
+
+
+def settle_fill(concurrency: int) -> int:
+    """Settlements a round trip waits for (up to --settle-linger): a quarter of the lanes,
+    about what one round trip gathers unasked from a busy worker on one stream."""
+    return max(1, concurrency // 4)
+
+
+def read_block_ms(partitions: int, empty_reads: int) -> int | None:
+    """How long the next read waits for new entries: READ_BLOCK on one stream; with more,
+    not at all until a whole turn of reads came back empty, then a share of READ_BLOCK (a
+    read waiting on an empty partition holds up the others' entries)."""
+    if partitions == 1:
+        return round(READ_BLOCK * 1000)
+    if empty_reads < partitions:
+        return None
+    return max(1, round(READ_BLOCK * 1000 / partitions))
 
 
 async def promote_retries(

@@ -84,7 +84,7 @@ class GroupConsumer:
         # release) are claimable at once, and a shorter pause finds them sooner.
         self.claim_every = max(claim_after / 4, 0.5) if claim_every is None else claim_every
         self.batch = batch
-        self.block_ms = int(block * 1000)
+        self.block_ms: int | None = int(block * 1000)  # None: do not wait for new entries
         self._claim_cursor = layout.MIN_ID
         self._next_claim_at = 0.0
         self._own_pending_done = False
