@@ -1,12 +1,12 @@
 """``mailpool deliver``: read ``email.send`` in the ``delivery`` group and send each message.
 
-One loop (:class:`~workers.delivery.worker.DeliveryWorker`, for every partition in turn):
-read a batch (own leftovers, then stale entries of silent consumers, then new ones), prepare it (decode, build, drop
-recipients already accepted), start up to ``--concurrency`` sends, and hand each outcome to
-the settler, which writes idempotency records, acks, dead letters, retries and events in
-one Redis round trip per batch of finished sends (group commit).  A side task moves due
-retries back into the stream.  Entry layout: :mod:`workers.streams.layout`; atomicity of each move:
-:mod:`workers.streams.outcomes`.
+One loop (:class:`~workers.delivery.worker.DeliveryWorker`, every partition in turn): read a
+batch (own leftovers, then stale entries of silent consumers, then new ones), prepare it
+(decode, build, drop recipients already accepted), start up to ``--concurrency`` sends, and
+hand each outcome to the settler, which writes idempotency records, acks, dead letters,
+retries and events in one Redis round trip per batch of finished sends (group commit). A
+side task moves due retries back into the stream. Entry layout:
+:mod:`workers.streams.layout`; atomicity of each move: :mod:`workers.streams.outcomes`.
 
 The modules: :mod:`~workers.delivery.worker` (the loop and its invariants),
 :mod:`~workers.delivery.held` (one state per entry in hand, one method per step),
