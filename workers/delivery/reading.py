@@ -4,7 +4,6 @@ hold, then stale entries of silent consumers, then new ones."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import structlog
@@ -19,7 +18,10 @@ log = structlog.get_logger("mailpool.delivery")
 # a read that timed out while Redis stalled still runs when it resumes, and the entries it
 # hands us would otherwise wait --claim-after.  A failed read makes the next look immediate.
 OWN_CHECK = 1.0
-READ_RETRY = 1.0  # seconds between failed reads
+READ_RETRY = 1.0  # seconds a stream whose read failed is not read again
+# With several partitions, each failure in a row doubles that up to this: a read of a
+# stalled shard holds the others' reads up until its deadline.
+READ_AWAY_MAX = 5.0
 # Seconds between claim passes (one XAUTOCLAIM): entries a stopping worker released are
 # sent within this, not after --claim-after (a dead worker's entries wait that anyway).
 CLAIM_CHECK = 1.0
@@ -28,8 +30,13 @@ CLAIM_CHECK = 1.0
 class Reader:
     """One worker's reads, and when to look at its own pending list between them."""
 
-    def __init__(self, held: HeldEntries) -> None:
+    def __init__(self, held: HeldEntries, *, away_max: float = READ_RETRY) -> None:
         self._held = held
+        # Until when (monotonic) this stream is not read: its last read failed.  Other
+        # partitions are read meanwhile (their Redis may be another shard's primary).
+        self.away_until = 0.0
+        self._away_for = READ_RETRY
+        self._away_max = away_max
         # When to look next for entries pending on us that we do not hold: at once (a
         # restarted consumer's leftovers), then every OWN_CHECK, and after any failed read.
         self._own_check_at = 0.0
@@ -39,25 +46,29 @@ class Reader:
         self._own_check_at = 0.0
 
     async def read(
-        self, consumer: GroupConsumer, batch: int, stop: asyncio.Event
+        self, consumer: GroupConsumer, batch: int, deadline: float | None = None
     ) -> list[StreamEntry]:
-        """Up to ``batch`` entries ([] after a failed read, which waits a moment)."""
+        """Up to ``batch`` entries; [] after a failed read, or one with no reply within
+        ``deadline`` seconds, and the stream is away for READ_RETRY (doubled after each
+        failure in a row, up to ``away_max``)."""
         consumer.batch = batch
         self._held.read_started()
         try:
-            entries = []
-            if time.monotonic() >= self._own_check_at:
-                entries = await self._read_unseen_own(consumer)
-            if not entries:
-                entries = await consumer.read_shared()
+            async with asyncio.timeout(deadline):  # TimeoutError is an OSError
+                entries = []
+                if time.monotonic() >= self._own_check_at:
+                    entries = await self._read_unseen_own(consumer)
+                if not entries:
+                    entries = await consumer.read_shared()
         except (RedisError, OSError) as exc:
             # Redis may still run the read that failed (a stalled Redis runs what waits in
             # its socket buffers when it resumes) and hand us entries we never see.
             self._own_check_at = 0.0
-            log.warning("read_failed", error=str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), READ_RETRY)
+            self.away_until = time.monotonic() + self._away_for
+            self._away_for = min(2 * self._away_for, self._away_max)
+            log.warning("read_failed", error=str(exc) or type(exc).__name__, stream=consumer.stream)
             return []
+        self._away_for = READ_RETRY
         return self._held.not_settled_since_read(entries)
 
     async def _read_unseen_own(self, consumer: GroupConsumer) -> list[StreamEntry]:

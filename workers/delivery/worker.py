@@ -7,7 +7,7 @@ import contextlib
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 from redis.exceptions import RedisError
@@ -21,7 +21,7 @@ from workers.delivery.attempt import (
     settle_attempt,
 )
 from workers.delivery.held import HeldEntries, HeldEntry, Window
-from workers.delivery.reading import Reader
+from workers.delivery.reading import READ_AWAY_MAX, READ_RETRY, Reader
 from workers.delivery.settler import Settler, SettlerCrashed
 from workers.metrics import DELIVERY_IN_FLIGHT, DELIVERY_SMTP
 from workers.relay import Transport
@@ -32,6 +32,8 @@ from workers.streams.retry import RetryPolicy
 log = structlog.get_logger("mailpool.delivery")
 
 READ_BLOCK = 0.5  # seconds an idle XREADGROUP waits (shared out over the partitions)
+# Seconds a read of one of several partitions may take beyond its wait for new entries.
+READ_STALL = 1.0
 # Seconds the outcomes of finished sends may take to reach Redis at stop, after the drain:
 # shutdown grace + this + closing connections (1 s) stays inside the pod's grace period.
 FLUSH_CAP = 10.0
@@ -53,10 +55,7 @@ class _Partition:
     stream: Stream
     held: HeldEntries
     settler: Settler
-    reader: Reader = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.reader = Reader(self.held)
+    reader: Reader
 
     @property
     def consumer(self) -> GroupConsumer:
@@ -114,11 +113,14 @@ class DeliveryWorker:
         # window's room, as with one stream (a window per partition made reads N x smaller
         # and N x as many: Redis's CPU per message rose by a third, bench/cluster.py --split).
         self._window = Window(config.concurrency)
-        self._partitions = [self._partition(stream) for stream in streams]
+        # A stream whose reads keep failing is passed over longer when others can be read.
+        away_max = READ_RETRY if len(streams) == 1 else READ_AWAY_MAX
+        self._partitions = [self._partition(stream, away_max) for stream in streams]
+        self._turn = 0  # the partition read next
         # Queued entries wait here for one of --concurrency lanes (one SMTP connection each).
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue()
 
-    def _partition(self, stream: Stream) -> _Partition:
+    def _partition(self, stream: Stream, away_max: float) -> _Partition:
         # The event is looked up at each check: run() replaces it with the process's.
         stopped = lambda: self._stop.is_set()  # noqa: E731, PLW0108
         held = HeldEntries(self.config.concurrency, stopped=stopped, window=self._window)
@@ -126,7 +128,7 @@ class DeliveryWorker:
             stream.outcomes, on_crash=self._stop_now,
             fill=settle_fill(self.config.concurrency), linger=self.config.settle_linger,
         )  # fmt: skip
-        return _Partition(stream, held, settler)
+        return _Partition(stream, held, settler, Reader(held, away_max=away_max))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read, prepare and queue until ``stop``; ``--concurrency`` lanes send what is queued.
@@ -162,9 +164,12 @@ class DeliveryWorker:
             partition.held.check_drained()
 
     async def _read_until_stopped(self, stop: asyncio.Event) -> None:
-        """The loop: read what the window has room for from the next partition in turn,
-        prepare it, queue it, repeat."""
-        count, turn, empty_reads = len(self._partitions), 0, 0
+        """The loop: read what the window has room for from the next partition in turn
+        (passing over one whose last read failed), prepare it, queue it, repeat."""
+        count, empty_reads = len(self._partitions), 0
+        # With several partitions a read has a deadline: one waiting on a stalled or failing
+        # shard must not hold up the others' reads for the socket timeout.
+        deadline = None if count == 1 else READ_BLOCK + READ_STALL
         while not stop.is_set():
             room = self._window.room()
             if room < self.config.concurrency:
@@ -172,12 +177,13 @@ class DeliveryWorker:
                 # still in flight meanwhile, and one XREADGROUP serves many entries.
                 await self._window.room_freed()
                 continue
-            partition = self._partitions[turn]
-            turn = (turn + 1) % count
+            partition = self._next_in_turn()
+            if partition is None:
+                await self._until_one_is_back(stop)
+                continue
             partition.consumer.block_ms = read_block_ms(count, empty_reads)
-            entries = await partition.reader.read(
-                partition.consumer, min(room, self.config.batch), stop
-            )
+            batch = min(room, self.config.batch)
+            entries = await partition.reader.read(partition.consumer, batch, deadline)
             empty_reads = 0 if entries else empty_reads + 1
             if stop.is_set():
                 partition.held.read_at_stop(entries)  # released for another worker
@@ -187,6 +193,21 @@ class DeliveryWorker:
                 continue
             for held in await self._prepare(partition, entries):
                 self._queue.put_nowait(_Work(partition, held))
+
+    def _next_in_turn(self) -> _Partition | None:
+        """The next partition whose last read did not fail lately; None if there is none."""
+        now = time.monotonic()
+        for _ in self._partitions:
+            partition = self._partitions[self._turn]
+            self._turn = (self._turn + 1) % len(self._partitions)
+            if partition.reader.away_until <= now:
+                return partition
+        return None
+
+    async def _until_one_is_back(self, stop: asyncio.Event) -> None:
+        back = min(p.reader.away_until for p in self._partitions)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, back - time.monotonic()))
 
     async def _prepare(self, partition: _Partition, entries: list[StreamEntry]) -> list[HeldEntry]:
         """Take and build each entry not in hand; settle what needs no send; queue the rest
