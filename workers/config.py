@@ -607,8 +607,6 @@ def _check_ca_file(path: str, *, verify: bool) -> None:
 # Seconds the derived --claim-after adds to the longest hold of an entry: the settlement's
 # round trip, and a worker slowed by load.
 CLAIM_MARGIN = 60.0
-# The longest --settle-linger: acknowledgements, events and idempotency records wait so long.
-MAX_SETTLE_LINGER = 1.0
 
 
 @dataclass
@@ -673,11 +671,6 @@ class DeliveryConfig(CommonConfig):
         "until confirmed (a stopped worker leaves the entry pending)",
     )
     replica_timeout: float = option(1.0, "seconds to wait for --min-replicas acks")
-    settle_linger: float = option(
-        0.02,
-        "seconds a settlement round trip may wait for more finished sends (a quarter of "
-        "--concurrency) to go with it: fewer Redis round trips per message; 0: at once",
-    )
     shutdown_grace: float = option(30.0, "seconds sends in flight may finish after SIGTERM")
     hostname: str = option(socket.gethostname(), "EHLO name and Message-ID domain")
     http: str | None = option(None, "serve /metrics, /healthz, /readyz on HOST:PORT")
@@ -714,9 +707,6 @@ class DeliveryConfig(CommonConfig):
             positive(name, getattr(self, name))
         positive("min_replicas", self.min_replicas, allow_zero=True)
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
-        positive("settle_linger", self.settle_linger, allow_zero=True)
-        if self.settle_linger > MAX_SETTLE_LINGER:
-            raise ConfigError(f"--settle-linger must be at most {MAX_SETTLE_LINGER:g} seconds")
         if self.retry_cap < self.retry_base:
             raise ConfigError("--retry-cap must be >= --retry-base")
         self._derive_claim_after()

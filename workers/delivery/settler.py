@@ -4,7 +4,6 @@ flight go in the next, so a busy worker records many finished sends per round tr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,23 +46,8 @@ class Settler:
     was not: the entry then stays pending).
     """
 
-    def __init__(
-        self,
-        outcomes: oc.Outcomes,
-        on_crash: Callable[[], None],
-        *,
-        fill: int = 1,
-        linger: float = 0.0,
-    ) -> None:
+    def __init__(self, outcomes: oc.Outcomes, on_crash: Callable[[], None]) -> None:
         self.outcomes = outcomes
-        # A round trip waits up to `linger` seconds after its first settlement for `fill` of
-        # them: Redis's CPU per message falls with the batch (socket reads, AOF writes and
-        # replica feeds are paid per round trip), and a partition of a cluster sees only its
-        # share of the worker's sends.
-        self._fill = max(1, fill)
-        self._linger = max(0.0, linger)
-        self._filled = asyncio.Event()
-        self._first_at = 0.0
         # Called when the settler dies of a bug: a worker that keeps sending while nothing
         # is acknowledged would send every message again after a claim, so it must stop.
         self._on_crash = on_crash
@@ -78,11 +62,7 @@ class Settler:
         self._task = asyncio.create_task(self._run(), name="settler")
 
     def submit(self, settlement: oc.Settlement, settled: Settled) -> None:
-        if not self._queue:
-            self._first_at = time.monotonic()
         self._queue.append(Queued(settlement, settled))
-        if len(self._queue) >= self._fill:
-            self._filled.set()
         self._wake.set()
 
     async def _run(self) -> None:
@@ -103,20 +83,10 @@ class Settler:
                 # One loop turn lets sends that finished together join the same round trip.
                 await asyncio.sleep(0)
                 continue
-            await self._until_filled()
             batch, self._queue = self._queue, []
-            self._filled.clear()
             self._applying = len(batch)
             await self._apply(batch)
             self._applying = 0
-
-    async def _until_filled(self) -> None:
-        """Wait for `fill` settlements, or `linger` seconds after the first (not at close)."""
-        left = self._first_at + self._linger - time.monotonic()
-        if len(self._queue) >= self._fill or self._closing or left <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._filled.wait(), left)
 
     async def _apply(self, batch: list[Queued]) -> None:
         """Apply a batch; retry what failed (Redis away, out of memory) until it is applied.
@@ -148,7 +118,6 @@ class Settler:
     async def close(self, grace: float) -> None:
         """Flush what is queued; give up after ``grace`` seconds (Redis gone at shutdown)."""
         self._closing = True
-        self._filled.set()
         self._wake.set()
         if self._task is None:
             return

@@ -124,10 +124,7 @@ class DeliveryWorker:
         # The event is looked up at each check: run() replaces it with the process's.
         stopped = lambda: self._stop.is_set()  # noqa: E731, PLW0108
         held = HeldEntries(self.config.concurrency, stopped=stopped, window=self._window)
-        settler = Settler(
-            stream.outcomes, on_crash=self._stop_now,
-            fill=settle_fill(self.config.concurrency), linger=self.config.settle_linger,
-        )  # fmt: skip
+        settler = Settler(stream.outcomes, on_crash=self._stop_now)
         return _Partition(stream, held, settler, Reader(held, away_max=away_max))
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -377,12 +374,6 @@ class DeliveryWorker:
 
     def _stop_now(self) -> None:
         self._stop.set()  # the event run() was given, so the whole process stops
-
-
-def settle_fill(concurrency: int) -> int:
-    """Settlements a round trip waits for (up to --settle-linger): a quarter of the lanes,
-    about what one round trip gathers unasked from a busy worker on one stream."""
-    return max(1, concurrency // 4)
 
 
 def read_block_ms(partitions: int, empty_reads: int) -> int | None:
