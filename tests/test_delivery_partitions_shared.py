@@ -1,30 +1,31 @@
-"""A delivery worker reading several partitions has one window and one set of lanes for all
-of them: at most --concurrency sends in flight whatever the partition count, and each read
-takes a whole window's room from one partition, as with one stream; a partition whose
-Redis stalls is passed over while the others are read.  Before, each
-partition had a loop of its own with ceil(--concurrency / N) lanes (up to N - 1 sends
-more than asked for) and reads N times smaller.  A real redis-server, partitions tagged as
-on a cluster, and a real SMTP sink."""
+"""A delivery worker reading several partitions has one window and one set of lanes for all of
+them: at most --concurrency sends in flight whatever the partition count, and each read
+takes a whole window's room from one partition, as with one stream; a partition whose Redis
+stalls or is down (at the start or later) is passed over while the others are read. Before,
+each partition had a loop of its own with ceil(--concurrency / N) lanes (up to N - 1 sends
+more than asked for) and reads N times smaller. A real redis-server, partitions tagged as on
+a cluster, and a real SMTP sink."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 import redis.asyncio as aioredis
 
+import workers.delivery
 from tests.delivery_util import make_config, pack, running_worker, send_message
-from tests.harness import wait_until
+from tests.harness import free_port, wait_until
 from tests.sinks import RecordingSink, TimedSink, most_at_once
-from workers.config import DeliveryConfig
-from workers.delivery.worker import READ_BLOCK, DeliveryWorker, Stream, read_block_ms
+from workers.delivery.worker import READ_BLOCK, read_block_ms
 from workers.streams import layout
-from workers.streams.connection import close_all, connect
 from workers.streams.consumer import GroupConsumer, StreamEntry
 from workers.streams.layout import StreamKeys
-from workers.streams.outcomes import Outcomes
+from workers.streams.outcomes import Outcomes, SentLookup
+
+KEYS = layout.partitions(StreamKeys(), 2, tagged=True)
 
 
 async def enqueue_in_partitions(redis: aioredis.Redis, partitions: int, each: int) -> None:
@@ -104,37 +105,66 @@ async def silent_redis() -> AsyncIterator[str]:
         server.close()
 
 
-def stream_of(client: aioredis.Redis, keys: StreamKeys, config: DeliveryConfig) -> Stream:
-    consumer = GroupConsumer(client, keys.send, "delivery", "w1", claim_after=config.claim_after,
-                             batch=config.batch, block=READ_BLOCK)  # fmt: skip
-    return Stream(consumer, Outcomes(client, keys, group="delivery", sent_ttl=60,
-                                     events_maxlen=1000))  # fmt: skip
+def with_partition_1_at(monkeypatch: pytest.MonkeyPatch, redis_url: str, elsewhere: str) -> None:
+    """``serve`` connects partition 0 to ``redis_url`` and partition 1 to ``elsewhere``, as
+    two shards' primaries of a cluster would be."""
+
+    def clients(
+        url: str, partitions: object, make: Callable[..., aioredis.Redis], **options: object
+    ) -> list[aioredis.Redis]:
+        return [make(redis_url, **options), make(elsewhere, **options)]
+
+    monkeypatch.setattr(workers.delivery, "partition_clients", clients)
 
 
-async def test_a_stalled_partition_does_not_hold_up_the_others_reads(
-    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
-) -> None:
-    """Partition 1's Redis takes the connection and never answers; partition 0's 30
-    messages go out all the same, its reads passed over for at most READ_AWAY_MAX at a
-    time (a read of the stalled one waits its deadline, not the 5 s socket timeout)."""
-    keys = layout.partitions(StreamKeys(), 2, tagged=True)
-    for n in range(30):
+async def enqueue_in_partition_0(redis: aioredis.Redis, count: int) -> None:
+    for n in range(count):
         message = send_message([f"u{n}@example.com"], message_id=f"s{n}")
-        await redis.xadd(keys[0].send, {"data": pack(message)})
-    config = make_config(redis_url, sink.url, partitions=2, concurrency=2)
+        await redis.xadd(KEYS[0].send, {"data": pack(message)})
+
+
+async def test_a_partition_whose_redis_stalls_from_the_start_holds_up_no_other(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Partition 1's Redis takes connections and never answers, from the start: partition
+    0's group is created and its 30 messages go out all the same (a step on partition 1
+    waits a deadline, not the 5 s socket timeout, and it is then passed over)."""
+    await enqueue_in_partition_0(redis, 30)
     async with silent_redis() as stalled_url:
-        clients = [connect(redis_url, retries=0), connect(stalled_url, retries=0)]
-        streams = [stream_of(client, k, config) for client, k in zip(clients, keys, strict=True)]
-        await streams[0].consumer.ensure_group()
-        worker = DeliveryWorker(config, streams, config.open_transport())
-        stop = asyncio.Event()
-        running = asyncio.create_task(worker.run(stop))
-        try:
+        with_partition_1_at(monkeypatch, redis_url, stalled_url)
+        config = make_config(redis_url, sink.url, partitions=2, concurrency=2)
+        async with running_worker(config):
             await wait_until(lambda: len(sink.received) == 30, "all 30 sent", timeout=20)
-        finally:
-            stop.set()
-            await asyncio.wait_for(running, 30)
-            for stream in streams:
-                await stream.outcomes.aclose()
-            await close_all(clients)
-    assert (await redis.xpending(keys[0].send, "delivery"))["pending"] == 0
+    assert (await redis.xpending(KEYS[0].send, "delivery"))["pending"] == 0
+
+
+async def test_a_partition_whose_redis_is_down_at_start_holds_up_no_other(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await enqueue_in_partition_0(redis, 5)
+    with_partition_1_at(monkeypatch, redis_url, f"redis://127.0.0.1:{free_port()}/0")
+    config = make_config(redis_url, sink.url, partitions=2, concurrency=2)
+    async with running_worker(config):
+        await wait_until(lambda: len(sink.received) == 5, "all 5 sent", timeout=10)
+
+
+async def test_a_stalled_idempotency_check_holds_up_no_other_partition(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Partition 1's look-up of what was sent before hangs (its shard stalls after the
+    read): partition 0's messages go out while it waits its deadline and is passed over."""
+    already_sent = Outcomes.already_sent
+
+    async def stalls_in_partition_1(self: Outcomes, wanted: Sequence[SentLookup]) -> list[set[str]]:
+        if self.keys.send == KEYS[1].send:
+            await asyncio.sleep(60)
+        return await already_sent(self, wanted)
+
+    monkeypatch.setattr(Outcomes, "already_sent", stalls_in_partition_1)
+    message = send_message(["late@example.com"], message_id="looked-up")  # an id: looked up
+    await redis.xadd(KEYS[1].send, {"data": pack(message)})
+    await enqueue_in_partition_0(redis, 10)
+    config = make_config(redis_url, sink.url, partitions=2, concurrency=2)
+    async with running_worker(config):
+        await wait_until(lambda: len(sink.received) == 10, "partition 0 sent", timeout=8)
+    assert all(m.rcpt_tos != ("late@example.com",) for m in sink.received)

@@ -23,25 +23,21 @@ the same ``id`` twice) skips recipients already recorded as accepted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Coroutine
-from typing import TypeVar
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
 
 from workers.config import DeliveryConfig, mask_url_password
 from workers.delivery.attempt import Job, Prepared, settle_attempt
 from workers.delivery.reading import CLAIM_CHECK
-from workers.delivery.settler import REDIS_BACKOFF_CAP, Settler, SettlerCrashed
+from workers.delivery.settler import Settler, SettlerCrashed
 from workers.delivery.worker import FLUSH_CAP, READ_BLOCK, DeliveryWorker, Stream
 from workers.health import serving_health
 from workers.lifecycle import serve_until_signalled
 from workers.streams import outcomes as oc
 from workers.streams.cluster import is_cluster_url
 from workers.streams.connection import close_all, connect, partition_clients, resolve_redis_url
-from workers.streams.consumer import START_ALL, GroupConsumer
+from workers.streams.consumer import GroupConsumer
 from workers.streams.layout import StreamKeys
 from workers.streams.sentinel import is_sentinel_url
 
@@ -60,35 +56,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger("mailpool.delivery")
-T = TypeVar("T")
-
-
-async def _ensure_group(consumer: GroupConsumer, stop: asyncio.Event) -> bool:
-    """Create the group from id 0 (never ``$``); wait for Redis at start. False: stopped."""
-    delay = 0.1
-    while not stop.is_set():
-        try:
-            return await _unless_stopped(consumer.ensure_group(START_ALL), stop) is not None
-        except (RedisError, OSError) as exc:
-            log.warning("redis_unavailable_at_start", error=str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, REDIS_BACKOFF_CAP)
-    return False
-
-
-async def _unless_stopped(work: Coroutine[object, object, T], stop: asyncio.Event) -> T | None:
-    """The result of ``work``, or None when ``stop`` comes first (``work`` is cancelled): a
-    command waiting on a stalled Redis must not hold up a stop."""
-    task = asyncio.ensure_future(work)
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.wait((task,))
-        return None
-    return task.result()
 
 
 async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
@@ -114,7 +81,7 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
         for keys, r, reader in zip(partitions, redis, readers, strict=True)
     ]
     try:
-        await _serve_streams(config, streams, redis[0], partitions[0], stop)
+        await _serve_streams(config, streams, list(zip(redis, partitions, strict=True)), stop)
     finally:
         for stream in streams:
             await stream.outcomes.aclose()
@@ -126,20 +93,17 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
 async def _serve_streams(
     config: DeliveryConfig,
     streams: list[Stream],
-    redis: aioredis.Redis,
-    keys: StreamKeys,
+    partitions: list[tuple[aioredis.Redis, StreamKeys]],
     stop: asyncio.Event,
 ) -> None:
-    for stream in streams:
-        if not await _ensure_group(stream.consumer, stop):
-            return
-        # settle/promote are Redis functions: exit 2 if missing (on every primary)
-        await oc.require_functions(stream.outcomes.redis)
     names = [stream.consumer.stream for stream in streams]
     log.info("delivery_started", relay=_safe_relay(config.relay), consumer=config.consumer,
              concurrency=config.concurrency, streams=names)  # fmt: skip
     worker = DeliveryWorker(config, streams, config.open_transport())
-    async with serving_health(config.http, redis, keys, lambda: not stop.is_set()):
+    # /readyz: ready while any partition's Redis answers (the others' reads are passed over).
+    redis, keys = partitions[0]
+    listening = lambda: not stop.is_set()  # noqa: E731
+    async with serving_health(config.http, redis, keys, listening, partitions=partitions):
         await worker.run(stop)
     log.info("delivery_stopped", consumer=config.consumer)
 

@@ -22,6 +22,9 @@ READ_RETRY = 1.0  # seconds a stream whose read failed is not read again
 # With several partitions, each failure in a row doubles that up to this: a read of a
 # stalled shard holds the others' reads up until its deadline.
 READ_AWAY_MAX = 5.0
+# Seconds a read of one of several partitions may take beyond its wait for new entries
+# (the XPENDING, XAUTOCLAIM and delivery-count round trips around it included).
+READ_STALL = 2.0
 # Seconds between claim passes (one XAUTOCLAIM): entries a stopping worker released are
 # sent within this, not after --claim-after (a dead worker's entries wait that anyway).
 CLAIM_CHECK = 1.0
@@ -63,13 +66,19 @@ class Reader:
         except (RedisError, OSError) as exc:
             # Redis may still run the read that failed (a stalled Redis runs what waits in
             # its socket buffers when it resumes) and hand us entries we never see.
-            self._own_check_at = 0.0
-            self.away_until = time.monotonic() + self._away_for
-            self._away_for = min(2 * self._away_for, self._away_max)
-            log.warning("read_failed", error=str(exc) or type(exc).__name__, stream=consumer.stream)
+            self.pass_over("read_failed", consumer.stream, exc)
             return []
         self._away_for = READ_RETRY
         return self._held.not_settled_since_read(entries)
+
+    def pass_over(self, event: str, stream: str, exc: BaseException) -> None:
+        """A step on this stream failed (logged as ``event``): it is not read for a while,
+        and its own pending list is looked at first when it is (what the step may have
+        handed us)."""
+        self._own_check_at = 0.0
+        self.away_until = time.monotonic() + self._away_for
+        self._away_for = min(2 * self._away_for, self._away_max)
+        log.warning(event, error=str(exc) or type(exc).__name__, stream=stream)
 
     async def _read_unseen_own(self, consumer: GroupConsumer) -> list[StreamEntry]:
         """Entries pending on us that we do not hold: leftovers of a consumer of our name,

@@ -21,19 +21,17 @@ from workers.delivery.attempt import (
     settle_attempt,
 )
 from workers.delivery.held import HeldEntries, HeldEntry, Window
-from workers.delivery.reading import READ_AWAY_MAX, READ_RETRY, Reader
+from workers.delivery.reading import READ_AWAY_MAX, READ_RETRY, READ_STALL, Reader
 from workers.delivery.settler import Settler, SettlerCrashed
 from workers.metrics import DELIVERY_IN_FLIGHT, DELIVERY_SMTP
 from workers.relay import Transport
 from workers.streams import outcomes as oc
-from workers.streams.consumer import GroupConsumer, StreamEntry
+from workers.streams.consumer import START_ALL, GroupConsumer, StreamEntry
 from workers.streams.retry import RetryPolicy
 
 log = structlog.get_logger("mailpool.delivery")
 
 READ_BLOCK = 0.5  # seconds an idle XREADGROUP waits (shared out over the partitions)
-# Seconds a read of one of several partitions may take beyond its wait for new entries.
-READ_STALL = 1.0
 # Seconds the outcomes of finished sends may take to reach Redis at stop, after the drain:
 # shutdown grace + this + closing connections (1 s) stays inside the pod's grace period.
 FLUSH_CAP = 10.0
@@ -56,6 +54,7 @@ class _Partition:
     held: HeldEntries
     settler: Settler
     reader: Reader
+    ready: bool = False  # its group exists and its Redis has our functions
 
     @property
     def consumer(self) -> GroupConsumer:
@@ -117,6 +116,9 @@ class DeliveryWorker:
         away_max = READ_RETRY if len(streams) == 1 else READ_AWAY_MAX
         self._partitions = [self._partition(stream, away_max) for stream in streams]
         self._turn = 0  # the partition read next
+        # With several partitions each Redis step of the reader has a deadline: one waiting
+        # on a stalled or failing shard must not hold up the others' reads for long.
+        self._deadline = None if len(streams) == 1 else READ_BLOCK + READ_STALL
         # Queued entries wait here for one of --concurrency lanes (one SMTP connection each).
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue()
 
@@ -143,6 +145,8 @@ class DeliveryWorker:
             )
             for n, p in enumerate(self._partitions)
         ]
+        for promoter in promoters:
+            promoter.add_done_callback(_log_crash)
         stopping = asyncio.create_task(stop.wait(), name="stop-watch")
         lanes = [
             asyncio.create_task(self._lane(), name=f"send-lane-{n}")
@@ -164,9 +168,6 @@ class DeliveryWorker:
         """The loop: read what the window has room for from the next partition in turn
         (passing over one whose last read failed), prepare it, queue it, repeat."""
         count, empty_reads = len(self._partitions), 0
-        # With several partitions a read has a deadline: one waiting on a stalled or failing
-        # shard must not hold up the others' reads for the socket timeout.
-        deadline = None if count == 1 else READ_BLOCK + READ_STALL
         while not stop.is_set():
             room = self._window.room()
             if room < self.config.concurrency:
@@ -178,9 +179,11 @@ class DeliveryWorker:
             if partition is None:
                 await self._until_one_is_back(stop)
                 continue
+            if not partition.ready and not await self._make_ready(partition):
+                continue
             partition.consumer.block_ms = read_block_ms(count, empty_reads)
             batch = min(room, self.config.batch)
-            entries = await partition.reader.read(partition.consumer, batch, deadline)
+            entries = await partition.reader.read(partition.consumer, batch, self._deadline)
             empty_reads = 0 if entries else empty_reads + 1
             if stop.is_set():
                 partition.held.read_at_stop(entries)  # released for another worker
@@ -190,6 +193,20 @@ class DeliveryWorker:
                 continue
             for held in await self._prepare(partition, entries):
                 self._queue.put_nowait(_Work(partition, held))
+
+    async def _make_ready(self, partition: _Partition) -> bool:
+        """Create the partition's group (from id 0, never ``$``) and check its Redis has
+        our functions (missing: exit 2); False while its Redis cannot be used.  Done in
+        turn, so a shard down at start holds up no other partition."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                await partition.consumer.ensure_group(START_ALL)
+                await oc.require_functions(partition.outcomes.redis)
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+            partition.reader.pass_over("redis_unavailable_at_start", partition.consumer.stream, exc)
+            return False
+        partition.ready = True
+        return True
 
     def _next_in_turn(self) -> _Partition | None:
         """The next partition whose last read did not fail lately; None if there is none."""
@@ -245,17 +262,17 @@ class DeliveryWorker:
         """Recipients already accepted per entry, or None when Redis could not tell: the
         entries are handed back and come back as our own leftovers at the next read."""
         try:
-            return await accepted_before(
-                partition.outcomes, [held.prepared for held in built],
-                reads_may_be_taken_back=self.config.min_replicas > 0,
-            )  # fmt: skip
+            async with asyncio.timeout(self._deadline):
+                return await accepted_before(
+                    partition.outcomes, [held.prepared for held in built],
+                    reads_may_be_taken_back=self.config.min_replicas > 0,
+                )  # fmt: skip
         except BaseException as exc:
             for held in built:  # they stay pending (at stop: for others)
                 held.hand_back()
-            if not isinstance(exc, RedisError | OSError):
+            if not isinstance(exc, RedisError | OSError):  # TimeoutError is an OSError
                 raise  # cancelled at stop, or a bug
-            log.warning("idempotency_check_failed", error=str(exc))
-            partition.reader.look_at_own_pending_next()
+            partition.reader.pass_over("idempotency_check_failed", partition.consumer.stream, exc)
             return None
 
     async def _lane(self) -> None:
@@ -327,7 +344,7 @@ class DeliveryWorker:
         stopping.cancel()
         for promoter in promoters:
             promoter.cancel()
-        await asyncio.gather(*promoters, return_exceptions=True)
+        await asyncio.wait(promoters)
         grace = min(max(self.config.shutdown_grace, 1.0), FLUSH_CAP)
         await asyncio.gather(*(p.settler.close(grace=grace) for p in self._partitions))
         # After the flush: an entry released may share its message id with one just sent,
@@ -374,6 +391,13 @@ class DeliveryWorker:
 
     def _stop_now(self) -> None:
         self._stop.set()  # the event run() was given, so the whole process stops
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    """A side task that died of a bug says so (its partition's retries wait for another
+    worker's promoter, or housekeeping's)."""
+    if not task.cancelled() and (bug := task.exception()) is not None:
+        log.error("task_crashed", task=task.get_name(), error=repr(bug))
 
 
 def read_block_ms(partitions: int, empty_reads: int) -> int | None:
