@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Callable
 
+import pytest
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
@@ -22,6 +23,7 @@ from tests.delivery_util import (
 )
 from tests.harness import wait_until
 from tests.sinks import PostfixSink, RecordingSink
+from workers.streams.outcomes import Outcomes
 
 
 async def test_4xx_then_success(redis: aioredis.Redis, redis_url: str, sink: RecordingSink) -> None:
@@ -176,3 +178,24 @@ async def _has_event(redis: aioredis.Redis, kind: str) -> bool:
 
 async def _count_events(redis: aioredis.Redis, kind: str, count: int) -> bool:
     return sum(e["event"] == kind for e in await events(redis)) >= count
+
+
+async def test_a_retry_promoter_that_dies_of_a_bug_says_so(
+    redis: aioredis.Redis,
+    redis_url: str,
+    sink: RecordingSink,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its partition's retries then wait for another worker's promoter or housekeeping: an
+    operator must see why.  Sending goes on."""
+
+    async def broken(self: Outcomes, now: float, limit: int = 100) -> int:
+        raise ValueError("a bug in the promoter")
+
+    monkeypatch.setattr(Outcomes, "promote_due", broken)
+    await enqueue(redis, send_message(["ann@example.com"], message_id="m-promoter"))
+    await run_until_settled(redis, make_config(redis_url, sink.url))
+    assert len(sink.received) == 1
+    logged = "".join(capsys.readouterr())  # structlog's default output in tests: stdout
+    assert "task_crashed" in logged and "a bug in the promoter" in logged
