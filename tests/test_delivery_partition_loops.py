@@ -1,8 +1,9 @@
-"""A delivery worker runs one loop per partition; when one of them fails, the others stop
-as at a signal (sends in flight finish and are settled) before the worker exits with the
-error.  Before, the clients were closed under the other loops while they were still
-sending.  A real redis-server with two partitions and a recording relay that holds each
-message 0.4 s before answering."""
+"""A delivery worker reading several partitions: when one partition's settler fails, the
+worker stops as at a signal (sends in flight of the other partitions finish and are
+settled) before it exits with the error.  When each partition had a loop of its own, the
+clients were closed under the other loops while they were still sending.  A real
+redis-server with two partitions and a recording relay that holds each message 0.4 s
+before answering."""
 
 from __future__ import annotations
 
