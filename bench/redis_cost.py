@@ -361,11 +361,13 @@ async def _until_drained(
             raise SystemExit("the delivery worker returned before draining the streams")
         if time.monotonic() > deadline:
             raise SystemExit("the delivery worker did not drain the streams in 600 s")
-        waiting = [
-            p for p in waiting if not await drained(clients[p], keys[p].send, group, counts[p])
-        ]
+        # One XINFO GROUPS per look, at the first partition not known to be drained: the
+        # looks cost Redis CPU the worker did not cause, as little as with one partition.
+        while waiting and await drained(clients[waiting[0]], keys[waiting[0]].send, group,
+                                        counts[waiting[0]]):  # fmt: skip
+            waiting.pop(0)
         if waiting:
-            await asyncio.sleep(0.05)  # each look is an XINFO GROUPS per partition
+            await asyncio.sleep(0.05)
 
 
 async def _nothing_failed(clients: list[aioredis.Redis], keys: tuple[StreamKeys, ...]) -> None:
