@@ -1,6 +1,6 @@
-"""Relay security: STARTTLS (auto / require / off), implicit TLS (smtps://), a relay whose
-certificate a private CA signed (--tls-ca-file) and AUTH with credentials from the URL or
-from --relay-user/--relay-password."""
+"""Relay security: STARTTLS (auto / require / opportunistic / off), implicit TLS
+(smtps://), a relay whose certificate a private CA signed (--tls-ca-file) and AUTH with
+credentials from the URL or from --relay-user/--relay-password."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from tests.delivery_util import (
 from tests.harness import wait_until
 from tests.ingest_util import make_certificate
 from tests.sinks import RecordingSink
+from workers.config import ConfigError
 
 
 @pytest.fixture
@@ -135,3 +136,47 @@ async def test_relay_signed_by_a_private_ca_is_trusted_with_tls_ca_file(
 
 async def _has_deferred(redis: aioredis.Redis) -> bool:
     return any(e["event"] == "deferred" for e in await events(redis))
+
+
+async def test_opportunistic_starttls_encrypts_without_verifying_the_certificate(
+    redis: aioredis.Redis,
+    redis_url: str,
+    make_sink: Callable[..., RecordingSink],
+    certificate: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A relay with a certificate nobody signed (auto defers it, see above): Postfix's
+    `may`, encrypted all the same, and the worker says at start that it does not verify."""
+    sink = make_sink(certificate=certificate)
+    await enqueue(redis, send_message(["ann@example.com"]))
+    await run_until_settled(redis, make_config(redis_url, sink.url, starttls="opportunistic"))
+    assert [r.tls for r in sink.received] == [True]
+    logged = "".join(capsys.readouterr())  # structlog's default output in tests: stdout
+    assert "relay_tls_unverified" in logged and "opportunistic" in logged
+
+
+async def test_opportunistic_starttls_sends_in_clear_when_not_offered(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    await enqueue(redis, send_message(["ann@example.com"]))
+    await run_until_settled(redis, make_config(redis_url, sink.url, starttls="opportunistic"))
+    assert [r.tls for r in sink.received] == [False]
+
+
+@pytest.mark.parametrize(
+    ("relay", "options", "message"),
+    [
+        ("smtps://127.0.0.1:465", {}, "is for smtp:// relays"),
+        ("smtp://127.0.0.1:25", {"tls_ca_file": "CA"}, "leave out --tls-ca-file"),
+        ("smtp://127.0.0.1:25", {"starttls": "maybe"}, "not auto, require, opportunistic or off"),
+    ],
+    ids=["smtps", "ca-file", "unknown-mode"],
+)
+def test_opportunistic_starttls_is_refused_where_it_means_nothing(
+    relay: str, options: dict[str, str], message: str, certificate: tuple[Path, Path]
+) -> None:
+    settings = {"starttls": "opportunistic", **options}
+    if settings.get("tls_ca_file") == "CA":
+        settings["tls_ca_file"] = str(certificate[0])
+    with pytest.raises(ConfigError, match=message):
+        make_config("redis://127.0.0.1:1/0", relay, **settings)

@@ -604,6 +604,12 @@ def _check_ca_file(path: str, *, verify: bool) -> None:
         raise ConfigError(f"--tls-ca-file {path}: {reason}") from None
 
 
+# --starttls: whether a smtp:// relay's connection must (True), may (None: when offered) or
+# must not (False) be encrypted; "opportunistic" also skips the certificate check.
+STARTTLS_MODES: dict[str, bool | None] = {
+    "auto": None, "require": True, "opportunistic": None, "off": False,
+}  # fmt: skip
+
 # Seconds the derived --claim-after adds to the longest hold of an entry: the settlement's
 # round trip, and a worker slowed by load.
 CLAIM_MARGIN = 60.0
@@ -630,7 +636,11 @@ class DeliveryConfig(CommonConfig):
         None, "file holding the SMTP AUTH password (e.g. a mounted Kubernetes Secret)",
         file_for="relay_password",
     )  # fmt: skip
-    starttls: str = option("auto", "STARTTLS on smtp:// relays: auto (when offered), require, off")
+    starttls: str = option(
+        "auto",
+        "STARTTLS on smtp:// relays: auto (when offered), require, opportunistic (when offered, "
+        "the certificate not verified: Postfix's `may`), off",
+    )
     tls_verify: bool = option(True, "verify the relay's TLS certificate")
     tls_ca_file: str | None = option(
         None, "PEM file of the CA certificates to verify the relay with, instead of the system's"
@@ -684,8 +694,7 @@ class DeliveryConfig(CommonConfig):
         check_relay(self.relay)
         if self.tls_ca_file:  # an empty MAILPOOL_TLS_CA_FILE means none
             _check_ca_file(self.tls_ca_file, verify=self.tls_verify)
-        if self.starttls not in {"auto", "require", "off"}:
-            raise ConfigError(f"--starttls: {self.starttls!r} is not auto, require or off")
+        self._check_starttls()
         if self.http:
             parse_host_port(self.http, "--http")
         for name in (
@@ -711,6 +720,24 @@ class DeliveryConfig(CommonConfig):
             raise ConfigError("--retry-cap must be >= --retry-base")
         self._derive_claim_after()
 
+    def _check_starttls(self) -> None:
+        if self.starttls not in STARTTLS_MODES:
+            raise ConfigError(
+                f"--starttls: {self.starttls!r} is not auto, require, opportunistic or off"
+            )
+        if self.starttls != "opportunistic":
+            return
+        if (self.relay or "").startswith("smtps:"):
+            raise ConfigError(
+                "--starttls opportunistic is for smtp:// relays (smtps:// always encrypts; "
+                "--no-tls-verify leaves its certificate unchecked)"
+            )
+        if self.tls_ca_file:
+            raise ConfigError(
+                "--starttls opportunistic does not verify the relay's certificate: "
+                "leave out --tls-ca-file, or use --starttls auto or require"
+            )
+
     def longest_hold(self) -> float:
         """The longest a live worker holds an entry before settling it, seconds: a send takes
         at most --smtp-timeout before the final dot and --smtp-data-timeout after it, and an
@@ -722,13 +749,13 @@ class DeliveryConfig(CommonConfig):
         the host and port)."""
         url = urlsplit(self.relay or "")
         implicit_tls = url.scheme == "smtps"
-        starttls = {"auto": None, "require": True, "off": False}[self.starttls]
+        starttls = STARTTLS_MODES[self.starttls]
         return RelaySettings(
             host=url.hostname or "",
             port=url.port or (465 if implicit_tls else 25),
             implicit_tls=implicit_tls,
             starttls=False if implicit_tls else starttls,
-            verify=self.tls_verify,
+            verify=self.tls_verify and self.starttls != "opportunistic",
             ca_file=self.tls_ca_file,
             username=self.relay_user or (unquote(url.username) if url.username else None),
             password=self.relay_password or (unquote(url.password) if url.password else None),

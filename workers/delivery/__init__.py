@@ -99,6 +99,7 @@ async def _serve_streams(
     names = [stream.consumer.stream for stream in streams]
     log.info("delivery_started", relay=_safe_relay(config.relay), consumer=config.consumer,
              concurrency=config.concurrency, streams=names)  # fmt: skip
+    _say_if_unverified(config)
     worker = DeliveryWorker(config, streams, config.open_transport())
     # /readyz: ready while any partition's Redis answers (the others' reads are passed over).
     redis, keys = partitions[0]
@@ -121,6 +122,18 @@ def _outcomes(config: DeliveryConfig, keys: StreamKeys, redis: aioredis.Redis) -
         redis, keys, group=config.group, sent_ttl=config.sent_ttl,
         events_maxlen=config.events_maxlen, min_replicas=config.min_replicas,
         replica_timeout=config.replica_timeout,
+    )  # fmt: skip
+
+
+def _say_if_unverified(config: DeliveryConfig) -> None:
+    """An SMTP relay whose certificate is not checked is said so at start, once."""
+    if not (config.relay or "").startswith("smtp") or config.relay_settings().verify:
+        return
+    how = "when offered" if config.starttls == "opportunistic" else "as configured"
+    log.warning(
+        "relay_tls_unverified", starttls=config.starttls, relay=_safe_relay(config.relay),
+        note=f"TLS {how}, the relay's certificate not verified: the mail is encrypted "
+        "against eavesdroppers, not against someone in the middle",
     )  # fmt: skip
 
 
