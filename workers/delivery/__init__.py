@@ -85,7 +85,8 @@ async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
     finally:
         for stream in streams:
             await stream.outcomes.aclose()
-        await close_all([held for held, r in zip(readers, reads, strict=True) if held is not r])
+        own = [reader for reader, r in zip(readers, reads, strict=True) if reader is not r]
+        await close_all(own)  # the readers holding a connection of their own
         await close_all(reads)
         await close_all(redis)
 

@@ -272,12 +272,6 @@ class HeldEntries:
     def room(self) -> int:
         return self.window.room()
 
-    async def room_freed(self) -> None:
-        await self.window.room_freed()
-
-    def next_finish(self) -> Coroutine[object, object, bool]:
-        return self.window.next_finish()
-
     # --- invariants ----------------------------------------------------------------------
     def check(self, entry: HeldEntry, to: State) -> None:
         """The worker's invariants, checked before ``entry`` moves ``to`` its next state."""

@@ -41,11 +41,7 @@ class Reader:
         self._away_for = READ_RETRY
         self._away_max = away_max
         # When to look next for entries pending on us that we do not hold: at once (a
-        # restarted consumer's leftovers), then every OWN_CHECK, and after any failed read.
-        self._own_check_at = 0.0
-
-    def look_at_own_pending_next(self) -> None:
-        """Entries were let go of without an outcome: they come back at the next read."""
+        # restarted consumer's leftovers), then every OWN_CHECK, and after any failed step.
         self._own_check_at = 0.0
 
     async def read(
