@@ -9,15 +9,14 @@ a cluster, and a real SMTP sink."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import redis.asyncio as aioredis
 
 import workers.delivery
 from tests.delivery_util import make_config, pack, running_worker, send_message
-from tests.harness import free_port, wait_until
+from tests.harness import free_port, silent_redis, wait_until
 from tests.sinks import RecordingSink, TimedSink, most_at_once
 from workers.delivery.worker import READ_BLOCK, read_block_ms
 from workers.streams import layout
@@ -85,24 +84,6 @@ def test_reads_wait_for_new_entries_only_once_every_partition_came_back_empty() 
     assert read_block_ms(4, 0) is None  # entries came lately: look at the next at once
     assert read_block_ms(4, 3) is None
     assert read_block_ms(4, 4) == one_stream // 4  # a whole turn empty: idle
-
-
-@contextlib.asynccontextmanager
-async def silent_redis() -> AsyncIterator[str]:
-    """A TCP peer that takes connections and never answers: a stalled shard's primary."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
 
 
 def with_partition_1_at(monkeypatch: pytest.MonkeyPatch, redis_url: str, elsewhere: str) -> None:

@@ -11,7 +11,7 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from tests.harness import free_port
+from tests.harness import free_port, silent_redis
 from tests.ingest_util import ingest, send_one
 from workers.streams import layout
 from workers.streams.connection import connect_for_writes
@@ -20,6 +20,14 @@ from workers.streams.receive import ReceiveStream
 
 PARTITIONS = 3
 KEYS = layout.partitions(StreamKeys(), PARTITIONS, tagged=True)
+
+
+def partition_1_at(good: aioredis.Redis, other: aioredis.Redis) -> ReceiveStream:
+    """Partitions 0 and 2 written through ``good``, partition 1 through ``other``."""
+    return ReceiveStream(
+        good, KEYS[0].receive,
+        more_partitions=[(other, KEYS[1].receive), (good, KEYS[2].receive)],
+    )  # fmt: skip
 
 
 async def lengths(redis: aioredis.Redis) -> list[int]:
@@ -48,10 +56,7 @@ async def test_a_partition_that_cannot_be_reached_is_passed_over_and_nothing_is_
 ) -> None:
     good = connect_for_writes(redis_url)
     nowhere = connect_for_writes(f"redis://127.0.0.1:{free_port()}/0")
-    stream = ReceiveStream(
-        good, KEYS[0].receive,
-        more_partitions=[(nowhere, KEYS[1].receive), (good, KEYS[2].receive)],
-    )  # fmt: skip
+    stream = partition_1_at(good, nowhere)
     try:
         for n in range(9):
             await stream.append(b"m%d" % n)
@@ -69,27 +74,22 @@ async def test_a_partition_that_hangs_holds_one_writer_and_the_others_go_on(
     """A primary that accepts connections and never answers (stalled, or cut off): a writer
     waits on it for CONNECT_TIMEOUT (5 s); the others write the other partitions meanwhile.
     Before, every writer took its turn there and the healthy partitions stalled with it."""
-    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = silent.sockets[0].getsockname()[1]
-    good = connect_for_writes(redis_url)
-    hangs = connect_for_writes(f"redis://127.0.0.1:{port}/0")
-    stream = ReceiveStream(
-        good, KEYS[0].receive,
-        more_partitions=[(hangs, KEYS[1].receive), (good, KEYS[2].receive)],
-    )  # fmt: skip
+    async with silent_redis() as silent_url:
+        good = connect_for_writes(redis_url)
+        hangs = connect_for_writes(silent_url)
+        stream = partition_1_at(good, hangs)
 
-    async def sender(n: int) -> None:
-        for m in range(10):
-            await stream.append(b"s%d-%d" % (n, m))
+        async def sender(n: int) -> None:
+            for m in range(10):
+                await stream.append(b"s%d-%d" % (n, m))
 
-    started = asyncio.get_running_loop().time()
-    try:
-        await asyncio.wait_for(asyncio.gather(*(sender(n) for n in range(4))), 4.0)
-    finally:
-        elapsed = asyncio.get_running_loop().time() - started
-        await good.aclose()
-        await hangs.aclose()
-        silent.close()
+        started = asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(sender(n) for n in range(4))), 4.0)
+        finally:
+            elapsed = asyncio.get_running_loop().time() - started
+            await good.aclose()
+            await hangs.aclose()
     assert elapsed < 4.0  # all 40 stored well before the hung connect's 5 s ran out
     assert await redis.xlen(KEYS[0].receive) + await redis.xlen(KEYS[2].receive) == 40
 
