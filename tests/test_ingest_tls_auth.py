@@ -130,7 +130,7 @@ async def test_commands_pipelined_behind_starttls_are_discarded(
         await conn.writer.start_tls(client_tls(cert), server_hostname="localhost")
         # The first reply inside TLS answers our NOOP, not the injected MAIL.
         code, text = await conn.cmd("NOOP")
-        assert (code, text) == (250, "OK")
+        assert (code, text) == (250, "2.0.0 OK")
         await conn.ehlo()
         # No transaction was started by the injected commands.
         assert (await conn.cmd("RCPT TO:<x@example.com>"))[0] == 503

@@ -246,7 +246,7 @@ async def test_ingest_sessions_with_aiosmtpds_own_constructor(
 OVERRIDDEN = {
     "_call_handler_hook", "_getaddr", "_timeout_cb", "push", "command_size_limits",
     "connection_made", "connection_lost", "data_received", "eof_received",
-    "_create_envelope", "smtp_DATA",
+    "_create_envelope", "smtp_DATA", "smtp_MAIL", "smtp_RCPT",
 }  # fmt: skip
 
 

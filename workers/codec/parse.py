@@ -558,6 +558,7 @@ def parse_message(
     received_at: float | None = None,
     keep_raw: Literal["never", "defects", "always"] = "defects",
     limits: ParseLimits = DEFAULT_PARSE_LIMITS,
+    dsn: dict[str, object] | None = None,
 ) -> ReceiveMessage:
     """The spec receive message for ``raw`` delivered with the given envelope. Never raises."""
     data = bytes(raw)
@@ -580,6 +581,8 @@ def parse_message(
         "size": len(data),
         "header_list": [[name, value] for name, value in fields],
     }
+    if dsn:
+        message["dsn"] = dsn
     defects = state.final_defects()
     if defects:
         message["defects"] = defects

@@ -49,6 +49,7 @@ ReceiveMessage = TypedDict(
         "header_list": NotRequired[list[list[str]]],  # ordered [name, value], original case
         "defects": NotRequired[list[str]],  # parser defects, "path: description"
         "raw": NotRequired[bytes],  # the message bytes as received, when kept
+        "dsn": NotRequired[dict[str, object]],  # RFC 3461 parameters (workers.codec.dsn)
     },
 )
 
@@ -66,5 +67,6 @@ SendMessage = TypedDict(
         "header_list": NotRequired[list[list[str]]],  # when present, used instead of headers
         "max_attempts": NotRequired[int],  # per-message override of --max-attempts
         "max_age": NotRequired[float],  # per-message override of --max-age, seconds
+        "dsn": NotRequired[dict[str, object]],  # RFC 3461 parameters (workers.codec.dsn)
     },
 )

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from typing import cast
 
+from workers.codec.dsn import validate_dsn
 from workers.codec.encode import has_encoded_break
 from workers.codec.errors import BuildError, SchemaError
 from workers.codec.types import SCHEMA_VERSION, ReceiveMessage, SendMessage
@@ -312,6 +313,13 @@ def _message(obj: object, rules: _Rules, extensions: dict[str, _Check]) -> dict[
     return message
 
 
+def _with_dsn(message: dict[str, object]) -> dict[str, object]:
+    """The ``dsn`` key checked against the message's recipients (:mod:`.dsn`)."""
+    if "dsn" in message:
+        validate_dsn(message["dsn"], cast("list[str]", message["to"]))
+    return message
+
+
 def validate_send(obj: object) -> SendMessage:
     """``obj`` typed as a send message, or :class:`SchemaError` naming the path and reason.
 
@@ -319,7 +327,7 @@ def validate_send(obj: object) -> SendMessage:
     address (also inside an RFC 2047 encoded-word) raise :class:`BuildError`: header
     injection.  Unknown keys are ignored (forward compatibility).
     """
-    return cast("SendMessage", _message(obj, _SEND, _SEND_EXTENSIONS))
+    return cast("SendMessage", _with_dsn(_message(obj, _SEND, _SEND_EXTENSIONS)))
 
 
 def validate_receive(obj: object) -> ReceiveMessage:
@@ -328,7 +336,7 @@ def validate_receive(obj: object) -> ReceiveMessage:
     Receive header values may hold "\\n" (repeated fields are joined with it); a multipart
     the parser could not split carries its raw ``body``.  Unknown keys are ignored.
     """
-    return cast("ReceiveMessage", _message(obj, _RECEIVE, _RECEIVE_EXTENSIONS))
+    return cast("ReceiveMessage", _with_dsn(_message(obj, _RECEIVE, _RECEIVE_EXTENSIONS)))
 
 
 def decode_send(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> SendMessage:

@@ -161,6 +161,7 @@ class CommandTable:
         session = self._session
         if name not in session.command_names:
             return default
+        session.replying_to = name
         return session.command_override(name) or getattr(session, "smtp_" + name)
 
     def items(self) -> list[tuple[str, Any]]:  # for HELP
@@ -188,6 +189,8 @@ class FencedSMTP(SMTP):
         # One dict per session, not aiosmtpd's on the class (see the module docstring).
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self._smtp_methods = CommandTable(self)  # type: ignore[assignment]  # get, items
+        # The command being answered: None before the first (the greeting's turn).
+        self.replying_to: str | None = None
 
     def _init_as_1_4_6(self, arguments: SessionArguments) -> None:
         """What 1.4.6's ``SMTP.__init__`` sets for these arguments, its tables taken from
@@ -248,6 +251,11 @@ class FencedSMTP(SMTP):
         to the handler's ``handle_MAIL``."""
         return None
 
+    def outgoing_reply(self, status: str) -> str:
+        """Every text reply on its way out (aiosmtpd's and ours), after the rewrites of
+        :data:`REWRITTEN_REPLIES`; :attr:`replying_to` names the command it answers."""
+        return status
+
     # -- for the subclass to call ---------------------------------------------------------
 
     def first_connection_made(self) -> bool:
@@ -285,5 +293,5 @@ class FencedSMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
-            status = REWRITTEN_REPLIES.get(status, status)
+            status = self.outgoing_reply(REWRITTEN_REPLIES.get(status, status))
         await super().push(status)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
+from workers.codec.dsn import DsnRequest
 from workers.codec.parse import parse_message
 from workers.codec.wire import DEFAULT_LIMITS, pack
 from workers.metrics import INGEST_MESSAGES, INGEST_REJECTED, INGEST_TRANSACTION
@@ -45,6 +46,15 @@ PARSE_IN_THREAD_FROM = 1 << 19
 # The HELO/EHLO name goes into our trace field; keep it one safe token (it is the client's
 # claim, anything may be in it).
 _UNSAFE_HELO = re.compile(r"[^\x21-\x27\x2a-\x7e]")
+
+
+class IngestEnvelope(Envelope):
+    """aiosmtpd's envelope plus what the sender asked of delivery status notifications
+    (RFC 3461), stored in the entry's ``dsn`` key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dsn = DsnRequest()
 
 
 @dataclass(frozen=True)
@@ -166,8 +176,13 @@ class IngestHandler:
         # With a 5-argument hook aiosmtpd leaves recording the client's name to us.
         session.host_name = hostname
         extensions = [r for r in responses if self.settings.auth_enabled or "AUTH" not in r]
-        # aiosmtpd reads pipelined commands in order and answers each in turn (RFC 2920).
-        extensions.insert(1, "250-PIPELINING")
+        # aiosmtpd reads pipelined commands in order and answers each in turn (RFC 2920);
+        # every reply has an enhanced status code (RFC 2034, IngestSMTP.outgoing_reply); the
+        # DSN parameters are taken and stored (RFC 3461, IngestSMTP.smtp_MAIL/smtp_RCPT);
+        # BDAT is IngestSMTP.smtp_BDAT (RFC 3030).
+        extensions[1:1] = [
+            "250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", "250-CHUNKING"
+        ]  # fmt: skip
         return extensions
 
     async def handle_MAIL(
@@ -298,6 +313,7 @@ class IngestHandler:
             "message_id": message_id,
             "received_at": now,
             "keep_raw": self.settings.keep_raw,
+            "dsn": envelope.dsn.as_entry() if isinstance(envelope, IngestEnvelope) else None,
         }
         if len(raw[0]) >= PARSE_IN_THREAD_FROM:
             data = await asyncio.to_thread(_parse_and_pack, raw, arguments)

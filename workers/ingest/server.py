@@ -25,14 +25,23 @@ import ipaddress
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiosmtpd.smtp import AuthenticatorType, Envelope, syntax
 
+from workers.codec.dsn import DsnError, take_mail_parameters, take_rcpt_parameters
 from workers.config import ConfigError, parse_host_port
 from workers.ingest.aiosmtpd_fence import Command, FencedSMTP, SessionArguments
+from workers.ingest.chunking import (
+    REPLY_BDAT_SYNTAX,
+    REPLY_DATA_AFTER_BDAT,
+    ChunkedMessage,
+    parse_bdat,
+    read_chunk,
+)
 from workers.ingest.data import DataRefusal, read_data
+from workers.ingest.handler import IngestEnvelope
 from workers.ingest.memory import (
     REPLY_NO_MEMORY,
     HeapTrimmer,
@@ -40,9 +49,11 @@ from workers.ingest.memory import (
     Reservation,
     declared_size,
 )
+from workers.ingest.replies import with_enhanced_code
 from workers.metrics import INGEST_CONNECTIONS, INGEST_MESSAGES, INGEST_REJECTED
 
 log = structlog.get_logger("mailpool.ingest")
+_T = TypeVar("_T")
 
 IDENT = "ESMTP mailpool"
 REPLY_SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down, try again later"
@@ -152,6 +163,7 @@ class IngestSMTP(FencedSMTP):
         # First: aiosmtpd's constructor may create an envelope (see _create_envelope).
         self.budget = shared.budget
         self._reservation: Reservation | None = None
+        self._chunks: ChunkedMessage | None = None  # a BDAT transfer under way
         super().__init__(shared.smtp)
         self.limits = shared.limits
         self.registry = shared.registry
@@ -233,7 +245,8 @@ class IngestSMTP(FencedSMTP):
         # Every way a transaction ends makes a new envelope (reply to DATA, RSET, EHLO,
         # STARTTLS): what it held of the budget is given back here.
         self._release_budget()
-        return super()._create_envelope()
+        self._chunks = None
+        return IngestEnvelope()
 
     def _release_budget(self) -> None:
         if self._reservation is not None:
@@ -286,6 +299,17 @@ class IngestSMTP(FencedSMTP):
             return self.refuse_shutting_down
         return None
 
+    # -- replies ----------------------------------------------------------------------
+
+    def outgoing_reply(self, status: str) -> str:
+        """An enhanced status code on every reply but the greeting and the 250 lines
+        answering HELO/EHLO (RFC 2034 section 3; :mod:`.replies`)."""
+        if self.replying_to is None and status.startswith("220"):
+            return status
+        if self.replying_to in ("EHLO", "HELO") and status.startswith("250"):
+            return status
+        return with_enhanced_code(status)
+
     # -- commands ---------------------------------------------------------------------
 
     def mail_refusal(self, mail_options: list[str]) -> str | None:
@@ -301,6 +325,57 @@ class IngestSMTP(FencedSMTP):
         )  # fmt: skip
         return REPLY_NO_MEMORY
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd's MAIL, with RFC 3461's ``RET`` and ``ENVID`` taken out of the parameters
+        first (aiosmtpd refuses any it does not know, and upper-cases the rest), checked,
+        and kept in the envelope once the sender is accepted."""
+        envelope = self.envelope
+        taken = await self._dsn_parameters("MAIL", arg, take_mail_parameters)
+        if taken is None:
+            return
+        request, arg = taken
+        if not isinstance(envelope, IngestEnvelope) or envelope.mail_from is not None:
+            await super().smtp_MAIL(arg)  # a nested MAIL: aiosmtpd's 503
+            return
+        await super().smtp_MAIL(arg)
+        if request is not None and envelope is self.envelope and self.transaction_open():
+            envelope.dsn = request
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """aiosmtpd's RCPT, with RFC 3461's ``NOTIFY`` and ``ORCPT`` taken out first and
+        kept for the recipient once accepted (the first time it is named)."""
+        envelope = self.envelope
+        taken = await self._dsn_parameters("RCPT", arg, take_rcpt_parameters)
+        if taken is None:
+            return
+        wanted, arg = taken
+        count = len(envelope.rcpt_tos) if envelope is not None else 0
+        await super().smtp_RCPT(arg)
+        if isinstance(envelope, IngestEnvelope) and len(envelope.rcpt_tos) > count and wanted:
+            envelope.dsn.recipients.setdefault(envelope.rcpt_tos[-1], wanted)
+
+    async def _dsn_parameters(
+        self, command: str, arg: str | None, take: Callable[[list[str]], tuple[_T, list[str]]]
+    ) -> tuple[_T | None, str | None] | None:
+        """(what ``take`` found, ``arg`` without it) for aiosmtpd to go on with; None when
+        a DSN parameter was refused (the 501 sent).  Before EHLO or AUTH, and in a HELO
+        session (no parameters allowed), ``arg`` goes to aiosmtpd untouched."""
+        session = self.session
+        if arg is None or session is None or not session.extended_smtp:
+            return None, arg
+        if await self.refused_before_helo_or_auth(command):
+            return None
+        path, params = split_path(arg)
+        try:
+            found, rest = take(params)
+        except DsnError as exc:
+            INGEST_REJECTED.labels("dsn").inc()
+            await self.push(exc.reply)
+            return None
+        return found, " ".join([path, *rest])
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
         """aiosmtpd's DATA command with the chunked reader of :mod:`.data`."""
@@ -310,6 +385,9 @@ class IngestSMTP(FencedSMTP):
         assert envelope is not None
         if not envelope.rcpt_tos:
             await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if self._chunks is not None:
+            await self.push(REPLY_DATA_AFTER_BDAT)
             return
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
@@ -333,6 +411,57 @@ class IngestSMTP(FencedSMTP):
             # The envelope holds the one copy of the message the handler reads.
             envelope.content = envelope.original_content = received.content
             del received
+            await self.push(await self._stored(envelope))
+        finally:
+            self.trimmer.after_message(size)
+
+    @syntax("BDAT chunk-size [LAST]")
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030 CHUNKING (:mod:`.chunking`): the chunk is read whatever the reply."""
+        command = parse_bdat(arg)
+        if command is None:  # where its octets end is unknown: nothing after it can be read
+            INGEST_REJECTED.labels("syntax").inc()
+            await self.push(REPLY_BDAT_SYNTAX)
+            self._say_and_close("")
+            return
+        envelope = self.envelope
+        open_ = envelope is not None and envelope.mail_from is not None and envelope.rcpt_tos
+        if open_ and self._chunks is None:
+            self._chunks = ChunkedMessage(self.data_size_limit, self._transaction_reservation())
+        chunks = self._chunks if open_ else None
+        self._in_data = True
+        try:
+            complete = await read_chunk(self.stream_reader, command.size, chunks)
+        finally:
+            self._in_data = False
+        if not complete:  # the client hung up in the middle
+            self._say_and_close("")
+        elif chunks is None or envelope is None:
+            await self._refuse_bdat()
+        elif chunks.refusal is not None:
+            self.trimmer.after_message(chunks.size)
+            await self._refuse_data(chunks.refusal, chunks.size)
+        elif not command.last:
+            await self.push(f"250 2.0.0 {command.size} octets received")
+        else:
+            await self._store_chunks(envelope, chunks)
+
+    async def _refuse_bdat(self) -> None:
+        """No transaction to add the chunk to (it was read and dropped): why not."""
+        if await self.refused_before_helo_or_auth("BDAT"):
+            return
+        envelope = self.envelope
+        if envelope is None or envelope.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+        else:
+            await self.push("503 5.5.1 Error: need RCPT command")
+
+    async def _store_chunks(self, envelope: Envelope, chunks: ChunkedMessage) -> None:
+        size = chunks.size
+        try:
+            envelope.content = envelope.original_content = chunks.content()
+            self._chunks = None
+            del chunks
             await self.push(await self._stored(envelope))
         finally:
             self.trimmer.after_message(size)
@@ -378,6 +507,26 @@ class IngestSMTP(FencedSMTP):
     # one refusal and a closed connection instead of five "command not recognized" rounds.
     smtp_GET = smtp_POST = smtp_HEAD = smtp_PUT = smtp_DELETE = _refuse_http
     smtp_OPTIONS = smtp_CONNECT = smtp_PATCH = smtp_TRACE = _refuse_http
+
+
+def split_path(arg: str) -> tuple[str, list[str]]:
+    """MAIL/RCPT's argument split after its ``<path>`` (quoted strings and escapes in the
+    local part kept whole): ``("FROM:<a@b>", ["RET=HDRS"])``.  An argument without a
+    closed path comes back whole, for aiosmtpd to refuse."""
+    start = arg.find("<")
+    if start < 0:
+        return arg, []
+    quoted, index = False, start + 1
+    while index < len(arg):
+        char = arg[index]
+        if char == "\\":
+            index += 1
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return arg[: index + 1], arg[index + 1 :].split()
+        index += 1
+    return arg, []
 
 
 def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
