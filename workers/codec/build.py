@@ -39,9 +39,11 @@ import hashlib
 import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
+from workers.codec.dsn import mail_parameters, rcpt_parameters
 from workers.codec.encode import (
     ADDRESS_HEADERS,
     ASCII_ONLY_HEADERS,
@@ -94,6 +96,14 @@ class BuiltMessage:
     message_id: str
     smtputf8: bool
     eight_bit: bool
+    # RFC 3461 parameters (the ``dsn`` key), for a relay that offers DSN: MAIL FROM's, and
+    # RCPT TO's by recipient as in ``recipients``.
+    dsn_mail: tuple[str, ...] = ()
+    dsn_rcpt: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def asks_dsn(self) -> bool:
+        return bool(self.dsn_mail or self.dsn_rcpt)
 
 
 @dataclass
@@ -153,7 +163,21 @@ def build_message(
         message_id=message_id,
         smtputf8=state.smtputf8,
         eight_bit=False,
+        **_dsn_parameters(send, recipients),
     )
+
+
+def _dsn_parameters(send: SendMessage, recipients: list[str]) -> dict[str, Any]:
+    """BuiltMessage's DSN fields; ``recipients`` are ``send["to"]`` as built, in order."""
+    dsn = send.get("dsn")
+    if not dsn:
+        return {}
+    by_recipient: dict[str, tuple[str, ...]] = {}
+    for given, built in zip(send["to"], recipients, strict=True):
+        params = rcpt_parameters(dsn, given)
+        if params:
+            by_recipient.setdefault(built, tuple(params))
+    return {"dsn_mail": tuple(mail_parameters(dsn)), "dsn_rcpt": by_recipient}
 
 
 # ---------------------------------------------------------------------------------------

@@ -130,9 +130,11 @@ def settle_attempt(
         entry_id=p.job.entry_id, message_id=p.ref.message_id, accepted=list(result.accepted)
     )
     if result.accepted:
-        s.events.append(
-            layout.event(layout.EVENT_DELIVERED, p.ref, result.accepted, result.accepted_reply, now)
-        )
+        delivered = layout.event(
+            layout.EVENT_DELIVERED, p.ref, result.accepted, result.accepted_reply, now,
+            dsn_not_offered=result.dsn_not_offered,
+        )  # fmt: skip
+        s.events.append(delivered)
         DELIVERY_SENT.inc()
         code = result.accepted_reply.code if result.accepted_reply else None
         log.info("delivered", id=p.ref.message_id, entry=p.job.entry_id,

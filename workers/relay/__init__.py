@@ -71,6 +71,7 @@ class SendResult:
     accepted_reply: Reply | None = None  # the reply to the end of DATA
     rejected: dict[str, Reply] = field(default_factory=dict)  # permanent: dead letter
     deferred: dict[str, Reply] = field(default_factory=dict)  # transient: retry later
+    dsn_not_offered: bool = False  # the message asked for DSN; the relay does not offer it
 
     def refuse(self, recipients: Sequence[str], reply: Reply) -> None:
         target = self.rejected if reply.permanent else self.deferred
@@ -260,7 +261,16 @@ def _mail_options(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> list[bytes]:
         options.append(b"SMTPUTF8")
     if message.eight_bit and smtp.supports_extension("8bitmime"):
         options.append(b"BODY=8BITMIME")
+    if message.dsn_mail and smtp.supports_extension("dsn"):
+        options.extend(param.encode() for param in message.dsn_mail)
     return options
+
+
+def _rcpt_options(smtp: aiosmtplib.SMTP, message: BuiltMessage, rcpt: str) -> list[bytes]:
+    params = message.dsn_rcpt.get(rcpt)
+    if not params or not smtp.supports_extension("dsn"):
+        return []
+    return [param.encode() for param in params]
 
 
 async def transaction(
@@ -285,6 +295,8 @@ async def transaction(
         result.rejected = dict.fromkeys(recipients, Reply(None, "relay does not offer SMTPUTF8"))
         return TransactionResult(result, reusable=True)
     encoding = "utf-8" if message.smtputf8 else "ascii"
+    # A relay without DSN gets none of the request; the delivered event says so.
+    result.dsn_not_offered = message.asks_dsn and not smtp.supports_extension("dsn")
     accepted: list[str] = []  # recipients the relay accepted in this transaction
     index = 0  # recipients[index:] have no answer of their own yet
     try:
@@ -296,7 +308,8 @@ async def transaction(
             for index, rcpt in enumerate(recipients):  # noqa: B007 - the except clauses read it
                 try:
                     address = b"TO:<" + rcpt.encode(encoding) + b">"
-                    reply = await smtp.execute_command(b"RCPT", address)
+                    options = _rcpt_options(smtp, message, rcpt)
+                    reply = await smtp.execute_command(b"RCPT", address, *options)
                 except ValueError as exc:  # an address aiosmtplib will not put on a command line
                     result.rejected[rcpt] = Reply(None, f"unsendable address: {exc}")
                     continue
@@ -415,7 +428,11 @@ class MaildirTransport:
             result = SendResult()
             result.refuse(recipients, Reply(None, f"maildir write failed: {exc}"))
             return result
-        return SendResult(accepted=list(recipients), accepted_reply=Reply(250, f"maildir {name}"))
+        return SendResult(
+            accepted=list(recipients),
+            accepted_reply=Reply(250, f"maildir {name}"),
+            dsn_not_offered=message.asks_dsn,  # a maildir sends no notifications
+        )
 
     def _write(self, message: BuiltMessage, recipients: Sequence[str]) -> str:
         trace = f"Return-Path: <{message.mail_from}>\nX-Original-To: {', '.join(recipients)}\n"

@@ -125,6 +125,8 @@ EVENT = "event"  # events: delivered | deferred | failed
 EVENT_DELIVERED = "delivered"  # the event of recipients a relay accepted
 EVENT_ID = "id"  # events: the message id
 NEXT_ATTEMPT = "next_attempt"
+DSN = "dsn"  # delivered events: "not_offered" when the message's DSN request went nowhere
+DSN_NOT_OFFERED = "not_offered"
 TIME = "time"
 
 REASON_INVALID = "invalid"
@@ -394,6 +396,7 @@ def event(
     now: float,
     *,
     next_attempt: float | None = None,
+    dsn_not_offered: bool = False,
 ) -> Fields:
     """An ``email.send.events`` entry: delivered, deferred (with next_attempt) or failed.
 
@@ -413,6 +416,8 @@ def event(
         fields[ERROR] = reply.text[:MAX_ERROR_TEXT]
     if next_attempt is not None:
         fields[NEXT_ATTEMPT] = repr(round(next_attempt, 3))
+    if dsn_not_offered:
+        fields[DSN] = DSN_NOT_OFFERED
     fields[TIME] = repr(round(now, 3))
     return fields
 
