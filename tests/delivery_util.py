@@ -76,15 +76,18 @@ async def enqueue(redis: aioredis.Redis, message: dict[str, Any] | bytes) -> str
     return entry_id.decode()
 
 
-async def settled(redis: aioredis.Redis) -> bool:
+async def settled(redis: aioredis.Redis, partition: int | None = None) -> bool:
     """Nothing pending in the group, nothing unread, nothing waiting for retry (read in one
-    MULTI, so a retry moving from the schedule to the stream is never missed in between)."""
-    if not await redis.exists("email.send"):
+    MULTI, so a retry moving from the schedule to the stream is never missed in between);
+    of one partition's stream and retries when ``partition`` is given."""
+    tag = "" if partition is None else f"{{{partition}}}"
+    stream = "email.send" + tag
+    if not await redis.exists(stream):
         return False
     pipe = redis.pipeline(transaction=True)
-    pipe.xinfo_groups("email.send")
-    pipe.xinfo_stream("email.send")
-    pipe.zcard("mailpool:retry")
+    pipe.xinfo_groups(stream)
+    pipe.xinfo_stream(stream)
+    pipe.zcard(f"mailpool:{tag}retry")
     groups, info, waiting = await pipe.execute()
     if not groups:
         return False
@@ -136,12 +139,16 @@ async def running_worker(config: DeliveryConfig) -> AsyncIterator[asyncio.Event]
 
 
 async def run_until_settled(
-    redis: aioredis.Redis, config: DeliveryConfig, *, timeout: float = 15.0
+    redis: aioredis.Redis,
+    config: DeliveryConfig,
+    *,
+    timeout: float = 15.0,
+    partition: int | None = None,
 ) -> None:
     """A worker with ``config`` in this event loop until every entry is settled (see
     ``settled``, waited for up to ``timeout`` s); then stopped gracefully."""
     async with running_worker(config):
-        await wait_until(lambda: settled(redis), timeout=timeout)
+        await wait_until(lambda: settled(redis, partition), timeout=timeout)
 
 
 def worker_process(

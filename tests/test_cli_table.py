@@ -27,7 +27,7 @@ def test_the_table_names_every_role_module() -> None:
     assert ROLE_MODULES == [
         "workers.deadletters", "workers.delivery", "workers.housekeeping", "workers.ingest",
         "workers.listen", "workers.pool", "workers.producer", "workers.redis_setup",
-        "workers.status",
+        "workers.status", "workers.suppress",
     ]  # fmt: skip
 
 

@@ -134,14 +134,16 @@ async def test_a_stalled_idempotency_check_holds_up_no_other_partition(
 ) -> None:
     """Partition 1's look-up of what was sent before hangs (its shard stalls after the
     read): partition 0's messages go out while it waits its deadline and is passed over."""
-    already_sent = Outcomes.already_sent
+    look_up = Outcomes.look_up
 
-    async def stalls_in_partition_1(self: Outcomes, wanted: Sequence[SentLookup]) -> list[set[str]]:
+    async def stalls_in_partition_1(
+        self: Outcomes, wanted: Sequence[SentLookup], addresses: Sequence[str]
+    ) -> tuple[list[set[str]], list[float | None]]:
         if self.keys.send == KEYS[1].send:
             await asyncio.sleep(60)
-        return await already_sent(self, wanted)
+        return await look_up(self, wanted, addresses)
 
-    monkeypatch.setattr(Outcomes, "already_sent", stalls_in_partition_1)
+    monkeypatch.setattr(Outcomes, "look_up", stalls_in_partition_1)
     message = send_message(["late@example.com"], message_id="looked-up")  # an id: looked up
     await redis.xadd(KEYS[1].send, {"data": pack(message)})
     await enqueue_in_partition_0(redis, 10)

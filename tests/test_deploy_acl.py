@@ -325,6 +325,9 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("HMGET", "mailpool:sent:m1", "a@example.org"),
         ("HSETNX", "mailpool:sent:m1", "a@example.org", "2"),
         ("ZRANGEBYSCORE", "mailpool:retry", "-inf", "+inf"),
+        ("ZMSCORE", "mailpool:suppressed", "a@example.org"),  # the suppression look-up
+        ("ZADD", "mailpool:suppressed", "GT", "1", "a@example.org"),
+        ("HSET", "mailpool:suppressed:why", "a@example.org", "{}"),
         VERSION_CALL,
         PROMOTE_CALL,
     ],
@@ -357,6 +360,9 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("XGROUP", "DELCONSUMER", "email.send", "delivery", "gone"),
         ("ZCARD", "mailpool:retry"),
         ("ZRANGE", "mailpool:retry", "0", "0", "WITHSCORES"),
+        ("ZRANGEBYSCORE", "mailpool:suppressed", "-inf", "1"),  # expired suppressions
+        ("ZREMRANGEBYSCORE", "mailpool:suppressed", "-inf", "1"),
+        ("HDEL", "mailpool:suppressed:why", "a@b.c"),
         VERSION_CALL,
     ],
     "operator": [
@@ -367,6 +373,12 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("XDEL", "email.send.dead", "0-1"),
         ("XTRIM", "email.send.dead", "MINID", "0"),
         ("XADD", "email.send", "*", "data", "x"),
+        ("ZADD", "mailpool:suppressed", "1", "a@b.c"),  # mailpool suppress add/remove/list
+        ("HSET", "mailpool:suppressed:why", "a@b.c", "{}"),
+        ("ZRANGEBYSCORE", "mailpool:suppressed", "0", "+inf", "WITHSCORES"),
+        ("HMGET", "mailpool:suppressed:why", "a@b.c"),
+        ("ZREM", "mailpool:suppressed", "a@b.c"),
+        ("HDEL", "mailpool:suppressed:why", "a@b.c"),
         VERSION_CALL,
     ],
     "keda": [
@@ -449,6 +461,7 @@ REFUSED: dict[str, list[tuple[Any, ...]]] = {
         ("DEL", "email.send"),
         ("ZADD", "mailpool:retry", "1", "x"),
         ("HGETALL", "mailpool:sent:m1"),
+        ("ZADD", "mailpool:suppressed", "1", "x"),  # it only removes expired suppressions
         ("FCALL", functions.REPLAY, "2", "email.send.dead", "email.send", "0-1", "data", "x"),
     ],
     "operator": [
@@ -460,6 +473,7 @@ REFUSED: dict[str, list[tuple[Any, ...]]] = {
         ("XREADGROUP", "GROUP", "delivery", "o", "STREAMS", "email.send", ">"),
         ("XGROUP", "DESTROY", "email.send", "delivery"),
         ("ZADD", "mailpool:retry", "1", "x"),
+        ("HSET", "mailpool:sent:m1", "a@b.c", "1"),  # suppression keys only
         PROMOTE_CALL,
     ],
     "keda": [

@@ -30,6 +30,7 @@ from workers import (
     producer,
     redis_setup,
     status,
+    suppress,
 )
 from workers.config import (
     CommonConfig,
@@ -91,6 +92,12 @@ COMMANDS: tuple[Command[Any], ...] = (
         "dead letters: list, show, replay, purge",
         deadletters.DeadConfig,
         deadletters.main,
+    ),
+    Command(
+        "suppress",
+        "the suppression list: list, add, remove",
+        suppress.SuppressConfig,
+        suppress.main,
     ),
     Command(
         "redis-setup",

@@ -675,6 +675,11 @@ class DeliveryConfig(CommonConfig):
     max_age: float = option(172_800.0, "seconds since the first attempt before a dead letter")
     events_maxlen: int = option(100_000, "approximate cap of the events stream")
     sent_ttl: float = option(604_800.0, "how long idempotency records are kept, seconds")
+    suppress_ttl: float = option(
+        2_592_000.0,
+        "seconds a recipient a relay refused as an address (5.1.x, 5.2.1) stays suppressed "
+        "(not attempted); 0 turns the suppression list off (no look-up, no additions)",
+    )
     min_replicas: int = option(
         0,
         "WAIT N replica acks after each batch of settlements; unconfirmed ones are run again "
@@ -716,6 +721,7 @@ class DeliveryConfig(CommonConfig):
             positive(name, getattr(self, name))
         positive("min_replicas", self.min_replicas, allow_zero=True)
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
+        positive("suppress_ttl", self.suppress_ttl, allow_zero=True)
         if self.retry_cap < self.retry_base:
             raise ConfigError("--retry-cap must be >= --retry-base")
         self._derive_claim_after()

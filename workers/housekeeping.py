@@ -4,6 +4,7 @@ Streams are trimmed by age or length, but never past an entry some consumer grou
 needs: the trim point is capped at the oldest entry that is pending in any group or not
 yet delivered to it (``XADD MAXLEN``/``XTRIM`` would otherwise delete pending entries).
 Consumers that vanished with nothing pending are removed.  Dead letters are never trimmed.
+Suppression list entries whose time is up are removed (they already count as absent).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from workers.streams.connection import (
 from workers.streams.layout import StreamKeys
 from workers.streams.outcomes import promote_due, require_functions
 from workers.streams.snapshot import stream_status
+from workers.streams.suppression import SuppressionList
 
 log = structlog.get_logger("mailpool.housekeeping")
 
@@ -124,6 +126,9 @@ async def housekeep_once(redis: aioredis.Redis, keys: StreamKeys, config: Housek
     await trim_stream(redis, keys.send, config.send_max_age, config.send_max_len)
     for stream in (keys.receive, keys.send):
         await remove_vanished_consumers(redis, stream, config.consumer_idle)
+    purged = await SuppressionList([(redis, keys)]).purge_expired()
+    if purged:
+        log.info("suppressions_expired", count=purged, stream=keys.send)
 
 
 async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:

@@ -67,6 +67,7 @@ SendMessage = TypedDict(
         "header_list": NotRequired[list[list[str]]],  # when present, used instead of headers
         "max_attempts": NotRequired[int],  # per-message override of --max-attempts
         "max_age": NotRequired[float],  # per-message override of --max-age, seconds
+        "ignore_suppression": NotRequired[bool],  # sent even to suppressed recipients
         "dsn": NotRequired[dict[str, object]],  # RFC 3461 parameters (workers.codec.dsn)
     },
 )

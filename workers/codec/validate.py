@@ -273,6 +273,10 @@ def _non_empty_str(value: object, path: str) -> None:
         raise SchemaError(path, "must not be empty")
 
 
+def _bool(value: object, path: str) -> None:
+    _expect(value, bool, path, "bool")
+
+
 def _raw(value: object, path: str) -> None:
     _expect(value, bytes, path, "bin")
 
@@ -283,6 +287,7 @@ _SEND_EXTENSIONS: dict[str, _Check] = {
     "version": _known_version,
     "max_attempts": _positive_int,
     "max_age": _positive_number,
+    "ignore_suppression": _bool,
 }
 _RECEIVE_EXTENSIONS: dict[str, _Check] = {
     "id": _non_empty_str,

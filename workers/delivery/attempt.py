@@ -21,8 +21,8 @@ from workers.codec.types import SendMessage
 from workers.codec.wire import unpack
 from workers.config import DeliveryConfig
 from workers.metrics import DELIVERY_DEAD, DELIVERY_DEFERRED, DELIVERY_SENT
-from workers.relay import SendResult
-from workers.streams import layout
+from workers.relay import Reply, SendResult
+from workers.streams import layout, suppression
 from workers.streams import outcomes as oc
 from workers.streams.consumer import StreamEntry
 from workers.streams.retry import RetryPolicy
@@ -42,6 +42,7 @@ class Job:
     attempts: int
     first_attempt: float | None
     recipients: list[str] | None  # carried by retries/replays: who is still to be sent
+    replayed: bool = False  # an operator's `dead replay`: sent even to suppressed recipients
 
     @classmethod
     def from_entry(cls, entry: StreamEntry, fields: layout.RawFields) -> Job:
@@ -49,6 +50,7 @@ class Job:
         return cls(
             entry.id, sent.data, entry.deliveries, sent.source_id or entry.id,
             sent.message_id, sent.attempts, sent.first_attempt, sent.recipients,
+            sent.replay_of is not None,
         )  # fmt: skip
 
 
@@ -59,6 +61,7 @@ class Prepared:
     built: BuiltMessage
     recipients: list[str]  # wanted for this attempt (before the idempotency check)
     policy: RetryPolicy
+    ignore_suppression: bool = False  # the message's own "ignore_suppression": true
 
 
 def prepare(
@@ -88,13 +91,28 @@ def prepare(
             max_age=message.get("max_age", policy.max_age),
         )
     ref = layout.MessageRef(message_id, job.source_id, job.data)
-    return Prepared(job, ref, built, job.recipients or built.recipients, policy)
+    recipients = job.recipients or built.recipients
+    ignore_suppression = job.replayed or message.get("ignore_suppression") is True
+    return Prepared(job, ref, built, recipients, policy, ignore_suppression)
 
 
-async def accepted_before(
-    outcomes: oc.Outcomes, batch: list[Prepared], *, reads_may_be_taken_back: bool
-) -> list[set[str]]:
-    """Recipients already accepted per message (one round trip for the batch).
+@dataclass(slots=True)
+class Known:
+    """What Redis knows of one message's recipients before it is sent."""
+
+    accepted: set[str]  # accepted by a relay before (the duplicate guard)
+    suppressed: dict[str, float]  # on the suppression list: until when (epoch seconds)
+
+
+async def look_up(
+    outcomes: oc.Outcomes,
+    batch: list[Prepared],
+    *,
+    reads_may_be_taken_back: bool,
+    check_suppression: bool,
+) -> list[Known]:
+    """Recipients accepted before, and those suppressed, per message (one round trip for
+    the batch; none when there is nothing to ask).
 
     An entry read for the first time whose id is its own entry id (no message ``id``, not a
     retry or replay) cannot have been sent before: it is not looked up.  Unless reads may be
@@ -111,8 +129,25 @@ async def accepted_before(
         for p, new in zip(batch, fresh, strict=True)
         if not new
     ]
-    looked_up = iter(await outcomes.already_sent(wanted))
-    return [set() if new else next(looked_up) for new in fresh]
+    checked = [p for p in batch if check_suppression and not p.ignore_suppression]
+    addresses = sorted({suppression.normalise(r) for p in checked for r in p.recipients})
+    if not wanted and not addresses:
+        return [Known(set(), {}) for _ in batch]
+    sent, ends = await outcomes.look_up(wanted, addresses)
+    until = {a: end for a, end in zip(addresses, ends, strict=True) if end is not None}
+    now = time.time()
+    looked_up = iter(sent)
+    known = []
+    for p, new in zip(batch, fresh, strict=True):
+        accepted = set() if new else next(looked_up)
+        suppressed: dict[str, float] = {}
+        if until and not p.ignore_suppression:
+            for rcpt in p.recipients:
+                end = until.get(suppression.normalise(rcpt))
+                if end is not None and end > now:
+                    suppressed[rcpt] = end
+        known.append(Known(accepted, suppressed))
+    return known
 
 
 def nothing_left(p: Prepared) -> oc.Settlement:
@@ -129,6 +164,8 @@ def settle_attempt(
     s = oc.Settlement(
         entry_id=p.job.entry_id, message_id=p.ref.message_id, accepted=list(result.accepted)
     )
+    if result.suppressed:
+        _add_suppressed(s, p, result.suppressed, _When(attempts, first_attempt, now))
     if result.accepted:
         delivered = layout.event(
             layout.EVENT_DELIVERED, p.ref, result.accepted, result.accepted_reply, now,
@@ -178,6 +215,24 @@ def _add_retry(
     DELIVERY_DEFERRED.inc()
     log.info("deferred", id=p.ref.message_id, attempts=when.attempts,
              due_in=round(due - when.now, 3))  # fmt: skip
+
+
+def _add_suppressed(s: oc.Settlement, p: Prepared, until: Mapping[str, float], when: _When) -> None:
+    """Recipients on the suppression list: not attempted; a dead letter and an event with
+    reason ``suppressed`` (``mailpool suppress remove`` and ``dead replay`` send them)."""
+    recipients = list(until)
+    error = "; ".join(
+        f"{rcpt}: suppressed until {suppression.describe_until(end)}" for rcpt, end in until.items()
+    )
+    reply = Reply(None, "suppressed: on the suppression list (mailpool suppress list)")
+    letter = layout.dead_letter(
+        p.ref, reason=layout.SUPPRESSED, error=error, recipients=recipients,
+        attempts=when.attempts, first_attempt=when.first_attempt, last_attempt=when.now,
+    )  # fmt: skip
+    s.dead_letters.append(letter)
+    s.events.append(layout.event(layout.SUPPRESSED, p.ref, recipients, reply, when.now))
+    DELIVERY_DEAD.inc()
+    log.info("suppressed", id=p.ref.message_id, recipients=recipients)
 
 
 def _add_dead(

@@ -71,12 +71,14 @@ _UNDECIDED = _IN_PROGRESS | {State.READ}
 class HeldEntry:
     """One entry in hand: its state, and what the steps so far found out about it."""
 
-    __slots__ = ("_held", "_prepared", "entry", "recipients", "state")
+    __slots__ = ("_held", "_prepared", "entry", "recipients", "state", "suppressed")
 
     def __init__(self, entry: StreamEntry, held: HeldEntries) -> None:
         self.entry = entry
         self.state = State.READ
         self.recipients: list[str] = []  # to send to: set when queued, narrowed after a wait
+        # Recipients not attempted (on the suppression list): until when; settled with it.
+        self.suppressed: dict[str, float] = {}
         self._prepared: Prepared | None = None
         self._held = held
 

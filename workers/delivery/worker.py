@@ -14,7 +14,8 @@ from redis.exceptions import RedisError
 
 from workers.config import DeliveryConfig
 from workers.delivery.attempt import (
-    accepted_before,
+    Known,
+    look_up,
     nothing_left,
     poison,
     prepare,
@@ -24,10 +25,12 @@ from workers.delivery.held import HeldEntries, HeldEntry, Window
 from workers.delivery.reading import READ_AWAY_MAX, READ_RETRY, READ_STALL, Reader
 from workers.delivery.settler import Settler, SettlerCrashed
 from workers.metrics import DELIVERY_IN_FLIGHT, DELIVERY_SMTP
-from workers.relay import Transport
+from workers.relay import SendResult, Transport
 from workers.streams import outcomes as oc
+from workers.streams import suppression
 from workers.streams.consumer import START_ALL, GroupConsumer, StreamEntry
 from workers.streams.retry import RetryPolicy
+from workers.streams.suppression import REASON_REJECTED, Suppression, SuppressionList
 
 log = structlog.get_logger("mailpool.delivery")
 
@@ -121,6 +124,8 @@ class DeliveryWorker:
         self._deadline = None if len(streams) == 1 else READ_BLOCK + READ_STALL
         # Queued entries wait here for one of --concurrency lanes (one SMTP connection each).
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue()
+        # Recipients refused as addresses are added to every partition's copy of the list.
+        self._suppression = SuppressionList([(s.outcomes.redis, s.outcomes.keys) for s in streams])
 
     def _partition(self, stream: Stream, away_max: float) -> _Partition:
         # The event is looked up at each check: run() replaces it with the process's.
@@ -231,21 +236,34 @@ class DeliveryWorker:
             held = partition.held.take(entry)  # None: in hand already (own pending, re-read)
             if held is not None and self._build(partition, held):
                 built.append(held)
-        accepted = await self._accepted_before(partition, built) if built else None
-        if accepted is None:
+        known = await self._look_up(partition, built) if built else None
+        if known is None:
             return []
         queued: list[HeldEntry] = []
-        for held, already in zip(built, accepted, strict=True):
-            remaining = [r for r in held.prepared.recipients if r not in already]
+        for held, about in zip(built, known, strict=True):
+            remaining = [r for r in held.prepared.recipients if r not in about.accepted]
+            to_send = [r for r in remaining if r not in about.suppressed]
             if not remaining:
                 log.info("already_sent", id=held.message_id, entry=held.entry_id)
                 self._settle(partition, held, nothing_left(held.prepared))
             elif held.job.deliveries > self.config.max_deliveries:
                 self._settle(partition, held, poison(held.prepared, remaining))
+            elif not to_send:  # every one left is suppressed: nothing to attempt
+                self._settle_unsent(partition, held, about.suppressed)
             else:
-                held.queue(remaining)
+                held.suppressed = {r: about.suppressed[r] for r in remaining if r not in to_send}
+                held.queue(to_send)
                 queued.append(held)
         return queued
+
+    def _settle_unsent(
+        self, partition: _Partition, held: HeldEntry, suppressed: dict[str, float]
+    ) -> None:
+        result = SendResult(suppressed=suppressed)
+        job = held.job
+        first_attempt = job.first_attempt or time.time()
+        settlement = settle_attempt(held.prepared, result, job.attempts, first_attempt, self.rng)
+        self._settle(partition, held, settlement)
 
     def _build(self, partition: _Partition, held: HeldEntry) -> bool:
         """Decode and build; an entry that cannot be sent is settled at once (False)."""
@@ -256,16 +274,16 @@ class DeliveryWorker:
         held.mark_prepared(prepared)
         return True
 
-    async def _accepted_before(
-        self, partition: _Partition, built: list[HeldEntry]
-    ) -> list[set[str]] | None:
-        """Recipients already accepted per entry, or None when Redis could not tell: the
-        entries are handed back and come back as our own leftovers at the next read."""
+    async def _look_up(self, partition: _Partition, built: list[HeldEntry]) -> list[Known] | None:
+        """Recipients already accepted and those suppressed, per entry, or None when Redis
+        could not tell: the entries are handed back and come back as our own leftovers at
+        the next read."""
         try:
             async with asyncio.timeout(self._deadline):
-                return await accepted_before(
+                return await look_up(
                     partition.outcomes, [held.prepared for held in built],
                     reads_may_be_taken_back=self.config.min_replicas > 0,
+                    check_suppression=self.config.suppress_ttl > 0,
                 )  # fmt: skip
         except BaseException as exc:
             for held in built:  # they stay pending (at stop: for others)
@@ -298,9 +316,37 @@ class DeliveryWorker:
         first_attempt = held.job.first_attempt or time.time()
         with DELIVERY_IN_FLIGHT.track_inprogress(), DELIVERY_SMTP.time():
             result = await self.transport.send(held.prepared.built, recipients)
+        result.suppressed.update(held.suppressed)
         attempts = held.job.attempts + 1
         settlement = settle_attempt(held.prepared, result, attempts, first_attempt, self.rng)
         self._settle(partition, held, settlement)
+        await self._suppress_refused(held, result)
+
+    async def _suppress_refused(self, held: HeldEntry, result: SendResult) -> None:
+        """Recipients the relay refused as addresses go on the suppression list (every
+        partition's copy; a failure is logged: the list is advice, the outcome is settled)."""
+        ttl = self.config.suppress_ttl
+        if ttl <= 0 or not result.refused_at_rcpt:
+            return
+        now = time.time()
+        entries = [
+            Suppression(
+                address=suppression.normalise(rcpt), until=now + ttl, reason=REASON_REJECTED,
+                since=now, code=reply.code, text=reply.text[:200], message_id=held.message_id,
+            )
+            for rcpt, reply in result.rejected.items()
+            if rcpt in result.refused_at_rcpt and suppression.refuses_the_address(reply)
+        ]  # fmt: skip
+        if not entries:
+            return
+        try:
+            async with asyncio.timeout(READ_BLOCK + READ_STALL):
+                await self._suppression.add(entries)
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+            log.warning("suppression_not_recorded", id=held.message_id, error=str(exc))
+            return
+        log.info("recipients_suppressed", id=held.message_id,
+                 recipients=[e.address for e in entries], days=round(ttl / 86400, 1))  # fmt: skip
 
     async def _take_turn(self, partition: _Partition, held: HeldEntry) -> list[str]:
         """Wait for the entry here that sends the same message id, take the id, and return

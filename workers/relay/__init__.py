@@ -72,6 +72,8 @@ class SendResult:
     rejected: dict[str, Reply] = field(default_factory=dict)  # permanent: dead letter
     deferred: dict[str, Reply] = field(default_factory=dict)  # transient: retry later
     dsn_not_offered: bool = False  # the message asked for DSN; the relay does not offer it
+    refused_at_rcpt: set[str] = field(default_factory=set)  # of rejected: refused at RCPT
+    suppressed: dict[str, float] = field(default_factory=dict)  # not attempted: until when
 
     def refuse(self, recipients: Sequence[str], reply: Reply) -> None:
         target = self.rejected if reply.permanent else self.deferred
@@ -319,6 +321,7 @@ async def transaction(
                     raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
                 else:
                     result.refuse([rcpt], relay_reply(reply.code, reply.message))
+                    result.refused_at_rcpt.add(rcpt)
             index = len(recipients)
             if not accepted:
                 return TransactionResult(result, reusable=await _reset(smtp, deadline))

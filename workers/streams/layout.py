@@ -55,11 +55,15 @@ class StreamKeys:
     retry_schedule: str = field(init=False)  # sorted set: send entry id -> due time
     retry_payload_prefix: str = field(init=False)  # + entry id: hash of its retry entry
     sent_prefix: str = field(init=False)  # + message id: hash recipient -> accepted at
+    suppressed: str = field(init=False)  # sorted set: address -> suppressed until
+    suppressed_why: str = field(init=False)  # hash: address -> JSON, what suppressed it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "retry_schedule", self.prefix + "retry")
         object.__setattr__(self, "retry_payload_prefix", self.prefix + "retry:")
         object.__setattr__(self, "sent_prefix", self.prefix + "sent:")
+        object.__setattr__(self, "suppressed", self.prefix + "suppressed")
+        object.__setattr__(self, "suppressed_why", self.prefix + "suppressed:why")
 
     def retry_payload(self, entry_id: str) -> str:
         return self.retry_payload_prefix + entry_id
@@ -117,11 +121,11 @@ FIRST_ATTEMPT = "first_attempt"  # epoch seconds
 LAST_ATTEMPT = "last_attempt"  # epoch seconds (dead letters)
 RECIPIENTS = "recipients"  # JSON array text
 REPLAY_OF = "replay_of"  # the dead-letter entry id a replay came from
-REASON = "reason"  # dead letters: invalid | rejected | expired | poison
+REASON = "reason"  # dead letters: invalid | rejected | expired | poison | suppressed
 ERROR = "error"
 SMTP_CODE = "smtp_code"
 SMTP_TEXT = "smtp_text"
-EVENT = "event"  # events: delivered | deferred | failed
+EVENT = "event"  # events: delivered | deferred | failed | suppressed
 EVENT_DELIVERED = "delivered"  # the event of recipients a relay accepted
 EVENT_ID = "id"  # events: the message id
 NEXT_ATTEMPT = "next_attempt"
@@ -130,6 +134,9 @@ DSN_NOT_OFFERED = "not_offered"
 TIME = "time"
 
 REASON_INVALID = "invalid"
+# Recipients not attempted (workers.streams.suppression): the dead letter's reason and the
+# event's kind.
+SUPPRESSED = "suppressed"
 MAX_ERROR_TEXT = 2000
 
 # What an encoder returns: XADD/HSET field -> value (floats already written as text).

@@ -140,6 +140,24 @@ class Outcomes:
             for lookup, marks in zip(wanted, replies, strict=True)
         ]
 
+    async def look_up(
+        self, wanted: Sequence[SentLookup], addresses: Sequence[str]
+    ) -> tuple[list[set[str]], list[float | None]]:
+        """:meth:`already_sent` for ``wanted``, and the suppression list's end (epoch
+        seconds, None: not on it) of each of ``addresses`` (normalised), in one round trip."""
+        if not addresses:
+            return await self.already_sent(wanted), []
+        pipe = self.redis.pipeline(transaction=False)
+        for lookup in wanted:
+            pipe.hmget(self.keys.sent(lookup.message_id), list(lookup.recipients))
+        pipe.zmscore(self.keys.suppressed, list(addresses))
+        *replies, ends = await pipe.execute()
+        sent = [
+            {rcpt for rcpt, mark in zip(lookup.recipients, marks, strict=True) if mark is not None}
+            for lookup, marks in zip(wanted, replies, strict=True)
+        ]
+        return sent, list(ends)
+
     async def settle(
         self, settlements: Sequence[Settlement], now: float
     ) -> list[bool | RedisError]:

@@ -1,0 +1,230 @@
+"""The suppression list: a recipient a relay refused as an address (5.1.x, 5.2.1) is not
+attempted again for --suppress-ttl; the send gets a dead letter and an event with reason
+``suppressed``; a message can opt out; refusals of policy or content suppress nobody;
+``mailpool suppress`` lists, adds and removes; housekeeping drops what expired."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.delivery_util import (
+    enqueue,
+    events,
+    make_config,
+    pack,
+    run_until_settled,
+    send_message,
+    stream_fields,
+)
+from tests.harness import ROOT
+from tests.sinks import RecordingSink
+from workers.housekeeping import HousekeepConfig, housekeep_once
+from workers.relay import Reply
+from workers.streams.layout import StreamKeys
+from workers.streams.suppression import refuses_the_address
+
+LIST = "mailpool:suppressed"
+TTL = 3600.0
+
+
+def suppress(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers", "suppress", *args, "--redis-url", redis_url],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
+    )  # fmt: skip
+
+
+async def _send(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink, *to: str, **kw: object
+) -> None:
+    await enqueue(redis, send_message(list(to), **kw))
+    await run_until_settled(redis, make_config(redis_url, sink.url, suppress_ttl=TTL))
+
+
+async def test_a_recipient_refused_as_an_address_is_not_attempted_again(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    sink.refuse_rcpt("bob@example.com", "550 5.1.1 <bob@example.com>: no such user", times=1)
+    await _send(redis, redis_url, sink, "ann@example.com", "Bob@Example.com")
+    until = await redis.zscore(LIST, "bob@example.com")
+    assert until is not None and abs(until - (time.time() + TTL)) < 30
+    why = json.loads(await redis.hget(LIST + ":why", "bob@example.com"))
+    assert (why["reason"], why["code"]) == ("rejected", 550)
+    # The relay would take bob now; he is suppressed, ann is sent to.
+    await _send(redis, redis_url, sink, "ann@example.com", "bob@example.com", subject="second")
+    assert [r.rcpt_tos for r in sink.received] == [("ann@example.com",), ("ann@example.com",)]
+    letters = await stream_fields(redis, "email.send.dead")
+    assert [d["reason"] for d in letters] == ["rejected", "suppressed"]
+    assert json.loads(letters[1]["recipients"]) == ["bob@example.com"]
+    assert "bob@example.com: suppressed until " in letters[1]["error"]
+    kinds = [(e["event"], e["recipients"]) for e in await events(redis)]
+    assert ("suppressed", ["bob@example.com"]) in kinds
+    assert kinds.count(("delivered", ["ann@example.com"])) == 2
+
+
+async def test_a_send_with_every_recipient_suppressed_makes_no_transaction(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    assert suppress(redis_url, "add", "bob@example.com", "--note", "asked us").returncode == 0
+    await _send(redis, redis_url, sink, "bob@example.com")
+    assert sink.received == []
+    [letter] = await stream_fields(redis, "email.send.dead")
+    assert (letter["reason"], letter["attempts"]) == ("suppressed", "0")
+    [event] = await events(redis)
+    assert (event["event"], event["smtp_code"]) == ("suppressed", "")
+
+
+async def test_opting_out_and_replaying_send_to_a_suppressed_recipient(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    assert suppress(redis_url, "add", "bob@example.com").returncode == 0
+    await _send(redis, redis_url, sink, "bob@example.com", ignore_suppression=True)
+    assert [r.rcpt_tos for r in sink.received] == [("bob@example.com",)]
+    await _send(redis, redis_url, sink, "bob@example.com", subject="no opt-out")
+    [letter] = await stream_fields(redis, "email.send.dead")
+    command = ["dead", "replay", letter["_id"], "--redis-url", redis_url]
+    replay = subprocess.run(
+        [sys.executable, "-m", "workers", *command],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr
+    await run_until_settled(redis, make_config(redis_url, sink.url, suppress_ttl=TTL))
+    assert [r.message["subject"] for r in sink.received] == ["Hello", "no opt-out"]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "554 5.7.1 <bob@example.com>: Relay access denied",  # the relay's policy
+        "550 5.7.26 unauthenticated sender",
+        "552 5.2.2 mailbox full",
+        "550 5.0.0 bob@example.com: refused",  # no address status
+    ],
+)
+async def test_refusals_that_do_not_blame_the_address_suppress_nobody(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink, refusal: str
+) -> None:
+    sink.refuse_rcpt("bob@example.com", refusal, times=1)
+    await _send(redis, redis_url, sink, "bob@example.com")
+    assert await redis.zcard(LIST) == 0
+
+
+async def test_a_refused_message_suppresses_nobody(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    sink.refuse_data("550 5.1.1 odd relay that blames the address at DATA", times=1)
+    await _send(redis, redis_url, sink, "bob@example.com")
+    assert await redis.zcard(LIST) == 0
+
+
+async def test_suppress_ttl_0_turns_the_list_off(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    assert suppress(redis_url, "add", "ann@example.com").returncode == 0
+    sink.refuse_rcpt("bob@example.com", "550 5.1.1 no such user", times=1)
+    await enqueue(redis, send_message(["ann@example.com", "bob@example.com"]))
+    await run_until_settled(redis, make_config(redis_url, sink.url, suppress_ttl=0))
+    assert [r.rcpt_tos for r in sink.received] == [("ann@example.com",)]
+    assert await redis.zrange(LIST, 0, -1) == [b"ann@example.com"]
+
+
+async def test_the_cli_lists_adds_and_removes(redis: aioredis.Redis, redis_url: str) -> None:
+    added = suppress(redis_url, "add", "Bob@Example.com", "carol@example.com", "--ttl", "600",
+                     "--note", "complaint")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "suppressed 2 until 20" in added.stdout
+    forever = suppress(redis_url, "add", "dave@example.com")
+    assert "until further notice" in forever.stdout
+    listed = suppress(redis_url, "list", "--json")
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["address"] for r in rows] == [
+        "bob@example.com",
+        "carol@example.com",
+        "dave@example.com",
+    ]
+    assert rows[0]["reason"] == "manual" and rows[0]["text"] == "complaint"
+    assert 500 < rows[0]["until"] - time.time() <= 600
+    assert rows[2]["until"] is None
+    table = suppress(redis_url, "list").stdout
+    assert "bob@example.com" in table and "complaint" in table
+    removed = suppress(redis_url, "remove", "BOB@example.com", "nobody@example.com")
+    assert (removed.returncode, removed.stdout.strip()) == (1, "removed 1 of 2")
+    assert await redis.zscore(LIST, "bob@example.com") is None
+    assert await redis.hget(LIST + ":why", "bob@example.com") is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("add",),
+        ("remove",),
+        ("list", "a@b.c"),
+        ("add", "not-an-address"),
+        ("add", "a@b.c", "--ttl", "-1"),
+        ("forget", "a@b.c"),
+    ],
+)
+def test_the_cli_refuses_bad_use_with_exit_2(redis_url: str, args: tuple[str, ...]) -> None:
+    done = suppress(redis_url, *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_expired_entries_count_as_absent_and_housekeeping_removes_them(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    await redis.zadd(LIST, {"old@example.com": time.time() - 1, "new@example.com": math.inf})
+    await redis.hset(LIST + ":why", mapping={"old@example.com": "{}", "new@example.com": "{}"})
+    assert [
+        json.loads(x)["address"]
+        for x in suppress(redis_url, "list", "--json").stdout.split("\n")
+        if x
+    ] == ["new@example.com"]
+    await _send(redis, redis_url, sink, "old@example.com")
+    assert [r.rcpt_tos for r in sink.received] == [("old@example.com",)]
+    await housekeep_once(redis, StreamKeys(), HousekeepConfig(redis_url=redis_url))
+    assert await redis.zrange(LIST, 0, -1) == [b"new@example.com"]
+    assert await redis.hkeys(LIST + ":why") == [b"new@example.com"]
+
+
+def test_which_refusals_blame_the_address() -> None:
+    assert refuses_the_address(Reply(550, "5.1.1 no such user"))
+    assert refuses_the_address(Reply(550, "5.1.10 null MX"))
+    assert refuses_the_address(Reply(550, "5.2.1 mailbox disabled"))
+    assert refuses_the_address(Reply(553, "sorry, that domain isn't in my list"))  # no code
+    assert not refuses_the_address(Reply(554, "5.7.1 relay denied"))
+    assert not refuses_the_address(Reply(450, "4.1.1 try later"))
+    assert not refuses_the_address(Reply(None, "timeout"))
+    assert not refuses_the_address(Reply(552, "5.2.2 over quota"))
+
+
+async def test_every_partition_has_the_list(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """Partitioned: a refusal seen on one partition suppresses on all of them (each
+    partition's copy is written), and the CLI changes and lists every copy."""
+    sink.refuse_rcpt("bob@example.com", "550 5.1.1 no such user", times=1)
+    config = make_config(redis_url, sink.url, partitions=3, suppress_ttl=TTL)
+    await redis.xadd("email.send{0}", {"data": pack(send_message(["bob@example.com"]))})
+    await run_until_settled(redis, config, partition=0)
+    copies = [f"mailpool:{{{p}}}suppressed" for p in range(3)]
+    assert [await redis.zscore(key, "bob@example.com") is not None for key in copies] == [True] * 3
+    await redis.xadd("email.send{2}", {"data": pack(send_message(["bob@example.com"]))})
+    await run_until_settled(redis, config, partition=2)
+    assert sink.received == []
+    [letter] = await stream_fields(redis, "email.send.dead{2}")
+    assert letter["reason"] == "suppressed"
+    assert suppress(redis_url, "add", "carol@example.com", "--partitions", "3").returncode == 0
+    assert [await redis.zscore(key, "carol@example.com") for key in copies].count(None) == 0
+    listed = suppress(redis_url, "list", "--json", "--partitions", "3").stdout.splitlines()
+    assert [json.loads(row)["address"] for row in listed] == [
+        "bob@example.com",
+        "carol@example.com",
+    ]

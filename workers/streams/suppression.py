@@ -1,0 +1,177 @@
+"""The suppression list: recipient addresses delivery does not attempt for a while.
+
+A recipient a relay refused permanently as an address (``5.1.x`` bad mailbox or domain,
+``5.2.1`` mailbox disabled, or ``550``/``551``/``553`` at RCPT without an enhanced code) is
+suppressed for ``--suppress-ttl`` seconds; an operator adds and removes addresses with
+``mailpool suppress``.  A send to a suppressed recipient is not attempted for that recipient:
+a dead letter and an event, both with reason ``suppressed`` (workers/delivery/attempt.py).
+
+Layout (one copy per partition, so that delivery's look-up goes to the partition's own
+Redis in the round trip it makes anyway; every write goes to every copy):
+
+* ``<prefix>suppressed``, a sorted set: address (lower case) -> until (epoch seconds;
+  ``+inf`` for an entry without an end);
+* ``<prefix>suppressed:why``, a hash: address -> JSON ``{"reason", "since", "code",
+  "text", "message_id"}`` (what suppressed it; ``reason`` is ``rejected`` or ``manual``).
+
+An entry whose time is up counts as absent at once; housekeeping removes it later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import cast
+
+import redis.asyncio as aioredis
+
+from workers.streams.layout import SmtpReply, StreamKeys
+
+REASON_REJECTED = "rejected"
+REASON_MANUAL = "manual"
+DEFAULT_TTL = 30 * 86400  # 30 days
+
+# Enhanced codes that say the address itself is bad (RFC 3463 section 3.2, 3.3).
+_ADDRESS_STATUS = re.compile(r"5\.1\.\d{1,3}|5\.2\.1")
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_ADDRESS_BASIC = (550, 551, 553)
+
+
+def normalise(address: str) -> str:
+    """The form the list keys by: case does not tell mailboxes apart in practice."""
+    return address.strip().lower()
+
+
+def refuses_the_address(reply: SmtpReply) -> bool:
+    """True for a relay's permanent refusal of a recipient that blames the address, not the
+    message or the relay's policy (``554 5.7.1 relay access denied`` suppresses nobody)."""
+    if reply.code is None or not 500 <= reply.code < 600:
+        return False
+    enhanced = _ENHANCED.match(reply.text)
+    if enhanced is not None:
+        return _ADDRESS_STATUS.fullmatch(enhanced.group(0)) is not None
+    return reply.code in _ADDRESS_BASIC
+
+
+@dataclass(frozen=True)
+class Suppression:
+    address: str
+    until: float  # epoch seconds; math.inf: no end
+    reason: str
+    since: float
+    code: int | None = None
+    text: str = ""
+    message_id: str = ""
+
+    def why(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if k not in ("address", "until")})
+
+    def as_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["until"] = None if math.isinf(self.until) else self.until
+        return data
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def describe_until(until: float) -> str:
+    return "further notice" if math.isinf(until) else _when(until)
+
+
+def _score(until: float) -> str:
+    return "+inf" if math.isinf(until) else repr(round(until, 3))
+
+
+class SuppressionList:
+    """Every partition's copy of the list: ``copies`` is (client, keys) per partition."""
+
+    def __init__(self, copies: Sequence[tuple[aioredis.Redis, StreamKeys]]) -> None:
+        self.copies = list(copies)
+
+    async def add(self, entries: Iterable[Suppression], *, replace: bool = False) -> None:
+        """Add in every copy.  An entry already there keeps the later end (a refusal seen
+        twice extends it), unless ``replace`` (an operator's ``suppress add``)."""
+        entries = list(entries)
+        if not entries:
+            return
+        for redis, keys in self.copies:
+            pipe = redis.pipeline(transaction=False)
+            for entry in entries:
+                # GT still adds a new member; it only keeps a later end from moving back.
+                pipe.zadd(keys.suppressed, {entry.address: _score(entry.until)}, gt=not replace)
+                pipe.hset(keys.suppressed_why, entry.address, entry.why())
+            await pipe.execute()
+
+    async def remove(self, addresses: Sequence[str]) -> int:
+        """Remove from every copy; how many of ``addresses`` were on the list."""
+        found: set[str] = set()
+        for redis, keys in self.copies:
+            pipe = redis.pipeline(transaction=False)
+            for address in addresses:
+                pipe.zrem(keys.suppressed, address)
+            pipe.hdel(keys.suppressed_why, *addresses)
+            removed = await pipe.execute()
+            found.update(a for a, gone in zip(addresses, removed, strict=False) if gone)
+        return len(found)
+
+    async def entries(self, now: float | None = None) -> list[Suppression]:
+        """The entries in force, over every copy (a write that reached only some copies
+        still shows), sorted by address."""
+        now = time.time() if now is None else now
+        merged: dict[str, Suppression] = {}
+        for redis, keys in self.copies:
+            members = cast(
+                "list[tuple[bytes, float]]",
+                await redis.zrangebyscore(keys.suppressed, f"({now}", "+inf", withscores=True),
+            )
+            if not members:
+                continue
+            names = [_text(member) for member, _ in members]
+            whys = await redis.hmget(keys.suppressed_why, names)
+            for (_, until), name, why in zip(members, names, whys, strict=True):
+                entry = _entry(name, float(until), why)
+                if name not in merged or merged[name].until < entry.until:
+                    merged[name] = entry
+        return [merged[name] for name in sorted(merged)]
+
+    async def purge_expired(self, now: float | None = None) -> int:
+        """Remove the entries whose time is up (housekeeping); how many, over the copies."""
+        now = time.time() if now is None else now
+        purged = 0
+        for redis, keys in self.copies:
+            expired = cast("list[bytes]", await redis.zrangebyscore(keys.suppressed, "-inf", now))
+            if not expired:
+                continue
+            pipe = redis.pipeline(transaction=False)
+            # Only those still expired: an address suppressed again meanwhile stays.
+            pipe.zremrangebyscore(keys.suppressed, "-inf", now)
+            pipe.hdel(keys.suppressed_why, *[_text(m) for m in expired])
+            count, _ = await pipe.execute()
+            purged += int(count)
+        return purged
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entry(address: str, until: float, why: bytes | str | None) -> Suppression:
+    try:
+        data = json.loads(why) if why is not None else {}
+    except ValueError:
+        data = {}
+    return Suppression(
+        address=address,
+        until=until,
+        reason=str(data.get("reason", REASON_MANUAL)),
+        since=float(data.get("since", 0.0)),
+        code=data.get("code"),
+        text=str(data.get("text", "")),
+        message_id=str(data.get("message_id", "")),
+    )
