@@ -16,6 +16,7 @@ from tests.harness import wait_until
 from tests.ingest_util import entries, ingest
 from tests.postfix_util import private_postfix
 from tests.sinks import PostfixSink, RecordingSink
+from workers.codec.build import build_message
 from workers.codec.errors import SchemaError
 from workers.codec.validate import validate_send
 
@@ -104,6 +105,16 @@ async def _received(redis: aioredis.Redis) -> bool:
     return bool(await redis.exists("email.receive"))
 
 
+def test_a_utf8_orcpt_is_sent_as_one_ascii_token() -> None:
+    """RFC 6533's utf-8-addr-xtext: non-ASCII, "+", "=" and "\\" as \\x{HEX}."""
+    message = send_message(
+        ["ann@example.com"],
+        dsn={"recipients": {"ann@example.com": {"orcpt": "utf-8;jö+x@bücher.de"}}},
+    )
+    built = build_message(message, default_id="1-0")
+    assert built.dsn_rcpt == {"ann@example.com": ("ORCPT=utf-8;j\\x{F6}\\x{2B}x@b\\x{FC}cher.de",)}
+
+
 @pytest.mark.parametrize(
     ("dsn", "path"),
     [
@@ -117,6 +128,9 @@ async def _received(redis: aioredis.Redis) -> bool:
         ({"recipients": {"ann@example.com": {"orcpt": "ann@example.com"}}}, "orcpt"),
         ({"recipients": {"ann@example.com": {"orcpt": "rfc822;a\r\nb"}}}, "orcpt"),
         ({"recipients": ["ann@example.com"]}, "dsn.recipients"),
+        ({"recipients": {"ann@example.com": {"orcpt": "rfc822;bücher@x"}}}, "orcpt"),
+        ({"recipients": {"ann@example.com": {"orcpt": "utf-8;a b@x NOTIFY=NEVER"}}}, "orcpt"),
+        ({"recipients": {"ann@example.com": {"orcpt": "utf-8;a\tb@x"}}}, "orcpt"),
         ("HDRS", "dsn"),
     ],
 )

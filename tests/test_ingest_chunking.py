@@ -5,11 +5,13 @@ SMTP client and swaks 20201014 send DATA; Exim, which sends BDAT, conflicts with
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import wait_until
-from tests.ingest_util import SMTPConn, entries, ingest, message
+from tests.ingest_util import SMTPConn, entries, ingest, make_certificate, message
 from workers.ingest.chunking import parse_bdat
 
 MiB = 1 << 20
@@ -164,3 +166,36 @@ def test_parse_bdat(argument: str, parsed: tuple[int, bool]) -> None:
     command = parse_bdat(argument)
     assert command is not None
     assert (command.size, command.last) == parsed
+
+
+async def test_a_bdat_refused_before_starttls_has_its_chunk_read(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """--require-tls: BDAT before STARTTLS gets 530 after its chunk was read (aiosmtpd's own
+    530 came before any command ran, and the chunk's lines were taken for commands)."""
+    cert, key = make_certificate(tmp_path)
+    async with ingest(redis_url, tls_cert=str(cert), tls_key=str(key), require_tls=True) as server:
+        conn = await SMTPConn.open_session(server.port)
+        code, text = await _bdat(conn, b"NOOP\r\nHELP\r\n")
+        assert (code, text.split()[0]) == (530, "5.7.0"), text
+        # The next reply answers this RSET, not a NOOP or HELP from the chunk.
+        code, text = await conn.cmd("RSET")
+        assert (code, text) == (530, "5.7.0 Must issue a STARTTLS command first")
+        assert await conn.cmd("NOOP") == (250, "2.0.0 OK")
+        await conn.close()
+
+
+async def test_any_bdat_line_up_to_the_line_limit_has_its_chunk_read(
+    redis_url: str, redis: aioredis.Redis
+) -> None:
+    """A BDAT line over 512 octets still reaches BDAT (which reads its chunk); before, it got
+    500 and its chunk's RSET ran."""
+    async with ingest(redis_url) as server:
+        conn = await _transaction_open(server.port)
+        chunk = b"RSET\r\nNOOP\r\n"
+        await conn.send(b"BDAT %d" % len(chunk) + b" " * 600 + b"LAST\r\n" + chunk)
+        code, _ = await conn.reply()
+        await conn.close()
+    assert code == 250
+    [(_, msg)] = await entries(redis)
+    assert msg["content"]["body"] == b"RSET\nNOOP\n"  # the chunk is content, not commands

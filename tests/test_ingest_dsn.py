@@ -99,6 +99,10 @@ async def test_a_bad_mail_parameter_gets_501_and_the_session_goes_on(
         "ORCPT=bob@example.com",  # no addr-type
         "ORCPT=rfc822;",
         "ORCPT=rfc822;bob+4@example.com",  # not xtext
+        "ORCPT=rfc822;a+0D+0Ab+00@x",  # controls once decoded
+        "ORCPT=rfc822;b+C3+BCcher@x",  # xtext stands for ASCII only
+        "ORCPT=utf-8;bob\\x{20}smith@x",  # a space once decoded
+        "ORCPT=utf-8;bob\\x{D800}@x",  # no code point
     ],
 )
 async def test_a_bad_rcpt_parameter_gets_501_and_the_recipient_is_not_taken(
@@ -147,9 +151,36 @@ async def test_a_helo_session_takes_no_dsn_parameters(redis_url: str) -> None:
     assert code == 501
 
 
+async def test_long_dsn_parameters_fit_the_command_line(
+    redis_url: str, redis: aioredis.Redis
+) -> None:
+    """RFC 3461 lets NOTIFY and ORCPT add ~540 octets to RCPT, RET and ENVID ~120 to MAIL:
+    such lines are taken, not refused as over 512 octets (a permanent 500 would bounce)."""
+    local = "x" * 64
+    rcpt = f"{local}@{'d' * 60}.example.com"
+    envid = "e" * 100
+    async with ingest(redis_url) as server:
+        conn = await SMTPConn.open_session(server.port)
+        replies = await _transaction(
+            conn,
+            f"MAIL FROM:<{'s' * 64}@{'d' * 180}.org> SIZE=1000 RET=HDRS ENVID={envid}",
+            f"RCPT TO:<{rcpt}> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;{rcpt}" + "+2B" * 100,
+            "RCPT TO:<u@example.com> ORCPT=utf-8;b\\x{FC}cher@example.com",
+        )
+        await conn.close()
+    assert [c for c, _ in replies] == [250, 250, 250, 250], replies
+    [(_, msg)] = await entries(redis)
+    assert msg["dsn"]["envid"] == envid
+    assert msg["dsn"]["recipients"][rcpt]["orcpt"] == f"rfc822;{rcpt}" + "+" * 100
+    assert msg["dsn"]["recipients"]["u@example.com"]["orcpt"] == "utf-8;bücher@example.com"
+
+
 def test_xtext_round_trip() -> None:
-    for text in ["plain", "a+b=c", "sp ace", "+++", "QQ314159", "tab\there"]:
+    for text in ["plain", "a+b=c", "sp ace", "+++", "QQ314159"]:
         assert xtext_decode(xtext_encode(text)) == text
+    for not_ascii_text in ["a+09b", "a+7F", "b+C3+BC"]:  # xtext carries printable ASCII only
+        with pytest.raises(ValueError):
+            xtext_decode(not_ascii_text)
     assert xtext_encode("a+b=c d") == "a+2Bb+3Dc+20d"
     assert xtext_decode("a+2Bb+3Dc") == "a+b=c"
     with pytest.raises(ValueError):

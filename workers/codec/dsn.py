@@ -45,22 +45,46 @@ class DsnError(ValueError):
 
 
 def xtext_decode(text: str) -> str:
-    """RFC 3461 section 4: ``+XX`` to the character; ValueError when ``text`` is no xtext."""
+    """RFC 3461 section 4: ``+XX`` to the character; ValueError when ``text`` is no xtext or
+    an escape stands for an octet outside printable US-ASCII (xtext carries ASCII only)."""
     if not _XTEXT.fullmatch(text):
         raise ValueError("not xtext")
-    return _HEX_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+    decoded = _HEX_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+    if not _PRINTABLE.fullmatch(decoded):
+        raise ValueError("not printable US-ASCII once decoded")
+    return decoded
 
 
 def xtext_encode(text: str) -> str:
-    """The xtext form: ``+``, ``=``, controls, space and non-ASCII as ``+XX`` (non-ASCII by
-    its UTF-8 octets)."""
-    out = []
-    for char in text:
-        if "!" <= char <= "~" and char not in "+=":
-            out.append(char)
-        else:
-            out.extend(f"+{octet:02X}" for octet in char.encode())
-    return "".join(out)
+    """The xtext form of printable US-ASCII ``text``: ``+``, ``=`` and space as ``+XX``."""
+    return "".join(char if "!" <= char <= "~" and char not in "+=" else f"+{ord(char):02X}"
+                   for char in text)  # fmt: skip
+
+
+# RFC 6533 section 3: utf-8-addr-xtext escapes as "\x{HEX}" (the code point).
+_UTF8_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def utf8_addr_decode(text: str) -> str:
+    """An ORCPT ``utf-8`` address (utf-8-addr-xtext or -unitext) as plain text; ValueError
+    for an escape that is no code point, or a control character or space in the result."""
+    try:
+        decoded = _UTF8_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
+        decoded.encode("utf-8")  # no lone surrogates (invalid UTF-8 read with surrogateescape)
+    except (ValueError, UnicodeEncodeError):
+        raise ValueError("not a UTF-8 address") from None
+    if any(ord(char) < 0x21 or 0x7F <= ord(char) < 0xA0 or char.isspace() for char in decoded):
+        raise ValueError("control characters or spaces in the address")
+    return decoded
+
+
+def utf8_addr_encode(address: str) -> str:
+    """utf-8-addr-xtext: ASCII graphic characters but ``+``, ``=`` and ``\\`` as they are,
+    the rest as ``\\x{HEX}``: the parameter stays ASCII, one token on the command line."""
+    return "".join(
+        char if "!" <= char <= "~" and char not in "+=\\" else f"\\x{{{ord(char):X}}}"
+        for char in address
+    )
 
 
 @dataclass
@@ -113,10 +137,8 @@ def _envid(value: str) -> str:
         raise DsnError(f"501 5.5.4 Bad ENVID parameter: 1 to {MAX_ENVID} characters of xtext")
     try:
         envid = xtext_decode(value)
-    except ValueError:
-        raise DsnError("501 5.5.4 Bad ENVID parameter: not xtext") from None
-    if not _PRINTABLE.fullmatch(envid):
-        raise DsnError("501 5.5.4 Bad ENVID parameter: printable US-ASCII only")
+    except ValueError as exc:
+        raise DsnError(f"501 5.5.4 Bad ENVID parameter: {exc}") from None
     return envid
 
 
@@ -150,13 +172,12 @@ def _orcpt(value: str) -> str:
     addr_type, semicolon, address = value.partition(";")
     if not semicolon or not _ATOM.fullmatch(addr_type) or not address or len(value) > MAX_ORCPT:
         raise DsnError("501 5.5.4 Bad ORCPT parameter: addr-type;xtext")
-    if addr_type.lower() == "utf-8":
-        return value  # RFC 6533's utf-8-addr-xtext: kept as sent
     try:
-        decoded = xtext_decode(address)
-    except ValueError:
-        raise DsnError("501 5.5.4 Bad ORCPT parameter: the address is not xtext") from None
-    return f"{addr_type};{decoded}"
+        if addr_type.lower() == "utf-8":  # RFC 6533
+            return f"{addr_type};{utf8_addr_decode(address)}"
+        return f"{addr_type};{xtext_decode(address)}"
+    except ValueError as exc:
+        raise DsnError(f"501 5.5.4 Bad ORCPT parameter: {exc}") from None
 
 
 # -- the send side: the key checked, and turned into parameters again ----------------------
@@ -212,8 +233,13 @@ def _validate_orcpt(value: object, path: str) -> None:
     addr_type, semicolon, address = value.partition(";")
     if not semicolon or not _ATOM.fullmatch(addr_type) or not address:
         raise SchemaError(path, "expected addr-type;address, like rfc822;bob@example.org")
-    if any(char in address for char in "\r\n\x00"):
-        raise SchemaError(path, "CR, LF or NUL in the address")
+    if addr_type.lower() == "utf-8":
+        try:
+            utf8_addr_decode(address)
+        except ValueError as exc:
+            raise SchemaError(path, str(exc)) from None
+    elif not _PRINTABLE.fullmatch(address):
+        raise SchemaError(path, f"a {addr_type} address is printable US-ASCII (else use utf-8;)")
     if len(orcpt_parameter(value)) > MAX_ORCPT + len("ORCPT="):
         raise SchemaError(path, f"over {MAX_ORCPT} octets as xtext")
 
@@ -221,7 +247,7 @@ def _validate_orcpt(value: object, path: str) -> None:
 def orcpt_parameter(orcpt: str) -> str:
     addr_type, _, address = orcpt.partition(";")
     if addr_type.lower() == "utf-8":
-        return f"ORCPT={orcpt}"
+        return f"ORCPT={addr_type};{utf8_addr_encode(utf8_addr_decode(address))}"
     return f"ORCPT={addr_type};{xtext_encode(address)}"
 
 

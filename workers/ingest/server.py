@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ipaddress
 import ssl
 from collections.abc import Callable
@@ -64,6 +65,16 @@ REPLY_TOO_MANY_FROM_CLIENT = (
 REPLY_TIMEOUT = "421 4.4.2 {host} Timeout exceeded, closing connection"
 REPLY_SESSION_TOO_LONG = "421 4.4.2 {host} Session time limit exceeded, closing connection"
 REPLY_HTTP = "521 5.7.0 {host} This is an SMTP server, not HTTP; closing connection"
+REPLY_STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
+# RFC 3207 section 4: what a server requiring TLS still takes before STARTTLS (aiosmtpd's
+# set; HELO is not in it).
+ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
+# Command lines beyond RFC 5321's 512 octets, once EHLO made the session extended: RFC 3461's
+# parameters (RCPT: NOTIFY up to 30 and ORCPT up to 506 octets, so up to the reader's line
+# limit of 1001; MAIL: RET 9, ENVID 106), and BDAT up to that limit too, so that any BDAT
+# line reaches smtp_BDAT, which reads its chunk.
+READER_LINE_LIMIT = 1001
+LONGER_LINES = {"RCPT": READER_LINE_LIMIT - 512, "MAIL": 120, "BDAT": READER_LINE_LIMIT - 512}
 
 REPLY_TOO_BIG = "552 5.3.4 Message too big for this server"
 REPLY_LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
@@ -154,6 +165,9 @@ class SessionShared:
     implicit_tls: bool
     budget: MemoryBudget
     trimmer: HeapTrimmer
+    # --require-tls on a STARTTLS listener: checked by IngestSMTP.command_override, not by
+    # aiosmtpd (whose 530 comes before any command runs: a BDAT's chunk would not be read).
+    starttls_first: bool = False
 
 
 class IngestSMTP(FencedSMTP):
@@ -169,6 +183,9 @@ class IngestSMTP(FencedSMTP):
         self.registry = shared.registry
         self.trimmer = shared.trimmer
         self.implicit_tls = shared.implicit_tls
+        self.starttls_first = shared.starttls_first
+        for command, octets in LONGER_LINES.items():
+            self.lengthen_command_line(command, octets)
         self.client = ""  # client_of(peer), known once the connection is made
         self._refused = False  # over a connection cap: told 421, never a session
         self._in_data = False
@@ -294,10 +311,36 @@ class IngestSMTP(FencedSMTP):
         self._say_and_close(REPLY_SHUTTING_DOWN)
 
     def command_override(self, name: str) -> Command | None:
-        """While the worker stops, any command but QUIT outside a transaction gets 421."""
+        """While the worker stops, any command but QUIT outside a transaction gets 421.
+        With --require-tls, any command but those RFC 3207 allows gets 530 before STARTTLS."""
         if self.registry.stopping and name != "QUIT" and not self.transaction_open():
             return self.refuse_shutting_down
+        if self.starttls_first and not self.is_tls and name not in ALLOWED_BEFORE_STARTTLS:
+            return functools.partial(self._refuse_before_starttls, name)
         return None
+
+    async def _refuse_before_starttls(self, name: str, arg: str | None) -> None:
+        if name == "BDAT" and not await self._drop_chunk(arg):
+            return
+        INGEST_REJECTED.labels("tls_required").inc()
+        await self.push(REPLY_STARTTLS_FIRST)
+
+    async def _drop_chunk(self, arg: str | None) -> bool:
+        """Read and drop a refused BDAT's chunk; False when the session ended instead (a
+        size that cannot be read, or the client hung up)."""
+        command = parse_bdat(arg)
+        if command is None:
+            await self.push(REPLY_BDAT_SYNTAX)
+            self._say_and_close("")
+            return False
+        self._in_data = True
+        try:
+            complete = await read_chunk(self.stream_reader, command.size, None)
+        finally:
+            self._in_data = False
+        if not complete:
+            self._say_and_close("")
+        return complete
 
     # -- replies ----------------------------------------------------------------------
 
@@ -580,7 +623,7 @@ class IngestServer:
             data_size_limit=limits.max_size,
             timeout=limits.command_timeout,
             tls_context=starttls,
-            require_starttls=limits.require_tls and starttls is not None,
+            require_starttls=False,  # IngestSMTP.command_override (starttls_first)
             auth_required=limits.auth_required,
             auth_require_tls=not implicit_tls,
             authenticator=self.authenticator,
@@ -592,6 +635,7 @@ class IngestServer:
             implicit_tls=implicit_tls,
             budget=self.budget,
             trimmer=self.trimmer,
+            starttls_first=limits.require_tls and starttls is not None,
         )
         # The caps are applied when the connection is made (IngestSMTP._admitted), not
         # here: asyncio creates the protocols of a burst before any of them is counted.
