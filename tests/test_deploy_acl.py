@@ -363,6 +363,24 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("ZRANGEBYSCORE", "mailpool:suppressed", "-inf", "1"),  # expired suppressions
         ("ZREMRANGEBYSCORE", "mailpool:suppressed", "-inf", "1"),
         ("HDEL", "mailpool:suppressed:why", "a@b.c"),
+        # the bounce reader: its group on email.receive, the send records, events, suppression
+        ("XGROUP", "CREATE", "email.receive", "mailpool-bounces", "$", "MKSTREAM"),
+        (
+            "XREADGROUP",
+            "GROUP",
+            "mailpool-bounces",
+            "h",
+            "COUNT",
+            "10",
+            "STREAMS",
+            "email.receive",
+            ">",
+        ),
+        ("XACK", "email.receive", "mailpool-bounces", "0-1"),
+        ("HGETALL", "mailpool:sent:order-7"),
+        ("XADD", "email.send.events", "MAXLEN", "~", "1000", "*", "event", "bounced"),
+        ("ZADD", "mailpool:suppressed", "GT", "1", "a@b.c"),
+        ("HSET", "mailpool:suppressed:why", "a@b.c", "{}"),
         VERSION_CALL,
     ],
     "operator": [
@@ -460,8 +478,7 @@ REFUSED: dict[str, list[tuple[Any, ...]]] = {
         ("XGROUP", "DELCONSUMER", "email.send.dead", "g", "c"),
         ("DEL", "email.send"),
         ("ZADD", "mailpool:retry", "1", "x"),
-        ("HGETALL", "mailpool:sent:m1"),
-        ("ZADD", "mailpool:suppressed", "1", "x"),  # it only removes expired suppressions
+        ("HSET", "mailpool:sent:m1", "a@b.c", "1"),  # it reads send records, never writes
         ("FCALL", functions.REPLAY, "2", "email.send.dead", "email.send", "0-1", "data", "x"),
     ],
     "operator": [

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import structlog
 
+from workers.bounces import BounceReader
 from workers.config import CommonConfig, option, parse_host_port, positive
 from workers.health import serving_health
 from workers.lifecycle import serve_until_signalled
@@ -44,6 +45,14 @@ class HousekeepConfig(CommonConfig):
     send_max_len: int = option(1_000_000, "keep at most this many email.send entries")
     consumer_idle: float = option(3600.0, "remove consumers idle this long with nothing pending")
     housekeep_interval: float = option(60.0, "seconds between housekeeping passes")
+    read_bounces: bool = option(
+        True,
+        "read bounce reports in email.receive (group mailpool-bounces): bounced events, "
+        "suppression of addresses that hard-bounced",
+    )
+    suppress_ttl: float = option(
+        2_592_000.0, "seconds a hard-bounced address stays suppressed (0: not suppressed)"
+    )
     http: str | None = option(None, "serve /metrics (with stream gauges), /healthz, /readyz")
 
     def validate(self) -> None:
@@ -51,6 +60,7 @@ class HousekeepConfig(CommonConfig):
         for name in ("receive_max_age", "receive_max_len", "send_max_age", "send_max_len",
                      "consumer_idle", "housekeep_interval"):  # fmt: skip
             positive(name, getattr(self, name))
+        positive("suppress_ttl", self.suppress_ttl, allow_zero=True)
         if self.http:
             parse_host_port(self.http, "--http")
 
@@ -141,13 +151,17 @@ async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:
             partitions=list(zip(clients, partitions, strict=True)),
         ):  # fmt: skip
             checked: set[int] = set()  # partitions whose library was found (exit 2 if missing)
+            copies = list(zip(clients, partitions, strict=True))
+            bounces = BounceReader(copies, suppress_ttl=config.suppress_ttl)
             while not stop.is_set():
-                for n, (redis, keys) in enumerate(zip(clients, partitions, strict=True)):
+                for n, (redis, keys) in enumerate(copies):
                     try:
                         if n not in checked:
                             await require_functions(redis)
                             checked.add(n)
                         await housekeep_once(redis, keys, config)
+                        if config.read_bounces:
+                            await bounces.read_once(n)
                     except (aioredis.RedisError, OSError) as exc:  # the next pass tries again
                         log.warning("housekeeping_failed", error=str(exc), stream=keys.send)
                 with contextlib.suppress(TimeoutError):

@@ -222,6 +222,18 @@ def _envelope(send: SendMessage) -> tuple[str, list[str], bool]:
     return mail_from, recipients, utf8
 
 
+_OUR_MESSAGE_ID = re.compile(r"<(.{1,64})\.[0-9a-f]{12}@[^<>@\s]+>")
+
+
+def sent_message_id(message_id_field: str) -> str | None:
+    """The idempotency id a ``Message-ID`` that :func:`build_message` made carries: the send's
+    ``id`` (or its entry id) when that was a short dot-atom; None for any other field."""
+    match = _OUR_MESSAGE_ID.fullmatch(message_id_field.strip())
+    if match is None or not _SAFE_ID.fullmatch(match.group(1)):
+        return None
+    return match.group(1)
+
+
 def _message_id(token: str, seed: bytes, host: str) -> str:
     """``<id.hash@host>``: stable for one message, distinct across messages and installs."""
     digest = hashlib.blake2b(seed, digest_size=6).hexdigest()

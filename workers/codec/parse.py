@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, cast
 
 from workers.codec.headers import (
     ADDRESS_FIELDS,
@@ -30,6 +30,7 @@ from workers.codec.headers import (
     replace_line_breaks,
     unfold,
 )
+from workers.codec.report import delivery_report
 from workers.codec.types import SCHEMA_VERSION, Content, ReceiveMessage
 
 __all__ = ["DEFAULT_PARSE_LIMITS", "ParseLimits", "parse_message"]
@@ -549,6 +550,15 @@ def _envelope_sender(mail_from: str | None) -> str | None:
     return sender or None
 
 
+def _report_of(content: Content, state: _State) -> dict[str, Any] | None:
+    """A bounce's ``delivery_report`` (:mod:`.report`); a reader bug costs only the key."""
+    try:
+        return delivery_report(cast("dict[str, Any]", content))
+    except Exception as error:  # the ingest must store what it accepted
+        state.defect("content", f"delivery report unreadable ({type(error).__name__})")
+        return None
+
+
 def parse_message(
     raw: bytes,
     *,
@@ -583,6 +593,9 @@ def parse_message(
     }
     if dsn:
         message["dsn"] = dsn
+    report = _report_of(content, state)
+    if report is not None:
+        message["delivery_report"] = report
     defects = state.final_defects()
     if defects:
         message["defects"] = defects

@@ -7,7 +7,7 @@ knows the spec can ignore every extension key.
 
 from __future__ import annotations
 
-from typing import NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 SCHEMA_VERSION = 1
 
@@ -50,6 +50,7 @@ ReceiveMessage = TypedDict(
         "defects": NotRequired[list[str]],  # parser defects, "path: description"
         "raw": NotRequired[bytes],  # the message bytes as received, when kept
         "dsn": NotRequired[dict[str, object]],  # RFC 3461 parameters (workers.codec.dsn)
+        "delivery_report": NotRequired[dict[str, Any]],  # a bounce (workers.codec.report)
     },
 )
 

@@ -273,6 +273,10 @@ def _non_empty_str(value: object, path: str) -> None:
         raise SchemaError(path, "must not be empty")
 
 
+def _map(value: object, path: str) -> None:
+    _expect(value, dict, path, "map")
+
+
 def _bool(value: object, path: str) -> None:
     _expect(value, bool, path, "bool")
 
@@ -296,6 +300,7 @@ _RECEIVE_EXTENSIONS: dict[str, _Check] = {
     "size": _non_negative_int,
     "defects": _str_list,
     "raw": _raw,
+    "delivery_report": _map,
 }
 
 

@@ -1,0 +1,157 @@
+"""Bounce reports on receive (RFC 3464): ingest stores a ``delivery_report`` key; housekeeping
+turns a report on one of our sends into a ``bounced`` event and, for an address that does
+not exist, a suppression.  Real bounces come from a private Postfix relaying to a sink that
+refuses the recipient; other fixtures are CPython's email test messages."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+import pytest
+import redis.asyncio as aioredis
+
+from tests.delivery_util import enqueue, events, make_config, run_until_settled, send_message
+from tests.harness import wait_until
+from tests.ingest_util import entries, ingest, message
+from tests.postfix_util import private_postfix
+from tests.sinks import PostfixSink
+from workers.bounces import BounceReader
+from workers.codec.build import build_message, sent_message_id
+from workers.codec.parse import parse_message
+from workers.streams.layout import StreamKeys
+
+CPYTHON_EMAIL = Path(sysconfig.get_path("stdlib")) / "test" / "test_email" / "data"
+
+
+def _parsed(name: str) -> dict[str, object]:
+    raw = (CPYTHON_EMAIL / name).read_bytes()
+    return dict(parse_message(raw, mail_from=None, rcpt_tos=["postmaster@example.com"]))
+
+
+def test_a_report_of_other_mail_libraries_is_read() -> None:
+    report = _parsed("msg_16.txt")["delivery_report"]
+    assert report == {
+        "reporting_mta": "dns; cougar.noc.ucla.edu",
+        "original_envelope_id": "0GK500B4HD0888@cougar.noc.ucla.edu",
+        "message_id": "<002001c144a6$8752e060$56104586@oxy.edu>",
+        "recipients": [{
+            "final_recipient": "rfc822;jangel1@cougar.noc.ucla.edu",
+            "original_recipient": "rfc822;jangel1@cougar.noc.ucla.edu",
+            "address": "jangel1@cougar.noc.ucla.edu",
+            "action": "failed",
+            "status": "5.0.0 (recipient reached disk quota)",
+        }],
+    }  # fmt: skip
+    several = _parsed("msg_43.txt")["delivery_report"]
+    assert isinstance(several, dict)
+    assert [r["status"] for r in several["recipients"]] == ["5.7.1"] * len(several["recipients"])
+    assert len(several["recipients"]) > 1
+
+
+def test_no_report_key_without_a_delivery_status_part() -> None:
+    assert "delivery_report" not in _parsed("msg_05.txt")  # multipart/report, no status part
+    assert "delivery_report" not in _parsed("msg_25.txt")  # no boundary: unreadable
+    plain = parse_message(message(), mail_from="a@example.org", rcpt_tos=["b@example.com"])
+    assert "delivery_report" not in plain
+
+
+@pytest.mark.parametrize(
+    ("given", "found"),
+    [
+        ("order-7", "order-7"),
+        ("1712345678901-0", "1712345678901-0"),
+        ("a.b.c", "a.b.c"),
+        ("x" * 65, None),
+        ("has space", None),
+    ],
+)
+def test_the_message_id_names_the_send(given: str, found: str | None) -> None:
+    built = build_message(send_message(["bob@example.com"], message_id=given), default_id="1-0")
+    named = sent_message_id(built.message_id)
+    if found is None:
+        assert named != given
+    else:
+        assert named == found
+
+
+def test_a_foreign_message_id_names_no_send() -> None:
+    for field in ["<CAF=abc@mail.gmail.com>", "<x.123@y>", "", "<order-7.0123456789ab@>"]:
+        assert sent_message_id(field) is None
+
+
+async def test_a_postfix_bounce_becomes_a_bounced_event_and_a_suppression(
+    redis: aioredis.Redis, redis_url: str, make_postfix_sink: Callable[..., PostfixSink]
+) -> None:
+    """delivery -> a private Postfix (250) -> a sink that says 550 5.1.1 -> Postfix's bounce
+    -> mailpool ingest -> housekeeping's bounce reader."""
+    sink = make_postfix_sink("-f", "RCPT", "-B", "550 5.1.1 <bob@bad.example>: no such user")
+    reader = BounceReader([(redis, StreamKeys())], suppress_ttl=3600)
+    assert await reader.read_once(0) == 0  # the group starts at the stream's end
+    async with ingest(redis_url) as server:
+        transport = f"inline:{{ bad.example=smtp:[127.0.0.1]:{sink.port} }}"
+        with private_postfix(server.port, transport_maps=transport) as postfix:
+            await enqueue(redis, send_message(["bob@bad.example"], message_id="order-7"))
+            relay = f"smtp://127.0.0.1:{postfix.port}"
+            await run_until_settled(redis, make_config(redis_url, relay))
+            await wait_until(lambda: _received(redis), "Postfix's bounce", timeout=30)
+            log = postfix.log
+    [(report_id, bounce)] = await entries(redis)
+    assert bounce["from"] is None  # a bounce has the null sender
+    report = bounce["delivery_report"]
+    assert report["recipients"][0]["action"] == "failed"
+    assert report["recipients"][0]["status"] == "5.1.1", log
+    assert await reader.read_once(0) == 1
+    kinds = [(e["event"], e["id"], e["recipients"]) for e in await events(redis)]
+    assert kinds == [
+        ("delivered", "order-7", ["bob@bad.example"]),  # Postfix took it
+        ("bounced", "order-7", ["bob@bad.example"]),  # and then it bounced
+    ]
+    bounced = (await events(redis))[1]
+    assert (bounced["status"], bounced["smtp_code"], bounced["report_id"]) == (
+        "5.1.1",
+        "550",
+        report_id,
+    )
+    assert "no such user" in bounced["smtp_text"]
+    why = json.loads(await redis.hget("mailpool:suppressed:why", "bob@bad.example"))
+    assert why["reason"] == "bounced"
+    assert await reader.read_once(0) == 0  # read once
+
+
+async def test_a_report_on_a_recipient_we_never_reached_records_nothing(
+    redis: aioredis.Redis,
+) -> None:
+    """A forged or foreign report that copies one of our Message-IDs names a send, but not a
+    recipient a relay accepted from us: no event, no suppression."""
+    reader = BounceReader([(redis, StreamKeys())], suppress_ttl=3600)
+    await reader.read_once(0)
+    await redis.hset("mailpool:sent:order-9", "ann@example.com", "1")
+    raw = _report(message_id="<order-9.0123456789ab@mailpool.test>", rcpt="mallory@example.com")
+    parsed = parse_message(raw, mail_from=None, rcpt_tos=["app@example.com"])
+    await redis.xadd("email.receive", {"data": msgpack.packb(parsed, use_bin_type=True)})
+    assert await reader.read_once(0) == 0
+    assert await redis.exists("email.send.events", "mailpool:suppressed") == 0
+
+
+def _report(*, message_id: str, rcpt: str) -> bytes:
+    return (
+        "From: MAILER-DAEMON@example.net\r\nTo: app@example.com\r\nSubject: failure\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: text/plain\r\n\r\nIt failed.\r\n"
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; mx.example.net\r\n\r\n"
+        f"Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        "Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n\r\n"
+        "--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"Message-ID: {message_id}\r\nSubject: hello\r\n\r\n"
+        "--b--\r\n"
+    ).encode()
+
+
+async def _received(redis: aioredis.Redis) -> bool:
+    return bool(await redis.exists("email.receive"))
