@@ -310,14 +310,16 @@ async def delivery_round(
     sink: SmtpSink,
     messages: list[SendMessage],
     concurrency: int = CONCURRENCY,
+    **settings: Any,
 ) -> Round:
-    """Enqueue round robin over the partitions, then time the worker until all is settled."""
+    """Enqueue round robin over the partitions, then time the worker until all is settled
+    (``settings``: more DeliveryConfig fields, e.g. ``suppress_ttl=0``)."""
     from workers.delivery import serve
 
     config = DeliveryConfig(
         redis_url=deployment.url, relay=f"smtp://127.0.0.1:{sink.port}", starttls="off",
         concurrency=concurrency, consumer="bench-worker", hostname="bench.invalid",
-        partitions=deployment.partitions,
+        partitions=deployment.partitions, **settings,
     )  # fmt: skip
     config.validate()
     keys = config.partition_keys()

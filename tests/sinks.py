@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -75,6 +75,7 @@ class RecordingSink:
     stall_data: float = 0.0  # seconds to wait before answering the end of DATA
     size_limit: int = 0  # > 0: offer the SIZE extension with this limit
     _rcpt: dict[str, list[_Replies]] = field(default_factory=lambda: defaultdict(list))
+    rcpt_seen: Counter[str] = field(default_factory=Counter)  # RCPT TO per address
     _data: list[_Replies] = field(default_factory=list)
     _drop_after_dot: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -132,6 +133,7 @@ class RecordingSink:
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
         with self._lock:
+            self.rcpt_seen[address.lower()] += 1
             reply = self._take(self._rcpt.get(address.lower(), []))
         if reply is not None:
             return reply

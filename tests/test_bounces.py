@@ -5,10 +5,12 @@ refuses the recipient; other fixtures are CPython's email test messages."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -19,9 +21,12 @@ from tests.harness import wait_until
 from tests.ingest_util import entries, ingest, message
 from tests.postfix_util import private_postfix
 from tests.sinks import PostfixSink
-from workers.bounces import BounceReader
+from workers import housekeeping
 from workers.codec.build import build_message, sent_message_id
 from workers.codec.parse import parse_message
+from workers.housekeeping import HousekeepConfig
+from workers.streams import layout
+from workers.streams.bounces import BounceReader
 from workers.streams.layout import StreamKeys
 
 CPYTHON_EMAIL = Path(sysconfig.get_path("stdlib")) / "test" / "test_email" / "data"
@@ -154,4 +159,102 @@ def _report(*, message_id: str, rcpt: str) -> bytes:
 
 
 async def _received(redis: aioredis.Redis) -> bool:
-    return bool(await redis.exists("email.receive"))
+    return bool(await redis.xlen("email.receive"))  # the reader's group made the stream
+
+
+async def _store_report(redis: aioredis.Redis, raw: bytes, *, stream: str = "email.receive",
+                        sender: str | None = None) -> None:  # fmt: skip
+    parsed = parse_message(raw, mail_from=sender, rcpt_tos=["app@example.com"])
+    await redis.xadd(stream, {"data": msgpack.packb(parsed, use_bin_type=True)})
+
+
+async def test_a_pass_that_fails_midway_reads_the_rest_next_time(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries left pending by a failure are read first by the next pass (before, they stayed
+    pending for good and held back the stream's trimming)."""
+    reader = BounceReader([(redis, StreamKeys())], suppress_ttl=3600)
+    await reader.read_once(0)
+    for n in range(5):
+        await redis.hset(f"mailpool:sent:order-{n}", "bob@example.com", "1")
+        await _store_report(
+            redis, _report(message_id=f"<order-{n}.0123456789ab@x>", rcpt="bob@example.com")
+        )
+    record = BounceReader._record_bounce
+    calls = []
+
+    async def fails_once(self: BounceReader, bounce: object, number: int) -> None:
+        calls.append(bounce)
+        if len(calls) == 2:
+            raise aioredis.ConnectionError("Redis went away")
+        await record(self, bounce, number)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BounceReader, "_record_bounce", fails_once)
+    with pytest.raises(aioredis.ConnectionError):
+        await reader.read_once(0)
+    assert await reader.read_once(0) == 4
+    assert [e["id"] for e in await events(redis)] == [f"order-{n}" for n in range(5)]
+    assert (await redis.xpending("email.receive", "mailpool-bounces"))["pending"] == 0
+
+
+async def test_one_pass_catches_up_with_a_backlog(redis: aioredis.Redis) -> None:
+    reader = BounceReader([(redis, StreamKeys())], suppress_ttl=3600)
+    await reader.read_once(0)
+    pipe = redis.pipeline()
+    for _ in range(1200):
+        pipe.xadd("email.receive", {"data": msgpack.packb({"from": "a@b.c"})})
+    await pipe.execute()
+    await reader.read_once(0)
+    [group] = await redis.xinfo_groups("email.receive")
+    assert (group["pending"], group["lag"]) == (0, 0)
+
+
+async def test_reading_bounces_off_removes_the_group(redis: aioredis.Redis, redis_url: str) -> None:
+    """A group left behind would hold back trimming of email.receive for good."""
+    await BounceReader([(redis, StreamKeys())], suppress_ttl=0).read_once(0)
+    config = HousekeepConfig(redis_url=redis_url, read_bounces=False, housekeep_interval=0.1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(housekeeping.serve(config, stop))
+    await wait_until(lambda: _no_groups(redis), "the group removed", timeout=10)
+    stop.set()
+    await task
+
+
+async def _no_groups(redis: aioredis.Redis) -> bool:
+    return await redis.xinfo_groups("email.receive") == []
+
+
+async def test_a_send_without_an_id_is_found_in_any_partition(redis: aioredis.Redis) -> None:
+    """Sends without an id go to any partition: their record is looked for in each."""
+    keys = [StreamKeys(), *[layout.partition_keys(StreamKeys(), p) for p in range(3)]][1:]
+    reader = BounceReader([(redis, k) for k in keys], suppress_ttl=3600)
+    await reader.read_once(1)
+    await redis.hset("mailpool:{2}sent:1712345678901-0", "bob@example.com", "1")
+    raw = _report(message_id="<1712345678901-0.0123456789ab@x>", rcpt="bob@example.com")
+    await _store_report(redis, raw, stream="email.receive{1}")
+    assert await reader.read_once(1) == 1
+    [event] = [e async for e in _events(redis, "email.send.events{2}")]
+    assert event["id"] == "1712345678901-0"
+
+
+async def _events(redis: aioredis.Redis, stream: str) -> Any:
+    for _, fields in await redis.xrange(stream):
+        yield {k.decode(): v.decode() for k, v in fields.items()}
+
+
+async def test_only_an_address_status_from_the_null_sender_suppresses(
+    redis: aioredis.Redis,
+) -> None:
+    reader = BounceReader([(redis, StreamKeys())], suppress_ttl=3600)
+    await reader.read_once(0)
+    await redis.hset(
+        "mailpool:sent:order-1", mapping={"ann@example.com": "1", "bob@example.com": "1"}
+    )
+    policy = _report(message_id="<order-1.0123456789ab@x>", rcpt="ann@example.com")
+    policy = policy.replace(b"Status: 5.1.1\r\n", b"").replace(b"550 5.1.1", b"550 5.7.1 spam")
+    await _store_report(redis, policy)  # no Status field: a bounce, not a bad address
+    forged = _report(message_id="<order-1.0123456789ab@x>", rcpt="bob@example.com")
+    await _store_report(redis, forged, sender="mallory@example.net")  # not the null sender
+    assert await reader.read_once(0) == 1
+    assert [e["recipients"] for e in await events(redis)] == [["ann@example.com"]]
+    assert await redis.exists("mailpool:suppressed") == 0

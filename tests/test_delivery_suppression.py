@@ -228,3 +228,55 @@ async def test_every_partition_has_the_list(
         "bob@example.com",
         "carol@example.com",
     ]
+
+
+async def test_a_replay_deferred_once_still_goes_to_the_suppressed_recipient(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """The replay's retry carries the bypass (before, it was suppressed again)."""
+    assert suppress(redis_url, "add", "bob@example.com").returncode == 0
+    await _send(redis, redis_url, sink, "bob@example.com")
+    [letter] = await stream_fields(redis, "email.send.dead")
+    command = ["dead", "replay", letter["_id"], "--redis-url", redis_url]
+    replay = subprocess.run(
+        [sys.executable, "-m", "workers", *command],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr
+    sink.refuse_rcpt("bob@example.com", "451 4.3.0 try again", times=1)
+    await run_until_settled(redis, make_config(redis_url, sink.url, suppress_ttl=TTL))
+    assert [r.rcpt_tos for r in sink.received] == [("bob@example.com",)]
+    kinds = [e["event"] for e in await events(redis)]
+    assert kinds == ["suppressed", "deferred", "delivered"]
+
+
+async def test_a_second_entry_with_the_id_is_not_sent_to_an_address_just_refused(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """Two entries of one message id: the first finds bob refused as an address; the
+    second, waiting its turn, finds him suppressed and does not try him again."""
+    sink.refuse_rcpt("bob@example.com", "550 5.1.1 no such user")
+    for _ in range(2):
+        await enqueue(redis, send_message(["ann@example.com", "bob@example.com"], message_id="M1"))
+    await run_until_settled(redis, make_config(redis_url, sink.url, suppress_ttl=TTL))
+    assert [r.rcpt_tos for r in sink.received] == [("ann@example.com",)]
+    assert sink.rcpt_seen["bob@example.com"] == 1
+    letters = await stream_fields(redis, "email.send.dead")
+    assert sorted(d["reason"] for d in letters) == ["rejected", "suppressed"]
+
+
+async def test_an_international_domain_matches_in_either_form(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    assert suppress(redis_url, "add", "Bob@Bücher.example").returncode == 0
+    assert await redis.zscore(LIST, "bob@xn--bcher-kva.example") is not None
+    await _send(redis, redis_url, sink, "bob@bücher.example")
+    assert sink.received == []
+    assert suppress(redis_url, "remove", "bob@xn--bcher-kva.example").returncode == 0
+
+
+@pytest.mark.parametrize("ttl", ["1e300", "nan", "inf", "3153600001"])
+def test_a_ttl_beyond_a_century_is_refused(redis_url: str, ttl: str) -> None:
+    done = suppress(redis_url, "add", "a@b.c", "--ttl", ttl)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr

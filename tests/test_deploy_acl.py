@@ -377,7 +377,8 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
             ">",
         ),
         ("XACK", "email.receive", "mailpool-bounces", "0-1"),
-        ("HGETALL", "mailpool:sent:order-7"),
+        ("HKEYS", "mailpool:sent:order-7"),
+        ("XGROUP", "DESTROY", "email.receive", "mailpool-bounces"),  # --no-read-bounces
         ("XADD", "email.send.events", "MAXLEN", "~", "1000", "*", "event", "bounced"),
         ("ZADD", "mailpool:suppressed", "GT", "1", "a@b.c"),
         ("HSET", "mailpool:suppressed:why", "a@b.c", "{}"),

@@ -218,6 +218,8 @@ OTHER_MEANINGS = {
     ("relay/__init__.py", ">"): "the end of the path in MAIL FROM:<...> and RCPT TO:<...>",
     ("ingest/handler.py", ">"): "the end of the address in the Received header's for <...>",
     ("delivery/held.py", ">"): "the end of a held entry's repr <HeldEntry ...>",
+    ("ingest/server.py", ">"): "the end of the path in MAIL FROM:<...> and RCPT TO:<...>",
+    ("streams/suppression.py", "message_id"): "a key of a suppression's JSON reason",
 }
 
 

@@ -49,6 +49,14 @@ SecretKind = Literal["value", "url", "pairs"]
 SECRET_FILE_LIMIT = 4096
 
 
+MAX_SUPPRESS_TTL = 100 * 365 * 86400.0  # a century: longer would overflow dates
+
+
+def check_suppress_ttl(ttl: float, name: str = "--suppress-ttl") -> None:
+    if not 0 <= ttl <= MAX_SUPPRESS_TTL:  # also refuses NaN
+        raise ConfigError(f"{name} must be 0..{MAX_SUPPRESS_TTL:.0f} seconds, got {ttl}")
+
+
 def option(
     default: Any,
     help: str,
@@ -721,7 +729,7 @@ class DeliveryConfig(CommonConfig):
             positive(name, getattr(self, name))
         positive("min_replicas", self.min_replicas, allow_zero=True)
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
-        positive("suppress_ttl", self.suppress_ttl, allow_zero=True)
+        check_suppress_ttl(self.suppress_ttl)
         if self.retry_cap < self.retry_base:
             raise ConfigError("--retry-cap must be >= --retry-base")
         self._derive_claim_after()

@@ -17,11 +17,17 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 import structlog
 
-from workers.bounces import BounceReader
-from workers.config import CommonConfig, option, parse_host_port, positive
+from workers.config import (
+    CommonConfig,
+    check_suppress_ttl,
+    option,
+    parse_host_port,
+    positive,
+)
 from workers.health import serving_health
 from workers.lifecycle import serve_until_signalled
 from workers.streams import layout
+from workers.streams.bounces import BounceReader, forget_group
 from workers.streams.connection import (
     as_text,
     close_all,
@@ -60,7 +66,7 @@ class HousekeepConfig(CommonConfig):
         for name in ("receive_max_age", "receive_max_len", "send_max_age", "send_max_len",
                      "consumer_idle", "housekeep_interval"):  # fmt: skip
             positive(name, getattr(self, name))
-        positive("suppress_ttl", self.suppress_ttl, allow_zero=True)
+        check_suppress_ttl(self.suppress_ttl)
         if self.http:
             parse_host_port(self.http, "--http")
 
@@ -153,6 +159,7 @@ async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:
             checked: set[int] = set()  # partitions whose library was found (exit 2 if missing)
             copies = list(zip(clients, partitions, strict=True))
             bounces = BounceReader(copies, suppress_ttl=config.suppress_ttl)
+            forgotten: set[int] = set()  # partitions whose bounce group was removed
             while not stop.is_set():
                 for n, (redis, keys) in enumerate(copies):
                     try:
@@ -162,6 +169,9 @@ async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:
                         await housekeep_once(redis, keys, config)
                         if config.read_bounces:
                             await bounces.read_once(n)
+                        elif n not in forgotten:
+                            await forget_group(redis, keys.receive)
+                            forgotten.add(n)
                     except (aioredis.RedisError, OSError) as exc:  # the next pass tries again
                         log.warning("housekeeping_failed", error=str(exc), stream=keys.send)
                 with contextlib.suppress(TimeoutError):

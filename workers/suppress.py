@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from workers.config import CommonConfig, ConfigError, option
+from workers.config import CommonConfig, ConfigError, check_suppress_ttl, option
 from workers.streams.connection import one_shot_partitions
 from workers.streams.suppression import (
     REASON_MANUAL,
@@ -58,8 +58,7 @@ class SuppressConfig(CommonConfig):
         for address in self._addresses:
             if "@" not in address or any(c.isspace() or c in "<>" for c in address):
                 raise ConfigError(f"suppress {self._action}: {address!r} is not an address")
-        if self.ttl < 0 or math.isnan(self.ttl):
-            raise ConfigError(f"--ttl must be >= 0, got {self.ttl}")
+        check_suppress_ttl(self.ttl, "--ttl")
 
     @property
     def action(self) -> str:

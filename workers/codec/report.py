@@ -44,6 +44,8 @@ _PER_RECIPIENT = {
     "remote-mta": "remote_mta",
     "last-attempt-date": "last_attempt_date",
 }
+REPORTED_MESSAGE_ID = "message_id"  # the key naming the Message-ID of what bounced
+REPORTED_RECIPIENTS = "recipients"  # the key of the per-recipient reports
 MAX_RECIPIENTS = 1000
 MAX_VALUE = 1000
 _parser = BytesHeaderParser(policy=compat32)
@@ -77,11 +79,11 @@ def delivery_report(content: dict[str, Any]) -> dict[str, Any] | None:
         recipients.append(recipient)
     if not recipients:
         return None
-    report["recipients"] = recipients
+    report[REPORTED_RECIPIENTS] = recipients
     original = next((p for p in parts if _media_type(p) in _ORIGINAL_PARTS), None)
     message_id = _message_id(original) if original is not None else None
     if message_id:
-        report["message_id"] = message_id
+        report[REPORTED_MESSAGE_ID] = message_id
     return report
 
 

@@ -42,7 +42,8 @@ class Job:
     attempts: int
     first_attempt: float | None
     recipients: list[str] | None  # carried by retries/replays: who is still to be sent
-    replayed: bool = False  # an operator's `dead replay`: sent even to suppressed recipients
+    replay_of: str | None = None  # an operator's `dead replay` (and its retries): the dead
+    # letter it came from; sent even to suppressed recipients
 
     @classmethod
     def from_entry(cls, entry: StreamEntry, fields: layout.RawFields) -> Job:
@@ -50,7 +51,7 @@ class Job:
         return cls(
             entry.id, sent.data, entry.deliveries, sent.source_id or entry.id,
             sent.message_id, sent.attempts, sent.first_attempt, sent.recipients,
-            sent.replay_of is not None,
+            sent.replay_of,
         )  # fmt: skip
 
 
@@ -92,7 +93,7 @@ def prepare(
         )
     ref = layout.MessageRef(message_id, job.source_id, job.data)
     recipients = job.recipients or built.recipients
-    ignore_suppression = job.replayed or message.get("ignore_suppression") is True
+    ignore_suppression = job.replay_of is not None or message.get("ignore_suppression") is True
     return Prepared(job, ref, built, recipients, policy, ignore_suppression)
 
 
@@ -110,6 +111,7 @@ async def look_up(
     *,
     reads_may_be_taken_back: bool,
     check_suppression: bool,
+    only: list[str] | None = None,
 ) -> list[Known]:
     """Recipients accepted before, and those suppressed, per message (one round trip for
     the batch; none when there is nothing to ask).
@@ -119,18 +121,20 @@ async def look_up(
     taken back: a read that reached a primary but not its replica is undone by a failover,
     and the entry, sent and recorded meanwhile, comes again as a first delivery
     (``--min-replicas``: the settlements wait for a replica, the reads cannot).
+    ``only``: the recipients to ask about (one message's, narrowed), instead of its own.
     """
+    wanted_of = {id(p): only if only is not None else p.recipients for p in batch}
     fresh = [
         not reads_may_be_taken_back and p.job.deliveries == 1 and p.ref.message_id == p.job.entry_id
         for p in batch
     ]
     wanted = [
-        oc.SentLookup(p.ref.message_id, p.recipients)
+        oc.SentLookup(p.ref.message_id, wanted_of[id(p)])
         for p, new in zip(batch, fresh, strict=True)
         if not new
     ]
     checked = [p for p in batch if check_suppression and not p.ignore_suppression]
-    addresses = sorted({suppression.normalise(r) for p in checked for r in p.recipients})
+    addresses = sorted({suppression.normalise(r) for p in checked for r in wanted_of[id(p)]})
     if not wanted and not addresses:
         return [Known(set(), {}) for _ in batch]
     sent, ends = await outcomes.look_up(wanted, addresses)
@@ -142,7 +146,7 @@ async def look_up(
         accepted = set() if new else next(looked_up)
         suppressed: dict[str, float] = {}
         if until and not p.ignore_suppression:
-            for rcpt in p.recipients:
+            for rcpt in wanted_of[id(p)]:
                 end = until.get(suppression.normalise(rcpt))
                 if end is not None and end > now:
                     suppressed[rcpt] = end
@@ -208,6 +212,7 @@ def _add_retry(
     retry = layout.retry_entry(
         data=p.job.data, message_id=p.ref.message_id, source_id=p.ref.source_id,
         attempts=when.attempts, first_attempt=when.first_attempt, recipients=recipients,
+        replay_of=p.job.replay_of,
     )  # fmt: skip
     s.retry = oc.Retry(due=due, fields=retry)
     reply = oc.first_reply(deferred)

@@ -317,10 +317,11 @@ class DeliveryWorker:
         with DELIVERY_IN_FLIGHT.track_inprogress(), DELIVERY_SMTP.time():
             result = await self.transport.send(held.prepared.built, recipients)
         result.suppressed.update(held.suppressed)
+        # Before the settlement, which lets the next entry with this id look its recipients up.
+        await self._suppress_refused(held, result)
         attempts = held.job.attempts + 1
         settlement = settle_attempt(held.prepared, result, attempts, first_attempt, self.rng)
         self._settle(partition, held, settlement)
-        await self._suppress_refused(held, result)
 
     async def _suppress_refused(self, held: HeldEntry, result: SendResult) -> None:
         """Recipients the relay refused as addresses go on the suppression list (every
@@ -350,18 +351,30 @@ class DeliveryWorker:
 
     async def _take_turn(self, partition: _Partition, held: HeldEntry) -> list[str]:
         """Wait for the entry here that sends the same message id, take the id, and return
-        the recipients that one did not reach ([] when there is nothing left to do)."""
+        the recipients that one did not reach and that are not suppressed meanwhile ([] when
+        there is nothing left to do: the entry is settled)."""
         await held.wait_for_id()
         try:
-            lookup = oc.SentLookup(held.message_id, held.recipients)
-            [already] = await partition.outcomes.already_sent([lookup])
+            [known] = await look_up(
+                partition.outcomes, [held.prepared], reads_may_be_taken_back=True,
+                check_suppression=self.config.suppress_ttl > 0, only=held.recipients,
+            )  # fmt: skip
         except (RedisError, OSError) as exc:
             log.warning("idempotency_check_failed", error=str(exc))
             return []
-        remaining = [r for r in held.recipients if r not in already]
-        if not remaining:
+        held.suppressed.update(
+            (r, end) for r, end in known.suppressed.items() if r not in known.accepted
+        )
+        remaining = [
+            r for r in held.recipients if r not in known.accepted and r not in held.suppressed
+        ]
+        if remaining:
+            return remaining
+        if held.suppressed:
+            self._settle_unsent(partition, held, held.suppressed)
+        else:
             self._settle(partition, held, nothing_left(held.prepared))
-        return remaining
+        return []
 
     def _settle(self, partition: _Partition, held: HeldEntry, settlement: oc.Settlement) -> None:
         held.settle()

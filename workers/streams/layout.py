@@ -129,6 +129,8 @@ EVENT = "event"  # events: delivered | deferred | failed | suppressed
 EVENT_DELIVERED = "delivered"  # the event of recipients a relay accepted
 EVENT_ID = "id"  # events: the message id
 NEXT_ATTEMPT = "next_attempt"
+STATUS = "status"  # bounced events: the report's Status (RFC 3463)
+REPORT_ID = "report_id"  # bounced events: the email.receive entry of the report
 DSN = "dsn"  # delivered events: "not_offered" when the message's DSN request went nowhere
 DSN_NOT_OFFERED = "not_offered"
 TIME = "time"
@@ -216,9 +218,11 @@ def retry_entry(
     attempts: int,
     first_attempt: float,
     recipients: Sequence[str],
+    replay_of: str | None = None,
 ) -> Fields:
-    """The send entry a deferred message comes back as (kept in its retry payload hash)."""
-    return {
+    """The send entry a deferred message comes back as (kept in its retry payload hash);
+    a replay's retry stays a replay (it still goes to suppressed recipients)."""
+    fields: Fields = {
         DATA: data,
         MESSAGE_ID: message_id,
         SOURCE_ID: source_id,
@@ -226,6 +230,9 @@ def retry_entry(
         FIRST_ATTEMPT: repr(first_attempt),
         RECIPIENTS: recipients_text(recipients),
     }
+    if replay_of is not None:
+        fields[REPLAY_OF] = replay_of
+    return fields
 
 
 def replay_entry(

@@ -19,6 +19,8 @@ An entry whose time is up counts as absent at once; housekeeping removes it late
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import re
@@ -42,8 +44,20 @@ _ADDRESS_BASIC = (550, 551, 553)
 
 
 def normalise(address: str) -> str:
-    """The form the list keys by: case does not tell mailboxes apart in practice."""
-    return address.strip().lower()
+    """The form the list keys by: lower case (case does not tell mailboxes apart in
+    practice), an internationalised domain in its ASCII form, as delivery sends it."""
+    local, at, domain = address.strip().rpartition("@")
+    if at and not domain.isascii():
+        # Kept as given when it has no ASCII form: it matches nothing delivery sends to.
+        with contextlib.suppress(UnicodeError):
+            domain = domain.encode("idna").decode("ascii")
+    return f"{local}{at}{domain}".lower()
+
+
+def address_status(status: str) -> bool:
+    """True for a report's ``Status`` that blames the address (5.1.x, 5.2.1)."""
+    code = status.split(maxsplit=1)[0] if status.strip() else ""
+    return _ADDRESS_STATUS.fullmatch(code) is not None
 
 
 def refuses_the_address(reply: SmtpReply) -> bool:
@@ -81,7 +95,10 @@ def _when(epoch: float) -> str:
 
 
 def describe_until(until: float) -> str:
-    return "further notice" if math.isinf(until) else _when(until)
+    try:
+        return "further notice" if math.isinf(until) else _when(until)
+    except (OverflowError, OSError, ValueError):  # an end beyond what gmtime can show
+        return "further notice"
 
 
 def _score(until: float) -> str:
@@ -100,13 +117,25 @@ class SuppressionList:
         entries = list(entries)
         if not entries:
             return
-        for redis, keys in self.copies:
-            pipe = redis.pipeline(transaction=False)
-            for entry in entries:
-                # GT still adds a new member; it only keeps a later end from moving back.
-                pipe.zadd(keys.suppressed, {entry.address: _score(entry.until)}, gt=not replace)
-                pipe.hset(keys.suppressed_why, entry.address, entry.why())
-            await pipe.execute()
+        # Every copy at once, each on its own: one shard down leaves the others written.
+        done = await asyncio.gather(
+            *(self._add_to(redis, keys, entries, replace) for redis, keys in self.copies),
+            return_exceptions=True,
+        )
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    @staticmethod
+    async def _add_to(
+        redis: aioredis.Redis, keys: StreamKeys, entries: list[Suppression], replace: bool
+    ) -> None:
+        pipe = redis.pipeline(transaction=False)
+        for entry in entries:
+            # GT still adds a new member; it only keeps a later end from moving back.
+            pipe.zadd(keys.suppressed, {entry.address: _score(entry.until)}, gt=not replace)
+            pipe.hset(keys.suppressed_why, entry.address, entry.why())
+        await pipe.execute()
 
     async def remove(self, addresses: Sequence[str]) -> int:
         """Remove from every copy; how many of ``addresses`` were on the list."""

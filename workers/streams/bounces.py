@@ -25,13 +25,14 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
 import structlog
 
 from workers.codec.build import sent_message_id
+from workers.codec.report import REPORTED_MESSAGE_ID, REPORTED_RECIPIENTS
 from workers.streams import layout, suppression
 from workers.streams.consumer import ensure_group
 from workers.streams.layout import Fields, StreamKeys
@@ -42,6 +43,9 @@ log = structlog.get_logger("mailpool.bounces")
 GROUP = "mailpool-bounces"
 CONSUMER = "housekeeping"
 BATCH = 500
+PASS_BUDGET = 10.0  # seconds one pass may read one partition's backlog for
+MAX_FAILURES = 3  # readings of one entry that failed before it is dropped
+_ENTRY_ID = re.compile(r"\d+-\d+")
 EVENT_BOUNCED = "bounced"
 _DIAGNOSTIC = re.compile(r"(?:smtp|x-[\w-]+)\s*;\s*([2-5]\d\d)[ -]?(.*)", re.IGNORECASE | re.DOTALL)
 
@@ -66,17 +70,18 @@ def bounces_in(entry_id: str, message: dict[str, Any]) -> list[Bounce]:
     report = message.get("delivery_report")
     if not isinstance(report, dict):
         return []
-    message_id = sent_message_id(str(report.get("message_id", "")))
+    message_id = sent_message_id(str(report.get(REPORTED_MESSAGE_ID, "")))
     if message_id is None:
         return []
     found = []
-    for recipient in report.get("recipients", []):
+    for recipient in report.get(REPORTED_RECIPIENTS, []):
         if not isinstance(recipient, dict) or recipient.get("action") != "failed":
             continue
         match = _DIAGNOSTIC.match(str(recipient.get("diagnostic_code", "")))
         reply = _Reply(int(match.group(1)), match.group(2).strip()) if match else _Reply(None, "")
-        found.append(Bounce(message_id, str(recipient.get("address", "")), str(
-            recipient.get("status", "")), reply, entry_id))  # fmt: skip
+        status = str(recipient.get("status", ""))
+        found.append(Bounce(message_id, str(recipient.get("address", "")), status, reply,
+                            entry_id))  # fmt: skip
     return found
 
 
@@ -85,17 +90,17 @@ def bounce_event(bounce: Bounce, now: float) -> Fields:
         layout.EVENT: EVENT_BOUNCED,
         layout.EVENT_ID: bounce.message_id,
         layout.RECIPIENTS: layout.recipients_text([bounce.recipient]),
-        "status": bounce.status,
+        layout.STATUS: bounce.status,
         layout.SMTP_CODE: "" if bounce.reply.code is None else bounce.reply.code,
         layout.SMTP_TEXT: bounce.reply.text[: layout.MAX_ERROR_TEXT],
-        "report_id": bounce.report_id,
+        layout.REPORT_ID: bounce.report_id,
         layout.TIME: repr(round(now, 3)),
     }
     return fields
 
 
 class BounceReader:
-    """One pass over the reports received since the last: ``copies`` is (client, keys) per
+    """The bounce reports received since the last pass: ``copies`` is (client, keys) per
     partition, in partition order."""
 
     def __init__(
@@ -109,20 +114,54 @@ class BounceReader:
         self.suppress_ttl = suppress_ttl
         self.events_maxlen = events_maxlen
         self._suppression = SuppressionList(self.copies)
+        self._failures: dict[str, int] = {}  # entry id -> failed readings (in this process)
 
-    async def read_once(self, partition: int) -> int:
-        """Read this partition's new receive entries; the bounces recorded."""
+    async def read_once(self, partition: int, budget: float = PASS_BUDGET) -> int:
+        """Read this partition's entries until caught up (or ``budget`` seconds): first the
+        group's own pending ones (a pass that failed midway), then new ones.  The bounces
+        recorded.  The group holds back trimming of ``email.receive`` while it lags."""
         redis, keys = self.copies[partition]
-        await ensure_group(redis, keys.receive, GROUP, start="$")
-        reply: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] = cast(
-            "Any", await redis.xreadgroup(GROUP, CONSUMER, {keys.receive: ">"}, count=BATCH)
-        )
+        await ensure_group(redis, keys.receive, GROUP, start=layout.NEW_ONLY)
+        deadline = time.monotonic() + budget
         recorded = 0
+        for start in (layout.FROM_START, layout.UNDELIVERED):
+            while time.monotonic() < deadline:
+                batch = await self._read(redis, keys.receive, start)
+                for entry_id, fields in batch:
+                    recorded += await self._handle(redis, keys.receive, entry_id, fields)
+                if len(batch) < BATCH:
+                    break
+        return recorded
+
+    @staticmethod
+    async def _read(
+        redis: aioredis.Redis, stream: str, start: str
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        reply: Any = await redis.xreadgroup(GROUP, CONSUMER, {stream: start}, count=BATCH)
+        rows = []
         for _, entries in reply or []:
             for raw_id, fields in entries:
                 entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-                recorded += await self._record(entry_id, fields)
-                await redis.xack(keys.receive, GROUP, entry_id)
+                rows.append((entry_id, fields or {}))  # {}: trimmed while pending
+        return rows
+
+    async def _handle(
+        self, redis: aioredis.Redis, stream: str, entry_id: str, fields: dict[bytes, bytes]
+    ) -> int:
+        """Record one entry's bounces and acknowledge it; an entry whose recording keeps
+        failing is dropped after MAX_FAILURES passes (logged), so it never blocks the
+        stream's trimming for good."""
+        try:
+            recorded = await self._record(entry_id, fields)
+        except (aioredis.RedisError, OSError) as exc:
+            failures = self._failures.get(entry_id, 0) + 1
+            self._failures[entry_id] = failures
+            if failures < MAX_FAILURES:
+                raise  # stays pending: the next pass reads it first
+            log.error("bounce_dropped", report=entry_id, error=str(exc), failures=failures)
+            recorded = 0
+        self._failures.pop(entry_id, None)
+        await redis.xack(stream, GROUP, entry_id)
         return recorded
 
     async def _record(self, entry_id: str, fields: dict[bytes, bytes]) -> int:
@@ -133,30 +172,60 @@ class BounceReader:
             message = msgpack.unpackb(data, raw=False)
         except Exception:  # an entry no consumer can read is not a bounce of ours
             return 0
-        bounces = bounces_in(entry_id, message) if isinstance(message, dict) else []
+        if not isinstance(message, dict) or message.get("from") is not None:
+            return 0  # reports come from the null sender (RFC 3464 section 2)
         recorded = 0
-        for bounce in bounces:
-            if await self._record_bounce(bounce):
+        accepted: dict[str, tuple[int, set[str]]] = {}  # message id -> partition, recipients
+        for bounce in bounces_in(entry_id, message):
+            if bounce.message_id not in accepted:
+                accepted[bounce.message_id] = await self._sent_record(bounce.message_id)
+            number, reached = accepted[bounce.message_id]
+            if bounce.recipient.lower() in reached:
+                await self._record_bounce(bounce, number)
                 recorded += 1
         return recorded
 
-    async def _record_bounce(self, bounce: Bounce) -> bool:
-        number = layout.partition_of(bounce.message_id, len(self.copies))
+    async def _sent_record(self, message_id: str) -> tuple[int, set[str]]:
+        """The partition holding the send's idempotency record and the recipients in it.
+        A send with an ``id`` is in the partition its id maps to; one without (the id is
+        its entry id) may be in any, so each is asked."""
+        count = len(self.copies)
+        if _ENTRY_ID.fullmatch(message_id):
+            candidates = list(range(count))
+        else:
+            candidates = [layout.partition_of(message_id, count)]
+        for number in candidates:
+            redis, keys = self.copies[number]
+            sent = await redis.hkeys(keys.sent(message_id))
+            if sent:
+                return number, {_text(k).lower() for k in sent}
+        return candidates[0], set()
+
+    async def _record_bounce(self, bounce: Bounce, number: int) -> None:
         redis, keys = self.copies[number]
-        sent = await redis.hgetall(keys.sent(bounce.message_id))
-        accepted = {k.decode().lower() if isinstance(k, bytes) else str(k).lower() for k in sent}
-        if bounce.recipient.lower() not in accepted:
-            return False  # no send of ours reached this recipient under that id
         now = time.time()
         event: Any = bounce_event(bounce, now)
         await redis.xadd(keys.events, event, maxlen=self.events_maxlen, approximate=True)
         log.info("bounced", id=bounce.message_id, recipient=bounce.recipient,
                  status=bounce.status, report=bounce.report_id)  # fmt: skip
-        reply = _Reply(bounce.reply.code or 550, f"{bounce.status} {bounce.reply.text}")
-        if self.suppress_ttl > 0 and suppression.refuses_the_address(reply):
+        if self.suppress_ttl > 0 and suppression.address_status(bounce.status):
             await self._suppression.add([Suppression(
                 address=suppression.normalise(bounce.recipient), until=now + self.suppress_ttl,
                 reason="bounced", since=now, code=bounce.reply.code, text=bounce.reply.text[:200],
                 message_id=bounce.message_id,
             )])  # fmt: skip
-        return True
+
+
+async def forget_group(redis: aioredis.Redis, stream: str) -> None:
+    """With bounce reading off, the group is removed: a group left behind would hold back
+    the stream's trimming for good."""
+    try:
+        destroyed = await redis.xgroup_destroy(stream, GROUP)
+    except aioredis.ResponseError:  # no such stream
+        return
+    if destroyed:
+        log.info("group_removed", stream=stream, group=GROUP)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
