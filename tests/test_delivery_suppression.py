@@ -41,6 +41,15 @@ def suppress(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+def replay(redis_url: str, letter_id: str) -> None:
+    command = ["dead", "replay", letter_id, "--redis-url", redis_url]
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", *command],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
 async def _send(
     redis: aioredis.Redis, redis_url: str, sink: RecordingSink, *to: str, **kw: object
 ) -> None:
@@ -89,12 +98,7 @@ async def test_opting_out_and_replaying_send_to_a_suppressed_recipient(
     assert [r.rcpt_tos for r in sink.received] == [("bob@example.com",)]
     await _send(redis, redis_url, sink, "bob@example.com", subject="no opt-out")
     [letter] = await stream_fields(redis, "email.send.dead")
-    command = ["dead", "replay", letter["_id"], "--redis-url", redis_url]
-    replay = subprocess.run(
-        [sys.executable, "-m", "workers", *command],
-        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
-    )  # fmt: skip
-    assert replay.returncode == 0, replay.stderr
+    replay(redis_url, letter["_id"])
     await run_until_settled(redis, make_config(redis_url, sink.url, suppress_ttl=TTL))
     assert [r.message["subject"] for r in sink.received] == ["Hello", "no opt-out"]
 
@@ -237,12 +241,7 @@ async def test_a_replay_deferred_once_still_goes_to_the_suppressed_recipient(
     assert suppress(redis_url, "add", "bob@example.com").returncode == 0
     await _send(redis, redis_url, sink, "bob@example.com")
     [letter] = await stream_fields(redis, "email.send.dead")
-    command = ["dead", "replay", letter["_id"], "--redis-url", redis_url]
-    replay = subprocess.run(
-        [sys.executable, "-m", "workers", *command],
-        capture_output=True, text=True, timeout=30, cwd=ROOT, check=False,
-    )  # fmt: skip
-    assert replay.returncode == 0, replay.stderr
+    replay(redis_url, letter["_id"])
     sink.refuse_rcpt("bob@example.com", "451 4.3.0 try again", times=1)
     await run_until_settled(redis, make_config(redis_url, sink.url, suppress_ttl=TTL))
     assert [r.rcpt_tos for r in sink.received] == [("bob@example.com",)]
