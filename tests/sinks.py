@@ -74,6 +74,7 @@ class RecordingSink:
     ehlo_count: int = 0
     stall_data: float = 0.0  # seconds to wait before answering the end of DATA
     size_limit: int = 0  # > 0: offer the SIZE extension with this limit
+    pipelining: bool = False  # offer PIPELINING
     _rcpt: dict[str, list[_Replies]] = field(default_factory=lambda: defaultdict(list))
     rcpt_seen: Counter[str] = field(default_factory=Counter)  # RCPT TO per address
     _data: list[_Replies] = field(default_factory=list)
@@ -127,6 +128,8 @@ class RecordingSink:
         session.host_name = hostname
         with self._lock:
             self.ehlo_count += 1
+        if self.pipelining:  # aiosmtpd reads pipelined commands in order (RFC 2920)
+            responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_RCPT(

@@ -36,7 +36,7 @@ def test_the_installed_aiosmtplib_is_a_release_the_fence_was_checked_against() -
 
 def test_aiosmtplib_still_has_what_the_fence_uses() -> None:
     assert aiosmtplib.SMTP().protocol is None, f"revisit {FENCE}: SMTP.protocol is gone"
-    used = ["write", "_drain_helper", "read_response"]
+    used = ["write", "_drain_helper", "read_response", "connection_lost"]
     missing = [name for name in used if not hasattr(SMTPProtocol, name)]
     assert missing == [], f"revisit {FENCE}: SMTPProtocol has no {missing}"
     timeout = inspect.signature(SMTPProtocol.read_response).parameters.get("timeout")
@@ -155,3 +155,22 @@ async def test_a_relay_that_stops_reading_the_message_is_cut_at_the_smtp_timeout
     assert not result.accepted and list(result.deferred) == ["r@example.com"]
     assert result.deferred["r@example.com"].text == SEND_TIMED_OUT
     assert 0.5 <= took < 2.0
+
+
+async def test_own_replies_lends_the_transport_and_gives_it_back() -> None:
+    """The pipelined transaction's use (own_replies): SMTPProtocol.transport is the live
+    transport; with another protocol set for a while, aiosmtplib's works on after it."""
+    from workers.relay.pipelining import ReplyChannel
+
+    relay = ScriptedRelay()
+    async with relay.running() as url:
+        port = int(url.rsplit(":", 1)[1])
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+        await smtp.connect()
+        await smtp.ehlo()
+        channel = ReplyChannel()
+        async with aiosmtplib_fence.own_replies(smtp, channel) as transport:
+            transport.write(b"NOOP\r\nNOOP\r\n")
+            assert [(await channel.reply()).code, (await channel.reply()).code] == [250, 250]
+        assert (await smtp.noop()).code == 250  # aiosmtplib's protocol reads again
+        await smtp.quit()

@@ -34,7 +34,7 @@ import aiosmtplib
 import structlog
 
 from workers.codec.build import BuiltMessage
-from workers.relay import aiosmtplib_fence
+from workers.relay import aiosmtplib_fence, pipelining
 
 log = structlog.get_logger("mailpool.relay")
 
@@ -296,9 +296,23 @@ async def transaction(
         # A property of the relay, not a passing fault: retrying would not help.
         result.rejected = dict.fromkeys(recipients, Reply(None, "relay does not offer SMTPUTF8"))
         return TransactionResult(result, reusable=True)
-    encoding = "utf-8" if message.smtputf8 else "ascii"
     # A relay without DSN gets none of the request; the delivered event says so.
     result.dsn_not_offered = message.asks_dsn and not smtp.supports_extension("dsn")
+    if smtp.supports_extension("pipelining"):
+        return await _pipelined(smtp, message, recipients, deadline, data_timeout, result)
+    return await _one_by_one(smtp, message, recipients, deadline, data_timeout, result)
+
+
+async def _one_by_one(  # noqa: PLR0917 - transaction's own arguments, passed on
+    smtp: aiosmtplib.SMTP,
+    message: BuiltMessage,
+    recipients: Sequence[str],
+    deadline: float,
+    data_timeout: float,
+    result: SendResult,
+) -> TransactionResult:
+    """:func:`transaction` one command per round trip (a relay without PIPELINING)."""
+    encoding = "utf-8" if message.smtputf8 else "ascii"
     accepted: list[str] = []  # recipients the relay accepted in this transaction
     index = 0  # recipients[index:] have no answer of their own yet
     try:
@@ -340,6 +354,106 @@ async def transaction(
         result.refuse(accepted + list(recipients[index:]), _reply_of(exc))
         return TransactionResult(result, reusable=False)
     return _ended(smtp, result, accepted, reply)
+
+
+def _command(verb: bytes, path: bytes, options: list[bytes]) -> bytes:
+    line = b" ".join([verb + path, *options])
+    if b"\r" in line or b"\n" in line:  # the builder never lets one through: a last guard
+        raise ValueError("line break in a command")
+    return line + b"\r\n"
+
+
+async def _pipelined(  # noqa: PLR0917 - transaction's own arguments, passed on
+    smtp: aiosmtplib.SMTP,
+    message: BuiltMessage,
+    recipients: Sequence[str],
+    deadline: float,
+    data_timeout: float,
+    result: SendResult,
+) -> TransactionResult:
+    """:func:`transaction` for a relay that offers PIPELINING (RFC 2920): MAIL, every RCPT
+    and DATA in one write, then their replies in order (:mod:`.pipelining`)."""
+    encoding = "utf-8" if message.smtputf8 else "ascii"
+    try:
+        group = _command(b"MAIL FROM:", b"<" + message.mail_from.encode(encoding) + b">",
+                         _mail_options(smtp, message))  # fmt: skip
+        for rcpt in recipients:
+            path = b"<" + rcpt.encode(encoding) + b">"
+            group += _command(b"RCPT TO:", path, _rcpt_options(smtp, message, rcpt))
+    except ValueError as exc:  # an address that cannot go on a command line
+        result.rejected.update(dict.fromkeys(recipients, Reply(None, f"unsendable address: {exc}")))
+        return TransactionResult(result, reusable=True)
+    channel = pipelining.ReplyChannel()
+    accepted: list[str] = []
+    answered = 0  # recipients with a reply of their own
+    try:
+        async with aiosmtplib_fence.own_replies(smtp, channel) as transport:
+            async with asyncio.timeout_at(deadline):
+                transport.write(group + b"DATA\r\n")
+                mail = await channel.reply()
+                for rcpt in recipients:
+                    reply = await channel.reply()
+                    if reply.code == 421:  # closing: nobody else now
+                        raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
+                    answered += 1
+                    if mail.code != 250:
+                        continue  # each refused by MAIL's reply, below
+                    if reply.code in (250, 251):
+                        accepted.append(rcpt)
+                    else:
+                        result.refuse([rcpt], relay_reply(reply.code, reply.message))
+                data = await channel.reply()
+                if mail.code != 250:
+                    result.refuse(recipients, relay_reply(mail.code, mail.message))
+                    return TransactionResult(result, reusable=await _pipelined_reset(
+                        transport, channel, data))  # fmt: skip
+                if data.code != 354 or not accepted:
+                    return _data_refused(result, accepted, data, transport, channel)
+                transport.write(dot_stuffed(message.data) + b".\r\n")
+                await channel.drained()
+            async with asyncio.timeout(data_timeout):
+                reply = await channel.reply()
+    except aiosmtplib.SMTPResponseException as exc:
+        result.refuse(accepted + list(recipients[answered:]), _reply_of(exc))
+        return TransactionResult(result, reusable=False)
+    except CONNECTION_ERRORS as exc:
+        result.refuse(accepted + list(recipients[answered:]), _reply_of(exc))
+        return TransactionResult(result, reusable=False)
+    return _ended(smtp, result, accepted, reply)
+
+
+def _data_refused(
+    result: SendResult,
+    accepted: list[str],
+    data: aiosmtplib.SMTPResponse,
+    transport: asyncio.WriteTransport,
+    channel: pipelining.ReplyChannel,
+) -> TransactionResult:
+    """DATA's reply when it is no 354, or when no recipient was accepted.  A relay that
+    says 354 with no recipient (RFC 2920 forbids it) gets an empty message's dot; the
+    connection is then not reused, its state being unknown."""
+    if data.code == 354:
+        transport.write(b".\r\n")
+        return TransactionResult(result, reusable=False)
+    result.refuse(accepted, relay_reply(data.code, data.message))
+    return TransactionResult(result, reusable=_fit(data, channel))
+
+
+def _fit(last: aiosmtplib.SMTPResponse, channel: pipelining.ReplyChannel) -> bool:
+    """Whether the connection may carry the next transaction after ``last``."""
+    return last.code in SMTP_CODES and last.code != 421 and channel.lost is None
+
+
+async def _pipelined_reset(
+    transport: asyncio.WriteTransport,
+    channel: pipelining.ReplyChannel,
+    data: aiosmtplib.SMTPResponse,
+) -> bool:
+    """After a refused MAIL: fit for the next transaction (DATA was refused too)."""
+    if data.code == 354:
+        transport.write(b".\r\n")
+        return False
+    return _fit(data, channel)
 
 
 def _ended(

@@ -16,6 +16,11 @@ and for the reply to the final dot with one timeout, where RFC 5321 (section 4.5
 gives the transfer to the command budget (``--smtp-timeout``) and the reply to the dot a
 budget of its own (``--smtp-data-timeout``) that starts when the dot has left.
 
+A pipelined transaction (:mod:`workers.relay.pipelining`) lends the connection's transport
+(``SMTPProtocol.transport``) to a protocol of its own for the transaction
+(:func:`own_replies`): aiosmtplib reads one reply per command and drops replies it does not
+expect, so it cannot read a pipelined group's.  What that buys: see bench/delivery.py.
+
 And one behaviour the relay client reads replies by: a reply aiosmtplib could not read is
 raised as ``SMTPResponseException`` with a code no relay sent.  5.1.3 gives -1
 (``SMTPStatus.invalid_response``) to a line over its 8192-octet limit and to a line that
@@ -32,6 +37,10 @@ test_internals_aiosmtplib::test_an_unreadable_reply_has_the_fences_code,
 """
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import aiosmtplib
 from aiosmtplib import SMTPStatus
@@ -93,3 +102,29 @@ async def read_reply(smtp: aiosmtplib.SMTP, wait: float) -> aiosmtplib.SMTPRespo
     (a relay answers only once the dot has arrived: RFC 5321 section 4.1.1.4).
     """
     return await _protocol(smtp).read_response(timeout=wait)
+
+
+@contextlib.asynccontextmanager
+async def own_replies(
+    smtp: aiosmtplib.SMTP, channel: asyncio.Protocol
+) -> AsyncIterator[asyncio.WriteTransport]:
+    """The connection's transport with ``channel`` as its protocol for the ``with`` block
+    (a pipelined transaction reads its replies itself: aiosmtplib drops replies it does not
+    expect), aiosmtplib's protocol again after it.  A connection lost meanwhile is reported
+    to aiosmtplib's protocol, so the connection reads as closed.
+
+    Uses ``SMTPProtocol.transport`` (the TLS transport after STARTTLS) and asyncio's
+    ``BaseTransport.set_protocol``; nothing else of aiosmtplib's is read or changed.
+    """
+    protocol = _protocol(smtp)
+    transport = protocol.transport
+    if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    transport.set_protocol(channel)
+    try:
+        yield transport
+    finally:
+        transport.set_protocol(protocol)
+        lost = getattr(channel, "lost", None)
+        if lost is not None or transport.is_closing():
+            protocol.connection_lost(lost if isinstance(lost, Exception) else None)

@@ -1,0 +1,98 @@
+"""A pipelined SMTP transaction (RFC 2920) over an aiosmtplib connection.
+
+aiosmtplib reads one reply per command it sent and drops what arrives while it expects
+none, so it cannot pipeline.  For a relay that offers PIPELINING, the transaction takes the
+connection's transport for its duration (:func:`~workers.relay.aiosmtplib_fence.own_replies`)
+and reads replies itself, in order, with :class:`ReplyChannel`: MAIL, every RCPT and DATA go
+out in one write (DATA last, as RFC 2920 section 3.1 allows), their replies are read
+one after another, and each recipient's own reply decides its outcome as before.  Then the
+message and the final dot, and the reply to it.  Two round trips per message instead of
+three plus one per recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiosmtplib
+
+# RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets; aiosmtplib allows 8192.
+MAX_REPLY_LINE = 8192
+UNREADABLE = -1  # the code aiosmtplib gives a reply it cannot read (aiosmtplib_fence)
+
+
+class ReplyChannel(asyncio.Protocol):
+    """The connection's protocol while a pipelined transaction has it: collects what the
+    relay sends and hands out one complete reply at a time, in order."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._arrived = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.lost: BaseException | None = None  # why the connection ended, once it has
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer.extend(data)
+        self._arrived.set()
+
+    def eof_received(self) -> bool:
+        self._end(aiosmtplib.SMTPServerDisconnected("Connection closed by the relay"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc or aiosmtplib.SMTPServerDisconnected("Connection lost"))
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def _end(self, exc: BaseException) -> None:
+        if self.lost is None:
+            self.lost = exc
+        self._arrived.set()
+        self._writable.set()
+
+    # -- for the transaction --------------------------------------------------------------
+
+    async def drained(self) -> None:
+        """Return once the transport takes more (asyncio's flow control)."""
+        await self._writable.wait()
+        if self.lost is not None:
+            raise aiosmtplib.SMTPServerDisconnected(str(self.lost))
+
+    async def reply(self) -> aiosmtplib.SMTPResponse:
+        """The next complete reply (a multi-line one joined with newlines, as aiosmtplib
+        gives it); SMTPResponseException with code -1 for a reply that is not SMTP."""
+        while True:
+            found = self._take_reply()
+            if found is not None:
+                return found
+            if self.lost is not None:
+                raise aiosmtplib.SMTPServerDisconnected(str(self.lost))
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    def _take_reply(self) -> aiosmtplib.SMTPResponse | None:
+        lines: list[str] = []
+        start = 0
+        while (end := self._buffer.find(b"\n", start)) >= 0:
+            line = bytes(self._buffer[start:end]).rstrip(b"\r")
+            start = end + 1
+            code, separator = line[:3], line[3:4]
+            readable = code.isdigit() and separator in (b"", b" ", b"-")
+            if len(line) > MAX_REPLY_LINE or not readable:
+                del self._buffer[:start]
+                said = f"Malformed SMTP response: {line[:80]!r}"
+                raise aiosmtplib.SMTPResponseException(UNREADABLE, said)
+            lines.append(line[4:].decode("utf-8", "surrogateescape"))
+            if separator != b"-":
+                del self._buffer[:start]
+                return aiosmtplib.SMTPResponse(int(code), "\n".join(lines))
+        if len(self._buffer) - start > MAX_REPLY_LINE:
+            raise aiosmtplib.SMTPResponseException(UNREADABLE, "Response too long")
+        return None
