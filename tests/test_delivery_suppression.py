@@ -5,6 +5,7 @@ attempted again for --suppress-ttl; the send gets a dead letter and an event wit
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
@@ -20,13 +21,15 @@ from tests.delivery_util import (
     make_config,
     pack,
     run_until_settled,
+    running_worker,
     send_message,
     stream_fields,
 )
-from tests.harness import ROOT
+from tests.harness import ROOT, wait_until
 from tests.sinks import RecordingSink
 from workers.housekeeping import HousekeepConfig, housekeep_once
 from workers.relay import Reply
+from workers.streams import suppression as suppression_module
 from workers.streams.layout import StreamKeys
 from workers.streams.suppression import refuses_the_address
 
@@ -279,3 +282,32 @@ def test_a_ttl_beyond_a_century_is_refused(redis_url: str, ttl: str) -> None:
     done = suppress(redis_url, "add", "a@b.c", "--ttl", ttl)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_change_reaches_a_running_worker_within_a_second(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    config = make_config(redis_url, sink.url, suppress_ttl=TTL)
+    async with running_worker(config):
+        await enqueue(redis, send_message(["bob@example.com"], subject="before"))
+        await wait_until(lambda: len(sink.received) == 1, "the first send")
+        assert suppress(redis_url, "add", "bob@example.com").returncode == 0
+        await asyncio.sleep(1.2)  # the worker's copy is refreshed within a second
+        await enqueue(redis, send_message(["bob@example.com"], subject="after"))
+        await wait_until(lambda: _dead_letters(redis), "the suppressed send")
+    assert [r.message["subject"] for r in sink.received] == ["before"]
+
+
+async def _dead_letters(redis: aioredis.Redis) -> bool:
+    return bool(await redis.xlen("email.send.dead"))
+
+
+async def test_a_list_too_large_to_copy_is_asked_about_per_batch(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(suppression_module, "MAX_LOCAL", 0)
+    assert suppress(redis_url, "add", "bob@example.com").returncode == 0
+    await _send(redis, redis_url, sink, "ann@example.com", "bob@example.com")
+    assert [r.rcpt_tos for r in sink.received] == [("ann@example.com",)]
+    [letter] = await stream_fields(redis, "email.send.dead")
+    assert letter["reason"] == "suppressed"

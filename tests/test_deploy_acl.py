@@ -326,6 +326,9 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("HSETNX", "mailpool:sent:m1", "a@example.org", "2"),
         ("ZRANGEBYSCORE", "mailpool:retry", "-inf", "+inf"),
         ("ZMSCORE", "mailpool:suppressed", "a@example.org"),  # the suppression look-up
+        ("GET", "mailpool:suppressed:version"),  # its copy of the list, refreshed
+        ("ZCARD", "mailpool:suppressed"),
+        ("INCR", "mailpool:suppressed:version"),
         ("ZADD", "mailpool:suppressed", "GT", "1", "a@example.org"),
         ("HSET", "mailpool:suppressed:why", "a@example.org", "{}"),
         VERSION_CALL,
@@ -398,6 +401,7 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("HMGET", "mailpool:suppressed:why", "a@b.c"),
         ("ZREM", "mailpool:suppressed", "a@b.c"),
         ("HDEL", "mailpool:suppressed:why", "a@b.c"),
+        ("INCR", "mailpool:suppressed:version"),
         VERSION_CALL,
     ],
     "keda": [

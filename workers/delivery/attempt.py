@@ -26,6 +26,7 @@ from workers.streams import layout, suppression
 from workers.streams import outcomes as oc
 from workers.streams.consumer import StreamEntry
 from workers.streams.retry import RetryPolicy
+from workers.streams.suppression import SuppressionView
 
 log = structlog.get_logger("mailpool.delivery")
 
@@ -110,7 +111,7 @@ async def look_up(
     batch: list[Prepared],
     *,
     reads_may_be_taken_back: bool,
-    check_suppression: bool,
+    suppressions: SuppressionView | None,
     only: list[str] | None = None,
 ) -> list[Known]:
     """Recipients accepted before, and those suppressed, per message (one round trip for
@@ -122,6 +123,8 @@ async def look_up(
     and the entry, sent and recorded meanwhile, comes again as a first delivery
     (``--min-replicas``: the settlements wait for a replica, the reads cannot).
     ``only``: the recipients to ask about (one message's, narrowed), instead of its own.
+    ``suppressions``: the worker's copy of the suppression list (None: the list is off); a
+    list too large to copy is asked about in the same round trip (ZMSCORE).
     """
     wanted_of = {id(p): only if only is not None else p.recipients for p in batch}
     fresh = [
@@ -133,17 +136,22 @@ async def look_up(
         for p, new in zip(batch, fresh, strict=True)
         if not new
     ]
-    checked = [p for p in batch if check_suppression and not p.ignore_suppression]
+    checked = [p for p in batch if suppressions is not None and not p.ignore_suppression]
+    asked = suppressions is not None and not suppressions.local
     addresses = sorted({suppression.normalise(r) for p in checked for r in wanted_of[id(p)]})
-    if not wanted and not addresses:
-        return [Known(set(), {}) for _ in batch]
-    sent, ends = await outcomes.look_up(wanted, addresses)
-    until = {a: end for a, end in zip(addresses, ends, strict=True) if end is not None}
+    sent: list[set[str]] = []
+    ends: list[float | None] = []
+    if wanted or (asked and addresses):
+        sent, ends = await outcomes.look_up(wanted, addresses if asked else [])
+    if asked:
+        until = {a: end for a, end in zip(addresses, ends, strict=True) if end is not None}
+    else:
+        until = suppressions.until if suppressions is not None else {}
     now = time.time()
     looked_up = iter(sent)
     known = []
     for p, new in zip(batch, fresh, strict=True):
-        accepted = set() if new else next(looked_up)
+        accepted: set[str] = set() if new else next(looked_up)
         suppressed: dict[str, float] = {}
         if until and not p.ignore_suppression:
             for rcpt in wanted_of[id(p)]:

@@ -30,7 +30,12 @@ from workers.streams import outcomes as oc
 from workers.streams import suppression
 from workers.streams.consumer import START_ALL, GroupConsumer, StreamEntry
 from workers.streams.retry import RetryPolicy
-from workers.streams.suppression import REASON_REJECTED, Suppression, SuppressionList
+from workers.streams.suppression import (
+    REASON_REJECTED,
+    Suppression,
+    SuppressionList,
+    SuppressionView,
+)
 
 log = structlog.get_logger("mailpool.delivery")
 
@@ -57,6 +62,7 @@ class _Partition:
     held: HeldEntries
     settler: Settler
     reader: Reader
+    suppressions: SuppressionView  # this worker's copy of the partition's suppression list
     ready: bool = False  # its group exists and its Redis has our functions
 
     @property
@@ -132,7 +138,8 @@ class DeliveryWorker:
         stopped = lambda: self._stop.is_set()  # noqa: E731, PLW0108
         held = HeldEntries(self.config.concurrency, stopped=stopped, window=self._window)
         settler = Settler(stream.outcomes, on_crash=self._stop_now)
-        return _Partition(stream, held, settler, Reader(held, away_max=away_max))
+        view = SuppressionView(stream.outcomes.redis, stream.outcomes.keys)
+        return _Partition(stream, held, settler, Reader(held, away_max=away_max), view)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read, prepare and queue until ``stop``; ``--concurrency`` lanes send what is queued.
@@ -280,10 +287,10 @@ class DeliveryWorker:
         the next read."""
         try:
             async with asyncio.timeout(self._deadline):
+                view = await self._suppressions(partition)
                 return await look_up(
                     partition.outcomes, [held.prepared for held in built],
-                    reads_may_be_taken_back=self.config.min_replicas > 0,
-                    check_suppression=self.config.suppress_ttl > 0,
+                    reads_may_be_taken_back=self.config.min_replicas > 0, suppressions=view,
                 )  # fmt: skip
         except BaseException as exc:
             for held in built:  # they stay pending (at stop: for others)
@@ -340,6 +347,8 @@ class DeliveryWorker:
         ]  # fmt: skip
         if not entries:
             return
+        for each in self._partitions:  # in force here at once, whatever Redis says
+            each.suppressions.added(entries)
         try:
             async with asyncio.timeout(READ_BLOCK + READ_STALL):
                 await self._suppression.add(entries)
@@ -349,15 +358,24 @@ class DeliveryWorker:
         log.info("recipients_suppressed", id=held.message_id,
                  recipients=[e.address for e in entries], days=round(ttl / 86400, 1))  # fmt: skip
 
+    async def _suppressions(self, partition: _Partition) -> SuppressionView | None:
+        """The partition's copy of the suppression list, refreshed when due (None: off)."""
+        if self.config.suppress_ttl <= 0:
+            return None
+        view = partition.suppressions
+        await view.refresh_if_due()
+        return view
+
     async def _take_turn(self, partition: _Partition, held: HeldEntry) -> list[str]:
         """Wait for the entry here that sends the same message id, take the id, and return
         the recipients that one did not reach and that are not suppressed meanwhile ([] when
         there is nothing left to do: the entry is settled)."""
         await held.wait_for_id()
         try:
+            view = await self._suppressions(partition)
             [known] = await look_up(
                 partition.outcomes, [held.prepared], reads_may_be_taken_back=True,
-                check_suppression=self.config.suppress_ttl > 0, only=held.recipients,
+                suppressions=view, only=held.recipients,
             )  # fmt: skip
         except (RedisError, OSError) as exc:
             log.warning("idempotency_check_failed", error=str(exc))

@@ -135,6 +135,7 @@ class SuppressionList:
             # GT still adds a new member; it only keeps a later end from moving back.
             pipe.zadd(keys.suppressed, {entry.address: _score(entry.until)}, gt=not replace)
             pipe.hset(keys.suppressed_why, entry.address, entry.why())
+        pipe.incr(_version_key(keys))
         await pipe.execute()
 
     async def remove(self, addresses: Sequence[str]) -> int:
@@ -145,6 +146,7 @@ class SuppressionList:
             for address in addresses:
                 pipe.zrem(keys.suppressed, address)
             pipe.hdel(keys.suppressed_why, *addresses)
+            pipe.incr(_version_key(keys))
             removed = await pipe.execute()
             found.update(a for a, gone in zip(addresses, removed, strict=False) if gone)
         return len(found)
@@ -181,9 +183,65 @@ class SuppressionList:
             # Only those still expired: an address suppressed again meanwhile stays.
             pipe.zremrangebyscore(keys.suppressed, "-inf", now)
             pipe.hdel(keys.suppressed_why, *[_text(m) for m in expired])
-            count, _ = await pipe.execute()
+            pipe.incr(_version_key(keys))
+            count, _, _ = await pipe.execute()
             purged += int(count)
         return purged
+
+
+def _version_key(keys: StreamKeys) -> str:
+    return keys.suppressed + ":version"
+
+
+# How often a delivery worker asks whether the list changed, seconds; and the largest list it
+# keeps a copy of (a larger one is asked about per read batch instead).
+REFRESH = 1.0
+MAX_LOCAL = 200_000
+
+
+class SuppressionView:
+    """A delivery worker's copy of one partition's list, so that a read batch needs no round
+    trip for it: every :data:`REFRESH` seconds one ``GET`` of the list's version (every
+    write increments it), and the whole list again only when it changed.  Changes reach the
+    worker within a second; its own additions at once.  A list over :data:`MAX_LOCAL`
+    entries is not copied: :attr:`local` is False and each batch asks Redis (ZMSCORE)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: StreamKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.until: dict[str, float] = {}
+        self.local = True
+        self._version: bytes | None = None
+        self._checked = -math.inf
+
+    async def refresh_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < REFRESH:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(_version_key(self.keys))
+        pipe.zcard(self.keys.suppressed)
+        version, size = await pipe.execute()
+        self._checked = now
+        if version == self._version and version is not None:
+            return
+        self.local = int(size) <= MAX_LOCAL
+        if self.local:
+            members = cast(
+                "list[tuple[bytes, float]]",
+                await self.redis.zrangebyscore(
+                    self.keys.suppressed, f"({time.time()}", "+inf", withscores=True
+                ),
+            )
+            self.until = {_text(member): float(end) for member, end in members}
+        else:
+            self.until = {}
+        self._version = version
+
+    def added(self, entries: Iterable[Suppression]) -> None:
+        """This worker's own additions, in force before the next refresh."""
+        for entry in entries:
+            self.until[entry.address] = max(entry.until, self.until.get(entry.address, 0.0))
 
 
 def _text(value: bytes | str) -> str:
