@@ -84,6 +84,8 @@ async def test_the_envelope_goes_as_one_group(redis: aioredis.Redis, redis_url: 
     kinds = {e["event"]: e["recipients"] for e in await events(redis)}
     assert kinds == {"delivered": ["ann@example.com", "bob@example.com"],
                      "failed": ["nobody@example.com"]}  # fmt: skip
+    # A recipient refused as an address at RCPT is suppressed, as without pipelining.
+    assert await redis.zrange("mailpool:suppressed", 0, -1) == [b"nobody@example.com"]
 
 
 @pytest.mark.parametrize(

@@ -402,6 +402,7 @@ async def _pipelined(  # noqa: PLR0917 - transaction's own arguments, passed on
                         accepted.append(rcpt)
                     else:
                         result.refuse([rcpt], relay_reply(reply.code, reply.message))
+                        result.refused_at_rcpt.add(rcpt)
                 data = await channel.reply()
                 if mail.code != 250:
                     result.refuse(recipients, relay_reply(mail.code, mail.message))
