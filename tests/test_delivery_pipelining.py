@@ -31,12 +31,15 @@ from tests.sinks import PostfixSink, RecordingSink
 @dataclass
 class GroupPeer:
     """Offers PIPELINING and reads MAIL..DATA as one group before it answers any of it:
-    ``replies`` are the group's replies in order (MAIL, each RCPT, DATA)."""
+    ``replies`` are a group's replies in order (MAIL, each RCPT, DATA); ``later`` the
+    replies to the groups after the first on a connection (default: the same)."""
 
     replies: list[bytes]
     final: bytes = b"250 2.0.0 queued"
     hang_up_after: int | None = None  # replies sent before the connection is cut
+    later: list[bytes] | None = None
     groups: list[bytes] = field(default_factory=list)
+    resets: int = 0
     messages: int = 0
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -45,21 +48,23 @@ class GroupPeer:
             await reader.readline()  # EHLO
             writer.write(b"250-peer.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
             while True:
-                group = await asyncio.wait_for(reader.readuntil(b"DATA\r\n"), 5)
+                first = await asyncio.wait_for(reader.readline(), 5)
+                if first == b"RSET\r\n":  # a client that waits for its reply
+                    self.resets += 1
+                    writer.write(b"250 2.0.0 reset\r\n")
+                    continue
+                group = first + await asyncio.wait_for(reader.readuntil(b"DATA\r\n"), 5)
+                replies = self.replies if not self.groups or self.later is None else self.later
                 self.groups.append(group)
-                for number, reply in enumerate(self.replies):
+                for number, reply in enumerate(replies):
                     if number == self.hang_up_after:
                         writer.close()
                         return
                     writer.write(reply + b"\r\n")
-                if not self.replies[-1].startswith(b"354"):
-                    line = await reader.readline()  # RSET, or the next group, or QUIT
-                    if line.startswith(b"RSET"):
-                        writer.write(b"250 2.0.0 reset\r\n")
-                    continue
-                await reader.readuntil(b"\r\n.\r\n")
-                self.messages += 1
-                writer.write(self.final + b"\r\n")
+                if replies[-1].startswith(b"354"):
+                    await reader.readuntil(b"\r\n.\r\n")
+                    self.messages += 1
+                    writer.write(self.final + b"\r\n")
         writer.close()
 
     @contextlib.asynccontextmanager
@@ -129,6 +134,14 @@ async def test_the_envelope_goes_as_one_group(redis: aioredis.Redis, redis_url: 
         ),
         # the connection cut after two replies: none is known sent, all deferred
         ([b"250 ok", b"250 ok", b"250 ok", b"250 ok", b"354 go"], 2, {"deferred": TO}),
+        # MAIL refused, then 421 (Postfix's hard error limit): every recipient is decided
+        (
+            [b"550 5.7.1 no", b"503 5.5.1 no MAIL", b"421 4.7.0 too many errors"],
+            None,
+            {"failed": TO},
+        ),
+        # 421 to MAIL: deferred, and the connection is not used again
+        ([b"421 4.3.2 closing"], None, {"deferred": TO}),
     ],
 )
 async def test_each_reply_of_the_group_keeps_its_meaning(
@@ -193,3 +206,24 @@ async def test_pipelining_over_tls(
     await run_until_settled(redis, config)
     assert [r.tls for r in sink.received] == [True] * 4
     assert {r.rcpt_tos for r in sink.received} == {("ann@example.com", "bob@example.com")}
+
+
+async def test_one_connection_carries_transactions_one_after_another(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """The end mark goes once (a second "." was read as a command), and a transaction
+    refused before its message ends with RSET, so the next one on the connection starts
+    clean."""
+    peer = GroupPeer(
+        [b"250 ok", b"550 5.1.1 a", b"550 5.1.1 b", b"550 5.1.1 c", b"554 5.5.1 no valid"],
+        later=[b"250 ok", b"250 ok", b"250 ok", b"250 ok", b"354 go"],
+    )
+    async with peer.running() as relay:
+        for n in range(4):
+            await enqueue(redis, send_message(TO, subject=f"m{n}"))
+        config = make_config(redis_url, relay, concurrency=1, suppress_ttl=0)
+        await run_until_settled(redis, config)
+    assert peer.messages == 3
+    assert peer.resets == 1  # after the refused first transaction
+    assert all(group.startswith(b"MAIL FROM:") for group in peer.groups), peer.groups
+    assert len(peer.groups) == 4

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import ssl
 import time
@@ -356,10 +357,15 @@ async def _one_by_one(  # noqa: PLR0917 - transaction's own arguments, passed on
     return _ended(smtp, result, accepted, reply)
 
 
+_CONTROLS = re.compile(rb"[\x00-\x1f\x7f]")
+
+
 def _command(verb: bytes, path: bytes, options: list[bytes]) -> bytes:
+    """One command line; ValueError for a control character in it (aiosmtplib's own check
+    on the one-by-one path; the builder lets none through: a last guard)."""
     line = b" ".join([verb + path, *options])
-    if b"\r" in line or b"\n" in line:  # the builder never lets one through: a last guard
-        raise ValueError("line break in a command")
+    if _CONTROLS.search(line):
+        raise ValueError("control character in a command")
     return line + b"\r\n"
 
 
@@ -372,89 +378,96 @@ async def _pipelined(  # noqa: PLR0917 - transaction's own arguments, passed on
     result: SendResult,
 ) -> TransactionResult:
     """:func:`transaction` for a relay that offers PIPELINING (RFC 2920): MAIL, every RCPT
-    and DATA in one write, then their replies in order (:mod:`.pipelining`)."""
+    and DATA in one write, then their replies in order (:mod:`.pipelining`).  A transaction
+    that ends before the message goes out ends with RSET, as one sent command by command."""
     encoding = "utf-8" if message.smtputf8 else "ascii"
     try:
         group = _command(b"MAIL FROM:", b"<" + message.mail_from.encode(encoding) + b">",
                          _mail_options(smtp, message))  # fmt: skip
-        for rcpt in recipients:
+    except ValueError as exc:  # a sender that cannot go on a command line
+        result.rejected.update(dict.fromkeys(recipients, Reply(None, f"unsendable address: {exc}")))
+        return TransactionResult(result, reusable=True)
+    asked: list[str] = []  # recipients in the group, in order
+    for rcpt in recipients:
+        try:
             path = b"<" + rcpt.encode(encoding) + b">"
             group += _command(b"RCPT TO:", path, _rcpt_options(smtp, message, rcpt))
-    except ValueError as exc:  # an address that cannot go on a command line
-        result.rejected.update(dict.fromkeys(recipients, Reply(None, f"unsendable address: {exc}")))
+            asked.append(rcpt)
+        except ValueError as exc:  # this one only: the others are sent
+            result.rejected[rcpt] = Reply(None, f"unsendable address: {exc}")
+    if not asked:
         return TransactionResult(result, reusable=True)
     channel = pipelining.ReplyChannel()
     accepted: list[str] = []
-    answered = 0  # recipients with a reply of their own
+    answered = 0  # recipients in the group whose outcome is known
     try:
         async with aiosmtplib_fence.own_replies(smtp, channel) as transport:
             async with asyncio.timeout_at(deadline):
                 transport.write(group + b"DATA\r\n")
                 mail = await channel.reply()
-                for rcpt in recipients:
+                if mail.code != 250:  # every recipient by MAIL's reply, whatever follows
+                    result.refuse(asked, relay_reply(mail.code, mail.message))
+                    answered = len(asked)
+                    fit = await _end_refused(transport, channel, mail, len(asked) + 1)
+                    return TransactionResult(result, reusable=fit)
+                for rcpt in asked:
                     reply = await channel.reply()
                     if reply.code == 421:  # closing: nobody else now
                         raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
                     answered += 1
-                    if mail.code != 250:
-                        continue  # each refused by MAIL's reply, below
                     if reply.code in (250, 251):
                         accepted.append(rcpt)
                     else:
                         result.refuse([rcpt], relay_reply(reply.code, reply.message))
                         result.refused_at_rcpt.add(rcpt)
                 data = await channel.reply()
-                if mail.code != 250:
-                    result.refuse(recipients, relay_reply(mail.code, mail.message))
-                    return TransactionResult(result, reusable=await _pipelined_reset(
-                        transport, channel, data))  # fmt: skip
                 if data.code != 354 or not accepted:
-                    return _data_refused(result, accepted, data, transport, channel)
-                transport.write(dot_stuffed(message.data) + b".\r\n")
+                    result.refuse(accepted, relay_reply(data.code, data.message))
+                    accepted = []  # decided: a failure from here on is not theirs
+                    fit = await _end_refused(transport, channel, data, 0)
+                    return TransactionResult(result, reusable=fit)
+                transport.write(dot_stuffed(message.data))  # with its end mark
                 await channel.drained()
-            async with asyncio.timeout(data_timeout):
-                reply = await channel.reply()
-    except aiosmtplib.SMTPResponseException as exc:
-        result.refuse(accepted + list(recipients[answered:]), _reply_of(exc))
-        return TransactionResult(result, reusable=False)
-    except CONNECTION_ERRORS as exc:
-        result.refuse(accepted + list(recipients[answered:]), _reply_of(exc))
+            reply = await _final_pipelined_reply(channel, data_timeout)
+    except CONNECTION_ERRORS as exc:  # SMTPResponseException too: a reply not SMTP, a 421
+        result.refuse(accepted + asked[answered:], _reply_of(exc))
         return TransactionResult(result, reusable=False)
     return _ended(smtp, result, accepted, reply)
 
 
-def _data_refused(
-    result: SendResult,
-    accepted: list[str],
-    data: aiosmtplib.SMTPResponse,
+async def _final_pipelined_reply(
+    channel: pipelining.ReplyChannel, wait: float
+) -> aiosmtplib.SMTPResponse:
+    try:
+        async with asyncio.timeout(wait):
+            return await channel.reply()
+    except TimeoutError:
+        raise aiosmtplib.SMTPReadTimeoutError(
+            "no reply to the final dot within --smtp-data-timeout"
+        ) from None
+
+
+async def _end_refused(
     transport: asyncio.WriteTransport,
     channel: pipelining.ReplyChannel,
-) -> TransactionResult:
-    """DATA's reply when it is no 354, or when no recipient was accepted.  A relay that
-    says 354 with no recipient (RFC 2920 forbids it) gets an empty message's dot; the
-    connection is then not reused, its state being unknown."""
-    if data.code == 354:
-        transport.write(b".\r\n")
-        return TransactionResult(result, reusable=False)
-    result.refuse(accepted, relay_reply(data.code, data.message))
-    return TransactionResult(result, reusable=_fit(data, channel))
-
-
-def _fit(last: aiosmtplib.SMTPResponse, channel: pipelining.ReplyChannel) -> bool:
-    """Whether the connection may carry the next transaction after ``last``."""
-    return last.code in SMTP_CODES and last.code != 421 and channel.lost is None
-
-
-async def _pipelined_reset(
-    transport: asyncio.WriteTransport,
-    channel: pipelining.ReplyChannel,
-    data: aiosmtplib.SMTPResponse,
+    refusal: aiosmtplib.SMTPResponse,
+    unread: int,
 ) -> bool:
-    """After a refused MAIL: fit for the next transaction (DATA was refused too)."""
-    if data.code == 354:
-        transport.write(b".\r\n")
+    """After a refused MAIL or DATA: read the group's ``unread`` replies, then RSET; True
+    when the connection may carry the next transaction (RSET answered 250).  A 421, a 354
+    (the relay waits for a message we will not send: closing the connection drops it) or
+    any failure here: not fit, and the pool closes the connection."""
+    if refusal.code in (354, 421):
         return False
-    return _fit(data, channel)
+    try:
+        for _ in range(unread):
+            if (await channel.reply()).code in (354, 421):
+                return False
+        transport.write(b"RSET\r\n")
+        reset = await channel.reply()
+    except CONNECTION_ERRORS:  # (a time-out of the send's budget ends the whole send)
+        return False
+    return reset.code == 250 and channel.lost is None
 
 
 def _ended(
