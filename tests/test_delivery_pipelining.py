@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 import redis.asyncio as aioredis
 
@@ -227,3 +228,19 @@ async def test_one_connection_carries_transactions_one_after_another(
     assert peer.resets == 1  # after the refused first transaction
     assert all(group.startswith(b"MAIL FROM:") for group in peer.groups), peer.groups
     assert len(peer.groups) == 4
+
+
+def test_a_reply_that_never_ends_is_refused_within_bounds() -> None:
+    from workers.relay.pipelining import ReplyChannel
+
+    async def main() -> None:
+        channel = ReplyChannel()
+        channel.data_received(b"250-more\r\n" * 5000)  # 50 KB of continuation lines
+        with pytest.raises(aiosmtplib.SMTPResponseException, match="too long"):
+            await channel.reply()
+        split = ReplyChannel()
+        split.data_received(b"250-first\r\n25")
+        split.data_received(b"0 second\r\n")
+        assert await split.reply() == (250, "first\nsecond")
+
+    asyncio.run(main())

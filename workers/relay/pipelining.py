@@ -18,6 +18,7 @@ import aiosmtplib
 
 # RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets; aiosmtplib allows 8192.
 MAX_REPLY_LINE = 8192
+MAX_REPLY = 32768  # a whole multi-line reply, as aiosmtplib bounds it
 UNREADABLE = -1  # the code aiosmtplib gives a reply it cannot read (aiosmtplib_fence)
 
 
@@ -93,6 +94,6 @@ class ReplyChannel(asyncio.Protocol):
             if separator != b"-":
                 del self._buffer[:start]
                 return aiosmtplib.SMTPResponse(int(code), "\n".join(lines))
-        if len(self._buffer) - start > MAX_REPLY_LINE:
+        if len(self._buffer) - start > MAX_REPLY_LINE or start > MAX_REPLY:
             raise aiosmtplib.SMTPResponseException(UNREADABLE, "Response too long")
         return None
