@@ -136,14 +136,16 @@ async def look_up(
         for p, new in zip(batch, fresh, strict=True)
         if not new
     ]
-    checked = [p for p in batch if suppressions is not None and not p.ignore_suppression]
-    asked = suppressions is not None and not suppressions.local
-    addresses = sorted({suppression.normalise(r) for p in checked for r in wanted_of[id(p)]})
+    ask_redis = suppressions is not None and not suppressions.local
+    addresses: list[str] = []  # normalised, when the list is asked about (not copied)
+    if ask_redis:
+        checked = [p for p in batch if not p.ignore_suppression]
+        addresses = sorted({suppression.normalise(r) for p in checked for r in wanted_of[id(p)]})
     sent: list[set[str]] = []
     ends: list[float | None] = []
-    if wanted or (asked and addresses):
-        sent, ends = await outcomes.look_up(wanted, addresses if asked else [])
-    if asked:
+    if wanted or addresses:
+        sent, ends = await outcomes.look_up(wanted, addresses)
+    if ask_redis:
         until = {a: end for a, end in zip(addresses, ends, strict=True) if end is not None}
     else:
         until = suppressions.until if suppressions is not None else {}
