@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from workers import errors
 from workers.relay import MaildirTransport, RelaySettings, SmtpPool, Transport
-from workers.streams import cluster, layout, sentinel
+from workers.streams import cluster, layout, sentinel, suppression
 from workers.streams.layout import StreamKeys
 
 # The errors and the secret masking live in the lowest module (the streams layer raises
@@ -684,7 +684,7 @@ class DeliveryConfig(CommonConfig):
     events_maxlen: int = option(100_000, "approximate cap of the events stream")
     sent_ttl: float = option(604_800.0, "how long idempotency records are kept, seconds")
     suppress_ttl: float = option(
-        2_592_000.0,
+        float(suppression.DEFAULT_TTL),
         "seconds a recipient a relay refused as an address (5.1.x, 5.2.1) stays suppressed "
         "(not attempted); 0 turns the suppression list off (no look-up, no additions)",
     )

@@ -38,7 +38,7 @@ from workers.streams.connection import (
 from workers.streams.layout import StreamKeys
 from workers.streams.outcomes import promote_due, require_functions
 from workers.streams.snapshot import stream_status
-from workers.streams.suppression import SuppressionList
+from workers.streams.suppression import DEFAULT_TTL, SuppressionList
 
 log = structlog.get_logger("mailpool.housekeeping")
 
@@ -57,7 +57,7 @@ class HousekeepConfig(CommonConfig):
         "suppression of addresses that hard-bounced",
     )
     suppress_ttl: float = option(
-        2_592_000.0, "seconds a hard-bounced address stays suppressed (0: not suppressed)"
+        float(DEFAULT_TTL), "seconds a hard-bounced address stays suppressed (0: not suppressed)"
     )
     http: str | None = option(None, "serve /metrics (with stream gauges), /healthz, /readyz")
 

@@ -36,7 +36,7 @@ from workers.codec.report import REPORTED_MESSAGE_ID, REPORTED_RECIPIENTS
 from workers.streams import layout, suppression
 from workers.streams.consumer import ensure_group
 from workers.streams.layout import Fields, StreamKeys
-from workers.streams.suppression import Suppression, SuppressionList
+from workers.streams.suppression import REASON_BOUNCED, Suppression, SuppressionList
 
 log = structlog.get_logger("mailpool.bounces")
 
@@ -211,8 +211,8 @@ class BounceReader:
         if self.suppress_ttl > 0 and suppression.address_status(bounce.status):
             await self._suppression.add([Suppression(
                 address=suppression.normalise(bounce.recipient), until=now + self.suppress_ttl,
-                reason="bounced", since=now, code=bounce.reply.code, text=bounce.reply.text[:200],
-                message_id=bounce.message_id,
+                reason=REASON_BOUNCED, since=now, code=bounce.reply.code,
+                text=bounce.reply.text[:200], message_id=bounce.message_id,
             )])  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from workers.streams.layout import SmtpReply, StreamKeys
 
 REASON_REJECTED = "rejected"
 REASON_MANUAL = "manual"
+REASON_BOUNCED = "bounced"  # a hard bounce report received later (workers.streams.bounces)
 DEFAULT_TTL = 30 * 86400  # 30 days
 
 # Enhanced codes that say the address itself is bad (RFC 3463 section 3.2, 3.3).
