@@ -37,6 +37,7 @@ from workers.ingest.aiosmtpd_fence import Command, FencedSMTP, SessionArguments
 from workers.ingest.chunking import (
     REPLY_BDAT_SYNTAX,
     REPLY_DATA_AFTER_BDAT,
+    BdatCommand,
     ChunkedMessage,
     parse_bdat,
     read_chunk,
@@ -328,14 +329,25 @@ class IngestSMTP(FencedSMTP):
     async def _drop_chunk(self, arg: str | None) -> bool:
         """Read and drop a refused BDAT's chunk; False when the session ended instead (a
         size that cannot be read, or the client hung up)."""
+        command = await self._bdat_command(arg)
+        return command is not None and await self._read_chunk(command.size, None)
+
+    async def _bdat_command(self, arg: str | None) -> BdatCommand | None:
+        """BDAT's size and LAST; None (refused and closed) when the size cannot be read:
+        where the chunk's octets end is unknown, so nothing after it can be read."""
         command = parse_bdat(arg)
         if command is None:
+            INGEST_REJECTED.labels("syntax").inc()
             await self.push(REPLY_BDAT_SYNTAX)
             self._say_and_close("")
-            return False
+        return command
+
+    async def _read_chunk(self, size: int, into: ChunkedMessage | None) -> bool:
+        """Read a chunk of ``size`` octets (kept in ``into``, or dropped); False, and the
+        session closed, when the client hung up in the middle."""
         self._in_data = True
         try:
-            complete = await read_chunk(self.stream_reader, command.size, None)
+            complete = await read_chunk(self.stream_reader, size, into)
         finally:
             self._in_data = False
         if not complete:
@@ -461,25 +473,17 @@ class IngestSMTP(FencedSMTP):
     @syntax("BDAT chunk-size [LAST]")
     async def smtp_BDAT(self, arg: str | None) -> None:
         """RFC 3030 CHUNKING (:mod:`.chunking`): the chunk is read whatever the reply."""
-        command = parse_bdat(arg)
-        if command is None:  # where its octets end is unknown: nothing after it can be read
-            INGEST_REJECTED.labels("syntax").inc()
-            await self.push(REPLY_BDAT_SYNTAX)
-            self._say_and_close("")
+        command = await self._bdat_command(arg)
+        if command is None:
             return
         envelope = self.envelope
         open_ = envelope is not None and envelope.mail_from is not None and envelope.rcpt_tos
         if open_ and self._chunks is None:
             self._chunks = ChunkedMessage(self.data_size_limit, self._transaction_reservation())
         chunks = self._chunks if open_ else None
-        self._in_data = True
-        try:
-            complete = await read_chunk(self.stream_reader, command.size, chunks)
-        finally:
-            self._in_data = False
-        if not complete:  # the client hung up in the middle
-            self._say_and_close("")
-        elif chunks is None or envelope is None:
+        if not await self._read_chunk(command.size, chunks):
+            return
+        if chunks is None or envelope is None:
             await self._refuse_bdat()
         elif chunks.refusal is not None:
             self.trimmer.after_message(chunks.size)
