@@ -8,6 +8,9 @@ Rows:
 * ratios: each benchmark (bench/codec.py, bench/ingest.py, bench/delivery.py) run as it
   is, its ratios against the baseline it measured in the same run (higher is better for us);
   their whole output is kept in the log directory printed at the end;
+* Redis CPU per message against the raw floor (bench/redis_floor.py): delivery's against
+  XREADGROUP + XACK + one event XADD, ingest's against pipelined XADDs of its own entries,
+  on the same redis-server, alternated rounds (targets <= 1.3 and <= 1.1);
 * Redis cost (``--full`` only): bench/capacity.py's Redis CPU and memory per message (2 KB
   and 100 KB) and bench/cluster.py's Redis CPU per message on a 3-primary cluster with 6
   partitions over a standalone server's (lower is better; the issue's target is <= 1.10);
@@ -129,6 +132,22 @@ def delivery_rows(output: str) -> list[Row]:
             Row("delivery worker/rawtx", f"{own.group(1)}x", f"{note}; per CPU-s {own.group(2)}x")
         )
     return rows
+
+
+def floor_rows(output: str) -> list[Row]:
+    pattern = (
+        r"^FLOOR (\w+): ours ([\d.]+) us/msg, raw ([\d.]+) us/msg, ratio ([\d.]+) "
+        r"\(target <= ([\d.]+): \w+; per round (.*)\)$"
+    )
+    rows = [
+        Row(
+            f"Redis CPU/msg {role} ours/raw",
+            f"{ratio}x",
+            f"{ours} vs {raw} us (target <= {target}); rounds {rounds}",
+        )
+        for role, ours, raw, ratio, target, rounds in re.findall(pattern, output, re.M)
+    ]
+    return rows or [Row("Redis CPU/msg ours/raw", "?", "no FLOOR line in bench/redis_floor.py")]
 
 
 def capacity_rows(output: str) -> list[Row]:
@@ -482,6 +501,7 @@ async def report(quick: bool, messages: int, logs: Path) -> list[Row]:
         ("codec.py", codec_rows),
         ("ingest.py", ingest_rows),
         ("delivery.py", delivery_rows),
+        ("redis_floor.py", floor_rows),
     ):
         print(f"running bench/{script}{' --quick' if quick else ''} ...", flush=True)
         rows.extend(parse(run_benchmark(script, quick, logs)))

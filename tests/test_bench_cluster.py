@@ -1,6 +1,7 @@
 """The Redis-cost benchmarks run: bench/cluster.py (Redis CPU per message on the shared
 cluster with its partitions against a standalone redis-server) and bench/capacity.py
-(Redis CPU and memory per message, 2 KB and 100 KB) each send a few messages through the
+(Redis CPU and memory per message, 2 KB and 100 KB) and bench/redis_floor.py (Redis CPU
+per message against the raw commands' floor) each send a few messages through the
 real ingest and delivery workers, so a change of the workers' options or of the Redis
 layout breaks the test suite, not the next benchmark run."""
 
@@ -37,3 +38,18 @@ def test_the_capacity_benchmark_prints_redis_cost_and_memory_per_message() -> No
         # The bytes retained per entry of 60 messages carry tens of KB of allocator and
         # client-buffer noise under load (1621 B for 2 KB once in CI): half is the floor.
         assert line and float(line.group(1)) > 0 and int(line.group(2)) > size // 2, out
+
+
+@pytest.mark.timeout(150)
+def test_the_floor_benchmark_prints_redis_cost_against_raw_commands() -> None:
+    """bench/redis_floor.py runs both sides of both roles and `make bench` can read it."""
+    from bench.report import floor_rows
+
+    out = run_bench("redis_floor.py", "--rounds", "1", "--messages", "60")
+    for role in ("delivery", "ingest"):
+        line = re.search(rf"FLOOR {role}: ours ([\d.]+) us/msg, raw ([\d.]+) us/msg", out)
+        assert line and float(line.group(1)) > 0 and float(line.group(2)) > 0, out
+    assert [row.what for row in floor_rows(out)] == [
+        "Redis CPU/msg delivery ours/raw",
+        "Redis CPU/msg ingest ours/raw",
+    ], out

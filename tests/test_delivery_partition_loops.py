@@ -29,12 +29,12 @@ async def test_a_failing_partition_loop_lets_the_others_finish_their_sends(
     settle = oc.Outcomes.settle
 
     async def breaks_in_partition_1(
-        self: oc.Outcomes, settlements: Sequence[oc.Settlement], now: float
+        self: oc.Outcomes, settlements: Sequence[oc.Settlement], now: float, **options: bool
     ) -> list[bool | oc.RedisError]:
         if self.keys.send == KEYS[1].send:
             await asyncio.to_thread(sink.data_arrived.wait, 10)  # partition 0 is sending
             raise ValueError("a bug in partition 1's settlement")
-        return await settle(self, settlements, now)
+        return await settle(self, settlements, now, **options)
 
     monkeypatch.setattr(oc.Outcomes, "settle", breaks_in_partition_1)
     sink.stall_data = 0.4  # under the test configuration's --smtp-data-timeout (0.5 s)

@@ -56,10 +56,12 @@ def settlement_for(n: int, entry_id: str) -> Settlement:
 
 
 async def settlement_calls(redis: aioredis.Redis) -> int:
-    """Settlement calls Redis executed (FCALL, or EVALSHA for the scripts of old)."""
+    """Settlement runs Redis executed: FCALL (EVALSHA for the scripts of old) and EXEC (a
+    plain delivery's first run is a transaction)."""
     stats = await redis.info("commandstats")
     return sum(
-        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("fcall", "evalsha")
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+        for name in ("fcall", "evalsha", "exec")
     )
 
 

@@ -95,10 +95,13 @@ class Settler:
         entry left unacknowledged would be sent again.  Only the stop deadline ends this.
         """
         delay = 0.05
+        first_run = True  # a run after a failed one may find its settlements applied
         while batch:
             try:
                 results: list[bool | RedisError] = list(
-                    await self.outcomes.settle([q.settlement for q in batch], time.time())
+                    await self.outcomes.settle(
+                        [q.settlement for q in batch], time.time(), first_run=first_run
+                    )
                 )
             except (RedisError, OSError) as exc:
                 results = [RedisError(str(exc))] * len(batch)
@@ -113,7 +116,7 @@ class Settler:
                 log.warning("settle_retry", errors=sorted(errors)[:3], settlements=len(failed))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, REDIS_BACKOFF_CAP)
-            batch = failed
+            batch, first_run = failed, False
 
     async def close(self, grace: float) -> None:
         """Flush what is queued; give up after ``grace`` seconds (Redis gone at shutdown)."""

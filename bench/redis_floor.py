@@ -1,0 +1,218 @@
+"""Redis CPU per message of mailpool's workers against the raw floor, on one redis-server.
+
+Issue 14's yardstick: what Redis spends on a message mailpool handles, against what it
+spends on the fewest commands that could do the same job, measured in the same run on the
+same server (AOF fsynced every second, one partition), the sides alternated round by round
+(a drift of the machine's load falls on both alike) and medians reported: single rounds
+vary by half.
+
+* **delivery**: the worker (``workers.delivery.serve``, ``--concurrency 10``, into
+  ``smtp-sink``) against a raw consumer of the same entries: ``XREADGROUP COUNT 10``, then
+  per entry one ``XACK`` and one ``XADD`` of an event as large as the worker's ``delivered``
+  event (the worker's own, copied), pipelined per read.  Target: worker/raw <= 1.3.
+* **ingest**: ``mailpool ingest`` fed by ``smtp-source`` (10 sessions, reused connections)
+  against raw ``XADD``s of copies of ingest's own entries (same fields, same octets),
+  pipelined 10 at a time (one per session).  Target: ingest/raw <= 1.1.
+
+Redis CPU is ``used_cpu_sys + used_cpu_user`` deltas less the benchmark's own INFO/XINFO
+polls (bench/redis_cost.py).  ``--profile`` adds per-command figures of the last rounds.
+
+    python bench/redis_floor.py            # 5 rounds of 3000 messages
+    python bench/redis_floor.py --quick    # 3 rounds of 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis.asyncio as aioredis  # noqa: E402
+
+from bench.delivery import enqueue_all  # noqa: E402
+from bench.redis_cost import (  # noqa: E402
+    CONCURRENCY,
+    SESSIONS,
+    Deployment,
+    Round,
+    command_profile,
+    delivery_round,
+    ingest_round,
+    median,
+    sized_messages,
+    smtp_sink,
+    standalone,
+    start_ingest,
+)
+from workers.codec.types import SendMessage  # noqa: E402
+from workers.logs import configure_logging  # noqa: E402
+from workers.streams.layout import StreamKeys  # noqa: E402
+
+SIZE = 2048
+DELIVERY_TARGET = 1.3
+INGEST_TARGET = 1.1
+RAW_GROUP = "raw-floor"
+EVENTS_MAXLEN = 100_000  # the worker's default --events-maxlen
+
+
+@dataclass
+class Side:
+    """One role's rounds: mailpool's and the raw floor's, alternated."""
+
+    name: str
+    ours: list[Round] = field(default_factory=list)
+    raw: list[Round] = field(default_factory=list)
+
+    def ratios(self) -> list[float]:
+        return [
+            o.redis_us_per_message() / max(r.redis_us_per_message(), 1e-9)
+            for o, r in zip(self.ours, self.raw, strict=True)
+        ]
+
+    def summary(self, target: float) -> str:
+        ours = median([r.redis_us_per_message() for r in self.ours])
+        raw = median([r.redis_us_per_message() for r in self.raw])
+        ratio = ours / max(raw, 1e-9)
+        rounds = ", ".join(f"{x:.2f}" for x in self.ratios())
+        verdict = "meets" if ratio <= target else "misses"
+        return (
+            f"{self.name}: ours {ours:.1f} us/msg, raw {raw:.1f} us/msg, ratio "
+            f"{ratio:.2f} (target <= {target}: {verdict}; per round {rounds})"
+        )
+
+
+def _first_key(deployment: Deployment) -> StreamKeys:
+    return deployment.keys()[0]
+
+
+async def raw_delivery_round(
+    deployment: Deployment, messages: list[SendMessage], event: dict[bytes, bytes]
+) -> Round:
+    """XREADGROUP COUNT 10 + per entry XACK and an event XADD, one pipeline per read."""
+    keys = _first_key(deployment)
+    client = aioredis.from_url(deployment.url)
+    try:
+        deployment.flush()
+        await enqueue_all(client, keys.send, messages)
+        await client.xgroup_create(keys.send, RAW_GROUP, id="0")
+        before = deployment.counters()
+        started, cpu = time.perf_counter(), time.process_time()
+        while reply := await client.xreadgroup(
+            RAW_GROUP, "raw", {keys.send: ">"}, count=CONCURRENCY
+        ):
+            pipe = client.pipeline(transaction=False)
+            for entry_id, _ in reply[0][1]:
+                pipe.xack(keys.send, RAW_GROUP, entry_id)
+                pipe.xadd(keys.events, event, maxlen=EVENTS_MAXLEN, approximate=True)
+            await pipe.execute()
+        seconds, worker_cpu = time.perf_counter() - started, time.process_time() - cpu
+        spent = deployment.counters() - before
+    finally:
+        await client.aclose()
+    return Round(len(messages), seconds, worker_cpu, spent)
+
+
+async def newest_entry(deployment: Deployment, stream: str, what: str) -> dict[bytes, bytes]:
+    """The fields of the last entry of ``stream``: what a worker wrote, to copy."""
+    client = aioredis.from_url(deployment.url)
+    try:
+        newest = await client.xrevrange(stream, count=1)
+    finally:
+        await client.aclose()
+    if not newest:
+        raise SystemExit(f"no {what} to copy in {stream}")
+    return dict(newest[0][1])
+
+
+async def raw_ingest_round(deployment: Deployment, entry: dict[bytes, bytes], count: int) -> Round:
+    """``count`` XADDs of ``entry``, SESSIONS per pipeline, one pipeline after another."""
+    stream = _first_key(deployment).receive
+    client = aioredis.from_url(deployment.url)
+    try:
+        before = deployment.counters()
+        started, cpu = time.perf_counter(), time.process_time()
+        for start in range(0, count, SESSIONS):
+            pipe = client.pipeline(transaction=False)
+            for _ in range(min(SESSIONS, count - start)):
+                pipe.xadd(stream, entry)
+            await pipe.execute()
+        seconds, worker_cpu = time.perf_counter() - started, time.process_time() - cpu
+        spent = deployment.counters() - before
+    finally:
+        await client.aclose()
+    return Round(count, seconds, worker_cpu, spent)
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> tuple[Side, Side]:
+    delivery, ingest = Side("delivery"), Side("ingest")
+    with standalone(workdir) as deployment, smtp_sink(workdir) as sink:
+        server = start_ingest(deployment, workdir / "ingest.log")
+        try:
+            deployment.flush()
+            ingest_round(deployment, server, SIZE, 200)  # warm-up, and an entry to copy
+            keys = _first_key(deployment)
+            entry = await newest_entry(deployment, keys.receive, "ingest entry")
+            await delivery_round(deployment, sink, sized_messages(200, SIZE, "warm"))
+            event = await newest_entry(deployment, keys.events, "delivered event")
+            print(
+                f"copied: ingest entry {sum(map(len, entry.values()))} B of fields, "
+                f"event {sum(map(len, event.values()))} B",
+                flush=True,
+            )
+            for number in range(args.rounds):
+                messages = sized_messages(args.messages, SIZE, f"r{number}")
+                ours_first = number % 2 == 0
+                for ours in (ours_first, not ours_first):
+                    deployment.flush()
+                    if ours:
+                        ingest.ours.append(ingest_round(deployment, server, SIZE, args.messages))
+                        delivery.ours.append(await delivery_round(deployment, sink, messages))
+                    else:
+                        ingest.raw.append(await raw_ingest_round(deployment, entry, args.messages))
+                        delivery.raw.append(await raw_delivery_round(deployment, messages, event))
+                print(f"  round {number + 1}: " + "; ".join(
+                    f"{side.name} {side.ours[-1].redis_us_per_message():.1f} vs "
+                    f"{side.raw[-1].redis_us_per_message():.1f} us/msg"
+                    for side in (ingest, delivery)
+                ), flush=True)  # fmt: skip
+        finally:
+            server.stop()
+    return delivery, ingest
+
+
+def report(delivery: Side, ingest: Side, messages: int, profile: bool) -> None:
+    print(f"\nRedis CPU per 2 KB message, medians of {len(delivery.ours)} alternated rounds")
+    print("FLOOR " + delivery.summary(DELIVERY_TARGET))
+    print("FLOOR " + ingest.summary(INGEST_TARGET))
+    if profile:
+        for side in (delivery, ingest):
+            for label, rounds in (("ours", side.ours), ("raw", side.raw)):
+                print(f"  {side.name} {label}, last round:")
+                print("\n".join(command_profile(rounds[-1].redis, messages)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 1000 messages")
+    parser.add_argument("--rounds", type=int, help="alternated rounds (default 5)")
+    parser.add_argument("--messages", type=int, help="messages per round (default 3000)")
+    parser.add_argument("--profile", action="store_true", help="per-command figures")
+    args = parser.parse_args()
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.messages = args.messages or (1000 if args.quick else 3000)
+    configure_logging("json", "warning")
+    with tempfile.TemporaryDirectory(prefix="mailpool-floor-") as tmp:
+        delivery, ingest = asyncio.run(run(args, Path(tmp)))
+    report(delivery, ingest, args.messages, args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

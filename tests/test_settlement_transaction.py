@@ -1,0 +1,131 @@
+"""A plain delivery's first settlement is a MULTI/EXEC transaction (real redis-server).
+
+Most settlements only record accepted recipients and write their ``delivered`` events.  On
+their first run they skip the settle function (Redis spends a third more CPU on it) and go as a
+transaction of the same commands; they must leave exactly what the function leaves.  Any
+other settlement, and every later run of one (which may find its first run applied), goes
+through the function, whose acknowledgement check writes nothing twice.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from tests.delivery_util import enqueue, outcomes_for, send_message
+from workers.streams import functions
+from workers.streams.outcomes import Retry, Settlement, is_plain_delivery
+
+SEND, EVENTS = "email.send", "email.send.events"
+
+
+async def read_entries(redis: aioredis.Redis, count: int) -> list[str]:
+    """``count`` entries read by the delivery group, with the functions library loaded (so
+    that FCALL counts are the settlements')."""
+    await functions.ensure_library(redis)
+    await redis.xgroup_create(SEND, "delivery", id="0", mkstream=True)
+    ids = [await enqueue(redis, send_message(["ann@example.com"])) for _ in range(count)]
+    await redis.xreadgroup("delivery", "w1", {SEND: ">"})
+    return ids
+
+
+def delivered(entry_id: str, message_id: str) -> Settlement:
+    return Settlement(
+        entry_id=entry_id,
+        message_id=message_id,
+        accepted=["ann@example.com", "bob@example.com"],
+        events=[{"event": "delivered", "id": message_id, "recipients": "[2]", "time": "1.5"}],
+    )
+
+
+async def commands_run(redis: aioredis.Redis) -> dict[str, int]:
+    stats = await redis.info("commandstats")
+    return {n: int(stats.get(f"cmdstat_{n}", {}).get("calls", 0)) for n in ("fcall", "exec")}
+
+
+async def record(redis: aioredis.Redis, message_id: str) -> tuple[dict[bytes, bytes], bool]:
+    key = f"mailpool:sent:{message_id}"
+    return await redis.hgetall(key), 0 < await redis.ttl(key) <= 60
+
+
+async def test_a_first_run_transaction_leaves_what_the_function_leaves(
+    redis: aioredis.Redis,
+) -> None:
+    by_transaction, by_function = await read_entries(redis, 2)
+    outcomes = outcomes_for(redis)
+    try:
+        first = await commands_run(redis)
+        assert await outcomes.settle([delivered(by_transaction, "t")], 1.0, first_run=True) == [
+            True
+        ]
+        second = await commands_run(redis)
+        assert await outcomes.settle([delivered(by_function, "f")], 1.0) == [True]
+        third = await commands_run(redis)
+    finally:
+        await outcomes.aclose()
+    assert second["exec"] - first["exec"] == 1 and second["fcall"] == first["fcall"]
+    assert third["fcall"] - second["fcall"] == 1 and third["exec"] == second["exec"]
+    assert (await redis.xpending(SEND, "delivery"))["pending"] == 0
+    assert await record(redis, "t") == await record(redis, "f")
+    assert (await record(redis, "t"))[1], "the record has no TTL"
+    events = [fields for _, fields in await redis.xrange(EVENTS)]
+    assert events[0] == {**events[1], b"id": b"t"}
+    assert len(events) == 2
+
+
+async def test_a_rerun_of_an_applied_transaction_writes_nothing_more(
+    redis: aioredis.Redis,
+) -> None:
+    """The transaction was applied and its reply lost: the settler's second run is not a
+    first run, and the function finds the entry acknowledged."""
+    [entry_id] = await read_entries(redis, 1)
+    outcomes = outcomes_for(redis)
+    try:
+        assert await outcomes.settle([delivered(entry_id, "m")], 1.0, first_run=True) == [True]
+        assert await outcomes.settle([delivered(entry_id, "m")], 2.0) == [False]
+    finally:
+        await outcomes.aclose()
+    assert await redis.xlen(EVENTS) == 1
+    assert (await record(redis, "m"))[0] == {b"ann@example.com": b"1.0", b"bob@example.com": b"1.0"}
+
+
+async def test_settlements_with_more_than_deliveries_take_the_function_on_a_first_run(
+    redis: aioredis.Redis,
+) -> None:
+    ids = await read_entries(redis, 3)
+    failed = Settlement(entry_id=ids[0], message_id="a", events=[{"event": "failed"}])
+    retry = Settlement(entry_id=ids[1], message_id="b", accepted=["ann@example.com"],
+                       retry=Retry(due=9.0, fields={"data": b"d"}),
+                       events=[{"event": "delivered"}])  # fmt: skip
+    nothing_accepted = Settlement(entry_id=ids[2], message_id="c")
+    settlements = [failed, retry, nothing_accepted]
+    assert not any(map(is_plain_delivery, settlements))
+    outcomes = outcomes_for(redis)
+    before = await commands_run(redis)
+    try:
+        assert await outcomes.settle(settlements, 1.0, first_run=True) == [True] * 3
+    finally:
+        await outcomes.aclose()
+    after = await commands_run(redis)
+    assert after["fcall"] - before["fcall"] == 3 and after["exec"] == before["exec"]
+    assert await redis.zcard("mailpool:retry") == 1
+
+
+async def test_a_transaction_that_fails_in_part_reports_an_error_and_its_batch_stays_in_step(
+    redis: aioredis.Redis,
+) -> None:
+    """The events key is not a stream: the event's XADD fails inside EXEC.  That settlement
+    is reported failed (the settler runs it again), and the replies of the settlements after
+    it in the same batch are still read as theirs."""
+    first, second = await read_entries(redis, 2)
+    await redis.set(EVENTS, "not a stream")
+    outcomes = outcomes_for(redis)
+    try:
+        results = await outcomes.settle(
+            [delivered(first, "x"), Settlement(entry_id=second, message_id="y")],
+            1.0,
+            first_run=True,
+        )
+    finally:
+        await outcomes.aclose()
+    assert isinstance(results[0], Exception) and "WRONGTYPE" in str(results[0])
+    assert results[1] is True
