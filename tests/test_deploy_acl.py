@@ -320,6 +320,10 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("XAUTOCLAIM", "email.send", "delivery", "w2", "0", "0-0", "COUNT", "10"),
         ("XCLAIM", "email.send", "delivery", "w1", "0", "0-1", "IDLE", "2592000000", "JUSTID"),
         ("XACK", "email.send", "delivery", "0-1"),
+        ("MULTI",),  # a plain delivery's first settlement is a transaction
+        ("EXEC",),
+        ("MULTI",),
+        ("DISCARD",),
         ("XADD", "email.send.dead", "*", "data", "x", "reason", "rejected"),
         ("XADD", "email.send.events", "MAXLEN", "~", "1000", "*", "event", "sent"),
         ("HMGET", "mailpool:sent:m1", "a@example.org"),
@@ -749,6 +753,31 @@ async def test_delivery_settles_retries_and_promotes(as_role: Any, admin: redis.
     assert await outcomes.promote_due(time.time()) == 2
     assert admin.xlen("email.send") == 2 and admin.zcard("mailpool:retry") == 0
     assert admin.xlen("email.send.events") == 2
+
+
+async def test_delivery_settles_a_plain_delivery_as_a_transaction(
+    as_role: Any, admin: redis.Redis
+) -> None:
+    """The first run of a delivered-only settlement is MULTI/EXEC: the user may run it, and
+    the worker's start-up check finds it may."""
+    from workers.streams.outcomes import Outcomes, Settlement
+
+    delivery = as_role("delivery")
+    outcomes = Outcomes(delivery, StreamKeys(), group="delivery", sent_ttl=60, events_maxlen=1000)
+    await outcomes.check_transactions()
+    assert outcomes.transactions
+    admin.xadd("email.send", {"data": b"plain"})
+    reader = GroupConsumer(delivery, "email.send", "delivery", "w3", claim_after=900)
+    (entry,) = [e for e in await reader.read() if e.data == b"plain"]
+    events = admin.xlen("email.send.events")
+    settled = Settlement(entry_id=entry.id, message_id="m3", accepted=["a@example.org"],
+                         events=[{"event": "delivered"}])  # fmt: skip
+    try:
+        assert await outcomes.settle([settled], time.time(), first_run=True) == [True]
+    finally:
+        await outcomes.aclose()
+    assert admin.xlen("email.send.events") == events + 1
+    assert admin.hkeys("mailpool:sent:m3") == [b"a@example.org"]
 
 
 async def test_delivery_releases_what_it_did_not_start(as_role: Any, admin: redis.Redis) -> None:

@@ -129,3 +129,28 @@ async def test_a_transaction_that_fails_in_part_reports_an_error_and_its_batch_s
         await outcomes.aclose()
     assert isinstance(results[0], Exception) and "WRONGTYPE" in str(results[0])
     assert results[1] is True
+
+
+async def test_a_user_refused_transactions_settles_through_the_function(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """An ACL file from before the transactions: the start-up check finds MULTI refused, and
+    first runs take the function (refused MULTI/EXEC would run the commands one by one)."""
+    [entry_id] = await read_entries(redis, 1)
+    await redis.acl_setuser(
+        "old-delivery", enabled=True, nopass=True, keys=["*"],
+        commands=["+@all", "-multi", "-exec", "-discard"],
+    )  # fmt: skip
+    user = aioredis.Redis.from_url(redis_url, username="old-delivery", password="x")
+    outcomes = outcomes_for(user)
+    try:
+        await outcomes.check_transactions()
+        assert outcomes.transactions is False
+        before = await commands_run(redis)
+        assert await outcomes.settle([delivered(entry_id, "m")], 1.0, first_run=True) == [True]
+        after = await commands_run(redis)
+    finally:
+        await outcomes.aclose()
+        await user.aclose()
+    assert after["fcall"] - before["fcall"] == 1 and after["exec"] == before["exec"]
+    assert await redis.xlen(EVENTS) == 1

@@ -214,6 +214,7 @@ class DeliveryWorker:
             async with asyncio.timeout(self._deadline):
                 await partition.consumer.ensure_group(START_ALL)
                 await oc.require_functions(partition.outcomes.redis)
+                await partition.outcomes.check_transactions()
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             partition.reader.pass_over("redis_unavailable_at_start", partition.consumer.stream, exc)
             return False

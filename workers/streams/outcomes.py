@@ -1,7 +1,8 @@
 """The Redis side of delivery outcomes: idempotency records, retries, dead letters, events.
 
 A send entry is always in exactly one of three places, and every move between them is one
-Redis function (atomic in Redis; the Lua is in :mod:`workers.streams.functions`):
+Redis function (atomic in Redis; the Lua is in :mod:`workers.streams.functions`) or, for
+the commonest move, one transaction (below):
 
 * **in progress**: an entry of the send stream, pending in the ``delivery`` group (or not
   yet read by it);
@@ -19,12 +20,13 @@ outcome, and one message never waits in two places.
 The hot path, a settlement run for the first time that only records accepted recipients
 and their ``delivered`` events (:func:`is_plain_delivery`), is a ``MULTI``/``EXEC``
 transaction of the same commands instead: no retry or dead letter can end up in two places,
-and its one condition does not arise.  A first run cannot have been applied before, and an
-entry another worker acknowledged first was sent by that worker too (it claimed the entry
-before our record existed, so its duplicate guard found nothing): two sends, two
-``delivered`` events.  With the function Redis spends a third more CPU per delivered 2 KB
-message (28.3 against 21.2 us, medians of 7 alternated rounds of bench/redis_floor.py's
-delivery round; the raw floor measured 15.4): its arguments are converted into Lua and back.
+and its one condition does not arise.  A first run cannot have been applied before.  An
+entry another worker acknowledged first (it claimed the entry while we were stalled, before
+our record existed) was sent by that worker too, or dead-lettered (expired, poison): our
+``delivered`` event still says what our relay did, where the function would write none.
+With the function Redis spends a third more CPU per delivered 2 KB message (28.3 against
+21.2 us, medians of 7 alternated rounds of bench/redis_floor.py's delivery round; the raw
+floor measured 15.4): its arguments are converted into Lua and back.
 Every later run of a settlement (the settler's retry after a failed round trip) takes the
 function, whose acknowledgement check writes nothing a first run wrote.
 
@@ -52,12 +54,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from workers.streams import functions, layout, redis_fence
 from workers.streams.hiredis_fence import pack_command
 from workers.streams.layout import Fields, StreamKeys
+
+log = structlog.get_logger("mailpool.delivery")
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,11 @@ async def _transaction_result(
     except ResponseError as exc:  # EXECABORT: nothing was applied
         return failed or exc
     errors = [r for r in replies if isinstance(r, Exception)]
-    if errors:  # applied in part: the run after it (the function) completes it
+    # Applied in part (a key of the wrong type: an operator's key clashing with ours).
+    # Unlike the function, which stops at its first error, EXEC runs the other commands:
+    # the entry is acknowledged, so the settler's next run (the function) writes nothing,
+    # and what failed here stays unwritten.  Reported, so the settler logs it.
+    if errors:
         return RedisError(str(errors[0]))
     return bool(replies[shape.xack_at])
 
@@ -180,6 +189,24 @@ class Outcomes:
         self._settlements = redis_fence.HeldConnection(
             redis.connection_pool, idle_check=SETTLE_IDLE_CHECK
         )
+        # May this Redis user run MULTI/EXEC (check_transactions)?  Without, plain deliveries
+        # settle through the function too.
+        self.transactions = True
+
+    async def check_transactions(self) -> None:
+        """At start: an ACL file from before the transactions (no ``+multi +exec`` for the
+        delivery user) would refuse MULTI and EXEC but run the commands between them one by
+        one; such a user settles everything through the function, and a warning says so."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.ping()
+                await pipe.execute()
+        except NoPermissionError as exc:
+            self.transactions = False
+            log.warning(
+                "settling_without_transactions", error=str(exc), stream=self.keys.send,
+                fix="give the delivery user +multi +exec +discard (deploy/redis/users.acl)",
+            )  # fmt: skip
 
     async def already_sent(self, wanted: Sequence[SentLookup]) -> list[set[str]]:
         """For each lookup: the recipients among its own already accepted by a relay."""
@@ -290,7 +317,7 @@ class Outcomes:
         shapes: list[_Transaction | None] = []
         packed: list[bytes] = []
         for s in settlements:
-            if first_run and is_plain_delivery(s):
+            if first_run and self.transactions and is_plain_delivery(s):
                 commands = self.delivered_transaction(s, now_text)
                 shapes.append(_Transaction(len(commands), len(s.accepted) + 1))
                 packed += map(pack_command, commands)
