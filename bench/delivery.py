@@ -16,6 +16,16 @@ persistent SMTP connections (``--concurrency``, default 10):
   record, ack, events).  The clock runs from the worker's start to the moment the group has
   nothing pending and nothing left to read.
 
+With ``--postfix`` (as ``make bench`` runs it), two anchors join the rounds:
+
+* worker-fsync: the worker on a second redis-server with ``appendonly yes`` and
+  ``appendfsync always`` (every write on disk before Redis answers);
+* postfix: a private Postfix delivering the same number of 2 KB messages from its own queue
+  to the same smtp-sink over at most as many connections (bench/postfix_queue.py, which
+  says how its CPU is counted: every Postfix process of the round).  Printed: worker/postfix
+  and worker-fsync/postfix for msg/s and msg per CPU-s (the worker's process alone, then
+  with its redis-server's CPU added).
+
 Rounds alternate (raw, rawtx, worker, raw, ...) so all see the same machine state, after
 one unreported warm-up round of each side (the first round of a fresh process pays for
 first use of its memory and caches, which would count against whichever side it is).  All
@@ -26,6 +36,7 @@ message counter checks that every message of a round arrived.
 
     python bench/delivery.py            # N=5000, 3 rounds each (medians)
     python bench/delivery.py --quick    # N=1000
+    python bench/delivery.py --postfix  # with the anchors
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 import aiosmtplib  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
+from bench.postfix_queue import PostfixQueue  # noqa: E402
 from tests.harness import RedisServer, free_port, wait_for_port  # noqa: E402
 from workers.codec.build import BuiltMessage, build_message  # noqa: E402
 from workers.codec.types import SendMessage  # noqa: E402
@@ -198,7 +210,11 @@ async def enqueue_all(redis: aioredis.Redis, stream: str, messages: list[SendMes
 
 
 async def run_worker(
-    sink: SmtpSink, server: RedisServer, messages: list[SendMessage], concurrency: int
+    sink: SmtpSink,
+    server: RedisServer,
+    messages: list[SendMessage],
+    concurrency: int,
+    side: str = "worker",
 ) -> Result:
     from workers.delivery import serve
 
@@ -236,7 +252,15 @@ async def run_worker(
     await check_nothing_failed(redis, config)
     await redis.aclose()
     await wait_for_sink(sink, before + len(messages))
-    return Result("worker", len(messages), elapsed, cpu_used, redis_used)
+    return Result(side, len(messages), elapsed, cpu_used, redis_used)
+
+
+def run_postfix(queue: PostfixQueue, sink: SmtpSink, count: int, sessions: int) -> Result:
+    """Postfix delivers ``count`` messages from its own queue (bench/postfix_queue.py)."""
+    queue.fill(count, TARGET_SIZE, sessions)
+    before = sink.messages()
+    seconds, cpu = queue.deliver(lambda: sink.messages() >= before + count, DRAIN_TIMEOUT)
+    return Result("postfix", count, seconds, cpu)
 
 
 async def check_nothing_failed(redis: aioredis.Redis, config: DeliveryConfig) -> None:
@@ -248,10 +272,10 @@ async def check_nothing_failed(redis: aioredis.Redis, config: DeliveryConfig) ->
 
 def report(result: Result) -> None:
     redis_part = ""
-    if result.side == "worker":
+    if result.side.startswith("worker"):
         redis_part = f"  (+ redis-server {result.redis_cpu_seconds:.2f} CPU-s)"
     print(
-        f"  {result.side:<6} {result.messages:>6} msgs {result.seconds:7.2f} s "
+        f"  {result.side:<12} {result.messages:>6} msgs {result.seconds:7.2f} s "
         f"{result.rate:8.0f} msg/s {result.per_cpu_second:8.0f} msg/CPU-s{redis_part}",
         flush=True,
     )
@@ -268,11 +292,12 @@ def median_rates(results: list[Result], side: str) -> tuple[float, float] | None
 
 
 def summary(results: list[Result]) -> None:
-    medians = {side: median_rates(results, side) for side in ("raw", "rawtx", "worker")}
+    sides = ("raw", "rawtx", "worker", "worker-fsync", "postfix")
+    medians = {side: median_rates(results, side) for side in sides}
     print("median:")
     for side, rates in medians.items():
         if rates is not None:
-            print(f"  {side:<6} {rates[0]:8.0f} msg/s {rates[1]:8.0f} msg/CPU-s")
+            print(f"  {side:<12} {rates[0]:8.0f} msg/s {rates[1]:8.0f} msg/CPU-s")
     worker = medians["worker"]
     for base in ("raw", "rawtx"):
         rates = medians[base]
@@ -280,6 +305,19 @@ def summary(results: list[Result]) -> None:
             print(
                 f"ratio worker/{base}: {worker[0] / rates[0]:.2f} (msg/s)  "
                 f"{worker[1] / rates[1]:.2f} (msg per CPU-s)"
+            )
+    anchor = medians["postfix"]
+    for side in ("worker", "worker-fsync"):
+        ours = medians[side]
+        if ours is not None and anchor is not None:
+            with_redis = statistics.median(
+                r.messages / (r.cpu_seconds + r.redis_cpu_seconds)
+                for r in results if r.side == side
+            )  # fmt: skip
+            print(
+                f"ratio {side}/postfix: {ours[0] / anchor[0]:.2f} (msg/s)  "
+                f"{ours[1] / anchor[1]:.2f} (msg per CPU-s)  "
+                f"{with_redis / anchor[1]:.2f} (msg per CPU-s, redis-server's counted)"
             )
     # Each round's sides run back to back: their ratio is immune to the machine's drift
     # between rounds, which the ratio of medians is not.
@@ -306,7 +344,7 @@ def sink_and_redis(workdir: Path) -> Iterator[tuple[SmtpSink, RedisServer]]:
 
 
 async def bench(args: argparse.Namespace, workdir: Path) -> None:
-    with sink_and_redis(workdir) as (sink, server):
+    with sink_and_redis(workdir) as (sink, server), anchors(args, workdir, sink) as (fsync, queue):
         sample = make_messages(1, "size")[0]
         size = len(build_message(sample, default_id="size").data)
         print(
@@ -321,7 +359,18 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
             ),
             "worker": lambda m: run_worker(sink, server, m, args.concurrency),
         }
-        order = ["raw", "rawtx"] if args.raw_only else ["raw", "rawtx", "worker"]
+        if fsync is not None and queue is not None:
+            sides["worker-fsync"] = lambda m: run_worker(
+                sink, fsync, m, args.concurrency, "worker-fsync"
+            )
+            sides["postfix"] = lambda m: asyncio.to_thread(
+                run_postfix, queue, sink, len(m), args.concurrency
+            )
+        if args.raw_only:
+            order = ["raw", "rawtx"]
+        else:
+            order = ["raw", "rawtx", *(side for side in sides if side.startswith("worker")),
+                     *(["postfix"] if "postfix" in sides else [])]  # fmt: skip
         results = []
         for side in order:  # warm-up, not reported
             await sides[side](make_messages(min(args.n, 1000), f"warm-{side}"))
@@ -334,6 +383,25 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
         summary(results)
 
 
+@contextlib.contextmanager
+def anchors(
+    args: argparse.Namespace, workdir: Path, sink: SmtpSink
+) -> Iterator[tuple[RedisServer | None, PostfixQueue | None]]:
+    """With ``--postfix``: a redis-server fsyncing every write (appendfsync always) for a
+    worker with durability on, and Postfix delivering from its own queue."""
+    if not args.postfix:
+        yield None, None
+        return
+    fsync = RedisServer(workdir / "redis-fsync", appendonly=True)  # appendfsync always
+    queue = PostfixQueue(sink.port, args.concurrency)
+    fsync.start()
+    try:
+        yield fsync, queue
+    finally:
+        queue.close()
+        fsync.stop(kill=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("-n", type=int, default=5000, help="messages per round")
@@ -341,6 +409,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each side")
     parser.add_argument("--concurrency", type=int, default=10, help="SMTP connections")
     parser.add_argument("--raw-only", action="store_true", help="only the baselines")
+    parser.add_argument(
+        "--postfix", action="store_true",
+        help="also Postfix delivering from its own queue, and the worker on an fsyncing Redis",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="warning", help="worker log level")
     args = parser.parse_args()
     if args.quick:

@@ -5,8 +5,9 @@ end-to-end latency, printed as ONE table.
     python bench/report.py --full    # full benchmarks, 100 000 messages per RSS run (`make bench`)
 
 Rows:
-* ratios: each benchmark (bench/codec.py, bench/ingest.py, bench/delivery.py) run as it
-  is, its ratios against the baseline it measured in the same run (higher is better for us);
+* ratios: each benchmark (bench/codec.py, bench/ingest.py, bench/delivery.py with its
+  Postfix anchor) run as it is, its ratios against the baseline it measured in the same run
+  (higher is better for us);
   their whole output is kept in the log directory printed at the end;
 * Redis CPU per message against the raw floor (bench/redis_floor.py): delivery's against
   XREADGROUP + XACK + one event XADD, ingest's against pipelined XADDs of its own entries,
@@ -69,8 +70,14 @@ class Row:
 # --- the three benchmarks, run as they are ---------------------------------------------
 
 
+# More than each benchmark's defaults: bench/delivery.py's anchors (Postfix from its queue,
+# the worker on an fsyncing Redis).
+OPTIONS = {"delivery.py": ["--postfix"]}
+
+
 def run_benchmark(script: str, quick: bool, logs: Path) -> str:
     args = [sys.executable, str(ROOT / "bench" / script), *(["--quick"] if quick else [])]
+    args += OPTIONS.get(script, [])
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
     output = done.stdout + done.stderr
     (logs / script.replace(".py", ".out")).write_text(output)
@@ -131,6 +138,18 @@ def delivery_rows(output: str) -> list[Row]:
         rows.append(
             Row("delivery worker/rawtx", f"{own.group(1)}x", f"{note}; per CPU-s {own.group(2)}x")
         )
+    anchor = (
+        r"ratio (worker|worker-fsync)/postfix: ([\d.]+) \(msg/s\)\s+([\d.]+) \(msg per CPU-s\)"
+        r"\s+([\d.]+)"
+    )
+    postfix = re.search(r"^\s+postfix\s+([\d.]+) msg/s\s+([\d.]+) msg/CPU-s", output, re.M)
+    for side, wall, cpu, with_redis in re.findall(anchor, output):
+        durability = "Redis appendfsync always" if side == "worker-fsync" else "Redis without AOF"
+        rows.append(Row(
+            f"delivery {side}/postfix", f"{wall}x",
+            f"{durability}; Postfix from its queue {postfix.group(1) if postfix else '?'} msg/s; "
+            f"per CPU-s {cpu}x ({with_redis}x with redis-server's CPU)",
+        ))  # fmt: skip
     return rows
 
 

@@ -24,8 +24,20 @@ def run_bench(script: str, *args: str) -> str:
 
 @pytest.mark.timeout(150)
 def test_every_side_of_the_delivery_benchmark_runs() -> None:
-    out = run_bench("delivery.py", "-n", "50", "--rounds", "1")
+    """With its anchors: the worker on an fsyncing Redis, and a private Postfix delivering
+    from its own queue (`make bench` runs them)."""
+    from bench.report import delivery_rows
+
+    out = run_bench("delivery.py", "-n", "50", "--rounds", "1", "--postfix")
     assert "ratio worker/raw:" in out and "ratio worker/rawtx:" in out, out
+    for side in ("worker", "worker-fsync"):
+        assert f"ratio {side}/postfix:" in out, out
+    assert [row.what for row in delivery_rows(out)] == [
+        "delivery worker/raw",
+        "delivery worker/rawtx",
+        "delivery worker/postfix",
+        "delivery worker-fsync/postfix",
+    ], out
 
 
 @pytest.mark.timeout(150)
