@@ -3,6 +3,7 @@ server whose handler only answers 250, measured alternately in the same run.
 
     python bench/ingest.py            # full matrix, ~2 minutes
     python bench/ingest.py --quick    # 2 KB at 10 sessions only
+    python bench/ingest.py --haraka   # and against Haraka (cd bench/haraka && npm ci)
     python bench/ingest.py --quick --against /tmp/other-checkout --rounds 7
 
 With ``--against`` a second ``mailpool ingest`` runs from another checkout of this
@@ -11,6 +12,12 @@ this tree's, and the rounds alternate between the two (the order flips every rou
 drift of the machine's load falls on both alike).  Printed then, per case: the median over
 the rounds of this tree's rate divided by the other's, wall and per CPU-second; the latency
 part is left out.
+
+With ``--haraka`` (as ``make bench`` runs it) a third server joins: Haraka 3.3.4 from npm
+(bench/haraka, locked), one process (``nodes=0``), whose only plugin accepts every recipient
+and discards the message; a second table gives ingest/haraka per case, rounds alternating
+(issue 14's goal: >= 1.0 with reused connections, >= 1.5 with new ones, msg/s and per
+CPU-second).
 
 Load: Postfix's ``smtp-source`` (test tool only; the Postfix daemon is never started) sends
 2 KB and 20 KB messages over 10 and 50 parallel sessions, with connection reuse (``-d``: all
@@ -137,6 +144,34 @@ def start_bare() -> Server:
     )  # fmt: skip
     wait_for_port(port)
     return Server("bare", process, port)
+
+
+HARAKA_DIR = ROOT / "bench" / "haraka"
+HARAKA_BIN = HARAKA_DIR / "node_modules" / ".bin" / "haraka"
+
+
+def start_haraka(workdir: Path) -> Server:
+    """Haraka (npm, pinned in bench/haraka/package-lock.json) as one process (``nodes=0``)
+    whose only plugin accepts every recipient and discards the message."""
+    if not HARAKA_BIN.exists():
+        raise SystemExit(
+            "no Haraka: cd bench/haraka && npm ci (make bench does it for bench/report.py)"
+        )
+    port = free_port()
+    instance = workdir / "haraka"
+    # Haraka's own installer writes its default configuration; three files are ours.
+    subprocess.run([str(HARAKA_BIN), "-i", str(instance)], check=True, capture_output=True,
+                   timeout=60)  # fmt: skip
+    (instance / "config" / "smtp.ini").write_text(f"listen=127.0.0.1:{port}\nnodes=0\n")
+    (instance / "config" / "log.ini").write_text("[main]\nlevel=warn\n")
+    (instance / "config" / "plugins").write_text("bench_discard\n")
+    shutil.copy(HARAKA_DIR / "bench_discard.js", instance / "plugins" / "bench_discard.js")
+    process = subprocess.Popen(
+        [str(HARAKA_BIN), "-c", str(instance)], cwd=instance,
+        stdout=(workdir / "haraka.log").open("ab"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    wait_for_port(port, timeout=30)
+    return Server("haraka", process, port)
 
 
 def start_ingest(
@@ -345,6 +380,34 @@ def against_bare(bare: Server, ingest: Server, quick: bool, rounds: int) -> floa
     return half_rate
 
 
+def against_haraka(haraka: Server, ingest: Server, quick: bool, rounds: int) -> None:
+    """Ingest against Haraka, rounds alternating in order; the median of per-round ratios.
+    Goal (issue 14): >= 1.0 with reused connections, >= 1.5 with new ones, msg/s and per
+    CPU-second."""
+    print(f"\ningest / haraka, median of {rounds} alternating rounds:")
+    print(f"{'case':<30} {'haraka msg/s':>12} {'ingest msg/s':>12} {'ratio':>6}   "
+          f"{'haraka msg/cpu-s':>16} {'ingest msg/cpu-s':>16} {'ratio':>6}")  # fmt: skip
+    for case in cases(quick):
+        runs: dict[str, list[Result]] = {"haraka": [], "ingest": []}
+        for round_number in range(rounds):
+            pair = (haraka, ingest) if round_number % 2 == 0 else (ingest, haraka)
+            for server in pair:
+                runs[server.name].append(smtp_source(server, case))
+        rate = [statistics.median(r.rate for r in runs[n]) for n in ("haraka", "ingest")]
+        cpu = [statistics.median(r.per_cpu for r in runs[n]) for n in ("haraka", "ingest")]
+        rate_ratio = statistics.median(
+            i.rate / h.rate for h, i in zip(runs["haraka"], runs["ingest"], strict=True)
+        )
+        cpu_ratio = statistics.median(
+            i.per_cpu / h.per_cpu for h, i in zip(runs["haraka"], runs["ingest"], strict=True)
+        )
+        print(
+            f"{case.label:<30} {rate[0]:>12.0f} {rate[1]:>12.0f} {rate_ratio:>6.2f}   "
+            f"{cpu[0]:>16.0f} {cpu[1]:>16.0f} {cpu_ratio:>6.2f}",
+            flush=True,
+        )
+
+
 def against_other_tree(ingest: Server, other: Server, quick: bool, rounds: int) -> None:
     """This tree's ingest against the other checkout's, rounds alternating in order; the
     figure is the median of the per-round ratios."""
@@ -371,6 +434,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per case")
     parser.add_argument("--against", type=Path, help="another checkout to compare ingest with")
+    parser.add_argument("--haraka", action="store_true", help="also against Haraka (npm)")
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -391,9 +455,14 @@ def main() -> int:
                     name=f"ingest of {args.against}",
                 )  # fmt: skip
                 servers.append(other)
+            if args.haraka:
+                haraka = start_haraka(Path(tmp))
+                servers.append(haraka)
             for server in servers:  # warm-up
                 smtp_source(server, Case(2048, 10, True, 300))
             half_rate = against_bare(bare, ingest, args.quick, args.rounds)
+            if args.haraka:
+                against_haraka(haraka, ingest, args.quick, args.rounds)
             if args.against:
                 against_other_tree(ingest, other, args.quick, args.rounds)
             else:

@@ -76,8 +76,9 @@ fi
 
 if [ "$DEV" = 1 ]; then
   # The tests' npm packages, exactly as their lock files say: tests/node (cross-language
-  # tests) and tests/keda (KEDA's schemas for the deploy tests).
-  for dir in tests/node tests/keda; do
+  # tests), tests/keda (KEDA's schemas for the deploy tests) and bench/haraka (Haraka, the
+  # ingest benchmark's anchor; a test starts it).
+  for dir in tests/node tests/keda bench/haraka; do
     installed="$dir/node_modules/.package-lock.json"
     if [ ! -f "$installed" ] || [ "$dir/package-lock.json" -nt "$installed" ]; then
       (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)

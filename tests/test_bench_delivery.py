@@ -1,12 +1,14 @@
 """The delivery benchmarks run: each side of bench/delivery.py (raw ``sendmail``, the relay's
-own transaction, the worker) and every variant of bench/relay_fence.py and
-bench/redis_fence.py send a few messages into smtp-sink, so a change of the relay's or the
-outcomes' API breaks the test suite, not the next benchmark run."""
+own transaction, the worker, its Postfix anchor) and every variant of bench/relay_fence.py
+and bench/redis_fence.py send a few messages into smtp-sink, so a change of the relay's or
+the outcomes' API breaks the test suite, not the next benchmark run; and bench/ingest.py's
+Haraka anchor takes mail."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +59,24 @@ def test_every_variant_of_the_redis_fence_benchmark_runs(variant: str) -> None:
 def test_the_held_state_benchmark_runs() -> None:
     out = run_bench("held_state.py", "-n", "200", "--repeats", "1")
     assert out.startswith("state bookkeeping: ") and "us per entry" in out, out
+
+
+@pytest.mark.timeout(120)
+def test_the_haraka_anchor_of_the_ingest_benchmark_takes_mail(tmp_path: Path) -> None:
+    """bench/ingest.py --haraka: Haraka from bench/haraka (npm, locked) with its discarding
+    plugin takes smtp-source's messages, and bench/report.py reads its table."""
+    from bench.ingest import Case, smtp_source, start_haraka
+    from bench.report import ingest_rows
+
+    haraka = start_haraka(tmp_path)
+    try:
+        result = smtp_source(haraka, Case(2048, 2, True, 20))
+    finally:
+        haraka.stop()
+    assert result.rate > 0 and result.per_cpu > 0
+    table = (
+        "ingest / haraka, median of 1 alternating rounds:\n"
+        " 2 KB  10 sessions  reuse      4516   3071   0.69     4286   3226   0.75\n"
+    )
+    [row] = ingest_rows(table)
+    assert (row.what, row.value) == ("ingest/haraka 2 KB 10 sessions reuse", "0.69x"), row
