@@ -13,11 +13,12 @@ drift of the machine's load falls on both alike).  Printed then, per case: the m
 the rounds of this tree's rate divided by the other's, wall and per CPU-second; the latency
 part is left out.
 
-With ``--haraka`` (as ``make bench`` runs it) a third server joins: Haraka 3.3.4 from npm
-(bench/haraka, locked), one process (``nodes=0``), whose only plugin accepts every recipient
-and discards the message; a second table gives ingest/haraka per case, rounds alternating
-(issue 14's goal: >= 1.0 with reused connections, >= 1.5 with new ones, msg/s and per
-CPU-second).
+With ``--haraka`` (as ``make bench`` runs it) Haraka 3.3.4 from npm joins (bench/haraka,
+locked), one process (``nodes=0``), whose only plugin accepts every recipient and discards
+the message.  Two more tables give ingest/haraka per case, rounds alternating (issue 14's
+goal: >= 1.0 with reused connections, >= 1.5 with new ones, msg/s and per CPU-second): both
+at their default log level (info: ingest writes one JSON line per message, Haraka several
+per transaction), then both logging warnings only (a second ingest and a second Haraka).
 
 Load: Postfix's ``smtp-source`` (test tool only; the Postfix daemon is never started) sends
 2 KB and 20 KB messages over 10 and 50 parallel sessions, with connection reuse (``-d``: all
@@ -150,32 +151,39 @@ HARAKA_DIR = ROOT / "bench" / "haraka"
 HARAKA_BIN = HARAKA_DIR / "node_modules" / ".bin" / "haraka"
 
 
-def start_haraka(workdir: Path) -> Server:
+def start_haraka(workdir: Path, log_level: str = "info") -> Server:
     """Haraka (npm, pinned in bench/haraka/package-lock.json) as one process (``nodes=0``)
-    whose only plugin accepts every recipient and discards the message."""
+    whose only plugin accepts every recipient and discards the message; ``info`` is its
+    default log level (several lines per transaction)."""
     if not HARAKA_BIN.exists():
         raise SystemExit(
             "no Haraka: cd bench/haraka && npm ci (make bench does it for bench/report.py)"
         )
     port = free_port()
-    instance = workdir / "haraka"
+    instance = workdir / f"haraka-{log_level}"
     # Haraka's own installer writes its default configuration; three files are ours.
     subprocess.run([str(HARAKA_BIN), "-i", str(instance)], check=True, capture_output=True,
                    timeout=60)  # fmt: skip
     (instance / "config" / "smtp.ini").write_text(f"listen=127.0.0.1:{port}\nnodes=0\n")
-    (instance / "config" / "log.ini").write_text("[main]\nlevel=warn\n")
+    (instance / "config" / "log.ini").write_text(f"[main]\nlevel={log_level}\n")
     (instance / "config" / "plugins").write_text("bench_discard\n")
     shutil.copy(HARAKA_DIR / "bench_discard.js", instance / "plugins" / "bench_discard.js")
     process = subprocess.Popen(
         [str(HARAKA_BIN), "-c", str(instance)], cwd=instance,
-        stdout=(workdir / "haraka.log").open("ab"), stderr=subprocess.STDOUT,
+        stdout=(workdir / f"haraka-{log_level}.log").open("ab"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     wait_for_port(port, timeout=30)
-    return Server("haraka", process, port)
+    return Server(f"haraka ({log_level})", process, port)
 
 
 def start_ingest(
-    redis_url: str, log_path: Path, http_port: int, *, root: Path = ROOT, name: str = "ingest"
+    redis_url: str,
+    log_path: Path,
+    http_port: int,
+    *,
+    root: Path = ROOT,
+    name: str = "ingest",
+    log_level: str = "info",
 ) -> Server:
     """``mailpool ingest`` of the checkout at ``root`` (its ``workers`` package comes first
     on the path, ahead of the one the venv has installed)."""
@@ -186,7 +194,8 @@ def start_ingest(
     process = subprocess.Popen(
         [sys.executable, "-m", "workers", "ingest", "--listen", f"127.0.0.1:{port}",
          "--redis-url", redis_url, "--hostname", "ingest.bench", "--log-format", "json",
-         "--max-connections", "2000", "--http", f"127.0.0.1:{http_port}"],
+         "--log-level", log_level, "--max-connections", "2000",
+         "--http", f"127.0.0.1:{http_port}"],
         cwd=root, env=env, stdout=log_path.open("ab"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     wait_for_port(port)
@@ -380,11 +389,11 @@ def against_bare(bare: Server, ingest: Server, quick: bool, rounds: int) -> floa
     return half_rate
 
 
-def against_haraka(haraka: Server, ingest: Server, quick: bool, rounds: int) -> None:
+def against_haraka(haraka: Server, ingest: Server, quick: bool, rounds: int, logging: str) -> None:
     """Ingest against Haraka, rounds alternating in order; the median of per-round ratios.
     Goal (issue 14): >= 1.0 with reused connections, >= 1.5 with new ones, msg/s and per
     CPU-second."""
-    print(f"\ningest / haraka, median of {rounds} alternating rounds:")
+    print(f"\ningest / haraka ({logging}), median of {rounds} alternating rounds:")
     print(f"{'case':<30} {'haraka msg/s':>12} {'ingest msg/s':>12} {'ratio':>6}   "
           f"{'haraka msg/cpu-s':>16} {'ingest msg/cpu-s':>16} {'ratio':>6}")  # fmt: skip
     for case in cases(quick):
@@ -392,7 +401,8 @@ def against_haraka(haraka: Server, ingest: Server, quick: bool, rounds: int) -> 
         for round_number in range(rounds):
             pair = (haraka, ingest) if round_number % 2 == 0 else (ingest, haraka)
             for server in pair:
-                runs[server.name].append(smtp_source(server, case))
+                side = "haraka" if server is haraka else "ingest"
+                runs[side].append(smtp_source(server, case))
         rate = [statistics.median(r.rate for r in runs[n]) for n in ("haraka", "ingest")]
         cpu = [statistics.median(r.per_cpu for r in runs[n]) for n in ("haraka", "ingest")]
         rate_ratio = statistics.median(
@@ -456,13 +466,23 @@ def main() -> int:
                 )  # fmt: skip
                 servers.append(other)
             if args.haraka:
+                # Each at its default log level (ingest: one line per message; Haraka:
+                # several per transaction), and each quiet (warnings only).
                 haraka = start_haraka(Path(tmp))
-                servers.append(haraka)
+                haraka_quiet = start_haraka(Path(tmp), "warn")
+                ingest_quiet = start_ingest(
+                    url, Path(tmp) / "ingest-quiet.log", free_port(), name="ingest (warning)",
+                    log_level="warning",
+                )  # fmt: skip
+                servers += [haraka, haraka_quiet, ingest_quiet]
             for server in servers:  # warm-up
                 smtp_source(server, Case(2048, 10, True, 300))
             half_rate = against_bare(bare, ingest, args.quick, args.rounds)
             if args.haraka:
-                against_haraka(haraka, ingest, args.quick, args.rounds)
+                against_haraka(haraka, ingest, args.quick, args.rounds,
+                               "both at their default log level, info")  # fmt: skip
+                against_haraka(haraka_quiet, ingest_quiet, args.quick, args.rounds,
+                               "both logging warnings only")  # fmt: skip
             if args.against:
                 against_other_tree(ingest, other, args.quick, args.rounds)
             else:

@@ -108,7 +108,7 @@ def ingest_rows(output: str) -> list[Row]:
     case = re.compile(r"^\s*(\d+ KB\s+\d+ sessions\s+\w+)" + r"\s+([\d.]+)" * 6 + r"\s*$")
     for line in output.splitlines():
         if line.startswith("ingest / haraka"):
-            against = "haraka"
+            against = "haraka quiet" if "warnings only" in line else "haraka"
         match = case.match(line)
         if match:
             label = " ".join(match.group(1).split())
@@ -119,6 +119,9 @@ def ingest_rows(output: str) -> list[Row]:
             else:
                 goal = "1.0" if "reuse" in label else "1.5"
                 note = f"{ours} vs Haraka {theirs} msg/s; per CPU-s {cpu_ratio}x (goal >= {goal})"
+                if against.endswith("quiet"):
+                    note += "; both logging warnings only"
+                    label += " quiet"
                 rows.append(Row(f"ingest/haraka {label}", f"{ratio}x", note))
         if line.strip().startswith("median p99:"):
             rows.append(Row("ingest end-of-DATA->250 p99", line.split(":", 1)[1].strip()))

@@ -75,8 +75,12 @@ def test_the_haraka_anchor_of_the_ingest_benchmark_takes_mail(tmp_path: Path) ->
         haraka.stop()
     assert result.rate > 0 and result.per_cpu > 0
     table = (
-        "ingest / haraka, median of 1 alternating rounds:\n"
+        "ingest / haraka (both at their default log level, info), median of 1 rounds:\n"
+        " 2 KB  10 sessions  reuse      2500   3071   1.21     2400   3226   1.34\n"
+        "ingest / haraka (both logging warnings only), median of 1 rounds:\n"
         " 2 KB  10 sessions  reuse      4516   3071   0.69     4286   3226   0.75\n"
     )
-    [row] = ingest_rows(table)
-    assert (row.what, row.value) == ("ingest/haraka 2 KB 10 sessions reuse", "0.69x"), row
+    assert [(row.what, row.value) for row in ingest_rows(table)] == [
+        ("ingest/haraka 2 KB 10 sessions reuse", "1.21x"),
+        ("ingest/haraka 2 KB 10 sessions reuse quiet", "0.69x"),
+    ]
