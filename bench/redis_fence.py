@@ -12,11 +12,15 @@ Variants:
   settlement, ``execute(raise_on_error=False)``) on the pooled client, instead of hiredis
   packing them onto a connection checked out for the round trip (all public API);
 * ``packer``: as now, but packed by redis-py's ``Connection.pack_commands`` instead of
-  ``hiredis.pack_command`` directly (what importing hiredis buys).
+  ``hiredis.pack_command`` directly (what importing hiredis buys);
+* ``per-reply``: as now, but each reply read under its own ``socket_timeout`` timer, as
+  redis-py's ``read_response`` arms it, instead of one for the batch
+  (``redis_fence.read_replies``).  Its baseline, ``current-tx``, keeps the transactions of
+  plain deliveries on (seven replies each), as the variant does.
 
-Every side settles through the settle function, the code as it is too (its transaction for
-a plain delivery's first run is pinned off): only the way the commands are packed and sent
-differs.
+Except for ``per-reply``, every side settles through the settle function, the code as it is
+too (its transaction for a plain delivery's first run is pinned off): only the way the
+commands are packed and sent differs.
 
     python bench/redis_fence.py                  # N=3000, 4 rounds of each
     python bench/redis_fence.py -n 2000 --rounds 6 --variant packer
@@ -104,8 +108,39 @@ async def settle_as_now(
     return await ORIGINAL(self, settlements, now)
 
 
+async def read_replies_one_timer_each(connection: Any, count: int) -> list[Any]:
+    """Each reply under its own ``socket_timeout``, as ``read_response`` arms it."""
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await connection.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+async def settle_timer_per_reply(
+    self: outcomes.Outcomes,
+    settlements: Sequence[outcomes.Settlement],
+    now: float,
+    *,
+    first_run: bool = False,
+) -> list[bool | RedisError]:
+    """As now, but every reply read under a timer of its own."""
+    one_timer = redis_fence.read_replies
+    redis_fence.read_replies = read_replies_one_timer_each  # type: ignore[assignment]
+    try:
+        return await ORIGINAL(self, settlements, now, first_run=first_run)
+    finally:
+        redis_fence.read_replies = one_timer  # type: ignore[assignment]
+
+
+# The side each variant is compared with (default "current").
+BASELINES = {"per-reply": "current-tx"}
 VARIANTS = {
     "current": settle_as_now,
+    "current-tx": ORIGINAL,  # with its transactions: per-reply's baseline
+    "per-reply": settle_timer_per_reply,
     "pipeline": settle_with_pipeline,
     "packer": settle_packed_by_redis_py,
 }
@@ -128,7 +163,7 @@ async def one_round(
     with variant(name):
         result = await run_worker(sink, server, make_messages(n, tag), concurrency)
     print(
-        f"  {name:<8} {result.rate:8.0f} msg/s {result.per_cpu_second:8.0f} msg/CPU-s "
+        f"  {name:<10} {result.rate:8.0f} msg/s {result.per_cpu_second:8.0f} msg/CPU-s "
         f"(+ redis-server {result.redis_cpu_seconds:.2f} CPU-s)",
         flush=True,
     )
@@ -140,25 +175,26 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
     server = RedisServer(workdir / "redis")
     sink.start()
     server.start()
+    base = BASELINES.get(args.variant, "current")
     try:
-        for name in ("current", args.variant):  # warm-up, not reported
+        for name in (base, args.variant):  # warm-up, not reported
             await one_round(name, sink, server, min(args.n, 1000), f"warm-{name}", 10)
         ratios: list[tuple[float, float]] = []
         for round_number in range(args.rounds):
-            order = ["current", args.variant]
+            order = [base, args.variant]
             if round_number % 2:
                 order.reverse()
             results = {
                 name: await one_round(name, sink, server, args.n, f"{name}{round_number}", 10)
                 for name in order
             }
-            current, other = results["current"], results[args.variant]
+            current, other = results[base], results[args.variant]
             ratios.append(
                 (other.rate / current.rate, other.per_cpu_second / current.per_cpu_second)
             )
         wall = statistics.median(r[0] for r in ratios)
         cpu = statistics.median(r[1] for r in ratios)
-        print(f"median {args.variant}/current: {wall:.3f} msg/s, {cpu:.3f} msg/CPU-s")
+        print(f"median {args.variant}/{base}: {wall:.3f} msg/s, {cpu:.3f} msg/CPU-s")
     finally:
         server.stop(kill=True)
         sink.stop()
@@ -169,7 +205,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=3000, help="messages per round")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of each variant")
     parser.add_argument(
-        "--variant", default="pipeline", choices=sorted(set(VARIANTS) - {"current"})
+        "--variant", default="pipeline", choices=sorted(set(VARIANTS) - {"current", "current-tx"})
     )
     args = parser.parse_args()
     configure_logging("json", "warning")

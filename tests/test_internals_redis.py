@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,37 @@ async def test_a_packed_batch_with_an_error_reply_reads_every_reply(redis_url: s
             assert not await redis_fence.is_stale(connection)
     finally:
         await client.aclose()
+
+
+async def test_replies_read_together_keep_each_error_in_its_place(redis_url: str) -> None:
+    """redis_fence.read_replies, what a settlement batch is read with."""
+    client = aioredis.Redis.from_url(redis_url)
+    commands = [("SET", "k", "v"), ("INCR", "k"), ("GET", "k")]
+    try:
+        async with redis_fence.borrowed(client.connection_pool) as connection:
+            await redis_fence.send_packed(connection, map(hiredis_fence.pack_command, commands))
+            ok, error, value = await redis_fence.read_replies(connection, 3)
+            assert not await redis_fence.is_stale(connection)
+    finally:
+        await client.aclose()
+    assert (ok, value) == (b"OK", b"v") and isinstance(error, ResponseError)
+
+
+async def test_replies_read_together_share_one_socket_timeout(redis_url: str) -> None:
+    """Three replies 0.3 s apart against a 0.5 s socket timeout: each alone would come in
+    time, all together do not.  The batch's wait stays bounded by one timeout."""
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=0.5)
+    blocking = [("BLPOP", "nothing-here", "0.3")] * 3
+    try:
+        async with redis_fence.borrowed(client.connection_pool) as connection:
+            await redis_fence.send_packed(connection, map(hiredis_fence.pack_command, blocking))
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await redis_fence.read_replies(connection, 3)
+            waited = time.monotonic() - started
+    finally:
+        await client.aclose()
+    assert 0.4 < waited < 0.8, waited
 
 
 async def test_the_probe_finds_a_connection_the_server_closed(redis_url: str) -> None:

@@ -133,29 +133,28 @@ class _Transaction:
     xack_at: int
 
 
-async def _transaction_result(
-    connection: AbstractConnection, shape: _Transaction
-) -> bool | RedisError:
-    """Read a transaction's replies (MULTI's, one per queued command, EXEC's): True when its
-    XACK acknowledged the entry, or the error that kept it from being applied whole."""
-    failed: RedisError | None = None
-    for _ in range(shape.commands - 1):  # +OK, then QUEUED (or the error queueing one got)
-        try:
-            await redis_fence.read_reply(connection)
-        except ResponseError as exc:
-            failed = failed or exc
-    try:
-        replies = await redis_fence.read_reply(connection)  # EXEC
-    except ResponseError as exc:  # EXECABORT: nothing was applied
-        return failed or exc
-    errors = [r for r in replies if isinstance(r, Exception)]
+def _transaction_result(replies: Sequence[object], shape: _Transaction) -> bool | RedisError:
+    """A transaction's result from its replies (MULTI's, one per queued command, EXEC's):
+    True when its XACK acknowledged the entry, or the error that kept it from being applied
+    whole."""
+    *queued, executed = replies
+    # +OK, then QUEUED, or the error queueing a command got (then EXEC aborts).
+    failed = next((r for r in queued if isinstance(r, ResponseError)), None)
+    if isinstance(executed, ResponseError):  # EXECABORT: nothing was applied
+        return failed or executed
+    assert isinstance(executed, list), executed
+    errors = [r for r in executed if isinstance(r, Exception)]
     # Applied in part (a key of the wrong type: an operator's key clashing with ours).
     # Unlike the function, which stops at its first error, EXEC runs the other commands:
     # the entry is acknowledged, so the settler's next run (the function) writes nothing,
     # and what failed here stays unwritten.  Reported, so the settler logs it.
     if errors:
         return RedisError(str(errors[0]))
-    return bool(replies[shape.xack_at])
+    return bool(executed[shape.xack_at])
+
+
+def _function_result(reply: object) -> bool | RedisError:
+    return reply if isinstance(reply, ResponseError) else bool(reply)
 
 
 class ReplicasMissing(RedisError):
@@ -326,17 +325,16 @@ class Outcomes:
                 packed.append(pack_command(self.settle_command(s, now_text)))
         if self.min_replicas:
             packed.append(pack_command(["WAIT", self.min_replicas, self.replica_timeout_ms]))
+        expected = sum(1 if shape is None else shape.commands for shape in shapes)
         async with self._settlements.use() as connection:
             await redis_fence.send_packed(connection, b"".join(packed))
-            results: list[bool | RedisError] = []
-            for shape in shapes:
-                if shape is not None:
-                    results.append(await _transaction_result(connection, shape))
-                    continue
-                try:
-                    results.append(bool(await redis_fence.read_reply(connection)))
-                except ResponseError as exc:  # this one failed; the others stand
-                    results.append(exc)
+            # An error reply fails its settlement only; the others stand.
+            replies = iter(await redis_fence.read_replies(connection, expected))
+            results = [
+                _function_result(next(replies)) if shape is None
+                else _transaction_result([next(replies) for _ in range(shape.commands)], shape)
+                for shape in shapes
+            ]  # fmt: skip
             if self.min_replicas:
                 missing = await self._replicas_missing(connection)
                 if missing is not None:
