@@ -26,7 +26,10 @@ our record existed) was sent by that worker too, or dead-lettered (expired, pois
 ``delivered`` event still says what our relay did, where the function would write none.
 With the function Redis spends a third more CPU per delivered 2 KB message (28.3 against
 21.2 us, medians of 7 alternated rounds of bench/redis_floor.py's delivery round; the raw
-floor measured 15.4): its arguments are converted into Lua and back.
+floor measured 15.4): its arguments are converted into Lua and back.  The worker pays for
+the transaction's seven replies instead of one: 0.92x the messages per CPU-second (4367
+against 4748, medians of 8 alternated rounds of bench/delivery.py's worker), a trade made
+for the shared Redis, which workers cannot scale out of.
 Every later run of a settlement (the settler's retry after a failed round trip) takes the
 function, whose acknowledgement check writes nothing a first run wrote.
 
