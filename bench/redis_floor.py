@@ -17,7 +17,7 @@ vary by half.
 Redis CPU is ``used_cpu_sys + used_cpu_user`` deltas less the benchmark's own INFO/XINFO
 polls (bench/redis_cost.py).  ``--profile`` adds per-command figures of the last rounds.
 
-    python bench/redis_floor.py            # 5 rounds of 3000 messages
+    python bench/redis_floor.py            # 9 rounds of 3000 messages (rounds vary by half)
     python bench/redis_floor.py --quick    # 3 rounds of 1000
 """
 
@@ -201,11 +201,11 @@ def report(delivery: Side, ingest: Side, messages: int, profile: bool) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds of 1000 messages")
-    parser.add_argument("--rounds", type=int, help="alternated rounds (default 5)")
+    parser.add_argument("--rounds", type=int, help="alternated rounds (default 9)")
     parser.add_argument("--messages", type=int, help="messages per round (default 3000)")
     parser.add_argument("--profile", action="store_true", help="per-command figures")
     args = parser.parse_args()
-    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.rounds = args.rounds or (3 if args.quick else 9)
     args.messages = args.messages or (1000 if args.quick else 3000)
     configure_logging("json", "warning")
     with tempfile.TemporaryDirectory(prefix="mailpool-floor-") as tmp:
