@@ -11,10 +11,12 @@ calls: the last test keeps it so.
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -86,21 +88,48 @@ async def test_replies_read_together_keep_each_error_in_its_place(redis_url: str
     assert (ok, value) == (b"OK", b"v") and isinstance(error, ResponseError)
 
 
-async def test_replies_read_together_share_one_socket_timeout(redis_url: str) -> None:
-    """Three replies 0.3 s apart against a 0.5 s socket timeout: each alone would come in
-    time, all together do not.  The batch's wait stays bounded by one timeout."""
-    client = aioredis.Redis.from_url(redis_url, socket_timeout=0.5)
-    blocking = [("BLPOP", "nothing-here", "0.3")] * 3
+async def read_blocking(redis_url: str, waits: list[str]) -> tuple[list[Any], float]:
+    """One BLPOP per wait, packed together and read with read_replies against a socket
+    timeout of 1 s: (the replies, or [] when the read timed out; seconds it took)."""
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=1.0)
+    blocking = [("BLPOP", "nothing-here", wait) for wait in waits]
+    replies: list[Any] = []
     try:
         async with redis_fence.borrowed(client.connection_pool) as connection:
             await redis_fence.send_packed(connection, map(hiredis_fence.pack_command, blocking))
             started = time.monotonic()
-            with pytest.raises(TimeoutError):
-                await redis_fence.read_replies(connection, 3)
-            waited = time.monotonic() - started
+            with contextlib.suppress(TimeoutError):
+                replies = await redis_fence.read_replies(connection, len(blocking))
+            return replies, time.monotonic() - started
     finally:
         await client.aclose()
-    assert 0.4 < waited < 0.8, waited
+
+
+async def test_a_batch_that_keeps_answering_is_not_cut_short(redis_url: str) -> None:
+    """Six replies 0.2-0.3 s apart (under half the 1 s socket timeout): 1.2 s or more in all
+    (BLPOP's timeouts are checked ten times a second)."""
+    replies, waited = await read_blocking(redis_url, ["0.2"] * 6)
+    assert replies == [None] * 6 and waited > 1.0, waited
+
+
+async def test_a_reply_later_than_the_socket_timeout_fails_the_read(redis_url: str) -> None:
+    """The second reply 3 s after the first: the read fails 1 s after it started, or at most
+    1 s after the first reply came (the timer is pushed back only when less than half of it
+    is left), long before the second."""
+    replies, waited = await read_blocking(redis_url, ["0.1", "3"])
+    assert replies == [] and 0.9 < waited < 1.6, waited
+
+
+@pytest.mark.parametrize(
+    ("release", "without_timer"),
+    [("5.0.1", False), ("8.1.0", False), ("8.2.0", True), ("8.10.1", True), ("9.0.0b1", True)],
+)
+def test_replies_are_read_without_a_timer_each_from_redis_py_8_2(
+    release: str, without_timer: bool
+) -> None:
+    """Before 8.2 a socket's own timeout came back as a None reply for a caller-given
+    timeout (math.inf included): read_replies reads each reply as read_response does."""
+    assert redis_fence._reads_without_timer(release) is without_timer
 
 
 async def test_the_probe_finds_a_connection_the_server_closed(redis_url: str) -> None:

@@ -24,9 +24,10 @@ Written against redis-py 8.2.0 and checked from 5.0.1 (pyproject's floor, the lo
 run) to 8.x; ``tests/test_internals_redis.py`` fails on a release outside that range or one
 that lacks a name used here.  What differs between those releases:
 
-* ``read_response(timeout=math.inf)`` reads without a timer of its own from 8.1 on; before,
-  it arms one that never fires (:func:`read_replies` is then as slow as a timer per reply,
-  and as correct).
+* ``read_response(timeout=math.inf)`` reads without a timer of its own from 8.1 on, and only
+  from 8.2 does it raise a socket's own timeout (ETIMEDOUT) as a lost connection rather than
+  return None for it.  :func:`read_replies` uses it from 8.2 and reads each reply with its
+  own timer before.
 * ``ConnectionPool.get_connection`` requires a command name (which it ignores) before
   redis-py 5.3; from 5.3 the name is optional and passing one warns (DeprecationWarning).
 * The liveness probe of an idle connection is ``can_read`` from 8.0, which deprecates the
@@ -60,6 +61,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
+import redis
 from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool, SSLConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import (
@@ -250,23 +252,47 @@ def read_reply(connection: AbstractConnection) -> Awaitable[Any]:
 
 async def read_replies(connection: AbstractConnection, count: int) -> list[Any]:
     """The next ``count`` replies on ``connection``, each Redis error reply in its place (a
-    ResponseError), all of them within the connection's ``socket_timeout``.
+    ResponseError); a wait of ``socket_timeout`` for the next one fails the read, as with
+    ``read_response``, while a batch that keeps answering is never cut short.
 
     One timer for them all: ``read_response`` arms one per reply (``socket_timeout``), and
     a plain delivery's settlement has seven replies (MULTI, five QUEUED, EXEC); with a timer
     each the worker delivers 0.874x the messages per CPU-second (bench/redis_fence.py
-    --variant per-reply, median of 8 alternated rounds, redis-py 8.2.0).
-    ``timeout=math.inf`` reads without a timer of its own from redis-py 8.1 on; earlier
-    releases arm one that never fires (correct, not faster).
+    --variant per-reply, median of 8 alternated rounds, redis-py 8.2.0).  The shared timer
+    is pushed back (``socket_timeout`` from the latest reply) whenever less than half of it
+    is left: a gap under half of ``socket_timeout`` never fails, one over it always does.
     """
+    if not _READS_WITHOUT_TIMER:
+        return [await _reply_or_error(connection.read_response()) for _ in range(count)]
+    loop = asyncio.get_running_loop()
+    limit = connection.socket_timeout
     replies: list[Any] = []
-    async with asyncio.timeout(connection.socket_timeout):
+    async with asyncio.timeout(limit) as timer:
         for _ in range(count):
-            try:
-                replies.append(await connection.read_response(timeout=math.inf))
-            except ResponseError as exc:
-                replies.append(exc)
+            replies.append(await _reply_or_error(connection.read_response(timeout=math.inf)))
+            if limit is not None:
+                now, deadline = loop.time(), timer.when()
+                if deadline is not None and deadline - now < limit / 2:
+                    timer.reschedule(now + limit)
     return replies
+
+
+async def _reply_or_error(reply: Awaitable[Any]) -> Any:
+    try:
+        return await reply
+    except ResponseError as exc:
+        return exc
+
+
+def _reads_without_timer(version: str) -> bool:
+    """``read_response(timeout=math.inf)`` reads without a timer of its own from redis-py
+    8.1, and from 8.2 it also raises a socket's own ETIMEDOUT as a lost connection; before
+    8.2 that error came back as a None reply for any caller-given timeout."""
+    major, minor = (int(part) for part in re.findall(r"\d+", version)[:2])
+    return (major, minor) >= (8, 2)
+
+
+_READS_WITHOUT_TIMER = _reads_without_timer(redis.__version__)
 
 
 # Replies that say a cluster slot's primary is elsewhere now (or about to be); redis-py
