@@ -145,7 +145,8 @@ def _transaction_result(replies: Sequence[object], shape: _Transaction) -> bool 
     failed = next((r for r in queued if isinstance(r, ResponseError)), None)
     if isinstance(executed, ResponseError):  # EXECABORT: nothing was applied
         return failed or executed
-    assert isinstance(executed, list), executed
+    if not isinstance(executed, list):  # nil is for a WATCH that failed: none is set
+        return RedisError(f"EXEC answered {executed!r}")
     errors = [r for r in executed if isinstance(r, Exception)]
     # Applied in part (a key of the wrong type: an operator's key clashing with ours).
     # Unlike the function, which stops at its first error, EXEC runs the other commands:
