@@ -366,11 +366,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
             sides["postfix"] = lambda m: asyncio.to_thread(
                 run_postfix, queue, sink, len(m), args.concurrency
             )
-        if args.raw_only:
-            order = ["raw", "rawtx"]
-        else:
-            order = ["raw", "rawtx", *(side for side in sides if side.startswith("worker")),
-                     *(["postfix"] if "postfix" in sides else [])]  # fmt: skip
+        order = ["raw", "rawtx"] if args.raw_only else list(sides)  # in the order added
         results = []
         for side in order:  # warm-up, not reported
             await sides[side](make_messages(min(args.n, 1000), f"warm-{side}"))
