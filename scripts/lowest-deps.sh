@@ -45,7 +45,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
   # Wheels only: a floor without a wheel for this Python must fail here, not be compiled
   # on this machine (with whatever compiler it has) and fail on the next.
-  "$VENV/bin/pip" install -q --only-binary=:all: -r "$constraints"
+  # dkimpy is published only as a pure-Python sdist: it alone is built (no compiler).
+  "$VENV/bin/pip" install -q --only-binary=:all: --no-binary=dkimpy -r "$constraints"
   # The package and its test tools; the constraints keep the floors where they are (pip
   # fails rather than upgrade one for a tool that wants more).
   "$VENV/bin/pip" install -q -c "$constraints" -e '.[dev]'

@@ -633,6 +633,7 @@ def _send_header_list_vector() -> dict[str, Any]:
         "version": 1,
         "max_attempts": 5,
         "max_age": 86400,  # an int where a number is expected: valid (JSON has one number type)
+        "dkim": {"selector": "news2026"},  # signed by this key of news@'s domain (example.com)
     }
 
 
@@ -794,6 +795,14 @@ def _invalid_vectors() -> dict[str, Invalid]:
             "CR, LF or NUL in a header value",
             "a NUL inside a header_list value",
             lambda: pack(_send(header_list=[["Subject", "ok"], ["X-Note", "a\x00b"]])),
+        ),
+        "send-dkim-unknown-key": Invalid(
+            "send",
+            "schema",
+            "dkim.domain",
+            "unknown key (only selector)",
+            "a dkim map asking for what the worker does not do (its own signing domain)",
+            lambda: pack(_send(dkim={"domain": "example.net"})),
         ),
         "send-header-list-pair": Invalid(
             "send",

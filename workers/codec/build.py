@@ -60,6 +60,7 @@ from workers.codec.encode import (
     split_params,
 )
 from workers.codec.errors import BuildError
+from workers.codec.signing import KeyTable, author_domain, signature_fields
 from workers.codec.types import Content, SendMessage
 from workers.codec.validate import validate_send
 
@@ -130,8 +131,12 @@ def build_message(
     default_id: str,
     hostname: str = "mailpool.invalid",
     now: float | None = None,
+    keys: KeyTable | None = None,
 ) -> BuiltMessage:
     """RFC 5322 bytes (CRLF line ends, no line over 998 octets) and the SMTP envelope.
+
+    ``keys``: DKIM keys; the message is signed by its ``From`` domain's keys, last, unless
+    its ``dkim`` key is false (a ``dkim.selector`` picks one of the domain's keys).
 
     Raises :class:`SchemaError` for a message that breaks the schema and
     :class:`BuildError` for one that cannot be built safely (header injection, bad address).
@@ -156,6 +161,8 @@ def build_message(
     data = head.encode("utf-8") + body
     if body and not body.endswith(b"\r\n"):
         data += b"\r\n"
+    if keys and send.get("dkim", True) is not False:
+        data = _signed(data, keys, send, present.get("from"), now)
     return BuiltMessage(
         data=data,
         mail_from=mail_from,
@@ -165,6 +172,16 @@ def build_message(
         eight_bit=False,
         **_dsn_parameters(send, recipients),
     )
+
+
+def _signed(
+    data: bytes, keys: KeyTable, send: SendMessage, from_field: str | None, now: float | None
+) -> bytes:
+    """``data`` with the DKIM signatures of its From domain's keys in front."""
+    choice = send.get("dkim")
+    selector = choice.get("selector") if isinstance(choice, dict) else None
+    author = author_domain(from_field) if from_field is not None else None
+    return signature_fields(data, keys, author, selector=selector, now=now) + data
 
 
 def _dsn_parameters(send: SendMessage, recipients: list[str]) -> dict[str, Any]:
@@ -267,7 +284,8 @@ def format_date(timestamp: float) -> str:
 
 
 def _message_fields(send: SendMessage, state: _Build) -> tuple[list[str], dict[str, str]]:
-    """Folded message fields and the (stripped) values of Message-ID and Date when given."""
+    """Folded message fields and the (stripped) values of Message-ID, Date and From as
+    given (the first of each)."""
     if "header_list" in send:
         pairs = [
             (name, value, f"header_list[{i}]")
@@ -281,7 +299,7 @@ def _message_fields(send: SendMessage, state: _Build) -> tuple[list[str], dict[s
         lower = name.lower()
         if lower in _ROOT_SKIPPED:
             continue
-        if lower in ("message-id", "date"):
+        if lower in ("message-id", "date", "from"):
             present.setdefault(lower, value.strip())
         lines.append(_field(name, lower, value, path, state))
     return lines, present

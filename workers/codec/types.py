@@ -70,5 +70,7 @@ SendMessage = TypedDict(
         "max_age": NotRequired[float],  # per-message override of --max-age, seconds
         "ignore_suppression": NotRequired[bool],  # sent even to suppressed recipients
         "dsn": NotRequired[dict[str, object]],  # RFC 3461 parameters (workers.codec.dsn)
+        # DKIM: false = not signed; {"selector": s} = signed by that key of the From domain
+        "dkim": NotRequired[bool | dict[str, str]],
     },
 )

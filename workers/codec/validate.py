@@ -285,6 +285,19 @@ def _raw(value: object, path: str) -> None:
     _expect(value, bytes, path, "bin")
 
 
+def _dkim(value: object, path: str) -> None:
+    """``true``/``false``, or ``{"selector": "..."}``: the From domain's key to sign with."""
+    if isinstance(value, bool):
+        return
+    _expect(value, dict, path, "bool or map")
+    choice = cast("dict[object, object]", value)
+    unknown = sorted(str(key) for key in choice if key != "selector")
+    if unknown:
+        raise SchemaError(f"{path}.{unknown[0]}", "unknown key (only selector)")
+    if "selector" in choice:
+        _non_empty_str(choice["selector"], f"{path}.selector")
+
+
 _Check = Callable[[object, str], None]
 _SEND_EXTENSIONS: dict[str, _Check] = {
     "id": _non_empty_str,
@@ -292,6 +305,7 @@ _SEND_EXTENSIONS: dict[str, _Check] = {
     "max_attempts": _positive_int,
     "max_age": _positive_number,
     "ignore_suppression": _bool,
+    "dkim": _dkim,
 }
 _RECEIVE_EXTENSIONS: dict[str, _Check] = {
     "id": _non_empty_str,

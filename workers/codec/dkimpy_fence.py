@@ -1,0 +1,72 @@
+"""What DKIM signing relies on of dkimpy beyond its documented ``dkim.sign``, in one place.
+
+dkimpy is the canonicalisation and the header selection; the signature is libsodium's
+(ed25519) or OpenSSL's (rsa), and workers/codec/signing.py writes the ``DKIM-Signature``
+field.  ``dkim.sign`` itself is not used on the delivery path because it is too slow for it
+(2 KB message, relaxed/relaxed, bench of 2026-12-06, 2 cores):
+
+* rsa-sha256: 6.5 ms per message, its RSA being pure Python; OpenSSL signs in 0.29 ms;
+* ed25519-sha256: 222 µs per message, against ~250 µs of the whole delivery worker per
+  message; this module and signing.py take about 55 µs.  Of dkim.sign's 222 µs, 95 are the
+  relaxed body canonicalisation's two whitespace regexes over bodies they mostly leave
+  unchanged (the builder's quoted-printable and base64 bodies have no tab, no run of spaces
+  and no space before a line end), 53 re-parse the header the builder has just written, 21
+  canonicalise every field twice, 16 derive the key pair from the seed on every call.
+
+:func:`relaxed_body` and :func:`relaxed_headers` run dkimpy's own canonicalisation steps,
+skipping only a regex that provably changes nothing (tests/test_internals_dkimpy.py checks
+them against dkimpy on arbitrary input); :func:`select_headers` is dkimpy's.
+
+Checked against dkimpy 1.1.8 (``CHECKED_RELEASES``, pyproject's pin).
+tests/test_internals_dkimpy.py fails, naming this file, on another release, when these
+functions no longer give what dkimpy's ``Relaxed`` canonicalisation gives, or when a
+signature made with them no longer verifies with dkimpy's verifier; check
+``dkim/canonicalization.py`` and ``select_headers`` in ``dkim/__init__.py`` of that
+release, then widen the range.
+
+Pure like the rest of the codec: no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import dkim
+from dkim import canonicalization
+
+CHECKED_RELEASES = ">=1.1.8,<1.1.9"
+
+RELAXED = canonicalization.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+
+Header = tuple[bytes, bytes]  # (name, value as written after the colon, CRLF of folds kept)
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """RFC 6376 relaxed body canonicalisation: dkimpy's ``Relaxed.canonicalize_body`` step by
+    step, each of its two whitespace regexes skipped where it would change nothing."""
+    if b" \r\n" in body or b"\t\r\n" in body:  # "[\t ]+\r\n" has something to match
+        body = canonicalization.strip_trailing_whitespace(body)
+    # "[\t ]+" -> " " replaces single spaces with themselves: a no-op without these.
+    if b"\t" in body or b"  " in body:
+        body = canonicalization.compress_whitespace(body)
+    return canonicalization.correct_empty_body(  # type: ignore[no-any-return]
+        canonicalization.strip_trailing_lines(body)
+    )
+
+
+def relaxed_headers(headers: Sequence[Header]) -> list[Header]:
+    """RFC 6376 relaxed header canonicalisation, as dkimpy computes it."""
+    out = []
+    for name, value in headers:
+        unfolded = value.replace(b"\r\n", b"")
+        if b"\n" in unfolded or b"\r" in unfolded or b"\t" in unfolded or b"  " in unfolded:
+            out.extend(RELAXED.canonicalize_headers([(name, value)]))
+        else:  # dkimpy's unfolding and its whitespace regex would change nothing more
+            out.append((name.lower().rstrip(), unfolded.strip() + b"\r\n"))
+    return out
+
+
+def select_headers(canonical: Sequence[Header], signed: Sequence[bytes]) -> list[Header]:
+    """The fields ``h=`` names, in its order, each name taking the next occurrence from the
+    bottom up (RFC 6376 section 5.4.2): dkimpy's ``select_headers``."""
+    return dkim.select_headers(list(canonical), list(signed))  # type: ignore[no-any-return]
