@@ -24,6 +24,8 @@ if [ "$DEV" = 1 ]; then
   perl -MNet::SSLeay -e 1 2>/dev/null || need_apt+=(libnet-ssleay-perl)
   command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need_apt+=(postfix)
   command -v openssl >/dev/null || need_apt+=(openssl)
+  # unbound: the DKIM tests' DNS server (each test starts its own, on a free loopback port).
+  [ -x /usr/sbin/unbound ] || need_apt+=(unbound)
   command -v node >/dev/null || need_apt+=(nodejs)
   command -v npm >/dev/null || need_apt+=(npm)
   # The Ruby producer example is tested with Debian's gems.
@@ -76,9 +78,10 @@ fi
 
 if [ "$DEV" = 1 ]; then
   # The tests' npm packages, exactly as their lock files say: tests/node (cross-language
-  # tests), tests/keda (KEDA's schemas for the deploy tests) and bench/haraka (Haraka, the
-  # ingest benchmark's anchor; a test starts it).
-  for dir in tests/node tests/keda bench/haraka; do
+  # tests), tests/keda (KEDA's schemas for the deploy tests), tests/mailauth (the DKIM
+  # tests' independent verifier and signer) and bench/haraka (Haraka, the ingest
+  # benchmark's anchor; a test starts it).
+  for dir in tests/node tests/keda tests/mailauth bench/haraka; do
     installed="$dir/node_modules/.package-lock.json"
     if [ ! -f "$installed" ] || [ "$dir/package-lock.json" -nt "$installed" ]; then
       (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)

@@ -66,6 +66,18 @@ def send_message(
     return message
 
 
+def with_attachment(message: dict[str, Any], filename: str, body: bytes) -> dict[str, Any]:
+    """``message`` as multipart/mixed: its content, then a PDF attachment."""
+    message["content"] = {
+        "content-type": "multipart/mixed",
+        "parts": [
+            message["content"],
+            {"content-type": "application/pdf", "filename": filename, "body": body},
+        ],
+    }
+    return message
+
+
 def pack(message: dict[str, Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 

@@ -25,7 +25,8 @@ ROLE_MODULES = sorted({command.main.__module__ for command in cli.COMMANDS})
 
 def test_the_table_names_every_role_module() -> None:
     assert ROLE_MODULES == [
-        "workers.deadletters", "workers.delivery", "workers.housekeeping", "workers.ingest",
+        "workers.deadletters", "workers.delivery", "workers.dkim_records", "workers.housekeeping",
+        "workers.ingest",
         "workers.listen", "workers.pool", "workers.producer", "workers.redis_setup",
         "workers.status", "workers.suppress",
     ]  # fmt: skip

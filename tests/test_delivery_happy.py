@@ -12,6 +12,7 @@ from tests.delivery_util import (
     make_config,
     run_until_settled,
     send_message,
+    with_attachment,
 )
 from tests.sinks import RecordingSink
 
@@ -25,13 +26,7 @@ async def test_utf8_headers_and_attachment_reach_the_relay(
         text="Hallo Zoë,\nanbei die Rechnung.\n",
     )
     pdf = b"%PDF-1.4\n" + bytes(range(256)) * 8
-    message["content"] = {
-        "content-type": "multipart/mixed",
-        "parts": [
-            message["content"],
-            {"content-type": "application/pdf", "filename": "Rechnung März.pdf", "body": pdf},
-        ],
-    }
+    with_attachment(message, "Rechnung März.pdf", pdf)
     entry_id = await enqueue(redis, message)
     await run_until_settled(redis, make_config(redis_url, sink.url))
     assert len(sink.received) == 1

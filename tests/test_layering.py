@@ -8,7 +8,7 @@ package and from the layers below its own, never from above or from a neighbour:
 3. what the roles share: ``logs``, ``lifecycle``, ``metrics``, ``embedded`` (Redis)
 4. ``health`` (serves the metrics and readiness of every role)
 5. the roles, one command each: ``ingest``, ``delivery``, ``housekeeping``, ``listen``,
-   ``producer``, ``status``, ``deadletters``, ``redis_setup``, ``suppress``
+   ``producer``, ``status``, ``deadletters``, ``redis_setup``, ``suppress``, ``dkim_records``
 6. ``pool`` (``mailpool run``: ingest, delivery and housekeeping in one process)
 7. ``cli`` (parses and calls), then ``__main__``
 
@@ -36,7 +36,7 @@ LAYERS = [
     [
         "workers.ingest", "workers.delivery", "workers.housekeeping", "workers.listen",
         "workers.producer", "workers.status", "workers.deadletters", "workers.redis_setup",
-        "workers.suppress",
+        "workers.suppress", "workers.dkim_records",
     ],
     ["workers.pool"],
     ["workers.cli"],

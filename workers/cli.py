@@ -23,6 +23,7 @@ from workers import (
     __version__,
     deadletters,
     delivery,
+    dkim_records,
     housekeeping,
     ingest,
     listen,
@@ -98,6 +99,12 @@ COMMANDS: tuple[Command[Any], ...] = (
         "the suppression list: list, add, remove",
         suppress.SuppressConfig,
         suppress.main,
+    ),
+    Command(
+        "dkim-records",
+        "print the DNS TXT records to publish for a --dkim-keys table",
+        dkim_records.DkimRecordsConfig,
+        dkim_records.main,
     ),
     Command(
         "redis-setup",

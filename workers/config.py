@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import secrets
 import socket
@@ -27,6 +28,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from workers import errors
+from workers.codec.signing import KeyTable, SigningKey, load_key, parse_key_table
 from workers.relay import MaildirTransport, RelaySettings, SmtpPool, Transport
 from workers.streams import cluster, layout, sentinel, suppression
 from workers.streams.layout import StreamKeys
@@ -612,6 +614,41 @@ def _check_ca_file(path: str, *, verify: bool) -> None:
         raise ConfigError(f"--tls-ca-file {path}: {reason}") from None
 
 
+KEY_FILE_LIMIT = 65_536  # a PEM private key is a few KB; a larger file is the wrong one
+
+
+def load_key_table(path: str) -> KeyTable:
+    """The --dkim-keys table with every key loaded; ConfigError names the line and the key
+    file (never the key).  A key's relative path is relative to the table's directory."""
+    where = f"--dkim-keys {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        lines = parse_key_table(text)
+    except OSError as exc:
+        raise ConfigError(f"{where}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc
+        raise ConfigError(f"{where}: {reason}") from None
+    if not lines:
+        raise ConfigError(f"{where}: no keys (expected DOMAIN SELECTOR PATH-TO-PEM lines)")
+    keys = []
+    for line in lines:
+        key_path = Path(path).parent / line.path
+        try:
+            with open(key_path, "rb") as handle:
+                pem = handle.read(KEY_FILE_LIMIT + 1)
+            if len(pem) > KEY_FILE_LIMIT:
+                raise ValueError(f"over {KEY_FILE_LIMIT} bytes, not a PEM private key")
+            private_key = load_key(pem)
+        except OSError as exc:
+            raise ConfigError(f"{where} line {line.number}: {key_path}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{where} line {line.number}: {key_path}: {exc}") from None
+        source = f"{path}:{line.number}"
+        keys.append(SigningKey(line.domain, line.selector, private_key, source))
+    return KeyTable(keys)
+
+
 # --starttls: whether a smtp:// relay's connection must (True), may (None: when offered) or
 # must not (False) be encrypted; "opportunistic" also skips the certificate check.
 STARTTLS_MODES: dict[str, bool | None] = {
@@ -696,10 +733,22 @@ class DeliveryConfig(CommonConfig):
     replica_timeout: float = option(1.0, "seconds to wait for --min-replicas acks")
     shutdown_grace: float = option(30.0, "seconds sends in flight may finish after SIGTERM")
     hostname: str = option(socket.gethostname(), "EHLO name and Message-ID domain")
+    dkim_keys: str | None = option(
+        None,
+        "DKIM key table: a DOMAIN SELECTOR PATH-TO-PEM line per key (ed25519 or rsa, "
+        "unencrypted), '#' comments; a message is signed with the keys of its From domain "
+        "(or of its nearest parent in the table, else of a '*' line); README.md 'DKIM signing'",
+    )
     http: str | None = option(None, "serve /metrics, /healthz, /readyz on HOST:PORT")
+
+    @functools.cached_property
+    def signing_keys(self) -> KeyTable | None:
+        """The --dkim-keys table, loaded (at start: ``validate``); None when not given."""
+        return load_key_table(self.dkim_keys) if self.dkim_keys else None
 
     def validate(self) -> None:
         super().validate()
+        _ = self.signing_keys  # a missing, unreadable or malformed key stops the start
         if self.relay is None:
             raise ConfigError(
                 "--relay is required (smtp://host:port, smtps://host:port or maildir:PATH)"

@@ -99,7 +99,8 @@ async def _serve_streams(
 ) -> None:
     names = [stream.consumer.stream for stream in streams]
     log.info("delivery_started", relay=_safe_relay(config.relay), consumer=config.consumer,
-             concurrency=config.concurrency, streams=names)  # fmt: skip
+             concurrency=config.concurrency, streams=names,
+             dkim=_signing_summary(config))  # fmt: skip
     _say_if_unverified(config)
     worker = DeliveryWorker(config, streams, config.open_transport())
     # /readyz: ready while any partition's Redis answers (the others' reads are passed over).
@@ -136,6 +137,19 @@ def _say_if_unverified(config: DeliveryConfig) -> None:
         note=f"TLS {how}, the relay's certificate not verified: the mail is encrypted "
         "against eavesdroppers, not against someone in the middle",
     )  # fmt: skip
+
+
+def _signing_summary(config: DeliveryConfig) -> list[str] | None:
+    """What the --dkim-keys table signs for ("example.com ed1 ed25519-sha256"), never a
+    key; None: no signing."""
+    table = config.signing_keys
+    if table is None:
+        return None
+    return [
+        f"{key.domain} {key.selector} {key.algorithm}"
+        for keys in table.by_domain.values()
+        for key in keys
+    ]
 
 
 def _safe_relay(relay: str | None) -> str:

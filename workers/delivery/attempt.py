@@ -79,7 +79,10 @@ def prepare(
         job = Job.from_entry(entry, entry.fields)
         # build_message validates (SchemaError/BuildError), so the map is not checked twice.
         message = cast(SendMessage, unpack(job.data))
-        built = build_message(message, default_id=job.source_id, hostname=config.hostname)
+        built = build_message(
+            message, default_id=job.source_id, hostname=config.hostname,
+            keys=config.signing_keys,
+        )  # fmt: skip
     except (CodecError, ValueError) as exc:  # ValueError: our own fields were mangled
         return invalid(entry, job, exc)
     except Exception as exc:  # a builder bug must not crash-loop every worker on one entry

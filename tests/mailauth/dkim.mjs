@@ -1,0 +1,40 @@
+// mailauth (an independent DKIM implementation) for mailpool's DKIM tests, with every DNS
+// question sent to the test's own DNS server.
+//   node dkim.mjs verify HOST:PORT < message       -> JSON: one result per DKIM-Signature
+//   node dkim.mjs sign KEY.pem DOMAIN SELECTOR < message -> the message with a signature
+import { readFileSync } from 'node:fs';
+import { Resolver } from 'node:dns/promises';
+import { dkimVerify } from 'mailauth/lib/dkim/verify.js';
+import { dkimSign } from 'mailauth/lib/dkim/sign.js';
+
+const message = readFileSync(0);
+const [command, ...args] = process.argv.slice(2);
+
+if (command === 'verify') {
+  const resolver = new Resolver({ timeout: 2000, tries: 1 });
+  resolver.setServers([args[0]]);
+  const verdict = await dkimVerify(message, { resolver: (name, type) => resolver.resolve(name, type) });
+  const results = verdict.results.map((r) => ({
+    result: r.status.result,
+    comment: r.status.comment || null,
+    domain: r.signingDomain || null,
+    selector: r.selector || null,
+    algorithm: r.algo || null,
+    aligned: r.status.aligned || null,
+  }));
+  process.stdout.write(JSON.stringify(results));
+} else if (command === 'sign') {
+  const [keyPath, domain, selector] = args;
+  const signed = await dkimSign(message, {
+    canonicalization: 'relaxed/relaxed',
+    signatureData: [{ signingDomain: domain, selector, privateKey: readFileSync(keyPath) }],
+  });
+  if (signed.errors.length) {
+    process.stderr.write(JSON.stringify(signed.errors));
+    process.exit(1);
+  }
+  process.stdout.write(Buffer.concat([Buffer.from(signed.signatures), message]));
+} else {
+  process.stderr.write('usage: dkim.mjs verify HOST:PORT | sign KEY DOMAIN SELECTOR\n');
+  process.exit(2);
+}
