@@ -26,6 +26,12 @@ With ``--postfix`` (as ``make bench`` runs it), two anchors join the rounds:
   and worker-fsync/postfix for msg/s and msg per CPU-s (the worker's process alone, then
   with its redis-server's CPU added).
 
+With ``--dkim`` (as ``make bench`` runs it), the worker also runs with DKIM signing on, every
+message signed by its From domain's key (bench/example.com):
+
+* worker-ed25519: an ed25519 key (the issue's target: >= 0.6x raw in the same run);
+* worker-rsa: an RSA-2048 key.
+
 Rounds alternate (raw, rawtx, worker, raw, ...) so all see the same machine state, after
 one unreported warm-up round of each side (the first round of a fresh process pays for
 first use of its memory and caches, which would count against whichever side it is).  All
@@ -215,6 +221,7 @@ async def run_worker(
     messages: list[SendMessage],
     concurrency: int,
     side: str = "worker",
+    dkim_keys: str | None = None,
 ) -> Result:
     from workers.delivery import serve
 
@@ -227,6 +234,7 @@ async def run_worker(
         concurrency=concurrency,
         consumer="bench-worker",
         hostname="bench.invalid",
+        dkim_keys=dkim_keys,
     )
     config.validate()
     redis = aioredis.Redis.from_url(redis_url)
@@ -292,7 +300,7 @@ def median_rates(results: list[Result], side: str) -> tuple[float, float] | None
 
 
 def summary(results: list[Result]) -> None:
-    sides = ("raw", "rawtx", "worker", "worker-fsync", "postfix")
+    sides = ("raw", "rawtx", "worker", "worker-ed25519", "worker-rsa", "worker-fsync", "postfix")
     medians = {side: median_rates(results, side) for side in sides}
     print("median:")
     for side, rates in medians.items():
@@ -305,6 +313,14 @@ def summary(results: list[Result]) -> None:
             print(
                 f"ratio worker/{base}: {worker[0] / rates[0]:.2f} (msg/s)  "
                 f"{worker[1] / rates[1]:.2f} (msg per CPU-s)"
+            )
+    for signed in ("worker-ed25519", "worker-rsa"):
+        ours, raw_rates = medians[signed], medians["raw"]
+        if ours is not None and raw_rates is not None and worker is not None:
+            print(
+                f"ratio {signed}/raw: {ours[0] / raw_rates[0]:.2f} (msg/s)  "
+                f"{ours[1] / raw_rates[1]:.2f} (msg per CPU-s); {signed}/worker: "
+                f"{ours[0] / worker[0]:.2f} (msg/s)  {ours[1] / worker[1]:.2f} (msg per CPU-s)"
             )
     anchor = medians["postfix"]
     for side in ("worker", "worker-fsync"):
@@ -359,6 +375,13 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
             ),
             "worker": lambda m: run_worker(sink, server, m, args.concurrency),
         }
+        if args.dkim:
+            for algorithm in ("ed25519", "rsa"):
+                table = write_key_table(workdir / f"dkim-{algorithm}", algorithm)
+                check_signed(sample, table)
+                sides[f"worker-{algorithm}"] = lambda m, table=table, a=algorithm: run_worker(
+                    sink, server, m, args.concurrency, f"worker-{a}", str(table)
+                )
         if fsync is not None and queue is not None:
             sides["worker-fsync"] = lambda m: run_worker(
                 sink, fsync, m, args.concurrency, "worker-fsync"
@@ -377,6 +400,38 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
                 report(result)
                 results.append(result)
         summary(results)
+
+
+def check_signed(message: SendMessage, table: Path) -> None:
+    """The signing sides must sign: the bench's messages are built signed with ``table``."""
+    from workers.config import load_key_table
+
+    built = build_message(message, default_id="check", keys=load_key_table(str(table)))
+    if not built.data.startswith(b"DKIM-Signature: "):
+        raise SystemExit(f"the messages would go unsigned with {table}")
+
+
+def write_key_table(directory: Path, algorithm: str) -> Path:
+    """A key table with one new key (ed25519, or RSA-2048) for the messages' domain."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    private: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+    if algorithm == "ed25519":
+        private = ed25519.Ed25519PrivateKey.generate()
+    else:
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    directory.mkdir()
+    (directory / "key.pem").write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    table = directory / "keys.txt"
+    table.write_text("example.com bench key.pem\n", encoding="utf-8")
+    return table
 
 
 @contextlib.contextmanager
@@ -409,6 +464,9 @@ def main() -> None:
         "--postfix", action="store_true",
         help="also Postfix delivering from its own queue, and the worker on an fsyncing Redis",
     )  # fmt: skip
+    parser.add_argument(
+        "--dkim", action="store_true", help="also the worker signing with ed25519 and RSA-2048"
+    )
     parser.add_argument("--log-level", default="warning", help="worker log level")
     args = parser.parse_args()
     if args.quick:

@@ -71,8 +71,9 @@ class Row:
 
 
 # More than each benchmark's defaults: bench/delivery.py's anchors (Postfix from its queue,
-# the worker on an fsyncing Redis) and bench/ingest.py's (Haraka, from bench/haraka).
-OPTIONS = {"delivery.py": ["--postfix"], "ingest.py": ["--haraka"]}
+# the worker on an fsyncing Redis) and its DKIM-signing sides, and bench/ingest.py's
+# anchor (Haraka, from bench/haraka).
+OPTIONS = {"delivery.py": ["--postfix", "--dkim"], "ingest.py": ["--haraka"]}
 
 
 def run_benchmark(script: str, quick: bool, logs: Path) -> str:
@@ -146,6 +147,16 @@ def delivery_rows(output: str) -> list[Row]:
         rows.append(
             Row("delivery worker/rawtx", f"{own.group(1)}x", f"{note}; per CPU-s {own.group(2)}x")
         )
+    signing = (
+        r"ratio (worker-ed25519|worker-rsa)/raw: ([\d.]+) \(msg/s\)\s+([\d.]+) "
+        r"\(msg per CPU-s\); \S+/worker: ([\d.]+)"
+    )
+    for side, wall, cpu, of_worker in re.findall(signing, output):
+        algorithm = "ed25519" if side == "worker-ed25519" else "RSA-2048"
+        rows.append(Row(
+            f"delivery {side}/raw", f"{wall}x",
+            f"DKIM-signed with {algorithm}; per CPU-s {cpu}x; {of_worker}x the unsigned worker",
+        ))  # fmt: skip
     anchor = (
         r"ratio (worker|worker-fsync)/postfix: ([\d.]+) \(msg/s\)\s+([\d.]+) \(msg per CPU-s\)"
         r"\s+([\d.]+)"

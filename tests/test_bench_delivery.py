@@ -1,8 +1,8 @@
 """The delivery benchmarks run: each side of bench/delivery.py (raw ``sendmail``, the relay's
-own transaction, the worker, its Postfix anchor) and every variant of bench/relay_fence.py
-and bench/redis_fence.py send a few messages into smtp-sink, so a change of the relay's or
-the outcomes' API breaks the test suite, not the next benchmark run; and bench/ingest.py's
-Haraka anchor takes mail."""
+own transaction, the worker, the worker signing with DKIM, its Postfix anchor) and every
+variant of bench/relay_fence.py and bench/redis_fence.py send a few messages into
+smtp-sink, so a change of the relay's or the outcomes' API breaks the test suite, not the
+next benchmark run; and bench/ingest.py's Haraka anchor takes mail."""
 
 from __future__ import annotations
 
@@ -27,16 +27,18 @@ def run_bench(script: str, *args: str) -> str:
 @pytest.mark.timeout(150)
 def test_every_side_of_the_delivery_benchmark_runs() -> None:
     """With its anchors: the worker on an fsyncing Redis, and a private Postfix delivering
-    from its own queue (`make bench` runs them)."""
+    from its own queue, and the worker signing with DKIM (`make bench` runs them)."""
     from bench.report import delivery_rows
 
-    out = run_bench("delivery.py", "-n", "50", "--rounds", "1", "--postfix")
+    out = run_bench("delivery.py", "-n", "50", "--rounds", "1", "--postfix", "--dkim")
     assert "ratio worker/raw:" in out and "ratio worker/rawtx:" in out, out
     for side in ("worker", "worker-fsync"):
         assert f"ratio {side}/postfix:" in out, out
     assert [row.what for row in delivery_rows(out)] == [
         "delivery worker/raw",
         "delivery worker/rawtx",
+        "delivery worker-ed25519/raw",
+        "delivery worker-rsa/raw",
         "delivery worker/postfix",
         "delivery worker-fsync/postfix",
     ], out
