@@ -12,7 +12,8 @@ PYTHON=${PYTHON:-python3}
 # What the floors must carry: every end-to-end path (relay, ingest, listen, producer, the
 # settlement connection's idle check, Redis Sentinel, Redis Cluster: SlotConnection overrides
 # redis-py's Connection._connect and read_response), the wire format (msgpack), the
-# metrics endpoint and the library internals check.
+# metrics endpoint, DKIM signing (dkimpy, cryptography, PyNaCl) and the library internals
+# check.
 TESTS=(
   tests/test_internals_*.py
   tests/test_delivery_settler_idle.py
@@ -24,6 +25,8 @@ TESTS=(
   tests/test_delivery_process.py
   tests/test_delivery_tls_auth.py
   tests/test_delivery_unreadable_reply.py
+  tests/test_delivery_dkim.py
+  tests/test_dkim_signer.py
   tests/test_ingest_*.py
   tests/test_listen_*.py
   tests/test_sentinel_roles.py
