@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import atexit
+import base64
 import copy
 import dataclasses
 import json
@@ -47,6 +48,7 @@ from workers.config import (
     IngestConfig,
     env_name,
     from_arguments,
+    load_key_table,
     parse_host_port,
 )
 from workers.streams.cluster import is_cluster_url, parse_cluster_url
@@ -128,10 +130,13 @@ def config_map_data(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
 
 
 def secret_data(docs: list[dict[str, Any]], name: str) -> dict[str, str]:
-    # Templates use stringData; base64 `data` would need decoding (none here yet).
+    """The Secret's files: its stringData (the templates), and its base64 data decoded (what
+    a secretGenerator makes)."""
     secret = named(docs, "Secret", name)
-    assert "data" not in secret, "decode base64 Secret data here if the template ever uses it"
-    return dict(secret.get("stringData", {}))
+    decoded = {
+        key: base64.b64decode(value).decode() for key, value in secret.get("data", {}).items()
+    }
+    return {**decoded, **secret.get("stringData", {})}
 
 
 def expand(value: str, defined: dict[str, str]) -> str:
@@ -806,3 +811,48 @@ def test_ingest_holds_a_quarter_of_its_memory_limit_in_messages(
         limit = quantity(container["resources"]["limits"]["memory"])
         assert isinstance(config, IngestConfig)
         assert (config.memory_limit, config.memory_budget) == (limit, limit // 4)
+
+
+# ---------------------------------------------------------------------------------------
+# DKIM signing (deploy/components/dkim)
+
+
+def test_the_dkim_component_gives_delivery_alone_its_key_table(tmp_path: Path) -> None:
+    """An overlay using the component, with the Secret made by a secretGenerator from a key
+    table and its key: the manifests stay valid, delivery mounts the Secret and is pointed
+    at the table, the table and key it finds there load, and no other role sees them."""
+    from tests.dkim_util import write_key
+
+    site = tmp_path / "site"
+    key = write_key(site, "example.com", "ed1", "ed25519")
+    (site / "keys.txt").write_text(f"example.com ed1 {key.path.name}\n")
+    (site / "deploy").symlink_to(DEPLOY)
+    (site / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [deploy/overlays/example]\ncomponents: [deploy/components/dkim]\n"
+        "secretGenerator:\n  - name: mailpool-dkim\n"
+        f"    files: [keys.txt, {key.path.name}]\n"
+        # The name the component mounts, as `kubectl create secret` makes it (no hash).
+        "    options: {disableNameSuffixHash: true}\n"
+    )
+    docs = list(render(site))
+    for doc in docs:
+        if api_group(doc) != KEDA_GROUP:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    mounts = {
+        deployment["metadata"]["name"]: mounted_secret_files(docs, container)
+        for deployment, container in deployments(docs)
+    }
+    (delivery,) = [c for d, c in deployments(docs) if d["metadata"]["name"] == "mailpool-delivery"]
+    table_path = next(v["value"] for v in delivery["env"] if v["name"] == "MAILPOOL_DKIM_KEYS")
+    files = mounts.pop("mailpool-delivery")
+    assert table_path in files
+    assert all(not path.startswith("/run/secrets/dkim") for m in mounts.values() for path in m)
+    # The pod's view of the mount, recreated here: the table's relative key path resolves.
+    mount = tmp_path / "pod"
+    for path, content in files.items():
+        target = mount / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content)
+    found = load_key_table(str(mount / table_path.lstrip("/"))).keys_for("example.com")
+    assert found is not None and [k.selector for k in found[1]] == ["ed1"]
