@@ -90,10 +90,11 @@ async def test_what_changes_after_signing_breaks_the_signature(
 ) -> None:
     """The verifier is not a rubber stamp: a changed body, or a second From, fails."""
     data = await _send(redis, redis_url, sink, keys.table, text="Pay 10 EUR.\n")
+    assert _verdicts(mailauth_verify(data, dns.address)) == BOTH_PASS
     body_changed = data.replace(b"Pay 10 EUR.", b"Pay 99 EUR.")
-    assert [r["result"] for r in mailauth_verify(body_changed, dns.address)] != ["pass", "pass"]
-    head, _, body = data.partition(b"\r\n\r\n")
-    second_from = head + b"\r\nFrom: ceo@example.com\r\n\r\n" + body
+    assert "pass" not in [r["result"] for r in mailauth_verify(body_changed, dns.address)]
+    # A From added on top (what mail programs show): over-signing makes that fail too.
+    second_from = b"From: ceo@example.com\r\n" + data
     assert "pass" not in [r["result"] for r in mailauth_verify(second_from, dns.address)]
 
 

@@ -83,7 +83,9 @@ def test_lookup_by_domain_parent_and_default(good: KeyFile) -> None:
     [
         ("example.com s1\n", "line 1: expected DOMAIN SELECTOR PATH, got 2 words"),
         ("# c\nexample.com s1 k.pem extra\n", "line 2: expected DOMAIN SELECTOR PATH"),
-        ("localhost s1 k.pem\n", "line 1: 'localhost' is not a domain"),
+        ("localhost s1 k.pem\n", "line 1: 'localhost' is not a domain name"),
+        ("*.example.com s1 k.pem\n", "'\\*' alone is the line for every other domain"),
+        ("a@example.com s1 k.pem\n", "line 1: 'a@example.com' is not a domain name"),
         ("example.com bad/sel k.pem\n", "line 1: selector 'bad/sel' is not"),
         ("example.com s1 a.pem\nEXAMPLE.com s1 b.pem\n", "line 2: example.com s1 is given twice"),
     ],
@@ -171,3 +173,15 @@ def test_the_private_key_is_never_shown(tmp_path: Path, good: KeyFile) -> None:
     assert "example.com s1 ed25519-sha256" in out + err  # the start-up line names the keys
     for line in _pem_lines(good.path):
         assert line not in shown
+
+
+def test_dkim_records_needs_the_domain_for_a_star_line(tmp_path: Path, good: KeyFile) -> None:
+    table = write_table(tmp_path / "t.txt", [good], any_domain=good)
+    base = [sys.executable, "-m", "workers", "dkim-records", "--dkim-keys", str(table)]
+    run = {"capture_output": True, "text": True, "timeout": 30, "cwd": ROOT, "env": child_env()}
+    refused = subprocess.run(base, check=False, **run)  # type: ignore[call-overload]
+    assert refused.returncode == 2
+    assert "the table has a '*' line: give --domain" in refused.stderr
+    shown = subprocess.run([*base, "--domain", "Shop.Example"], check=True, **run)  # type: ignore[call-overload]
+    assert "s1._domainkey.shop.example. IN TXT" in shown.stdout
+    assert "s1._domainkey.example.com. IN TXT" in shown.stdout

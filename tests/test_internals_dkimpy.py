@@ -41,6 +41,18 @@ def test_relaxed_headers_are_dkimpys(headers: list[tuple[bytes, bytes]]) -> None
     assert ours == dkimpy_fence.RELAXED.canonicalize_headers(headers), FENCE
 
 
+_NAMES = st.sampled_from([b"from", b"to", b"subject", b"date"])
+
+
+@given(
+    st.lists(st.tuples(_NAMES, st.sampled_from([b"a\r\n", b"b\r\n", b"c\r\n"])), max_size=6),
+    st.lists(_NAMES, max_size=6),
+)
+def test_select_headers_is_dkimpys(headers: list[tuple[bytes, bytes]], signed: list[bytes]) -> None:
+    ours = dkimpy_fence.select_headers(headers, signed)
+    assert ours == dkim.select_headers(headers, signed), FENCE
+
+
 MESSAGE = (
     b"From: Alice <alice@example.com>\r\nTo: bob@example.org\r\n"
     b"Subject: a subject long enough to be folded by the signer, and then a bit\r\n"

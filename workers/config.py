@@ -641,7 +641,8 @@ def load_key_table(path: str) -> KeyTable:
                 raise ValueError(f"over {KEY_FILE_LIMIT} bytes, not a PEM private key")
             private_key = load_key(pem)
         except OSError as exc:
-            raise ConfigError(f"{where} line {line.number}: {key_path}: {exc.strerror}") from None
+            why = exc.strerror or str(exc)
+            raise ConfigError(f"{where} line {line.number}: {key_path}: {why}") from None
         except ValueError as exc:
             raise ConfigError(f"{where} line {line.number}: {key_path}: {exc}") from None
         source = f"{path}:{line.number}"

@@ -22,12 +22,15 @@ class DkimRecordsConfig(CommonConfig):
     """``mailpool dkim-records``: print the DKIM TXT records of a key table."""
 
     dkim_keys: str | None = option(None, "the DKIM key table, as given to deliver")
-    domain: str = option("example.com", "the From domain to show a '*' line's record for")
+    domain: str = option("", "the From domain to show a '*' line's record for")
 
     def validate(self) -> None:
         super().validate()
         if not self.dkim_keys:
             raise ConfigError("--dkim-keys is required (the key table to print records for)")
+        table = load_key_table(self.dkim_keys)  # ConfigError naming a bad line or key
+        if ANY_DOMAIN in table.by_domain and not self.domain:
+            raise ConfigError("the table has a '*' line: give --domain, a From domain it signs for")
 
 
 def zone_line(name: str, text: str) -> str:

@@ -56,17 +56,28 @@ def relaxed_body(body: bytes) -> bytes:
 
 def relaxed_headers(headers: Sequence[Header]) -> list[Header]:
     """RFC 6376 relaxed header canonicalisation, as dkimpy computes it."""
-    out = []
-    for name, value in headers:
-        unfolded = value.replace(b"\r\n", b"")
-        if b"\n" in unfolded or b"\r" in unfolded or b"\t" in unfolded or b"  " in unfolded:
-            out.extend(RELAXED.canonicalize_headers([(name, value)]))
-        else:  # dkimpy's unfolding and its whitespace regex would change nothing more
-            out.append((name.lower().rstrip(), unfolded.strip() + b"\r\n"))
-    return out
+    unfolded = [value.replace(b"\r\n", b"") for _, value in headers]
+    joined = b"".join(unfolded)  # holds each unfolded value: one look at all of them
+    if b"\t" in joined or b"  " in joined or b"\r" in joined or b"\n" in joined:
+        return RELAXED.canonicalize_headers(list(headers))  # type: ignore[no-any-return]
+    # dkimpy's unfolding ("\r?\n" -> "") and its "[\t ]+" -> " " would change nothing more.
+    return [
+        (name.lower().rstrip(), value.strip() + b"\r\n")
+        for (name, _), value in zip(headers, unfolded, strict=True)
+    ]
 
 
 def select_headers(canonical: Sequence[Header], signed: Sequence[bytes]) -> list[Header]:
     """The fields ``h=`` names, in its order, each name taking the next occurrence from the
-    bottom up (RFC 6376 section 5.4.2): dkimpy's ``select_headers``."""
-    return dkim.select_headers(list(canonical), list(signed))  # type: ignore[no-any-return]
+    bottom up (RFC 6376 section 5.4.2): dkimpy's ``select_headers``.  ``canonical``: the
+    relaxed fields (lower-case names)."""
+    by_name = dict(canonical)
+    if len(by_name) < len(canonical):  # a name twice: dkimpy's bottom-up search
+        return dkim.select_headers(list(canonical), list(signed))  # type: ignore[no-any-return]
+    # Each name once: the search finds it the first time it is asked for, then nothing.
+    selected = []
+    for name in signed:
+        value = by_name.pop(name, None)
+        if value is not None:
+            selected.append((name, value))
+    return selected

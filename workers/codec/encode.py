@@ -365,6 +365,42 @@ def _tokens(value: str, path: str) -> list[tuple[str, str]]:
     return tokens
 
 
+def single_address(value: str) -> str | None:
+    """The addr-spec of an address field that holds exactly one mailbox (``a@b``, ``Name
+    <a@b>``, ``"quoted@local"@b``, comments allowed), with the ``@`` that splits it
+    unambiguous; None for anything else: a list, a group, two addresses, an unbalanced quote
+    or bracket, an unquoted ``@`` in the local part."""
+    try:
+        tokens = _tokens(value, "address")
+    except BuildError:
+        return None
+    if any(kind == "sep" for kind, _ in tokens):
+        return None
+    angles = [text[1:-1] for kind, text in tokens if kind == "angle"]
+    bare = [i for i, (kind, text) in enumerate(tokens) if kind == "atom" and "@" in text]
+    if len(angles) + len(bare) != 1:
+        return None
+    return _angle_spec(angles[0]) if angles else _bare_spec(tokens, bare[0])
+
+
+# A local part: a dot-atom's characters (UTF-8 allowed: RFC 6532) or a quoted string.
+_LOCAL_PART = re.compile(r'[^\s()<>\[\]:;@\\,"]+|"(?:[^"\\]|\\.)*"')
+
+
+def _angle_spec(spec: str) -> str | None:
+    local = spec.rpartition("@")[0]
+    return spec if _LOCAL_PART.fullmatch(local) else None
+
+
+def _bare_spec(tokens: list[tuple[str, str]], index: int) -> str | None:
+    local = tokens[index][1].rpartition("@")[0]
+    if local:
+        return tokens[index][1] if _LOCAL_PART.fullmatch(local) else None
+    if index > 0 and tokens[index - 1][0] == "qs":  # "quoted"@domain
+        return tokens[index - 1][1] + tokens[index][1]
+    return None
+
+
 def _angle_end(value: str, start: int, path: str) -> int:
     index = start + 1
     while index < len(value):

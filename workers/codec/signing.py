@@ -16,8 +16,8 @@ import base64
 import hashlib
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from email.utils import getaddresses
 
 import nacl.bindings
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -25,14 +25,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
 from workers.codec import dkimpy_fence
-from workers.codec.encode import idna_domain
+from workers.codec.encode import idna_domain, single_address
 from workers.codec.errors import BuildError
 
 ED25519 = "ed25519-sha256"
 RSA = "rsa-sha256"
 RSA_MIN_BITS = 1024  # RFC 8301 section 3.2: signers MUST use at least 1024 bits
 ANY_DOMAIN = "*"
-_ED25519_SIGNATURE = 64  # crypto_sign returns the signature, then the message
 _ED25519_SIGNATURE = 64  # crypto_sign returns the signature, then the message
 
 # Signed when present (RFC 6376 section 5.4.1's list, less the fields relays add or rewrite).
@@ -158,9 +157,10 @@ def _table_domain(domain: str, number: int) -> str:
         ascii_domain = idna_domain(domain, "domain")
     except BuildError:
         raise ValueError(f"line {number}: {domain!r} is not a domain") from None
-    if "." not in ascii_domain or not all(ascii_domain.split(".")):
-        raise ValueError(f"line {number}: {domain!r} is not a domain")
-    return ascii_domain
+    if not is_host_name(ascii_domain.lower()):
+        hint = " ('*' alone is the line for every other domain)" if "*" in domain else ""
+        raise ValueError(f"line {number}: {domain!r} is not a domain name{hint}")
+    return ascii_domain.lower()
 
 
 class KeyTable:
@@ -188,37 +188,35 @@ class KeyTable:
 
 
 def author_domain(from_field: str) -> str | None:
-    """The domain of the ``From:`` field's address, lower-case A-label; None without exactly
-    one domain (no address, or mailboxes of several domains: no single signer)."""
-    domains = _simple_domain(from_field) or {
-        address.rpartition("@")[2].rstrip(".").lower()
-        for _, address in getaddresses([from_field])
-        if "@" in address
-    }
-    if len(domains) != 1 or next(iter(domains)).startswith("["):  # none, several, a literal
+    """The domain of the ``From:`` field's one address, a lower-case A-label of two or more
+    labels; None when there is not exactly one unambiguous address (a list, a group, two
+    addresses, a malformed field: no single author domain to sign for, RFC 7489 section 6.6.1)
+    or its domain is not a DNS host name (an address literal, a single label)."""
+    found = _SIMPLE_MAILBOX.fullmatch(from_field.strip(" \t"))
+    spec = (found[1] or found[2]) if found else single_address(from_field)
+    if spec is None:
         return None
     try:
-        return idna_domain(domains.pop(), "headers.From")
+        domain = idna_domain(spec.rpartition("@")[2].rstrip(".").lower(), "headers.From")
     except BuildError:
         return None
+    return domain if is_host_name(domain) else None
 
 
 _ATOMS = r'[^<>@\s"(),:;\[\]\\]+'  # a local part or domain with nothing that needs parsing
+# The commonest forms, ``a@b`` and ``Name <a@b>`` (plain words), without the tokeniser.
 _SIMPLE_MAILBOX = re.compile(
     rf"""(?:[^\x00-\x20"(),:;<>@\[\]\\]+\ +)*<({_ATOMS}@{_ATOMS})>  # words <addr-spec>
       | ({_ATOMS}@{_ATOMS})                                    # a bare addr-spec""",
     re.VERBOSE,
 )
+_HOST_NAME = re.compile(r"(?=.{4,253}\Z)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}")
 
 
-def _simple_domain(from_field: str) -> set[str] | None:
-    """The domain of the commonest ``From:`` forms, ``a@b`` and ``Name <a@b>`` (words, no
-    quotes or comments), without the full RFC 5322 parser (7 µs); None: use the parser."""
-    found = _SIMPLE_MAILBOX.fullmatch(from_field.strip())
-    if found is None:
-        return None
-    address = found[1] or found[2]
-    return {address.rpartition("@")[2].rstrip(".").lower()}
+def is_host_name(domain: str) -> bool:
+    """An ASCII DNS host name of two labels or more (letters, digits, hyphens; lower case):
+    what ``d=`` may hold, and what the key table's domains must be."""
+    return _HOST_NAME.fullmatch(domain) is not None
 
 
 def signature_fields(
@@ -240,18 +238,22 @@ def signature_fields(
             raise BuildError("dkim.selector", f"no signing key for {author or 'the From domain'}")
         return b""
     domain, keys = found
+    if not is_host_name(domain):  # d= must be a host name (no spaces, no ";", no "=")
+        return b""
     if selector is not None:
-        keys = [key for key in keys if key.selector == selector]
+        keys = [key for key in keys if key.selector.lower() == selector.lower()]  # DNS names
         if not keys:
             raise BuildError("dkim.selector", f"no key of selector {selector!r} for {domain}")
     end = data.find(b"\r\n\r\n")
     head, body = (data, b"") if end < 0 else (data[: end + 2], data[end + 4 :])
-    headers = _header_fields(head)
-    present = {name.lower() for name, _ in headers}
-    signed = [name for name in SIGNED_FIELDS if name in present]
-    headers = [header for header in headers if header[0].lower() in _SIGNED_SET]
-    if b"from" in present:
-        signed.append(b"from")
+    headers = [field for field in _header_fields(head) if field[0].lower() in _SIGNED_SET]
+    counts = Counter(name.lower() for name, _ in headers)
+    if counts[b"from"] > 1:  # two authors' fields: no single author to sign for
+        return b""
+    # Every instance of a field is signed (a second Subject on top of the signed one would
+    # be what mail programs show), and From once more than it occurs: over-signed, so that
+    # no From can be added (RFC 6376 section 8.15).
+    signed = [name for name in SIGNED_FIELDS for _ in range(counts[name])] + [b"from"]
     body_hash = _b64(_sha256(dkimpy_fence.relaxed_body(body))).encode("ascii")
     canonical = dkimpy_fence.relaxed_headers(headers)
     fields = b"".join(
