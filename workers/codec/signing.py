@@ -13,6 +13,7 @@ configuration reads the files), and nothing here logs.  A private key's ``repr``
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 import time
@@ -188,6 +189,17 @@ class KeyTable:
 
 
 def author_domain(from_field: str) -> str | None:
+    """:func:`find_author_domain`, remembered for the From fields a worker sees again and
+    again (bulk mail repeats its From; a long field is not kept)."""
+    if len(from_field) > _REMEMBERED_FROM:
+        return find_author_domain(from_field)
+    return _remembered_author_domain(from_field)
+
+
+_REMEMBERED_FROM = 256  # octets: 1024 of them at most in memory
+
+
+def find_author_domain(from_field: str) -> str | None:
     """The domain of the ``From:`` field's one address, a lower-case A-label of two or more
     labels; None when there is not exactly one unambiguous address (a list, a group, two
     addresses, a malformed field: no single author domain to sign for, RFC 7489 section 6.6.1)
@@ -201,6 +213,9 @@ def author_domain(from_field: str) -> str | None:
     except BuildError:
         return None
     return domain if is_host_name(domain) else None
+
+
+_remembered_author_domain = functools.lru_cache(maxsize=1024)(find_author_domain)
 
 
 _ATOMS = r'[^<>@\s"(),:;\[\]\\]+'  # a local part or domain with nothing that needs parsing
@@ -247,63 +262,88 @@ def signature_fields(
     end = data.find(b"\r\n\r\n")
     head, body = (data, b"") if end < 0 else (data[: end + 2], data[end + 4 :])
     headers = [field for field in _header_fields(head) if field[0].lower() in _SIGNED_SET]
-    counts = Counter(name.lower() for name, _ in headers)
-    if counts[b"from"] > 1:  # two authors' fields: no single author to sign for
+    signed = _signed_names(tuple(name.lower() for name, _ in headers))
+    if signed is None:
         return b""
-    # Every instance of a field is signed (a second Subject on top of the signed one would
-    # be what mail programs show), and From once more than it occurs: over-signed, so that
-    # no From can be added (RFC 6376 section 8.15).
-    signed = [name for name in SIGNED_FIELDS for _ in range(counts[name])] + [b"from"]
     body_hash = _b64(_sha256(dkimpy_fence.relaxed_body(body))).encode("ascii")
     canonical = dkimpy_fence.relaxed_headers(headers)
     fields = b"".join(
         name + b":" + value for name, value in dkimpy_fence.select_headers(canonical, signed)
     )
     stamp = str(int(time.time() if now is None else now)).encode("ascii")
+    tail = [b"t=" + stamp + b";", b"bh=" + body_hash + b";", b"b="]
     out = []
     for key in keys:
-        tags = [
-            b"v=1", b"a=" + key.algorithm.encode(), b"c=relaxed/relaxed",
-            b"d=" + domain.encode(), b"s=" + key.selector.encode(), b"t=" + stamp,
-            b"h=" + b" : ".join(signed), b"bh=" + body_hash,
-        ]  # fmt: skip
+        text, lines, line = _field_start(key.algorithm, domain, key.selector, signed)
         # No tag holds a tab or a run of spaces, and the field is folded only at its spaces:
         # the joined tags are also the field's relaxed form (RFC 6376 section 3.4.2), which
         # is hashed last, its b= empty and without a CRLF (section 3.7).
-        unsigned = b"; ".join(tags) + b"; b="
+        unsigned = text + b" ".join(tail)
         digest = _sha256(fields + b"dkim-signature:" + unsigned)
-        out.append(_folded(tags, base64.b64encode(key.sign_digest(digest))))
+        lines, line = _fold(tail, lines, line)
+        out.append(_fold_signature(base64.b64encode(key.sign_digest(digest)), lines, line))
     return b"".join(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _signed_names(present: tuple[bytes, ...]) -> tuple[bytes, ...] | None:
+    """``h=`` for a header whose signed fields are ``present`` (lower-case names, in order);
+    None for two From fields (no single author to sign for).
+
+    Every instance of a field is signed (a second Subject above the signed one would be what
+    mail programs show), and From once more than it occurs: over-signed, so that no From
+    can be added (RFC 6376 section 8.15).
+    """
+    counts = Counter(present)
+    if counts[b"from"] > 1:
+        return None
+    return (*[name for name in SIGNED_FIELDS for _ in range(counts[name])], b"from")
+
+
+@functools.lru_cache(maxsize=256)
+def _field_start(
+    algorithm: str, domain: str, selector: str, signed: tuple[bytes, ...]
+) -> tuple[bytes, bytes, bytes]:
+    """The tags every message of this key and header shape shares (v, a, c, d, s, h): their
+    text, and their folded form as complete lines (each with its CRLF) and the open line."""
+    tags = [
+        b"v=1;", b"a=" + algorithm.encode() + b";", b"c=relaxed/relaxed;",
+        b"d=" + domain.encode() + b";", b"s=" + selector.encode() + b";",
+        b"h=" + b" : ".join(signed) + b";",
+    ]  # fmt: skip
+    lines, line = _fold(tags, b"", b"DKIM-Signature:")
+    return b" ".join(tags) + b" ", lines, line
 
 
 _LINE = 76  # octets of a folded line, CRLF not counted (RFC 5322 asks for 78 at most)
 
 
-def _folded(tags: list[bytes], signature: bytes) -> bytes:
-    """``DKIM-Signature: tag; tag; ...; b=signature``, folded: between tags or at the spaces
-    inside one (each such fold unfolds to the single space it replaced), and inside the
-    signature, where verifiers ignore white space (section 3.5, ``b=``)."""
-    lines: list[bytes] = []
-    line = b"DKIM-Signature:"
-    for tag in [*tags, b"b="]:
-        piece = tag if tag == b"b=" else tag + b";"
-        if len(line) + 1 + len(piece) > _LINE:
-            words = piece.split(b" ")
-            for word in words:
-                if len(line) + 1 + len(word) > _LINE:
-                    lines.append(line)
-                    line = b""
-                line += b" " + word
-        else:
+def _fold(pieces: list[bytes], lines: bytes, line: bytes) -> tuple[bytes, bytes]:
+    """``pieces`` appended after ``line``, each after a space, starting a new line (a fold:
+    CRLF before that space, which unfolds to the space again) where the line would pass
+    ``_LINE``, also at the spaces inside a long piece."""
+    for piece in pieces:
+        if len(line) + 1 + len(piece) <= _LINE:
             line += b" " + piece
+            continue
+        for word in piece.split(b" "):
+            if len(line) + 1 + len(word) > _LINE:
+                lines += line + b"\r\n"
+                line = b""
+            line += b" " + word
+    return lines, line
+
+
+def _fold_signature(signature: bytes, lines: bytes, line: bytes) -> bytes:
+    """The whole field: ``signature`` after the open ``line`` (which ends in ``b=``), cut
+    where a line is full: verifiers ignore white space in ``b=`` (section 3.5)."""
     while signature:
         if len(line) >= _LINE:
-            lines.append(line)
+            lines += line + b"\r\n"
             line = b" "
         room = _LINE - len(line)
         line, signature = line + signature[:room], signature[room:]
-    lines.append(line)
-    return b"\r\n".join(lines) + b"\r\n"
+    return lines + line + b"\r\n"
 
 
 def _sha256(data: bytes) -> bytes:
