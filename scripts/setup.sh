@@ -24,8 +24,10 @@ if [ "$DEV" = 1 ]; then
   perl -MNet::SSLeay -e 1 2>/dev/null || need_apt+=(libnet-ssleay-perl)
   command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || need_apt+=(postfix)
   command -v openssl >/dev/null || need_apt+=(openssl)
-  # unbound: the DKIM tests' DNS server (each test starts its own, on a free loopback port).
+  # unbound: the DKIM tests' DNS server (each test starts its own, on a free loopback port);
+  # opendkim-tools: OpenDKIM's opendkim-testmsg, their second independent verifier.
   [ -x /usr/sbin/unbound ] || need_apt+=(unbound)
+  [ -x /usr/sbin/opendkim-testmsg ] || need_apt+=(opendkim-tools)
   command -v node >/dev/null || need_apt+=(nodejs)
   command -v npm >/dev/null || need_apt+=(npm)
   # The Ruby producer example is tested with Debian's gems.

@@ -4,6 +4,7 @@ verifier and signer (npm ``mailauth``, tests/mailauth) asking the test's DNS ser
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from tests.dns_util import txt
+from tests.dns_util import DnsServer, txt
 from tests.node_util import NODE, install_node_packages
 from workers.codec.signing import SigningKey, load_key
 
@@ -83,3 +84,43 @@ def mailauth_sign(message: bytes, key: KeyFile) -> bytes:
     done = _mailauth(["sign", str(key.path), key.domain, key.selector], message)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     return done.stdout
+
+
+OPENDKIM_TESTMSG = shutil.which("opendkim-testmsg") or "/usr/sbin/opendkim-testmsg"
+# Run inside a network and mount namespace of its own (root: the tests run as root, as CI
+# does): unbound answers on 127.0.0.1:53 there, and /etc/resolv.conf points at it, so
+# OpenDKIM's own resolver asks the test's DNS server and nothing else.
+_IN_PRIVATE_NETWORK = """
+ip link set lo up
+mount --bind "$1/resolv.conf" /etc/resolv.conf
+/usr/sbin/unbound -d -c "$1/unbound.conf" 2>/dev/null &
+resolver=$!
+for _ in $(seq 100); do (: </dev/tcp/127.0.0.1/53) 2>/dev/null && break; sleep 0.05; done
+shift
+for message in "$@"; do
+  opendkim-testmsg < "$message" 2>/dev/null; echo "$?"
+done
+kill "$resolver"
+"""
+
+
+def opendkim_verify(
+    messages: list[bytes], directory: Path, zones: list[str], records: dict[str, Any]
+) -> list[int]:
+    """OpenDKIM's verdict on each message (``opendkim-testmsg``: 0 when every signature
+    verifies, 70 for a bad one), its keys served by unbound in a private network."""
+    server = DnsServer(directory, zones, records)
+    server.port = 53
+    server.write_config()
+    (directory / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    paths = []
+    for number, message in enumerate(messages):
+        paths.append(directory / f"message{number}.eml")
+        paths[-1].write_bytes(message)
+    done = subprocess.run(
+        ["unshare", "--net", "--mount", "--fork", "bash", "-c", _IN_PRIVATE_NETWORK, "bash",
+         str(directory), *map(str, paths)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [int(line) for line in done.stdout.split()]

@@ -86,7 +86,8 @@ class DnsServer:
         lines += ["remote-control:", "  control-enable: no"]
         return "\n".join(lines) + "\n"
 
-    def start(self) -> None:
+    def write_config(self) -> Path:
+        """unbound.conf in the directory, checked by unbound-checkconf."""
         self.directory.mkdir(parents=True, exist_ok=True)
         config = self.directory / "unbound.conf"
         config.write_text(self._config(), encoding="utf-8")
@@ -95,6 +96,10 @@ class DnsServer:
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
         assert checked.returncode == 0, f"unbound config refused:\n{checked.stdout}{checked.stderr}"
+        return config
+
+    def start(self) -> None:
+        config = self.write_config()
         self.process = subprocess.Popen(
             [UNBOUND, "-d", "-c", str(config)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -22,7 +22,7 @@ from tests.delivery_util import (
     stream_fields,
     with_attachment,
 )
-from tests.dkim_util import KeyFile, mailauth_verify, write_key, write_table
+from tests.dkim_util import KeyFile, mailauth_verify, opendkim_verify, write_key, write_table
 from tests.dns_util import DnsServer, running_dns
 from tests.harness import ROOT, child_env
 from tests.sinks import RecordingSink
@@ -83,6 +83,22 @@ async def test_signed_with_both_keys_of_the_from_domain(
     data = await _send(redis, redis_url, sink, keys.table, sender="app@example.com")
     assert data.count(b"DKIM-Signature:") == 2
     assert _verdicts(mailauth_verify(data, dns.address)) == BOTH_PASS
+
+
+async def test_opendkim_verifies_them_too(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink, keys: Keys, tmp_path: Path
+) -> None:
+    """A second independent verifier, in C: Debian's OpenDKIM (opendkim-testmsg), each
+    algorithm alone, and a changed body refused."""
+    for selector in ("ed1", "rsa1"):
+        await enqueue(redis, send_message(dkim={"selector": selector}, text="Pay 10 EUR.\n"))
+    await run_until_settled(redis, make_config(redis_url, sink.url, dkim_keys=str(keys.table)))
+    signed = [received.data for received in sink.received]
+    assert sorted(b"s=ed1;" in data for data in signed) == [False, True]
+    changed = signed[0].replace(b"Pay 10 EUR.", b"Pay 99 EUR.")
+    records = dict([keys.ed25519.dns_record(), keys.rsa.dns_record()])
+    verdicts = opendkim_verify([*signed, changed], tmp_path / "dns", ["example.com"], records)
+    assert verdicts == [0, 0, 70]
 
 
 async def test_what_changes_after_signing_breaks_the_signature(
