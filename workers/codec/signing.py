@@ -35,8 +35,8 @@ RSA_MIN_BITS = 1024  # RFC 8301 section 3.2: signers MUST use at least 1024 bits
 ANY_DOMAIN = "*"
 _ED25519_SIGNATURE = 64  # crypto_sign returns the signature, then the message
 
-# Signed when present (RFC 6376 section 5.4.1's list, less the fields relays add or rewrite).
-# From is listed twice: over-signed, so a second From cannot be added without breaking it.
+# Signed when present, every instance (RFC 6376 section 5.4.1's list, less the fields relays
+# add or rewrite); From once more besides (over-signed: ``_signed_names``).
 SIGNED_FIELDS = (
     b"from", b"reply-to", b"sender", b"to", b"cc", b"subject", b"date", b"message-id",
     b"in-reply-to", b"references", b"mime-version", b"content-type",
