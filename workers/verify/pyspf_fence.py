@@ -30,7 +30,7 @@ Table = dict[tuple[str, str], Answer]
 _answers: contextvars.ContextVar[Table] = contextvars.ContextVar("spf_answers")
 
 
-class NeedLookup(Exception):  # noqa: N818 (a request, not an error)
+class NeedLookup(Exception):  # a request, not an error
     """The evaluation needs this answer first."""
 
     def __init__(self, name: str, qtype: str) -> None:
