@@ -39,7 +39,7 @@ async def verify(resolver: Resolver, message: bytes, *, deadline: float) -> list
     fields = [value for name, value in signer.headers if name.lower() == b"dkim-signature"]
     tags = [_tags(value) for value in fields]
     names = {f"{t[b's'].decode()}._domainkey.{t[b'd'].decode()}" for t in tags if t is not None}
-    answers = await _fetch(resolver, names, deadline)
+    answers = await fetch_keys(resolver, names, deadline)
     return [_verify_one(signer, index, found, answers) for index, found in enumerate(tags)]
 
 
@@ -51,7 +51,8 @@ def _tags(value: bytes) -> dict[bytes, bytes] | None:
     return tags if b"d" in tags and b"s" in tags else None
 
 
-async def _fetch(resolver: Resolver, names: set[str], deadline: float) -> dict[str, Answer]:
+async def fetch_keys(resolver: Resolver, names: set[str], deadline: float) -> dict[str, Answer]:
+    """The TXT answers for ``names``, asked at once; TEMPORARY for those not in time."""
     asked = {name: asyncio.ensure_future(resolver.ask(name, "TXT")) for name in names}
     if asked:
         await asyncio.wait(asked.values(), timeout=max(deadline - time.monotonic(), 0))

@@ -1,0 +1,33 @@
+"""ARC on receive (work in progress): a chain sealed by an independent implementation
+(npm mailauth) across a forwarding hop, checked through a real DNS server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.dkim_util import mailauth_seal, mailauth_sign, write_key
+from tests.dns_util import running_dns
+from workers.verify.arc import verify
+from workers.verify.resolver import Resolver
+
+MESSAGE = b"From: a@example.com\r\nTo: list@lists.test\r\nSubject: hi\r\n\r\nHello\r\n"
+
+
+async def test_a_sealed_hop_passes_and_a_change_after_it_fails(tmp_path: Path) -> None:
+    author = write_key(tmp_path, "example.com", "a1", "rsa")
+    forwarder = write_key(tmp_path, "lists.test", "f1", "rsa")
+    signed = mailauth_sign(MESSAGE, author)
+    sealed = mailauth_seal(
+        signed, forwarder, "mx.lists.test; dkim=pass header.d=example.com", "none"
+    )
+    records = dict([author.dns_record(), forwarder.dns_record()])
+    with running_dns(tmp_path / "dns", ["example.com", "lists.test"], records) as dns:
+        host, port = dns.address.split(":")
+        resolver = Resolver((host, int(port)), timeout=2.0)
+        deadline = time.monotonic() + 5
+        assert (await verify(resolver, MESSAGE, deadline=deadline)).result == "none"
+        chain = await verify(resolver, sealed, deadline=deadline)
+        assert (chain.result, chain.instances) == ("pass", 1)
+        changed = sealed.replace(b"Subject: hi", b"Subject: [list] hi")
+        assert (await verify(resolver, changed, deadline=deadline)).result == "fail"
