@@ -4,7 +4,6 @@ verifier and signer (npm ``mailauth``, tests/mailauth) asking the test's DNS ser
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +92,6 @@ def mailauth_seal(message: bytes, key: KeyFile, auth_results: str, cv: str) -> b
     return done.stdout
 
 
-OPENDKIM_TESTMSG = shutil.which("opendkim-testmsg") or "/usr/sbin/opendkim-testmsg"
 # Run inside a network and mount namespace of its own (root: the tests run as root, as CI
 # does): unbound answers on 127.0.0.1:53 there, and /etc/resolv.conf points at it, so
 # OpenDKIM's own resolver asks the test's DNS server and nothing else.
@@ -102,12 +100,12 @@ ip link set lo up
 mount --bind "$1/resolv.conf" /etc/resolv.conf
 /usr/sbin/unbound -d -c "$1/unbound.conf" 2>/dev/null &
 resolver=$!
+trap 'kill "$resolver" 2>/dev/null' EXIT
 for _ in $(seq 100); do (: </dev/tcp/127.0.0.1/53) 2>/dev/null && break; sleep 0.05; done
 shift
 for message in "$@"; do
   opendkim-testmsg < "$message" 2>/dev/null; echo "$?"
 done
-kill "$resolver"
 """
 
 
@@ -125,7 +123,9 @@ def opendkim_verify(
         paths.append(directory / f"message{number}.eml")
         paths[-1].write_bytes(message)
     done = subprocess.run(
-        ["unshare", "--net", "--mount", "--fork", "bash", "-c", _IN_PRIVATE_NETWORK, "bash",
+        # --kill-child: a timed-out run leaves nothing behind in the namespace.
+        ["unshare", "--net", "--mount", "--fork", "--kill-child", "bash", "-c",
+         _IN_PRIVATE_NETWORK, "bash",
          str(directory), *map(str, paths)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

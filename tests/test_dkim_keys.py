@@ -88,6 +88,15 @@ def test_lookup_by_domain_parent_and_default(good: KeyFile) -> None:
         ("a@example.com s1 k.pem\n", "line 1: 'a@example.com' is not a domain name"),
         ("example.com bad/sel k.pem\n", "line 1: selector 'bad/sel' is not"),
         ("example.com s1 a.pem\nEXAMPLE.com s1 b.pem\n", "line 2: example.com s1 is given twice"),
+        (
+            "example.com Sel a.pem\nexample.com sel b.pem\n",
+            "line 2: example.com sel is given twice",
+        ),
+        ("example.com " + "a" * 64 + " k.pem\n", "is not a DNS label sequence"),
+        (
+            "example.com " + ".".join(["a" * 60] * 4) + " k.pem\n",
+            "_domainkey.example.com is too long",
+        ),
     ],
 )
 def test_malformed_lines_are_named(text: str, message: str) -> None:
@@ -182,6 +191,8 @@ def test_dkim_records_needs_the_domain_for_a_star_line(tmp_path: Path, good: Key
     refused = subprocess.run(base, check=False, **run)  # type: ignore[call-overload]
     assert refused.returncode == 2
     assert "the table has a '*' line: give --domain" in refused.stderr
-    shown = subprocess.run([*base, "--domain", "Shop.Example"], check=True, **run)  # type: ignore[call-overload]
-    assert "s1._domainkey.shop.example. IN TXT" in shown.stdout
+    shown = subprocess.run([*base, "--domain", "Bücher.Example"], check=True, **run)  # type: ignore[call-overload]
+    assert "s1._domainkey.xn--bcher-kva.example. IN TXT" in shown.stdout  # as the signer writes d=
+    bad = subprocess.run([*base, "--domain", "not a domain"], check=False, **run)  # type: ignore[call-overload]
+    assert bad.returncode == 2 and "--domain 'not a domain' is not a domain name" in bad.stderr
     assert "s1._domainkey.example.com. IN TXT" in shown.stdout

@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 
 from workers.codec.build import build_message
 from workers.codec.errors import BuildError, SchemaError
-from workers.codec.signing import KeyTable, SigningKey, author_domain, signature_fields
+from workers.codec.signing import (
+    KeyTable,
+    SigningKey,
+    author_domain,
+    is_host_name,
+    signature_fields,
+)
 
 KEY = SigningKey("example.com", "s1", ed25519.Ed25519PrivateKey.generate())
 TABLE = KeyTable([KEY])
@@ -123,6 +129,13 @@ def test_without_keys_the_dkim_key_changes_nothing() -> None:
         ("a@[192.0.2.1]", None),
         ("a@localhost", None),
         ("a@exa mple.com", None),
+        # Words after the address: RFC 5322 readers take them as more of its domain.
+        ("user@example.com .evil.test", None),
+        ("user@example.com(c).evil.test", None),
+        ("user@example.com evil", None),
+        ("App <app@example.com> junk", None),
+        ("')<y@c.test>", None),  # a special in the display name
+        ("App <app@example.com> (the app)", "example.com"),
     ],
 )
 def test_the_author_domain(field: str, domain: str | None) -> None:
@@ -134,6 +147,7 @@ _FIELDS = st.one_of(
     st.lists(_CHARS, max_size=5).map("".join),
     st.tuples(_CHARS, _CHARS).map(lambda p: f"{p[0]}@{p[1]}.example"),
     st.tuples(_CHARS, _CHARS, _CHARS).map(lambda p: f"{p[0]} <{p[1]}@{p[2]}.example>"),
+    st.tuples(_CHARS, _CHARS, _CHARS).map(lambda p: f"{p[0]}@{p[1]}.example{p[2]}"),
 )
 
 
@@ -186,3 +200,15 @@ def test_selectors_compare_without_case() -> None:
 def test_a_table_domain_signs_as_itself_for_subdomains() -> None:
     data = signature_fields(b"From: a@x.example.com\r\n\r\nbody\r\n", TABLE, "x.example.com")
     assert "d=example.com;" in _signature(data + b"X: y\r\n")
+
+
+@pytest.mark.parametrize(
+    ("domain", "host"),
+    [
+        ("example.com", True), ("mail.example.co.uk", True), ("a.xn--p1ai", True),
+        ("localhost", False), ("10.0.0.10", False), ("example.-x", False),
+        ("example.x-", False), ("ex_ample.com", False), ("a" * 64 + ".com", False),
+    ],
+)  # fmt: skip
+def test_only_host_names_sign(domain: str, host: bool) -> None:
+    assert is_host_name(domain) is host

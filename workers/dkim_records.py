@@ -11,7 +11,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from workers.codec.signing import ANY_DOMAIN
+from workers.codec.encode import idna_domain
+from workers.codec.errors import BuildError
+from workers.codec.signing import ANY_DOMAIN, is_host_name
 from workers.config import CommonConfig, ConfigError, load_key_table, option
 
 TXT_STRING = 255  # octets per character-string (RFC 1035 section 3.3.14)
@@ -28,6 +30,13 @@ class DkimRecordsConfig(CommonConfig):
         super().validate()
         if not self.dkim_keys:
             raise ConfigError("--dkim-keys is required (the key table to print records for)")
+        if self.domain:
+            try:
+                self.domain = idna_domain(self.domain.rstrip(".").lower(), "--domain")
+            except BuildError:
+                raise ConfigError(f"--domain {self.domain!r} is not a domain name") from None
+            if not is_host_name(self.domain):
+                raise ConfigError(f"--domain {self.domain!r} is not a domain name")
         table = load_key_table(self.dkim_keys)  # ConfigError naming a bad line or key
         if ANY_DOMAIN in table.by_domain and not self.domain:
             raise ConfigError("the table has a '*' line: give --domain, a From domain it signs for")
@@ -43,7 +52,7 @@ def zone_line(name: str, text: str) -> str:
 async def main(config: DkimRecordsConfig) -> int:
     table = load_key_table(config.dkim_keys or "")
     for domain, keys in table.by_domain.items():
-        shown = config.domain.rstrip(".").lower() if domain == ANY_DOMAIN else domain
+        shown = config.domain if domain == ANY_DOMAIN else domain
         for key in keys:
             note = f"; {key.algorithm}, {key.source}"
             if domain == ANY_DOMAIN:

@@ -366,39 +366,45 @@ def _tokens(value: str, path: str) -> list[tuple[str, str]]:
 
 
 def single_address(value: str) -> str | None:
-    """The addr-spec of an address field that holds exactly one mailbox (``a@b``, ``Name
-    <a@b>``, ``"quoted@local"@b``, comments allowed), with the ``@`` that splits it
-    unambiguous; None for anything else: a list, a group, two addresses, an unbalanced quote
-    or bracket, an unquoted ``@`` in the local part."""
+    """The addr-spec of an address field that holds exactly one mailbox, ``a@b`` or ``Name
+    <a@b>`` (a quoted local part, comments and white space around allowed), read the way
+    RFC 5322 reads it; None for anything else: a list, a group, two addresses, words after
+    the address (which an RFC 5322 reader may take as more of its domain), specials in a
+    display name, an unbalanced quote or bracket, an unquoted ``@`` in the local part."""
     try:
         tokens = _tokens(value, "address")
     except BuildError:
         return None
-    if any(kind == "sep" for kind, _ in tokens):
-        return None
-    angles = [text[1:-1] for kind, text in tokens if kind == "angle"]
-    bare = [i for i, (kind, text) in enumerate(tokens) if kind == "atom" and "@" in text]
-    if len(angles) + len(bare) != 1:
-        return None
-    return _angle_spec(angles[0]) if angles else _bare_spec(tokens, bare[0])
+    spec = _candidate_spec(tokens)
+    return _checked_spec(spec) if spec is not None else None
 
 
-# A local part: a dot-atom's characters (UTF-8 allowed: RFC 6532) or a quoted string.
+def _candidate_spec(tokens: list[tuple[str, str]]) -> str | None:
+    """The addr-spec text of the field's one mailbox, before its parts are checked."""
+    words = [(kind, text) for kind, text in tokens if kind not in ("ws", "comment")]
+    if words and words[-1][0] == "angle":  # a display name, then <addr-spec>
+        name = words[:-1]
+        plain = all(
+            kind == "qs" or (kind == "atom" and _WORD.fullmatch(text)) for kind, text in name
+        )
+        return words[-1][1][1:-1] if plain else None
+    if len(words) == 1 and words[0][0] == "atom":
+        return words[0][1]
+    if [kind for kind, _ in tokens] == ["qs", "atom"] and tokens[1][1].startswith("@"):
+        return tokens[0][1] + tokens[1][1]  # "quoted"@domain, nothing around it
+    return None
+
+
+# A dot-atom's characters (UTF-8 allowed: RFC 6532): what a bare local part, a domain or a
+# word of a display name may hold; a quoted string may hold anything.
+_WORD = re.compile(r'[^\s()<>\[\]:;@\\,"]+')
 _LOCAL_PART = re.compile(r'[^\s()<>\[\]:;@\\,"]+|"(?:[^"\\]|\\.)*"')
 
 
-def _angle_spec(spec: str) -> str | None:
-    local = spec.rpartition("@")[0]
-    return spec if _LOCAL_PART.fullmatch(local) else None
-
-
-def _bare_spec(tokens: list[tuple[str, str]], index: int) -> str | None:
-    local = tokens[index][1].rpartition("@")[0]
-    if local:
-        return tokens[index][1] if _LOCAL_PART.fullmatch(local) else None
-    if index > 0 and tokens[index - 1][0] == "qs":  # "quoted"@domain
-        return tokens[index - 1][1] + tokens[index][1]
-    return None
+def _checked_spec(spec: str) -> str | None:
+    local, at, domain = spec.rpartition("@")
+    ok = at and _LOCAL_PART.fullmatch(local) and _WORD.fullmatch(domain)
+    return spec if ok else None
 
 
 def _angle_end(value: str, start: int, path: str) -> int:

@@ -45,7 +45,12 @@ SIGNED_FIELDS = (
 )  # fmt: skip
 _SIGNED_SET = frozenset(SIGNED_FIELDS)
 _FIELD_START = re.compile(rb"\r\n(?![ \t])")
-_SELECTOR = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9_-]+)*")
+# DNS labels of 63 octets at most (RFC 1035), underscores allowed (a TXT owner name).
+_SELECTOR = re.compile(
+    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+)
+_DOMAINKEY = "._domainkey."
+NAME_MAX = 253  # octets of a DNS name (RFC 1035), the selector's record's included
 
 
 PrivateKey = ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
@@ -144,9 +149,11 @@ def parse_key_table(text: str) -> list[KeyLine]:
         domain = _table_domain(domain.rstrip(".").lower(), number)
         if not _SELECTOR.fullmatch(selector):
             raise ValueError(f"line {number}: selector {selector!r} is not a DNS label sequence")
-        if (domain, selector) in seen:
+        if (domain, selector.lower()) in seen:  # DNS names: case does not tell them apart
             raise ValueError(f"line {number}: {domain} {selector} is given twice")
-        seen.add((domain, selector))
+        if domain != ANY_DOMAIN and len(selector + _DOMAINKEY + domain) > NAME_MAX:
+            raise ValueError(f"line {number}: {selector}{_DOMAINKEY}{domain} is too long")
+        seen.add((domain, selector.lower()))
         lines.append(KeyLine(domain, selector, path, number))
     return lines
 
@@ -225,7 +232,9 @@ _SIMPLE_MAILBOX = re.compile(
       | ({_ATOMS}@{_ATOMS})                                    # a bare addr-spec""",
     re.VERBOSE,
 )
-_HOST_NAME = re.compile(r"(?=.{4,253}\Z)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+# Two labels or more, the last with a letter (not an address: 10.0.0.10).
+_HOST_NAME = re.compile(rf"(?=.{{4,253}}\Z)(?:{_LABEL}\.)+(?=[a-z0-9-]*[a-z]){_LABEL}")
 
 
 def is_host_name(domain: str) -> bool:
@@ -274,6 +283,8 @@ def signature_fields(
     tail = [b"t=" + stamp + b";", b"bh=" + body_hash + b";", b"b="]
     out = []
     for key in keys:
+        if len(key.selector + _DOMAINKEY + domain) > NAME_MAX:  # a '*' key, a long domain
+            continue
         text, lines, line = _field_start(key.algorithm, domain, key.selector, signed)
         # No tag holds a tab or a run of spaces, and the field is folded only at its spaces:
         # the joined tags are also the field's relaxed form (RFC 6376 section 3.4.2), which
