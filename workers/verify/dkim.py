@@ -73,24 +73,30 @@ def _verify_one(
         return DkimResult("neutral", comment="malformed signature")
     domain, selector = tags[b"d"].decode(), tags[b"s"].decode()
     algorithm = tags.get(b"a", b"").decode()
-    found = DkimResult("pass", domain, selector, algorithm)
     answer = answers[f"{selector}._domainkey.{domain}"]
-    if answer.temporary:
-        return DkimResult("temperror", domain, selector, algorithm, "no key answer in time")
-    if not answer.records:
-        return DkimResult("permerror", domain, selector, algorithm, "no key published")
+    if answer.temporary or not answer.records:
+        result, comment = (
+            ("temperror", "no key answer in time")
+            if answer.temporary
+            else ("permerror", "no key published")
+        )
+        return DkimResult(result, domain, selector, algorithm, comment)
+    result, comment = _checked(signer, index, answer.records[0].encode())
+    return DkimResult(result, domain, selector, algorithm, comment)
+
+
+def _checked(signer: dkim.DKIM, index: int, record: bytes) -> tuple[str, str]:
+    """(result, comment) of dkimpy's verification of signature ``index`` with ``record``."""
 
     def key(name: bytes, timeout: int = 5) -> bytes:
-        return answer.records[0].encode()
+        return record
 
     try:
         ok = signer.verify(idx=index, dnsfunc=key)
     except dkim.ValidationError as exc:
-        return DkimResult("fail", domain, selector, algorithm, str(exc))
+        return "fail", str(exc)
     except (dkim.KeyFormatError, dkim.UnknownKeyTypeError) as exc:
-        return DkimResult("permerror", domain, selector, algorithm, str(exc))
+        return "permerror", str(exc)
     except dkim.DKIMException as exc:
-        return DkimResult("neutral", domain, selector, algorithm, str(exc))
-    return (
-        found if ok else DkimResult("fail", domain, selector, algorithm, "signature did not verify")
-    )
+        return "neutral", str(exc)
+    return ("pass", "") if ok else ("fail", "signature did not verify")

@@ -54,10 +54,10 @@ async def check(
     organization = organizational_domain(author)
     record = await _record(resolver, f"_dmarc.{author}", deadline)
     at_organization = False
-    if record is not None and not record.temporary and not _policy_records(record):
-        if organization != author.lower():
-            record = await _record(resolver, f"_dmarc.{organization}", deadline)
-            at_organization = True
+    unpublished = record is not None and not record.temporary and not _policy_records(record)
+    if unpublished and organization != author.lower():  # RFC 7489 6.6.3: ask the organization
+        record = await _record(resolver, f"_dmarc.{organization}", deadline)
+        at_organization = True
     if record is None or record.temporary:
         return DmarcResult("temperror", author)
     found = _policy_records(record)
@@ -72,9 +72,9 @@ async def check(
     if at_organization and tags.get("sp") in POLICIES:
         policy = tags["sp"]
     passed = []
-    if spf is not None and spf.result == "pass" and spf.identity == "mailfrom":
-        if aligned(spf.domain, author, strict=tags.get("aspf") == "s"):
-            passed.append("spf")
+    spf_passed = spf is not None and spf.result == "pass" and spf.identity == "mailfrom"
+    if spf_passed and aligned(spf.domain, author, strict=tags.get("aspf") == "s"):  # type: ignore[union-attr]
+        passed.append("spf")
     if any(
         d.result == "pass" and aligned(d.domain, author, strict=tags.get("adkim") == "s")
         for d in dkim

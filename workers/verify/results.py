@@ -54,8 +54,9 @@ class Verdicts:
         folds it)."""
         results: list[Any] = []
         if self.spf_mailfrom is not None:
+            mailfrom = self.spf_mailfrom
             results.append(authres.SPFAuthenticationResult(
-                result=self.spf_mailfrom.result, smtp_mailfrom=self.spf_mailfrom.domain))  # fmt: skip
+                result=mailfrom.result, smtp_mailfrom=mailfrom.domain))  # fmt: skip
         if self.spf_helo is not None:
             results.append(authres.SPFAuthenticationResult(
                 result=self.spf_helo.result, smtp_helo=self.spf_helo.domain))  # fmt: skip
