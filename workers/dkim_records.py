@@ -8,12 +8,11 @@ the key files only: no Redis.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
-from workers.codec.encode import idna_domain
-from workers.codec.errors import BuildError
-from workers.codec.signing import ANY_DOMAIN, is_host_name
+from workers.codec.signing import ANY_DOMAIN, KeyTable, host_name
 from workers.config import CommonConfig, ConfigError, load_key_table, option
 
 TXT_STRING = 255  # octets per character-string (RFC 1035 section 3.3.14)
@@ -31,15 +30,17 @@ class DkimRecordsConfig(CommonConfig):
         if not self.dkim_keys:
             raise ConfigError("--dkim-keys is required (the key table to print records for)")
         if self.domain:
-            try:
-                self.domain = idna_domain(self.domain.rstrip(".").lower(), "--domain")
-            except BuildError:
-                raise ConfigError(f"--domain {self.domain!r} is not a domain name") from None
-            if not is_host_name(self.domain):
+            ascii_domain = host_name(self.domain)
+            if ascii_domain is None:
                 raise ConfigError(f"--domain {self.domain!r} is not a domain name")
-        table = load_key_table(self.dkim_keys)  # ConfigError naming a bad line or key
-        if ANY_DOMAIN in table.by_domain and not self.domain:
+            self.domain = ascii_domain
+        if ANY_DOMAIN in self.table.by_domain and not self.domain:
             raise ConfigError("the table has a '*' line: give --domain, a From domain it signs for")
+
+    @functools.cached_property
+    def table(self) -> KeyTable:
+        """The key table, read once (ConfigError naming a bad line or key)."""
+        return load_key_table(self.dkim_keys or "")
 
 
 def zone_line(name: str, text: str) -> str:
@@ -50,8 +51,7 @@ def zone_line(name: str, text: str) -> str:
 
 
 async def main(config: DkimRecordsConfig) -> int:
-    table = load_key_table(config.dkim_keys or "")
-    for domain, keys in table.by_domain.items():
+    for domain, keys in config.table.by_domain.items():
         shown = config.domain if domain == ANY_DOMAIN else domain
         for key in keys:
             note = f"; {key.algorithm}, {key.source}"

@@ -161,14 +161,21 @@ def parse_key_table(text: str) -> list[KeyLine]:
 def _table_domain(domain: str, number: int) -> str:
     if domain == ANY_DOMAIN:
         return domain
-    try:
-        ascii_domain = idna_domain(domain, "domain")
-    except BuildError:
-        raise ValueError(f"line {number}: {domain!r} is not a domain") from None
-    if not is_host_name(ascii_domain.lower()):
+    ascii_domain = host_name(domain)
+    if ascii_domain is None:
         hint = " ('*' alone is the line for every other domain)" if "*" in domain else ""
         raise ValueError(f"line {number}: {domain!r} is not a domain name{hint}")
-    return ascii_domain.lower()
+    return ascii_domain
+
+
+def host_name(domain: str) -> str | None:
+    """``domain`` as ``d=`` holds it (a lower-case A-label host name, no final dot), or
+    None when it is not one."""
+    try:
+        ascii_domain = idna_domain(domain.rstrip(".").lower(), "domain").lower()
+    except BuildError:
+        return None
+    return ascii_domain if is_host_name(ascii_domain) else None
 
 
 class KeyTable:
