@@ -54,27 +54,42 @@ class Resolver:
         self._size = size
         self.questions = 0  # sent to the server (the cache and coalescing spare the rest)
 
+    def cached(self, name: str, rdtype: str) -> Answer | None:
+        """The kept answer, if there is one still fresh (no await: SPF's replay asks this
+        first)."""
+        kept = self._cache.get((name.lower().rstrip("."), rdtype))
+        return kept[1] if kept is not None and kept[0] > time.monotonic() else None
+
+    def prefetch(self, name: str, rdtype: str) -> None:
+        """Start asking, unless the answer is kept or being asked for: a later :meth:`ask`
+        finds it sooner."""
+        key = (name.lower().rstrip("."), rdtype)
+        if key not in self._asking and self.cached(*key) is None:
+            self._asking[key] = asyncio.ensure_future(self._fetch(key))
+
     async def ask(self, name: str, rdtype: str) -> Answer:
         key = (name.lower().rstrip("."), rdtype)
         kept = self._cache.get(key)
         if kept is not None and kept[0] > time.monotonic():
             return kept[1]
-        waiting = self._asking.get(key)
-        if waiting is not None:
-            return await asyncio.shield(waiting)
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._asking[key] = future
+        asking = self._asking.get(key)
+        if asking is None:
+            # The question runs as its own task: an asker cancelled (its session gone, its
+            # budget spent) leaves it running for the others waiting on it, and the answer
+            # is kept for the next; dnspython's lifetime bounds it.
+            asking = asyncio.ensure_future(self._fetch(key))
+            self._asking[key] = asking
+        return await asyncio.shield(asking)
+
+    async def _fetch(self, key: tuple[str, str]) -> Answer:
         try:
             answer, ttl = await self._query(*key)
-            self._keep(key, answer, ttl)
-            future.set_result(answer)
-            return answer
-        except BaseException as exc:  # cancelled: the waiters ask again themselves
-            future.set_exception(exc) if not future.done() else None
-            future.exception()  # retrieved: no "never retrieved" warning
-            raise
+        except Exception:  # dnspython's own failure modes beyond DNSException
+            answer, ttl = TEMPORARY, FAILURE_TTL
         finally:
             del self._asking[key]
+        self._keep(key, answer, ttl)
+        return answer
 
     async def _query(self, name: str, rdtype: str) -> tuple[Answer, float]:
         self.questions += 1
