@@ -1,4 +1,4 @@
-"""ARC on receive (work in progress): a chain sealed by an independent implementation
+"""ARC on receive: a chain sealed by an independent implementation
 (npm mailauth) across a forwarding hop, checked through a real DNS server."""
 
 from __future__ import annotations

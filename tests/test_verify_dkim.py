@@ -1,4 +1,4 @@
-"""DKIM on receive (work in progress): messages signed by an independent signer (npm
+"""DKIM on receive: messages signed by an independent signer (npm
 mailauth), both algorithms, verified through a real DNS server (unbound on loopback)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DMARC on receive (work in progress): policies from a real DNS server, alignment by the
+"""DMARC on receive: policies from a real DNS server, alignment by the
 bundled public suffix list."""
 
 from __future__ import annotations

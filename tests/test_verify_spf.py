@@ -1,4 +1,4 @@
-"""SPF on receive (work in progress): every RFC 7208 result through a real DNS server
+"""SPF on receive: every RFC 7208 result through a real DNS server
 (unbound on loopback), and a DNS that does not answer giving temperror."""
 
 from __future__ import annotations

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from workers.verify.dkim import fetch_keys
+from workers.verify.dkim import IN_THREAD_FROM, fetch_keys
 from workers.verify.resolver import Answer, Resolver
 
 _ARC_SIGNED = (b"arc-seal", b"arc-message-signature")
@@ -39,7 +40,7 @@ async def verify(resolver: Resolver, message: bytes, *, deadline: float) -> ArcR
         except InvalidTagValueList:
             continue
         if b"d" in tags and b"s" in tags:
-            names.add(f"{tags[b's'].decode()}._domainkey.{tags[b'd'].decode()}")
+            names.add(f"{_text(tags[b's'])}._domainkey.{_text(tags[b'd'])}")
         if name.lower() == b"arc-seal":
             instances += 1
     if not instances:
@@ -47,12 +48,18 @@ async def verify(resolver: Resolver, message: bytes, *, deadline: float) -> ArcR
     answers = await fetch_keys(resolver, names, deadline)
     if any(answer.temporary for answer in answers.values()):
         return ArcResult("temperror", instances, "a sealer's key was not answered in time")
-    return _chain(message, answers, instances)
+    if len(message) < IN_THREAD_FROM:
+        return _chain(message, answers, instances)
+    return await asyncio.to_thread(_chain, message, answers, instances)
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
 
 
 def _chain(message: bytes, answers: dict[str, Answer], instances: int) -> ArcResult:
     def key(name: bytes, timeout: int = 5) -> bytes | None:
-        answer = answers.get(name.decode().rstrip("."))
+        answer = answers.get(_text(name).rstrip("."))
         return answer.records[0].encode() if answer and answer.records else None
 
     try:

@@ -8,6 +8,7 @@ dkimpy's own DNS is never used, and its asyncio support (one signature, aiodns) 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass
 
@@ -37,10 +38,35 @@ async def verify(resolver: Resolver, message: bytes, *, deadline: float) -> list
     except dkim.MessageFormatError as exc:
         return [DkimResult("neutral", comment=f"unreadable message: {exc}")]
     fields = [value for name, value in signer.headers if name.lower() == b"dkim-signature"]
-    tags = [_tags(value) for value in fields]
-    names = {f"{t[b's'].decode()}._domainkey.{t[b'd'].decode()}" for t in tags if t is not None}
+    tags = [_tags(value) for value in fields[:MAX_SIGNATURES]]
+    names = {f"{_token(t[b's'])}._domainkey.{_token(t[b'd'])}" for t in tags if t is not None}
     answers = await fetch_keys(resolver, names, deadline)
+    checked = tags[:MAX_SIGNATURES]
+    if len(message) < IN_THREAD_FROM:
+        return _verify_all(signer, checked, answers)
+    # Hashing a large body takes long enough to stall every other session: off the loop.
+    return await asyncio.to_thread(_verify_all, signer, checked, answers)
+
+
+# At most this many signatures of a message are checked (each hashes the body again); the
+# rest are left out of the verdicts.  Real mail carries one to three.
+MAX_SIGNATURES = 10
+IN_THREAD_FROM = 1 << 19  # octets; as ingest's parsing
+
+
+def _verify_all(
+    signer: dkim.DKIM, tags: list[dict[bytes, bytes] | None], answers: dict[str, Answer]
+) -> list[DkimResult]:
     return [_verify_one(signer, index, found, answers) for index, found in enumerate(tags)]
+
+
+def _token(value: bytes) -> str:
+    """A tag's value as one printable token of at most 253 characters: it is the sender's
+    text, and goes into our Authentication-Results field and the stored verdicts."""
+    return _NOT_TOKEN.sub("", value.decode("utf-8", "replace"))[:253]
+
+
+_NOT_TOKEN = re.compile(r"[\x00-\x20\x7f;\\\"()]")
 
 
 def _tags(value: bytes) -> dict[bytes, bytes] | None:
@@ -71,8 +97,8 @@ def _verify_one(
 ) -> DkimResult:
     if tags is None:
         return DkimResult("neutral", comment="malformed signature")
-    domain, selector = tags[b"d"].decode(), tags[b"s"].decode()
-    algorithm = tags.get(b"a", b"").decode()
+    domain, selector = _token(tags[b"d"]), _token(tags[b"s"])
+    algorithm = _token(tags.get(b"a", b""))
     answer = answers[f"{selector}._domainkey.{domain}"]
     if answer.temporary or not answer.records:
         result, comment = (

@@ -5,6 +5,7 @@ that publicsuffixlist ships (never fetched at run time)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ class DmarcResult:
     domain: str
     policy: str = ""
     aligned: tuple[str, ...] = ()
+    comment: str = ""
 
 
+@functools.lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
     return _SUFFIXES.privatesuffix(domain.lower()) or domain.lower()
 
@@ -72,8 +75,13 @@ async def check(
     if at_organization and tags.get("sp") in POLICIES:
         policy = tags["sp"]
     passed = []
-    spf_passed = spf is not None and spf.result == "pass" and spf.identity == "mailfrom"
-    if spf_passed and aligned(spf.domain, author, strict=tags.get("aspf") == "s"):  # type: ignore[union-attr]
+    # ``spf``: the MAIL FROM identity's verdict, which for the null sender is the HELO
+    # identity's (RFC 7489 section 4.1, RFC 7208 section 2.4).
+    if (
+        spf is not None
+        and spf.result == "pass"
+        and aligned(spf.domain, author, strict=tags.get("aspf") == "s")
+    ):
         passed.append("spf")
     if any(
         d.result == "pass" and aligned(d.domain, author, strict=tags.get("adkim") == "s")
@@ -84,6 +92,9 @@ async def check(
 
 
 async def _record(resolver: Resolver, name: str, deadline: float) -> Answer | None:
+    kept = resolver.cached(name, "TXT")
+    if kept is not None:  # no task for wait_for to make: the common case, a sender seen
+        return kept
     try:
         return await asyncio.wait_for(
             resolver.ask(name, "TXT"), max(deadline - time.monotonic(), 0)

@@ -5,7 +5,7 @@ our verdict): they are renamed, not trusted (section 5)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import authres
@@ -25,7 +25,7 @@ _PARSER = authres.FeatureContext(authres.dmarc, authres.arc)
 class Verdicts:
     spf_mailfrom: SpfResult | None = None
     spf_helo: SpfResult | None = None
-    dkim: list[DkimResult] = field(default_factory=list)
+    dkim: tuple[DkimResult, ...] = ()
     dmarc: DmarcResult | None = None
     arc: ArcResult | None = None
 

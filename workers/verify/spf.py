@@ -41,6 +41,10 @@ async def check(
         try:
             result, explanation = pyspf_fence.evaluate(table, ip, sender, helo)
         except pyspf_fence.NeedLookup as need:
+            kept = resolver.cached(*need.key)
+            if kept is not None:
+                table[need.key] = kept
+                continue
             left = deadline - time.monotonic()
             if left <= 0:
                 return SpfResult("temperror", identity, domain, "time budget spent")
@@ -49,5 +53,7 @@ async def check(
             except TimeoutError:
                 table[need.key] = TEMPORARY
             continue
+        except Exception as exc:  # pyspf failing on some input: ours, not the sender's
+            return SpfResult("temperror", identity, domain, f"{type(exc).__name__}: {exc}")
         return SpfResult(result, identity, domain, explanation)
     return SpfResult("permerror", identity, domain, "too many DNS questions")

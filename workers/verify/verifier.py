@@ -1,0 +1,215 @@
+"""Verification of one received message, in the two steps the SMTP transaction allows.
+
+:meth:`Verifier.start` at MAIL FROM begins SPF for the MAIL FROM and HELO identities while the
+client sends its recipients and data; :meth:`Verifier.finish` at the end of DATA checks every
+DKIM signature and the ARC chain at once, then DMARC for the From domain, and gives the
+verdicts, our ``Authentication-Results`` field and the content with any field forging our
+verdict renamed.  Both are bounded by one budget per message (``--verify-budget``): what is
+not known by then is ``temperror``.  Nothing here raises on a sender's input or a DNS failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from workers.codec.signing import author_domain, is_host_name
+from workers.verify import arc, dkim, dmarc, spf
+from workers.verify.resolver import Resolver
+from workers.verify.results import RENAMED, Verdicts, claims_our_id
+
+SPF_REMEMBERED = 60.0  # seconds an SPF verdict serves the same client, sender and HELO again
+SPF_REMEMBERED_SIZE = 10_000
+
+# The fields verification reads from the header block: From (DMARC) and our own
+# Authentication-Results (forgeries).  A field runs to the next line not starting with
+# white space (RFC 5322 folding).
+_FIELDS = re.compile(
+    rb"^(from|authentication-results)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.IGNORECASE | re.M
+)
+_FOLDING = re.compile(rb"\r?\n")
+# Whether to look for signatures and seals at all (most mail has no ARC, much no DKIM).
+_DKIM_SIGNED = re.compile(rb"^dkim-signature[ \t]*:", re.IGNORECASE | re.M)
+_ARC_SEALED = re.compile(rb"^arc-seal[ \t]*:", re.IGNORECASE | re.M)
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """What :meth:`Verifier.finish` gives: ``field`` (``Authentication-Results: ...\\r\\n``,
+    folded) goes above our Received field, ``content`` replaces the client's octets."""
+
+    verdicts: Verdicts
+    field: bytes
+    content: bytes
+
+
+class SpfChecks:
+    """The SPF checks of one transaction, begun at MAIL FROM."""
+
+    __slots__ = ("helo", "mailfrom")
+
+    def __init__(
+        self, mailfrom: asyncio.Future[spf.SpfResult], helo: asyncio.Future[spf.SpfResult]
+    ) -> None:
+        self.mailfrom = mailfrom
+        self.helo = helo
+
+    def cancel(self) -> None:
+        """The transaction ended without DATA (RSET, QUIT, a lost connection)."""
+        self.mailfrom.cancel()
+        self.helo.cancel()
+
+
+class Verifier:
+    """Checks received mail against DNS through ``resolver``; ``authserv_id`` names us in
+    the Authentication-Results field (RFC 8601 section 2.5)."""
+
+    def __init__(self, resolver: Resolver, authserv_id: str, budget: float) -> None:
+        self.resolver = resolver
+        self.authserv_id = authserv_id
+        self.budget = budget
+        self._spf_remembered: OrderedDict[tuple[str, str, str], tuple[float, spf.SpfResult]]
+        self._spf_remembered = OrderedDict()
+
+    def start(self, peer_ip: str, sender: str, helo: str) -> SpfChecks:
+        """Begin SPF for MAIL FROM ``sender`` ('' for the null sender, then the HELO identity
+        stands for it) and for the HELO name, from ``peer_ip``."""
+        ip = _plain_ip(peer_ip)
+        deadline = time.monotonic() + self.budget
+        helo_check = self._spf(ip, "", helo, deadline)
+        mailfrom = self._spf(ip, sender, helo, deadline) if sender else helo_check
+        return SpfChecks(mailfrom, helo_check)
+
+    def _spf(
+        self, ip: str, sender: str, helo: str, deadline: float
+    ) -> asyncio.Future[spf.SpfResult]:
+        """The verdict as a future: already done when remembered, else a task."""
+        key = (ip, sender.lower(), helo.lower())
+        kept = self._spf_remembered.get(key)
+        if kept is not None and kept[0] > time.monotonic():
+            done: asyncio.Future[spf.SpfResult] = asyncio.get_running_loop().create_future()
+            done.set_result(kept[1])
+            return done
+        if not sender and not is_host_name(helo.lower().rstrip(".")):
+            # RFC 7208 section 2.3: a HELO that is no domain (an address literal, a bare
+            # word) has no SPF record to check.
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(spf.SpfResult("none", "helo", helo[:253]))
+            return done
+        return asyncio.ensure_future(self._checked_spf(key, ip, sender, helo, deadline))
+
+    async def _checked_spf(
+        self, key: tuple[str, str, str], ip: str, sender: str, helo: str, deadline: float
+    ) -> spf.SpfResult:
+        result = await spf.check(self.resolver, ip, sender, helo, deadline=deadline)
+        if result.result != "temperror":
+            self._spf_remembered[key] = (time.monotonic() + SPF_REMEMBERED, result)
+            self._spf_remembered.move_to_end(key)
+            if len(self._spf_remembered) > SPF_REMEMBERED_SIZE:
+                self._spf_remembered.popitem(last=False)
+        return result
+
+    async def finish(self, checks: SpfChecks, content: bytes) -> Verified:
+        """The verdicts on ``content`` (the client's octets), SPF from ``checks``."""
+        deadline = time.monotonic() + self.budget
+        head = _header_block(content)
+        fields = [(m[1].lower(), m[2]) for m in _FIELDS.finditer(head)]
+        author = _author(fields)
+        if author is not None:  # its DMARC record is fetched while the signatures are
+            self.resolver.prefetch(f"_dmarc.{author}", "TXT")
+        signed = _DKIM_SIGNED.search(head) is not None
+        sealed = _ARC_SEALED.search(head) is not None
+        signatures: list[dkim.DkimResult] = []
+        chain = arc.ArcResult("none")
+        if signed and sealed:  # their keys fetched at the same time
+            signatures, chain = await asyncio.gather(
+                dkim.verify(self.resolver, content, deadline=deadline),
+                arc.verify(self.resolver, content, deadline=deadline),
+            )
+        elif signed:
+            signatures = await dkim.verify(self.resolver, content, deadline=deadline)
+        elif sealed:
+            chain = await arc.verify(self.resolver, content, deadline=deadline)
+        mailfrom = await _spf_result(checks.mailfrom)
+        helo = await _spf_result(checks.helo)
+        verdict = (
+            await dmarc.check(self.resolver, author, mailfrom, signatures, deadline=deadline)
+            if author is not None
+            else dmarc.DmarcResult("permerror", "", comment="no single From domain")
+        )
+        verdicts = Verdicts(mailfrom, helo, tuple(signatures), verdict, chain)
+        return Verified(verdicts, self.field(verdicts), self._renamed(content, head, fields))
+
+    def field(self, verdicts: Verdicts) -> bytes:
+        # Folded after each result: one line each, well under RFC 5322's 78 octets mostly.
+        text = verdicts.header(self.authserv_id).replace("; ", ";\r\n\t")
+        return text.encode("utf-8", "replace") + b"\r\n"
+
+    def _renamed(self, content: bytes, head: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
+        """``content`` with every Authentication-Results field that speaks for us renamed
+        (RFC 8601 section 5: a sender must not forge our verdict)."""
+        forged = [
+            value
+            for name, value in fields
+            if name == b"authentication-results"
+            and claims_our_id(_unfolded(value), self.authserv_id)
+        ]
+        if not forged:
+            return content
+        renamed = _FIELDS.sub(
+            lambda m: RENAMED.encode() + b":" + m[2] if m[2] in forged else m[0], head
+        )
+        return renamed + content[len(head) :]
+
+    def failed(self, checks: SpfChecks | None, content: bytes) -> Verified:
+        """Verdicts for a message whose verification failed on our side: temperror, never
+        a refusal (the caller logs the failure)."""
+        temperror = spf.SpfResult("temperror", "mailfrom", "")
+        verdicts = Verdicts(
+            temperror,
+            spf.SpfResult("temperror", "helo", ""),
+            (),
+            dmarc.DmarcResult("temperror", ""),
+            arc.ArcResult("temperror"),
+        )
+        if checks is not None:
+            checks.cancel()
+        return Verified(verdicts, self.field(verdicts), content)
+
+
+async def _spf_result(check: asyncio.Future[spf.SpfResult]) -> spf.SpfResult:
+    return check.result() if check.done() else await check
+
+
+def _plain_ip(peer_ip: str) -> str:
+    """The client's address as SPF sees it: an IPv4-mapped IPv6 address is the IPv4 one."""
+    try:
+        address = ipaddress.ip_address(peer_ip)
+    except ValueError:
+        return peer_ip
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else str(address)
+
+
+def _header_block(content: bytes) -> bytes:
+    """The header section: up to and with the line ending before the first empty line."""
+    if content.startswith((b"\r\n", b"\n")):
+        return b""
+    end = content.find(b"\n\r\n")
+    bare = content.find(b"\n\n")
+    ends = [e for e in (end, bare) if e >= 0]
+    return content[: min(ends) + 1] if ends else content
+
+
+def _unfolded(value: bytes) -> str:
+    return _FOLDING.sub(b"", value).decode("utf-8", "replace").strip()
+
+
+def _author(fields: list[tuple[bytes, bytes]]) -> str | None:
+    """The From domain DMARC checks: None unless exactly one From field with one address."""
+    found = [value for name, value in fields if name == b"from"]
+    return author_domain(_unfolded(found[0])) if len(found) == 1 else None
