@@ -569,6 +569,7 @@ def parse_message(
     keep_raw: Literal["never", "defects", "always"] = "defects",
     limits: ParseLimits = DEFAULT_PARSE_LIMITS,
     dsn: dict[str, object] | None = None,
+    auth: dict[str, Any] | None = None,
 ) -> ReceiveMessage:
     """The spec receive message for ``raw`` delivered with the given envelope. Never raises."""
     data = bytes(raw)
@@ -593,6 +594,8 @@ def parse_message(
     }
     if dsn:
         message["dsn"] = dsn
+    if auth is not None:
+        message["auth"] = auth
     report = _report_of(content, state)
     if report is not None:
         message["delivery_report"] = report
