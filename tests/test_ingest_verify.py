@@ -19,6 +19,7 @@ from tests.dkim_util import KeyFile, mailauth_seal, mailauth_sign, write_key
 from tests.dns_util import DnsServer, running_dns, txt
 from tests.ingest_util import HOSTNAME, SMTPConn, entries, ingest
 from workers.verify.resolver import Resolver
+from workers.verify.spf import SpfResult
 from workers.verify.verifier import Verifier
 
 ZONES = ["example.com", "forged.test", "lax.test", "lists.test", "client.test", "other.test"]
@@ -225,6 +226,7 @@ async def test_spf_begins_at_mail_from_before_the_data(dns: DnsServer) -> None:
     resolver = Resolver((host, int(port)), timeout=2.0)
     verifier = Verifier(resolver, HOSTNAME, budget=3.0)
     checks = verifier.start("127.0.0.1", "a@example.com", "client.test")
+    assert isinstance(checks.mailfrom, asyncio.Future) and isinstance(checks.helo, asyncio.Future)
     await asyncio.wait_for(asyncio.gather(checks.mailfrom, checks.helo), 3)
     asked = resolver.questions
     assert asked >= 2  # both identities' records, before any content exists
@@ -233,6 +235,6 @@ async def test_spf_begins_at_mail_from_before_the_data(dns: DnsServer) -> None:
     assert verified.verdicts.spf_mailfrom.result == "pass"
     # Seen again: the SPF verdicts are remembered, and DNS answers kept.
     again = verifier.start("127.0.0.1", "a@example.com", "client.test")
-    assert again.mailfrom.done() and again.helo.done()
+    assert isinstance(again.mailfrom, SpfResult) and isinstance(again.helo, SpfResult)
     await verifier.finish(again, mail())
     assert resolver.questions == asked + 1  # _dmarc.example.com, asked once

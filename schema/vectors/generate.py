@@ -221,18 +221,19 @@ DECODING_RULES_RAW = (
 # Received from a forwarder's IP with verification on: ingest's Authentication-Results field
 # above its Received field, the sender's signature kept as sent (shortened here: the
 # verdicts are what ingest found, this vector does not re-verify).
-AUTH_RESULTS = (
-    "mx.example.net;\tspf=pass smtp.mailfrom=example.com;\tspf=none smtp.helo=fwd.example.org;"
-    "\tdkim=pass header.d=example.com header.a=ed25519-sha256 header.s=e1;"
-    "\tdmarc=pass header.from=example.com policy.dmarc=reject;\tarc=none"
+AUTH_FIELD = (
+    b"Authentication-Results: mx.example.net; spf=pass smtp.mailfrom=example.com;\r\n"
+    b"\tspf=none smtp.helo=fwd.example.org;\r\n"
+    b"\tdkim=pass header.d=example.com header.a=ed25519-sha256 header.s=e1;\r\n"
+    b"\tdmarc=pass header.from=example.com policy.dmarc=reject; arc=none\r\n"
 )
+AUTH_RESULTS = AUTH_FIELD.decode().partition(": ")[2].replace("\r\n", "").rstrip()
 RECEIVED_AUTH = (
     "from fwd.example.org ([192.0.2.25])\r\n\tby mx.example.net with ESMTP id "
     "a0717a0717a0717a0717a0717a0717a0;\r\n\tThu, 01 Jan 2026 00:00:00 +0000"
 )
 AUTH_RAW = (
-    b"Authentication-Results: " + AUTH_RESULTS.replace("\t", "\r\n\t").encode() + b"\r\n"
-    b"Received: " + RECEIVED_AUTH.encode() + b"\r\n"
+    AUTH_FIELD + b"Received: " + RECEIVED_AUTH.encode() + b"\r\n"
     b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed; d=example.com; s=e1;\r\n"
     b"\th=from:to:subject; bh=EOAWpwo8Ur9WVaC9ftCJ1PmMCfgMKCzLu3ALN/cB+Lw=; b=shortened\r\n"
     b"From: Alice <alice@example.com>\r\n"

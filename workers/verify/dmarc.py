@@ -107,7 +107,8 @@ def _policy_records(answer: Answer) -> list[str]:
     return [text for text in answer.records if text.replace(" ", "").startswith("v=DMARC1")]
 
 
-def _tags(record: str) -> dict[str, str]:
+@functools.lru_cache(maxsize=1024)
+def _tags(record: str) -> dict[str, str]:  # callers only read it
     tags = {}
     for part in record.split(";"):
         name, _, value = part.strip().partition("=")
