@@ -15,7 +15,11 @@ from dataclasses import dataclass
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from workers.codec import dkimpy_fence
 from workers.verify.resolver import TEMPORARY, Answer, Resolver
+
+# OpenSSL checks dkimpy's RSA signatures (DKIM here, ARC seals in .arc): the fence's doc.
+assert dkim.RSASSA_PKCS1_v1_5_verify is dkimpy_fence.rsa_verify
 
 
 @dataclass(frozen=True, slots=True)
