@@ -83,10 +83,16 @@ def _tags(value: bytes) -> dict[bytes, bytes] | None:
 
 async def fetch_keys(resolver: Resolver, names: set[str], deadline: float) -> dict[str, Answer]:
     """The TXT answers for ``names``, asked at once; TEMPORARY for those not in time."""
-    asked = {name: asyncio.ensure_future(resolver.ask(name, "TXT")) for name in names}
+    answers = {}
+    asked = {}
+    for name in names:
+        kept = resolver.cached(name, "TXT")
+        if kept is not None:  # no task for what is known: a sender seen before
+            answers[name] = kept
+        else:
+            asked[name] = asyncio.ensure_future(resolver.ask(name, "TXT"))
     if asked:
         await asyncio.wait(asked.values(), timeout=max(deadline - time.monotonic(), 0))
-    answers = {}
     for name, task in asked.items():
         if task.done() and not task.cancelled() and task.exception() is None:
             answers[name] = task.result()
