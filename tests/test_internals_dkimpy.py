@@ -142,24 +142,28 @@ def test_parse_public_key_refuses_what_dkimpy_refuses(data: bytes) -> None:
     bits=st.sampled_from(sorted(_RSA_KEYS)),
     message=st.binary(max_size=64),
     algorithm=st.sampled_from(["sha256", "sha1"]),
-    damage=st.sampled_from(["none", "digest", "signature", "short"]),
+    damage=st.sampled_from(["none", "digest", "signature", "short", "zero-padded"]),
 )
 def test_rsa_verify_is_dkimpys(bits: int, message: bytes, algorithm: str, damage: str) -> None:
     private_key = _RSA_KEYS[bits]
     digest = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}[algorithm]
     signature = private_key.sign(message, padding.PKCS1v15(), digest)
+    signature_was_zero_led = signature[0] == 0
     hashed = hashlib.new(algorithm, message + (b"!" if damage == "digest" else b""))
     if damage == "signature":
         signature = bytes([signature[0] ^ 1]) + signature[1:]
-    elif damage == "short":
+    elif damage == "short":  # valid all the same to dkimpy when that octet was zero
         signature = signature[1:]
+    elif damage == "zero-padded":  # the same number: valid to dkimpy
+        signature = b"\0" + signature
     key = dkimpy_fence.parse_public_key(_spki(private_key))
     plain = dkimpy_fence.DKIMPY_PARSE_PUBLIC_KEY(_spki(private_key))
     expected = dkimpy_fence.DKIMPY_RSA_VERIFY(hashed.copy(), signature, plain)
     assert dkimpy_fence.rsa_verify(hashed.copy(), signature, key) == expected, (
         f"{FENCE}: RSA verification differs from dkimpy's"
     )
-    assert expected == (damage == "none")
+    number_kept = damage == "zero-padded" or (damage == "short" and signature_was_zero_led)
+    assert expected == (damage == "none" or number_kept)
 
 
 def test_dkimpy_verifies_rsa_signatures_through_the_fence() -> None:
@@ -185,3 +189,20 @@ def test_dkimpy_verifies_rsa_signatures_through_the_fence() -> None:
     finally:
         dkimpy_fence.DKIMPY_RSA_VERIFY = original
     assert calls == [], f"{FENCE}: a 2048-bit key went to dkimpy's own RSA"
+
+
+def test_a_signature_missing_its_leading_zero_octet_is_dkimpys_verdict() -> None:
+    """One signature in 256 starts with a zero octet; a signer that drops it still signs the
+    same number, which dkimpy accepts, so the fence must too."""
+    private_key = _RSA_KEYS[1024]
+    for attempt in range(5000):
+        message = attempt.to_bytes(4, "big")
+        signature = private_key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+        if signature[0] == 0:
+            break
+    else:
+        pytest.fail("no zero-led signature in 5000")
+    key = dkimpy_fence.parse_public_key(_spki(private_key))
+    hashed = hashlib.sha256(message)
+    assert dkimpy_fence.DKIMPY_RSA_VERIFY(hashed.copy(), signature[1:], key)
+    assert dkimpy_fence.rsa_verify(hashed.copy(), signature[1:], key), f"{FENCE}: refused"

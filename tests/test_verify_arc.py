@@ -31,3 +31,21 @@ async def test_a_sealed_hop_passes_and_a_change_after_it_fails(tmp_path: Path) -
         assert (chain.result, chain.instances) == ("pass", 1)
         changed = sealed.replace(b"Subject: hi", b"Subject: [list] hi")
         assert (await verify(resolver, changed, deadline=deadline)).result == "fail"
+
+
+async def test_a_chain_over_fifty_sets_fails_without_asking_dns() -> None:
+    """RFC 8617 caps a chain at 50 sets; a sender cannot make us ask DNS once per field."""
+    seals = b"".join(
+        f"ARC-Seal: i={n}; a=rsa-sha256; cv=pass; d=victim{n}.test; s=s; b=AAAA\r\n".encode()
+        for n in range(1, 60)
+    )
+    resolver = Resolver(("127.0.0.1", 9), timeout=2.0)
+    chain = await verify(resolver, seals + MESSAGE, deadline=time.monotonic() + 5)
+    assert (chain.result, chain.instances) == ("fail", 59)
+    assert resolver.questions == 0
+
+
+async def test_a_message_dkimpy_cannot_read_fails_the_chain() -> None:
+    unreadable = b" starts with a continuation line\r\nARC-Seal: i=1; b=x\r\n" + MESSAGE
+    chain = await verify(Resolver(("127.0.0.1", 9)), unreadable, deadline=time.monotonic() + 5)
+    assert chain.result == "fail"

@@ -66,3 +66,20 @@ async def test_strict_none_broken_and_down(dns: DnsServer) -> None:
     silent = Resolver(("127.0.0.1", 9), timeout=10.0)
     down = await check(silent, "example.com", None, [], deadline=time.monotonic() + 0.3)
     assert down.result == "temperror"
+
+
+async def test_an_aligned_check_that_timed_out_is_a_temperror_not_a_fail(dns: DnsServer) -> None:
+    """During a DNS outage the aligned SPF or DKIM check may have passed: DMARC says it does
+    not know (keeping the policy), so an application does not refuse legitimate mail."""
+    late_spf = SpfResult("temperror", "mailfrom", "example.com")
+    got = await check(_resolver(dns), "example.com", late_spf, [], deadline=time.monotonic() + 5)
+    assert (got.result, got.policy) == ("temperror", "reject")
+    late_dkim = [DkimResult("temperror", "example.com", "s1")]
+    unaligned = SpfResult("pass", "mailfrom", "elsewhere.example")
+    got = await check(_resolver(dns), "example.com", unaligned, late_dkim,
+                      deadline=time.monotonic() + 5)  # fmt: skip
+    assert (got.result, got.policy) == ("temperror", "reject")
+    # A timeout for a domain not aligned with the author changes nothing: still a fail.
+    other = SpfResult("temperror", "mailfrom", "elsewhere.example")
+    got = await check(_resolver(dns), "example.com", other, [], deadline=time.monotonic() + 5)
+    assert (got.result, got.policy) == ("fail", "reject")

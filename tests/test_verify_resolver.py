@@ -37,3 +37,12 @@ async def test_an_asker_cancelled_leaves_the_others_their_answer() -> None:
         assert await asyncio.wait_for(second, 5) is TEMPORARY
         assert first.cancelled()
         assert resolver.questions == 1
+
+
+async def test_a_name_no_dns_could_hold_has_no_record_rather_than_a_failure() -> None:
+    """A sender's label over 63 octets (a d= or a MAIL FROM domain) is its own error: no
+    record (permerror, none), never temperror, which DMARC would read as "maybe passed"."""
+    resolver = Resolver(("127.0.0.1", 9), timeout=2.0)
+    for name in ("x" * 64 + ".example.com", "a..example.com", ("y" * 60 + ".") * 5 + "com"):
+        answer = await resolver.ask(name, "TXT")
+        assert (answer.records, answer.temporary) == ((), False), name

@@ -27,6 +27,16 @@ RECORDS = {
     ],
     "helo.test": [("TXT", txt("v=spf1 a -all")), ("A", "127.0.0.1")],
 }
+# Within RFC 7208's limits and still many questions: 5 mx terms of 10 exchanges each,
+# the client's address the very last one asked for (56 questions, each one more run).
+for term in range(5):
+    RECORDS[f"m{term}.many.test"] = [("MX", f"10 h{term}-{n}.many.test.") for n in range(10)]
+    for n in range(10):
+        last = term == 4 and n == 9
+        RECORDS[f"h{term}-{n}.many.test"] = [("A", "127.0.0.1" if last else "192.0.2.9")]
+RECORDS["many.test"] = [
+    ("TXT", txt("v=spf1 " + " ".join(f"mx:m{term}.many.test" for term in range(5)) + " -all"))
+]
 ZONES = [*RECORDS, "none.test"]
 
 
@@ -47,6 +57,7 @@ def _resolver(dns: DnsServer) -> Resolver:
         ("pass.test", "pass"), ("fail.test", "fail"), ("soft.test", "softfail"),
         ("neutral.test", "neutral"), ("none.test", "none"), ("perm.test", "permerror"),
         ("include.test", "pass"), ("mx.test", "pass"), ("loop.test", "permerror"),
+        ("many.test", "pass"),
     ],
 )  # fmt: skip
 async def test_each_result(dns: DnsServer, domain: str, result: str) -> None:

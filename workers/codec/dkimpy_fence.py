@@ -136,8 +136,13 @@ def rsa_verify(hashed: Any, signature: bytes, public_key: dict[str, Any]) -> boo
     signature of ``hashed`` (dkimpy's hash object) with ``public_key``."""
     key = public_key.get(OPENSSL_KEY)
     digest = _DIGESTS.get(str(hashed.name).lower())
-    if key is None or digest is None:
+    # dkimpy reads the signature as a number: leading zero octets added or missing change
+    # nothing for it; OpenSSL wants exactly the modulus's length.
+    length = (key.key_size + 7) // 8 if key is not None else 0
+    significant = signature.lstrip(b"\0")
+    if key is None or digest is None or len(significant) > length:
         return DKIMPY_RSA_VERIFY(hashed, signature, public_key)  # type: ignore[no-any-return]
+    signature = significant.rjust(length, b"\0")
     try:
         key.verify(signature, hashed.digest(), padding.PKCS1v15(), utils.Prehashed(digest))
     except InvalidSignature:

@@ -81,13 +81,17 @@ def build_server(config: IngestConfig, store: Store) -> IngestServer:
     )
 
 
+DNS_TIMEOUT = 5.0  # seconds dnspython waits for an answer at most
+
+
 def build_verifier(config: IngestConfig) -> Verifier | None:
     """The checks of received mail, None with --no-verify; ConfigError without a resolver."""
     if not config.verify:
         return None
     server = parse_host_port(config.dns_server, "--dns-server") if config.dns_server else None
     try:
-        resolver = Resolver(server, timeout=config.verify_budget)
+        # A question may outlive one message's budget: its answer is kept for the next.
+        resolver = Resolver(server, timeout=max(DNS_TIMEOUT, config.verify_budget))
     except dns.resolver.NoResolverConfiguration:  # gone since validate() looked
         raise ConfigError(NO_SYSTEM_RESOLVER) from None
     return Verifier(resolver, config.our_authserv_id, config.verify_budget)

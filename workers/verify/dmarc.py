@@ -88,7 +88,25 @@ async def check(
         for d in dkim
     ):
         passed.append("dkim")
+    if not passed and _unknown(spf, dkim, author, tags):
+        # An aligned identifier DNS did not answer for may have passed: not a fail that an
+        # application would refuse legitimate mail on during a DNS outage.
+        return DmarcResult("temperror", author, policy, comment="an aligned check timed out")
     return DmarcResult("pass" if passed else "fail", author, policy, tuple(passed))
+
+
+def _unknown(
+    spf: SpfResult | None, dkim: Sequence[DkimResult], author: str, tags: dict[str, str]
+) -> bool:
+    """Whether an identifier aligned with ``author`` has a temperror verdict."""
+    strict_spf = tags.get("aspf") == "s"
+    if spf is not None and spf.result == "temperror" and spf.domain:
+        return aligned(spf.domain, author, strict=strict_spf) or _unknown(None, dkim, author, tags)
+    return any(
+        d.result == "temperror" and d.domain and
+        aligned(d.domain, author, strict=tags.get("adkim") == "s")
+        for d in dkim
+    )  # fmt: skip
 
 
 async def _record(resolver: Resolver, name: str, deadline: float) -> Answer | None:

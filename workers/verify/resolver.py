@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
+import dns.name
 import dns.rdatatype
 import dns.resolver
 
@@ -97,6 +98,10 @@ class Resolver:
             result = await self._resolver.resolve(name, rdtype, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
             return NOTHING, _negative_ttl(exc)
+        except (dns.exception.SyntaxError, dns.name.NameTooLong, dns.name.IDNAException):
+            # A name no DNS could hold (a label over 63 octets, an empty one): the sender
+            # wrote it, so there is no such record, not a failure to find it.
+            return NOTHING, NEGATIVE_TTL
         except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.exception.DNSException):
             return TEMPORARY, FAILURE_TTL
         if result.rrset is None:

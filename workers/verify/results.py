@@ -5,6 +5,7 @@ our verdict): they are renamed, not trusted (section 5)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,29 +51,49 @@ class Verdicts:
         return out
 
     def header(self, authserv_id: str) -> str:
-        """``Authentication-Results: ...`` (one line; the builder of the stored message
-        folds it)."""
+        """``Authentication-Results: ...`` on one line (RFC 8601)."""
+        return str(authres.AuthenticationResultsHeader(
+            authserv_id=authserv_id, results=self._results()))  # fmt: skip
+
+    def texts(self) -> list[str]:
+        """Each result as the field writes it (``spf=pass smtp.mailfrom=example.com``),
+        for a writer that folds between them."""
+        return [str(result) for result in self._results()]
+
+    def _results(self) -> list[Any]:
+        # Every value the sender chose (HELO, MAIL FROM domain, d=, s=) is reduced to one
+        # token here: nothing it wrote can end our field or start another.
         results: list[Any] = []
         if self.spf_mailfrom is not None:
-            mailfrom = self.spf_mailfrom
             results.append(authres.SPFAuthenticationResult(
-                result=mailfrom.result, smtp_mailfrom=mailfrom.domain))  # fmt: skip
+                result=self.spf_mailfrom.result,
+                smtp_mailfrom=_token(self.spf_mailfrom.domain) or None))  # fmt: skip
         if self.spf_helo is not None:
             results.append(authres.SPFAuthenticationResult(
-                result=self.spf_helo.result, smtp_helo=self.spf_helo.domain))  # fmt: skip
+                result=self.spf_helo.result,
+                smtp_helo=_token(self.spf_helo.domain) or None))  # fmt: skip
         for d in self.dkim:
             results.append(authres.DKIMAuthenticationResult(
-                result=d.result, header_d=d.domain or None, header_s=d.selector or None,
-                header_a=d.algorithm or None))  # fmt: skip
+                result=d.result, header_d=_token(d.domain) or None,
+                header_s=_token(d.selector) or None,
+                header_a=_token(d.algorithm) or None))  # fmt: skip
         if not self.dkim:
             results.append(authres.DKIMAuthenticationResult(result="none"))
         if self.dmarc is not None:
             results.append(authres.dmarc.DMARCAuthenticationResult(
-                result=self.dmarc.result, header_from=self.dmarc.domain,
+                result=self.dmarc.result, header_from=_token(self.dmarc.domain) or None,
                 policy=self.dmarc.policy or None))  # fmt: skip
         if self.arc is not None:
             results.append(authres.arc.ARCAuthenticationResult(result=self.arc.result))
-        return str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=results))
+        return results
+
+
+def _token(value: str) -> str:
+    """Letters, digits, dots, hyphens, underscores and @ (any script), at most 253."""
+    return _NOT_TOKEN.sub("", value)[:253]
+
+
+_NOT_TOKEN = re.compile(r"[^\w.@-]")
 
 
 def claims_our_id(value: str, authserv_id: str) -> bool:

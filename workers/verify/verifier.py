@@ -17,7 +17,9 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from email.utils import getaddresses
 
+from workers.codec.parse import header_fields
 from workers.codec.signing import author_domain, is_host_name
 from workers.verify import arc, dkim, dmarc, spf
 from workers.verify.resolver import Resolver
@@ -26,12 +28,14 @@ from workers.verify.results import RENAMED, Verdicts, claims_our_id
 SPF_REMEMBERED = 60.0  # seconds an SPF verdict serves the same client, sender and HELO again
 SPF_REMEMBERED_SIZE = 10_000
 
-# The fields verification reads from the header block: From (DMARC) and our own
-# Authentication-Results (forgeries).  A field runs to the next line not starting with
-# white space (RFC 5322 folding).
-_FIELDS = re.compile(
-    rb"^(from|authentication-results)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.IGNORECASE | re.M
+# Authentication-Results fields, to rename those claiming our authserv-id: a field runs to
+# the next line not starting with white space (RFC 5322 folding); a bare CR starts a line
+# too, as it does for some readers of the stored message.
+_RESULTS_FIELD = re.compile(
+    rb"(?:^|(?<=\r))(authentication-results)[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+    re.IGNORECASE | re.M,
 )
+_RESULTS_NAME = re.compile(rb"authentication-results", re.IGNORECASE)
 _FOLDING = re.compile(rb"\r?\n")
 # Whether to look for signatures and seals at all (most mail has no ARC, much no DKIM).
 _DKIM_SIGNED = re.compile(rb"^dkim-signature[ \t]*:", re.IGNORECASE | re.M)
@@ -83,6 +87,7 @@ class Verifier:
         """Begin SPF for MAIL FROM ``sender`` ('' for the null sender, then the HELO identity
         stands for it) and for the HELO name, from ``peer_ip``."""
         ip = _plain_ip(peer_ip)
+        sender = "" if sender == "<>" else sender  # aiosmtpd's null reverse-path
         deadline = time.monotonic() + self.budget
         helo_check = self._spf(ip, "", helo, deadline)
         mailfrom = self._spf(ip, sender, helo, deadline) if sender else helo_check
@@ -115,9 +120,8 @@ class Verifier:
         """The verdicts on ``content`` (the client's octets), SPF from ``checks``."""
         deadline = time.monotonic() + self.budget
         head = _header_block(content)
-        fields = [(m[1].lower(), m[2]) for m in _FIELDS.finditer(head)]
-        author = _author(fields)
-        if author is not None:  # its DMARC record is fetched while the signatures are
+        authors = author_domains(header_fields(content))
+        for author in authors or ():  # DMARC records fetched while the signatures are
             self.resolver.prefetch(f"_dmarc.{author}", "TXT")
         signed = _DKIM_SIGNED.search(head) is not None
         sealed = _ARC_SEALED.search(head) is not None
@@ -134,32 +138,44 @@ class Verifier:
             chain = await arc.verify(self.resolver, content, deadline=deadline)
         mailfrom = await _spf_result(checks.mailfrom)
         helo = await _spf_result(checks.helo)
-        verdict = (
-            await dmarc.check(self.resolver, author, mailfrom, signatures, deadline=deadline)
-            if author is not None
-            else dmarc.DmarcResult("permerror", "", comment="no single From domain")
-        )
+        verdict = await self._dmarc(authors, mailfrom, signatures, deadline)
         verdicts = Verdicts(mailfrom, helo, tuple(signatures), verdict, chain)
-        return Verified(verdicts, self.field(verdicts), self._renamed(content, head, fields))
+        return Verified(verdicts, self.field(verdicts), self.renamed(content))
+
+    async def _dmarc(
+        self,
+        authors: list[str] | None,
+        mailfrom: spf.SpfResult,
+        signatures: list[dkim.DkimResult],
+        deadline: float,
+    ) -> dmarc.DmarcResult:
+        """DMARC for each From domain (RFC 7489 section 6.6.1: a message with several
+        authors is checked for each); the strictest verdict stands for the message."""
+        if not authors:
+            return dmarc.DmarcResult("permerror", "", comment="no From domain to check")
+        verdicts = [
+            await dmarc.check(self.resolver, author, mailfrom, signatures, deadline=deadline)
+            for author in authors
+        ]
+        return min(verdicts, key=_strictness)
 
     def field(self, verdicts: Verdicts) -> bytes:
         return authentication_results(verdicts, self.authserv_id)
 
-    def _renamed(self, content: bytes, head: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
+    def renamed(self, content: bytes) -> bytes:
         """``content`` with every Authentication-Results field that speaks for us renamed
-        (RFC 8601 section 5: a sender must not forge our verdict)."""
-        forged = [
-            value
-            for name, value in fields
-            if name == b"authentication-results"
-            and claims_our_id(_unfolded(value), self.authserv_id)
-        ]
-        if not forged:
+        (RFC 8601 section 5: a sender must not forge our verdict).  Looked for up to the
+        first empty line, also after a bare CR (a line break to some readers)."""
+        head = _header_block(content)
+        if not _RESULTS_NAME.search(head):
             return content
-        renamed = _FIELDS.sub(
-            lambda m: RENAMED.encode() + b":" + m[2] if m[2] in forged else m[0], head
-        )
-        return renamed + content[len(head) :]
+
+        def rename(field: re.Match[bytes]) -> bytes:
+            if claims_our_id(_unfolded(field[2]), self.authserv_id):
+                return RENAMED.encode() + b":" + field[2]
+            return field[0]
+
+        return _RESULTS_FIELD.sub(rename, head) + content[len(head) :]
 
     def failed(self, checks: SpfChecks | None, content: bytes) -> Verified:
         """Verdicts for a message whose verification failed on our side: temperror, never
@@ -174,7 +190,7 @@ class Verifier:
         )
         if checks is not None:
             checks.cancel()
-        return Verified(verdicts, self.field(verdicts), content)
+        return Verified(verdicts, self.field(verdicts), self.renamed(content))
 
 
 async def _spf_result(check: SpfCheck) -> spf.SpfResult:
@@ -190,7 +206,7 @@ def authentication_results(verdicts: Verdicts, authserv_id: str) -> bytes:
     busy sender gets the same verdicts again and again, and authres takes 15 us to write
     them."""
     lines = [""]
-    for piece in verdicts.header(authserv_id).split("; "):
+    for piece in [f"Authentication-Results: {authserv_id}", *verdicts.texts()]:
         if lines[-1] and len(lines[-1]) + 2 + len(piece) > FOLD_AT:
             lines[-1] += ";"
             lines.append("\t" + piece)
@@ -228,7 +244,40 @@ def _unfolded(value: bytes) -> str:
     return _FOLDING.sub(b"", value).decode("utf-8", "replace").strip()
 
 
-def _author(fields: list[tuple[bytes, bytes]]) -> str | None:
-    """The From domain DMARC checks: None unless exactly one From field with one address."""
-    found = [value for name, value in fields if name == b"from"]
-    return author_domain(_unfolded(found[0])) if len(found) == 1 else None
+MAX_AUTHORS = 5  # From domains checked; a message naming more is a permerror
+
+
+def author_domains(fields: list[tuple[str, bytes]]) -> list[str] | None:
+    """The From domains DMARC checks, of the From fields the application will read: None
+    when one of them has no address with a host name, or there are more than
+    :data:`MAX_AUTHORS` (RFC 7489 section 6.6.1 leaves such mail to the receiver)."""
+    values = [value for name, value in fields if name.lower() == "from"]
+    domains: list[str] = []
+    for value in values:
+        text = _unfolded(value)
+        one = author_domain(text)
+        found = [one] if one is not None else _listed_domains(text)
+        if not found:
+            return None
+        domains += found
+    unique = list(dict.fromkeys(domains))
+    return unique if 0 < len(unique) <= MAX_AUTHORS else None
+
+
+def _listed_domains(text: str) -> list[str]:
+    """The domains of a From field of several addresses; [] if one has no host name."""
+    domains = []
+    for _, address in getaddresses([text]):
+        domain = address.rpartition("@")[2].rstrip(".").lower()
+        if not is_host_name(domain):
+            return []
+        domains.append(domain)
+    return domains
+
+
+def _strictness(verdict: dmarc.DmarcResult) -> int:
+    """Lower first: which of several authors' verdicts stands for the message."""
+    if verdict.result == "fail":
+        return ("reject", "quarantine").index(verdict.policy) if verdict.policy in (
+            "reject", "quarantine") else 3  # fmt: skip
+    return {"temperror": 2, "permerror": 4, "none": 5, "pass": 6}.get(verdict.result, 4)
