@@ -140,7 +140,7 @@ class Verifier:
         helo = await _spf_result(checks.helo)
         verdict = await self._dmarc(authors, mailfrom, signatures, deadline)
         verdicts = Verdicts(mailfrom, helo, tuple(signatures), verdict, chain)
-        return Verified(verdicts, self.field(verdicts), self.renamed(content))
+        return Verified(verdicts, self.field(verdicts), self.renamed(content, head))
 
     async def _dmarc(
         self,
@@ -162,11 +162,11 @@ class Verifier:
     def field(self, verdicts: Verdicts) -> bytes:
         return authentication_results(verdicts, self.authserv_id)
 
-    def renamed(self, content: bytes) -> bytes:
+    def renamed(self, content: bytes, head: bytes | None = None) -> bytes:
         """``content`` with every Authentication-Results field that speaks for us renamed
         (RFC 8601 section 5: a sender must not forge our verdict).  Looked for up to the
         first empty line, also after a bare CR (a line break to some readers)."""
-        head = _header_block(content)
+        head = _header_block(content) if head is None else head
         if not _RESULTS_NAME.search(head):
             return content
 
@@ -234,10 +234,11 @@ def _header_block(content: bytes) -> bytes:
     """The header section: up to and with the line ending before the first empty line."""
     if content.startswith((b"\r\n", b"\n")):
         return b""
-    end = content.find(b"\n\r\n")
-    bare = content.find(b"\n\n")
-    ends = [e for e in (end, bare) if e >= 0]
-    return content[: min(ends) + 1] if ends else content
+    empty_line = _EMPTY_LINE.search(content)  # one pass, stopping at the first
+    return content[: empty_line.start() + 1] if empty_line else content
+
+
+_EMPTY_LINE = re.compile(rb"\n\r?\n")
 
 
 def _unfolded(value: bytes) -> str:
