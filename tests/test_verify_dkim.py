@@ -115,7 +115,9 @@ async def test_limits_bound_the_work_a_sender_can_ask_for(dns: DnsServer) -> Non
         verdicts = await verify(_resolver(dns), large, deadline=started + 0.05)
     finally:
         ticker.cancel()
-    assert [v.result for v in verdicts] == ["temperror"] * MAX_SIGNATURES, verdicts
+    # Not read in time (one verdict) or read and not checked in time (one per signature).
+    assert len(verdicts) in (1, MAX_SIGNATURES), verdicts
+    assert {v.result for v in verdicts} == {"temperror"}, verdicts
     assert time.monotonic() - started < 1, "the deadline ends the wait for the thread"
     gaps = [later - earlier for earlier, later in itertools.pairwise(ticks)]
     assert max(gaps, default=0) < 0.5, "the event loop stalled while the body was hashed"
