@@ -71,10 +71,9 @@ import redis.asyncio as aioredis  # noqa: E402
 from bench.postfix_queue import PostfixQueue  # noqa: E402
 from tests.harness import RedisServer, free_port, wait_for_port  # noqa: E402
 from workers.codec.build import BuiltMessage, build_message  # noqa: E402
-from workers.codec.signing import KeyTable  # noqa: E402
 from workers.codec.types import SendMessage  # noqa: E402
 from workers.codec.wire import pack  # noqa: E402
-from workers.config import DeliveryConfig, load_key_table  # noqa: E402
+from workers.config import DeliveryConfig  # noqa: E402
 from workers.logs import configure_logging  # noqa: E402
 from workers.producer import make_send_message  # noqa: E402
 from workers.relay import greet, transaction  # noqa: E402
@@ -175,16 +174,10 @@ async def with_own_transaction(smtp: aiosmtplib.SMTP, message: BuiltMessage) -> 
 
 
 async def run_baseline(
-    side: str,
-    send_one: SendOne,
-    sink: SmtpSink,
-    messages: list[SendMessage],
-    concurrency: int,
-    keys: KeyTable | None = None,
+    side: str, send_one: SendOne, sink: SmtpSink, messages: list[SendMessage], concurrency: int
 ) -> Result:
-    """Pre-built messages over ``concurrency`` persistent connections, no Redis; signed
-    beforehand with ``keys`` when given (the bytes a signing worker sends)."""
-    built = [build_message(m, default_id=f"{side}-{n}", keys=keys) for n, m in enumerate(messages)]
+    """Pre-built messages over ``concurrency`` persistent connections, no Redis."""
+    built = [build_message(m, default_id=f"{side}-{n}") for n, m in enumerate(messages)]
     before = sink.messages()
     queue = list(reversed(built))
 
@@ -307,8 +300,7 @@ def median_rates(results: list[Result], side: str) -> tuple[float, float] | None
 
 
 def summary(results: list[Result]) -> None:
-    sides = ("raw", "rawtx", "raw-ed25519", "worker", "worker-ed25519", "worker-rsa",
-             "worker-fsync", "postfix")  # fmt: skip
+    sides = ("raw", "rawtx", "worker", "worker-ed25519", "worker-rsa", "worker-fsync", "postfix")
     medians = {side: median_rates(results, side) for side in sides}
     print("median:")
     for side, rates in medians.items():
@@ -330,12 +322,6 @@ def summary(results: list[Result]) -> None:
                 f"{ours[1] / raw_rates[1]:.2f} (msg per CPU-s); {signed}/worker: "
                 f"{ours[0] / worker[0]:.2f} (msg/s)  {ours[1] / worker[1]:.2f} (msg per CPU-s)"
             )
-    ours, raw_signed = medians["worker-ed25519"], medians["raw-ed25519"]
-    if ours is not None and raw_signed is not None:
-        print(
-            f"ratio worker-ed25519/raw-ed25519 (the same signed bytes): "
-            f"{ours[0] / raw_signed[0]:.2f} (msg/s)  {ours[1] / raw_signed[1]:.2f} (msg per CPU-s)"
-        )
     anchor = medians["postfix"]
     for side in ("worker", "worker-fsync"):
         ours = medians[side]
@@ -390,20 +376,12 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
             "worker": lambda m: run_worker(sink, server, m, args.concurrency),
         }
         if args.dkim:
-            tables: dict[str, Path] = {}
             for algorithm in ("ed25519", "rsa"):
                 table = write_key_table(workdir / f"dkim-{algorithm}", algorithm)
-                tables[algorithm] = table
                 check_signed(sample, table)
                 sides[f"worker-{algorithm}"] = lambda m, table=table, a=algorithm: run_worker(
                     sink, server, m, args.concurrency, f"worker-{a}", str(table)
                 )
-            # raw sendmail of the very bytes the ed25519 worker sends (signed beforehand):
-            # what sending the longer messages costs by itself.
-            signed_keys = load_key_table(str(tables["ed25519"]))
-            sides["raw-ed25519"] = lambda m: run_baseline(
-                "raw-ed25519", with_sendmail, sink, m, args.concurrency, signed_keys
-            )
         if fsync is not None and queue is not None:
             sides["worker-fsync"] = lambda m: run_worker(
                 sink, fsync, m, args.concurrency, "worker-fsync"
