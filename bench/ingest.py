@@ -4,6 +4,7 @@ server whose handler only answers 250, measured alternately in the same run.
     python bench/ingest.py            # full matrix, ~2 minutes
     python bench/ingest.py --quick    # 2 KB at 10 sessions only
     python bench/ingest.py --haraka   # and against Haraka (cd bench/haraka && npm ci)
+    python bench/ingest.py --verify   # and verifying (SPF/DKIM/DMARC/ARC) against not
     python bench/ingest.py --quick --against /tmp/other-checkout --rounds 7
 
 With ``--against`` a second ``mailpool ingest`` runs from another checkout of this
@@ -12,6 +13,12 @@ this tree's, and the rounds alternate between the two (the order flips every rou
 drift of the machine's load falls on both alike).  Printed then, per case: the median over
 the rounds of this tree's rate divided by the other's, wall and per CPU-second; the latency
 part is left out.
+
+With ``--verify`` (as ``make bench`` runs it) a second ingest verifies received mail against
+unbound on loopback answering for smtp-source's sender (SPF and DMARC pass; answers kept
+after the warm-up, as a busy worker has them), and the rounds alternate between it and the
+one that does not verify; then its end-of-DATA latency at half its rate (issue 15's goal:
+ratio >= 0.85, p99 < 20 ms).
 
 With ``--haraka`` (as ``make bench`` runs it) Haraka 3.3.4 from npm joins (bench/haraka,
 locked), one process (``nodes=0``), whose only plugin accepts every recipient and discards
@@ -186,12 +193,18 @@ def start_ingest(
     root: Path = ROOT,
     name: str = "ingest",
     log_level: str = "info",
+    dns_server: str | None = None,
 ) -> Server:
     """``mailpool ingest`` of the checkout at ``root`` (its ``workers`` package comes first
-    on the path, ahead of the one the venv has installed)."""
+    on the path, ahead of the one the venv has installed); verifying received mail against
+    ``dns_server`` when given, else not (set by environment: an older checkout ignores it)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPOOL_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    if dns_server is None:
+        env["MAILPOOL_VERIFY"] = "false"
+    else:
+        env["MAILPOOL_DNS_SERVER"] = dns_server
     # The real thing: one JSON log line per message, written to a file.
     process = subprocess.Popen(
         [sys.executable, "-m", "workers", "ingest", "--listen", f"127.0.0.1:{port}",
@@ -281,7 +294,9 @@ async def _paced_session(
 
 
 async def measure_latency(port: int, rate: float, sessions: int, seconds: float) -> list[float]:
-    body = (b"Subject: latency\r\n\r\n" + (b"x" * 76 + b"\r\n") * 26)[:2048]
+    # From the sender the --verify zones vouch for (SPF and DMARC pass when verifying).
+    head = b"From: <a@example.org>\r\nSubject: latency\r\n\r\n"
+    body = (head + (b"x" * 76 + b"\r\n") * 26)[:2048]
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     per_session = rate / sessions
@@ -329,7 +344,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def report_latency(ingest: Server, bare: Server, http_port: int, rate: float, rounds: int) -> None:
     """p50/p99 of each server over alternating rounds; the median round is the figure."""
-    p99s: dict[str, list[float]] = {"ingest": [], "bare": []}
+    p99s: dict[str, list[float]] = {ingest.name: [], bare.name: []}
     before = transaction_histogram(http_port)
     print(f"\nend-of-DATA -> 250 at {rate:.0f} msg/s (half of ingest's 2 KB/10-session rate):")
     for _ in range(rounds):
@@ -342,8 +357,8 @@ def report_latency(ingest: Server, bare: Server, http_port: int, rate: float, ro
             )
     after = transaction_histogram(http_port)
     print(
-        f"  median p99: ingest {statistics.median(p99s['ingest']):.2f} ms, "
-        f"bare {statistics.median(p99s['bare']):.2f} ms (client-side)"
+        f"  median p99: {ingest.name} {statistics.median(p99s[ingest.name]):.2f} ms, "
+        f"bare {statistics.median(p99s[bare.name]):.2f} ms (client-side)"
     )
     print(
         "  ingest server-side (its histogram: parse + pack + XADD acknowledged): "
@@ -420,10 +435,12 @@ def against_haraka(haraka: Server, ingest: Server, quick: bool, rounds: int, log
         )
 
 
-def against_other_tree(ingest: Server, other: Server, quick: bool, rounds: int) -> None:
-    """This tree's ingest against the other checkout's, rounds alternating in order; the
-    figure is the median of the per-round ratios."""
-    print(f"\nthis tree / {other.name}, median of {rounds} alternating rounds:")
+def against_other_tree(
+    ingest: Server, other: Server, quick: bool, rounds: int, *, title: str = ""
+) -> None:
+    """This tree's ingest against the other checkout's (or another configuration), rounds
+    alternating in order; the figure is the median of the per-round ratios."""
+    print(f"\n{title or 'this tree / ' + other.name}, median of {rounds} alternating rounds:")
     print(f"{'case':<30} {'msg/s ratio':>11} {'msg/cpu-s ratio':>15}   per-round msg/cpu-s ratios")
     for case in cases(quick):
         rate_ratios, cpu_ratios = [], []
@@ -441,12 +458,60 @@ def against_other_tree(ingest: Server, other: Server, quick: bool, rounds: int) 
         )
 
 
+# What verification finds for smtp-source's mail (MAIL FROM and From bench@example.org,
+# HELO client.bench, from 127.0.0.1): SPF pass for both identities, DMARC pass by SPF.
+SENDER_ZONES = ["example.org", "client.bench"]
+SENDER_RECORDS = {
+    "example.org": [("TXT", '"v=spf1 ip4:127.0.0.0/8 -all"')],
+    "_dmarc.example.org": [("TXT", '"v=DMARC1; p=reject"')],
+    "client.bench": [("TXT", '"v=spf1 a -all"'), ("A", "127.0.0.1")],
+}
+
+
+def against_verification(
+    bare: Server, plain: Server, redis_url: str, workdir: Path, quick: bool, rounds: int
+) -> None:
+    """Ingest verifying (unbound on loopback answering for the sender) against ingest not
+    verifying, alternating rounds; then the end-of-DATA latency with verification at half
+    the verifying ingest's 2 KB/10-session rate.  Goal (issue 15): ratio >= 0.85, p99 under
+    20 ms."""
+    sys.path.insert(0, str(ROOT))
+    from tests.dns_util import running_dns  # a test helper: only this bench needs it
+
+    with running_dns(workdir / "dns", SENDER_ZONES, SENDER_RECORDS) as dns:
+        http_port = free_port()
+        verifying = start_ingest(
+            redis_url, workdir / "verify.log", http_port, name="ingest --verify",
+            dns_server=dns.address,
+        )  # fmt: skip
+        try:
+            smtp_source(verifying, Case(2048, 10, True, 300))  # warm-up: DNS answers kept
+            against_other_tree(verifying, plain, quick, rounds, title="verifying / not")
+            rate = smtp_source(verifying, Case(2048, 10, True, 3000)).rate
+            report_latency(verifying, bare, http_port, rate / 2, rounds + 1)
+            check_verified(workdir / "verify.log")
+        finally:
+            verifying.stop()
+
+
+def check_verified(log: Path) -> None:
+    """The figures count only if ingest really verified: its log lines say what it found."""
+    lines = [line for line in log.read_text().splitlines() if '"message_accepted"' in line]
+    passed = [line for line in lines if '"spf": "pass"' in line and '"dmarc": "pass"' in line]
+    if not lines or len(passed) != len(lines):
+        raise RuntimeError(f"verification did not pass for {len(lines) - len(passed)} messages")
+    print(f"  verified: {len(passed)} messages, SPF and DMARC pass for each")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per case")
     parser.add_argument("--against", type=Path, help="another checkout to compare ingest with")
     parser.add_argument("--haraka", action="store_true", help="also against Haraka (npm)")
+    parser.add_argument(
+        "--verify", action="store_true", help="also verifying (SPF/DKIM/DMARC/ARC) against not"
+    )
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -489,6 +554,8 @@ def main() -> int:
                 against_other_tree(ingest, other, args.quick, args.rounds)
             else:
                 report_latency(ingest, bare, http_port, half_rate, args.rounds + 1)
+            if args.verify:
+                against_verification(bare, ingest, url, Path(tmp), args.quick, args.rounds)
         finally:
             for server in servers:
                 server.stop()

@@ -72,8 +72,8 @@ class Row:
 
 # More than each benchmark's defaults: bench/delivery.py's anchors (Postfix from its queue,
 # the worker on an fsyncing Redis) and its DKIM-signing sides, and bench/ingest.py's
-# anchor (Haraka, from bench/haraka).
-OPTIONS = {"delivery.py": ["--postfix", "--dkim"], "ingest.py": ["--haraka"]}
+# anchor (Haraka, from bench/haraka) and its verifying side.
+OPTIONS = {"delivery.py": ["--postfix", "--dkim"], "ingest.py": ["--haraka", "--verify"]}
 
 
 def run_benchmark(script: str, quick: bool, logs: Path) -> str:
@@ -107,9 +107,18 @@ def ingest_rows(output: str) -> list[Row]:
     rows = []
     against = "bare"
     case = re.compile(r"^\s*(\d+ KB\s+\d+ sessions\s+\w+)" + r"\s+([\d.]+)" * 6 + r"\s*$")
+    verifying = re.compile(r"^\s*(\d+ KB\s+\d+ sessions\s+\w+)\s+([\d.]+)\s+([\d.]+)\s")
     for line in output.splitlines():
         if line.startswith("ingest / haraka"):
             against = "haraka quiet" if "warnings only" in line else "haraka"
+        if line.startswith("verifying / not"):
+            against = "verification"
+        found = verifying.match(line) if against == "verification" else None
+        if found:
+            label = " ".join(found.group(1).split())
+            note = f"verifying / not verifying, per CPU-s {found.group(3)}x (goal >= 0.85)"
+            rows.append(Row(f"ingest verify/off {label}", f"{found.group(2)}x", note))
+            continue
         match = case.match(line)
         if match:
             label = " ".join(match.group(1).split())
@@ -125,7 +134,8 @@ def ingest_rows(output: str) -> list[Row]:
                     label += " quiet"
                 rows.append(Row(f"ingest/haraka {label}", f"{ratio}x", note))
         if line.strip().startswith("median p99:"):
-            rows.append(Row("ingest end-of-DATA->250 p99", line.split(":", 1)[1].strip()))
+            what = "ingest --verify" if against == "verification" else "ingest"
+            rows.append(Row(f"{what} end-of-DATA->250 p99", line.split(":", 1)[1].strip()))
     return rows
 
 
@@ -252,6 +262,7 @@ def postfix_sink() -> Iterator[int]:
 @contextmanager
 def worker(*args: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPOOL_")}
+    env["MAILPOOL_VERIFY"] = "false"  # no DNS: bench/ingest.py --verify measures verification
     env["PYTHONPATH"] = str(ROOT)
     with log.open("ab") as out:
         process = subprocess.Popen(

@@ -12,8 +12,8 @@ PYTHON=${PYTHON:-python3}
 # What the floors must carry: every end-to-end path (relay, ingest, listen, producer, the
 # settlement connection's idle check, Redis Sentinel, Redis Cluster: SlotConnection overrides
 # redis-py's Connection._connect and read_response), the wire format (msgpack), the
-# metrics endpoint, DKIM signing (dkimpy, cryptography, PyNaCl) and the library internals
-# check.
+# metrics endpoint, DKIM signing (dkimpy, cryptography, PyNaCl), verification on receive
+# (dnspython, pyspf, publicsuffixlist, authres) and the library internals check.
 TESTS=(
   tests/test_internals_*.py
   tests/test_delivery_settler_idle.py
@@ -27,6 +27,7 @@ TESTS=(
   tests/test_delivery_unreadable_reply.py
   tests/test_delivery_dkim.py
   tests/test_dkim_signer.py
+  tests/test_verify_*.py
   tests/test_ingest_*.py
   tests/test_listen_*.py
   tests/test_sentinel_roles.py
@@ -48,8 +49,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
   # Wheels only: a floor without a wheel for this Python must fail here, not be compiled
   # on this machine (with whatever compiler it has) and fail on the next.
-  # dkimpy is published only as a pure-Python sdist: it alone is built (no compiler).
-  "$VENV/bin/pip" install -q --only-binary=:all: --no-binary=dkimpy -r "$constraints"
+  # dkimpy, authres and pyspf are published only as pure-Python sdists: they alone are
+  # built (no compiler).
+  "$VENV/bin/pip" install -q --only-binary=:all: --no-binary=dkimpy,authres,pyspf \
+    -r "$constraints"
   # The package and its test tools; the constraints keep the floors where they are (pip
   # fails rather than upgrade one for a tool that wants more).
   "$VENV/bin/pip" install -q -c "$constraints" -e '.[dev]'

@@ -85,6 +85,13 @@ def mailauth_sign(message: bytes, key: KeyFile) -> bytes:
     return done.stdout
 
 
+def mailauth_seal(message: bytes, key: KeyFile, auth_results: str, cv: str) -> bytes:
+    """``message`` with an ARC set by mailauth (``cv``: none for the first hop, pass...)."""
+    done = _mailauth(["seal", str(key.path), key.domain, key.selector, auth_results, cv], message)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    return done.stdout
+
+
 # Run inside a network and mount namespace of its own (root: the tests run as root, as CI
 # does): unbound answers on 127.0.0.1:53 there, and /etc/resolv.conf points at it, so
 # OpenDKIM's own resolver asks the test's DNS server and nothing else.

@@ -21,11 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def child_env(*, json_logs: bool = True, **variables: str) -> dict[str, str]:
     """The environment of a ``python -m workers`` child: this one without any ``MAILPOOL_``
     setting (the runner's own must not leak into what a test configures), the repository
-    importable, logs as JSON lines unless ``json_logs`` is false, then ``variables``."""
+    importable, logs as JSON lines unless ``json_logs`` is false, verification off, then
+    ``variables``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPOOL_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     if json_logs:
         env["MAILPOOL_LOG_FORMAT"] = "json"
+    # No DNS query leaves the machine from a test: verification (on by default) is off unless
+    # the test turns it on with its own DNS server.
+    env["MAILPOOL_VERIFY"] = "false"
     env.update(variables)
     return env
 

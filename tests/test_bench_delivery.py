@@ -86,3 +86,47 @@ def test_the_haraka_anchor_of_the_ingest_benchmark_takes_mail(tmp_path: Path) ->
         ("ingest/haraka 2 KB 10 sessions reuse", "1.21x"),
         ("ingest/haraka 2 KB 10 sessions reuse quiet", "0.69x"),
     ]
+
+
+@pytest.mark.timeout(120)
+def test_the_verifying_side_of_the_ingest_benchmark_verifies(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """bench/ingest.py --verify: its ingest finds SPF and DMARC pass for smtp-source's mail
+    through unbound (the figures count only then), and bench/report.py reads its table."""
+    from bench.ingest import (
+        SENDER_RECORDS,
+        SENDER_ZONES,
+        Case,
+        check_verified,
+        free_port,
+        smtp_source,
+        start_ingest,
+    )  # fmt: skip
+    from bench.report import ingest_rows
+    from tests.dns_util import running_dns
+
+    with running_dns(tmp_path / "dns", SENDER_ZONES, SENDER_RECORDS) as dns:
+        verifying = start_ingest(
+            redis_url, tmp_path / "verify.log", free_port(), dns_server=dns.address
+        )
+        try:
+            smtp_source(verifying, Case(2048, 2, True, 20))
+        finally:
+            verifying.stop()
+    check_verified(tmp_path / "verify.log")
+    (tmp_path / "verify.log").write_text('{"event": "message_accepted", "spf": "none"}\n')
+    with pytest.raises(RuntimeError, match="did not pass for 1 messages"):
+        check_verified(tmp_path / "verify.log")
+    table = (
+        "verifying / not, median of 3 alternating rounds:\n"
+        " 2 KB  10 sessions  reuse            0.894           0.879   0.85 0.91 0.88\n"
+        "  median p99: ingest --verify 5.20 ms, bare 1.29 ms (client-side)\n"
+    )
+    assert [(row.what, row.value) for row in ingest_rows(table)] == [
+        ("ingest verify/off 2 KB 10 sessions reuse", "0.894x"),
+        (
+            "ingest --verify end-of-DATA->250 p99",
+            "ingest --verify 5.20 ms, bare 1.29 ms (client-side)",
+        ),
+    ]

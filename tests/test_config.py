@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from tests.harness import child_env
 from workers.config import ConfigError, DeliveryConfig, IngestConfig, add_arguments, from_arguments
 
 
@@ -40,6 +42,11 @@ def test_environment_lists_and_booleans() -> None:
         ({"MAILPOOL_MAX_RECIPIENTS": "5"}, "--max-recipients must be at least 100"),
         ({"MAILPOOL_TLS_CERT": "/nonexistent.pem", "MAILPOOL_TLS_KEY": "/x"}, "file not found"),
         ({"MAILPOOL_LOG_FORMAT": "xml"}, "--log-format"),
+        ({"MAILPOOL_DNS_SERVER": "dns.example:53"}, "--dns-server: 'dns.example' is not an IP"),
+        ({"MAILPOOL_DNS_SERVER": "127.0.0.1"}, "--dns-server: expected HOST:PORT"),
+        ({"MAILPOOL_VERIFY_BUDGET": "0"}, "--verify-budget: seconds, more than 0"),
+        ({"MAILPOOL_AUTHSERV_ID": "mx example"}, "--authserv-id: 'mx example' is not a name"),
+        ({"MAILPOOL_HOSTNAME": "mx;evil"}, "--authserv-id: 'mx;evil' .* default is --hostname"),
     ],
 )
 def test_bad_values_name_the_option(env: dict[str, str], message: str) -> None:
@@ -63,3 +70,34 @@ def test_bad_environment_stops_the_command_with_status_2() -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr == "mailpool deliver: --concurrency: cannot read 'many' as int\n"
+
+
+def test_verification_is_on_by_default_and_can_be_turned_off() -> None:
+    config = _config(IngestConfig, ["--hostname", "mx.example.net"], {})
+    assert (config.verify, config.our_authserv_id, config.verify_budget) == (
+        True, "mx.example.net", 3.0
+    )  # fmt: skip
+    assert _config(IngestConfig, ["--no-verify"], {}).verify is False
+    assert _config(IngestConfig, [], {"MAILPOOL_VERIFY": "false"}).verify is False
+    # --no-verify: a host name that could not be an authserv-id does not matter.
+    assert _config(IngestConfig, ["--no-verify", "--hostname", "mx;x"], {}).verify is False
+
+
+def test_no_system_resolver_stops_ingest_with_one_line(tmp_path: Path) -> None:
+    """Without /etc/resolv.conf (a minimal container) and without --dns-server, ingest
+    does not start: one line, status 2 (run where the file is hidden: a mount namespace)."""
+    empty = tmp_path / "resolv.conf"
+    empty.write_text("")
+    script = (
+        f"mount --bind {empty} /etc/resolv.conf && exec {sys.executable} -m workers ingest "
+        "--redis-url redis://127.0.0.1:1 --listen 127.0.0.1:0"
+    )
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script], env=child_env(MAILPOOL_VERIFY="true"),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "mailpool ingest: no system DNS resolver (/etc/resolv.conf) for verification: give "
+        "--dns-server IP:PORT, or --no-verify"
+    ]

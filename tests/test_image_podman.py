@@ -17,7 +17,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.delivery_util import enqueue, send_message, settled
+from tests.dns_util import DnsServer, running_dns, txt
 from tests.harness import ROOT, RedisServer, free_port, wait_for_port, wait_until
 from tests.ingest_util import entries, message, send_one
 from tests.sinks import RecordingSink
@@ -133,14 +134,30 @@ async def consumers(redis: aioredis.Redis) -> dict[str, int]:
     return {row["name"].decode(): int(row["pending"]) for row in rows}
 
 
+# The sender of tests.ingest_util.message, vouched for: the image's ingest verifies through
+# this DNS server (its verification libraries are in the image and work).
+SENDER_RECORDS = {
+    "example.org": [("TXT", txt("v=spf1 ip4:127.0.0.1 -all"))],
+    "_dmarc.example.org": [("TXT", txt("v=DMARC1; p=reject"))],
+}
+
+
+@pytest.fixture
+def sender_dns(tmp_path: Path) -> Iterator[DnsServer]:
+    with running_dns(tmp_path / "dns", ["example.org"], SENDER_RECORDS) as server:
+        yield server
+
+
 @pytest.mark.timeout(900)
 async def test_image_runs_the_roles_end_to_end(
-    containers: Containers, make_sink: Callable[..., RecordingSink]
+    containers: Containers, make_sink: Callable[..., RecordingSink], sender_dns: DnsServer
 ) -> None:
     sink = make_sink()
     sink.stall_data = 0.3  # sends take a while: each delivery container holds work
     smtp = free_port()
-    ingest = await containers.start("ingest", "--listen", f"127.0.0.1:{smtp}")
+    ingest = await containers.start(
+        "ingest", "--listen", f"127.0.0.1:{smtp}", "--dns-server", sender_dns.address
+    )
     first = await containers.start("deliver", "--relay", sink.url, *DELIVERY_OPTIONS)
     second = await containers.start("deliver", "--relay", sink.url, *DELIVERY_OPTIONS)
     housekeeping = await containers.start(
@@ -155,6 +172,8 @@ async def test_image_runs_the_roles_end_to_end(
         assert (await send_one(smtp, message(subject="into the image")))[0] == 250
         [(_, received)] = await entries(redis)
         assert received["headers"]["subject"] == "into the image"
+        assert received["auth"]["spf_mailfrom"]["result"] == "pass", received["auth"]
+        assert received["auth"]["dmarc"]["result"] == "pass", received["auth"]
 
         # Out: sends for both delivery containers; each joins the group as its own consumer.
         for i in range(SENDS):

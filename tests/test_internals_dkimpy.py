@@ -1,5 +1,5 @@
-"""What DKIM signing relies on of dkimpy beyond ``dkim.sign``, checked against the installed
-release: workers/codec/dkimpy_fence.py.
+"""What DKIM signing and verification rely on of dkimpy beyond ``dkim.sign`` and
+``dkim.DKIM.verify``, checked against the installed release: workers/codec/dkimpy_fence.py.
 
 Each test fails loudly, naming that file, when the installed dkimpy is outside the releases
 the fence was checked against, when the fence's shortcuts in canonicalisation no longer
@@ -9,9 +9,13 @@ fence no longer verifies with dkimpy's verifier.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import dkim
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -85,3 +89,120 @@ def test_a_fence_signature_verifies_with_dkimpy(algorithm: str) -> None:
     tampered = signed.replace(b"Hello  there", b"Hello there!")
     with pytest.raises(dkim.ValidationError, match="body hash mismatch"):
         dkim.DKIM(tampered).verify(dnsfunc=txt)
+
+
+# -- verification: OpenSSL's RSA in dkimpy's place ---------------------------------------
+
+_RSA_KEYS = {bits: rsa.generate_private_key(public_exponent=65537, key_size=bits)
+             for bits in (1024, 2048)}  # fmt: skip
+# A 512-bit public key (no private one is needed): below OPENSSL_FROM_BITS, dkimpy's path.
+_SMALL = rsa.RSAPublicNumbers(65537, (1 << 511) | 12345678901234567).public_key()
+
+
+def _spki(key: rsa.RSAPrivateKey | rsa.RSAPublicKey) -> bytes:
+    public = key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _dkimpy_parse(data: bytes) -> object:
+    try:
+        return dkimpy_fence.DKIMPY_PARSE_PUBLIC_KEY(data)
+    except Exception as exc:
+        return type(exc)
+
+
+def _fence_parse(data: bytes) -> object:
+    try:
+        parsed = dict(dkimpy_fence.parse_public_key(data))
+    except Exception as exc:
+        return type(exc)
+    parsed.pop(dkimpy_fence.OPENSSL_KEY, None)
+    return parsed
+
+
+@pytest.mark.parametrize("bits", [512, *sorted(_RSA_KEYS)])
+def test_parse_public_key_is_dkimpys(bits: int) -> None:
+    public = _RSA_KEYS[bits].public_key() if bits in _RSA_KEYS else _SMALL
+    pkcs1 = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    for data in (_spki(public), pkcs1, _spki(public)[:-1]):
+        assert _fence_parse(data) == _dkimpy_parse(data), f"{FENCE}: key parse differs"
+    parsed = dkimpy_fence.parse_public_key(_spki(public))
+    assert (dkimpy_fence.OPENSSL_KEY in parsed) == (bits >= dkimpy_fence.OPENSSL_FROM_BITS)
+    assert dkim.parse_public_key is dkimpy_fence.parse_public_key, f"{FENCE}: not installed"
+
+
+@given(st.binary(max_size=300))
+def test_parse_public_key_refuses_what_dkimpy_refuses(data: bytes) -> None:
+    assert _fence_parse(data) == _dkimpy_parse(data), f"{FENCE}: key parse differs"
+
+
+@given(
+    bits=st.sampled_from(sorted(_RSA_KEYS)),
+    message=st.binary(max_size=64),
+    algorithm=st.sampled_from(["sha256", "sha1"]),
+    damage=st.sampled_from(["none", "digest", "signature", "short", "zero-padded"]),
+)
+def test_rsa_verify_is_dkimpys(bits: int, message: bytes, algorithm: str, damage: str) -> None:
+    private_key = _RSA_KEYS[bits]
+    digest = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}[algorithm]
+    signature = private_key.sign(message, padding.PKCS1v15(), digest)
+    signature_was_zero_led = signature[0] == 0
+    hashed = hashlib.new(algorithm, message + (b"!" if damage == "digest" else b""))
+    if damage == "signature":
+        signature = bytes([signature[0] ^ 1]) + signature[1:]
+    elif damage == "short":  # valid all the same to dkimpy when that octet was zero
+        signature = signature[1:]
+    elif damage == "zero-padded":  # the same number: valid to dkimpy
+        signature = b"\0" + signature
+    key = dkimpy_fence.parse_public_key(_spki(private_key))
+    plain = dkimpy_fence.DKIMPY_PARSE_PUBLIC_KEY(_spki(private_key))
+    expected = dkimpy_fence.DKIMPY_RSA_VERIFY(hashed.copy(), signature, plain)
+    assert dkimpy_fence.rsa_verify(hashed.copy(), signature, key) == expected, (
+        f"{FENCE}: RSA verification differs from dkimpy's"
+    )
+    number_kept = damage == "zero-padded" or (damage == "short" and signature_was_zero_led)
+    assert expected == (damage == "none" or number_kept)
+
+
+def test_dkimpy_verifies_rsa_signatures_through_the_fence() -> None:
+    """A message dkimpy signs (rsa-sha256) verifies through dkimpy's verifier with the fence
+    in place, and a changed one does not: the whole path, not just the two functions."""
+    pem = _RSA_KEYS[2048].private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )  # fmt: skip
+    signed = dkim.sign(MESSAGE, b"s1", b"example.com", pem, include_headers=[b"from", b"subject"])
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(_spki(_RSA_KEYS[2048]))
+    calls = []
+
+    def txt(name: bytes, timeout: int = 5) -> bytes:
+        return record
+
+    original = dkimpy_fence.DKIMPY_RSA_VERIFY
+    try:
+        dkimpy_fence.DKIMPY_RSA_VERIFY = lambda *a: calls.append(a) or original(*a)  # type: ignore[assignment]
+        assert dkim.DKIM(signed + MESSAGE).verify(dnsfunc=txt), f"{FENCE}: valid one refused"
+        changed = MESSAGE.replace(b"Subject: a subject", b"Subject: the subject")
+        assert not dkim.DKIM(signed + changed).verify(dnsfunc=txt), f"{FENCE}: forgery passes"
+    finally:
+        dkimpy_fence.DKIMPY_RSA_VERIFY = original
+    assert calls == [], f"{FENCE}: a 2048-bit key went to dkimpy's own RSA"
+
+
+def test_a_signature_missing_its_leading_zero_octet_is_dkimpys_verdict() -> None:
+    """One signature in 256 starts with a zero octet; a signer that drops it still signs the
+    same number, which dkimpy accepts, so the fence must too."""
+    private_key = _RSA_KEYS[1024]
+    for attempt in range(5000):
+        message = attempt.to_bytes(4, "big")
+        signature = private_key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+        if signature[0] == 0:
+            break
+    else:
+        pytest.fail("no zero-led signature in 5000")
+    key = dkimpy_fence.parse_public_key(_spki(private_key))
+    hashed = hashlib.sha256(message)
+    assert dkimpy_fence.DKIMPY_RSA_VERIFY(hashed.copy(), signature[1:], key)
+    assert dkimpy_fence.rsa_verify(hashed.copy(), signature[1:], key), f"{FENCE}: refused"

@@ -29,7 +29,7 @@ WORKERS = Path(__file__).resolve().parent.parent / "workers"
 
 LAYERS = [
     ["workers", "workers.codec", "workers.errors"],
-    ["workers.streams", "workers.relay"],
+    ["workers.streams", "workers.relay", "workers.verify"],
     ["workers.config"],
     ["workers.logs", "workers.lifecycle", "workers.metrics", "workers.embedded"],
     ["workers.health"],

@@ -30,6 +30,12 @@ from workers.codec.errors import CodecError, WireError
 from workers.codec.parse import parse_message
 from workers.codec.validate import validate_receive, validate_send
 from workers.streams import layout
+from workers.verify.arc import ArcResult
+from workers.verify.dkim import DkimResult
+from workers.verify.dmarc import DmarcResult
+from workers.verify.results import Verdicts
+from workers.verify.spf import SpfResult
+from workers.verify.verifier import authentication_results
 
 INVALID_DIR = VECTOR_DIR / "invalid"
 ENTRY_DIR = VECTOR_DIR / "entries"
@@ -159,6 +165,7 @@ def test_receive_vector_is_what_the_parser_gives(name: str) -> None:
         message_id=source.message_id,
         received_at=generate.RECEIVED_AT,
         keep_raw=source.keep_raw,
+        auth=source.auth,
     )
     expected = generate.valid_vectors()[name]
     # Defect wording is free text; the paths they name are part of the contract.
@@ -326,3 +333,17 @@ async def test_entries_mailpool_writes_satisfy_the_schemas(redis: aioredis.Redis
         _validator("event").validate(entry)
     assert generate.from_twin(dead_entries[0]["data"]) == data
     assert json.loads(dead_entries[0]["recipients"]) == ["ann@example.org"]
+
+
+def test_the_auth_vector_is_what_the_verifier_writes() -> None:
+    """The ``auth`` map and Authentication-Results field of the receive-auth vector are what
+    :class:`workers.verify.results.Verdicts` makes of those verdicts."""
+    verdicts = Verdicts(
+        SpfResult("pass", "mailfrom", "example.com"),
+        SpfResult("none", "helo", "fwd.example.org"),
+        (DkimResult("pass", "example.com", "e1", "ed25519-sha256"),),
+        DmarcResult("pass", "example.com", "reject", ("dkim",)),
+        ArcResult("none"),
+    )
+    assert verdicts.as_extension() == generate.AUTH_VERDICTS
+    assert authentication_results(verdicts, "mx.example.net") == generate.AUTH_FIELD

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import ipaddress
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import dns.resolver
 
 from workers import errors
 from workers.codec.signing import KeyTable, SigningKey, load_key, parse_key_table
@@ -418,6 +422,24 @@ def positive(name: str, value: float, *, allow_zero: bool = False) -> None:
         )
 
 
+NO_SYSTEM_RESOLVER = (
+    "no system DNS resolver (/etc/resolv.conf) for verification: give --dns-server IP:PORT, "
+    "or --no-verify"
+)
+
+
+def _system_resolver_configured() -> bool:
+    try:
+        dns.resolver.Resolver(configure=True)
+    except dns.resolver.NoResolverConfiguration:
+        return False
+    return True
+
+
+# An authserv-id as we write it: a plain token, a host name usually (RFC 8601 section 2.5).
+_AUTHSERV_ID = re.compile(r"[A-Za-z0-9._-]{1,253}")
+
+
 @dataclass
 class IngestConfig(CommonConfig):
     """``mailpool ingest``: the SMTP server role."""
@@ -477,6 +499,21 @@ class IngestConfig(CommonConfig):
         "seconds a message waits for Redis to store it before 451, plus 1 s per 8 MiB queued",
     )
     keep_raw: str = option("defects", "store raw bytes in entries: never, defects, always")
+    verify: bool = option(
+        True,
+        "check SPF, DKIM, DMARC and ARC of received mail: verdicts in the entry's auth key "
+        "and an Authentication-Results field (--no-verify: neither)",
+    )
+    dns_server: str | None = option(
+        None, "DNS resolver IP:PORT verification asks; default the system's (/etc/resolv.conf)"
+    )
+    authserv_id: str = option(
+        "", "the name in our Authentication-Results field (RFC 8601); default --hostname"
+    )
+    verify_budget: float = option(
+        3.0, "seconds verification may take per message, from MAIL FROM and from the end of "
+        "DATA (what is not known by then is temperror; never a refusal)",
+    )  # fmt: skip
     shutdown_grace: float = option(30.0, "seconds sessions may finish after SIGTERM")
     http: str | None = option(None, "serve /metrics, /healthz, /readyz on HOST:PORT")
 
@@ -500,6 +537,7 @@ class IngestConfig(CommonConfig):
             raise ConfigError("--max-recipients must be at least 100 (RFC 5321 section 4.5.3.1.8)")
         if self.keep_raw not in {"never", "defects", "always"}:
             raise ConfigError(f"--keep-raw: {self.keep_raw!r} is not never, defects or always")
+        self._validate_verification()
         for name in (
             "max_size",
             "max_connections",
@@ -512,6 +550,30 @@ class IngestConfig(CommonConfig):
         positive("shutdown_grace", self.shutdown_grace, allow_zero=True)
         positive("store_timeout", self.store_timeout)
         self._derive_load_limits()
+
+    def _validate_verification(self) -> None:
+        if self.dns_server is not None:
+            host, _ = parse_host_port(self.dns_server, "--dns-server")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(
+                    f"--dns-server: {host!r} is not an IP address (IP:PORT, [IPv6]:PORT)"
+                ) from None
+        elif self.verify and not _system_resolver_configured():
+            raise ConfigError(NO_SYSTEM_RESOLVER)
+        if not 0 < self.verify_budget <= 60:
+            raise ConfigError("--verify-budget: seconds, more than 0 and at most 60")
+        if self.verify and not _AUTHSERV_ID.fullmatch(self.our_authserv_id):
+            raise ConfigError(
+                f"--authserv-id: {self.our_authserv_id!r} is not a name of letters, digits, "
+                "dots, hyphens and underscores (the default is --hostname)"
+            )
+
+    @property
+    def our_authserv_id(self) -> str:
+        """--authserv-id, else --hostname."""
+        return self.authserv_id or self.hostname
 
     def _derive_load_limits(self) -> None:
         """--max-connections-per-ip and --memory-budget 0 (the defaults) are derived."""

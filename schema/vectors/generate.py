@@ -82,6 +82,7 @@ class Source:
     rcpt_tos: tuple[str, ...]
     message_id: str
     keep_raw: str = "defects"
+    auth: dict[str, Any] | None = None  # the verdicts ingest passes along (``auth``)
 
 
 NULL_SENDER_RAW = (
@@ -217,6 +218,41 @@ DECODING_RULES_RAW = (
     b"\r\n" + base64.encodebytes(IMAGE_OCTETS).replace(b"\n", b"\r\n") + b"--rules--\r\n"
 )
 
+# Received from a forwarder's IP with verification on: ingest's Authentication-Results field
+# above its Received field, the sender's signature kept as sent (shortened here: the
+# verdicts are what ingest found, this vector does not re-verify).
+AUTH_FIELD = (
+    b"Authentication-Results: mx.example.net; spf=pass smtp.mailfrom=example.com;\r\n"
+    b"\tspf=none smtp.helo=fwd.example.org;\r\n"
+    b"\tdkim=pass header.d=example.com header.a=ed25519-sha256 header.s=e1;\r\n"
+    b"\tdmarc=pass header.from=example.com policy.dmarc=reject; arc=none\r\n"
+)
+AUTH_RESULTS = AUTH_FIELD.decode().partition(": ")[2].replace("\r\n", "").rstrip()
+RECEIVED_AUTH = (
+    "from fwd.example.org ([192.0.2.25])\r\n\tby mx.example.net with ESMTP id "
+    "a0717a0717a0717a0717a0717a0717a0;\r\n\tThu, 01 Jan 2026 00:00:00 +0000"
+)
+AUTH_RAW = (
+    AUTH_FIELD + b"Received: " + RECEIVED_AUTH.encode() + b"\r\n"
+    b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed; d=example.com; s=e1;\r\n"
+    b"\th=from:to:subject; bh=EOAWpwo8Ur9WVaC9ftCJ1PmMCfgMKCzLu3ALN/cB+Lw=; b=shortened\r\n"
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: bob@example.net\r\n"
+    b"Subject: Signed\r\n"
+    b"\r\n"
+    b"Verified on the way in.\r\n"
+)
+AUTH_VERDICTS: dict[str, Any] = {
+    "spf_mailfrom": {"result": "pass", "domain": "example.com"},
+    "spf_helo": {"result": "none", "domain": "fwd.example.org"},
+    "dkim": [
+        {"result": "pass", "domain": "example.com", "selector": "e1",
+         "algorithm": "ed25519-sha256"},
+    ],
+    "dmarc": {"result": "pass", "domain": "example.com", "policy": "reject", "aligned": ["dkim"]},
+    "arc": {"result": "none", "instances": 0},
+}  # fmt: skip
+
 SOURCES: dict[str, Source] = {
     "receive-null-sender": Source(
         NULL_SENDER_RAW, "", ("alice@example.com",), "5e0c6a1f2b3d4c5e8f7a9b0c1d2e3f40"
@@ -244,6 +280,13 @@ SOURCES: dict[str, Source] = {
         "bounce@bank.example",
         ("joerg@example.com",),
         "5eed5eed5eed5eed5eed5eed5eed5eed",
+    ),
+    "receive-auth": Source(
+        AUTH_RAW,
+        "alice@example.com",
+        ("bob@example.net",),
+        "a0717a0717a0717a0717a0717a0717a0",
+        auth=AUTH_VERDICTS,
     ),
 }
 
@@ -294,6 +337,7 @@ def _receive_vectors() -> dict[str, dict[str, Any]]:
         "receive-rfc822": _rfc822_vector(),
         "receive-defects-raw": _defects_vector(),
         "receive-decoding-rules": _decoding_rules_vector(),
+        "receive-auth": _auth_vector(),
     }
 
 
@@ -472,6 +516,36 @@ def _defects_vector() -> dict[str, Any]:
             "content.body: base64 body has incorrect padding",
         ],
         "raw": DEFECTS_RAW,
+    }
+
+
+def _auth_vector() -> dict[str, Any]:
+    signature = (
+        "v=1; a=ed25519-sha256; c=relaxed/relaxed; d=example.com; s=e1;\th=from:to:subject; "
+        "bh=EOAWpwo8Ur9WVaC9ftCJ1PmMCfgMKCzLu3ALN/cB+Lw=; b=shortened"
+    )
+    fields = [
+        ["Authentication-Results", AUTH_RESULTS],
+        ["Received", RECEIVED_AUTH.replace("\r\n", "")],
+        ["DKIM-Signature", signature],
+        ["From", "Alice <alice@example.com>"],
+        ["To", "bob@example.net"],
+        ["Subject", "Signed"],
+    ]
+    return {
+        "from": "alice@example.com",
+        "to": ["bob@example.net"],
+        "headers": {name.lower(): value for name, value in fields},
+        "content": {
+            "content-type": "text/plain; charset=us-ascii",
+            "body": b"Verified on the way in.\n",
+        },
+        "id": SOURCES["receive-auth"].message_id,
+        "version": 1,
+        "received_at": RECEIVED_AT,
+        "size": len(AUTH_RAW),
+        "header_list": fields,
+        "auth": AUTH_VERDICTS,
     }
 
 

@@ -2,10 +2,12 @@
 // question sent to the test's own DNS server.
 //   node dkim.mjs verify HOST:PORT < message       -> JSON: one result per DKIM-Signature
 //   node dkim.mjs sign KEY.pem DOMAIN SELECTOR < message -> the message with a signature
+//   node dkim.mjs seal KEY.pem DOMAIN SELECTOR AUTHRES CV < message -> with an ARC set
 import { readFileSync } from 'node:fs';
 import { Resolver } from 'node:dns/promises';
 import { dkimVerify } from 'mailauth/lib/dkim/verify.js';
 import { dkimSign } from 'mailauth/lib/dkim/sign.js';
+import { sealMessage } from 'mailauth/lib/arc/index.js';
 
 const message = readFileSync(0);
 const [command, ...args] = process.argv.slice(2);
@@ -34,7 +36,14 @@ if (command === 'verify') {
     process.exit(1);
   }
   process.stdout.write(Buffer.concat([Buffer.from(signed.signatures), message]));
+} else if (command === 'seal') {
+  // An ARC set (RFC 8617) on top of the message, as a forwarding hop adds it.
+  const [keyPath, domain, selector, authResults, cv] = args;
+  const seal = await sealMessage(message, {
+    signingDomain: domain, selector, privateKey: readFileSync(keyPath), authResults, cv,
+  });
+  process.stdout.write(Buffer.concat([seal, message]));
 } else {
-  process.stderr.write('usage: dkim.mjs verify HOST:PORT | sign KEY DOMAIN SELECTOR\n');
+  process.stderr.write('usage: dkim.mjs verify HOST:PORT | sign KEY DOMAIN SELECTOR | seal KEY DOMAIN SELECTOR AUTHRES CV\n');
   process.exit(2);
 }

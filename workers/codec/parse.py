@@ -156,6 +156,14 @@ def _split_header_block(data: bytes, start: int, end: int) -> tuple[list[bytes],
     return _unix_from_at_end(lines, last_start) or (lines, end, False)
 
 
+def header_fields(data: bytes) -> list[tuple[str, bytes]]:
+    """The message's header fields as :func:`parse_message` reads them (where the header
+    block ends, what is a field): ``(name as sent, raw value with its folds)``.  For a
+    reader that must see what the application will see (verification's From)."""
+    lines, _, _ = _split_header_block(data, 0, len(data))
+    return _read_fields(lines, "headers", _State(DEFAULT_PARSE_LIMITS, data))
+
+
 def _unix_from_at_end(lines: list[bytes], last_start: int) -> tuple[list[bytes], int, bool] | None:
     """A "From " line closing the header block is the body's first line (as in the stdlib)."""
     if len(lines) > 1 and lines[-1].startswith(b"From "):
@@ -569,6 +577,7 @@ def parse_message(
     keep_raw: Literal["never", "defects", "always"] = "defects",
     limits: ParseLimits = DEFAULT_PARSE_LIMITS,
     dsn: dict[str, object] | None = None,
+    auth: dict[str, Any] | None = None,
 ) -> ReceiveMessage:
     """The spec receive message for ``raw`` delivered with the given envelope. Never raises."""
     data = bytes(raw)
@@ -593,6 +602,8 @@ def parse_message(
     }
     if dsn:
         message["dsn"] = dsn
+    if auth is not None:
+        message["auth"] = auth
     report = _report_of(content, state)
     if report is not None:
         message["delivery_report"] = report

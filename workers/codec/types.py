@@ -50,6 +50,7 @@ ReceiveMessage = TypedDict(
         "defects": NotRequired[list[str]],  # parser defects, "path: description"
         "raw": NotRequired[bytes],  # the message bytes as received, when kept
         "dsn": NotRequired[dict[str, object]],  # RFC 3461 parameters (workers.codec.dsn)
+        "auth": NotRequired[dict[str, Any]],  # verdicts (workers.verify; schema/README.md)
         "delivery_report": NotRequired[dict[str, Any]],  # a bounce (workers.codec.report)
     },
 )

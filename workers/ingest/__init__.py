@@ -15,9 +15,16 @@ import gc
 from collections.abc import AsyncIterator
 from typing import cast
 
+import dns.resolver
 import structlog
 
-from workers.config import IngestConfig, describe
+from workers.config import (
+    NO_SYSTEM_RESOLVER,
+    ConfigError,
+    IngestConfig,
+    describe,
+    parse_host_port,
+)
 from workers.health import serving_health
 from workers.ingest.auth import Authenticator, load_credentials
 from workers.ingest.handler import HandlerSettings, IngestHandler, KeepRaw, normalise_domain
@@ -32,6 +39,8 @@ from workers.streams.connection import (
     resolve_redis_url,
 )
 from workers.streams.receive import ReceiveStream, Store
+from workers.verify.resolver import Resolver
+from workers.verify.verifier import Verifier
 
 __all__ = ["IngestConfig", "IngestServer", "main", "running_ingest", "serve"]
 
@@ -60,7 +69,7 @@ def build_server(config: IngestConfig, store: Store) -> IngestServer:
         auth_required=config.auth_required,
     )
     return IngestServer(
-        IngestHandler(settings, store),
+        IngestHandler(settings, store, build_verifier(config)),
         limits,
         listen=config.listen,
         tls_listen=config.tls_listen,
@@ -70,6 +79,22 @@ def build_server(config: IngestConfig, store: Store) -> IngestServer:
         max_connections_per_client=config.max_connections_per_ip,
         memory_budget=config.memory_budget,
     )
+
+
+DNS_TIMEOUT = 5.0  # seconds dnspython waits for an answer at most
+
+
+def build_verifier(config: IngestConfig) -> Verifier | None:
+    """The checks of received mail, None with --no-verify; ConfigError without a resolver."""
+    if not config.verify:
+        return None
+    server = parse_host_port(config.dns_server, "--dns-server") if config.dns_server else None
+    try:
+        # A question may outlive one message's budget: its answer is kept for the next.
+        resolver = Resolver(server, timeout=max(DNS_TIMEOUT, config.verify_budget))
+    except dns.resolver.NoResolverConfiguration:  # gone since validate() looked
+        raise ConfigError(NO_SYSTEM_RESOLVER) from None
+    return Verifier(resolver, config.our_authserv_id, config.verify_budget)
 
 
 @contextlib.asynccontextmanager

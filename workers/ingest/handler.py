@@ -27,6 +27,7 @@ from workers.codec.parse import parse_message
 from workers.codec.wire import DEFAULT_LIMITS, pack
 from workers.metrics import INGEST_MESSAGES, INGEST_REJECTED, INGEST_TRANSACTION
 from workers.streams.receive import Store, StoreError
+from workers.verify.verifier import SpfChecks, Verified, Verifier
 
 log = structlog.get_logger("mailpool.ingest")
 
@@ -55,6 +56,13 @@ class IngestEnvelope(Envelope):
     def __init__(self) -> None:
         super().__init__()
         self.dsn = DsnRequest()
+        self.spf: SpfChecks | None = None  # begun at MAIL FROM when verifying
+
+    def end(self) -> None:
+        """The transaction is over (a new envelope replaces this one): checks still
+        running for it are dropped."""
+        if self.spf is not None:
+            self.spf.cancel()
 
 
 @dataclass(frozen=True)
@@ -161,9 +169,12 @@ class IngestHandler:
     """aiosmtpd handler hooks (``handle_EHLO``, ``handle_MAIL``, ``handle_RCPT``,
     ``handle_DATA``, ``handle_exception``)."""
 
-    def __init__(self, settings: HandlerSettings, store: Store) -> None:
+    def __init__(
+        self, settings: HandlerSettings, store: Store, verifier: Verifier | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.verifier = verifier  # None: --no-verify
 
     async def handle_EHLO(
         self,
@@ -198,6 +209,13 @@ class IngestHandler:
             return REPLY_BAD_ADDRESS
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        if self.verifier is not None and isinstance(envelope, IngestEnvelope):
+            # SPF runs while the client sends its recipients and data (issue: never slow
+            # the transaction down for it).
+            envelope.end()
+            envelope.spf = self.verifier.start(
+                _peer_ip(session.peer), address, session.host_name or ""
+            )
         return "250 2.1.0 OK"
 
     async def handle_RCPT(
@@ -232,16 +250,20 @@ class IngestHandler:
         message_id = uuid.uuid4().hex
         peer = _peer_ip(session.peer)
         now = time.time()
+        verified = await self._verified(session, envelope, message_id, peer)
         # In a list that _parse_and_pack empties: the octets are freed once parsed (memory).
         raw = [
-            self._with_trace(server, session, envelope, message_id=message_id, peer=peer, now=now)
-        ]
+            self._with_trace(
+                server, session, envelope, message_id=message_id, peer=peer, now=now,
+                above=verified.field if verified else b"",
+            )
+        ]  # fmt: skip
         # One size everywhere: the message as stored (our Received field + what the client
         # sent), the entry's ``size`` and ``len(raw)``, so log lines and entries agree.
         size = len(raw[0])
         recipients = list(envelope.rcpt_tos)
         try:
-            entry_id = await self._store(raw, envelope, message_id, now)
+            entry_id = await self._store(raw, envelope, message_id, now, verified)
         except EntryTooLarge as exc:  # permanent: a retry would be just as large
             INGEST_MESSAGES.labels("rejected").inc()
             log.info(
@@ -270,9 +292,31 @@ class IngestHandler:
         INGEST_TRANSACTION.observe(time.perf_counter() - started)
         log.info(
             "message_accepted", id=message_id, entry=entry_id, peer=peer, size=size,
-            recipients=len(recipients), code=250,
+            recipients=len(recipients), code=250, **_verdict_summary(verified),
         )  # fmt: skip
         return f"250 2.0.0 OK queued as {entry_id}"
+
+    async def _verified(
+        self, session: Session, envelope: Envelope, message_id: str, peer: str
+    ) -> Verified | None:
+        """The verdicts on the client's octets, which it replaces in ``envelope`` (forged
+        Authentication-Results renamed); None with --no-verify.  A failure of ours gives
+        temperror verdicts: never a 451 or 5xx for it."""
+        if self.verifier is None:
+            return None
+        content = envelope.original_content or b""
+        checks = envelope.spf if isinstance(envelope, IngestEnvelope) else None
+        try:
+            if checks is None:
+                checks = self.verifier.start(
+                    peer, envelope.mail_from or "", session.host_name or ""
+                )
+            verified = await self.verifier.finish(checks, content)
+        except Exception:
+            log.exception("verify_failed", id=message_id, peer=peer)
+            verified = self.verifier.failed(checks, content)
+        envelope.original_content = verified.content
+        return verified
 
     def _with_trace(
         self,
@@ -283,8 +327,10 @@ class IngestHandler:
         message_id: str,
         peer: str,
         now: float,
+        above: bytes = b"",
     ) -> bytes:
-        """The message as stored: our Received field, then the octets the client sent."""
+        """The message as stored: ``above`` (our Authentication-Results field), our Received
+        field, then the octets the client sent."""
         trace = received_field(
             helo=session.host_name,
             peer_ip=peer,
@@ -302,10 +348,15 @@ class IngestHandler:
         content = envelope.original_content or b""
         # From here on the message is held once, in what this returns (memory budget).
         envelope.content = envelope.original_content = None
-        return trace + content
+        return above + trace + content
 
     async def _store(
-        self, raw: list[bytes], envelope: Envelope, message_id: str, now: float
+        self,
+        raw: list[bytes],
+        envelope: Envelope,
+        message_id: str,
+        now: float,
+        verified: Verified | None = None,
     ) -> str:
         arguments = {
             "mail_from": envelope.mail_from,
@@ -314,6 +365,7 @@ class IngestHandler:
             "received_at": now,
             "keep_raw": self.settings.keep_raw,
             "dsn": envelope.dsn.as_entry() if isinstance(envelope, IngestEnvelope) else None,
+            "auth": verified.verdicts.as_extension() if verified is not None else None,
         }
         if len(raw[0]) >= PARSE_IN_THREAD_FROM:
             data = await asyncio.to_thread(_parse_and_pack, raw, arguments)
@@ -330,6 +382,17 @@ class IngestHandler:
         else:
             log.error("session_error", error=f"{type(error).__name__}: {error}")
         return REPLY_INTERNAL_ERROR
+
+
+def _verdict_summary(verified: Verified | None) -> dict[str, str]:
+    """The verdicts an operator reads in the message_accepted line."""
+    if verified is None:
+        return {}
+    verdicts = verified.verdicts
+    return {
+        "spf": verdicts.spf_mailfrom.result if verdicts.spf_mailfrom else "none",
+        "dmarc": verdicts.dmarc.result if verdicts.dmarc else "none",
+    }
 
 
 class EntryTooLarge(Exception):

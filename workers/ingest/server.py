@@ -243,6 +243,7 @@ class IngestSMTP(FencedSMTP):
             self._session_timer.cancel()
         self.registry.discard(self)
         self._release_budget()
+        self._end_transaction()
         super().connection_lost(error)
 
     def data_received(self, data: bytes) -> None:
@@ -264,7 +265,13 @@ class IngestSMTP(FencedSMTP):
         # STARTTLS): what it held of the budget is given back here.
         self._release_budget()
         self._chunks = None
+        self._end_transaction()
         return IngestEnvelope()
+
+    def _end_transaction(self) -> None:
+        envelope = getattr(self, "envelope", None)  # None before the first
+        if isinstance(envelope, IngestEnvelope):
+            envelope.end()
 
     def _release_budget(self) -> None:
         if self._reservation is not None:

@@ -1,0 +1,123 @@
+"""DKIM on receive: messages signed by an independent signer (npm
+mailauth), both algorithms, verified through a real DNS server (unbound on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.dkim_util import KeyFile, mailauth_sign, write_key
+from tests.dns_util import DnsServer, running_dns, txt
+from workers.verify.dkim import MAX_SIGNATURES, verify
+from workers.verify.resolver import Resolver
+
+MESSAGE = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nHello  there\r\n"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[KeyFile, KeyFile]:
+    directory = tmp_path_factory.mktemp("keys")
+    return (
+        write_key(directory, "example.com", "e1", "ed25519"),
+        write_key(directory, "example.com", "r1", "rsa"),
+    )
+
+
+@pytest.fixture(scope="module")
+def dns(
+    keys: tuple[KeyFile, KeyFile], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DnsServer]:
+    records = dict(key.dns_record() for key in keys)
+    records["broken._domainkey.example.com"] = [("TXT", txt("v=DKIM1; k=rsa; p=AAAA"))]
+    with running_dns(tmp_path_factory.mktemp("dns"), ["example.com"], records) as server:
+        yield server
+
+
+def _resolver(dns: DnsServer) -> Resolver:
+    host, port = dns.address.split(":")
+    return Resolver((host, int(port)), timeout=2.0)
+
+
+async def test_both_algorithms_of_an_independent_signer_pass(
+    dns: DnsServer, keys: tuple[KeyFile, KeyFile]
+) -> None:
+    signed = mailauth_sign(mailauth_sign(MESSAGE, keys[1]), keys[0])
+    results = await verify(_resolver(dns), signed, deadline=time.monotonic() + 5)
+    assert [(r.result, r.selector, r.algorithm) for r in results] == [
+        ("pass", "e1", "ed25519-sha256"),
+        ("pass", "r1", "rsa-sha256"),
+    ]
+    changed = await verify(
+        _resolver(dns), signed.replace(b"Hello", b"Hallo"), deadline=time.monotonic() + 5
+    )
+    assert [r.result for r in changed] == ["fail", "fail"]
+
+
+async def test_no_key_no_answer_and_unsigned(dns: DnsServer, tmp_path: Path) -> None:
+    assert await verify(_resolver(dns), MESSAGE, deadline=time.monotonic() + 5) == []
+    forged = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=gone; h=from; bh=x; b=y\r\n" + MESSAGE
+    )
+    [missing] = await verify(_resolver(dns), forged, deadline=time.monotonic() + 5)
+    assert missing.result == "permerror"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as never_answers:
+        never_answers.bind(("127.0.0.1", 0))
+        silent = Resolver(("127.0.0.1", never_answers.getsockname()[1]), timeout=10.0)
+        started = time.monotonic()
+        [late] = await verify(silent, forged, deadline=started + 0.3)
+        waited = time.monotonic() - started
+    assert late.result == "temperror"
+    assert 0.25 < waited < 2, "the deadline, not dnspython's 10 s, ends the wait"
+
+
+def _signature(selector: str, signed: str = "from") -> bytes:
+    return (f"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com; "
+            f"s={selector}; h={signed};"
+            " bh=AAAA; b=AAAA\r\n").encode()  # fmt: skip
+
+
+async def test_an_unusable_key_is_a_permerror(dns: DnsServer) -> None:
+    [broken] = await verify(_resolver(dns), _signature("broken") + MESSAGE,
+                            deadline=time.monotonic() + 5)  # fmt: skip
+    assert (broken.result, broken.selector) == ("permerror", "broken")
+
+
+async def test_limits_bound_the_work_a_sender_can_ask_for(dns: DnsServer) -> None:
+    """A signature naming thousands of fields is not checked (dkimpy's cost is h= times the
+    fields); a large message is read and checked off the loop, within the deadline."""
+    many = ":".join(f"x-{n}" for n in range(8000))
+    started = time.monotonic()
+    [refused] = await verify(_resolver(dns), _signature("r1", many) + MESSAGE,
+                             deadline=time.monotonic() + 5)  # fmt: skip
+    assert refused.result == "neutral" and "signed fields" in refused.comment
+    assert time.monotonic() - started < 1
+    # Relaxed canonicalisation of 3 MB of spaced text, ten times: seconds of CPU.
+    body = (b"y  x\t" * 40 + b"\r\n") * ((3 << 20) // 202)
+    large = b"".join(_signature("r1") for _ in range(MAX_SIGNATURES)) + MESSAGE + body
+    loop = asyncio.get_running_loop()
+    ticks = []
+    ticker = loop.call_soon(lambda: None)
+
+    def tick() -> None:
+        nonlocal ticker
+        ticks.append(time.monotonic())
+        ticker = loop.call_later(0.01, tick)
+
+    tick()
+    started = time.monotonic()
+    try:
+        verdicts = await verify(_resolver(dns), large, deadline=started + 0.05)
+    finally:
+        ticker.cancel()
+    # Not read in time (one verdict) or read and not checked in time (one per signature).
+    assert len(verdicts) in (1, MAX_SIGNATURES), verdicts
+    assert {v.result for v in verdicts} == {"temperror"}, verdicts
+    assert time.monotonic() - started < 1, "the deadline ends the wait for the thread"
+    gaps = [later - earlier for earlier, later in itertools.pairwise(ticks)]
+    assert max(gaps, default=0) < 0.5, "the event loop stalled while the body was hashed"

@@ -1,0 +1,88 @@
+"""SPF on receive: every RFC 7208 result through a real DNS server
+(unbound on loopback), and a DNS that does not answer giving temperror."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.dns_util import DnsServer, running_dns, txt
+from workers.verify.resolver import Resolver
+from workers.verify.spf import check
+
+RECORDS = {
+    "pass.test": [("TXT", txt("v=spf1 ip4:127.0.0.1 -all"))],
+    "fail.test": [("TXT", txt("v=spf1 ip4:192.0.2.1 -all"))],
+    "soft.test": [("TXT", txt("v=spf1 ~all"))],
+    "neutral.test": [("TXT", txt("v=spf1 ?all"))],
+    "perm.test": [("TXT", txt("v=spf1 foo:bar -all"))],
+    "include.test": [("TXT", txt("v=spf1 include:fail.test include:pass.test -all"))],
+    "mx.test": [("TXT", txt("v=spf1 mx -all")), ("MX", "10 mail.mx.test.")],
+    "mail.mx.test": [("A", "127.0.0.1")],
+    "loop.test": [
+        ("TXT", txt("v=spf1 " + " ".join(f"a:h{n}.loop.test" for n in range(11)) + " -all"))
+    ],
+    "helo.test": [("TXT", txt("v=spf1 a -all")), ("A", "127.0.0.1")],
+}
+# Within RFC 7208's limits and still many questions: 5 mx terms of 10 exchanges each,
+# the client's address the very last one asked for (56 questions, each one more run).
+for term in range(5):
+    RECORDS[f"m{term}.many.test"] = [("MX", f"10 h{term}-{n}.many.test.") for n in range(10)]
+    for n in range(10):
+        last = term == 4 and n == 9
+        RECORDS[f"h{term}-{n}.many.test"] = [("A", "127.0.0.1" if last else "192.0.2.9")]
+RECORDS["many.test"] = [
+    ("TXT", txt("v=spf1 " + " ".join(f"mx:m{term}.many.test" for term in range(5)) + " -all"))
+]
+ZONES = [*RECORDS, "none.test"]
+
+
+@pytest.fixture(scope="module")
+def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsServer]:
+    with running_dns(tmp_path_factory.mktemp("dns"), ZONES, RECORDS) as server:
+        yield server
+
+
+def _resolver(dns: DnsServer) -> Resolver:
+    host, port = dns.address.split(":")
+    return Resolver((host, int(port)), timeout=2.0)
+
+
+@pytest.mark.parametrize(
+    ("domain", "result"),
+    [
+        ("pass.test", "pass"), ("fail.test", "fail"), ("soft.test", "softfail"),
+        ("neutral.test", "neutral"), ("none.test", "none"), ("perm.test", "permerror"),
+        ("include.test", "pass"), ("mx.test", "pass"), ("loop.test", "permerror"),
+        ("many.test", "pass"),
+    ],
+)  # fmt: skip
+async def test_each_result(dns: DnsServer, domain: str, result: str) -> None:
+    got = await check(_resolver(dns), "127.0.0.1", f"a@{domain}", "x.test",
+                      deadline=time.monotonic() + 5)  # fmt: skip
+    assert (got.result, got.identity, got.domain) == (result, "mailfrom", domain)
+
+
+async def test_the_helo_identity_for_the_null_sender(dns: DnsServer) -> None:
+    got = await check(_resolver(dns), "127.0.0.1", "", "helo.test", deadline=time.monotonic() + 5)
+    assert (got.result, got.identity, got.domain) == ("pass", "helo", "helo.test")
+
+
+async def test_answers_are_cached(dns: DnsServer) -> None:
+    resolver = _resolver(dns)
+    for _ in range(3):
+        await check(
+            resolver, "127.0.0.1", "a@include.test", "x.test", deadline=time.monotonic() + 5
+        )
+    assert resolver.questions == 3  # include.test, fail.test, pass.test: once each
+
+
+async def test_dns_down_is_temperror_within_the_budget(tmp_path: Path) -> None:
+    resolver = Resolver(("127.0.0.1", 9), timeout=10.0)  # nothing listens on the discard port
+    started = time.monotonic()
+    got = await check(resolver, "127.0.0.1", "a@pass.test", "x.test", deadline=started + 0.5)
+    assert got.result == "temperror"
+    assert time.monotonic() - started < 2.0

@@ -1,0 +1,198 @@
+"""DKIM (RFC 6376, ed25519 by RFC 8463) on receive: every signature of a message.
+
+The keys are fetched first, all at once (cached, coalesced, within the message's deadline),
+then dkimpy verifies each signature with a DNS function answering from those answers:
+dkimpy's own DNS is never used, and its asyncio support (one signature, aiodns) is not.
+
+The sender chooses what dkimpy works through, so the work is bounded before it starts: at
+most :data:`MAX_SIGNATURES` signatures, none naming more than :data:`MAX_SIGNED_FIELDS`
+fields, and a message of :data:`IN_THREAD_FROM` octets or more read and checked off the
+event loop, waited for no longer than the deadline (then ``temperror``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import dkim
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from workers.codec import dkimpy_fence
+from workers.verify.resolver import TEMPORARY, Answer, Resolver
+
+# OpenSSL checks dkimpy's RSA signatures (DKIM here, ARC seals in .arc): the fence's doc.
+assert dkim.RSASSA_PKCS1_v1_5_verify is dkimpy_fence.rsa_verify
+
+# At most this many signatures of a message are checked (each hashes the body again); the
+# rest are left out of the verdicts.  Real mail carries one to three.
+MAX_SIGNATURES = 10
+# dkimpy looks each name of h= up among all the fields: a long h= over many fields costs
+# their product.  Signers name 10 to 40 (over-signing doubles some).
+MAX_SIGNED_FIELDS = 100
+IN_THREAD_FROM = 1 << 16  # octets: larger messages are read and hashed off the loop
+
+
+@dataclass(frozen=True, slots=True)
+class DkimResult:
+    """One signature's verdict (RFC 8601 section 2.7.1): pass, fail, neutral (not
+    checkable: a malformed signature, or one over our limits), temperror (no key answer in
+    time, or not checked in time), permerror (no key, a malformed or unusable key)."""
+
+    result: str
+    domain: str = ""
+    selector: str = ""
+    algorithm: str = ""
+    comment: str = ""
+
+
+Tags = dict[bytes, bytes] | str  # a signature's tags, or why it cannot be checked
+
+
+async def verify(resolver: Resolver, message: bytes, *, deadline: float) -> list[DkimResult]:
+    """A verdict per DKIM-Signature field, top down; [] for an unsigned message."""
+    large = len(message) >= IN_THREAD_FROM
+    try:
+        read = await off_loop(_read, message, deadline=deadline) if large else _read(message)
+    except TimeoutError:
+        return [DkimResult("temperror", comment="not read in time")]
+    if isinstance(read, DkimResult):
+        return [read]
+    signer, tags = read
+    names = {_key_name(t) for t in tags if not isinstance(t, str)}
+    answers = await fetch_keys(resolver, names, deadline)
+    if not large:
+        return _verify_all(signer, tags, answers)
+    try:
+        return await off_loop(_verify_all, signer, tags, answers, deadline=deadline)
+    except TimeoutError:
+        return [_unchecked(t, "temperror", "not checked in time") for t in tags]
+
+
+T = TypeVar("T")
+
+
+async def off_loop(work: Callable[..., T], *args: object, deadline: float) -> T:
+    """``work(*args)`` in a thread, waited for until ``deadline`` (TimeoutError after: the
+    thread finishes on its own, its result unused)."""
+    return await asyncio.wait_for(
+        asyncio.to_thread(work, *args), max(deadline - time.monotonic(), 0.001)
+    )
+
+
+def _read(message: bytes) -> tuple[dkim.DKIM, list[Tags]] | DkimResult:
+    try:
+        signer = dkim.DKIM(message)
+    except Exception as exc:  # dkimpy's parser fails in more ways than MessageFormatError
+        return DkimResult("neutral", comment=f"unreadable message: {type(exc).__name__}")
+    fields = [value for name, value in signer.headers if name.lower() == b"dkim-signature"]
+    return signer, [_tags(value) for value in fields[:MAX_SIGNATURES]]
+
+
+def _token(value: bytes) -> str:
+    """A tag's value as one printable token of at most 253 characters: it is the sender's
+    text, and goes into our Authentication-Results field and the stored verdicts."""
+    return _NOT_TOKEN.sub("", value.decode("utf-8", "replace"))[:253]
+
+
+_NOT_TOKEN = re.compile(r"[\x00-\x20\x7f;\\\"()]")
+
+
+def _tags(value: bytes) -> Tags:
+    try:
+        tags: dict[bytes, bytes] = parse_tag_value(value)
+    except (InvalidTagValueList, ValueError):
+        return "malformed signature"
+    if b"d" not in tags or b"s" not in tags:
+        return "malformed signature"
+    if tags.get(b"h", b"").count(b":") >= MAX_SIGNED_FIELDS:
+        return f"over {MAX_SIGNED_FIELDS} signed fields, not checked"
+    return tags
+
+
+def _key_name(tags: dict[bytes, bytes]) -> str:
+    return f"{_token(tags[b's'])}._domainkey.{_token(tags[b'd'])}"
+
+
+async def fetch_keys(resolver: Resolver, names: set[str], deadline: float) -> dict[str, Answer]:
+    """The TXT answers for ``names``, asked at once; TEMPORARY for those not in time."""
+    answers = {}
+    asked = {}
+    for name in names:
+        kept = resolver.cached(name, "TXT")
+        if kept is not None:  # no task for what is known: a sender seen before
+            answers[name] = kept
+        else:
+            asked[name] = asyncio.ensure_future(resolver.ask(name, "TXT"))
+    if asked:
+        await asyncio.wait(asked.values(), timeout=max(deadline - time.monotonic(), 0))
+    for name, task in asked.items():
+        if task.done() and not task.cancelled() and task.exception() is None:
+            answers[name] = task.result()
+        else:
+            task.cancel()
+            answers[name] = TEMPORARY
+    return answers
+
+
+def _verify_all(
+    signer: dkim.DKIM, tags: list[Tags], answers: dict[str, Answer]
+) -> list[DkimResult]:
+    return [_verify_one(signer, index, found, answers) for index, found in enumerate(tags)]
+
+
+def _unchecked(tags: Tags, result: str, comment: str) -> DkimResult:
+    if isinstance(tags, str):
+        return DkimResult("neutral", comment=tags)
+    return DkimResult(result, _token(tags[b"d"]), _token(tags[b"s"]),
+                      _token(tags.get(b"a", b"")), comment)  # fmt: skip
+
+
+def _verify_one(
+    signer: dkim.DKIM, index: int, tags: Tags, answers: dict[str, Answer]
+) -> DkimResult:
+    if isinstance(tags, str):
+        return DkimResult("neutral", comment=tags)
+    answer = answers[_key_name(tags)]
+    if answer.temporary:
+        return _unchecked(tags, "temperror", "no key answer in time")
+    if not answer.records:
+        return _unchecked(tags, "permerror", "no key published")
+    return _unchecked(tags, *_checked(signer, index, tags, answer.records[0].encode()))
+
+
+def _checked(
+    signer: dkim.DKIM, index: int, tags: dict[bytes, bytes], record: bytes
+) -> tuple[str, str]:
+    """(result, comment) of dkimpy's verification of signature ``index`` with ``record``."""
+
+    def key(name: bytes, timeout: int = 5) -> bytes:
+        return record
+
+    try:
+        ok = signer.verify(idx=index, dnsfunc=key)
+    except dkim.ValidationError as exc:
+        return "fail", str(exc)
+    except (dkim.KeyFormatError, dkim.UnknownKeyTypeError) as exc:
+        return "permerror", str(exc)
+    except dkim.DKIMException as exc:
+        return "neutral", str(exc)
+    except Exception as exc:  # dkimpy failing on what a sender wrote: not checkable
+        return "neutral", f"unverifiable: {type(exc).__name__}"
+    if ok:
+        return "pass", ""
+    return _key_unusable(record, tags) or ("fail", "signature did not verify")
+
+
+def _key_unusable(record: bytes, tags: dict[bytes, bytes]) -> tuple[str, str] | None:
+    """dkimpy's verify answers False for a key it cannot use as well: that is a permerror
+    (RFC 8601 section 2.7.1), told apart here with dkimpy's own key reader."""
+    try:
+        dkim.evaluate_pk(tags[b"s"] + b"._domainkey." + tags[b"d"], record)
+    except Exception as exc:  # KeyFormatError, UnknownKeyTypeError, a key it chokes on
+        return "permerror", f"unusable key: {exc}"
+    return None

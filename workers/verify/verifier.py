@@ -1,0 +1,284 @@
+"""Verification of one received message, in the two steps the SMTP transaction allows.
+
+:meth:`Verifier.start` at MAIL FROM begins SPF for the MAIL FROM and HELO identities while the
+client sends its recipients and data; :meth:`Verifier.finish` at the end of DATA checks every
+DKIM signature and the ARC chain at once, then DMARC for the From domain, and gives the
+verdicts, our ``Authentication-Results`` field and the content with any field forging our
+verdict renamed.  Both are bounded by one budget per message (``--verify-budget``): what is
+not known by then is ``temperror``.  Nothing here raises on a sender's input or a DNS failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from email.utils import getaddresses
+
+from workers.codec.parse import header_fields
+from workers.codec.signing import author_domain, is_host_name
+from workers.verify import arc, dkim, dmarc, spf
+from workers.verify.resolver import Resolver
+from workers.verify.results import RENAMED, Verdicts, claims_our_id
+
+SPF_REMEMBERED = 60.0  # seconds an SPF verdict serves the same client, sender and HELO again
+SPF_REMEMBERED_SIZE = 10_000
+
+# Authentication-Results fields, to rename those claiming our authserv-id: a field runs to
+# the next line not starting with white space (RFC 5322 folding); a bare CR starts a line
+# too, as it does for some readers of the stored message.
+_RESULTS_FIELD = re.compile(
+    rb"(?:^|(?<=\r))(authentication-results)[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+    re.IGNORECASE | re.M,
+)
+_RESULTS_NAME = re.compile(rb"authentication-results", re.IGNORECASE)
+_FOLDING = re.compile(rb"\r?\n")
+# Whether to look for signatures and seals at all (most mail has no ARC, much no DKIM).
+_DKIM_SIGNED = re.compile(rb"^dkim-signature[ \t]*:", re.IGNORECASE | re.M)
+_ARC_SEALED = re.compile(rb"^arc-seal[ \t]*:", re.IGNORECASE | re.M)
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """What :meth:`Verifier.finish` gives: ``field`` (``Authentication-Results: ...\\r\\n``,
+    folded) goes above our Received field, ``content`` replaces the client's octets."""
+
+    verdicts: Verdicts
+    field: bytes
+    content: bytes
+
+
+class SpfChecks:
+    """The SPF checks of one transaction, begun at MAIL FROM: each a verdict already known
+    (remembered, or nothing to check) or the task finding it."""
+
+    __slots__ = ("helo", "mailfrom")
+
+    def __init__(self, mailfrom: SpfCheck, helo: SpfCheck) -> None:
+        self.mailfrom = mailfrom
+        self.helo = helo
+
+    def cancel(self) -> None:
+        """The transaction ended without DATA (RSET, QUIT, a lost connection)."""
+        for check in (self.mailfrom, self.helo):
+            if isinstance(check, asyncio.Future):
+                check.cancel()
+
+
+SpfCheck = spf.SpfResult | asyncio.Future[spf.SpfResult]
+
+
+class Verifier:
+    """Checks received mail against DNS through ``resolver``; ``authserv_id`` names us in
+    the Authentication-Results field (RFC 8601 section 2.5)."""
+
+    def __init__(self, resolver: Resolver, authserv_id: str, budget: float) -> None:
+        self.resolver = resolver
+        self.authserv_id = authserv_id
+        self.budget = budget
+        self._spf_remembered: OrderedDict[tuple[str, str, str], tuple[float, spf.SpfResult]]
+        self._spf_remembered = OrderedDict()
+
+    def start(self, peer_ip: str, sender: str, helo: str) -> SpfChecks:
+        """Begin SPF for MAIL FROM ``sender`` ('' for the null sender, then the HELO identity
+        stands for it) and for the HELO name, from ``peer_ip``."""
+        ip = _plain_ip(peer_ip)
+        sender = "" if sender == "<>" else sender  # aiosmtpd's null reverse-path
+        deadline = time.monotonic() + self.budget
+        helo_check = self._spf(ip, "", helo, deadline)
+        mailfrom = self._spf(ip, sender, helo, deadline) if sender else helo_check
+        return SpfChecks(mailfrom, helo_check)
+
+    def _spf(self, ip: str, sender: str, helo: str, deadline: float) -> SpfCheck:
+        """The verdict when remembered, else the task finding it."""
+        key = (ip, sender.lower(), helo.lower())
+        kept = self._spf_remembered.get(key)
+        if kept is not None and kept[0] > time.monotonic():
+            return kept[1]
+        if not sender and not is_host_name(helo.lower().rstrip(".")):
+            # RFC 7208 section 2.3: a HELO that is no domain (an address literal, a bare
+            # word) has no SPF record to check.
+            return spf.SpfResult("none", "helo", helo[:253])
+        return asyncio.ensure_future(self._checked_spf(key, ip, sender, helo, deadline))
+
+    async def _checked_spf(
+        self, key: tuple[str, str, str], ip: str, sender: str, helo: str, deadline: float
+    ) -> spf.SpfResult:
+        result = await spf.check(self.resolver, ip, sender, helo, deadline=deadline)
+        if result.result != "temperror":
+            self._spf_remembered[key] = (time.monotonic() + SPF_REMEMBERED, result)
+            self._spf_remembered.move_to_end(key)
+            if len(self._spf_remembered) > SPF_REMEMBERED_SIZE:
+                self._spf_remembered.popitem(last=False)
+        return result
+
+    async def finish(self, checks: SpfChecks, content: bytes) -> Verified:
+        """The verdicts on ``content`` (the client's octets), SPF from ``checks``."""
+        deadline = time.monotonic() + self.budget
+        head = _header_block(content)
+        authors = author_domains(header_fields(content))
+        for author in authors or ():  # DMARC records fetched while the signatures are
+            self.resolver.prefetch(f"_dmarc.{author}", "TXT")
+        signed = _DKIM_SIGNED.search(head) is not None
+        sealed = _ARC_SEALED.search(head) is not None
+        signatures: list[dkim.DkimResult] = []
+        chain = arc.ArcResult("none")
+        if signed and sealed:  # their keys fetched at the same time
+            signatures, chain = await asyncio.gather(
+                dkim.verify(self.resolver, content, deadline=deadline),
+                arc.verify(self.resolver, content, deadline=deadline),
+            )
+        elif signed:
+            signatures = await dkim.verify(self.resolver, content, deadline=deadline)
+        elif sealed:
+            chain = await arc.verify(self.resolver, content, deadline=deadline)
+        mailfrom = await _spf_result(checks.mailfrom)
+        helo = await _spf_result(checks.helo)
+        verdict = await self._dmarc(authors, mailfrom, signatures, deadline)
+        verdicts = Verdicts(mailfrom, helo, tuple(signatures), verdict, chain)
+        return Verified(verdicts, self.field(verdicts), self.renamed(content, head))
+
+    async def _dmarc(
+        self,
+        authors: list[str] | None,
+        mailfrom: spf.SpfResult,
+        signatures: list[dkim.DkimResult],
+        deadline: float,
+    ) -> dmarc.DmarcResult:
+        """DMARC for each From domain (RFC 7489 section 6.6.1: a message with several
+        authors is checked for each); the strictest verdict stands for the message."""
+        if not authors:
+            return dmarc.DmarcResult("permerror", "", comment="no From domain to check")
+        verdicts = [
+            await dmarc.check(self.resolver, author, mailfrom, signatures, deadline=deadline)
+            for author in authors
+        ]
+        return min(verdicts, key=_strictness)
+
+    def field(self, verdicts: Verdicts) -> bytes:
+        return authentication_results(verdicts, self.authserv_id)
+
+    def renamed(self, content: bytes, head: bytes | None = None) -> bytes:
+        """``content`` with every Authentication-Results field that speaks for us renamed
+        (RFC 8601 section 5: a sender must not forge our verdict).  Looked for up to the
+        first empty line, also after a bare CR (a line break to some readers)."""
+        head = _header_block(content) if head is None else head
+        if not _RESULTS_NAME.search(head):
+            return content
+
+        def rename(field: re.Match[bytes]) -> bytes:
+            if claims_our_id(_unfolded(field[2]), self.authserv_id):
+                return RENAMED.encode() + b":" + field[2]
+            return field[0]
+
+        return _RESULTS_FIELD.sub(rename, head) + content[len(head) :]
+
+    def failed(self, checks: SpfChecks | None, content: bytes) -> Verified:
+        """Verdicts for a message whose verification failed on our side: temperror, never
+        a refusal (the caller logs the failure)."""
+        temperror = spf.SpfResult("temperror", "mailfrom", "")
+        verdicts = Verdicts(
+            temperror,
+            spf.SpfResult("temperror", "helo", ""),
+            (),
+            dmarc.DmarcResult("temperror", ""),
+            arc.ArcResult("temperror"),
+        )
+        if checks is not None:
+            checks.cancel()
+        return Verified(verdicts, self.field(verdicts), self.renamed(content))
+
+
+async def _spf_result(check: SpfCheck) -> spf.SpfResult:
+    if isinstance(check, spf.SpfResult):
+        return check
+    return check.result() if check.done() else await check
+
+
+@functools.lru_cache(maxsize=1024)
+def authentication_results(verdicts: Verdicts, authserv_id: str) -> bytes:
+    """The Authentication-Results field, folded between results where a line would pass
+    RFC 5322's 78 characters (fewer lines: less for every reader to unfold); remembered: a
+    busy sender gets the same verdicts again and again, and authres takes 15 us to write
+    them."""
+    lines = [""]
+    for piece in [f"Authentication-Results: {authserv_id}", *verdicts.texts()]:
+        if lines[-1] and len(lines[-1]) + 2 + len(piece) > FOLD_AT:
+            lines[-1] += ";"
+            lines.append("\t" + piece)
+        else:
+            lines[-1] += ("; " if lines[-1] else "") + piece
+    return "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n"
+
+
+FOLD_AT = 78
+
+
+def _plain_ip(peer_ip: str) -> str:
+    """The client's address as SPF sees it: an IPv4-mapped IPv6 address is the IPv4 one."""
+    if ":" not in peer_ip:  # IPv4 as the socket gives it
+        return peer_ip
+    try:
+        address = ipaddress.ip_address(peer_ip)
+    except ValueError:
+        return peer_ip
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else str(address)
+
+
+def _header_block(content: bytes) -> bytes:
+    """The header section: up to and with the line ending before the first empty line."""
+    if content.startswith((b"\r\n", b"\n")):
+        return b""
+    empty_line = _EMPTY_LINE.search(content)  # one pass, stopping at the first
+    return content[: empty_line.start() + 1] if empty_line else content
+
+
+_EMPTY_LINE = re.compile(rb"\n\r?\n")
+
+
+def _unfolded(value: bytes) -> str:
+    return _FOLDING.sub(b"", value).decode("utf-8", "replace").strip()
+
+
+MAX_AUTHORS = 5  # From domains checked; a message naming more is a permerror
+
+
+def author_domains(fields: list[tuple[str, bytes]]) -> list[str] | None:
+    """The From domains DMARC checks, of the From fields the application will read: None
+    when one of them has no address with a host name, or there are more than
+    :data:`MAX_AUTHORS` (RFC 7489 section 6.6.1 leaves such mail to the receiver)."""
+    values = [value for name, value in fields if name.lower() == "from"]
+    domains: list[str] = []
+    for value in values:
+        text = _unfolded(value)
+        one = author_domain(text)
+        found = [one] if one is not None else _listed_domains(text)
+        if not found:
+            return None
+        domains += found
+    unique = list(dict.fromkeys(domains))
+    return unique if 0 < len(unique) <= MAX_AUTHORS else None
+
+
+def _listed_domains(text: str) -> list[str]:
+    """The domains of a From field of several addresses; [] if one has no host name."""
+    domains = []
+    for _, address in getaddresses([text]):
+        domain = address.rpartition("@")[2].rstrip(".").lower()
+        if not is_host_name(domain):
+            return []
+        domains.append(domain)
+    return domains
+
+
+def _strictness(verdict: dmarc.DmarcResult) -> int:
+    """Lower first: which of several authors' verdicts stands for the message."""
+    if verdict.result == "fail":
+        return ("reject", "quarantine").index(verdict.policy) if verdict.policy in (
+            "reject", "quarantine") else 3  # fmt: skip
+    return {"temperror": 2, "permerror": 4, "none": 5, "pass": 6}.get(verdict.result, 4)
