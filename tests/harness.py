@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +153,27 @@ def running_redis(data_dir: Path, **kwargs: object) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop(kill=True)
+
+
+T = TypeVar("T")
+
+
+async def longest_stall(awaitable: Awaitable[T]) -> tuple[T, float]:
+    """``awaitable``'s result, and the longest the event loop went without running a timer
+    due every 10 ms meanwhile (seconds): how long it held up every other session."""
+    loop = asyncio.get_running_loop()
+    ticks: list[float] = []
+    ticker = loop.call_soon(lambda: None)
+
+    def tick() -> None:
+        nonlocal ticker
+        ticks.append(time.monotonic())
+        ticker = loop.call_later(0.01, tick)
+
+    tick()
+    try:
+        result = await awaitable
+    finally:
+        ticker.cancel()
+    ticks.append(time.monotonic())
+    return result, max(later - earlier for earlier, later in itertools.pairwise(ticks))

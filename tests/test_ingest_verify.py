@@ -17,10 +17,14 @@ import redis.asyncio as aioredis
 
 from tests.dkim_util import KeyFile, mailauth_seal, mailauth_sign, write_key
 from tests.dns_util import DnsServer, running_dns, txt
+from tests.harness import longest_stall
 from tests.ingest_util import HOSTNAME, SMTPConn, entries, ingest
+from workers.verify.dkim import DkimResult, brief
+from workers.verify.dmarc import DmarcResult
 from workers.verify.resolver import Resolver
+from workers.verify.results import Verdicts
 from workers.verify.spf import SpfResult
-from workers.verify.verifier import Verifier
+from workers.verify.verifier import Verifier, authentication_results
 
 ZONES = ["example.com", "forged.test", "lax.test", "lists.test", "client.test", "other.test"]
 POLICIES = {
@@ -118,9 +122,11 @@ async def test_mail_signed_with_both_algorithms_passes_dkim_and_dmarc(
          {"result": "fail", "domain": "forged.test", "policy": "quarantine", "aligned": []}),
         ("a@example.com", "undisclosed-recipients:;", "pass",
          {"result": "permerror", "domain": "", "policy": "", "aligned": []}),
+        ("a@example.com", "ceo@forged.test, x@[192.0.2.1], undisclosed", "pass",
+         {"result": "fail", "domain": "forged.test", "policy": "quarantine", "aligned": []}),
     ],
     ids=["aligned-spf", "spf-fail-quarantine", "unaligned", "policy-none", "no-record",
-         "two-authors-strictest", "no-author"],
+         "two-authors-strictest", "no-author", "author-among-junk"],
 )  # fmt: skip
 async def test_spf_and_dmarc_of_unsigned_mail_always_250(
     redis_url: str, redis: aioredis.Redis, dns: DnsServer,
@@ -330,3 +336,26 @@ def test_renaming_does_not_depend_on_verification_succeeding() -> None:
     verified = verifier.failed(None, forged)
     assert verified.content.startswith(b"X-Forged-Authentication-Results: mx.test;")
     assert verified.verdicts.dmarc is not None and verified.verdicts.dmarc.result == "temperror"
+
+
+async def test_a_header_block_of_megabytes_is_read_without_stalling(dns: DnsServer) -> None:
+    """The From fields of a large message are found off the loop, and found: DMARC judges
+    the author the application will read, however much follows it."""
+    host, port = dns.address.split(":")
+    verifier = Verifier(Resolver((host, int(port)), timeout=2.0), HOSTNAME, budget=3.0)
+    content = b"From: ceo@forged.test\r\n" + b"X-Filler: x\r\n" * 300_000 + b"\r\nbody\r\n"
+    checks = verifier.start("127.0.0.1", "a@example.com", "client.test")
+    verified, stall = await longest_stall(verifier.finish(checks, content))
+    assert verified.verdicts.dmarc == DmarcResult("fail", "forged.test", "quarantine")
+    assert stall < 0.3, "the event loop stalled"
+
+
+def test_sender_text_is_kept_short_and_our_field_ascii() -> None:
+    """dkimpy's messages quote the sender's tags (a b= of megabytes), and a d= may be any
+    text: what is remembered and written stays small, one ASCII line per result."""
+    huge = DkimResult("fail", "\u00fc" * 300, "s" * 300, "a" * 300, brief("x" * 2_000_000))
+    verdicts = Verdicts(None, None, (huge,), None, None)
+    field = authentication_results(verdicts, HOSTNAME)
+    assert len(huge.comment) <= 200
+    assert field.isascii()
+    assert max(len(line) for line in field.split(b"\r\n")) < 998

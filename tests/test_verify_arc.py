@@ -49,3 +49,18 @@ async def test_a_message_dkimpy_cannot_read_fails_the_chain() -> None:
     unreadable = b" starts with a continuation line\r\nARC-Seal: i=1; b=x\r\n" + MESSAGE
     chain = await verify(Resolver(("127.0.0.1", 9)), unreadable, deadline=time.monotonic() + 5)
     assert chain.result == "fail"
+
+
+async def test_a_signature_naming_too_many_fields_fails_the_chain() -> None:
+    """dkimpy's cost is h= times the fields, for every set: bounded as for DKIM."""
+    many = ":".join(f"x-{n}" for n in range(3000))
+    sealed = (
+        b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=lists.test; s=f1; b=AAAA\r\n"
+        b"ARC-Message-Signature: i=1; a=rsa-sha256; d=lists.test; s=f1; h="
+        + many.encode() + b"; bh=AAAA; b=AAAA\r\n" + MESSAGE
+    )  # fmt: skip
+    resolver = Resolver(("127.0.0.1", 9), timeout=2.0)
+    started = time.monotonic()
+    chain = await verify(resolver, sealed, deadline=time.monotonic() + 5)
+    assert (chain.result, chain.instances) == ("fail", 1) and "signed fields" in chain.comment
+    assert time.monotonic() - started < 0.5 and resolver.questions == 0

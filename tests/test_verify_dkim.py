@@ -4,8 +4,8 @@ mailauth), both algorithms, verified through a real DNS server (unbound on loopb
 from __future__ import annotations
 
 import asyncio
-import itertools
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +14,9 @@ import pytest
 
 from tests.dkim_util import KeyFile, mailauth_sign, write_key
 from tests.dns_util import DnsServer, running_dns, txt
-from workers.verify.dkim import MAX_SIGNATURES, verify
+from tests.harness import longest_stall, wait_until
+from workers.verify import dkim as dkim_module
+from workers.verify.dkim import AT_ONCE, MAX_SIGNATURES, off_loop, verify
 from workers.verify.resolver import Resolver
 
 MESSAGE = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nHello  there\r\n"
@@ -100,24 +102,36 @@ async def test_limits_bound_the_work_a_sender_can_ask_for(dns: DnsServer) -> Non
     # Relaxed canonicalisation of 3 MB of spaced text, ten times: seconds of CPU.
     body = (b"y  x\t" * 40 + b"\r\n") * ((3 << 20) // 202)
     large = b"".join(_signature("r1") for _ in range(MAX_SIGNATURES)) + MESSAGE + body
-    loop = asyncio.get_running_loop()
-    ticks = []
-    ticker = loop.call_soon(lambda: None)
-
-    def tick() -> None:
-        nonlocal ticker
-        ticks.append(time.monotonic())
-        ticker = loop.call_later(0.01, tick)
-
-    tick()
     started = time.monotonic()
-    try:
-        verdicts = await verify(_resolver(dns), large, deadline=started + 0.05)
-    finally:
-        ticker.cancel()
+    verdicts, stall = await longest_stall(verify(_resolver(dns), large, deadline=started + 0.05))
     # Not read in time (one verdict) or read and not checked in time (one per signature).
     assert len(verdicts) in (1, MAX_SIGNATURES), verdicts
     assert {v.result for v in verdicts} == {"temperror"}, verdicts
     assert time.monotonic() - started < 1, "the deadline ends the wait for the thread"
-    gaps = [later - earlier for earlier, later in itertools.pairwise(ticks)]
-    assert max(gaps, default=0) < 0.5, "the event loop stalled while the body was hashed"
+    assert stall < 0.5, "the event loop stalled while the body was hashed"
+
+
+async def test_verification_threads_take_a_bounded_amount_of_work() -> None:
+    """Work waiting for verification's threads is bounded: beyond it a message's checks are
+    temperror at once, and ingest's parsing (the default executor) is never queued behind."""
+    await wait_until(_threads_idle, "earlier tests' verification threads done", timeout=30)
+    release = threading.Event()
+    held = [asyncio.ensure_future(off_loop(release.wait, deadline=time.monotonic() + 30))
+            for _ in range(AT_ONCE)]  # fmt: skip
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await off_loop(lambda: None, deadline=time.monotonic() + 30)
+    assert time.monotonic() - started < 0.1
+    assert await asyncio.wait_for(asyncio.to_thread(lambda: "parsed"), 1) == "parsed"
+    release.set()
+    assert await asyncio.gather(*held) == [True] * AT_ONCE
+    assert await off_loop(lambda: "free again", deadline=time.monotonic() + 5) == "free again"
+
+
+def _threads_idle() -> bool:
+    taken = [dkim_module._admitted.acquire(blocking=False) for _ in range(AT_ONCE)]
+    for acquired in taken:
+        if acquired:
+            dkim_module._admitted.release()
+    return all(taken)

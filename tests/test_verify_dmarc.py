@@ -71,15 +71,28 @@ async def test_strict_none_broken_and_down(dns: DnsServer) -> None:
 async def test_an_aligned_check_that_timed_out_is_a_temperror_not_a_fail(dns: DnsServer) -> None:
     """During a DNS outage the aligned SPF or DKIM check may have passed: DMARC says it does
     not know (keeping the policy), so an application does not refuse legitimate mail."""
-    late_spf = SpfResult("temperror", "mailfrom", "example.com")
+    late_spf = SpfResult("temperror", "mailfrom", "example.com", unanswered=True)
     got = await check(_resolver(dns), "example.com", late_spf, [], deadline=time.monotonic() + 5)
     assert (got.result, got.policy) == ("temperror", "reject")
-    late_dkim = [DkimResult("temperror", "example.com", "s1")]
+    late_dkim = [DkimResult("temperror", "example.com", "s1", unanswered=True)]
     unaligned = SpfResult("pass", "mailfrom", "elsewhere.example")
     got = await check(_resolver(dns), "example.com", unaligned, late_dkim,
                       deadline=time.monotonic() + 5)  # fmt: skip
     assert (got.result, got.policy) == ("temperror", "reject")
     # A timeout for a domain not aligned with the author changes nothing: still a fail.
-    other = SpfResult("temperror", "mailfrom", "elsewhere.example")
+    other = SpfResult("temperror", "mailfrom", "elsewhere.example", unanswered=True)
     got = await check(_resolver(dns), "example.com", other, [], deadline=time.monotonic() + 5)
+    assert (got.result, got.policy) == ("fail", "reject")
+    # Nor does a check of ours that ran out of time (a sender's huge message can make it):
+    # only DNS not answering for the author's domain may stand for "might have passed".
+    unchecked = [DkimResult("temperror", "example.com", "s1", comment="not checked in time")]
+    got = await check(_resolver(dns), "example.com", unaligned, unchecked,
+                      deadline=time.monotonic() + 5)  # fmt: skip
+    assert (got.result, got.policy) == ("fail", "reject")
+
+
+async def test_the_policy_is_still_asked_when_the_budget_is_spent(dns: DnsServer) -> None:
+    """A sender whose own key lookups use up the message's budget must not leave the
+    author's policy unasked (a temperror instead of the fail it is)."""
+    got = await check(_resolver(dns), "example.com", None, [], deadline=time.monotonic() - 1)
     assert (got.result, got.policy) == ("fail", "reject")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import io
+import itertools
 import re
 import time
 import uuid
@@ -156,12 +157,40 @@ def _split_header_block(data: bytes, start: int, end: int) -> tuple[list[bytes],
     return _unix_from_at_end(lines, last_start) or (lines, end, False)
 
 
-def header_fields(data: bytes) -> list[tuple[str, bytes]]:
-    """The message's header fields as :func:`parse_message` reads them (where the header
-    block ends, what is a field): ``(name as sent, raw value with its folds)``.  For a
-    reader that must see what the application will see (verification's From)."""
-    lines, _, _ = _split_header_block(data, 0, len(data))
-    return _read_fields(lines, "headers", _State(DEFAULT_PARSE_LIMITS, data))
+def field_values(data: bytes, name: bytes) -> list[bytes]:
+    """The raw values (folds kept) of the message's header fields called ``name`` (lower
+    case), as :func:`parse_message` reads them (where the header block ends, the fields
+    beyond ``max_headers`` dropped), found by regex searches instead of a walk over every
+    line: fast on a header block of megabytes."""
+    end = 0
+    if _HEADER_LINE.match(data):  # else the first line starts the body
+        after = _HEADER_BLOCK_END.search(data)
+        end = after.start() + 1 if after else len(data)
+    limit = DEFAULT_PARSE_LIMITS.max_headers
+    if data.count(b"\n", 0, end) >= limit:  # maybe more fields than the parser keeps
+        starts = _FIELD_START.finditer(data, 0, end)
+        beyond = next(itertools.islice(starts, limit, None), None)
+        end = beyond.start() + 1 if beyond else end
+    # A field runs on over continuation lines; a line the parser drops among them (a
+    # misplaced Unix "From " line, one without a name) leaves the next ones joined to it.
+    named = re.compile(
+        rb"^" + re.escape(name) + rb":([^\n]*(?:\n(?:[\t ]|From |:)[^\n]*)*)", re.I | re.M
+    )
+    return [_without_dropped_lines(match[1]) for match in named.finditer(data, 0, end)]
+
+
+def _without_dropped_lines(value: bytes) -> bytes:
+    if b"\nFrom " in value or b"\n:" in value:
+        lines = value.split(b"\n")
+        value = b"\n".join(line for line in lines if not line.startswith((b"From ", b":")))
+    return value.rstrip(b"\r\n").lstrip(b" \t")
+
+
+# A line ending followed by a line that is not a header line (an empty one included): where
+# _split_header_block stops.  And the start of a line _read_fields makes a field of (not a
+# continuation, not a Unix "From " line, not one without a name).
+_HEADER_BLOCK_END = re.compile(rb"\n(?!From |[\041-\071\073-\176]*:|[\t ])")
+_FIELD_START = re.compile(rb"(?:\A|(?<=\n))(?![\t ]|From |:)")
 
 
 def _unix_from_at_end(lines: list[bytes], last_start: int) -> tuple[list[bytes], int, bool] | None:

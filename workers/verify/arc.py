@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from workers.verify.dkim import IN_THREAD_FROM, fetch_keys, off_loop
+from workers.verify.dkim import (
+    IN_THREAD_FROM,
+    MAX_HEADER_FIELDS,
+    MAX_SIGNED_FIELDS,
+    brief,
+    fetch_keys,
+    off_loop,
+)
 from workers.verify.resolver import Answer, Resolver
 
 _SEAL = b"arc-seal"
@@ -61,6 +68,8 @@ def _read(message: bytes) -> tuple[set[str], int] | ArcResult:
     instances = sum(1 for name, _ in fields if name == _SEAL)
     if not instances:
         return ArcResult("none")
+    if len(fields) > MAX_HEADER_FIELDS:
+        return ArcResult("fail", instances, f"over {MAX_HEADER_FIELDS} header fields")
     signatures = sum(1 for name, _ in fields if name == _SIGNED[1])
     if max(instances, signatures) > MAX_INSTANCES:
         return ArcResult("fail", instances, f"over {MAX_INSTANCES} ARC sets")
@@ -72,6 +81,8 @@ def _read(message: bytes) -> tuple[set[str], int] | ArcResult:
             tags = parse_tag_value(value)
         except (InvalidTagValueList, ValueError):
             continue
+        if tags.get(b"h", b"").count(b":") >= MAX_SIGNED_FIELDS:  # dkimpy's cost: see .dkim
+            return ArcResult("fail", instances, f"over {MAX_SIGNED_FIELDS} signed fields")
         if b"d" in tags and b"s" in tags:
             names.add(f"{_text(tags[b's'])}._domainkey.{_text(tags[b'd'])}")
     return names, instances
@@ -89,6 +100,6 @@ def _chain(message: bytes, answers: dict[str, Answer], instances: int) -> ArcRes
     try:
         result, _details, reason = dkim.arc_verify(message, dnsfunc=key)
     except Exception as exc:  # a broken chain, or dkimpy failing on what a sender wrote
-        return ArcResult("fail", instances, f"{type(exc).__name__}: {exc}")
+        return ArcResult("fail", instances, brief(f"{type(exc).__name__}: {exc}"))
     verdict = result.decode()
-    return ArcResult(verdict, instances, "" if verdict == "pass" else str(reason))
+    return ArcResult(verdict, instances, "" if verdict == "pass" else brief(str(reason)))

@@ -6,16 +6,20 @@ dkimpy's own DNS is never used, and its asyncio support (one signature, aiodns) 
 
 The sender chooses what dkimpy works through, so the work is bounded before it starts: at
 most :data:`MAX_SIGNATURES` signatures, none naming more than :data:`MAX_SIGNED_FIELDS`
-fields, and a message of :data:`IN_THREAD_FROM` octets or more read and checked off the
-event loop, waited for no longer than the deadline (then ``temperror``).
+fields, none checked over more than :data:`MAX_HEADER_FIELDS` fields, and a message of
+:data:`IN_THREAD_FROM` octets or more read and checked off the event loop, on threads of
+verification's own (:func:`off_loop`), waited for no longer than the deadline (then
+``temperror``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -34,20 +38,32 @@ MAX_SIGNATURES = 10
 # dkimpy looks each name of h= up among all the fields: a long h= over many fields costs
 # their product.  Signers name 10 to 40 (over-signing doubles some).
 MAX_SIGNED_FIELDS = 100
+MAX_HEADER_FIELDS = 1000  # a message with more is not checked (real mail: under 100)
 IN_THREAD_FROM = 1 << 16  # octets: larger messages are read and hashed off the loop
+# Threads of verification's own (ingest's parsing keeps the default executor to itself), and
+# how much work may wait for them: beyond it a message's checks are temperror at once.  A
+# thread past its message's deadline runs on, bounded by the limits above.
+THREADS = 2
+AT_ONCE = 4
+_EXECUTOR = ThreadPoolExecutor(THREADS, thread_name_prefix="mailpool-verify")
+_admitted = threading.BoundedSemaphore(AT_ONCE)
 
 
 @dataclass(frozen=True, slots=True)
 class DkimResult:
     """One signature's verdict (RFC 8601 section 2.7.1): pass, fail, neutral (not
     checkable: a malformed signature, or one over our limits), temperror (no key answer in
-    time, or not checked in time), permerror (no key, a malformed or unusable key)."""
+    time, or not checked in time), permerror (no key, a malformed or unusable key).
+    ``unanswered``: the temperror is DNS's (the key was asked for and not answered in time),
+    the only one DMARC may take for "might have passed": a sender can make our own checks
+    run out of time, not the signing domain's DNS."""
 
     result: str
     domain: str = ""
     selector: str = ""
     algorithm: str = ""
     comment: str = ""
+    unanswered: bool = False
 
 
 Tags = dict[bytes, bytes] | str  # a signature's tags, or why it cannot be checked
@@ -77,10 +93,19 @@ T = TypeVar("T")
 
 
 async def off_loop(work: Callable[..., T], *args: object, deadline: float) -> T:
-    """``work(*args)`` in a thread, waited for until ``deadline`` (TimeoutError after: the
-    thread finishes on its own, its result unused)."""
+    """``work(*args)`` on a verification thread, waited for until ``deadline``; TimeoutError
+    then (the thread finishes on its own, its result unused), or at once when
+    :data:`AT_ONCE` pieces of work are already running or waiting."""
+    if not _admitted.acquire(blocking=False):
+        raise TimeoutError("verification threads busy")
+    try:
+        future = _EXECUTOR.submit(work, *args)
+    except BaseException:
+        _admitted.release()
+        raise
+    future.add_done_callback(lambda _: _admitted.release())  # when the work really ends
     return await asyncio.wait_for(
-        asyncio.to_thread(work, *args), max(deadline - time.monotonic(), 0.001)
+        asyncio.wrap_future(future), max(deadline - time.monotonic(), 0.001)
     )
 
 
@@ -90,16 +115,25 @@ def _read(message: bytes) -> tuple[dkim.DKIM, list[Tags]] | DkimResult:
     except Exception as exc:  # dkimpy's parser fails in more ways than MessageFormatError
         return DkimResult("neutral", comment=f"unreadable message: {type(exc).__name__}")
     fields = [value for name, value in signer.headers if name.lower() == b"dkim-signature"]
-    return signer, [_tags(value) for value in fields[:MAX_SIGNATURES]]
+    tags = [_tags(value) for value in fields[:MAX_SIGNATURES]]
+    if len(signer.headers) > MAX_HEADER_FIELDS:
+        reason = f"over {MAX_HEADER_FIELDS} header fields, not checked"
+        tags = [reason if isinstance(t, dict) else t for t in tags]
+    return signer, tags
 
 
 def _token(value: bytes) -> str:
-    """A tag's value as one printable token of at most 253 characters: it is the sender's
-    text, and goes into our Authentication-Results field and the stored verdicts."""
-    return _NOT_TOKEN.sub("", value.decode("utf-8", "replace"))[:253]
+    """A tag's value as one token of at most 253 ASCII characters: it is the sender's text,
+    and goes into our Authentication-Results field and the stored verdicts."""
+    return _NOT_TOKEN.sub("", value.decode("ascii", "ignore"))[:253]
 
 
-_NOT_TOKEN = re.compile(r"[\x00-\x20\x7f;\\\"()]")
+_NOT_TOKEN = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def brief(text: str) -> str:
+    """A comment as kept: dkimpy's messages quote the sender's tags (a b= of megabytes)."""
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _tags(value: bytes) -> Tags:
@@ -149,7 +183,13 @@ def _unchecked(tags: Tags, result: str, comment: str) -> DkimResult:
     if isinstance(tags, str):
         return DkimResult("neutral", comment=tags)
     return DkimResult(result, _token(tags[b"d"]), _token(tags[b"s"]),
-                      _token(tags.get(b"a", b"")), comment)  # fmt: skip
+                      _token(tags.get(b"a", b"")), brief(comment))  # fmt: skip
+
+
+def _unanswered(tags: dict[bytes, bytes]) -> DkimResult:
+    domain, selector, algorithm = (_token(tags.get(tag, b"")) for tag in (b"d", b"s", b"a"))
+    comment = "no key answer in time"
+    return DkimResult("temperror", domain, selector, algorithm, comment, unanswered=True)
 
 
 def _verify_one(
@@ -159,7 +199,7 @@ def _verify_one(
         return DkimResult("neutral", comment=tags)
     answer = answers[_key_name(tags)]
     if answer.temporary:
-        return _unchecked(tags, "temperror", "no key answer in time")
+        return _unanswered(tags)
     if not answer.records:
         return _unchecked(tags, "permerror", "no key published")
     return _unchecked(tags, *_checked(signer, index, tags, answer.records[0].encode()))

@@ -98,15 +98,21 @@ async def check(
 def _unknown(
     spf: SpfResult | None, dkim: Sequence[DkimResult], author: str, tags: dict[str, str]
 ) -> bool:
-    """Whether an identifier aligned with ``author`` has a temperror verdict."""
+    """Whether DNS did not answer in time for an identifier aligned with ``author`` (not
+    any temperror: a sender can make our own checks run out of time, but not the author
+    domain's DNS)."""
     strict_spf = tags.get("aspf") == "s"
-    if spf is not None and spf.result == "temperror" and spf.domain:
+    if spf is not None and spf.unanswered and spf.domain:
         return aligned(spf.domain, author, strict=strict_spf) or _unknown(None, dkim, author, tags)
     return any(
-        d.result == "temperror" and d.domain and
-        aligned(d.domain, author, strict=tags.get("adkim") == "s")
+        d.unanswered and d.domain and aligned(d.domain, author, strict=tags.get("adkim") == "s")
         for d in dkim
-    )  # fmt: skip
+    )
+
+
+# Seconds a policy lookup may take past the message's deadline: a sender whose own key
+# lookups spend the budget must not leave the author's policy unasked (a temperror).
+POLICY_GRACE = 1.0
 
 
 async def _record(resolver: Resolver, name: str, deadline: float) -> Answer | None:
@@ -115,7 +121,7 @@ async def _record(resolver: Resolver, name: str, deadline: float) -> Answer | No
         return kept
     try:
         return await asyncio.wait_for(
-            resolver.ask(name, "TXT"), max(deadline - time.monotonic(), 0)
+            resolver.ask(name, "TXT"), max(deadline - time.monotonic(), 0) + POLICY_GRACE
         )
     except TimeoutError:
         return TEMPORARY

@@ -89,11 +89,17 @@ class Verdicts:
 
 
 def _token(value: str) -> str:
-    """Letters, digits, dots, hyphens, underscores and @ (any script), at most 253."""
+    """ASCII letters, digits, dots, hyphens, underscores and @, at most 253 (a domain in
+    Unicode as its A-label): our field stays one short ASCII line per result."""
+    if not value.isascii():
+        try:
+            value = value.encode("idna").decode("ascii")
+        except UnicodeError:
+            value = value.encode("ascii", "ignore").decode("ascii")
     return _NOT_TOKEN.sub("", value)[:253]
 
 
-_NOT_TOKEN = re.compile(r"[^\w.@-]")
+_NOT_TOKEN = re.compile(r"[^A-Za-z0-9._@-]")
 
 
 def claims_our_id(value: str, authserv_id: str) -> bool:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from workers.verify import pyspf_fence
+from workers.verify.dkim import brief
 from workers.verify.resolver import TEMPORARY, Resolver
 
 # RFC 7208's limits let an honest record ask 10 DNS terms, each MX with 10 names to look up:
@@ -29,6 +30,7 @@ class SpfResult:
     identity: str  # "mailfrom" or "helo"
     domain: str
     explanation: str = ""
+    unanswered: bool = False  # a temperror of DNS's (see dkim.DkimResult.unanswered)
 
 
 async def check(
@@ -37,7 +39,12 @@ async def check(
     """The SPF verdict for ``sender`` (MAIL FROM; empty: the HELO identity) from ``ip``.
     ``deadline``: ``time.monotonic()`` by which to give up (temperror)."""
     identity = "mailfrom" if sender else "helo"
-    domain = sender.rpartition("@")[2] if sender else helo
+    local, _, domain = sender.rpartition("@")
+    # pyspf splits at the first "@", RFC 5321 at the last (a quoted local part may hold
+    # one): the local part without it, so pyspf checks the domain reported here.
+    if "@" in local:
+        sender = f"{local.replace('@', '')}@{domain}"
+    domain = domain if sender else helo
     table: pyspf_fence.Table = {}
     for _ in range(MAX_RUNS):
         try:
@@ -49,7 +56,7 @@ async def check(
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
-                return SpfResult("temperror", identity, domain, "time budget spent")
+                return SpfResult("temperror", identity, domain, "time budget spent", True)
             try:
                 table[need.key] = await asyncio.wait_for(resolver.ask(*need.key), left)
             except TimeoutError:
@@ -60,6 +67,7 @@ async def check(
                     resolver.prefetch(exchange, "AAAA" if ":" in ip else "A")
             continue
         except Exception as exc:  # pyspf failing on some input: ours, not the sender's
-            return SpfResult("temperror", identity, domain, f"{type(exc).__name__}: {exc}")
-        return SpfResult(result, identity, domain, explanation)
+            return SpfResult("temperror", identity, domain, brief(f"{type(exc).__name__}: {exc}"))
+        # pyspf's temperror is a DNS question that got no answer (pyspf_fence).
+        return SpfResult(result, identity, domain, brief(explanation), result == "temperror")
     return SpfResult("permerror", identity, domain, "too many DNS questions")

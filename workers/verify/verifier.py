@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import getaddresses
 
-from workers.codec.parse import header_fields
+from workers.codec.parse import field_values
 from workers.codec.signing import author_domain, is_host_name
 from workers.verify import arc, dkim, dmarc, spf
 from workers.verify.resolver import Resolver
@@ -120,9 +120,10 @@ class Verifier:
         """The verdicts on ``content`` (the client's octets), SPF from ``checks``."""
         deadline = time.monotonic() + self.budget
         head = _header_block(content)
-        authors = author_domains(header_fields(content))
+        authors = await self._authors(content, deadline)
         for author in authors or ():  # DMARC records fetched while the signatures are
             self.resolver.prefetch(f"_dmarc.{author}", "TXT")
+            self.resolver.prefetch(f"_dmarc.{dmarc.organizational_domain(author)}", "TXT")
         signed = _DKIM_SIGNED.search(head) is not None
         sealed = _ARC_SEALED.search(head) is not None
         signatures: list[dkim.DkimResult] = []
@@ -141,6 +142,16 @@ class Verifier:
         verdict = await self._dmarc(authors, mailfrom, signatures, deadline)
         verdicts = Verdicts(mailfrom, helo, tuple(signatures), verdict, chain)
         return Verified(verdicts, self.field(verdicts), self.renamed(content, head))
+
+    async def _authors(self, content: bytes, deadline: float) -> list[str] | None:
+        """:func:`author_domains` of the From fields the parser reads; for a large message
+        off the loop (the header block may be megabytes), None if not in time."""
+        if len(content) < dkim.IN_THREAD_FROM:
+            return _authors_of(content)
+        try:
+            return await dkim.off_loop(_authors_of, content, deadline=deadline)
+        except TimeoutError:
+            return None
 
     async def _dmarc(
         self,
@@ -245,34 +256,39 @@ def _unfolded(value: bytes) -> str:
     return _FOLDING.sub(b"", value).decode("utf-8", "replace").strip()
 
 
-MAX_AUTHORS = 5  # From domains checked; a message naming more is a permerror
+MAX_AUTHORS = 20  # From domains checked; a message naming more is a permerror
 
 
-def author_domains(fields: list[tuple[str, bytes]]) -> list[str] | None:
-    """The From domains DMARC checks, of the From fields the application will read: None
-    when one of them has no address with a host name, or there are more than
-    :data:`MAX_AUTHORS` (RFC 7489 section 6.6.1 leaves such mail to the receiver)."""
-    values = [value for name, value in fields if name.lower() == "from"]
+def author_domains(values: list[bytes]) -> list[str] | None:
+    """The From domains DMARC checks, of the From field ``values`` the application will
+    read: every address's domain that is a host name (an address literal or a bare word
+    beside them changes nothing); None without any, or with more than :data:`MAX_AUTHORS`
+    (RFC 7489 section 6.6.1 leaves such mail to the receiver)."""
     domains: list[str] = []
     for value in values:
         text = _unfolded(value)
         one = author_domain(text)
-        found = [one] if one is not None else _listed_domains(text)
-        if not found:
-            return None
-        domains += found
+        domains += [one] if one is not None else _listed_domains(text)
     unique = list(dict.fromkeys(domains))
     return unique if 0 < len(unique) <= MAX_AUTHORS else None
 
 
+def _authors_of(content: bytes) -> list[str] | None:
+    return author_domains(field_values(content, b"from"))
+
+
 def _listed_domains(text: str) -> list[str]:
-    """The domains of a From field of several addresses; [] if one has no host name."""
+    """The host-name domains of a From field's addresses (lower case, A-labels)."""
     domains = []
     for _, address in getaddresses([text]):
         domain = address.rpartition("@")[2].rstrip(".").lower()
-        if not is_host_name(domain):
-            return []
-        domains.append(domain)
+        if not domain.isascii():
+            try:
+                domain = domain.encode("idna").decode("ascii")
+            except UnicodeError:
+                continue
+        if is_host_name(domain):
+            domains.append(domain)
     return domains
 
 
