@@ -16,6 +16,7 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from dkim import canonicalization
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -36,13 +37,23 @@ def test_the_installed_dkimpy_is_the_checked_release() -> None:
 
 @given(_BYTES)
 def test_relaxed_body_is_dkimpys(body: bytes) -> None:
-    assert dkimpy_fence.relaxed_body(body) == dkimpy_fence.RELAXED.canonicalize_body(body), FENCE
+    assert dkimpy_fence.relaxed_body(body) == dkimpy_fence.DKIMPY_RELAXED_BODY(body), FENCE
 
 
 @given(st.lists(st.tuples(st.sampled_from([b"Subject", b"TO ", b"x-a"]), _BYTES), max_size=4))
 def test_relaxed_headers_are_dkimpys(headers: list[tuple[bytes, bytes]]) -> None:
     ours = dkimpy_fence.relaxed_headers(headers)
-    assert ours == dkimpy_fence.RELAXED.canonicalize_headers(headers), FENCE
+    assert ours == dkimpy_fence.DKIMPY_RELAXED_HEADERS(headers), FENCE
+
+
+def test_dkimpys_verifier_canonicalises_with_the_fence() -> None:
+    """Installed in dkimpy's place, and the originals kept are dkimpy's own (not the fence's
+    functions again: the tests above would then compare them with themselves)."""
+    relaxed = canonicalization.Relaxed
+    assert relaxed.canonicalize_headers is dkimpy_fence.relaxed_headers, f"{FENCE}: not installed"
+    assert relaxed.canonicalize_body is dkimpy_fence.relaxed_body, f"{FENCE}: not installed"
+    assert dkimpy_fence.DKIMPY_RELAXED_BODY.__module__ == "dkim.canonicalization", FENCE
+    assert dkimpy_fence.DKIMPY_RELAXED_HEADERS.__module__ == "dkim.canonicalization", FENCE
 
 
 _NAMES = st.sampled_from([b"from", b"to", b"subject", b"date"])

@@ -29,7 +29,10 @@ release, then widen the range.
 Verification (workers/verify: DKIM and ARC on receive) goes through ``dkim.DKIM.verify`` and
 ``dkim.arc_verify``, but their RSA is dkimpy's pure-Python one: 0.64 ms per rsa-sha256
 signature of a 2 KB message, two thirds of it parsing the key's ASN.1 and the modular
-exponentiation.  :func:`parse_public_key` and :func:`rsa_verify` take the place of
+exponentiation; and its relaxed canonicalisation runs regexes that change nothing on most
+mail.  :func:`relaxed_headers` and :func:`relaxed_body` replace ``Relaxed``'s two static
+methods (dkimpy's own kept as ``DKIMPY_RELAXED_*``, which the tests compare with);
+:func:`parse_public_key` and :func:`rsa_verify` take the place of
 ``dkim.parse_public_key`` and ``dkim.RSASSA_PKCS1_v1_5_verify`` (the names dkimpy's
 ``evaluate_pk`` and ``verify_sig_process`` call): OpenSSL (cryptography) parses the key and
 checks the signature, a parsed key is remembered for the next message signed with it, and
@@ -56,6 +59,9 @@ from dkim import canonicalization
 CHECKED_RELEASES = ">=1.1.8,<1.1.9"
 
 RELAXED = canonicalization.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+# dkimpy's own relaxed canonicalisation, kept before it is replaced (end of this module).
+DKIMPY_RELAXED_HEADERS = canonicalization.Relaxed.canonicalize_headers
+DKIMPY_RELAXED_BODY = canonicalization.Relaxed.canonicalize_body
 
 Header = tuple[bytes, bytes]  # (name, value as written after the colon, CRLF of folds kept)
 
@@ -78,7 +84,7 @@ def relaxed_headers(headers: Sequence[Header]) -> list[Header]:
     unfolded = [value.replace(b"\r\n", b"") for _, value in headers]
     joined = b"".join(unfolded)  # holds each unfolded value: one look at all of them
     if b"\t" in joined or b"  " in joined or b"\r" in joined or b"\n" in joined:
-        return RELAXED.canonicalize_headers(list(headers))  # type: ignore[no-any-return]
+        return DKIMPY_RELAXED_HEADERS(list(headers))  # type: ignore[no-any-return]
     # dkimpy's unfolding ("\r?\n" -> "") and its "[\t ]+" -> " " would change nothing more.
     return [
         (name.lower().rstrip(), value.strip() + b"\r\n")
@@ -152,3 +158,8 @@ def rsa_verify(hashed: Any, signature: bytes, public_key: dict[str, Any]) -> boo
 
 dkim.parse_public_key = parse_public_key
 dkim.RSASSA_PKCS1_v1_5_verify = rsa_verify
+# dkimpy's verifier canonicalises every field and the body with its regexes, also where
+# they change nothing: relaxed_headers and relaxed_body (the same result, tested) instead,
+# 223 -> 168 us per ed25519 signature of a 2 KB message.
+canonicalization.Relaxed.canonicalize_headers = staticmethod(relaxed_headers)
+canonicalization.Relaxed.canonicalize_body = staticmethod(relaxed_body)
