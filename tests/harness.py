@@ -177,3 +177,15 @@ async def longest_stall(awaitable: Awaitable[T]) -> tuple[T, float]:
         ticker.cancel()
     ticks.append(time.monotonic())
     return result, max(later - earlier for earlier, later in itertools.pairwise(ticks))
+
+
+def verification_threads_idle() -> bool:
+    """Whether no work holds or waits for verification's threads (a test that fills them
+    first waits for earlier tests' work to end)."""
+    from workers.verify import dkim
+
+    taken = [dkim._admitted.acquire(blocking=False) for _ in range(dkim.AT_ONCE)]
+    for acquired in taken:
+        if acquired:
+            dkim._admitted.release()
+    return all(taken)

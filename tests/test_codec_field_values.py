@@ -23,6 +23,7 @@ _LINES = st.sampled_from([
     "From: a@b.example", "from:x@y.example", "FROM:\tq@r.example", "From : z@w.example",
     "From q@r Mon Dec  6", " continued", "\tcontinued@too.example", "Subject: s",
     ":nameless", "not a header", "", "X-Y: From: inner@x.example", "From:", "Fro m: no",
+    "From:From Boss <boss@v.example>", "From::x@v.example", ":", "From x",
 ])  # fmt: skip
 
 
@@ -51,3 +52,11 @@ def test_fields_beyond_the_parsers_limit_are_not_read() -> None:
     assert field_values(data, b"from") == [b"kept@a.example"]
     parsed = parse_message(data, mail_from=None, rcpt_tos=["b@x.example"])
     assert parsed["headers"]["from"] == "kept@a.example"
+
+
+def test_a_field_line_that_looks_like_a_dropped_one_is_kept() -> None:
+    """Only the lines after the field's own can be ones the parser drops: a From whose
+    value starts "From " is still the author the application reads."""
+    data = b"From:From Boss <boss@v.example>\r\n:\r\n <me@a.example>\r\n\r\nbody"
+    assert [_unfolded(v) for v in field_values(data, b"from")] == _as_the_parser_reads(data)
+    assert field_values(data, b"from")[0].startswith(b"From Boss <boss@v.example>")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,9 +18,9 @@ import redis.asyncio as aioredis
 
 from tests.dkim_util import KeyFile, mailauth_seal, mailauth_sign, write_key
 from tests.dns_util import DnsServer, running_dns, txt
-from tests.harness import longest_stall
+from tests.harness import longest_stall, verification_threads_idle, wait_until
 from tests.ingest_util import HOSTNAME, SMTPConn, entries, ingest
-from workers.verify.dkim import DkimResult, brief
+from workers.verify.dkim import AT_ONCE, DkimResult, brief, off_loop
 from workers.verify.dmarc import DmarcResult
 from workers.verify.resolver import Resolver
 from workers.verify.results import Verdicts
@@ -359,3 +360,34 @@ def test_sender_text_is_kept_short_and_our_field_ascii() -> None:
     assert len(huge.comment) <= 200
     assert field.isascii()
     assert max(len(line) for line in field.split(b"\r\n")) < 998
+
+
+async def test_busy_verification_threads_do_not_hide_the_author(dns: DnsServer) -> None:
+    """With every verification thread taken, a large header block's From is read on the
+    loop: DMARC still judges the author (no "no From domain" permerror to hide behind)."""
+    host, port = dns.address.split(":")
+    verifier = Verifier(Resolver((host, int(port)), timeout=2.0), HOSTNAME, budget=1.0)
+    content = b"From: ceo@forged.test\r\n" + b"X-Filler: x\r\n" * 10_000 + b"\r\nbody\r\n"
+    await wait_until(verification_threads_idle, "earlier verification threads done", timeout=30)
+    release = threading.Event()
+    held = [asyncio.ensure_future(off_loop(release.wait, deadline=time.monotonic() + 30))
+            for _ in range(AT_ONCE)]  # fmt: skip
+    try:
+        await asyncio.sleep(0.05)
+        checks = verifier.start("127.0.0.1", "a@example.com", "client.test")
+        verified = await verifier.finish(checks, content)
+    finally:
+        release.set()
+        await asyncio.gather(*held)
+    assert verified.verdicts.dmarc == DmarcResult("fail", "forged.test", "quarantine")
+
+
+def test_our_field_is_remembered_by_verdict_and_unreadable_domains_left_out() -> None:
+    spf = SpfResult("none", "mailfrom", "paypal.com\ue000")
+    first = Verdicts(spf, None, (DkimResult("fail", "a.example", comment="x" * 150),), None, None)
+    again = Verdicts(spf, None, (DkimResult("fail", "a.example", comment="y"),), None, None)
+    hits = authentication_results.cache_info().hits
+    field = authentication_results(first, HOSTNAME)
+    assert authentication_results(again, HOSTNAME) is field
+    assert authentication_results.cache_info().hits == hits + 1
+    assert b"paypal" not in field and b"spf=none" in field

@@ -181,8 +181,9 @@ def field_values(data: bytes, name: bytes) -> list[bytes]:
 
 def _without_dropped_lines(value: bytes) -> bytes:
     if b"\nFrom " in value or b"\n:" in value:
-        lines = value.split(b"\n")
-        value = b"\n".join(line for line in lines if not line.startswith((b"From ", b":")))
+        first, *more = value.split(b"\n")  # the first is the field's own line: always kept
+        kept = [line for line in more if not line.startswith((b"From ", b":"))]
+        value = b"\n".join([first, *kept])
     return value.rstrip(b"\r\n").lstrip(b" \t")
 
 

@@ -8,7 +8,7 @@ message is read and checked off the event loop within the deadline, as in :mod:`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
@@ -35,7 +35,7 @@ class ArcResult:
 
     result: str
     instances: int = 0
-    comment: str = ""
+    comment: str = field(default="", compare=False)  # not part of the verdict
 
 
 async def verify(resolver: Resolver, message: bytes, *, deadline: float) -> ArcResult:

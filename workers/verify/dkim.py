@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import dkim
@@ -39,6 +39,7 @@ MAX_SIGNATURES = 10
 # their product.  Signers name 10 to 40 (over-signing doubles some).
 MAX_SIGNED_FIELDS = 100
 MAX_HEADER_FIELDS = 1000  # a message with more is not checked (real mail: under 100)
+KEY_GRACE = 1.0  # seconds key lookups may take past the message's deadline
 IN_THREAD_FROM = 1 << 16  # octets: larger messages are read and hashed off the loop
 # Threads of verification's own (ingest's parsing keeps the default executor to itself), and
 # how much work may wait for them: beyond it a message's checks are temperror at once.  A
@@ -62,7 +63,7 @@ class DkimResult:
     domain: str = ""
     selector: str = ""
     algorithm: str = ""
-    comment: str = ""
+    comment: str = field(default="", compare=False)  # not part of the verdict
     unanswered: bool = False
 
 
@@ -163,7 +164,11 @@ async def fetch_keys(resolver: Resolver, names: set[str], deadline: float) -> di
         else:
             asked[name] = asyncio.ensure_future(resolver.ask(name, "TXT"))
     if asked:
-        await asyncio.wait(asked.values(), timeout=max(deadline - time.monotonic(), 0))
+        # A second past the deadline: a sender who spent the budget (a large message queued
+        # for the threads) must not leave the author's key unasked, a temperror DMARC would
+        # take for "might have passed".
+        wait = max(deadline - time.monotonic(), 0) + KEY_GRACE
+        await asyncio.wait(asked.values(), timeout=wait)
     for name, task in asked.items():
         if task.done() and not task.cancelled() and task.exception() is None:
             answers[name] = task.result()

@@ -8,7 +8,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from publicsuffixlist import PublicSuffixList
 
@@ -30,7 +30,7 @@ class DmarcResult:
     domain: str
     policy: str = ""
     aligned: tuple[str, ...] = ()
-    comment: str = ""
+    comment: str = field(default="", compare=False)  # not part of the verdict
 
 
 @functools.lru_cache(maxsize=4096)

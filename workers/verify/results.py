@@ -95,7 +95,7 @@ def _token(value: str) -> str:
         try:
             value = value.encode("idna").decode("ascii")
         except UnicodeError:
-            value = value.encode("ascii", "ignore").decode("ascii")
+            return ""  # not a domain: nothing rather than a part that reads as another
     return _NOT_TOKEN.sub("", value)[:253]
 
 

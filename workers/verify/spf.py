@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from workers.verify import pyspf_fence
 from workers.verify.dkim import brief
@@ -29,7 +29,7 @@ class SpfResult:
     result: str
     identity: str  # "mailfrom" or "helo"
     domain: str
-    explanation: str = ""
+    explanation: str = field(default="", compare=False)  # not part of the verdict
     unanswered: bool = False  # a temperror of DNS's (see dkim.DkimResult.unanswered)
 
 
@@ -41,7 +41,8 @@ async def check(
     identity = "mailfrom" if sender else "helo"
     local, _, domain = sender.rpartition("@")
     # pyspf splits at the first "@", RFC 5321 at the last (a quoted local part may hold
-    # one): the local part without it, so pyspf checks the domain reported here.
+    # one): the local part without it, so pyspf checks the domain reported here (a record's
+    # %{l} macro then sees that local part without its "@").
     if "@" in local:
         sender = f"{local.replace('@', '')}@{domain}"
     domain = domain if sender else helo
