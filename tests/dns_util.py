@@ -16,6 +16,9 @@ from pathlib import Path
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
 TXT_STRING = 255  # octets per character-string of a TXT record (RFC 1035 section 3.3.14)
+# How long a test's resolver waits for unbound: ample on a loaded CI machine (answers take
+# milliseconds; a test about silence uses a port that never answers, not this).
+DNS_TIMEOUT = 5.0
 
 
 def txt(value: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.dkim_util import KeyFile, mailauth_sign, write_key
-from tests.dns_util import DnsServer, running_dns, txt
+from tests.dns_util import DNS_TIMEOUT, DnsServer, running_dns, txt
 from tests.harness import longest_stall, verification_threads_idle, wait_until
 from workers.verify.dkim import AT_ONCE, MAX_SIGNATURES, off_loop, verify
 from workers.verify.resolver import Resolver
@@ -42,7 +42,7 @@ def dns(
 
 def _resolver(dns: DnsServer) -> Resolver:
     host, port = dns.address.split(":")
-    return Resolver((host, int(port)), timeout=2.0)
+    return Resolver((host, int(port)), timeout=DNS_TIMEOUT)
 
 
 async def test_both_algorithms_of_an_independent_signer_pass(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.dns_util import DnsServer, running_dns, txt
+from tests.dns_util import DNS_TIMEOUT, DnsServer, running_dns, txt
 from workers.verify.dkim import DkimResult
 from workers.verify.dmarc import aligned, check
 from workers.verify.resolver import Resolver
@@ -30,7 +30,7 @@ def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsServer]:
 
 def _resolver(dns: DnsServer) -> Resolver:
     host, port = dns.address.split(":")
-    return Resolver((host, int(port)), timeout=2.0)
+    return Resolver((host, int(port)), timeout=DNS_TIMEOUT)
 
 
 def test_alignment_uses_the_public_suffix_list() -> None:

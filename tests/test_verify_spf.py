@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dns_util import DnsServer, running_dns, txt
+from tests.dns_util import DNS_TIMEOUT, DnsServer, running_dns, txt
 from workers.verify.resolver import Resolver
 from workers.verify.spf import check
 
@@ -48,7 +48,7 @@ def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsServer]:
 
 def _resolver(dns: DnsServer) -> Resolver:
     host, port = dns.address.split(":")
-    return Resolver((host, int(port)), timeout=2.0)
+    return Resolver((host, int(port)), timeout=DNS_TIMEOUT)
 
 
 @pytest.mark.parametrize(
