@@ -423,7 +423,7 @@ def positive(name: str, value: float, *, allow_zero: bool = False) -> None:
 
 
 NO_SYSTEM_RESOLVER = (
-    "no system DNS resolver (/etc/resolv.conf) for verification: give --dns-server IP:PORT, "
+    "no system DNS resolver (/etc/resolv.conf) for verification: give --dns-server HOST:PORT, "
     "or --no-verify"
 )
 
@@ -505,8 +505,9 @@ class IngestConfig(CommonConfig):
         "and an Authentication-Results field (--no-verify: neither)",
     )
     dns_server: str | None = option(
-        None, "DNS resolver IP:PORT verification asks; default the system's (/etc/resolv.conf)"
-    )
+        None, "DNS resolver HOST:PORT verification asks (a name looked up once, at start); "
+        "default the system's (/etc/resolv.conf)",
+    )  # fmt: skip
     authserv_id: str = option(
         "", "the name in our Authentication-Results field (RFC 8601); default --hostname"
     )
@@ -553,13 +554,7 @@ class IngestConfig(CommonConfig):
 
     def _validate_verification(self) -> None:
         if self.dns_server is not None:
-            host, _ = parse_host_port(self.dns_server, "--dns-server")
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                raise ConfigError(
-                    f"--dns-server: {host!r} is not an IP address (IP:PORT, [IPv6]:PORT)"
-                ) from None
+            self.dns_address  # noqa: B018 - resolves the name, ConfigError if it cannot
         elif self.verify and not _system_resolver_configured():
             raise ConfigError(NO_SYSTEM_RESOLVER)
         if not 0 < self.verify_budget <= 60:
@@ -569,6 +564,22 @@ class IngestConfig(CommonConfig):
                 f"--authserv-id: {self.our_authserv_id!r} is not a name of letters, digits, "
                 "dots, hyphens and underscores (the default is --hostname)"
             )
+
+    @functools.cached_property
+    def dns_address(self) -> tuple[str, int] | None:
+        """--dns-server as (IP, port): a host name is looked up once, at start (dnspython
+        asks servers by address)."""
+        if self.dns_server is None:
+            return None
+        host, port = parse_host_port(self.dns_server, "--dns-server")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            try:
+                host = str(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0])
+            except (OSError, UnicodeError) as exc:
+                raise ConfigError(f"--dns-server: cannot look up {host!r}: {exc}") from None
+        return host, port
 
     @property
     def our_authserv_id(self) -> str:

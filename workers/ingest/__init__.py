@@ -23,7 +23,6 @@ from workers.config import (
     ConfigError,
     IngestConfig,
     describe,
-    parse_host_port,
 )
 from workers.health import serving_health
 from workers.ingest.auth import Authenticator, load_credentials
@@ -88,7 +87,7 @@ def build_verifier(config: IngestConfig) -> Verifier | None:
     """The checks of received mail, None with --no-verify; ConfigError without a resolver."""
     if not config.verify:
         return None
-    server = parse_host_port(config.dns_server, "--dns-server") if config.dns_server else None
+    server = config.dns_address
     try:
         # A question may outlive one message's budget: its answer is kept for the next.
         resolver = Resolver(server, timeout=max(DNS_TIMEOUT, config.verify_budget))
