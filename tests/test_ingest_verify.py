@@ -216,9 +216,9 @@ async def test_dns_down_gives_temperror_and_still_250(
     assert auth["spf_mailfrom"] == {"result": "temperror", "domain": "example.com"}
     assert auth["spf_helo"]["result"] == "temperror"
     assert auth["dmarc"]["result"] == "temperror"
-    # The budget bounds the wait (from MAIL FROM for SPF, from the end of DATA for DMARC),
-    # not dnspython's own timeout of 5 s.
-    assert time.monotonic() - started < 2.5
+    # The budget bounds the wait (from MAIL FROM for SPF, from the end of DATA for DMARC,
+    # whose policy lookup gets a second more), not dnspython's own timeout of 5 s.
+    assert time.monotonic() - started < 4  # budget + the policy lookup's grace, not 5 s
     [ours] = fields_named(entry, "Authentication-Results")
     assert "spf=temperror" in ours and "dmarc=temperror" in ours
 
