@@ -4,8 +4,10 @@
 client sends its recipients and data; :meth:`Verifier.finish` at the end of DATA checks every
 DKIM signature and the ARC chain at once, then DMARC for the From domain, and gives the
 verdicts, our ``Authentication-Results`` field and the content with any field forging our
-verdict renamed.  Both are bounded by one budget per message (``--verify-budget``): what is
-not known by then is ``temperror``.  Nothing here raises on a sender's input or a DNS failure.
+verdict renamed.  Both are bounded by one budget per message (``--verify-budget``; the key
+and policy lookups of the end of DATA get a second more, so that a sender who spends the
+budget cannot leave the author's unasked): what is not known by then is ``temperror``.
+Nothing here raises on a sender's input or a DNS failure.
 """
 
 from __future__ import annotations
