@@ -27,7 +27,8 @@ goal: >= 1.0 with reused connections, >= 1.5 with new ones, msg/s and per CPU-se
 at their default log level (info: ingest writes one JSON line per message, Haraka several
 per transaction), then both logging warnings only (a second ingest and a second Haraka).
 Haraka discards each message where ingest parses it and stores it in Redis; Redis's CPU is
-not counted on ingest's side.
+not counted on ingest's side.  Every ingest here runs with verification off (Haraka's side
+checks nothing either), but the one ``--verify`` adds.
 
 Load: Postfix's ``smtp-source`` (test tool only; the Postfix daemon is never started) sends
 2 KB and 20 KB messages over 10 and 50 parallel sessions, with connection reuse (``-d``: all
