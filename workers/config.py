@@ -508,8 +508,8 @@ class IngestConfig(CommonConfig):
         None, "DNS resolver HOST:PORT verification asks (a name looked up once, at start); "
         "default the system's (/etc/resolv.conf)",
     )  # fmt: skip
-    authserv_id: str = option(
-        "", "the name in our Authentication-Results field (RFC 8601); default --hostname"
+    authserv_id: str | None = option(
+        None, "the name in our Authentication-Results field (RFC 8601); default --hostname"
     )
     verify_budget: float = option(
         3.0, "seconds verification may take per message, from MAIL FROM and from the end of "

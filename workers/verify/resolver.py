@@ -96,8 +96,10 @@ class Resolver:
         self.questions += 1
         try:
             result = await self._resolver.resolve(name, rdtype, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN as exc:
-            return NOTHING, _negative_ttl(exc)
+        except dns.resolver.NXDOMAIN:
+            # The zone's negative TTL is not carried on the exception in every dnspython
+            # release: our bound stands for it.
+            return NOTHING, NEGATIVE_TTL
         except (dns.exception.SyntaxError, dns.name.NameTooLong, dns.name.IDNAException):
             # A name no DNS could hold (a label over 63 octets, an empty one): the sender
             # wrote it, so there is no such record, not a failure to find it.
@@ -118,8 +120,3 @@ class Resolver:
         self._cache.move_to_end(key)
         while len(self._cache) > self._size:
             self._cache.popitem(last=False)
-
-
-def _negative_ttl(exc: dns.resolver.NXDOMAIN) -> float:
-    del exc  # the SOA minimum is not carried on the exception in every dnspython release
-    return NEGATIVE_TTL

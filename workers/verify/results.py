@@ -50,14 +50,9 @@ class Verdicts:
             out["arc"] = {"result": self.arc.result, "instances": self.arc.instances}
         return out
 
-    def header(self, authserv_id: str) -> str:
-        """``Authentication-Results: ...`` on one line (RFC 8601)."""
-        return str(authres.AuthenticationResultsHeader(
-            authserv_id=authserv_id, results=self._results()))  # fmt: skip
-
     def texts(self) -> list[str]:
-        """Each result as the field writes it (``spf=pass smtp.mailfrom=example.com``),
-        for a writer that folds between them."""
+        """Each result as our Authentication-Results field writes it (``spf=pass
+        smtp.mailfrom=example.com``; verifier.authentication_results folds between them)."""
         return [str(result) for result in self._results()]
 
     def _results(self) -> list[Any]:
