@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from workers.verify.resolver import Resolver
+
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
 TXT_STRING = 255  # octets per character-string of a TXT record (RFC 1035 section 3.3.14)
 # How long a test's resolver waits for unbound: ample on a loaded CI machine (answers take
@@ -58,6 +60,11 @@ class DnsServer:
         self.zones = list(zones)
         self.records = {name: list(rrs) for name, rrs in records.items()}
         self.process: subprocess.Popen[bytes] | None = None
+
+    def resolver(self) -> Resolver:
+        """Verification's resolver, asking this server alone."""
+        host, port = self.address.split(":")
+        return Resolver((host, int(port)), timeout=DNS_TIMEOUT)
 
     @property
     def address(self) -> str:

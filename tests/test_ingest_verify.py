@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.dkim_util import KeyFile, mailauth_seal, mailauth_sign, write_key
-from tests.dns_util import DNS_TIMEOUT, DnsServer, running_dns, txt
+from tests.dns_util import DnsServer, running_dns, txt
 from tests.harness import longest_stall, verification_threads_idle, wait_until
 from tests.ingest_util import HOSTNAME, SMTPConn, entries, ingest
 from workers.verify.dkim import AT_ONCE, DkimResult, brief, off_loop
@@ -232,8 +232,7 @@ async def test_no_verify_adds_nothing(redis_url: str, redis: aioredis.Redis) -> 
 
 
 async def test_spf_begins_at_mail_from_before_the_data(dns: DnsServer) -> None:
-    host, port = dns.address.split(":")
-    resolver = Resolver((host, int(port)), timeout=DNS_TIMEOUT)
+    resolver = dns.resolver()
     verifier = Verifier(resolver, HOSTNAME, budget=3.0)
     checks = verifier.start("127.0.0.1", "a@example.com", "client.test")
     assert isinstance(checks.mailfrom, asyncio.Future) and isinstance(checks.helo, asyncio.Future)
@@ -342,8 +341,7 @@ def test_renaming_does_not_depend_on_verification_succeeding() -> None:
 async def test_a_header_block_of_megabytes_is_read_without_stalling(dns: DnsServer) -> None:
     """The From fields of a large message are found off the loop, and found: DMARC judges
     the author the application will read, however much follows it."""
-    host, port = dns.address.split(":")
-    verifier = Verifier(Resolver((host, int(port)), timeout=DNS_TIMEOUT), HOSTNAME, budget=3.0)
+    verifier = Verifier(dns.resolver(), HOSTNAME, budget=3.0)
     content = b"From: ceo@forged.test\r\n" + b"X-Filler: x\r\n" * 300_000 + b"\r\nbody\r\n"
     checks = verifier.start("127.0.0.1", "a@example.com", "client.test")
     verified, stall = await longest_stall(verifier.finish(checks, content))
@@ -365,8 +363,7 @@ def test_sender_text_is_kept_short_and_our_field_ascii() -> None:
 async def test_busy_verification_threads_do_not_hide_the_author(dns: DnsServer) -> None:
     """With every verification thread taken, a large header block's From is read on the
     loop: DMARC still judges the author (no "no From domain" permerror to hide behind)."""
-    host, port = dns.address.split(":")
-    verifier = Verifier(Resolver((host, int(port)), timeout=DNS_TIMEOUT), HOSTNAME, budget=1.0)
+    verifier = Verifier(dns.resolver(), HOSTNAME, budget=1.0)
     content = b"From: ceo@forged.test\r\n" + b"X-Filler: x\r\n" * 10_000 + b"\r\nbody\r\n"
     await wait_until(verification_threads_idle, "earlier verification threads done", timeout=30)
     release = threading.Event()

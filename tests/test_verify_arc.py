@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from tests.dkim_util import mailauth_seal, mailauth_sign, write_key
-from tests.dns_util import DNS_TIMEOUT, running_dns
+from tests.dns_util import running_dns
 from workers.verify.arc import verify
 from workers.verify.resolver import Resolver
 
@@ -23,8 +23,7 @@ async def test_a_sealed_hop_passes_and_a_change_after_it_fails(tmp_path: Path) -
     )
     records = dict([author.dns_record(), forwarder.dns_record()])
     with running_dns(tmp_path / "dns", ["example.com", "lists.test"], records) as dns:
-        host, port = dns.address.split(":")
-        resolver = Resolver((host, int(port)), timeout=DNS_TIMEOUT)
+        resolver = dns.resolver()
         deadline = time.monotonic() + 5
         assert (await verify(resolver, MESSAGE, deadline=deadline)).result == "none"
         chain = await verify(resolver, sealed, deadline=deadline)

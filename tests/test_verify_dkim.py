@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.dkim_util import KeyFile, mailauth_sign, write_key
-from tests.dns_util import DNS_TIMEOUT, DnsServer, running_dns, txt
+from tests.dns_util import DnsServer, running_dns, txt
 from tests.harness import longest_stall, verification_threads_idle, wait_until
 from workers.verify.dkim import AT_ONCE, MAX_SIGNATURES, off_loop, verify
 from workers.verify.resolver import Resolver
@@ -40,32 +40,27 @@ def dns(
         yield server
 
 
-def _resolver(dns: DnsServer) -> Resolver:
-    host, port = dns.address.split(":")
-    return Resolver((host, int(port)), timeout=DNS_TIMEOUT)
-
-
 async def test_both_algorithms_of_an_independent_signer_pass(
     dns: DnsServer, keys: tuple[KeyFile, KeyFile]
 ) -> None:
     signed = mailauth_sign(mailauth_sign(MESSAGE, keys[1]), keys[0])
-    results = await verify(_resolver(dns), signed, deadline=time.monotonic() + 5)
+    results = await verify(dns.resolver(), signed, deadline=time.monotonic() + 5)
     assert [(r.result, r.selector, r.algorithm) for r in results] == [
         ("pass", "e1", "ed25519-sha256"),
         ("pass", "r1", "rsa-sha256"),
     ]
     changed = await verify(
-        _resolver(dns), signed.replace(b"Hello", b"Hallo"), deadline=time.monotonic() + 5
+        dns.resolver(), signed.replace(b"Hello", b"Hallo"), deadline=time.monotonic() + 5
     )
     assert [r.result for r in changed] == ["fail", "fail"]
 
 
 async def test_no_key_no_answer_and_unsigned(dns: DnsServer, tmp_path: Path) -> None:
-    assert await verify(_resolver(dns), MESSAGE, deadline=time.monotonic() + 5) == []
+    assert await verify(dns.resolver(), MESSAGE, deadline=time.monotonic() + 5) == []
     forged = (
         b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=gone; h=from; bh=x; b=y\r\n" + MESSAGE
     )
-    [missing] = await verify(_resolver(dns), forged, deadline=time.monotonic() + 5)
+    [missing] = await verify(dns.resolver(), forged, deadline=time.monotonic() + 5)
     assert missing.result == "permerror"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as never_answers:
         never_answers.bind(("127.0.0.1", 0))
@@ -84,7 +79,7 @@ def _signature(selector: str, signed: str = "from") -> bytes:
 
 
 async def test_an_unusable_key_is_a_permerror(dns: DnsServer) -> None:
-    [broken] = await verify(_resolver(dns), _signature("broken") + MESSAGE,
+    [broken] = await verify(dns.resolver(), _signature("broken") + MESSAGE,
                             deadline=time.monotonic() + 5)  # fmt: skip
     assert (broken.result, broken.selector) == ("permerror", "broken")
 
@@ -94,7 +89,7 @@ async def test_limits_bound_the_work_a_sender_can_ask_for(dns: DnsServer) -> Non
     fields); a large message is read and checked off the loop, within the deadline."""
     many = ":".join(f"x-{n}" for n in range(8000))
     started = time.monotonic()
-    [refused] = await verify(_resolver(dns), _signature("r1", many) + MESSAGE,
+    [refused] = await verify(dns.resolver(), _signature("r1", many) + MESSAGE,
                              deadline=time.monotonic() + 5)  # fmt: skip
     assert refused.result == "neutral" and "signed fields" in refused.comment
     assert time.monotonic() - started < 1
@@ -102,7 +97,7 @@ async def test_limits_bound_the_work_a_sender_can_ask_for(dns: DnsServer) -> Non
     body = (b"y  x\t" * 40 + b"\r\n") * ((3 << 20) // 202)
     large = b"".join(_signature("r1") for _ in range(MAX_SIGNATURES)) + MESSAGE + body
     started = time.monotonic()
-    verdicts, stall = await longest_stall(verify(_resolver(dns), large, deadline=started + 0.05))
+    verdicts, stall = await longest_stall(verify(dns.resolver(), large, deadline=started + 0.05))
     # Not read in time (one verdict) or read and not checked in time (one per signature).
     assert len(verdicts) in (1, MAX_SIGNATURES), verdicts
     assert {v.result for v in verdicts} == {"temperror"}, verdicts
@@ -135,5 +130,5 @@ async def test_keys_are_asked_for_even_when_the_budget_is_spent(
     author's key is still looked up, so its verdict is a real one, not a temperror DMARC
     would read as "might have passed"."""
     signed = mailauth_sign(MESSAGE, keys[0])
-    [verdict] = await verify(_resolver(dns), signed, deadline=time.monotonic() - 1)
+    [verdict] = await verify(dns.resolver(), signed, deadline=time.monotonic() - 1)
     assert verdict.result == "pass"

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.dns_util import DNS_TIMEOUT, DnsServer, running_dns, txt
+from tests.dns_util import DnsServer, running_dns, txt
 from workers.verify.dkim import DkimResult
 from workers.verify.dmarc import aligned, check
 from workers.verify.resolver import Resolver
@@ -28,11 +28,6 @@ def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsServer]:
         yield server
 
 
-def _resolver(dns: DnsServer) -> Resolver:
-    host, port = dns.address.split(":")
-    return Resolver((host, int(port)), timeout=DNS_TIMEOUT)
-
-
 def test_alignment_uses_the_public_suffix_list() -> None:
     assert aligned("mail.example.co.uk", "example.co.uk", strict=False)
     assert not aligned("co.uk", "example.co.uk", strict=False)
@@ -40,7 +35,7 @@ def test_alignment_uses_the_public_suffix_list() -> None:
 
 
 async def test_pass_by_dkim_or_spf_fail_with_the_policy(dns: DnsServer) -> None:
-    resolver = _resolver(dns)
+    resolver = dns.resolver()
     spf_ok = SpfResult("pass", "mailfrom", "bounce.example.com")
     dkim_ok = [DkimResult("pass", "example.com", "s1", "ed25519-sha256")]
     by_spf = await check(resolver, "example.com", spf_ok, [], deadline=time.monotonic() + 5)
@@ -55,7 +50,7 @@ async def test_pass_by_dkim_or_spf_fail_with_the_policy(dns: DnsServer) -> None:
 
 
 async def test_strict_none_broken_and_down(dns: DnsServer) -> None:
-    resolver = _resolver(dns)
+    resolver = dns.resolver()
     relaxed_only = [DkimResult("pass", "mail.strict.test", "s1", "rsa-sha256")]
     strict = await check(resolver, "strict.test", None, relaxed_only, deadline=time.monotonic() + 5)
     assert (strict.result, strict.policy) == ("fail", "none")
@@ -72,21 +67,21 @@ async def test_an_aligned_check_that_timed_out_is_a_temperror_not_a_fail(dns: Dn
     """During a DNS outage the aligned SPF or DKIM check may have passed: DMARC says it does
     not know (keeping the policy), so an application does not refuse legitimate mail."""
     late_spf = SpfResult("temperror", "mailfrom", "example.com", unanswered=True)
-    got = await check(_resolver(dns), "example.com", late_spf, [], deadline=time.monotonic() + 5)
+    got = await check(dns.resolver(), "example.com", late_spf, [], deadline=time.monotonic() + 5)
     assert (got.result, got.policy) == ("temperror", "reject")
     late_dkim = [DkimResult("temperror", "example.com", "s1", unanswered=True)]
     unaligned = SpfResult("pass", "mailfrom", "elsewhere.example")
-    got = await check(_resolver(dns), "example.com", unaligned, late_dkim,
+    got = await check(dns.resolver(), "example.com", unaligned, late_dkim,
                       deadline=time.monotonic() + 5)  # fmt: skip
     assert (got.result, got.policy) == ("temperror", "reject")
     # A timeout for a domain not aligned with the author changes nothing: still a fail.
     other = SpfResult("temperror", "mailfrom", "elsewhere.example", unanswered=True)
-    got = await check(_resolver(dns), "example.com", other, [], deadline=time.monotonic() + 5)
+    got = await check(dns.resolver(), "example.com", other, [], deadline=time.monotonic() + 5)
     assert (got.result, got.policy) == ("fail", "reject")
     # Nor does a check of ours that ran out of time (a sender's huge message can make it):
     # only DNS not answering for the author's domain may stand for "might have passed".
     unchecked = [DkimResult("temperror", "example.com", "s1", comment="not checked in time")]
-    got = await check(_resolver(dns), "example.com", unaligned, unchecked,
+    got = await check(dns.resolver(), "example.com", unaligned, unchecked,
                       deadline=time.monotonic() + 5)  # fmt: skip
     assert (got.result, got.policy) == ("fail", "reject")
 
@@ -94,5 +89,5 @@ async def test_an_aligned_check_that_timed_out_is_a_temperror_not_a_fail(dns: Dn
 async def test_the_policy_is_still_asked_when_the_budget_is_spent(dns: DnsServer) -> None:
     """A sender whose own key lookups use up the message's budget must not leave the
     author's policy unasked (a temperror instead of the fail it is)."""
-    got = await check(_resolver(dns), "example.com", None, [], deadline=time.monotonic() - 1)
+    got = await check(dns.resolver(), "example.com", None, [], deadline=time.monotonic() - 1)
     assert (got.result, got.policy) == ("fail", "reject")

@@ -8,15 +8,14 @@ import asyncio
 import socket
 from pathlib import Path
 
-from tests.dns_util import DNS_TIMEOUT, running_dns, txt
+from tests.dns_util import running_dns, txt
 from workers.verify.resolver import TEMPORARY, Resolver
 
 
 async def test_one_question_for_many_askers_and_kept_after(tmp_path: Path) -> None:
     records = {"example.com": [("TXT", txt("v=spf1 -all"))]}
     with running_dns(tmp_path, ["example.com"], records) as dns:
-        host, port = dns.address.split(":")
-        resolver = Resolver((host, int(port)), timeout=DNS_TIMEOUT)
+        resolver = dns.resolver()
         answers = await asyncio.gather(*(resolver.ask("example.com", "TXT") for _ in range(20)))
         assert {answer.records for answer in answers} == {("v=spf1 -all",)}
         assert resolver.questions == 1

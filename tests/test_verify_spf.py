@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dns_util import DNS_TIMEOUT, DnsServer, running_dns, txt
+from tests.dns_util import DnsServer, running_dns, txt
 from workers.verify.resolver import Resolver
 from workers.verify.spf import check
 
@@ -46,11 +46,6 @@ def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsServer]:
         yield server
 
 
-def _resolver(dns: DnsServer) -> Resolver:
-    host, port = dns.address.split(":")
-    return Resolver((host, int(port)), timeout=DNS_TIMEOUT)
-
-
 @pytest.mark.parametrize(
     ("domain", "result"),
     [
@@ -61,18 +56,18 @@ def _resolver(dns: DnsServer) -> Resolver:
     ],
 )  # fmt: skip
 async def test_each_result(dns: DnsServer, domain: str, result: str) -> None:
-    got = await check(_resolver(dns), "127.0.0.1", f"a@{domain}", "x.test",
+    got = await check(dns.resolver(), "127.0.0.1", f"a@{domain}", "x.test",
                       deadline=time.monotonic() + 5)  # fmt: skip
     assert (got.result, got.identity, got.domain) == (result, "mailfrom", domain)
 
 
 async def test_the_helo_identity_for_the_null_sender(dns: DnsServer) -> None:
-    got = await check(_resolver(dns), "127.0.0.1", "", "helo.test", deadline=time.monotonic() + 5)
+    got = await check(dns.resolver(), "127.0.0.1", "", "helo.test", deadline=time.monotonic() + 5)
     assert (got.result, got.identity, got.domain) == ("pass", "helo", "helo.test")
 
 
 async def test_answers_are_cached(dns: DnsServer) -> None:
-    resolver = _resolver(dns)
+    resolver = dns.resolver()
     for _ in range(3):
         await check(
             resolver, "127.0.0.1", "a@include.test", "x.test", deadline=time.monotonic() + 5
