@@ -1,10 +1,12 @@
 """The aiosmtpd handler of ``mailpool ingest``: envelope checks and the end-of-DATA step.
 
-At the end of DATA the handler prepends our ``Received`` field, parses the message with the
-codec, packs it and appends it to ``email.receive``.  The reply is ``250`` with the stream
-entry id only after Redis acknowledged the entry; any failure on our side (Redis down, out
-of memory, read-only, too few replicas, a bug of ours) is a temporary ``451 4.3.0``, never a
-``5xx`` and never a ``250``: the sender keeps the message and retries.
+At the end of DATA the handler verifies the message (SPF begun at MAIL FROM; DKIM, ARC and
+DMARC now: workers.verify), prepends our ``Authentication-Results`` and ``Received`` fields,
+parses the message with the codec, packs it and appends it to ``email.receive``.  The reply
+is ``250`` with the stream entry id only after Redis acknowledged the entry; any failure on
+our side (Redis down, out of memory, read-only, too few replicas, a bug of ours) is a
+temporary ``451 4.3.0``, never a ``5xx`` and never a ``250``: the sender keeps the message
+and retries.
 """
 
 from __future__ import annotations
@@ -258,7 +260,7 @@ class IngestHandler:
                 above=verified.field if verified else b"",
             )
         ]  # fmt: skip
-        # One size everywhere: the message as stored (our Received field + what the client
+        # One size everywhere: the message as stored (our fields + what the client
         # sent), the entry's ``size`` and ``len(raw)``, so log lines and entries agree.
         size = len(raw[0])
         recipients = list(envelope.rcpt_tos)
