@@ -16,6 +16,7 @@ class ScriptedRelay:
     replies: dict[bytes, bytes] = field(default_factory=dict)  # stage -> reply line
     delays: dict[bytes, float] = field(default_factory=dict)  # stage -> seconds before it
     messages: int = 0  # final dots read
+    pipelining: bool = False  # offer PIPELINING (the client then writes its group at once)
     _connections: set[asyncio.StreamWriter] = field(default_factory=set)
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -41,7 +42,8 @@ class ScriptedRelay:
     def _reply(self, stage: bytes) -> bytes:
         if stage in self.replies:
             return self.replies[stage]
-        defaults = {b"EHLO": b"250 scripted.test", b"QUIT": b"221 bye", b".": b"250 2.0.0 queued"}
+        ehlo = b"250-scripted.test\r\n250 PIPELINING" if self.pipelining else b"250 scripted.test"
+        defaults = {b"EHLO": ehlo, b"QUIT": b"221 bye", b".": b"250 2.0.0 queued"}
         return defaults.get(stage, b"250 OK")
 
     @contextlib.asynccontextmanager

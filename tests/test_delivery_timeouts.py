@@ -24,6 +24,9 @@ from workers.config import DeliveryConfig
 from workers.relay import SEND_TIMED_OUT, SendResult, SmtpPool
 
 RECIPIENTS = [f"r{n}@example.com" for n in range(4)]
+# Each budget holds for a relay that takes the transaction command by command and for one
+# that offers PIPELINING (MAIL, RCPTs and DATA in one write; workers.relay.pipelining).
+BOTH_PATHS = pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
 
 
 def test_defaults_are_rfc_5321s_and_claim_after_is_derived_from_them() -> None:
@@ -67,44 +70,57 @@ async def _timed_send(
             await pool.aclose()
 
 
-async def test_the_reply_to_the_final_dot_is_waited_for_past_the_command_timeout() -> None:
+@BOTH_PATHS
+async def test_the_reply_to_the_final_dot_is_waited_for_past_the_command_timeout(
+    pipelining: bool,
+) -> None:
     """A content-scanning relay answering the dot after 1.2 s: --smtp-timeout 0.5 does not
     apply there, --smtp-data-timeout 3 does; one copy, delivered."""
-    relay = ScriptedRelay(delays={b".": 1.2})
+    relay = ScriptedRelay(delays={b".": 1.2}, pipelining=pipelining)
     result, took = await _timed_send(relay, 0.5, 3.0, RECIPIENTS[:1])
     assert result.accepted == RECIPIENTS[:1] and not result.deferred
     assert relay.messages == 1 and 1.2 <= took < 3.0
 
 
-async def test_a_relay_answering_the_dot_too_late_is_a_deferral_after_the_data_timeout() -> None:
-    relay = ScriptedRelay(delays={b".": 3.0})
+@BOTH_PATHS
+async def test_a_relay_answering_the_dot_too_late_is_a_deferral_after_the_data_timeout(
+    pipelining: bool,
+) -> None:
+    relay = ScriptedRelay(delays={b".": 3.0}, pipelining=pipelining)
     result, took = await _timed_send(relay, 2.0, 0.5, RECIPIENTS[:1])
     assert list(result.deferred) == RECIPIENTS[:1] and not result.accepted
     assert "Timeout" in result.deferred[RECIPIENTS[0]].text
     assert 0.5 <= took < 1.5  # the dot's own timeout, not --smtp-timeout
 
 
-async def test_everything_before_the_dot_shares_one_smtp_timeout() -> None:
+@BOTH_PATHS
+async def test_everything_before_the_dot_shares_one_smtp_timeout(pipelining: bool) -> None:
     """Each RCPT answered in 0.3 s, under --smtp-timeout 0.5, but four of them take 1.2 s:
     the send is cut at 0.5 s, so a send never outlasts --smtp-timeout + --smtp-data-timeout
     (what --claim-after is derived from), however many recipients."""
-    relay = ScriptedRelay(delays={b"RCPT": 0.3})
+    relay = ScriptedRelay(delays={b"RCPT": 0.3}, pipelining=pipelining)
     result, took = await _timed_send(relay, 0.5, 5.0, RECIPIENTS)
     assert sorted(result.deferred) == sorted(RECIPIENTS) and relay.messages == 0
     assert {reply.text for reply in result.deferred.values()} == {SEND_TIMED_OUT}
     assert 0.5 <= took < 1.2  # without the shared budget: 1.2 s, then delivered
 
 
-async def test_a_slow_but_timely_relay_is_sent_to_within_both_budgets() -> None:
-    relay = ScriptedRelay(delays={b"MAIL": 0.2, b"RCPT": 0.1, b".": 0.8})
+@BOTH_PATHS
+async def test_a_slow_but_timely_relay_is_sent_to_within_both_budgets(pipelining: bool) -> None:
+    relay = ScriptedRelay(delays={b"MAIL": 0.2, b"RCPT": 0.1, b".": 0.8}, pipelining=pipelining)
     result, took = await _timed_send(relay, 1.0, 1.0, RECIPIENTS[:2])
     assert result.accepted == RECIPIENTS[:2] and relay.messages == 1
     assert 1.2 <= took < 2.0
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("stage", [b"MAIL", b"DATA"])
-async def test_a_refusal_before_the_dot_keeps_its_reply_and_time_bound(stage: bytes) -> None:
-    relay = ScriptedRelay(replies={stage: b"451 4.3.0 try later"}, delays={b"RSET": 5.0})
+async def test_a_refusal_before_the_dot_keeps_its_reply_and_time_bound(
+    stage: bytes, pipelining: bool
+) -> None:
+    relay = ScriptedRelay(
+        replies={stage: b"451 4.3.0 try later"}, delays={b"RSET": 5.0}, pipelining=pipelining
+    )
     result, took = await _timed_send(relay, 0.5, 5.0, RECIPIENTS[:1])
     assert result.deferred[RECIPIENTS[0]].code == 451  # the RSET that timed out loses nothing
     assert took < 2.0 and relay.messages == 0  # not the RSET's 5 s

@@ -158,7 +158,7 @@ async def test_a_relay_that_stops_reading_the_message_is_cut_at_the_smtp_timeout
 
 
 async def test_own_replies_lends_the_transport_and_gives_it_back() -> None:
-    """The pipelined transaction's use (own_replies): SMTPProtocol.transport is the live
+    """The pipelined transaction's use (OwnReplies): SMTPProtocol.transport is the live
     transport; with another protocol set for a while, aiosmtplib's works on after it."""
     from workers.relay.pipelining import ReplyChannel
 
@@ -169,7 +169,7 @@ async def test_own_replies_lends_the_transport_and_gives_it_back() -> None:
         await smtp.connect()
         await smtp.ehlo()
         channel = ReplyChannel()
-        async with aiosmtplib_fence.own_replies(smtp, channel) as transport:
+        with aiosmtplib_fence.OwnReplies(smtp, channel) as transport:
             transport.write(b"NOOP\r\nNOOP\r\n")
             assert [(await channel.reply()).code, (await channel.reply()).code] == [250, 250]
         assert (await smtp.noop()).code == 250  # aiosmtplib's protocol reads again

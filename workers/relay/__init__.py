@@ -150,14 +150,16 @@ class SmtpPool:
         async with self._slots:
             self._start_reaper()
             deadline = asyncio.get_running_loop().time() + self.settings.timeout
-            try:
-                async with asyncio.timeout_at(deadline):
-                    connection = await self._acquire()
-            except CONNECTION_ERRORS as exc:
-                result = SendResult()
-                result.refuse(recipients, _reply_of(exc))
-                log.warning("relay_connect_failed", host=self.settings.host, error=str(exc))
-                return result
+            connection = self._idle_connection()
+            if connection is None:  # a new one, within the send's budget
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        connection = await self._connect()
+                except CONNECTION_ERRORS as exc:
+                    result = SendResult()
+                    result.refuse(recipients, _reply_of(exc))
+                    log.warning("relay_connect_failed", host=self.settings.host, error=str(exc))
+                    return result
             try:
                 done = await transaction(
                     connection.smtp, message, recipients, deadline, self.settings.data_timeout
@@ -168,11 +170,15 @@ class SmtpPool:
             self._release(connection, done.reusable)
             return done.result
 
-    async def _acquire(self) -> _Connection:
+    def _idle_connection(self) -> _Connection | None:
+        """An open connection from the pool, or None: no timer needed for this one."""
         while self._idle:
             connection = self._idle.pop()  # most recently used first: least likely timed out
             if connection.smtp.is_connected:
                 return connection
+        return None
+
+    async def _connect(self) -> _Connection:
         s = self.settings
         smtp = aiosmtplib.SMTP(
             hostname=s.host, port=s.port, local_hostname=s.local_hostname, timeout=s.timeout,
@@ -400,51 +406,48 @@ async def _pipelined(  # noqa: PLR0917 - transaction's own arguments, passed on
     channel = pipelining.ReplyChannel()
     accepted: list[str] = []
     answered = 0  # recipients in the group whose outcome is known
+    channel.expire_at(deadline, TimeoutError)  # all replies before the dot: --smtp-timeout
     try:
-        async with aiosmtplib_fence.own_replies(smtp, channel) as transport:
-            async with asyncio.timeout_at(deadline):
-                transport.write(group + b"DATA\r\n")
-                mail = await channel.reply()
-                if mail.code != 250:  # every recipient by MAIL's reply, whatever follows
-                    result.refuse(asked, relay_reply(mail.code, mail.message))
-                    answered = len(asked)
-                    fit = await _end_refused(transport, channel, mail, len(asked) + 1)
-                    return TransactionResult(result, reusable=fit)
-                for rcpt in asked:
-                    reply = await channel.reply()
-                    if reply.code == 421:  # closing: nobody else now
-                        raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
-                    answered += 1
-                    if reply.code in (250, 251):
-                        accepted.append(rcpt)
-                    else:
-                        result.refuse([rcpt], relay_reply(reply.code, reply.message))
-                        result.refused_at_rcpt.add(rcpt)
-                data = await channel.reply()
-                if data.code != 354 or not accepted:
-                    result.refuse(accepted, relay_reply(data.code, data.message))
-                    accepted = []  # decided: a failure from here on is not theirs
-                    fit = await _end_refused(transport, channel, data, 0)
-                    return TransactionResult(result, reusable=fit)
-                transport.write(dot_stuffed(message.data))  # with its end mark
-                await channel.drained()
-            reply = await _final_pipelined_reply(channel, data_timeout)
+        with aiosmtplib_fence.OwnReplies(smtp, channel) as transport:
+            transport.write(group + b"DATA\r\n")
+            mail = await channel.reply()
+            if mail.code != 250:  # every recipient by MAIL's reply, whatever follows
+                result.refuse(asked, relay_reply(mail.code, mail.message))
+                answered = len(asked)
+                fit = await _end_refused(transport, channel, mail, len(asked) + 1)
+                return TransactionResult(result, reusable=fit)
+            for rcpt in asked:
+                reply = await channel.reply()
+                if reply.code == 421:  # closing: nobody else now
+                    raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
+                answered += 1
+                if reply.code in (250, 251):
+                    accepted.append(rcpt)
+                else:
+                    result.refuse([rcpt], relay_reply(reply.code, reply.message))
+                    result.refused_at_rcpt.add(rcpt)
+            data = await channel.reply()
+            if data.code != 354 or not accepted:
+                result.refuse(accepted, relay_reply(data.code, data.message))
+                accepted = []  # decided: a failure from here on is not theirs
+                fit = await _end_refused(transport, channel, data, 0)
+                return TransactionResult(result, reusable=fit)
+            transport.write(dot_stuffed(message.data))  # with its end mark
+            await channel.drained()
+            # The reply to the dot has a budget of its own, from the moment the dot left.
+            loop = asyncio.get_running_loop()
+            channel.expire_at(loop.time() + data_timeout, _no_reply_to_the_dot)
+            reply = await channel.reply()
     except CONNECTION_ERRORS as exc:  # SMTPResponseException too: a reply not SMTP, a 421
         result.refuse(accepted + asked[answered:], _reply_of(exc))
         return TransactionResult(result, reusable=False)
+    finally:
+        channel.stop_timer()
     return _ended(smtp, result, accepted, reply)
 
 
-async def _final_pipelined_reply(
-    channel: pipelining.ReplyChannel, wait: float
-) -> aiosmtplib.SMTPResponse:
-    try:
-        async with asyncio.timeout(wait):
-            return await channel.reply()
-    except TimeoutError:
-        raise aiosmtplib.SMTPReadTimeoutError(
-            "no reply to the final dot within --smtp-data-timeout"
-        ) from None
+def _no_reply_to_the_dot() -> aiosmtplib.SMTPReadTimeoutError:
+    return aiosmtplib.SMTPReadTimeoutError("no reply to the final dot within --smtp-data-timeout")
 
 
 async def _end_refused(
