@@ -149,7 +149,12 @@ RawFields = Mapping[bytes, bytes]
 
 def recipients_text(recipients: Sequence[str]) -> str:
     """Recipient lists in entries are JSON arrays (readable from any language)."""
-    return json.dumps(list(recipients), ensure_ascii=False)
+    return _json_text(list(recipients))
+
+
+# json.dumps(..., ensure_ascii=False) builds a new encoder per call (3 us, in every event of
+# every delivered message); one encoder with the same settings writes the same text.
+_json_text = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def recipients_from_text(text: bytes | str | None) -> list[str] | None:
