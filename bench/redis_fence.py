@@ -17,10 +17,13 @@ Variants:
   redis-py's ``read_response`` arms it, instead of one for the batch
   (``redis_fence.read_replies``).  Its baseline, ``current-tx``, keeps the transactions of
   plain deliveries on (seven replies each), as the variant does.
+* ``read-response``: as now, but each reply read with redis-py's ``read_response`` (one
+  timer for the batch) instead of straight from the connection's hiredis reader
+  (``redis_fence._parsed_replies``).  Baseline ``current-tx`` too.
 
-Except for ``per-reply``, every side settles through the settle function, the code as it is
-too (its transaction for a plain delivery's first run is pinned off): only the way the
-commands are packed and sent differs.
+Except for ``per-reply`` and ``read-response``, every side settles through the settle
+function, the code as it is too (its transaction for a plain delivery's first run is pinned
+off): only the way the commands are packed and sent differs.
 
     python bench/redis_fence.py                  # N=3000, 4 rounds of each
     python bench/redis_fence.py -n 2000 --rounds 6 --variant packer
@@ -135,12 +138,29 @@ async def settle_timer_per_reply(
         redis_fence.read_replies = one_timer  # type: ignore[assignment]
 
 
+async def settle_read_response(
+    self: outcomes.Outcomes,
+    settlements: Sequence[outcomes.Settlement],
+    now: float,
+    *,
+    first_run: bool = False,
+) -> list[bool | RedisError]:
+    """As now, but the replies read by redis-py's read_response, not the hiredis reader."""
+    direct = redis_fence._hiredis_parser
+    redis_fence._hiredis_parser = lambda connection: None  # type: ignore[assignment]
+    try:
+        return await ORIGINAL(self, settlements, now, first_run=first_run)
+    finally:
+        redis_fence._hiredis_parser = direct  # type: ignore[assignment]
+
+
 # The side each variant is compared with (default "current").
-BASELINES = {"per-reply": "current-tx"}
+BASELINES = {"per-reply": "current-tx", "read-response": "current-tx"}
 VARIANTS = {
     "current": settle_as_now,
     "current-tx": ORIGINAL,  # with its transactions: per-reply's baseline
     "per-reply": settle_timer_per_reply,
+    "read-response": settle_read_response,
     "pipeline": settle_with_pipeline,
     "packer": settle_packed_by_redis_py,
 }

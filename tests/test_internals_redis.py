@@ -11,6 +11,7 @@ calls: the last test keeps it so.
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import inspect
 import time
@@ -23,6 +24,7 @@ import redis.asyncio as aioredis
 from packaging.version import Version
 from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -55,6 +57,13 @@ def test_redis_py_has_what_the_fence_calls() -> None:
     connect = getattr(Connection, "_connect", None)
     assert inspect.iscoroutinefunction(connect), f"revisit {REDIS_FENCE}: Connection._connect"
     assert {"host", "port"} <= set(inspect.signature(Connection).parameters), REDIS_FENCE
+    if installed >= Version("8.2"):  # read_replies reads the hiredis reader itself
+        parser = redis_fence._HIREDIS_PARSER
+        assert parser is not None, f"revisit {REDIS_FENCE}: no _AsyncHiredisParser"
+        assert inspect.iscoroutinefunction(parser.read_from_socket), REDIS_FENCE
+        assert inspect.iscoroutinefunction(parser.handle_push_response), REDIS_FENCE
+        assert "_reader" in parser.__slots__, f"revisit {REDIS_FENCE}: the parser's _reader"
+        assert redis_fence._NOT_ENOUGH_DATA is not False, REDIS_FENCE
 
 
 async def test_a_packed_batch_with_an_error_reply_reads_every_reply(redis_url: str) -> None:
@@ -121,6 +130,51 @@ async def test_a_reply_later_than_the_socket_timeout_fails_the_read(redis_url: s
     is left), long before the second."""
     replies, waited = await read_blocking(redis_url, ["0.1", "3"])
     assert replies == [] and 0.9 < waited < 1.6, waited
+
+
+async def test_a_batch_larger_than_one_socket_read_is_read_whole_and_in_order(
+    redis_url: str,
+) -> None:
+    """read_replies takes what the hiredis reader holds, then reads the socket again:
+    300 replies of 8 KB (2.4 MB, many socket reads) arrive complete, in order."""
+    client = aioredis.Redis.from_url(redis_url)
+    values = [bytes([65 + n % 26]) * 8192 + str(n).encode() for n in range(300)]
+    try:
+        await client.mset({f"big{n}": value for n, value in enumerate(values)})
+        async with redis_fence.borrowed(client.connection_pool) as connection:
+            gets = [("GET", f"big{n}") for n in range(300)]
+            await redis_fence.send_packed(connection, map(hiredis_fence.pack_command, gets))
+            assert redis_fence._hiredis_parser(connection) is not None  # the direct path
+            replies = await redis_fence.read_replies(connection, len(gets))
+            assert not await redis_fence.is_stale(connection)
+    finally:
+        await client.aclose()
+    assert replies == values
+
+
+async def test_a_connection_killed_mid_batch_fails_the_read_and_is_dropped(
+    redis_url: str,
+) -> None:
+    """The server closes the connection after the first reply: redis-py's ConnectionError,
+    as read_response raises it, and the connection is disconnected (not handed out again
+    with half a batch in it)."""
+    client = aioredis.Redis.from_url(redis_url)
+    killer = aioredis.Redis.from_url(redis_url)
+    try:
+        async with redis_fence.borrowed(client.connection_pool) as connection:
+            await redis_fence.send_packed(connection, hiredis_fence.pack_command(["CLIENT", "ID"]))
+            (own_id,) = await redis_fence.read_replies(connection, 1)
+            batch = [("PING",), ("BLPOP", "nothing-here", "5")]
+            await redis_fence.send_packed(connection, map(hiredis_fence.pack_command, batch))
+            read = asyncio.create_task(redis_fence.read_replies(connection, len(batch)))
+            await asyncio.sleep(0.3)
+            await killer.client_kill_filter(_id=own_id)
+            with pytest.raises(RedisConnectionError):
+                await asyncio.wait_for(read, 5)
+            assert not connection.is_connected
+    finally:
+        await client.aclose()
+        await killer.aclose()
 
 
 @pytest.mark.parametrize(
