@@ -146,12 +146,12 @@ async def settle_read_response(
     first_run: bool = False,
 ) -> list[bool | RedisError]:
     """As now, but the replies read by redis-py's read_response, not the hiredis reader."""
-    direct = redis_fence._hiredis_parser
-    redis_fence._hiredis_parser = lambda connection: None  # type: ignore[assignment]
+    direct = redis_fence.hiredis_parser
+    redis_fence.hiredis_parser = lambda connection: None  # type: ignore[assignment]
     try:
         return await ORIGINAL(self, settlements, now, first_run=first_run)
     finally:
-        redis_fence._hiredis_parser = direct  # type: ignore[assignment]
+        redis_fence.hiredis_parser = direct  # type: ignore[assignment]
 
 
 # The side each variant is compared with (default "current").

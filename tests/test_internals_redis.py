@@ -144,7 +144,7 @@ async def test_a_batch_larger_than_one_socket_read_is_read_whole_and_in_order(
         async with redis_fence.borrowed(client.connection_pool) as connection:
             gets = [("GET", f"big{n}") for n in range(300)]
             await redis_fence.send_packed(connection, map(hiredis_fence.pack_command, gets))
-            assert redis_fence._hiredis_parser(connection) is not None  # the direct path
+            assert redis_fence.hiredis_parser(connection) is not None  # the direct path
             replies = await redis_fence.read_replies(connection, len(gets))
             assert not await redis_fence.is_stale(connection)
     finally:

@@ -269,7 +269,7 @@ async def read_replies(connection: AbstractConnection, count: int) -> list[Any]:
     """
     if not _READS_WITHOUT_TIMER:
         return [await _reply_or_error(connection.read_response()) for _ in range(count)]
-    parser = _hiredis_parser(connection)
+    parser = hiredis_parser(connection)
     if parser is not None:
         return await _parsed_replies(connection, parser, count)
     loop = asyncio.get_running_loop()
@@ -285,7 +285,7 @@ async def read_replies(connection: AbstractConnection, count: int) -> list[Any]:
     return replies
 
 
-def _hiredis_parser(connection: AbstractConnection) -> Any | None:
+def hiredis_parser(connection: AbstractConnection) -> Any | None:
     """The connection's hiredis parser, when :func:`_parsed_replies` can read from it: that
     of redis-py 8.2 and later (``_reader``, a ``hiredis.Reader``; ``read_from_socket``;
     ``handle_push_response`` for RESP3's push replies, redis-py 8's default protocol)."""
@@ -313,7 +313,7 @@ async def _parsed_replies(connection: AbstractConnection, parser: Any, count: in
     ``health_check_interval`` after the last reply."""
     loop = asyncio.get_running_loop()
     limit = connection.socket_timeout
-    reader = parser._reader  # see _hiredis_parser
+    reader = parser._reader  # see hiredis_parser
     push = getattr(parser, "_hiredis_PushNotificationType", None)  # None: hiredis < 3.2
     replies: list[Any] = []
     try:
