@@ -9,10 +9,13 @@ its lane first), which ``--claim-after`` must exceed."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -27,6 +30,29 @@ RECIPIENTS = [f"r{n}@example.com" for n in range(4)]
 # Each budget holds for a relay that takes the transaction command by command and for one
 # that offers PIPELINING (MAIL, RCPTs and DATA in one write; workers.relay.pipelining).
 BOTH_PATHS = pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+
+
+@contextlib.contextmanager
+def relay_in_a_thread(relay: ScriptedRelay) -> Iterator[str]:
+    """``relay`` served by an event loop of its own thread; yields its URL."""
+    urls: list[str] = []
+    stop = threading.Event()
+
+    async def serve() -> None:
+        async with relay.running() as url:
+            urls.append(url)
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        while not urls:
+            time.sleep(0.01)
+        yield urls[0]
+    finally:
+        stop.set()
+        thread.join(10)
 
 
 def test_defaults_are_rfc_5321s_and_claim_after_is_derived_from_them() -> None:
@@ -124,3 +150,26 @@ async def test_a_refusal_before_the_dot_keeps_its_reply_and_time_bound(
     result, took = await _timed_send(relay, 0.5, 5.0, RECIPIENTS[:1])
     assert result.deferred[RECIPIENTS[0]].code == 451  # the RSET that timed out loses nothing
     assert took < 2.0 and relay.messages == 0  # not the RSET's 5 s
+
+
+async def test_replies_that_come_after_the_deadline_do_not_send_the_message() -> None:
+    """The worker's loop is busy past --smtp-timeout while the relay's replies to the
+    pipelined group wait in the socket: the send is deferred, and the message must not
+    be written (the relay would accept it, and the retry would send it again)."""
+    relay = ScriptedRelay(pipelining=True)
+    with relay_in_a_thread(relay) as url:  # it answers while the worker's loop is blocked
+        to = RECIPIENTS[:1]
+        built = build_message(send_message(to), default_id="1-0", hostname="mailpool.test")
+        config = DeliveryConfig(relay=url, smtp_timeout=0.5, smtp_data_timeout=2.0)
+        config.validate()
+        pool = SmtpPool(config.relay_settings(), size=1, messages_per_connection=10, idle_close=30)
+        try:
+            assert (await pool.send(built, to)).accepted == to  # a pooled connection
+            sending = asyncio.create_task(pool.send(built, to))
+            asyncio.get_running_loop().call_soon(time.sleep, 0.7)  # the group is out by then
+            result = await sending
+            await asyncio.sleep(0.5)
+        finally:
+            await pool.aclose()
+    assert list(result.deferred) == to and result.deferred[to[0]].text == SEND_TIMED_OUT
+    assert relay.messages == 1  # the first send's only

@@ -84,19 +84,26 @@ async def _refusal_of_mail(reply: bytes) -> aiosmtplib.SMTPResponseException:
 
 
 @contextlib.asynccontextmanager
-async def relay_that_stops_reading_at_data() -> AsyncIterator[tuple[int, asyncio.Event]]:
+async def relay_that_stops_reading_at_data(
+    dots: list[int] | None = None, *, pipelining: bool = False
+) -> AsyncIterator[tuple[int, asyncio.Event]]:
     """A relay that answers each command with 250 and DATA with 354, then reads nothing of
-    the message until the event is set; yields its port and that event."""
+    the message until the event is set; yields its port and that event.  ``dots``: gets a
+    1 for each message whose final dot arrived."""
     resume = asyncio.Event()
 
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 stalling.test ESMTP\r\n")
         with contextlib.suppress(ConnectionError):
             while line := await reader.readline():
+                if line.upper().startswith(b"EHLO") and pipelining:
+                    writer.write(b"250-stalling.test\r\n250 PIPELINING\r\n")
+                    continue
                 if line.upper().startswith(b"DATA"):
                     writer.write(b"354 go ahead\r\n")
                     await resume.wait()
-                    await _read_message(reader)
+                    if await _read_message(reader) and dots is not None:
+                        dots.append(1)
                 writer.write(b"250 OK\r\n")
         writer.close()
 
@@ -106,13 +113,15 @@ async def relay_that_stops_reading_at_data() -> AsyncIterator[tuple[int, asyncio
         resume.set()  # let a stalled session end
 
 
-async def _read_message(reader: asyncio.StreamReader) -> None:
+async def _read_message(reader: asyncio.StreamReader) -> bool:
+    """True once the final dot has arrived; False when the connection ended before it."""
     tail = b""
     while not tail.endswith(b"\r\n.\r\n"):
         chunk = await reader.read(1 << 16)
         if not chunk:
-            return
+            return False
         tail = (tail + chunk)[-5:]
+    return True
 
 
 async def test_write_message_returns_only_once_the_relay_has_read_the_message() -> None:
@@ -133,21 +142,31 @@ async def test_write_message_returns_only_once_the_relay_has_read_the_message() 
         smtp.close()
 
 
-async def test_a_relay_that_stops_reading_the_message_is_cut_at_the_smtp_timeout() -> None:
-    """The transfer counts against --smtp-timeout (0.5 s), not against --smtp-data-timeout
-    (5 s, which starts when the dot has left): ``SMTP.data`` would wait the 5 s."""
-    message = BuiltMessage(
+def _big_message() -> BuiltMessage:
+    """A message larger than the socket buffers hold (BIG octets)."""
+    return BuiltMessage(
         data=b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * (BIG // 1000),
         mail_from="sender@example.com", recipients=["r@example.com"], message_id="<1@test>",
         smtputf8=False, eight_bit=False,
     )  # fmt: skip
+
+
+def _pool_with_half_a_second(port: int) -> SmtpPool:
+    """A pool of one connection to the relay at ``port``: --smtp-timeout 0.5 s, the dot's
+    reply 5 s."""
+    config = DeliveryConfig(
+        relay=f"smtp://127.0.0.1:{port}", starttls="off", smtp_timeout=0.5, smtp_data_timeout=5.0
+    )
+    config.validate()
+    return SmtpPool(config.relay_settings(), size=1, messages_per_connection=1, idle_close=30)
+
+
+async def test_a_relay_that_stops_reading_the_message_is_cut_at_the_smtp_timeout() -> None:
+    """The transfer counts against --smtp-timeout (0.5 s), not against --smtp-data-timeout
+    (5 s, which starts when the dot has left): ``SMTP.data`` would wait the 5 s."""
+    message = _big_message()
     async with relay_that_stops_reading_at_data() as (port, _):
-        config = DeliveryConfig(
-            relay=f"smtp://127.0.0.1:{port}", starttls="off", smtp_timeout=0.5,
-            smtp_data_timeout=5.0,
-        )  # fmt: skip
-        config.validate()
-        pool = SmtpPool(config.relay_settings(), size=1, messages_per_connection=1, idle_close=30)
+        pool = _pool_with_half_a_second(port)
         started = time.monotonic()
         result = await pool.send(message, message.recipients)
         took = time.monotonic() - started
@@ -155,6 +174,26 @@ async def test_a_relay_that_stops_reading_the_message_is_cut_at_the_smtp_timeout
     assert not result.accepted and list(result.deferred) == ["r@example.com"]
     assert result.deferred["r@example.com"].text == SEND_TIMED_OUT
     assert 0.5 <= took < 2.0
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+async def test_a_message_cut_at_the_smtp_timeout_never_reaches_the_relay(
+    pipelining: bool,
+) -> None:
+    """The send given up mid-transfer is deferred, so the rest of the message must not go
+    out afterwards: the connection is aborted (SMTP.close would send what the transport
+    still holds, dot included, once the relay reads again; it would accept the message,
+    and the retry would send it twice)."""
+    message = _big_message()
+    dots: list[int] = []
+    async with relay_that_stops_reading_at_data(dots, pipelining=pipelining) as (port, resume):
+        pool = _pool_with_half_a_second(port)
+        result = await pool.send(message, message.recipients)
+        resume.set()  # the relay reads again: what the client still sends, it gets
+        await asyncio.sleep(1.5)
+        await pool.aclose()
+    assert list(result.deferred) == ["r@example.com"]
+    assert dots == []
 
 
 async def test_own_replies_lends_the_transport_and_gives_it_back() -> None:

@@ -165,7 +165,7 @@ class SmtpPool:
                     connection.smtp, message, recipients, deadline, self.settings.data_timeout
                 )
             except BaseException:  # cancelled at shutdown: the connection is mid-transaction
-                connection.smtp.close()
+                aiosmtplib_fence.abort(connection.smtp)  # nothing unsent may still go out
                 raise
             self._release(connection, done.reusable)
             return done.result
@@ -203,8 +203,8 @@ class SmtpPool:
             self._idle.append(connection)
         elif healthy:
             self._close_later(connection.smtp)
-        else:
-            connection.smtp.close()
+        else:  # mid-transaction: what is unsent (a message given up on) must not go out
+            aiosmtplib_fence.abort(connection.smtp)
 
     def _close_later(self, smtp: aiosmtplib.SMTP) -> None:
         task = asyncio.create_task(_close(smtp), name="smtp-quit")
@@ -432,18 +432,29 @@ async def _pipelined(  # noqa: PLR0917 - transaction's own arguments, passed on
                 accepted = []  # decided: a failure from here on is not theirs
                 fit = await _end_refused(transport, channel, data, 0)
                 return TransactionResult(result, reusable=fit)
-            transport.write(dot_stuffed(message.data))  # with its end mark
-            await channel.drained()
-            # The reply to the dot has a budget of its own, from the moment the dot left.
-            loop = asyncio.get_running_loop()
-            channel.expire_at(loop.time() + data_timeout, _no_reply_to_the_dot)
-            reply = await channel.reply()
+            reply = await _transfer(transport, channel, message.data, data_timeout)
     except CONNECTION_ERRORS as exc:  # SMTPResponseException too: a reply not SMTP, a 421
         result.refuse(accepted + asked[answered:], _reply_of(exc))
         return TransactionResult(result, reusable=False)
     finally:
         channel.stop_timer()
     return _ended(smtp, result, accepted, reply)
+
+
+async def _transfer(
+    transport: asyncio.WriteTransport,
+    channel: pipelining.ReplyChannel,
+    data: bytes,
+    data_timeout: float,
+) -> aiosmtplib.SMTPResponse:
+    """After DATA's 354: the message with its end mark, then the reply to the dot, which
+    has a budget of its own from the moment the dot left (``data_timeout``)."""
+    if channel.expired is not None:  # the replies came, but after the deadline: a send
+        raise channel.expired  # reported as deferred must not write its message
+    transport.write(dot_stuffed(data))
+    await channel.drained()
+    channel.expire_at(asyncio.get_running_loop().time() + data_timeout, _no_reply_to_the_dot)
+    return await channel.reply()
 
 
 def _no_reply_to_the_dot() -> aiosmtplib.SMTPReadTimeoutError:

@@ -73,6 +73,18 @@ def _protocol(smtp: aiosmtplib.SMTP) -> SMTPProtocol:
     return protocol
 
 
+def abort(smtp: aiosmtplib.SMTP) -> None:
+    """Drop the connection at once, with whatever is still unsent (asyncio's
+    ``transport.abort``).  ``SMTP.close`` first sends the rest of the transport's buffer:
+    after a send given up mid-transfer (its time ran out, a shutdown) that is the rest of
+    the message and its final dot, which the relay then accepts while the worker, having
+    deferred it, sends it again."""
+    transport = smtp.transport  # None once closed
+    if isinstance(transport, asyncio.WriteTransport):  # socket and TLS transports are
+        transport.abort()
+    smtp.close()
+
+
 async def write_message(smtp: aiosmtplib.SMTP, payload: bytes) -> None:
     """Write ``payload`` (after DATA's 354: the dot-stuffed message and its end mark) and
     return once the last of it has left, i.e. the transport's buffer drained.

@@ -68,7 +68,8 @@ class ReplyChannel(asyncio.Protocol):
 
     def expire_at(self, when: float, error: Callable[[], BaseException]) -> None:
         """From ``when`` (the loop's clock) on, a wait for a reply or for the transport
-        raises ``error()``; replies already arrived are still handed out.  Replaces the
+        raises ``error()``; replies already arrived are still handed out, so the
+        transaction checks :attr:`expired` before it writes the message.  Replaces the
         limit set before; :meth:`stop_timer` ends it."""
         self.stop_timer()
         self._timer = asyncio.get_running_loop().call_at(when, self._expire, error)
