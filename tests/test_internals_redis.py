@@ -177,6 +177,61 @@ async def test_a_connection_killed_mid_batch_fails_the_read_and_is_dropped(
         await killer.aclose()
 
 
+async def test_a_sockets_own_timeout_reads_as_a_lost_connection(redis_url: str) -> None:
+    """The socket's ETIMEDOUT (an errno: the peer is gone) is a ConnectionError, as
+    read_response reports it; only the read's own time running out is a TimeoutError."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        async with redis_fence.borrowed(client.connection_pool) as connection:
+            await redis_fence.send_packed(connection, hiredis_fence.pack_command(["PING"]))
+            assert await redis_fence.read_replies(connection, 1) == [b"PONG"]
+            # What asyncio's transport sets on its reader for a socket's ETIMEDOUT.
+            connection._reader.set_exception(TimeoutError(110, "Connection timed out"))
+            with pytest.raises(RedisConnectionError, match="timed out"):
+                await redis_fence.read_replies(connection, 1)
+            assert not connection.is_connected
+    finally:
+        await client.aclose()
+
+
+async def _trickling_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A RESP2 peer that answers GET with a 10-octet bulk string, one octet every 0.4 s,
+    and anything else (the client's set-up) with OK."""
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        while head := await reader.readline():
+            words = []
+            for _ in range(int(head[1:])):
+                length = int((await reader.readline())[1:])
+                words.append((await reader.readexactly(length + 2))[:-2])
+            if words[0].upper() != b"GET":
+                writer.write(b"+OK\r\n")
+                continue
+            writer.write(b"$10\r\n")
+            for _ in range(10):
+                await asyncio.sleep(0.4)
+                writer.write(b"x")
+                await writer.drain()
+            writer.write(b"\r\n")
+
+
+async def test_a_reply_that_trickles_in_is_cut_at_the_socket_timeout() -> None:
+    """The shared timer is pushed back by a reply, not by each octet: a peer sending one
+    octet every 0.4 s (under the 1 s socket timeout) cannot hold the read past it."""
+    server = await asyncio.start_server(_trickling_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aioredis.Redis(host="127.0.0.1", port=port, protocol=2, socket_timeout=1.0)
+    try:
+        async with redis_fence.borrowed(client.connection_pool) as connection:
+            await redis_fence.send_packed(connection, hiredis_fence.pack_command(["GET", "k"]))
+            started = time.monotonic()
+            with pytest.raises(RedisTimeoutError):
+                await redis_fence.read_replies(connection, 1)
+            assert time.monotonic() - started < 2.0  # all of it would take 4 s
+    finally:
+        await client.aclose()
+        server.close()
+
+
 @pytest.mark.parametrize(
     ("release", "without_timer"),
     [("5.0.1", False), ("8.1.0", False), ("8.2.0", True), ("8.10.1", True), ("9.0.0b1", True)],

@@ -316,6 +316,7 @@ async def _parsed_replies(connection: AbstractConnection, parser: Any, count: in
     reader = parser._reader  # see hiredis_parser
     push = getattr(parser, "_hiredis_PushNotificationType", None)  # None: hiredis < 3.2
     replies: list[Any] = []
+    answered = 0  # replies when the timer was last pushed back
     try:
         async with asyncio.timeout(limit) as timer:
             while True:
@@ -331,23 +332,32 @@ async def _parsed_replies(connection: AbstractConnection, parser: Any, count: in
                     replies.append(reply)
                 if len(replies) == count:
                     break
-                await parser.read_from_socket()
-                if limit is not None:
+                if limit is not None and len(replies) > answered:  # from the latest reply
+                    answered = len(replies)
                     now, deadline = loop.time(), timer.when()
                     if deadline is not None and deadline - now < limit / 2:
                         timer.reschedule(now + limit)
-    except TimeoutError as exc:
-        await connection.disconnect(nowait=True)
-        raise RedisTimeoutError(f"Timeout reading from {_where(connection)}") from exc
-    except OSError as exc:
-        await connection.disconnect(nowait=True)
-        raise RedisConnectionError(f"Error while reading from {_where(connection)}: {exc}") from exc
-    except BaseException:
-        await connection.disconnect(nowait=True)
-        raise
+                await parser.read_from_socket()
+    except BaseException as exc:
+        await connection.disconnect(nowait=True)  # half a batch read: not reusable
+        translated = _as_read_error(exc, connection)
+        if translated is exc:
+            raise
+        raise translated from exc
     if connection.health_check_interval:
         connection.next_health_check = loop.time() + connection.health_check_interval
     return replies
+
+
+def _as_read_error(exc: BaseException, connection: AbstractConnection) -> BaseException:
+    """What redis-py's ``read_response`` raises for ``exc``: its TimeoutError for the read's
+    time running out, its ConnectionError for a socket error (the socket's own ETIMEDOUT
+    included: a dead connection); anything else as it is."""
+    if isinstance(exc, TimeoutError) and exc.errno is None:
+        return RedisTimeoutError(f"Timeout reading from {_where(connection)}")
+    if isinstance(exc, OSError):
+        return RedisConnectionError(f"Error while reading from {_where(connection)}: {exc}")
+    return exc
 
 
 def _where(connection: AbstractConnection) -> str:
