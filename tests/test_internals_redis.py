@@ -179,7 +179,10 @@ async def test_a_connection_killed_mid_batch_fails_the_read_and_is_dropped(
 
 async def test_a_sockets_own_timeout_reads_as_a_lost_connection(redis_url: str) -> None:
     """The socket's ETIMEDOUT (an errno: the peer is gone) is a ConnectionError, as
-    read_response reports it; only the read's own time running out is a TimeoutError."""
+    read_response reports it; only the read's own time running out is a TimeoutError.
+    Before redis-py 8.2 the fence reads each reply with read_response, which there
+    reports it as a TimeoutError (the lowest-deps run)."""
+    expected = RedisConnectionError if redis_fence._READS_WITHOUT_TIMER else RedisTimeoutError
     client = aioredis.Redis.from_url(redis_url)
     try:
         async with redis_fence.borrowed(client.connection_pool) as connection:
@@ -187,7 +190,7 @@ async def test_a_sockets_own_timeout_reads_as_a_lost_connection(redis_url: str) 
             assert await redis_fence.read_replies(connection, 1) == [b"PONG"]
             # What asyncio's transport sets on its reader for a socket's ETIMEDOUT.
             connection._reader.set_exception(TimeoutError(110, "Connection timed out"))
-            with pytest.raises(RedisConnectionError, match="timed out"):
+            with pytest.raises(expected):
                 await redis_fence.read_replies(connection, 1)
             assert not connection.is_connected
     finally:
