@@ -57,7 +57,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib
 import inspect
 import math
 import re
@@ -66,6 +65,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import redis
+from redis._parsers import hiredis as _redis_hiredis
 from redis.asyncio.connection import AbstractConnection, Connection, ConnectionPool, SSLConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import (
@@ -293,12 +293,8 @@ def hiredis_parser(connection: AbstractConnection) -> Any | None:
     return parser if type(parser) is _HIREDIS_PARSER else None
 
 
-_HIREDIS_PARSER: type | None = getattr(
-    importlib.import_module("redis._parsers.hiredis"), "_AsyncHiredisParser", None
-)
-_NOT_ENOUGH_DATA: object = getattr(
-    importlib.import_module("redis._parsers.hiredis"), "NOT_ENOUGH_DATA", False
-)
+_HIREDIS_PARSER: type | None = getattr(_redis_hiredis, "_AsyncHiredisParser", None)
+_NOT_ENOUGH_DATA: object = getattr(_redis_hiredis, "NOT_ENOUGH_DATA", False)
 
 
 async def _parsed_replies(connection: AbstractConnection, parser: Any, count: int) -> list[Any]:
