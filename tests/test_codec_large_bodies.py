@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import base64
 import tracemalloc
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
+import pytest
 
+from tests.corpus_util import CORPUS_DIR
 from workers.codec import pack, parse_message, unpack
 from workers.codec.parse import _WINDOW
 from workers.codec.wire import SPLICE_FROM
@@ -93,3 +96,40 @@ def test_a_large_base64_body_is_decoded_from_the_message() -> None:
     assert message["content"]["body"] == payload
     assert "defects" not in message
     assert peak < 1.2 * len(payload), f"{peak / len(payload):.2f} times the payload"
+
+
+def _bytes_values(value: Any) -> Iterator[bytes]:
+    if isinstance(value, bytes):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _bytes_values(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _bytes_values(item)
+
+
+ENCODED_BODIES = [
+    b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    + base64.encodebytes(bytes(range(256)) * 40).replace(b"\n", b"\r\n"),
+    b"Content-Type: text/plain; charset=latin-1\r\nContent-Transfer-Encoding: quoted-printable"
+    b"\r\n\r\n" + b"=E9t=E9 =\r\n" * 200,
+    b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\n"
+    b"begin 644 a\r\n" + b"M" + b"86)C" * 15 + b"\r\n" * 1 + b"`\r\nend\r\n",
+    b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\nContent-Transfer-Encoding: base64"
+    b"\r\n\r\n" + base64.encodebytes(b"\xff" * 3000).replace(b"\n", b"\r\n"),
+    b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+    + bytes(range(256)) * 8,
+]
+
+
+@pytest.mark.parametrize(
+    "raw", [*ENCODED_BODIES, *(path.read_bytes() for path in CORPUS_DIR.glob("msg_*.txt"))]
+)
+def test_no_part_of_a_parsed_message_is_longer_than_its_raw_octets(raw: bytes) -> None:
+    """What lets ingest pack a message under SPLICE_FROM octets with ``small=True``
+    (no walk looking for large values): no body decodes to more octets than it was sent
+    in.  And ``small`` changes nothing in the octets."""
+    message = parse_message(raw, mail_from=None, rcpt_tos=[], keep_raw="always")
+    assert max(map(len, _bytes_values(message)), default=0) <= len(raw)
+    assert pack(message, small=True) == pack(message)

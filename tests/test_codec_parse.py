@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import itertools
+import re
 import time
 
 import pytest
 
 from tests.corpus_util import validate_if_available
-from workers.codec.headers import decode_header_value, decode_rfc2231_param
+from workers.codec.headers import decode_header_value, decode_rfc2231_param, unfold
 from workers.codec.parse import parse_message
 from workers.codec.types import SCHEMA_VERSION, ReceiveMessage
 
@@ -370,3 +372,12 @@ def test_clean_message_has_no_defects_key() -> None:
 
 def test_envelope_sender_in_angle_brackets_is_unwrapped() -> None:
     assert parse(SIMPLE, mail_from="<bounce@example.com>")["from"] == "bounce@example.com"
+
+
+@pytest.mark.parametrize("length", range(1, 7))
+def test_unfolding_drops_every_lf_and_crlf_and_nothing_else(length: int) -> None:
+    """Every string of CR, LF, space, tab and a letter up to 6 long: each LF goes, with
+    the CR right before it; a CR of its own, and all white space, stay."""
+    for characters in itertools.product("\r\n \ta", repeat=length):
+        value = "".join(characters)
+        assert unfold(value) == re.sub(r"\r?\n", "", value), repr(value)

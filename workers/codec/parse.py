@@ -13,6 +13,7 @@ and the parse continues best-effort, bounded by :class:`ParseLimits`.
 from __future__ import annotations
 
 import binascii
+import functools
 import io
 import itertools
 import re
@@ -171,12 +172,17 @@ def field_values(data: bytes, name: bytes) -> list[bytes]:
         starts = _FIELD_START.finditer(data, 0, end)
         beyond = next(itertools.islice(starts, limit, None), None)
         end = beyond.start() + 1 if beyond else end
+    named = _named_field(name)
+    return [_without_dropped_lines(match[1]) for match in named.finditer(data, 0, end)]
+
+
+@functools.lru_cache(maxsize=64)  # the few names callers ask for, compiled once
+def _named_field(name: bytes) -> re.Pattern[bytes]:
     # A field runs on over continuation lines; a line the parser drops among them (a
     # misplaced Unix "From " line, one without a name) leaves the next ones joined to it.
-    named = re.compile(
+    return re.compile(
         rb"^" + re.escape(name) + rb":([^\n]*(?:\n(?:[\t ]|From |:)[^\n]*)*)", re.I | re.M
     )
-    return [_without_dropped_lines(match[1]) for match in named.finditer(data, 0, end)]
 
 
 def _without_dropped_lines(value: bytes) -> bytes:

@@ -26,7 +26,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from workers.codec.dsn import DsnRequest
 from workers.codec.parse import parse_message
-from workers.codec.wire import DEFAULT_LIMITS, pack
+from workers.codec.wire import DEFAULT_LIMITS, SPLICE_FROM, pack
 from workers.metrics import INGEST_MESSAGES, INGEST_REJECTED, INGEST_TRANSACTION
 from workers.streams.receive import Store, StoreError
 from workers.verify.verifier import SpfChecks, Verified, Verifier
@@ -404,8 +404,10 @@ class EntryTooLarge(Exception):
 def _parse_and_pack(raw: list[bytes], arguments: dict[str, Any]) -> bytes:
     """Parse the message taken out of ``raw`` (so it is freed once parsed, unless the entry
     keeps it) and pack it."""
+    # No body decodes to more octets than its encoding: below SPLICE_FROM, so is each part.
+    small = len(raw[0]) < SPLICE_FROM
     message = parse_message(raw.pop(), **arguments)
-    data = pack(message)
+    data = pack(message, small=small)
     if len(data) <= DEFAULT_LIMITS.max_bytes:
         return data
     # Stored as is, no consumer could unpack it: keep the decoded form, drop the raw copy.
