@@ -46,16 +46,19 @@ def free_udp_tcp_port() -> int:
 
 class DnsServer:
     """unbound serving ``records``: name -> [(type, data)], e.g.
-    ``{"s1._domainkey.example.com": [("TXT", txt("v=DKIM1; ..."))]}``.  Every zone named in
-    ``zones`` answers NXDOMAIN for the names it does not hold."""
+    ``{"s1._domainkey.example.com": [("TXT", txt("v=DKIM1; ..."))]}``, each with a TTL of
+    ``ttl`` seconds.  Every zone named in ``zones`` answers NXDOMAIN for the names it does
+    not hold."""
 
     def __init__(
         self,
         directory: Path,
         zones: Sequence[str],
         records: Mapping[str, Sequence[tuple[str, str]]],
+        ttl: int = 300,
     ) -> None:
         self.directory = directory
+        self.ttl = ttl
         self.port = free_udp_tcp_port()
         self.zones = list(zones)
         self.records = {name: list(rrs) for name, rrs in records.items()}
@@ -91,7 +94,7 @@ class DnsServer:
         lines += [f'  local-zone: "{zone.rstrip(".")}." static' for zone in self.zones]
         for name, rrs in self.records.items():
             for rtype, data in rrs:
-                entry = f"{name.rstrip('.')}. 300 IN {rtype} {data}"
+                entry = f"{name.rstrip('.')}. {self.ttl} IN {rtype} {data}"
                 lines.append("  local-data: '" + entry.replace("'", "\\'") + "'")
         lines += ["remote-control:", "  control-enable: no"]
         return "\n".join(lines) + "\n"

@@ -61,6 +61,12 @@ class Resolver:
         kept = self._cache.get((name.lower().rstrip("."), rdtype))
         return kept[1] if kept is not None and kept[0] > time.monotonic() else None
 
+    def kept_until(self, name: str, rdtype: str) -> float | None:
+        """Until when (``time.monotonic()``) the kept answer stays fresh; None when there
+        is none."""
+        kept = self._cache.get((name.lower().rstrip("."), rdtype))
+        return kept[0] if kept is not None and kept[0] > time.monotonic() else None
+
     def prefetch(self, name: str, rdtype: str) -> None:
         """Start asking, unless the answer is kept or being asked for: a later :meth:`ask`
         finds it sooner."""

@@ -29,6 +29,7 @@ from workers.verify.results import RENAMED, Verdicts, claims_our_id
 
 SPF_REMEMBERED = 60.0  # seconds an SPF verdict serves the same client, sender and HELO again
 SPF_REMEMBERED_SIZE = 10_000
+UNSIGNED_REMEMBERED_SIZE = 4096  # verdicts on unsigned mail kept (then all forgotten at once)
 
 # Authentication-Results fields, to rename those claiming our authserv-id: a field runs to
 # the next line not starting with white space (RFC 5322 folding); a bare CR starts a line
@@ -38,7 +39,6 @@ _RESULTS_FIELD = re.compile(
     re.IGNORECASE | re.M,
 )
 _RESULTS_NAME = re.compile(rb"authentication-results", re.IGNORECASE)
-_FOLDING = re.compile(rb"\r?\n")
 # Whether to look for signatures and seals at all (most mail has no ARC, much no DKIM).
 _DKIM_SIGNED = re.compile(rb"^dkim-signature[ \t]*:", re.IGNORECASE | re.M)
 _ARC_SEALED = re.compile(rb"^arc-seal[ \t]*:", re.IGNORECASE | re.M)
@@ -84,6 +84,10 @@ class Verifier:
         self.budget = budget
         self._spf_remembered: OrderedDict[tuple[str, str, str], tuple[float, spf.SpfResult]]
         self._spf_remembered = OrderedDict()
+        # Verdicts on mail with no DKIM signature and no ARC seal, by its SPF verdicts and
+        # author domains: nothing else goes into them, so they hold while the DMARC policy
+        # answers they were drawn from are kept.  A busy sender's mail skips DMARC.
+        self._unsigned: dict[_UnsignedKey, tuple[float, Verdicts, bytes]] = {}
 
     def start(self, peer_ip: str, sender: str, helo: str) -> SpfChecks:
         """Begin SPF for MAIL FROM ``sender`` ('' for the null sender, then the HELO identity
@@ -123,11 +127,16 @@ class Verifier:
         deadline = time.monotonic() + self.budget
         head = _header_block(content)
         authors = await self._authors(head)
+        signed = _DKIM_SIGNED.search(head) is not None
+        sealed = _ARC_SEALED.search(head) is not None
+        unsigned = None if signed or sealed else _unsigned_key(checks, authors)
+        if unsigned is not None:
+            kept = self._unsigned.get(unsigned)
+            if kept is not None and kept[0] > time.monotonic():
+                return Verified(kept[1], kept[2], self.renamed(content, head))
         for author in authors or ():  # DMARC records fetched while the signatures are
             self.resolver.prefetch(f"_dmarc.{author}", "TXT")
             self.resolver.prefetch(f"_dmarc.{dmarc.organizational_domain(author)}", "TXT")
-        signed = _DKIM_SIGNED.search(head) is not None
-        sealed = _ARC_SEALED.search(head) is not None
         signatures: list[dkim.DkimResult] = []
         chain = arc.ArcResult("none")
         if signed and sealed:  # their keys fetched at the same time
@@ -143,7 +152,23 @@ class Verifier:
         helo = await _spf_result(checks.helo)
         verdict = await self._dmarc(authors, mailfrom, signatures, deadline)
         verdicts = Verdicts(mailfrom, helo, tuple(signatures), verdict, chain)
+        if unsigned is not None and authors and verdict.result != "temperror":
+            self._remember_unsigned(unsigned, authors, verdicts)
         return Verified(verdicts, self.field(verdicts), self.renamed(content, head))
+
+    def _remember_unsigned(self, key: _UnsignedKey, authors: list[str], verdicts: Verdicts) -> None:
+        """Keep ``verdicts`` until the first of the policy answers DMARC read (or would
+        read: the organization's too) goes stale; not at all when one is not kept."""
+        until = []
+        for author in authors:
+            for name in (author, dmarc.organizational_domain(author)):
+                kept = self.resolver.kept_until(f"_dmarc.{name}", "TXT")
+                if kept is None:
+                    return
+                until.append(kept)
+        if len(self._unsigned) >= UNSIGNED_REMEMBERED_SIZE:
+            self._unsigned.clear()
+        self._unsigned[key] = (min(until), verdicts, self.field(verdicts))
 
     async def _authors(self, head: bytes) -> list[str] | None:
         """:func:`author_domains` of the From fields the parser reads in the header block
@@ -208,6 +233,18 @@ class Verifier:
         return Verified(verdicts, self.field(verdicts), self.renamed(content))
 
 
+_UnsignedKey = tuple[spf.SpfResult, spf.SpfResult, tuple[str, ...]]
+
+
+def _unsigned_key(checks: SpfChecks, authors: list[str] | None) -> _UnsignedKey | None:
+    """What the verdicts on unsigned, unsealed mail follow from, when both SPF verdicts
+    are known already (remembered: the common case for a sender seen before)."""
+    mailfrom, helo = checks.mailfrom, checks.helo
+    if authors and isinstance(mailfrom, spf.SpfResult) and isinstance(helo, spf.SpfResult):
+        return (mailfrom, helo, tuple(authors))
+    return None
+
+
 async def _spf_result(check: SpfCheck) -> spf.SpfResult:
     if isinstance(check, spf.SpfResult):
         return check
@@ -257,7 +294,9 @@ _EMPTY_LINE = re.compile(rb"\n\r?\n")
 
 
 def _unfolded(value: bytes) -> str:
-    return _FOLDING.sub(b"", value).decode("utf-8", "replace").strip()
+    if b"\n" in value:  # RFC 5322 unfolding: LF or CRLF goes, a CR of its own stays
+        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
+    return value.decode("utf-8", "replace").strip()
 
 
 MAX_AUTHORS = 20  # From domains checked; a message naming more is a permerror
