@@ -344,18 +344,29 @@ def _decode_uu(body: bytes, path: str, state: _State) -> bytes:
         state.defect(path, "uuencoded body without a begin line, kept as sent")
         return body
     out: list[bytes] = []
+    size = 0
     for line in lines:
         if line.strip() == b"end":
             return b"".join(out)
         try:
-            out.append(binascii.a2b_uu(line))
+            decoded = binascii.a2b_uu(line)
         except binascii.Error:
             # Broken encoders pad lines badly; decode what the length byte announces.
             length = ((line[0] - 32) & 63) * 4 // 3 if line else 0
             try:
-                out.append(binascii.a2b_uu(line[:length]))
+                decoded = binascii.a2b_uu(line[:length])
             except binascii.Error:
                 state.defect(path, "uuencoded line cannot be decoded, skipped")
+                continue
+        # a2b_uu fills a line shorter than its length byte says with zeros (for encoders
+        # whose trailing spaces were stripped): "M" alone gives 45 octets.  A body that
+        # decodes to more than it holds is kept as sent, not grown past what the memory
+        # budget reserved for it.
+        size += len(decoded)
+        if size > len(body):
+            state.defect(path, "uuencoded body decodes to more octets than it holds, kept as sent")
+            return body
+        out.append(decoded)
     state.defect(path, "uuencoded body without an end line")
     return b"".join(out)
 

@@ -24,10 +24,11 @@ threshold so that every large buffer is its own mapping, returned on ``free``, a
 the number of heaps; :class:`HeapTrimmer` returns what the heaps hold free after a large
 message.  Both do nothing outside glibc.
 
-The fixed threshold sits above asyncio's read buffer: every socket read allocates a
+The fixed threshold sits just above asyncio's read buffer: every socket read allocates a
 fresh 256 KiB buffer and shrinks it to what arrived.  At or under that size each read
 was a mapping of its own (``mmap``, ``mremap``, ``munmap`` and a page fault: nine faults
-and fifteen system calls per 2 KB message), which cost ingest a fifth of its CPU.
+and fifteen system calls per 2 KB message), which cost ingest a fifth of its CPU; the
+trim threshold keeps room for it at the top of the heap.
 """
 
 from __future__ import annotations
@@ -40,19 +41,19 @@ import os
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-# Buffers from this size up get a mapping of their own: a message-sized buffer never
-# lands in (or pins) a heap.  Above asyncio's read buffer (256 KiB and the bytes object's
-# header), which then comes from the heap and goes back to it, without a system call.
-MMAP_THRESHOLD = 512 << 10
-# Free memory a heap keeps at its top before giving it back: room for the read buffer,
-# and no more than a buffer under MMAP_THRESHOLD needs, so that a larger one never fits
-# there and always gets its mapping.
-TRIM_THRESHOLD = MMAP_THRESHOLD
+# Buffers from this size up get a mapping of their own (unless a heap happens to hold a
+# free block that fits), returned on ``free``: a message-sized buffer rarely lands in, or
+# pins, a heap.  Just above asyncio's read buffer (256 KiB and the bytes object's header),
+# which so comes from the heap and goes back to it without a system call.
+MMAP_THRESHOLD = 260 << 10
+# Free memory a heap keeps at its top before giving it back: room for the read buffer
+# (with glibc's top pad), so that each read does not grow and shrink the heap.
+TRIM_THRESHOLD = 512 << 10
 # The event loop and the parse threads: two heaps instead of glibc's 8 per core.
 ARENA_MAX = 2
 # A message at least this large is followed by a trim of the heaps, at most once per
 # TRIM_INTERVAL seconds (a trim walks every heap: cheap, but not for every message).
-TRIM_FROM = 1 << 20
+TRIM_FROM = MMAP_THRESHOLD
 TRIM_INTERVAL = 1.0
 
 REPLY_NO_MEMORY = "452 4.3.1 Insufficient system storage, try again later"
