@@ -120,6 +120,8 @@ ENCODED_BODIES = [
     b"\r\n\r\n" + base64.encodebytes(b"\xff" * 3000).replace(b"\n", b"\r\n"),
     b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n"
     + bytes(range(256)) * 8,
+    # Lines shorter than their length byte says: a2b_uu pads each with zeros (45 from 2).
+    b"Content-Transfer-Encoding: x-uuencode\r\n\r\nbegin 644 a\r\n" + b"M\r\n" * 30000 + b"end\r\n",
 ]
 
 

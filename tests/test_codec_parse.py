@@ -381,3 +381,12 @@ def test_unfolding_drops_every_lf_and_crlf_and_nothing_else(length: int) -> None
     for characters in itertools.product("\r\n \ta", repeat=length):
         value = "".join(characters)
         assert unfold(value) == re.sub(r"\r?\n", "", value), repr(value)
+
+
+def test_a_uuencoded_body_that_would_decode_to_more_than_it_holds_is_kept_as_sent() -> None:
+    """a2b_uu fills a line shorter than its length byte says with zeros, so 2 octets ("M"
+    and a line end) would become 45: the body would outgrow what ingest reserved for it."""
+    body = b"begin 644 a\r\n" + b"M\r\n" * 1000 + b"end\r\n"
+    message = parse(b"Content-Transfer-Encoding: x-uuencode\r\n\r\n" + body)
+    assert message["content"]["body"] == body.replace(b"\r\n", b"\n")  # as sent, lines as LF
+    assert any("decodes to more octets" in defect for defect in message["defects"])
