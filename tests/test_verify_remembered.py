@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from tests.dns_util import DnsServer, txt
 from tests.ingest_util import HOSTNAME
 from workers.verify.dmarc import DmarcResult
@@ -35,21 +37,25 @@ async def dmarc_of(verifier: Verifier, author: str, number: int = 0) -> DmarcRes
     return verified.verdicts.dmarc
 
 
-async def test_a_changed_policy_shows_once_its_answer_expires(tmp_path: Path) -> None:
+@pytest.mark.parametrize("author", ["a@example.com", "a@news.example.com"])
+async def test_a_changed_policy_shows_once_its_answer_expires(tmp_path: Path, author: str) -> None:
+    """Also for an author domain that publishes no policy, whose organization's applies
+    (RFC 7489 section 6.6.3)."""
+    domain = author.partition("@")[2]
     server = DnsServer(tmp_path, ZONES, RECORDS, ttl=TTL)
     server.start()
     try:
         verifier = Verifier(server.resolver(), HOSTNAME, budget=3.0)
         for number in range(3):  # the SPF verdicts remembered, then these verdicts too
-            assert await dmarc_of(verifier, "a@example.com", number) == DmarcResult(
-                "pass", "example.com", "reject", ("spf",)
+            assert await dmarc_of(verifier, author, number) == DmarcResult(
+                "pass", domain, "reject", ("spf",)
             )
         server.stop()
         server.records["_dmarc.example.com"] = [("TXT", txt("v=DMARC1; p=quarantine"))]
         server.start()
         await asyncio.sleep(TTL + 0.2)
-        assert await dmarc_of(verifier, "a@example.com", 3) == DmarcResult(
-            "pass", "example.com", "quarantine", ("spf",)
+        assert await dmarc_of(verifier, author, 3) == DmarcResult(
+            "pass", domain, "quarantine", ("spf",)
         )
     finally:
         server.stop()

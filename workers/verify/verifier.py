@@ -30,6 +30,7 @@ from workers.verify.results import RENAMED, Verdicts, claims_our_id
 SPF_REMEMBERED = 60.0  # seconds an SPF verdict serves the same client, sender and HELO again
 SPF_REMEMBERED_SIZE = 10_000
 UNSIGNED_REMEMBERED_SIZE = 4096  # verdicts on unsigned mail kept (then all forgotten at once)
+UNSIGNED_REMEMBERED_AUTHORS = 2  # a message naming more From domains is not remembered
 
 # Authentication-Results fields, to rename those claiming our authserv-id: a field runs to
 # the next line not starting with white space (RFC 5322 folding); a bare CR starts a line
@@ -150,25 +151,29 @@ class Verifier:
             chain = await arc.verify(self.resolver, content, deadline=deadline)
         mailfrom = await _spf_result(checks.mailfrom)
         helo = await _spf_result(checks.helo)
+        # Read before DMARC runs: an answer it fetches again meanwhile is newer, so the
+        # verdict never outlives the answers it was drawn from.
+        policies_until = self._policies_kept_until(unsigned[2]) if unsigned else None
         verdict = await self._dmarc(authors, mailfrom, signatures, deadline)
         verdicts = Verdicts(mailfrom, helo, tuple(signatures), verdict, chain)
-        if unsigned is not None and authors and verdict.result != "temperror":
-            self._remember_unsigned(unsigned, authors, verdicts)
+        if unsigned and policies_until is not None and verdict.result != "temperror":
+            if len(self._unsigned) >= UNSIGNED_REMEMBERED_SIZE:
+                self._unsigned.clear()
+            self._unsigned[unsigned] = (policies_until, verdicts, self.field(verdicts))
         return Verified(verdicts, self.field(verdicts), self.renamed(content, head))
 
-    def _remember_unsigned(self, key: _UnsignedKey, authors: list[str], verdicts: Verdicts) -> None:
-        """Keep ``verdicts`` until the first of the policy answers DMARC read (or would
-        read: the organization's too) goes stale; not at all when one is not kept."""
+    def _policies_kept_until(self, authors: tuple[str, ...]) -> float | None:
+        """Until when every DMARC policy answer for ``authors`` stays fresh (the
+        organizations' too, which DMARC reads when an author publishes none); None when
+        one is not kept."""
         until = []
         for author in authors:
             for name in (author, dmarc.organizational_domain(author)):
                 kept = self.resolver.kept_until(f"_dmarc.{name}", "TXT")
                 if kept is None:
-                    return
+                    return None
                 until.append(kept)
-        if len(self._unsigned) >= UNSIGNED_REMEMBERED_SIZE:
-            self._unsigned.clear()
-        self._unsigned[key] = (min(until), verdicts, self.field(verdicts))
+        return min(until)
 
     async def _authors(self, head: bytes) -> list[str] | None:
         """:func:`author_domains` of the From fields the parser reads in the header block
@@ -238,9 +243,12 @@ _UnsignedKey = tuple[spf.SpfResult, spf.SpfResult, tuple[str, ...]]
 
 def _unsigned_key(checks: SpfChecks, authors: list[str] | None) -> _UnsignedKey | None:
     """What the verdicts on unsigned, unsealed mail follow from, when both SPF verdicts
-    are known already (remembered: the common case for a sender seen before)."""
+    are known already (remembered: the common case for a sender seen before) and the
+    message names few author domains (a key stays small)."""
     mailfrom, helo = checks.mailfrom, checks.helo
-    if authors and isinstance(mailfrom, spf.SpfResult) and isinstance(helo, spf.SpfResult):
+    if not authors or len(authors) > UNSIGNED_REMEMBERED_AUTHORS:
+        return None
+    if isinstance(mailfrom, spf.SpfResult) and isinstance(helo, spf.SpfResult):
         return (mailfrom, helo, tuple(authors))
     return None
 
