@@ -59,8 +59,10 @@ async def test_receiving_mail_takes_no_new_memory_once_warm(
     before = minor_faults(worker.process.pid)
     await asyncio.gather(*(_session(worker.port, COUNTED) for _ in range(SESSIONS)))
     per_message = (minor_faults(worker.process.pid) - before) / (SESSIONS * COUNTED)
-    # Before the fix: about 9 (a fault per socket read and more); now well under 1.
-    assert per_message < 1.0, f"{per_message:.2f} page faults per message"
+    # Before the fix: about 9 (a fault per socket read and more); now 0.03.  msgpack
+    # 1.0.5 (the lowest version the project allows) maps a 1 MiB packing buffer for
+    # every packb: one fault per message more.
+    assert per_message < 2.0, f"{per_message:.2f} page faults per message"
 
 
 def _run(code: str) -> str:
