@@ -8,6 +8,7 @@ import contextlib
 import inspect
 import itertools
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -61,13 +62,39 @@ def wait_until_blocking(
     asyncio.run(wait_until(check, what, timeout=timeout))
 
 
+def _ports_below_ephemeral() -> range:
+    """Ports under the kernel's ephemeral range, where no connection a parallel test opens
+    takes one as its own address between free_port's choice and the server's bind (on CI
+    a Redis Cluster node lost its port so, and 24 tests with it)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12_000), low)
+
+
+_PORTS = _ports_below_ephemeral()
+_handed_out: set[int] = set()  # by this process: never the same port twice
+_choice = random.Random().choice  # its own generator: a test seeding random changes nothing
+
+
 def free_port() -> int:
-    """A loopback port nobody listens on right now (never Redis's default 6379)."""
+    """A loopback port nobody listens on right now, not handed out before by this process,
+    from under the ephemeral range (never Redis's default 6379)."""
+    if len(_handed_out) > len(_PORTS) // 2:
+        _handed_out.clear()  # a long run: the earliest are long released
     while True:
+        port = _choice(_PORTS) if len(_PORTS) > 1000 else 0
+        if port in _handed_out or port == 6379:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
             port = int(sock.getsockname()[1])
         if port != 6379:
+            _handed_out.add(port)
             return port
 
 
