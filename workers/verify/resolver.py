@@ -58,14 +58,18 @@ class Resolver:
     def cached(self, name: str, rdtype: str) -> Answer | None:
         """The kept answer, if there is one still fresh (no await: SPF's replay asks this
         first)."""
-        kept = self._cache.get((name.lower().rstrip("."), rdtype))
-        return kept[1] if kept is not None and kept[0] > time.monotonic() else None
+        kept = self._fresh(name, rdtype)
+        return kept[1] if kept is not None else None
 
     def kept_until(self, name: str, rdtype: str) -> float | None:
         """Until when (``time.monotonic()``) the kept answer stays fresh; None when there
         is none."""
+        kept = self._fresh(name, rdtype)
+        return kept[0] if kept is not None else None
+
+    def _fresh(self, name: str, rdtype: str) -> tuple[float, Answer] | None:
         kept = self._cache.get((name.lower().rstrip("."), rdtype))
-        return kept[0] if kept is not None and kept[0] > time.monotonic() else None
+        return kept if kept is not None and kept[0] > time.monotonic() else None
 
     def prefetch(self, name: str, rdtype: str) -> None:
         """Start asking, unless the answer is kept or being asked for: a later :meth:`ask`

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import getaddresses
 
+from workers.codec.headers import unfold
 from workers.codec.parse import field_values
 from workers.codec.signing import author_domain, is_host_name
 from workers.verify import arc, dkim, dmarc, spf
@@ -156,11 +157,12 @@ class Verifier:
         policies_until = self._policies_kept_until(unsigned[2]) if unsigned else None
         verdict = await self._dmarc(authors, mailfrom, signatures, deadline)
         verdicts = Verdicts(mailfrom, helo, tuple(signatures), verdict, chain)
+        field = self.field(verdicts)
         if unsigned and policies_until is not None and verdict.result != "temperror":
             if len(self._unsigned) >= UNSIGNED_REMEMBERED_SIZE:
                 self._unsigned.clear()
-            self._unsigned[unsigned] = (policies_until, verdicts, self.field(verdicts))
-        return Verified(verdicts, self.field(verdicts), self.renamed(content, head))
+            self._unsigned[unsigned] = (policies_until, verdicts, field)
+        return Verified(verdicts, field, self.renamed(content, head))
 
     def _policies_kept_until(self, authors: tuple[str, ...]) -> float | None:
         """Until when every DMARC policy answer for ``authors`` stays fresh (the
@@ -302,9 +304,7 @@ _EMPTY_LINE = re.compile(rb"\n\r?\n")
 
 
 def _unfolded(value: bytes) -> str:
-    if b"\n" in value:  # RFC 5322 unfolding: LF or CRLF goes, a CR of its own stays
-        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
-    return value.decode("utf-8", "replace").strip()
+    return unfold(value.decode("utf-8", "replace")).strip()
 
 
 MAX_AUTHORS = 20  # From domains checked; a message naming more is a permerror
