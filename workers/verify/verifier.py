@@ -40,7 +40,6 @@ _RESULTS_FIELD = re.compile(
     rb"(?:^|(?<=\r))(authentication-results)[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
     re.IGNORECASE | re.M,
 )
-_RESULTS_NAME = re.compile(rb"authentication-results", re.IGNORECASE)
 # Whether to look for signatures and seals at all (most mail has no ARC, much no DKIM).
 _DKIM_SIGNED = re.compile(rb"^dkim-signature[ \t]*:", re.IGNORECASE | re.M)
 _ARC_SEALED = re.compile(rb"^arc-seal[ \t]*:", re.IGNORECASE | re.M)
@@ -87,30 +86,32 @@ class Verifier:
         self._spf_remembered: OrderedDict[tuple[str, str, str], tuple[float, spf.SpfResult]]
         self._spf_remembered = OrderedDict()
         # Verdicts on mail with no DKIM signature and no ARC seal, by its SPF verdicts and
-        # author domains: nothing else goes into them, so they hold while the DMARC policy
+        # From fields: nothing else goes into them, so they hold while the DMARC policy
         # answers they were drawn from are kept.  A busy sender's mail skips DMARC.
-        self._unsigned: dict[_UnsignedKey, tuple[float, Verdicts, bytes]] = {}
+        self._unsigned: dict[_UnsignedKey, _Remembered] = {}
 
     def start(self, peer_ip: str, sender: str, helo: str) -> SpfChecks:
         """Begin SPF for MAIL FROM ``sender`` ('' for the null sender, then the HELO identity
         stands for it) and for the HELO name, from ``peer_ip``."""
         ip = _plain_ip(peer_ip)
         sender = "" if sender == "<>" else sender  # aiosmtpd's null reverse-path
-        deadline = time.monotonic() + self.budget
-        helo_check = self._spf(ip, "", helo, deadline)
-        mailfrom = self._spf(ip, sender, helo, deadline) if sender else helo_check
+        now = time.monotonic()
+        helo_check = self._spf(ip, "", helo, now)
+        mailfrom = self._spf(ip, sender, helo, now) if sender else helo_check
         return SpfChecks(mailfrom, helo_check)
 
-    def _spf(self, ip: str, sender: str, helo: str, deadline: float) -> SpfCheck:
-        """The verdict when remembered, else the task finding it."""
+    def _spf(self, ip: str, sender: str, helo: str, now: float) -> SpfCheck:
+        """The verdict when remembered, else the task finding it (within the budget from
+        ``now``)."""
         key = (ip, sender.lower(), helo.lower())
         kept = self._spf_remembered.get(key)
-        if kept is not None and kept[0] > time.monotonic():
+        if kept is not None and kept[0] > now:
             return kept[1]
         if not sender and not is_host_name(helo.lower().rstrip(".")):
             # RFC 7208 section 2.3: a HELO that is no domain (an address literal, a bare
             # word) has no SPF record to check.
             return spf.SpfResult("none", "helo", helo[:253])
+        deadline = now + self.budget
         return asyncio.ensure_future(self._checked_spf(key, ip, sender, helo, deadline))
 
     async def _checked_spf(
@@ -126,45 +127,67 @@ class Verifier:
 
     async def finish(self, checks: SpfChecks, content: bytes) -> Verified:
         """The verdicts on ``content`` (the client's octets), SPF from ``checks``."""
-        deadline = time.monotonic() + self.budget
+        now = time.monotonic()
         head = _header_block(content)
-        authors = await self._authors(head)
-        signed = _DKIM_SIGNED.search(head) is not None
-        sealed = _ARC_SEALED.search(head) is not None
-        unsigned = None if signed or sealed else _unsigned_key(checks, authors)
+        marks = _Marks.of(head)
+        from_values = field_values(head, b"from") if len(head) < dkim.IN_THREAD_FROM else None
+        unsigned = _unsigned_key(checks, marks, from_values)
         if unsigned is not None:
             kept = self._unsigned.get(unsigned)
-            if kept is not None and kept[0] > time.monotonic():
-                return Verified(kept[1], kept[2], self.renamed(content, head))
+            if kept is not None and kept.until > now:
+                return Verified(kept.verdicts, kept.field, self._renamed(content, head, marks))
+        authors = (
+            author_domains(from_values) if from_values is not None else await self._authors(head)
+        )
+        deadline = now + self.budget
+        verdicts = await self._verdicts(
+            checks, content, marks, authors, unsigned, deadline=deadline
+        )
+        return Verified(verdicts, self.field(verdicts), self._renamed(content, head, marks))
+
+    async def _verdicts(
+        self,
+        checks: SpfChecks,
+        content: bytes,
+        marks: _Marks,
+        authors: list[str] | None,
+        unsigned: _UnsignedKey | None,
+        *,
+        deadline: float,
+    ) -> Verdicts:
+        """Every check the message asks for, by ``deadline``; remembered under ``unsigned``
+        when that is given and the policies they follow from are kept."""
         for author in authors or ():  # DMARC records fetched while the signatures are
             self.resolver.prefetch(f"_dmarc.{author}", "TXT")
             self.resolver.prefetch(f"_dmarc.{dmarc.organizational_domain(author)}", "TXT")
         signatures: list[dkim.DkimResult] = []
         chain = arc.ArcResult("none")
-        if signed and sealed:  # their keys fetched at the same time
+        if marks.signed and marks.sealed:  # their keys fetched at the same time
             signatures, chain = await asyncio.gather(
                 dkim.verify(self.resolver, content, deadline=deadline),
                 arc.verify(self.resolver, content, deadline=deadline),
             )
-        elif signed:
+        elif marks.signed:
             signatures = await dkim.verify(self.resolver, content, deadline=deadline)
-        elif sealed:
+        elif marks.sealed:
             chain = await arc.verify(self.resolver, content, deadline=deadline)
         mailfrom = await _spf_result(checks.mailfrom)
         helo = await _spf_result(checks.helo)
-        # Read before DMARC runs: an answer it fetches again meanwhile is newer, so the
-        # verdict never outlives the answers it was drawn from.
-        policies_until = self._policies_kept_until(unsigned[2]) if unsigned else None
+        # Remembered only for few authors (a key stays small), until the first of their
+        # policy answers goes stale, read before DMARC runs: an answer it fetches again
+        # meanwhile is newer, so the verdict never outlives the answers it was drawn from.
+        policies_until = None
+        if unsigned is not None and authors and len(authors) <= UNSIGNED_REMEMBERED_AUTHORS:
+            policies_until = self._policies_kept_until(authors)
         verdict = await self._dmarc(authors, mailfrom, signatures, deadline)
         verdicts = Verdicts(mailfrom, helo, tuple(signatures), verdict, chain)
-        field = self.field(verdicts)
         if unsigned and policies_until is not None and verdict.result != "temperror":
             if len(self._unsigned) >= UNSIGNED_REMEMBERED_SIZE:
                 self._unsigned.clear()
-            self._unsigned[unsigned] = (policies_until, verdicts, field)
-        return Verified(verdicts, field, self.renamed(content, head))
+            self._unsigned[unsigned] = _Remembered(policies_until, verdicts, self.field(verdicts))
+        return verdicts
 
-    def _policies_kept_until(self, authors: tuple[str, ...]) -> float | None:
+    def _policies_kept_until(self, authors: list[str]) -> float | None:
         """Until when every DMARC policy answer for ``authors`` stays fresh (the
         organizations' too, which DMARC reads when an author publishes none); None when
         one is not kept."""
@@ -178,12 +201,10 @@ class Verifier:
         return min(until)
 
     async def _authors(self, head: bytes) -> list[str] | None:
-        """:func:`author_domains` of the From fields the parser reads in the header block
-        ``head``: off the loop when it is large, always found (a sender must not be able to
+        """:func:`author_domains` of the From fields the parser reads in the large header
+        block ``head``: off the loop, always found (a sender must not be able to
         turn DMARC into "no author" by keeping the threads busy): when they are, on the
         loop, which costs at most about 0.5 s for the largest message ingest takes."""
-        if len(head) < dkim.IN_THREAD_FROM:
-            return _authors_of(head)
         try:
             return await dkim.off_loop(_authors_of, head, deadline=time.monotonic() + 60)
         except TimeoutError:
@@ -209,12 +230,15 @@ class Verifier:
     def field(self, verdicts: Verdicts) -> bytes:
         return authentication_results(verdicts, self.authserv_id)
 
-    def renamed(self, content: bytes, head: bytes | None = None) -> bytes:
+    def renamed(self, content: bytes) -> bytes:
         """``content`` with every Authentication-Results field that speaks for us renamed
         (RFC 8601 section 5: a sender must not forge our verdict).  Looked for up to the
         first empty line, also after a bare CR (a line break to some readers)."""
-        head = _header_block(content) if head is None else head
-        if not _RESULTS_NAME.search(head):
+        head = _header_block(content)
+        return self._renamed(content, head, _Marks.of(head))
+
+    def _renamed(self, content: bytes, head: bytes, marks: _Marks) -> bytes:
+        if not marks.results:
             return content
 
         def rename(field: re.Match[bytes]) -> bytes:
@@ -240,19 +264,55 @@ class Verifier:
         return Verified(verdicts, self.field(verdicts), self.renamed(content))
 
 
-_UnsignedKey = tuple[spf.SpfResult, spf.SpfResult, tuple[str, ...]]
+class _Marks:
+    """What a header block holds that verification looks for: DKIM signatures, ARC seals
+    and Authentication-Results fields (most mail has none of them, so one lower-case copy
+    and three plain searches spare it the regexes)."""
+
+    __slots__ = ("results", "sealed", "signed")
+
+    def __init__(self, signed: bool, sealed: bool, results: bool) -> None:
+        self.signed = signed
+        self.sealed = sealed
+        self.results = results
+
+    @classmethod
+    def of(cls, head: bytes) -> _Marks:
+        lower = head.lower()
+        return cls(
+            b"dkim-signature" in lower and _DKIM_SIGNED.search(head) is not None,
+            b"arc-seal" in lower and _ARC_SEALED.search(head) is not None,
+            b"authentication-results" in lower,
+        )
 
 
-def _unsigned_key(checks: SpfChecks, authors: list[str] | None) -> _UnsignedKey | None:
-    """What the verdicts on unsigned, unsealed mail follow from, when both SPF verdicts
-    are known already (remembered: the common case for a sender seen before) and the
-    message names few author domains (a key stays small)."""
-    mailfrom, helo = checks.mailfrom, checks.helo
-    if not authors or len(authors) > UNSIGNED_REMEMBERED_AUTHORS:
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    """Verdicts on unsigned, unsealed mail and their field, good until ``until``."""
+
+    until: float  # time.monotonic()
+    verdicts: Verdicts
+    field: bytes
+
+
+_UnsignedKey = tuple[spf.SpfResult, spf.SpfResult, tuple[bytes, ...]]
+UNSIGNED_REMEMBERED_FROM = 512  # octets of From fields at most in a key
+
+
+def _unsigned_key(
+    checks: SpfChecks, marks: _Marks, from_values: list[bytes] | None
+) -> _UnsignedKey | None:
+    """What the verdicts on unsigned, unsealed mail follow from: both SPF verdicts, when
+    known already (remembered: the common case for a sender seen before), and the From
+    fields as sent (the author domains are theirs; short ones only: a key stays small)."""
+    if marks.signed or marks.sealed or not from_values:
         return None
-    if isinstance(mailfrom, spf.SpfResult) and isinstance(helo, spf.SpfResult):
-        return (mailfrom, helo, tuple(authors))
-    return None
+    mailfrom, helo = checks.mailfrom, checks.helo
+    if not isinstance(mailfrom, spf.SpfResult) or not isinstance(helo, spf.SpfResult):
+        return None
+    if sum(map(len, from_values)) > UNSIGNED_REMEMBERED_FROM:
+        return None
+    return (mailfrom, helo, tuple(from_values))
 
 
 async def _spf_result(check: SpfCheck) -> spf.SpfResult:
