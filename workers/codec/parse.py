@@ -73,6 +73,9 @@ _HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
 _BOUNDARY_TAIL = re.compile(rb"(--)?[ \t]*\r?(?=\n|\Z)")
 # A field value that decoding leaves as it is: printable ASCII and tabs, no "=?", no fold.
 _PLAIN_VALUE = re.compile(rb"(?:[\t\x20-\x3c\x3e-\x7e]++|=(?!\?))*+")
+# The same folded over lines (a Received field, a long Content-Type, our Authentication-
+# Results): decoding only unfolds it (address fields too: no "=?", no decoding).
+_FOLDED_PLAIN_VALUE = re.compile(rb"(?:[\t\x20-\x3c\x3e-\x7e]++|=(?!\?)|\r\n(?=[\t ]))*+")
 # Content-Type parameters, and the names of those given in RFC 2231 form.
 _TypeParams = tuple[dict[str, str], frozenset[str]]
 _PLAIN_MEDIA_TYPE = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+/[a-z0-9!#$%&'*+.^_`|~-]+")
@@ -258,9 +261,14 @@ def _parse_entity(data: bytes, span: tuple[int, int], path: str, state: _State) 
     max_len = state.limits.max_value_len
     for name, raw_value in raw_fields:
         lower = name.lower()
-        if len(raw_value) <= max_len and _PLAIN_VALUE.fullmatch(raw_value) is not None:
+        if len(raw_value) > max_len:
+            text, value = _field_value(lower, raw_value, f"{header_path}.{lower}", state)
+        elif _PLAIN_VALUE.fullmatch(raw_value) is not None:
             # Most fields: one line of printable ASCII without "=?", the value as it is.
             text = value = raw_value.decode("ascii")
+        elif _FOLDED_PLAIN_VALUE.fullmatch(raw_value):
+            text = raw_value.decode("ascii")
+            value = unfold(text)  # what decode_(header|address)_value give, without checks
         else:
             text, value = _field_value(lower, raw_value, f"{header_path}.{lower}", state)
         if lower in _MIME_FIELDS:
