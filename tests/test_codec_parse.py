@@ -413,3 +413,40 @@ def test_a_field_folded_over_lines_decodes_as_decode_header_value_says(length: i
             decode = decode_address_value if name == "To" else decode_header_value
             expected = decode(value.lstrip(" \t"), [])
             assert message["headers"][name.lower()] == expected, repr(value)
+
+
+LINES = [
+    b"Subject: a", b"Subject:b", b"To:\t x@y.example ", b" cont", b"\tcont", b"From x",
+    b"From: a@b.example", b":nameless", b"X-8: \xc3\xa9", b"X-Enc: =?utf-8?q?a?=",
+    b"X-Ctl: a\x01b", b"X-CR: a\rb", b"bad line", b"X: ", b"Content-Type: text/plain;",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("count", range(4))
+def test_the_common_header_block_shortcut_reads_as_the_line_walk_does(
+    count: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every header block of up to 3 of these lines, each ending in CRLF or LF, then an
+    empty line of either kind or none, of a message and of a part: the one-pass reading of
+    common header blocks gives the very message (fields, values, body, defects) the
+    line-by-line walk gives."""
+    from workers.codec import parse as module
+
+    def both(raw: bytes) -> tuple[ReceiveMessage, ReceiveMessage]:
+        fast = parse_message(raw, mail_from=None, rcpt_tos=[], message_id="m", received_at=0)
+        with monkeypatch.context() as patched:
+            patched.setattr(module, "_plain_header_block", lambda *_: None)
+            walked = parse_message(raw, mail_from=None, rcpt_tos=[], message_id="m", received_at=0)
+        return fast, walked
+
+    for lines in itertools.product(LINES, repeat=count):
+        for endings in itertools.product([b"\r\n", b"\n"], repeat=count):
+            for empty in (b"\r\n", b"\n", b""):
+                block = b"".join(line + end for line, end in zip(lines, endings, strict=True))
+                for raw in (
+                    block + empty + b"body\r\n",
+                    b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+                    + block + empty + b"part\r\n--b--\r\n",
+                ):  # fmt: skip
+                    fast, walked = both(raw)
+                    assert fast == walked, repr(raw)

@@ -136,6 +136,35 @@ class _Entity:
 # header block
 
 
+# One field of a common header block (CRLF lines of printable ASCII and tabs, no "From "
+# line, no line without a name): (name, blanks after the colon, value with its folds), as
+# _read_fields reads it.
+_PLAIN_FIELD = re.compile(
+    rb"([\041-\071\073-\176]++):([\t ]*+)"
+    rb"([\t\x20-\x7e]*+(?:\r\n[\t ][\t\x20-\x7e]*+)*+)\r\n"
+)
+
+
+def _plain_header_block(
+    data: bytes, start: int, end: int
+) -> tuple[list[tuple[str, bytes]], int] | None:
+    """(fields, body start) of a common header block, in one regex pass: when its fields
+    cover every octet up to the first empty line, _split_header_block and _read_fields
+    would read the same (else None: they read it, defects and all)."""
+    if data.startswith(b"\r\n", start):
+        return [], start + 2
+    stop = data.find(b"\r\n\r\n", start, end) + 2  # the empty line's start
+    if stop < 2:
+        return None
+    found = _PLAIN_FIELD.findall(data, start, stop)
+    # Matches never overlap: covering as many octets as there are, they leave none out.
+    if sum(len(name) + len(blanks) + len(value) + 3 for name, blanks, value in found) != (
+        stop - start
+    ):
+        return None
+    return [(name.decode("ascii"), value) for name, _, value in found], stop + 2
+
+
 def _split_header_block(data: bytes, start: int, end: int) -> tuple[list[bytes], int, bool]:
     """(header lines, body start, separator missing) of the entity ``data[start:end]``.
 
@@ -245,11 +274,15 @@ _MIME_FIELDS = ("content-type", "content-transfer-encoding", "content-dispositio
 
 
 def _parse_entity(data: bytes, span: tuple[int, int], path: str, state: _State) -> _Entity:
-    lines, body_start, missing_separator = _split_header_block(data, *span)
-    if missing_separator:
-        state.defect(path, "missing blank line between headers and body")
     header_path = "headers" if path == "content" else f"{path}.headers"
-    raw_fields = _read_fields(lines, header_path, state)
+    plain = _plain_header_block(data, *span)
+    if plain is not None:  # every value printable ASCII, folded with CRLF or not
+        raw_fields, body_start = plain
+    else:
+        lines, body_start, missing_separator = _split_header_block(data, *span)
+        if missing_separator:
+            state.defect(path, "missing blank line between headers and body")
+        raw_fields = _read_fields(lines, header_path, state)
     limit = state.limits.max_headers
     if len(raw_fields) > limit:
         state.defect(
@@ -261,14 +294,11 @@ def _parse_entity(data: bytes, span: tuple[int, int], path: str, state: _State) 
     max_len = state.limits.max_value_len
     for name, raw_value in raw_fields:
         lower = name.lower()
-        if len(raw_value) > max_len:
-            text, value = _field_value(lower, raw_value, f"{header_path}.{lower}", state)
-        elif _PLAIN_VALUE.fullmatch(raw_value) is not None:
-            # Most fields: one line of printable ASCII without "=?", the value as it is.
-            text = value = raw_value.decode("ascii")
-        elif _FOLDED_PLAIN_VALUE.fullmatch(raw_value):
+        if plain is not None and len(raw_value) <= max_len and b"=?" not in raw_value:
+            # Most fields: printable ASCII without "=?", the value as it is, unfolded
+            # (what decode_header_value and decode_address_value give, without checks).
             text = raw_value.decode("ascii")
-            value = unfold(text)  # what decode_(header|address)_value give, without checks
+            value = text if b"\n" not in raw_value else unfold(text)
         else:
             text, value = _field_value(lower, raw_value, f"{header_path}.{lower}", state)
         if lower in _MIME_FIELDS:
@@ -291,7 +321,14 @@ def _parse_entity(data: bytes, span: tuple[int, int], path: str, state: _State) 
 
 
 def _field_value(lower: str, raw_value: bytes, path: str, state: _State) -> tuple[str, str]:
-    """(text as sent, decoded value) of a field that is not one plain line."""
+    """(text as sent, decoded value) of a field."""
+    if len(raw_value) <= state.limits.max_value_len:
+        if _PLAIN_VALUE.fullmatch(raw_value) is not None:
+            text = raw_value.decode("ascii")
+            return text, text
+        if _FOLDED_PLAIN_VALUE.fullmatch(raw_value) is not None:
+            text = raw_value.decode("ascii")
+            return text, unfold(text)
     text = _decode_field_text(raw_value, path, state)
     # In address fields decoding must not add mailboxes: see decode_address_value.
     decode = decode_address_value if lower in ADDRESS_FIELDS else decode_header_value
