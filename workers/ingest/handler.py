@@ -367,7 +367,7 @@ class IngestHandler:
             "received_at": now,
             "keep_raw": self.settings.keep_raw,
             "dsn": envelope.dsn.as_entry() if isinstance(envelope, IngestEnvelope) else None,
-            "auth": verified.verdicts.as_extension() if verified is not None else None,
+            "auth": verified.verdicts.extension if verified is not None else None,
         }
         if len(raw[0]) >= PARSE_IN_THREAD_FROM:
             data = await asyncio.to_thread(_parse_and_pack, raw, arguments)

@@ -5,6 +5,7 @@ our verdict): they are renamed, not trusted (section 5)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,12 @@ class Verdicts:
     dkim: tuple[DkimResult, ...] = ()
     dmarc: DmarcResult | None = None
     arc: ArcResult | None = None
+
+    @functools.cached_property
+    def extension(self) -> dict[str, Any]:
+        """:meth:`as_extension`, made once: remembered verdicts serve many messages, which
+        share it (it is packed, never changed)."""
+        return self.as_extension()
 
     def as_extension(self) -> dict[str, Any]:
         """The ``auth`` map of an ``email.receive`` message (schema/README.md)."""
