@@ -128,28 +128,26 @@ class Verifier:
     async def finish(self, checks: SpfChecks, content: bytes) -> Verified:
         """The verdicts on ``content`` (the client's octets), SPF from ``checks``."""
         now = time.monotonic()
-        head = _header_block(content)
-        marks = _Marks.of(head)
-        from_values = field_values(head, b"from") if len(head) < dkim.IN_THREAD_FROM else None
-        unsigned = _unsigned_key(checks, marks, from_values)
+        head = _Head.of(content)
+        unsigned = _unsigned_key(checks, head)
         if unsigned is not None:
             kept = self._unsigned.get(unsigned)
             if kept is not None and kept.until > now:
-                return Verified(kept.verdicts, kept.field, self._renamed(content, head, marks))
+                return Verified(kept.verdicts, kept.field, self._renamed(content, head))
         authors = (
-            author_domains(from_values) if from_values is not None else await self._authors(head)
+            author_domains(head.from_values)
+            if head.from_values is not None
+            else await self._authors(head.block)
         )
         deadline = now + self.budget
-        verdicts = await self._verdicts(
-            checks, content, marks, authors, unsigned, deadline=deadline
-        )
-        return Verified(verdicts, self.field(verdicts), self._renamed(content, head, marks))
+        verdicts = await self._verdicts(checks, content, head, authors, unsigned, deadline=deadline)
+        return Verified(verdicts, self.field(verdicts), self._renamed(content, head))
 
     async def _verdicts(
         self,
         checks: SpfChecks,
         content: bytes,
-        marks: _Marks,
+        head: _Head,
         authors: list[str] | None,
         unsigned: _UnsignedKey | None,
         *,
@@ -162,14 +160,14 @@ class Verifier:
             self.resolver.prefetch(f"_dmarc.{dmarc.organizational_domain(author)}", "TXT")
         signatures: list[dkim.DkimResult] = []
         chain = arc.ArcResult("none")
-        if marks.signed and marks.sealed:  # their keys fetched at the same time
+        if head.signed and head.sealed:  # their keys fetched at the same time
             signatures, chain = await asyncio.gather(
                 dkim.verify(self.resolver, content, deadline=deadline),
                 arc.verify(self.resolver, content, deadline=deadline),
             )
-        elif marks.signed:
+        elif head.signed:
             signatures = await dkim.verify(self.resolver, content, deadline=deadline)
-        elif marks.sealed:
+        elif head.sealed:
             chain = await arc.verify(self.resolver, content, deadline=deadline)
         mailfrom = await _spf_result(checks.mailfrom)
         helo = await _spf_result(checks.helo)
@@ -234,11 +232,10 @@ class Verifier:
         """``content`` with every Authentication-Results field that speaks for us renamed
         (RFC 8601 section 5: a sender must not forge our verdict).  Looked for up to the
         first empty line, also after a bare CR (a line break to some readers)."""
-        head = _header_block(content)
-        return self._renamed(content, head, _Marks.of(head))
+        return self._renamed(content, _Head.of(content))
 
-    def _renamed(self, content: bytes, head: bytes, marks: _Marks) -> bytes:
-        if not marks.results:
+    def _renamed(self, content: bytes, head: _Head) -> bytes:
+        if not head.results:
             return content
 
         def rename(field: re.Match[bytes]) -> bytes:
@@ -246,7 +243,7 @@ class Verifier:
                 return RENAMED.encode() + b":" + field[2]
             return field[0]
 
-        return _RESULTS_FIELD.sub(rename, head) + content[len(head) :]
+        return _RESULTS_FIELD.sub(rename, head.block) + content[len(head.block) :]
 
     def failed(self, checks: SpfChecks | None, content: bytes) -> Verified:
         """Verdicts for a message whose verification failed on our side: temperror, never
@@ -264,25 +261,30 @@ class Verifier:
         return Verified(verdicts, self.field(verdicts), self.renamed(content))
 
 
-class _Marks:
-    """What a header block holds that verification looks for: DKIM signatures, ARC seals
-    and Authentication-Results fields (most mail has none of them, so one lower-case copy
-    and three plain searches spare it the regexes)."""
+@dataclass(slots=True)
+class _Head:
+    """The header block of a message (``block``: up to the empty line) and what verification
+    looks for in it: DKIM signatures, ARC seals, Authentication-Results fields, and the From
+    fields' values as the parser reads them (None: a block too large to read on the loop)."""
 
-    __slots__ = ("results", "sealed", "signed")
-
-    def __init__(self, signed: bool, sealed: bool, results: bool) -> None:
-        self.signed = signed
-        self.sealed = sealed
-        self.results = results
+    block: bytes
+    signed: bool
+    sealed: bool
+    results: bool
+    from_values: list[bytes] | None
 
     @classmethod
-    def of(cls, head: bytes) -> _Marks:
-        lower = head.lower()
+    def of(cls, content: bytes) -> _Head:
+        """One lower-case copy and three plain searches spare most mail the regexes."""
+        block = _header_block(content)
+        lower = block.lower()
+        small = len(block) < dkim.IN_THREAD_FROM
         return cls(
-            b"dkim-signature" in lower and _DKIM_SIGNED.search(head) is not None,
-            b"arc-seal" in lower and _ARC_SEALED.search(head) is not None,
+            block,
+            b"dkim-signature" in lower and _DKIM_SIGNED.search(block) is not None,
+            b"arc-seal" in lower and _ARC_SEALED.search(block) is not None,
             b"authentication-results" in lower,
+            field_values(block, b"from") if small else None,
         )
 
 
@@ -299,20 +301,18 @@ _UnsignedKey = tuple[spf.SpfResult, spf.SpfResult, tuple[bytes, ...]]
 UNSIGNED_REMEMBERED_FROM = 512  # octets of From fields at most in a key
 
 
-def _unsigned_key(
-    checks: SpfChecks, marks: _Marks, from_values: list[bytes] | None
-) -> _UnsignedKey | None:
+def _unsigned_key(checks: SpfChecks, head: _Head) -> _UnsignedKey | None:
     """What the verdicts on unsigned, unsealed mail follow from: both SPF verdicts, when
     known already (remembered: the common case for a sender seen before), and the From
     fields as sent (the author domains are theirs; short ones only: a key stays small)."""
-    if marks.signed or marks.sealed or not from_values:
+    if head.signed or head.sealed or not head.from_values:
         return None
     mailfrom, helo = checks.mailfrom, checks.helo
     if not isinstance(mailfrom, spf.SpfResult) or not isinstance(helo, spf.SpfResult):
         return None
-    if sum(map(len, from_values)) > UNSIGNED_REMEMBERED_FROM:
+    if sum(map(len, head.from_values)) > UNSIGNED_REMEMBERED_FROM:
         return None
-    return (mailfrom, helo, tuple(from_values))
+    return (mailfrom, helo, tuple(head.from_values))
 
 
 async def _spf_result(check: SpfCheck) -> spf.SpfResult:
