@@ -207,13 +207,18 @@ def field_values(data: bytes, name: bytes) -> list[bytes]:
     # Plain searches of a lower-case copy find where the fields start, the regex reads
     # each from there: it would walk every position, several times the cost.
     lower, found = data[:end].lower(), b"\n" + name + b":"
-    starts = [0] if lower.startswith(found[1:]) else []
+    field_starts = [0] if lower.startswith(found[1:]) else []
     start = lower.find(found)
     while start >= 0:
-        starts.append(start + 1)
+        field_starts.append(start + 1)
         start = lower.find(found, start + 1)
     named = _named_field(name)
-    return [_without_dropped_lines(named.match(data, at, end)[1]) for at in starts]  # type: ignore[index]
+    values = []
+    for at in field_starts:
+        field = named.match(data, at, end)
+        if field is not None:  # always: the name is there
+            values.append(_without_dropped_lines(field[1]))
+    return values
 
 
 @functools.lru_cache(maxsize=64)  # the few names callers ask for, compiled once
