@@ -40,7 +40,8 @@ IMAGE ?= localhost/mailpool:dev
 image:
 	./scripts/build-image.sh --tag $(IMAGE)
 
-bench: setup-dev
+bench:
+	MAILPOOL_SETUP_DEV=1 MAILPOOL_SETUP_BENCH=1 ./scripts/setup.sh
 	$(PY) bench/report.py --full
 
 chaos: setup-dev

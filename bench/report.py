@@ -143,6 +143,16 @@ def ingest_rows(output: str) -> list[Row]:
     return rows
 
 
+def instruction_rows(output: str) -> list[Row]:
+    """bench/instructions.py: ingest's instructions per message, not verifying / verifying."""
+    found = re.search(r"not verifying / verifying: ([\d.]+)", output)
+    counts = re.findall(r"^\s+(ingest(?: --verify)?)\s+([\d.]+k)$", output, re.M)
+    if found is None:
+        return []
+    note = ", ".join(f"{what} {count}" for what, count in counts) + " per message (callgrind)"
+    return [Row("ingest verify/off, instructions", f"{found.group(1)}x", note)]
+
+
 def delivery_rows(output: str) -> list[Row]:
     rates = dict(re.findall(r"^\s+(raw|rawtx|worker)\s+([\d.]+) msg/s", output, re.M))
     match = re.search(r"ratio worker/raw: ([\d.]+) \(msg/s\)\s+([\d.]+)", output)
@@ -555,6 +565,7 @@ async def report(quick: bool, messages: int, logs: Path) -> list[Row]:
         ("ingest.py", ingest_rows),
         ("delivery.py", delivery_rows),
         ("redis_floor.py", floor_rows),
+        ("instructions.py", instruction_rows),
     ):
         print(f"running bench/{script}{' --quick' if quick else ''} ...", flush=True)
         rows.extend(parse(run_benchmark(script, quick, logs)))

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 DEV=${MAILPOOL_SETUP_DEV:-0}
+BENCH=${MAILPOOL_SETUP_BENCH:-0}  # `make bench`: valgrind as well (bench/instructions.py)
 # The interpreter the virtual environment is, or will be, made from.
 PYTHON=python3
 [ -x "$VENV/bin/python" ] && PYTHON="$VENV/bin/python"
@@ -51,6 +52,7 @@ if [ "$DEV" = 1 ]; then
     esac
   fi
 fi
+[ "$BENCH" != 1 ] || command -v callgrind_control >/dev/null || need_apt+=(valgrind)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO=sudo
