@@ -10,9 +10,11 @@ The call sites pass masked values too; this is the net under them.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import sys
+import time
 import traceback
 from collections.abc import Mapping, MutableMapping
 from types import TracebackType
@@ -61,7 +63,16 @@ def mask_secrets_processor(
 ) -> MutableMapping[str, Any]:
     """structlog processor: every field of the event with its secrets masked."""
     for name, value in event_dict.items():
-        event_dict[name] = _masked_field(name, value)
+        # Most fields of a line are text or numbers: those two without the general walk
+        # (three calls each: a sixth of what one log line costs ingest).
+        kind = value.__class__
+        if kind is str:
+            event_dict[name] = MASK if value and _is_secret_field(name) else mask_secrets(value)
+        elif kind is int:
+            if value and _is_secret_field(name):
+                event_dict[name] = MASK
+        else:
+            event_dict[name] = _masked_field(name, value)
     return event_dict
 
 
@@ -80,6 +91,37 @@ def _masking_excepthook(
     sys.stderr.write(mask_secrets(text))
 
 
+class UtcTimestamp:
+    """structlog processor: ``timestamp``, UTC in ISO 8601 with microseconds
+    (``2026-12-07T07:02:05.233784Z``); the date and time of day written once a second
+    (structlog's TimeStamper writes them for each line: a tenth of what ingest's line
+    costs)."""
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (0, "")  # the last line's second, and its text
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        whole, fraction = divmod(round(time.time() * 1_000_000), 1_000_000)
+        second = self._second  # one read: another thread may replace it meanwhile
+        if whole != second[0]:
+            second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+            self._second = second
+        event_dict["timestamp"] = f"{second[1]}.{fraction:06d}Z"
+        return event_dict
+
+
+def _json_line(event_dict: MutableMapping[str, Any], **_: Any) -> str:
+    """JSONRenderer's serializer: one encoder made once (json.dumps makes one per call
+    when given structlog's fallback); an object JSON has no form for is written as its
+    repr, as structlog's fallback does."""
+    return _JSON.encode(event_dict)
+
+
+_JSON = json.JSONEncoder(default=repr)
+
+
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """Route structlog (and stdlib logging of our dependencies) to stderr.
 
@@ -88,14 +130,16 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer(serializer=_json_line)
+        if use_json
+        else structlog.dev.ConsoleRenderer()
     )
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            UtcTimestamp(),
             structlog.processors.format_exc_info,
             mask_secrets_processor,  # last before rendering: sees the formatted exception
             renderer,

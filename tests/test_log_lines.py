@@ -1,0 +1,60 @@
+"""A log line (``--log-format json``) is one JSON object: the event, its level, a UTC
+timestamp in ISO 8601 with microseconds, and every field; a value JSON has no form for is
+written as its repr."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import UTC, datetime
+
+import pytest
+import structlog
+
+from workers.logs import configure_logging
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+def lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
+    return [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+
+
+def test_a_line_is_one_json_object_with_every_field(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("json", "info")
+    before = time.time()
+    structlog.get_logger("test").info("happened", count=3, text="x", thing=Opaque(), no=None)
+    after = time.time()
+    [line] = lines(capsys)
+    assert {k: v for k, v in line.items() if k != "timestamp"} == {
+        "event": "happened", "level": "info", "count": 3, "text": "x", "thing": "<opaque>",
+        "no": None,
+    }  # fmt: skip
+    stamp = str(line["timestamp"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    written = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert before - 1e-6 <= written.timestamp() <= after + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("now", "stamp"),
+    [
+        (100.999999, "1970-01-01T00:01:40.999999Z"),
+        (101.000001, "1970-01-01T00:01:41.000001Z"),  # the next second: its own date and time
+        (101.0, "1970-01-01T00:01:41.000000Z"),  # a whole second keeps its fraction
+        (1796623888.5, "2026-12-07T06:11:28.500000Z"),
+    ],
+)
+def test_the_timestamp_is_utc_to_the_microsecond(
+    now: float, stamp: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure_logging("json", "info")
+    log = structlog.get_logger("test")
+    log.info("first")  # at the real time: the second written before is another one
+    monkeypatch.setattr(time, "time", lambda: now)
+    log.info("then")
+    assert lines(capsys)[-1]["timestamp"] == stamp
