@@ -137,10 +137,10 @@ class _Entity:
 
 
 # One field of a common header block (CRLF lines of printable ASCII and tabs, no "From "
-# line, no line without a name): (name, blanks after the colon, value with its folds), as
-# _read_fields reads it.
+# line, no line without a name): (name, value with its folds, the blanks after the colon
+# left out), as _read_fields reads it.
 _PLAIN_FIELD = re.compile(
-    rb"([\041-\071\073-\176]++):([\t ]*+)"
+    rb"([\041-\071\073-\176]++):[\t ]*+"
     rb"([\t\x20-\x7e]*+(?:\r\n[\t ][\t\x20-\x7e]*+)*+)\r\n"
 )
 
@@ -148,21 +148,23 @@ _PLAIN_FIELD = re.compile(
 def _plain_header_block(
     data: bytes, start: int, end: int
 ) -> tuple[list[tuple[str, bytes]], int] | None:
-    """(fields, body start) of a common header block, in one regex pass: when its fields
-    cover every octet up to the first empty line, _split_header_block and _read_fields
-    would read the same (else None: they read it, defects and all)."""
-    if data.startswith(b"\r\n", start):
+    """(fields, body start) of a common header block, read field by field from its start:
+    when they run up to the first empty line, _split_header_block and _read_fields would
+    read the same (else None, at the first other line: they read it, defects and all).
+    Each match is anchored where the last ended, so the work is linear and stops there."""
+    if data.startswith(b"\r\n", start, end):
         return [], start + 2
     stop = data.find(b"\r\n\r\n", start, end) + 2  # the empty line's start
     if stop < 2:
         return None
-    found = _PLAIN_FIELD.findall(data, start, stop)
-    # Matches never overlap: covering as many octets as there are, they leave none out.
-    if sum(len(name) + len(blanks) + len(value) + 3 for name, blanks, value in found) != (
-        stop - start
-    ):
-        return None
-    return [(name.decode("ascii"), value) for name, _, value in found], stop + 2
+    fields, position, read = [], start, _PLAIN_FIELD.match
+    while position < stop:
+        field = read(data, position, stop)
+        if field is None:
+            return None
+        fields.append((field[1].decode("ascii"), field[2]))
+        position = field.end()
+    return fields, stop + 2
 
 
 def _split_header_block(data: bytes, start: int, end: int) -> tuple[list[bytes], int, bool]:
