@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import structlog
 
 from tests.cluster_util import ClusterSet, all_keys, flush_primaries, running_cluster
 from tests.harness import RedisServer, running_redis
 from tests.ingest_util import IngestProcess, make_certificate
 from tests.no_skips import pytest_sessionfinish, pytest_terminal_summary
 from tests.sinks import PostfixSink, RecordingSink
+from workers.logs import configure_logging
 from workers.streams.connection import close_all, connect, partition_clients
 
 # The hooks that make skips fail `make test` and CI (see tests/no_skips.py).
@@ -133,3 +137,17 @@ def make_postfix_sink() -> Iterator[Callable[..., PostfixSink]]:
     yield make
     for server in sinks:
         server.close()
+
+
+@pytest.fixture
+def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """JSON log lines of structlog as configured by the CLI, written into a buffer."""
+    saved, hook = structlog.get_config(), sys.excepthook
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buffer)
+    configure_logging("json", "debug")
+    try:
+        yield buffer
+    finally:
+        structlog.configure(**saved)
+        sys.excepthook = hook

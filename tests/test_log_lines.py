@@ -4,6 +4,7 @@ written as its repr."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
@@ -12,24 +13,21 @@ from datetime import UTC, datetime
 import pytest
 import structlog
 
-from workers.logs import configure_logging
-
 
 class Opaque:
     def __repr__(self) -> str:
         return "<opaque>"
 
 
-def lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
-    return [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+def lines(json_log: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in json_log.getvalue().splitlines()]
 
 
-def test_a_line_is_one_json_object_with_every_field(capsys: pytest.CaptureFixture[str]) -> None:
-    configure_logging("json", "info")
+def test_a_line_is_one_json_object_with_every_field(json_log: io.StringIO) -> None:
     before = time.time()
     structlog.get_logger("test").info("happened", count=3, text="x", thing=Opaque(), no=None)
     after = time.time()
-    [line] = lines(capsys)
+    [line] = lines(json_log)
     assert {k: v for k, v in line.items() if k != "timestamp"} == {
         "event": "happened", "level": "info", "count": 3, "text": "x", "thing": "<opaque>",
         "no": None,
@@ -50,11 +48,10 @@ def test_a_line_is_one_json_object_with_every_field(capsys: pytest.CaptureFixtur
     ],
 )
 def test_the_timestamp_is_utc_to_the_microsecond(
-    now: float, stamp: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    now: float, stamp: str, json_log: io.StringIO, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    configure_logging("json", "info")
     log = structlog.get_logger("test")
     log.info("first")  # at the real time: the second written before is another one
     monkeypatch.setattr(time, "time", lambda: now)
     log.info("then")
-    assert lines(capsys)[-1]["timestamp"] == stamp
+    assert lines(json_log)[-1]["timestamp"] == stamp

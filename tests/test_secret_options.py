@@ -10,7 +10,6 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ from workers.config import (
     mask_secrets,
     mask_url_password,
 )
-from workers.logs import configure_logging
 from workers.pool import RunConfig
 
 PASSWORD = "p@ss/w:rd-for-options"  # characters a URL must percent-encode
@@ -170,20 +168,6 @@ def test_describe_masks_every_secret_option(password_file: Path, tmp_path: Path)
     assert shown["relay_password"] == shown["redis_password"] == shown["auth_users"] == "***"
     assert shown["relay_password_file"] == str(password_file)  # a path, not a secret
     assert "ss/w" not in json.dumps(shown) and "ss%2Fw" not in json.dumps(shown)
-
-
-@pytest.fixture
-def json_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """JSON log lines of structlog as configured by the CLI, written into a buffer."""
-    saved, hook = structlog.get_config(), sys.excepthook
-    buffer = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", buffer)
-    configure_logging("json", "debug")
-    try:
-        yield buffer
-    finally:
-        structlog.configure(**saved)
-        sys.excepthook = hook
 
 
 def test_log_lines_mask_urls_password_fields_remembered_secrets_and_exceptions(
