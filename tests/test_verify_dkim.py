@@ -45,10 +45,12 @@ async def test_both_algorithms_of_an_independent_signer_pass(
 ) -> None:
     signed = mailauth_sign(mailauth_sign(MESSAGE, keys[1]), keys[0])
     results = await verify(dns.resolver(), signed, deadline=time.monotonic() + 5)
+    # Failed once, in a clean-clone run, for the RSA signature alone: what dkimpy said and
+    # the message are shown when it happens again.
     assert [(r.result, r.selector, r.algorithm) for r in results] == [
         ("pass", "e1", "ed25519-sha256"),
         ("pass", "r1", "rsa-sha256"),
-    ]
+    ], ([r.comment for r in results], signed)
     changed = await verify(
         dns.resolver(), signed.replace(b"Hello", b"Hallo"), deadline=time.monotonic() + 5
     )
