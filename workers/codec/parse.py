@@ -71,11 +71,9 @@ DEFAULT_PARSE_LIMITS = ParseLimits()
 # without ":" followed by ":", a continuation line, or a Unix "From " envelope line.
 _HEADER_LINE = re.compile(rb"From |[\041-\071\073-\176]*:|[\t ]")
 _BOUNDARY_TAIL = re.compile(rb"(--)?[ \t]*\r?(?=\n|\Z)")
-# A field value that decoding leaves as it is: printable ASCII and tabs, no "=?", no fold.
-_PLAIN_VALUE = re.compile(rb"(?:[\t\x20-\x3c\x3e-\x7e]++|=(?!\?))*+")
-# The same folded over lines (a Received field, a long Content-Type, our Authentication-
-# Results): decoding only unfolds it (address fields too: no "=?", no decoding).
-_FOLDED_PLAIN_VALUE = re.compile(rb"(?:[\t\x20-\x3c\x3e-\x7e]++|=(?!\?)|\r\n(?=[\t ]))*+")
+# A field value that decoding only unfolds (address fields too: no "=?", no decoding):
+# printable ASCII and tabs, folded over lines or not.
+_PLAIN_VALUE = re.compile(rb"(?:[\t\x20-\x3c\x3e-\x7e]++|=(?!\?)|\r\n(?=[\t ]))*+")
 # Content-Type parameters, and the names of those given in RFC 2231 form.
 _TypeParams = tuple[dict[str, str], frozenset[str]]
 _PLAIN_MEDIA_TYPE = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+/[a-z0-9!#$%&'*+.^_`|~-]+")
@@ -337,13 +335,9 @@ def _parse_entity(data: bytes, span: tuple[int, int], path: str, state: _State) 
 
 def _field_value(lower: str, raw_value: bytes, path: str, state: _State) -> tuple[str, str]:
     """(text as sent, decoded value) of a field."""
-    if len(raw_value) <= state.limits.max_value_len:
-        if _PLAIN_VALUE.fullmatch(raw_value) is not None:
-            text = raw_value.decode("ascii")
-            return text, text
-        if _FOLDED_PLAIN_VALUE.fullmatch(raw_value) is not None:
-            text = raw_value.decode("ascii")
-            return text, unfold(text)
+    if len(raw_value) <= state.limits.max_value_len and _PLAIN_VALUE.fullmatch(raw_value):
+        text = raw_value.decode("ascii")
+        return text, text if b"\n" not in raw_value else unfold(text)
     text = _decode_field_text(raw_value, path, state)
     # In address fields decoding must not add mailboxes: see decode_address_value.
     decode = decode_address_value if lower in ADDRESS_FIELDS else decode_header_value
