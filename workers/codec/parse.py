@@ -200,7 +200,8 @@ def field_values(data: bytes, name: bytes) -> list[bytes]:
         after = _HEADER_BLOCK_END.search(data)
         end = after.start() + 1 if after else len(data)
     limit = DEFAULT_PARSE_LIMITS.max_headers
-    if data.count(b"\n", 0, end) >= limit:  # maybe more fields than the parser keeps
+    # Maybe more fields than the parser keeps (a block shorter than the limit has fewer lines).
+    if end >= limit and data.count(b"\n", 0, end) >= limit:
         starts = _FIELD_START.finditer(data, 0, end)
         beyond = next(itertools.islice(starts, limit, None), None)
         end = beyond.start() + 1 if beyond else end
@@ -231,7 +232,9 @@ def _named_field(name: bytes) -> re.Pattern[bytes]:
 
 
 def _without_dropped_lines(value: bytes) -> bytes:
-    if b"\nFrom " in value or b"\n:" in value:
+    # find, not `in`: CPython's bytes `in` first tries the operand as an integer and pays
+    # for a TypeError each time; most values have no line break at all.
+    if value.find(b"\n") >= 0 and (value.find(b"\nFrom ") >= 0 or value.find(b"\n:") >= 0):
         first, *more = value.split(b"\n")  # the first is the field's own line: always kept
         kept = [line for line in more if not line.startswith((b"From ", b":"))]
         value = b"\n".join([first, *kept])
