@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.corpus_util import validate_if_available
+from tests.header_lines import LINES, header_blocks
 from workers.codec.headers import (
     decode_address_value,
     decode_header_value,
@@ -415,13 +416,6 @@ def test_a_field_folded_over_lines_decodes_as_decode_header_value_says(length: i
             assert message["headers"][name.lower()] == expected, repr(value)
 
 
-LINES = [
-    b"Subject: a", b"Subject:b", b"To:\t x@y.example ", b" cont", b"\tcont", b"From x",
-    b"From: a@b.example", b":nameless", b"X-8: \xc3\xa9", b"X-Enc: =?utf-8?q?a?=",
-    b"X-Ctl: a\x01b", b"X-CR: a\rb", b"bad line", b"X: ", b"Content-Type: text/plain;",
-]  # fmt: skip
-
-
 @pytest.mark.parametrize("count", range(4))
 def test_the_common_header_block_shortcut_reads_as_the_line_walk_does(
     count: int, monkeypatch: pytest.MonkeyPatch
@@ -439,17 +433,14 @@ def test_the_common_header_block_shortcut_reads_as_the_line_walk_does(
             walked = parse_message(raw, mail_from=None, rcpt_tos=[], message_id="m", received_at=0)
         return fast, walked
 
-    for lines in itertools.product(LINES, repeat=count):
-        for endings in itertools.product([b"\r\n", b"\n"], repeat=count):
-            for empty in (b"\r\n", b"\n", b""):
-                block = b"".join(line + end for line, end in zip(lines, endings, strict=True))
-                for raw in (
-                    block + empty + b"body\r\n",
-                    b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
-                    + block + empty + b"part\r\n--b--\r\n",
-                ):  # fmt: skip
-                    fast, walked = both(raw)
-                    assert fast == walked, repr(raw)
+    for block, empty in header_blocks(LINES, count):
+        for raw in (
+            block + empty + b"body\r\n",
+            b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+            + block + empty + b"part\r\n--b--\r\n",
+        ):  # fmt: skip
+            fast, walked = both(raw)
+            assert fast == walked, repr(raw)
 
 
 def test_a_header_block_is_read_field_by_field_up_to_the_first_other_line(

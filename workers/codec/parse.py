@@ -35,7 +35,15 @@ from workers.codec.headers import (
 from workers.codec.report import delivery_report
 from workers.codec.types import SCHEMA_VERSION, Content, ReceiveMessage
 
-__all__ = ["DEFAULT_PARSE_LIMITS", "ParseLimits", "parse_message"]
+__all__ = [
+    "DEFAULT_PARSE_LIMITS",
+    "HeaderBlock",
+    "ParseLimits",
+    "field_values",
+    "parse_message",
+    "read_fields",
+    "read_header_block",
+]
 
 DEFAULT_CONTENT_TYPE = "text/plain; charset=us-ascii"
 DIGEST_CONTENT_TYPE = "message/rfc822"
@@ -91,6 +99,7 @@ class _State:
 
     limits: ParseLimits
     data: bytes  # the whole message; entities are spans of it
+    header_block: HeaderBlock | None = None  # the message's, when the caller read it
     defects: list[str] = field(default_factory=list)
     dropped_defects: int = 0
     parts: int = 0
@@ -163,6 +172,49 @@ def _plain_header_block(
         fields.append((field[1].decode("ascii"), field[2]))
         position = field.end()
     return fields, stop + 2
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderBlock:
+    """A common header block as :func:`read_header_block` reads it: every field's name and
+    raw value (folds kept, without the leading blanks and the final CRLF), and where the
+    body starts (after the empty line)."""
+
+    fields: list[tuple[str, bytes]]
+    body_start: int
+
+    def below(self, *above: HeaderBlock) -> HeaderBlock:
+        """This block with the fields of ``above`` (:func:`read_fields` of octets put in
+        front of the ones this was read from, in their order) before its own: what reading
+        the joined octets gives."""
+        fields: list[tuple[str, bytes]] = []
+        offset = 0
+        for block in above:
+            fields += block.fields
+            offset += block.body_start
+        return HeaderBlock(fields + self.fields, offset + self.body_start)
+
+
+def read_header_block(data: bytes) -> HeaderBlock | None:
+    """The header block of ``data`` when it is a common one (CRLF lines of printable ASCII,
+    each a field or its fold, up to an empty line); None for any other.  Handed to
+    :func:`parse_message` with the same octets, it spares the parser reading them again."""
+    plain = _plain_header_block(data, 0, len(data))
+    return HeaderBlock(*plain) if plain is not None else None
+
+
+def read_fields(data: bytes) -> HeaderBlock | None:
+    """``data``, header fields only (each ending in CRLF, no empty line after them), read
+    as :func:`read_header_block` reads them at the top of a message: the block a message
+    gets below them is :meth:`HeaderBlock.below` this one.  None when one is not common."""
+    fields, position, read = [], 0, _PLAIN_FIELD.match
+    while position < len(data):
+        field = read(data, position)
+        if field is None:
+            return None
+        fields.append((field[1].decode("ascii"), field[2]))
+        position = field.end()
+    return HeaderBlock(fields, len(data))
 
 
 def _split_header_block(data: bytes, start: int, end: int) -> tuple[list[bytes], int, bool]:
@@ -291,7 +343,8 @@ _MIME_FIELDS = ("content-type", "content-transfer-encoding", "content-dispositio
 
 def _parse_entity(data: bytes, span: tuple[int, int], path: str, state: _State) -> _Entity:
     header_path = "headers" if path == "content" else f"{path}.headers"
-    plain = _plain_header_block(data, *span)
+    known = state.header_block if span[0] == 0 else None  # the message's own, read already
+    plain = (known.fields, known.body_start) if known else _plain_header_block(data, *span)
     if plain is not None:  # every value printable ASCII, folded with CRLF or not
         raw_fields, body_start = plain
     else:
@@ -682,10 +735,13 @@ def parse_message(
     limits: ParseLimits = DEFAULT_PARSE_LIMITS,
     dsn: dict[str, object] | None = None,
     auth: dict[str, Any] | None = None,
+    header_block: HeaderBlock | None = None,
 ) -> ReceiveMessage:
-    """The spec receive message for ``raw`` delivered with the given envelope. Never raises."""
+    """The spec receive message for ``raw`` delivered with the given envelope. Never raises.
+
+    ``header_block``: :func:`read_header_block` of ``raw``, when the caller has it."""
     data = bytes(raw)
-    state = _State(limits, data)
+    state = _State(limits, data, header_block)
     try:
         whole = (0, len(data))
         content, fields = _content_of(whole, "content", 0, DEFAULT_CONTENT_TYPE, state, root=True)

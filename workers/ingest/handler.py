@@ -12,6 +12,7 @@ and retries.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 import uuid
@@ -25,7 +26,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from workers.codec.dsn import DsnRequest
-from workers.codec.parse import parse_message
+from workers.codec.parse import HeaderBlock, parse_message, read_fields, read_header_block
 from workers.codec.wire import DEFAULT_LIMITS, SPLICE_FROM, pack
 from workers.metrics import INGEST_MESSAGES, INGEST_REJECTED, INGEST_TRANSACTION
 from workers.streams.receive import Store, StoreError
@@ -252,20 +253,27 @@ class IngestHandler:
         message_id = uuid.uuid4().hex
         peer = _peer_ip(session.peer)
         now = time.time()
-        verified = await self._verified(session, envelope, message_id, peer)
+        # The header block as the parser reads it, read once for the verifier and the parser
+        # (a renamed Authentication-Results field makes other content: read again then).
+        content = envelope.original_content or b""
+        read = read_header_block(content) if self.verifier is not None else None
+        verified = await self._verified(session, envelope, message_id, peer, read)
+        if verified is not None and verified.content is not content:
+            read = None
         # In a list that _parse_and_pack empties: the octets are freed once parsed (memory).
-        raw = [
-            self._with_trace(
-                server, session, envelope, message_id=message_id, peer=peer, now=now,
-                above=verified.field if verified else b"",
-            )
-        ]  # fmt: skip
+        stored, header_block = self._with_trace(
+            server, session, envelope, message_id=message_id, peer=peer, now=now,
+            above=verified.field if verified else b"", read=read,
+        )  # fmt: skip
+        raw = [stored]
         # One size everywhere: the message as stored (our fields + what the client
         # sent), the entry's ``size`` and ``len(raw)``, so log lines and entries agree.
         size = len(raw[0])
         recipients = list(envelope.rcpt_tos)
         try:
-            entry_id = await self._store(raw, envelope, message_id, now, verified)
+            entry_id = await self._store(
+                raw, envelope, message_id, now, verified=verified, header_block=header_block
+            )
         except EntryTooLarge as exc:  # permanent: a retry would be just as large
             INGEST_MESSAGES.labels("rejected").inc()
             log.info(
@@ -299,7 +307,12 @@ class IngestHandler:
         return f"250 2.0.0 OK queued as {entry_id}"
 
     async def _verified(
-        self, session: Session, envelope: Envelope, message_id: str, peer: str
+        self,
+        session: Session,
+        envelope: Envelope,
+        message_id: str,
+        peer: str,
+        read: HeaderBlock | None = None,
     ) -> Verified | None:
         """The verdicts on the client's octets, which it replaces in ``envelope`` (forged
         Authentication-Results renamed); None with --no-verify.  A failure of ours gives
@@ -313,7 +326,7 @@ class IngestHandler:
                 checks = self.verifier.start(
                     peer, envelope.mail_from or "", session.host_name or ""
                 )
-            verified = await self.verifier.finish(checks, content)
+            verified = await self.verifier.finish(checks, content, read)
         except Exception:
             log.exception("verify_failed", id=message_id, peer=peer)
             verified = self.verifier.failed(checks, content)
@@ -330,9 +343,11 @@ class IngestHandler:
         peer: str,
         now: float,
         above: bytes = b"",
-    ) -> bytes:
+        read: HeaderBlock | None = None,
+    ) -> tuple[bytes, HeaderBlock | None]:
         """The message as stored: ``above`` (our Authentication-Results field), our Received
-        field, then the octets the client sent."""
+        field, then the octets the client sent; and its header block, when ``read`` (that
+        of the client's octets) is given and our fields are common ones."""
         trace = received_field(
             helo=session.host_name,
             peer_ip=peer,
@@ -350,7 +365,7 @@ class IngestHandler:
         content = envelope.original_content or b""
         # From here on the message is held once, in what this returns (memory budget).
         envelope.content = envelope.original_content = None
-        return above + trace + content
+        return above + trace + content, _below(read, above, trace)
 
     async def _store(
         self,
@@ -358,7 +373,9 @@ class IngestHandler:
         envelope: Envelope,
         message_id: str,
         now: float,
+        *,
         verified: Verified | None = None,
+        header_block: HeaderBlock | None = None,
     ) -> str:
         arguments = {
             "mail_from": envelope.mail_from,
@@ -368,6 +385,7 @@ class IngestHandler:
             "keep_raw": self.settings.keep_raw,
             "dsn": envelope.dsn.as_entry() if isinstance(envelope, IngestEnvelope) else None,
             "auth": verified.verdicts.extension if verified is not None else None,
+            "header_block": header_block,
         }
         if len(raw[0]) >= PARSE_IN_THREAD_FROM:
             data = await asyncio.to_thread(_parse_and_pack, raw, arguments)
@@ -384,6 +402,22 @@ class IngestHandler:
         else:
             log.error("session_error", error=f"{type(error).__name__}: {error}")
         return REPLY_INTERNAL_ERROR
+
+
+def _below(read: HeaderBlock | None, above: bytes, trace: bytes) -> HeaderBlock | None:
+    """The stored message's header block: ``read`` (the client's) below our two fields."""
+    if read is None:
+        return None
+    ours = _our_fields(above)  # the same few Authentication-Results fields again and again
+    trace_fields = read_fields(trace)
+    if ours is None or trace_fields is None:
+        return None
+    return read.below(ours, trace_fields)
+
+
+@functools.lru_cache(maxsize=256)
+def _our_fields(above: bytes) -> HeaderBlock | None:
+    return read_fields(above)
 
 
 def _verdict_summary(verified: Verified | None) -> dict[str, str]:
