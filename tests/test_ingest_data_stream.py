@@ -6,6 +6,7 @@ gives back a memory reservation."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -94,3 +95,18 @@ async def test_a_peer_that_hangs_up_gives_its_share_back() -> None:
     reservation = budget.reservation()
     assert await read_data(_reader_with(b"x" * 300 + b"\r\n"), None, reservation) is None
     assert budget.used == 0
+
+
+def test_every_line_is_measured_at_the_limit_wherever_it_lies() -> None:
+    """Up to four lines each of one octet, half the limit, the longest allowed, one more
+    than that, or two more (a window of lines passed at once, a line starting or ending
+    one at its edge), read at once and cut at a few places: the refusal of reading the
+    section whole, for every combination."""
+    longest = LINE_LIMIT - 2
+    lengths = [1, longest // 2, longest, longest + 1, longest + 2]
+    for count in range(1, 5):
+        for chosen in itertools.product(lengths, repeat=count):
+            data = b"".join(b"y" * n + b"\r\n" for n in chosen) + b".\r\n"
+            for cuts in ([], [len(data) // 2], [1000, 2000, 3000]):
+                got = asyncio.run(_read_in_chunks(data, cuts, None))
+                assert got[2] == _whole(data, None)[2], (chosen, cuts)
