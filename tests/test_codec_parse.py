@@ -389,6 +389,19 @@ def test_unfolding_drops_every_lf_and_crlf_and_nothing_else(length: int) -> None
         assert unfold(value) == re.sub(r"\r?\n", "", value), repr(value)
 
 
+@pytest.mark.parametrize("length", range(1, 9))
+def test_a_body_loses_the_cr_of_each_crlf_and_nothing_else(length: int) -> None:
+    """Every body of CR, LF and a letter up to 8 long, and one over the size the regex
+    takes (bytes.replace takes it): each CRLF becomes LF, a CR or LF of its own stays."""
+    from workers.codec.parse import _SUBSTITUTED_UP_TO, _lf
+
+    for characters in itertools.product(b"\r\na", repeat=length):
+        body = bytes(characters)
+        assert _lf(body) == re.sub(rb"\r\n", b"\n", body), body
+    large = b"\r\r\n\n" * (_SUBSTITUTED_UP_TO // 4 + 1)
+    assert _lf(large) == b"\r\n\n" * (_SUBSTITUTED_UP_TO // 4 + 1)
+
+
 def test_a_uuencoded_body_that_would_decode_to_more_than_it_holds_is_kept_as_sent() -> None:
     """a2b_uu fills a line shorter than its length byte says with zeros, so 2 octets ("M"
     and a line end) would become 45: the body would outgrow what ingest reserved for it."""

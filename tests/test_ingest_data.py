@@ -5,6 +5,7 @@ oversized message drained with bounded memory while the session goes on."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import redis.asyncio as aioredis
 
@@ -105,3 +106,13 @@ async def test_read_data_limits_and_leftover() -> None:
     assert await reader.readline() == b"QUIT\r\n"
     assert await read_data(_reader_with(b"no end\r\n"), None) is None
     assert unstuff(b"..a\r\n.b\r\nc.\r\n") == b".a\r\nb\r\nc.\r\n"
+
+
+def test_unstuffing_drops_the_dot_of_each_line_that_starts_with_one_and_nothing_else() -> None:
+    """Every stuffed section of CR, LF, dots and a letter up to 7 long."""
+    for length in range(1, 8):
+        for characters in itertools.product(b"\r\n.a", repeat=length):
+            stuffed = bytes(characters)
+            lines = stuffed.split(b"\r\n")
+            expected = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
+            assert unstuff(stuffed) == expected, stuffed
