@@ -60,6 +60,7 @@ def unstuff(stuffed: bytes) -> bytes:
 # A line's transparency dot: a regex finds them in half the time bytes.replace takes
 # (6 against 13 us for 20 KB without any).
 _STUFFED = re.compile(rb"\r\n\.")
+_END_OF_DATA = re.compile(re.escape(END_OF_DATA))  # found faster than by bytes.find too
 
 
 def _safe_cut(pending: bytes) -> int:
@@ -158,7 +159,7 @@ async def read_data(
     collector = _Collector(size_limit, reservation)
     # A virtual CRLF in front: the end-of-data line may be the very first (empty message).
     pending = b"\r\n"
-    while (end := pending.find(END_OF_DATA)) < 0:
+    while (found := _END_OF_DATA.search(pending)) is None:
         cut = _safe_cut(pending)
         if cut > 0:
             collector.take(pending[:cut])
@@ -169,6 +170,7 @@ async def read_data(
                 reservation.release()
             return None
         pending += chunk
+    end = found.start()
     collector.take(pending[: end + 2])
     leftover = pending[end + len(END_OF_DATA) :]
     if leftover:  # pipelined commands: back to the command loop
