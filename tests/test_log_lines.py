@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sys
 import time
 from datetime import UTC, datetime
 
@@ -55,3 +56,32 @@ def test_the_timestamp_is_utc_to_the_microsecond(
     monkeypatch.setattr(time, "time", lambda: now)
     log.info("then")
     assert lines(json_log)[-1]["timestamp"] == stamp
+
+
+class CountingStream(io.StringIO):
+    """Counts the writes it gets: each is a system call on a real stderr."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_a_line_is_written_at_once_with_its_newline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One write per line (print() wrote the line and then its newline: two system calls
+    on stderr for every message ingest takes)."""
+    from workers.logs import configure_logging
+
+    saved = structlog.get_config()
+    stream = CountingStream()
+    monkeypatch.setattr("sys.stderr", stream)
+    monkeypatch.setattr("sys.excepthook", sys.excepthook)  # configure_logging sets its own
+    try:
+        configure_logging("json", "info")
+        for number in range(3):
+            structlog.get_logger("test").info("happened", number=number)
+    finally:
+        structlog.configure(**saved)
+    assert stream.writes == 3
+    assert [json.loads(line)["number"] for line in stream.getvalue().splitlines()] == [0, 1, 2]
