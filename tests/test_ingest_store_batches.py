@@ -10,7 +10,7 @@ from collections.abc import Callable
 from tests.delivery_util import redis_stalled
 from tests.harness import RedisServer
 from workers.streams.connection import connect_for_writes
-from workers.streams.receive import SLOWEST_RATE, ReceiveStream, StoreError
+from workers.streams.receive import SLOWEST_RATE, ReceiveStream, StoreError, _Pending
 
 MIB = 1 << 20
 
@@ -51,3 +51,32 @@ async def test_a_batch_is_capped_by_octets_and_queued_messages_are_never_stored(
         assert stored == [b"w", b"\x00"]
     finally:
         await client.aclose()
+
+
+async def test_the_appends_of_the_next_loop_turns_join_the_batch(redis_url: str) -> None:
+    """Sessions whose data arrived together reach the end of DATA a loop turn or two apart:
+    their messages go out in one batch, not one each (Redis then reads them in half as many
+    pieces: bench/redis_floor.py)."""
+    client = connect_for_writes(redis_url)
+    stream = ReceiveStream(client, "email.receive")
+    sizes: list[int] = []
+    take = stream._next_batch
+
+    def counted() -> list[_Pending]:
+        batch = take()
+        sizes.append(len(batch))
+        return batch
+
+    async def after(turns: int, data: bytes) -> str:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        return await stream.append(data)
+
+    try:
+        await stream.append(b"warm-up")  # the writer's connection is up
+        sizes.clear()
+        stream._next_batch = counted  # type: ignore[method-assign]
+        await asyncio.gather(after(0, b"a"), after(1, b"b"), after(2, b"c"))
+    finally:
+        await client.aclose()
+    assert [size for size in sizes if size] == [3]  # another writer may find none left
