@@ -253,19 +253,14 @@ class IngestHandler:
         message_id = uuid.uuid4().hex
         peer = _peer_ip(session.peer)
         now = time.time()
-        # The header block as the parser reads it, read once for the verifier and the parser
-        # (a renamed Authentication-Results field makes other content: read again then).
-        content = envelope.original_content or b""
-        read = read_header_block(content) if self.verifier is not None else None
-        verified = await self._verified(session, envelope, message_id, peer, read)
-        if verified is not None and verified.content is not content:
-            read = None
+        # No reference to the message's octets here: the envelope holds them until
+        # _with_trace, then ``raw`` alone (the ingest memory budget counts them once).
+        verified, read = await self._verified(session, envelope, message_id, peer)
         # In a list that _parse_and_pack empties: the octets are freed once parsed (memory).
-        stored, header_block = self._with_trace(
+        raw, header_block = self._with_trace(
             server, session, envelope, message_id=message_id, peer=peer, now=now,
             above=verified.field if verified else b"", read=read,
         )  # fmt: skip
-        raw = [stored]
         # One size everywhere: the message as stored (our fields + what the client
         # sent), the entry's ``size`` and ``len(raw)``, so log lines and entries agree.
         size = len(raw[0])
@@ -312,14 +307,16 @@ class IngestHandler:
         envelope: Envelope,
         message_id: str,
         peer: str,
-        read: HeaderBlock | None = None,
-    ) -> Verified | None:
+    ) -> tuple[Verified | None, HeaderBlock | None]:
         """The verdicts on the client's octets, which it replaces in ``envelope`` (forged
-        Authentication-Results renamed); None with --no-verify.  A failure of ours gives
-        temperror verdicts: never a 451 or 5xx for it."""
+        Authentication-Results renamed), and their header block as the parser reads it:
+        read once, for the verifier and the parser (None for a block of another kind, and
+        for content a renamed field changed).  (None, None) with --no-verify.  A failure of
+        ours gives temperror verdicts: never a 451 or 5xx for it."""
         if self.verifier is None:
-            return None
+            return None, None
         content = envelope.original_content or b""
+        read = read_header_block(content)
         checks = envelope.spf if isinstance(envelope, IngestEnvelope) else None
         try:
             if checks is None:
@@ -331,7 +328,7 @@ class IngestHandler:
             log.exception("verify_failed", id=message_id, peer=peer)
             verified = self.verifier.failed(checks, content)
         envelope.original_content = verified.content
-        return verified
+        return verified, read if verified.content is content else None
 
     def _with_trace(
         self,
@@ -344,10 +341,11 @@ class IngestHandler:
         now: float,
         above: bytes = b"",
         read: HeaderBlock | None = None,
-    ) -> tuple[bytes, HeaderBlock | None]:
-        """The message as stored: ``above`` (our Authentication-Results field), our Received
-        field, then the octets the client sent; and its header block, when ``read`` (that
-        of the client's octets) is given and our fields are common ones."""
+    ) -> tuple[list[bytes], HeaderBlock | None]:
+        """The message as stored, alone in a list: ``above`` (our Authentication-Results
+        field), our Received field, then the octets the client sent; and its header block,
+        when ``read`` (that of the client's octets) is given and our fields are common
+        ones."""
         trace = received_field(
             helo=session.host_name,
             peer_ip=peer,
@@ -365,7 +363,7 @@ class IngestHandler:
         content = envelope.original_content or b""
         # From here on the message is held once, in what this returns (memory budget).
         envelope.content = envelope.original_content = None
-        return above + trace + content, _below(read, above, trace)
+        return [above + trace + content], _below(read, above, trace)
 
     async def _store(
         self,
