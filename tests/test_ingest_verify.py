@@ -20,6 +20,7 @@ from tests.dkim_util import KeyFile, mailauth_seal, mailauth_sign, write_key
 from tests.dns_util import DnsServer, running_dns, txt
 from tests.harness import longest_stall, verification_threads_idle, wait_until
 from tests.ingest_util import HOSTNAME, SMTPConn, entries, ingest
+from workers.codec.parse import read_header_block
 from workers.verify.dkim import AT_ONCE, DkimResult, brief, off_loop
 from workers.verify.dmarc import DmarcResult
 from workers.verify.resolver import Resolver
@@ -388,3 +389,29 @@ def test_our_field_is_remembered_by_verdict_and_unreadable_domains_left_out() ->
     assert authentication_results(again, HOSTNAME) is field
     assert authentication_results.cache_info().hits == hits + 1
     assert b"paypal" not in field and b"spf=none" in field
+
+
+async def test_a_message_parsed_off_the_loop_has_its_header_block_read_off_it_too(
+    redis_url: str, redis: aioredis.Redis, dns: DnsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header block read once for the verifier and the parser is read on the loop only
+    for a message the parser reads there: a larger one (a block of 100 000 short fields
+    is as slow to read as it is to parse) is parsed on a thread, and verified as before."""
+    from workers.ingest import handler
+
+    sizes: list[int] = []
+
+    def recorded(data: bytes) -> Any:
+        sizes.append(len(data))
+        return read_header_block(data)
+
+    monkeypatch.setattr(handler, "read_header_block", recorded)
+    lines = b"x" * 78 + b"\r\n"
+    large = mail(subject="large") + lines * (handler.PARSE_IN_THREAD_FROM // len(lines))
+    for content in (mail(subject="small"), large):
+        reply, entry = await received(redis_url, redis, content, "a@example.com",
+                                      dns_server=dns.address)  # fmt: skip
+        assert reply[0] == 250, reply
+        assert entry["auth"]["dmarc"]["result"] == "pass"
+        assert fields_named(entry, "Subject") == [entry["headers"]["subject"]]
+    assert sizes == [len(mail(subject="small"))]

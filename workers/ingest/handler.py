@@ -310,13 +310,15 @@ class IngestHandler:
     ) -> tuple[Verified | None, HeaderBlock | None]:
         """The verdicts on the client's octets, which it replaces in ``envelope`` (forged
         Authentication-Results renamed), and their header block as the parser reads it:
-        read once, for the verifier and the parser (None for a block of another kind, and
-        for content a renamed field changed).  (None, None) with --no-verify.  A failure of
-        ours gives temperror verdicts: never a 451 or 5xx for it."""
+        read once, for the verifier and the parser (None for a block of another kind, for
+        a message parsed off the loop, and for content a renamed field changed).  (None,
+        None) with --no-verify.  A failure of ours gives temperror verdicts: never a 451 or
+        5xx for it."""
         if self.verifier is None:
             return None, None
         content = envelope.original_content or b""
-        read = read_header_block(content)
+        # A large message is parsed off the loop: its header block is not read on it either.
+        read = read_header_block(content) if len(content) < PARSE_IN_THREAD_FROM else None
         checks = envelope.spf if isinstance(envelope, IngestEnvelope) else None
         try:
             if checks is None:

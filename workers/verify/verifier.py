@@ -281,7 +281,11 @@ class _Head:
         """From ``read`` (:func:`read_header_block` of ``content``) when given: the parser
         reads it anyway.  Else one lower-case copy and three plain searches spare most mail
         the regexes."""
-        if read is not None and len(read.fields) <= DEFAULT_PARSE_LIMITS.max_headers:
+        if (
+            read is not None
+            and read.body_start < dkim.IN_THREAD_FROM  # a large block: its old way, off the loop
+            and len(read.fields) <= DEFAULT_PARSE_LIMITS.max_headers
+        ):
             return cls._of_read(content, read)
         block = _header_block(content)
         lower = block.lower()
@@ -313,7 +317,7 @@ class _Head:
             "dkim-signature" in names,
             "arc-seal" in names,
             "authentication-results" in names,
-            from_values if len(block) < dkim.IN_THREAD_FROM else None,
+            from_values,
         )
 
 
