@@ -176,6 +176,12 @@ def _plain_header_block(
     stop = data.find(b"\r\n\r\n", start, end) + 2  # the empty line's start
     if stop < 2:
         return None
+    fields = _plain_fields(data, start, stop)
+    return (fields, stop + 2) if fields is not None else None
+
+
+def _plain_fields(data: bytes, start: int, stop: int) -> list[tuple[str, bytes]] | None:
+    """The common fields that make up ``data[start:stop]`` exactly, else None."""
     fields, position, read = [], start, _PLAIN_FIELD.match
     while position < stop:
         field = read(data, position, stop)
@@ -183,7 +189,7 @@ def _plain_header_block(
             return None
         fields.append((field[1].decode("ascii"), field[2]))
         position = field.end()
-    return fields, stop + 2
+    return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,14 +225,8 @@ def read_fields(data: bytes) -> HeaderBlock | None:
     """``data``, header fields only (each ending in CRLF, no empty line after them), read
     as :func:`read_header_block` reads them at the top of a message: the block a message
     gets below them is :meth:`HeaderBlock.below` this one.  None when one is not common."""
-    fields, position, read = [], 0, _PLAIN_FIELD.match
-    while position < len(data):
-        field = read(data, position)
-        if field is None:
-            return None
-        fields.append((field[1].decode("ascii"), field[2]))
-        position = field.end()
-    return HeaderBlock(fields, len(data))
+    fields = _plain_fields(data, 0, len(data))
+    return HeaderBlock(fields, len(data)) if fields is not None else None
 
 
 def _split_header_block(data: bytes, start: int, end: int) -> tuple[list[bytes], int, bool]:
