@@ -15,6 +15,11 @@ persistent SMTP connections (``--concurrency``, default 10):
   ``workers.delivery.serve`` drains them with all its bookkeeping (build, idempotency
   record, ack, events).  The clock runs from the worker's start to the moment the group has
   nothing pending and nothing left to read.
+* worker-prebuilt: the worker again, with every message built before the clock (as the
+  worker builds it: its entry id, the worker's hostname) and the worker's build replaced by
+  a look-up of the result.  worker/worker-prebuilt is what building costs the worker (the
+  raw sides' bytes are built before their clock too); worker-prebuilt/raw is everything
+  else: decoding, Redis, records, events, state and the transaction.
 
 With ``--postfix`` (as ``make bench`` runs it), two anchors join the rounds:
 
@@ -61,6 +66,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -207,12 +214,50 @@ async def drained(redis: aioredis.Redis, stream: str, group: str, total: int) ->
     return False
 
 
-async def enqueue_all(redis: aioredis.Redis, stream: str, messages: list[SendMessage]) -> None:
+async def enqueue_all(redis: aioredis.Redis, stream: str, messages: list[SendMessage]) -> list[str]:
+    """XADD every message (500 per pipeline); their entry ids, in order."""
+    ids: list[str] = []
     for start in range(0, len(messages), 500):
         pipe = redis.pipeline(transaction=False)
         for message in messages[start : start + 500]:
             pipe.xadd(stream, data_entry(pack(message)))
-        await pipe.execute()
+        ids += [i.decode() if isinstance(i, bytes) else str(i) for i in await pipe.execute()]
+    return ids
+
+
+@contextlib.contextmanager
+def built_before_the_clock(
+    messages: list[SendMessage], entry_ids: list[str], config: DeliveryConfig
+) -> Iterator[None]:
+    """The worker-prebuilt side: every message built now, as the worker would build it (its
+    entry id as ``default_id``, the worker's hostname), and the worker's build replaced by a
+    look-up of the result.  What the worker does apart from building (decoding, Redis,
+    records, events, the transaction) is then measured alone.  A look-up that misses (the
+    worker asked for a message not built here) stops the benchmark: the side would not
+    measure what it says."""
+    from workers.codec.build import build_message as build
+    from workers.delivery import attempt
+
+    built = {
+        entry_id: build(message, default_id=entry_id, hostname=config.hostname)
+        for message, entry_id in zip(messages, entry_ids, strict=True)
+    }
+
+    def look_up(message: SendMessage, *, default_id: str, **options: Any) -> BuiltMessage:
+        found = built.get(default_id)
+        if found is None:
+            raise SystemExit(f"worker-prebuilt: entry {default_id} was not built before the clock")
+        return found
+
+    with mock.patch.object(attempt, "build_message", look_up):
+        yield
+
+
+@contextlib.contextmanager
+def _build_in_the_worker(
+    messages: list[SendMessage], entry_ids: list[str], config: DeliveryConfig
+) -> Iterator[None]:
+    yield
 
 
 async def run_worker(
@@ -222,6 +267,8 @@ async def run_worker(
     concurrency: int,
     side: str = "worker",
     dkim_keys: str | None = None,
+    *,
+    prebuilt: bool = False,
 ) -> Result:
     from workers.delivery import serve
 
@@ -239,24 +286,26 @@ async def run_worker(
     config.validate()
     redis = aioredis.Redis.from_url(redis_url)
     await redis.flushall()
-    await enqueue_all(redis, config.send_stream, messages)
+    entry_ids = await enqueue_all(redis, config.send_stream, messages)
     before = sink.messages()
     stop = asyncio.Event()
-    redis_cpu = process_cpu_seconds(server.process.pid)
-    started, cpu = time.perf_counter(), time.process_time()
-    worker = asyncio.create_task(serve(config, stop))
-    deadline = time.monotonic() + DRAIN_TIMEOUT
-    while not await drained(redis, config.send_stream, config.group, len(messages)):
-        if worker.done():
-            worker.result()  # raises what killed it
-            raise SystemExit("the delivery worker returned before draining the stream")
-        if time.monotonic() > deadline:
-            raise SystemExit("the delivery worker did not drain the stream in time")
-        await asyncio.sleep(0.01)
-    elapsed, cpu_used = time.perf_counter() - started, time.process_time() - cpu
-    redis_used = process_cpu_seconds(server.process.pid) - redis_cpu
-    stop.set()
-    await asyncio.wait_for(worker, 60)
+    building = built_before_the_clock if prebuilt else _build_in_the_worker
+    with building(messages, entry_ids, config):
+        redis_cpu = process_cpu_seconds(server.process.pid)
+        started, cpu = time.perf_counter(), time.process_time()
+        worker = asyncio.create_task(serve(config, stop))
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while not await drained(redis, config.send_stream, config.group, len(messages)):
+            if worker.done():
+                worker.result()  # raises what killed it
+                raise SystemExit("the delivery worker returned before draining the stream")
+            if time.monotonic() > deadline:
+                raise SystemExit("the delivery worker did not drain the stream in time")
+            await asyncio.sleep(0.01)
+        elapsed, cpu_used = time.perf_counter() - started, time.process_time() - cpu
+        redis_used = process_cpu_seconds(server.process.pid) - redis_cpu
+        stop.set()
+        await asyncio.wait_for(worker, 60)
     await check_nothing_failed(redis, config)
     await redis.aclose()
     await wait_for_sink(sink, before + len(messages))
@@ -283,7 +332,7 @@ def report(result: Result) -> None:
     if result.side.startswith("worker"):
         redis_part = f"  (+ redis-server {result.redis_cpu_seconds:.2f} CPU-s)"
     print(
-        f"  {result.side:<12} {result.messages:>6} msgs {result.seconds:7.2f} s "
+        f"  {result.side:<15} {result.messages:>6} msgs {result.seconds:7.2f} s "
         f"{result.rate:8.0f} msg/s {result.per_cpu_second:8.0f} msg/CPU-s{redis_part}",
         flush=True,
     )
@@ -300,12 +349,15 @@ def median_rates(results: list[Result], side: str) -> tuple[float, float] | None
 
 
 def summary(results: list[Result]) -> None:
-    sides = ("raw", "rawtx", "worker", "worker-ed25519", "worker-rsa", "worker-fsync", "postfix")
+    sides = (
+        "raw", "rawtx", "worker", "worker-prebuilt", "worker-ed25519", "worker-rsa",
+        "worker-fsync", "postfix",
+    )  # fmt: skip
     medians = {side: median_rates(results, side) for side in sides}
     print("median:")
     for side, rates in medians.items():
         if rates is not None:
-            print(f"  {side:<12} {rates[0]:8.0f} msg/s {rates[1]:8.0f} msg/CPU-s")
+            print(f"  {side:<15} {rates[0]:8.0f} msg/s {rates[1]:8.0f} msg/CPU-s")
     worker = medians["worker"]
     for base in ("raw", "rawtx"):
         rates = medians[base]
@@ -314,6 +366,13 @@ def summary(results: list[Result]) -> None:
                 f"ratio worker/{base}: {worker[0] / rates[0]:.2f} (msg/s)  "
                 f"{worker[1] / rates[1]:.2f} (msg per CPU-s)"
             )
+    prebuilt, raw_medians = medians["worker-prebuilt"], medians["raw"]
+    if prebuilt is not None and raw_medians is not None and worker is not None:
+        print(
+            f"ratio worker-prebuilt/raw: {prebuilt[0] / raw_medians[0]:.2f} (msg/s)  "
+            f"{prebuilt[1] / raw_medians[1]:.2f} (msg per CPU-s); building's share of the "
+            f"worker's CPU time: {1 - worker[1] / prebuilt[1]:.0%}"
+        )
     for signed in ("worker-ed25519", "worker-rsa"):
         ours, raw_rates = medians[signed], medians["raw"]
         if ours is not None and raw_rates is not None and worker is not None:
@@ -374,6 +433,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
                 "rawtx", with_own_transaction, sink, m, args.concurrency
             ),
             "worker": lambda m: run_worker(sink, server, m, args.concurrency),
+            "worker-prebuilt": lambda m: run_worker(
+                sink, server, m, args.concurrency, "worker-prebuilt", prebuilt=True
+            ),
         }
         if args.dkim:
             for algorithm in ("ed25519", "rsa"):

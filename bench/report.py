@@ -171,6 +171,17 @@ def delivery_rows(output: str) -> list[Row]:
         rows.append(
             Row("delivery worker/rawtx", f"{own.group(1)}x", f"{note}; per CPU-s {own.group(2)}x")
         )
+    prebuilt = re.search(
+        r"ratio worker-prebuilt/raw: ([\d.]+) \(msg/s\)\s+([\d.]+) \(msg per CPU-s\); "
+        r"building's share of the worker's CPU time: (\d+%)",
+        output,
+    )
+    if prebuilt:
+        rows.append(Row(
+            "delivery worker-prebuilt/raw", f"{prebuilt.group(1)}x",
+            f"the worker with its messages built before the clock; per CPU-s "
+            f"{prebuilt.group(2)}x; building is {prebuilt.group(3)} of the worker's CPU time",
+        ))  # fmt: skip
     signing = (
         r"ratio (worker-ed25519|worker-rsa)/raw: ([\d.]+) \(msg/s\)\s+([\d.]+) "
         r"\(msg per CPU-s\); \S+/worker: ([\d.]+)"

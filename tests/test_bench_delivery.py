@@ -1,5 +1,6 @@
 """The delivery benchmarks run: each side of bench/delivery.py (raw ``sendmail``, the relay's
-own transaction, the worker, the worker signing with DKIM, its Postfix anchor) and every
+own transaction, the worker, the worker with its messages built before the clock, the worker
+signing with DKIM, its Postfix anchor) and every
 variant of bench/relay_fence.py and bench/redis_fence.py send a few messages into
 smtp-sink, so a change of the relay's or the outcomes' API breaks the test suite, not the
 next benchmark run; and bench/ingest.py's Haraka anchor takes mail."""
@@ -37,6 +38,7 @@ def test_every_side_of_the_delivery_benchmark_runs() -> None:
     assert [row.what for row in delivery_rows(out)] == [
         "delivery worker/raw",
         "delivery worker/rawtx",
+        "delivery worker-prebuilt/raw",
         "delivery worker-ed25519/raw",
         "delivery worker-rsa/raw",
         "delivery worker/postfix",
@@ -130,3 +132,38 @@ def test_the_verifying_side_of_the_ingest_benchmark_verifies(
             "ingest --verify 5.20 ms, bare 1.29 ms (client-side)",
         ),
     ]
+
+
+def test_the_prebuilt_side_hands_the_worker_the_messages_it_would_build() -> None:
+    """bench/delivery.py's worker-prebuilt side: while it runs, the worker's build returns
+    the message built before the clock for that entry (the same octets but for the Date the
+    clock writes), a miss stops the benchmark, and afterwards the worker builds again."""
+    from bench.delivery import built_before_the_clock, make_messages
+    from workers.codec.build import build_message
+    from workers.config import DeliveryConfig
+    from workers.delivery import attempt
+
+    messages = make_messages(3, "prebuilt")
+    ids = ["1-0", "1-1", "1-2"]
+    config = DeliveryConfig(hostname="bench.invalid")
+    with built_before_the_clock(messages, ids, config):
+        handed = [
+            attempt.build_message(m, default_id=i, hostname=config.hostname)
+            for m, i in zip(messages, ids, strict=True)
+        ]
+        assert handed[1] is attempt.build_message(messages[1], default_id="1-1")
+        with pytest.raises(SystemExit, match="1-9 was not built"):
+            attempt.build_message(messages[0], default_id="1-9")
+    assert attempt.build_message is build_message
+    for message, entry_id, got in zip(messages, ids, handed, strict=True):
+        own = build_message(message, default_id=entry_id, hostname=config.hostname, now=0)
+        assert _undated(got.data) == _undated(own.data)
+        assert (got.mail_from, got.recipients, got.message_id) == (
+            own.mail_from,
+            own.recipients,
+            own.message_id,
+        )
+
+
+def _undated(data: bytes) -> list[bytes]:
+    return [line for line in data.split(b"\r\n") if not line.startswith(b"Date:")]
