@@ -15,7 +15,11 @@ vary by half.
   pipelined 10 at a time (one per session).  Target: ingest/raw <= 1.1.
 
 Redis CPU is ``used_cpu_sys + used_cpu_user`` deltas less the benchmark's own INFO/XINFO
-polls (bench/redis_cost.py).  ``--profile`` adds per-command figures of the last rounds.
+polls (bench/redis_cost.py) and less Redis's idle CPU over the round's length (its cron
+and the AOF's fsync, measured once after the warm-up with no traffic, as bench/cluster.py
+does): a side whose round lasts longer, as smtp-source and a worker do against a raw
+pipeline, would otherwise be charged for time, not for its messages.  ``--profile`` adds
+per-command figures of the last rounds (those are not net of the idle CPU).
 
     python bench/redis_floor.py            # 9 rounds of 3000 messages (rounds vary by half)
     python bench/redis_floor.py --quick    # 3 rounds of 1000
@@ -69,16 +73,20 @@ class Side:
     name: str
     ours: list[Round] = field(default_factory=list)
     raw: list[Round] = field(default_factory=list)
+    idle: float = 0.0  # Redis's CPU-s per second with no traffic
+
+    def per_message(self, round_: Round) -> float:
+        return round_.redis_us_per_message(self.idle)
 
     def ratios(self) -> list[float]:
         return [
-            o.redis_us_per_message() / max(r.redis_us_per_message(), 1e-9)
+            self.per_message(o) / max(self.per_message(r), 1e-9)
             for o, r in zip(self.ours, self.raw, strict=True)
         ]
 
     def summary(self, target: float) -> str:
-        ours = median([r.redis_us_per_message() for r in self.ours])
-        raw = median([r.redis_us_per_message() for r in self.raw])
+        ours = median([self.per_message(r) for r in self.ours])
+        raw = median([self.per_message(r) for r in self.raw])
         ratio = ours / max(raw, 1e-9)
         rounds = ", ".join(f"{x:.2f}" for x in self.ratios())
         verdict = "meets" if ratio <= target else "misses"
@@ -161,9 +169,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[Side, Side]:
             entry = await newest_entry(deployment, keys.receive, "ingest entry")
             await delivery_round(deployment, sink, sized_messages(200, SIZE, "warm"))
             event = await newest_entry(deployment, keys.events, "delivered event")
+            delivery.idle = ingest.idle = deployment.idle_cpu_per_second()
             print(
                 f"copied: ingest entry {sum(map(len, entry.values()))} B of fields, "
-                f"event {sum(map(len, event.values()))} B",
+                f"event {sum(map(len, event.values()))} B; Redis idle "
+                f"{delivery.idle * 1e3:.2f} ms CPU/s",
                 flush=True,
             )
             for number in range(args.rounds):
@@ -178,8 +188,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[Side, Side]:
                         ingest.raw.append(await raw_ingest_round(deployment, entry, args.messages))
                         delivery.raw.append(await raw_delivery_round(deployment, messages, event))
                 print(f"  round {number + 1}: " + "; ".join(
-                    f"{side.name} {side.ours[-1].redis_us_per_message():.1f} vs "
-                    f"{side.raw[-1].redis_us_per_message():.1f} us/msg"
+                    f"{side.name} {side.per_message(side.ours[-1]):.1f} vs "
+                    f"{side.per_message(side.raw[-1]):.1f} us/msg"
                     for side in (ingest, delivery)
                 ), flush=True)  # fmt: skip
         finally:
