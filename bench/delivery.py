@@ -257,6 +257,7 @@ def built_before_the_clock(
 def _build_in_the_worker(
     messages: list[SendMessage], entry_ids: list[str], config: DeliveryConfig
 ) -> Iterator[None]:
+    """Every other worker side: the worker builds each message itself."""
     yield
 
 
