@@ -13,6 +13,11 @@ vary by half.
 * **ingest**: ``mailpool ingest`` fed by ``smtp-source`` (10 sessions, reused connections)
   against raw ``XADD``s of copies of ingest's own entries (same fields, same octets),
   pipelined 10 at a time (one per session).  Target: ingest/raw <= 1.1.
+* **delivery commands** (printed after the floor, beside the raw consumer's rounds): the
+  raw consumer's reads and batches, each entry settled with the worker's own settlement
+  (``Outcomes.settle_batch``: MULTI, the idempotency record and its EXPIRE, XACK, the
+  event, EXEC).  commands/raw is what the worker's commands cost by themselves, and
+  worker/commands what its pacing adds.
 
 Redis CPU is ``used_cpu_sys + used_cpu_user`` deltas less the benchmark's own INFO/XINFO
 polls (bench/redis_cost.py) and less Redis's idle CPU over the round's length (its cron
@@ -56,7 +61,9 @@ from bench.redis_cost import (  # noqa: E402
     start_ingest,
 )
 from workers.codec.types import SendMessage  # noqa: E402
+from workers.config import DeliveryConfig  # noqa: E402
 from workers.logs import configure_logging  # noqa: E402
+from workers.streams import outcomes as oc  # noqa: E402
 from workers.streams.layout import StreamKeys  # noqa: E402
 
 SIZE = 2048
@@ -74,6 +81,8 @@ class Side:
     ours: list[Round] = field(default_factory=list)
     raw: list[Round] = field(default_factory=list)
     idle: float = 0.0  # Redis's CPU-s per second with no traffic
+    # Delivery only: the worker's settlement commands sent by the raw consumer.
+    commands: list[Round] = field(default_factory=list)
 
     def per_message(self, round_: Round) -> float:
         return round_.redis_us_per_message(self.idle)
@@ -93,6 +102,19 @@ class Side:
         return (
             f"{self.name}: ours {ours:.1f} us/msg, raw {raw:.1f} us/msg, ratio "
             f"{ratio:.2f} (target <= {target}: {verdict}; per round {rounds})"
+        )
+
+    def commands_summary(self) -> str | None:
+        """How much of the ratio the settlement's commands explain by themselves."""
+        if not self.commands:
+            return None
+        commands = median([self.per_message(r) for r in self.commands])
+        raw = median([self.per_message(r) for r in self.raw])
+        ours = median([self.per_message(r) for r in self.ours])
+        return (
+            f"{self.name}: the worker's settlement commands from a bare client {commands:.1f} "
+            f"us/msg, ratio {commands / max(raw, 1e-9):.2f} to raw; the worker "
+            f"{ours / max(commands, 1e-9):.2f}x its commands"
         )
 
 
@@ -123,6 +145,47 @@ async def raw_delivery_round(
         seconds, worker_cpu = time.perf_counter() - started, time.process_time() - cpu
         spent = deployment.counters() - before
     finally:
+        await client.aclose()
+    return Round(len(messages), seconds, worker_cpu, spent)
+
+
+async def commands_delivery_round(
+    deployment: Deployment, messages: list[SendMessage], event: dict[bytes, bytes]
+) -> Round:
+    """The raw consumer's reads and batching, but each entry settled with the worker's own
+    settlement (``Outcomes.settle_batch`` of a plain delivery: MULTI, the idempotency record
+    and its EXPIRE, XACK, the event, EXEC): what the worker's commands cost Redis without
+    the worker's pacing."""
+    keys = _first_key(deployment)
+    client = aioredis.from_url(deployment.url)
+    config = DeliveryConfig()
+    outcomes = oc.Outcomes(
+        client, keys, group=RAW_GROUP, sent_ttl=config.sent_ttl, events_maxlen=EVENTS_MAXLEN
+    )
+    fields = {name.decode(): value.decode() for name, value in event.items()}
+    try:
+        deployment.flush()
+        await enqueue_all(client, keys.send, messages)
+        await client.xgroup_create(keys.send, RAW_GROUP, id="0")
+        before = deployment.counters()
+        started, cpu = time.perf_counter(), time.process_time()
+        while reply := await client.xreadgroup(
+            RAW_GROUP, "raw", {keys.send: ">"}, count=CONCURRENCY
+        ):
+            ids = [entry_id.decode() for entry_id, _ in reply[0][1]]
+            settlements = [
+                oc.Settlement(
+                    entry_id=i, message_id=i, accepted=["rcpt@example.net"], events=[fields]
+                )
+                for i in ids
+            ]
+            results = await outcomes.settle_batch(settlements, time.time(), first_run=True)
+            if not all(result is True for result in results):
+                raise SystemExit(f"a settlement failed: {results}")
+        seconds, worker_cpu = time.perf_counter() - started, time.process_time() - cpu
+        spent = deployment.counters() - before
+    finally:
+        await outcomes.aclose()
         await client.aclose()
     return Round(len(messages), seconds, worker_cpu, spent)
 
@@ -187,6 +250,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[Side, Side]:
                     else:
                         ingest.raw.append(await raw_ingest_round(deployment, entry, args.messages))
                         delivery.raw.append(await raw_delivery_round(deployment, messages, event))
+                        delivery.commands.append(
+                            await commands_delivery_round(deployment, messages, event)
+                        )
                 print(f"  round {number + 1}: " + "; ".join(
                     f"{side.name} {side.per_message(side.ours[-1]):.1f} vs "
                     f"{side.per_message(side.raw[-1]):.1f} us/msg"
@@ -201,6 +267,8 @@ def report(delivery: Side, ingest: Side, messages: int, profile: bool) -> None:
     print(f"\nRedis CPU per 2 KB message, medians of {len(delivery.ours)} alternated rounds")
     print("FLOOR " + delivery.summary(DELIVERY_TARGET))
     print("FLOOR " + ingest.summary(INGEST_TARGET))
+    if (parts := delivery.commands_summary()) is not None:
+        print("COMMANDS " + parts)
     if profile:
         for side in (delivery, ingest):
             for label, rounds in (("ours", side.ours), ("raw", side.raw)):

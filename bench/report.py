@@ -220,6 +220,17 @@ def floor_rows(output: str) -> list[Row]:
         )
         for role, ours, raw, ratio, target, rounds in re.findall(pattern, output, re.M)
     ]
+    parts = re.search(
+        r"^COMMANDS delivery: .* ([\d.]+) us/msg, ratio ([\d.]+) to raw; the worker ([\d.]+)x",
+        output,
+        re.M,
+    )
+    if rows and parts:
+        rows.append(Row(
+            "Redis CPU/msg delivery commands/raw", f"{parts.group(2)}x",
+            f"the worker's settlement commands from a bare client, {parts.group(1)} us; "
+            f"the worker {parts.group(3)}x its commands",
+        ))  # fmt: skip
     return rows or [Row("Redis CPU/msg ours/raw", "?", "no FLOOR line in bench/redis_floor.py")]
 
 
