@@ -37,6 +37,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,31 +123,45 @@ def _first_key(deployment: Deployment) -> StreamKeys:
     return deployment.keys()[0]
 
 
+# What a consumer does with one read's entry ids (bytes, as XREADGROUP gives them).
+Settle = Callable[[list[bytes]], Awaitable[None]]
+
+
+async def _consume(
+    deployment: Deployment, client: aioredis.Redis, messages: list[SendMessage], settle: Settle
+) -> Round:
+    """``messages`` enqueued afresh, then read ``XREADGROUP COUNT 10`` at a time, each read
+    settled by ``settle`` before the next: the raw consumer's pacing."""
+    keys = _first_key(deployment)
+    deployment.flush()
+    await enqueue_all(client, keys.send, messages)
+    await client.xgroup_create(keys.send, RAW_GROUP, id="0")
+    before = deployment.counters()
+    started, cpu = time.perf_counter(), time.process_time()
+    while reply := await client.xreadgroup(RAW_GROUP, "raw", {keys.send: ">"}, count=CONCURRENCY):
+        await settle([entry_id for entry_id, _ in reply[0][1]])
+    seconds, worker_cpu = time.perf_counter() - started, time.process_time() - cpu
+    return Round(len(messages), seconds, worker_cpu, deployment.counters() - before)
+
+
 async def raw_delivery_round(
     deployment: Deployment, messages: list[SendMessage], event: dict[bytes, bytes]
 ) -> Round:
     """XREADGROUP COUNT 10 + per entry XACK and an event XADD, one pipeline per read."""
     keys = _first_key(deployment)
     client = aioredis.from_url(deployment.url)
+
+    async def settle(ids: list[bytes]) -> None:
+        pipe = client.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xack(keys.send, RAW_GROUP, entry_id)
+            pipe.xadd(keys.events, event, maxlen=EVENTS_MAXLEN, approximate=True)
+        await pipe.execute()
+
     try:
-        deployment.flush()
-        await enqueue_all(client, keys.send, messages)
-        await client.xgroup_create(keys.send, RAW_GROUP, id="0")
-        before = deployment.counters()
-        started, cpu = time.perf_counter(), time.process_time()
-        while reply := await client.xreadgroup(
-            RAW_GROUP, "raw", {keys.send: ">"}, count=CONCURRENCY
-        ):
-            pipe = client.pipeline(transaction=False)
-            for entry_id, _ in reply[0][1]:
-                pipe.xack(keys.send, RAW_GROUP, entry_id)
-                pipe.xadd(keys.events, event, maxlen=EVENTS_MAXLEN, approximate=True)
-            await pipe.execute()
-        seconds, worker_cpu = time.perf_counter() - started, time.process_time() - cpu
-        spent = deployment.counters() - before
+        return await _consume(deployment, client, messages, settle)
     finally:
         await client.aclose()
-    return Round(len(messages), seconds, worker_cpu, spent)
 
 
 async def commands_delivery_round(
@@ -156,38 +171,28 @@ async def commands_delivery_round(
     settlement (``Outcomes.settle_batch`` of a plain delivery: MULTI, the idempotency record
     and its EXPIRE, XACK, the event, EXEC): what the worker's commands cost Redis without
     the worker's pacing."""
-    keys = _first_key(deployment)
     client = aioredis.from_url(deployment.url)
     config = DeliveryConfig()
     outcomes = oc.Outcomes(
-        client, keys, group=RAW_GROUP, sent_ttl=config.sent_ttl, events_maxlen=EVENTS_MAXLEN
-    )
+        client, _first_key(deployment), group=RAW_GROUP, sent_ttl=config.sent_ttl,
+        events_maxlen=EVENTS_MAXLEN,
+    )  # fmt: skip
     fields = {name.decode(): value.decode() for name, value in event.items()}
+
+    async def settle(ids: list[bytes]) -> None:
+        settlements = [
+            oc.Settlement(entry_id=i, message_id=i, accepted=["rcpt@example.net"], events=[fields])
+            for i in (entry_id.decode() for entry_id in ids)
+        ]
+        results = await outcomes.settle_batch(settlements, time.time(), first_run=True)
+        if not all(result is True for result in results):
+            raise SystemExit(f"a settlement failed: {results}")
+
     try:
-        deployment.flush()
-        await enqueue_all(client, keys.send, messages)
-        await client.xgroup_create(keys.send, RAW_GROUP, id="0")
-        before = deployment.counters()
-        started, cpu = time.perf_counter(), time.process_time()
-        while reply := await client.xreadgroup(
-            RAW_GROUP, "raw", {keys.send: ">"}, count=CONCURRENCY
-        ):
-            ids = [entry_id.decode() for entry_id, _ in reply[0][1]]
-            settlements = [
-                oc.Settlement(
-                    entry_id=i, message_id=i, accepted=["rcpt@example.net"], events=[fields]
-                )
-                for i in ids
-            ]
-            results = await outcomes.settle_batch(settlements, time.time(), first_run=True)
-            if not all(result is True for result in results):
-                raise SystemExit(f"a settlement failed: {results}")
-        seconds, worker_cpu = time.perf_counter() - started, time.process_time() - cpu
-        spent = deployment.counters() - before
+        return await _consume(deployment, client, messages, settle)
     finally:
         await outcomes.aclose()
         await client.aclose()
-    return Round(len(messages), seconds, worker_cpu, spent)
 
 
 async def newest_entry(deployment: Deployment, stream: str, what: str) -> dict[bytes, bytes]:
