@@ -62,7 +62,7 @@ async def _mail_and_rcpts(smtp: aiosmtplib.SMTP, message: BuiltMessage, public: 
 
 
 Transaction = Callable[
-    [aiosmtplib.SMTP, BuiltMessage, Sequence[str], float, float],
+    [aiosmtplib.SMTP, BuiltMessage, Sequence[str], float, float, object],
     Awaitable[TransactionResult],
 ]
 
@@ -76,6 +76,7 @@ def transaction_variant(*, public_commands: bool, public_data: bool) -> Transact
         recipients: Sequence[str],
         deadline: float,
         data_timeout: float,
+        link: object = None,  # the pool's: no transaction follows a variant's (no chain)
     ) -> TransactionResult:
         async with asyncio.timeout_at(deadline):
             await _mail_and_rcpts(smtp, message, public_commands)

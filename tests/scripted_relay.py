@@ -7,8 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+
+Session = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def serving(session: Session) -> AsyncIterator[str]:
+    """Serve ``session`` (one SMTP connection each) on a free loopback port; yields the
+    relay URL."""
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    async with server:
+        yield f"smtp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
 @dataclass

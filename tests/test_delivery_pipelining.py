@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from tests.delivery_util import (
     stream_fields,
 )
 from tests.postfix_util import private_postfix
+from tests.scripted_relay import serving
 from tests.sinks import PostfixSink, RecordingSink
 
 
@@ -68,11 +69,8 @@ class GroupPeer:
                     writer.write(self.final + b"\r\n")
         writer.close()
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[str]:
-        server = await asyncio.start_server(self.session, "127.0.0.1", 0)
-        async with server:
-            yield f"smtp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    def running(self) -> contextlib.AbstractAsyncContextManager[str]:
+        return serving(self.session)
 
 
 TO = ["ann@example.com", "nobody@example.com", "bob@example.com"]
@@ -197,13 +195,16 @@ async def test_pipelining_over_tls(
     certificate: tuple[Path, Path],
     implicit_tls: bool,
 ) -> None:
-    """The group goes over the TLS transport (STARTTLS or smtps)."""
+    """The group goes over the TLS transport (STARTTLS or smtps), and so do groups chained
+    behind a final dot (one connection for the four messages)."""
     sink = make_sink(certificate=certificate, implicit_tls=implicit_tls, pipelining=True)
     sink.refuse_rcpt("nobody@example.com", "550 5.1.1 no such user")
     for n in range(4):
         await enqueue(redis, send_message(TO, subject=f"m{n}"))
     scheme = "smtps" if implicit_tls else "smtp"
-    config = make_config(redis_url, f"{scheme}://127.0.0.1:{sink.port}", tls_verify=False)
+    config = make_config(
+        redis_url, f"{scheme}://127.0.0.1:{sink.port}", tls_verify=False, concurrency=1
+    )
     await run_until_settled(redis, config)
     assert [r.tls for r in sink.received] == [True] * 4
     assert {r.rcpt_tos for r in sink.received} == {("ann@example.com", "bob@example.com")}

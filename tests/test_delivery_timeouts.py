@@ -24,7 +24,8 @@ from tests.harness import ROOT
 from tests.scripted_relay import ScriptedRelay
 from workers.codec.build import build_message
 from workers.config import DeliveryConfig
-from workers.relay import SEND_TIMED_OUT, SendResult, SmtpPool
+from workers.relay import SEND_TIMED_OUT, SendResult
+from workers.relay.pool import SmtpPool
 
 RECIPIENTS = [f"r{n}@example.com" for n in range(4)]
 # Each budget holds for a relay that takes the transaction command by command and for one

@@ -23,7 +23,8 @@ from tests.internals_util import check_release
 from tests.scripted_relay import ScriptedRelay
 from workers.codec.build import BuiltMessage
 from workers.config import DeliveryConfig
-from workers.relay import SEND_TIMED_OUT, SmtpPool, aiosmtplib_fence
+from workers.relay import SEND_TIMED_OUT, aiosmtplib_fence
+from workers.relay.pool import SmtpPool
 
 FENCE = "workers/relay/aiosmtplib_fence.py"
 # Far more than loopback's socket buffers take in: the sender's transport has to wait.

@@ -33,7 +33,8 @@ import dns.resolver
 
 from workers import errors
 from workers.codec.signing import KeyTable, SigningKey, load_key, parse_key_table
-from workers.relay import MaildirTransport, RelaySettings, SmtpPool, Transport
+from workers.relay import MaildirTransport, RelaySettings, Transport
+from workers.relay.pool import SmtpPool
 from workers.streams import cluster, layout, sentinel, suppression
 from workers.streams.layout import StreamKeys
 
@@ -878,7 +879,8 @@ class DeliveryConfig(CommonConfig):
     def longest_hold(self) -> float:
         """The longest a live worker holds an entry before settling it, seconds: a send takes
         at most --smtp-timeout before the final dot and --smtp-data-timeout after it, and an
-        entry read may wait for one send of its lane before its own starts."""
+        entry read may wait for one send on its connection before its own starts (behind
+        that one's dot, when transactions are chained: workers.relay.pool)."""
         return 2 * (self.smtp_timeout + self.smtp_data_timeout)
 
     def relay_settings(self) -> RelaySettings:

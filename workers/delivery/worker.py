@@ -83,7 +83,7 @@ class _Work:
 
 
 class DeliveryWorker:
-    """Reads send entries, sends them over ``--concurrency`` lanes, settles their outcomes.
+    """Reads send entries, sends them over ``--concurrency`` connections, settles outcomes.
 
     With several partitions (``--partitions``), one worker reads them all in turn into one
     window and one set of lanes; each partition keeps its own entries in hand, reads and
@@ -128,7 +128,7 @@ class DeliveryWorker:
         # With several partitions each Redis step of the reader has a deadline: one waiting
         # on a stalled or failing shard must not hold up the others' reads for long.
         self._deadline = None if len(streams) == 1 else READ_BLOCK + READ_STALL
-        # Queued entries wait here for one of --concurrency lanes (one SMTP connection each).
+        # Queued entries wait here for one of 2 x --concurrency lanes (see run).
         self._queue: asyncio.Queue[_Work | None] = asyncio.Queue()
         # Recipients refused as addresses are added to every partition's copy of the list.
         self._suppression = SuppressionList([(s.outcomes.redis, s.outcomes.keys) for s in streams])
@@ -142,11 +142,14 @@ class DeliveryWorker:
         return _Partition(stream, held, settler, Reader(held, away_max=away_max), view)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Read, prepare and queue until ``stop``; ``--concurrency`` lanes send what is queued.
+        """Read, prepare and queue until ``stop``; 2 x ``--concurrency`` lanes send what is
+        queued, over ``--concurrency`` connections (the transport's).
 
-        At most one entry per lane waits in the queue (read-ahead hides the read round
-        trip).  On stop: no more reads (one waiting on a stalled Redis is cancelled), sends
-        in flight drain, entries not yet started are handed back and released for others.
+        Half the lanes wait for a connection at a time (read-ahead hides the read round
+        trip), and to a relay that offers PIPELINING each of them goes out behind the
+        final dot of a send in progress.  On stop: no more reads (one waiting on a stalled
+        Redis is cancelled), sends in flight drain, entries not yet started are handed back
+        and released for others.
         """
         self._stop = stop
         for partition in self._partitions:
@@ -160,9 +163,11 @@ class DeliveryWorker:
         for promoter in promoters:
             promoter.add_done_callback(_log_crash)
         stopping = asyncio.create_task(stop.wait(), name="stop-watch")
+        # One lane per entry the window may hold: --concurrency connections, and behind each
+        # one a send whose commands go out with the final dot of the one ahead (the pool).
         lanes = [
             asyncio.create_task(self._lane(), name=f"send-lane-{n}")
-            for n in range(self.config.concurrency)
+            for n in range(2 * self.config.concurrency)
         ]
         reading = asyncio.create_task(self._read_until_stopped(stop), name="reader")
         try:
@@ -320,10 +325,14 @@ class DeliveryWorker:
         recipients = held.recipients if held.holds_id else await self._take_turn(partition, held)
         if not recipients or self._stop.is_set():
             return  # nothing left to send (settled), or stopped while it waited its turn
-        held.start_sending(recipients)
         first_attempt = held.job.first_attempt or time.time()
-        with DELIVERY_IN_FLIGHT.track_inprogress(), DELIVERY_SMTP.time():
-            result = await self.transport.send(held.prepared.built, recipients)
+        start = _Start(held, recipients, self._stop)
+        try:
+            result = await self.transport.send(held.prepared.built, recipients, start)
+        finally:
+            start.ended()
+        if result is None:
+            return  # stopped before it started: released for another worker
         result.suppressed.update(held.suppressed)
         # Before the settlement, which lets the next entry with this id look its recipients up.
         await self._suppress_refused(held, result)
@@ -469,6 +478,33 @@ class DeliveryWorker:
 
     def _stop_now(self) -> None:
         self._stop.set()  # the event run() was given, so the whole process stops
+
+
+class _Start:
+    """A send's ``begin`` (the transport calls it once the send has a connection, before
+    anything of it goes out): the entry starts sending and counts as in flight, unless the
+    worker is stopping (nothing is sent after the stop).  ``mailpool_delivery_in_flight``
+    counts sends that have a connection, not those waiting for one: at most one per
+    connection, and one more behind each while transactions are chained."""
+
+    __slots__ = ("_held", "_recipients", "_started", "_stop")
+
+    def __init__(self, held: HeldEntry, recipients: list[str], stop: asyncio.Event) -> None:
+        self._held, self._recipients, self._stop = held, recipients, stop
+        self._started: float | None = None
+
+    def __call__(self) -> bool:
+        if self._stop.is_set():
+            return False
+        self._held.start_sending(self._recipients)
+        DELIVERY_IN_FLIGHT.inc()
+        self._started = time.perf_counter()
+        return True
+
+    def ended(self) -> None:
+        if self._started is not None:
+            DELIVERY_IN_FLIGHT.dec()
+            DELIVERY_SMTP.observe(time.perf_counter() - self._started)
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

@@ -5,9 +5,11 @@ recipient: accepted, rejected (permanent, 5xx) or deferred (transient: 4xx, conn
 errors, timeouts).  It never raises for a relay's behaviour; the delivery loop turns the
 answer into acks, retries and dead letters.
 
-SMTP connections are persistent and pooled: reused for the next message, replaced when
-broken or after ``messages_per_connection`` messages, closed when idle for ``idle_close``
-seconds.  The transaction is driven command by command (MAIL, RCPT per recipient, DATA)
+SMTP connections are persistent and pooled (:mod:`workers.relay.pool`, on top of this
+module): reused for the next message, replaced when broken or after
+``messages_per_connection`` messages, closed when idle for ``idle_close`` seconds, and to a
+relay that offers PIPELINING one send may go out behind another's final dot.  The
+transaction is driven command by command (MAIL, RCPT per recipient, DATA)
 rather than with ``sendmail`` so that each recipient's own reply is known; what the
 message's transfer uses of aiosmtplib beyond its documented API is in
 :mod:`workers.relay.aiosmtplib_fence`.
@@ -19,14 +21,12 @@ delivery role builds it (and the transport) from its config.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import socket
-import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -85,14 +85,32 @@ class SendResult:
 @dataclass(slots=True)  # not frozen: one per message (frozen __init__ costs 2x)
 class TransactionResult:
     """What :func:`transaction` returns: the per-recipient result, and whether the
-    connection may carry the next transaction (else it is closed)."""
+    connection may carry the next transaction (else it is closed).
+
+    ``void``: a group written behind another transaction's dot was refused at its MAIL, or
+    the connection ended before that reply.  Some relays refuse every command pipelined
+    after the end of DATA (Haraka: 503, against SMTP smuggling), so the refusal may be of
+    where the group went and not of the message: nothing is decided, and ``result`` is
+    not the outcome.  The pool sends it again, unchained.
+    """
 
     result: SendResult
     reusable: bool
+    void: Reply | None = None
+
+
+def begin_at_once() -> bool:
+    """A send's ``begin`` when nothing needs to know that it starts."""
+    return True
 
 
 class Transport(Protocol):
-    async def send(self, message: BuiltMessage, recipients: Sequence[str]) -> SendResult: ...
+    async def send(
+        self, message: BuiltMessage, recipients: Sequence[str], begin: Callable[[], bool] = ...
+    ) -> SendResult | None:
+        """The outcome per recipient; None when ``begin`` (called once the send may start,
+        before anything of it goes out) said no: nothing was sent."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -112,129 +130,8 @@ class RelaySettings:
     data_timeout: float  # the reply to the final dot
 
 
-@dataclass
-class _Connection:
-    smtp: aiosmtplib.SMTP
-    uses: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-
-
 # Errors that mean the connection (not the message) failed: the recipients are deferred.
 CONNECTION_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
-
-
-class SmtpPool:
-    """Persistent SMTP connections to one relay, at most ``size`` open at a time."""
-
-    def __init__(
-        self, settings: RelaySettings, *, size: int, messages_per_connection: int, idle_close: float
-    ) -> None:
-        self.settings = settings
-        self.messages_per_connection = messages_per_connection
-        self.idle_close = idle_close
-        self._idle: list[_Connection] = []
-        self._slots = asyncio.Semaphore(size)
-        # Built once: loading a CA file for every new connection would cost a file read.
-        self._tls_context = (
-            ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else None
-        )
-        self._reaper: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Task[None]] = set()  # QUITs of retired connections
-
-    async def send(self, message: BuiltMessage, recipients: Sequence[str]) -> SendResult:
-        """One message, in bounded time (RFC 5321 section 4.5.3.2 timeouts): each reply of
-        the relay before the final dot within ``timeout``, and all of that together (connect,
-        greeting, EHLO, TLS, AUTH, MAIL, RCPTs, DATA, the message's transfer) within
-        ``timeout`` too; the reply to the final dot within ``data_timeout``.  So a send
-        lasts at most ``timeout + data_timeout``, which ``--claim-after`` is derived from."""
-        async with self._slots:
-            self._start_reaper()
-            deadline = asyncio.get_running_loop().time() + self.settings.timeout
-            connection = self._idle_connection()
-            if connection is None:  # a new one, within the send's budget
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        connection = await self._connect()
-                except CONNECTION_ERRORS as exc:
-                    result = SendResult()
-                    result.refuse(recipients, _reply_of(exc))
-                    log.warning("relay_connect_failed", host=self.settings.host, error=str(exc))
-                    return result
-            try:
-                done = await transaction(
-                    connection.smtp, message, recipients, deadline, self.settings.data_timeout
-                )
-            except BaseException:  # cancelled at shutdown: the connection is mid-transaction
-                aiosmtplib_fence.abort(connection.smtp)  # nothing unsent may still go out
-                raise
-            self._release(connection, done.reusable)
-            return done.result
-
-    def _idle_connection(self) -> _Connection | None:
-        """An open connection from the pool, or None: no timer needed for this one."""
-        while self._idle:
-            connection = self._idle.pop()  # most recently used first: least likely timed out
-            if connection.smtp.is_connected:
-                return connection
-        return None
-
-    async def _connect(self) -> _Connection:
-        s = self.settings
-        smtp = aiosmtplib.SMTP(
-            hostname=s.host, port=s.port, local_hostname=s.local_hostname, timeout=s.timeout,
-            use_tls=s.implicit_tls, start_tls=s.starttls, validate_certs=s.verify,
-            tls_context=self._tls_context, username=s.username, password=s.password,
-        )  # fmt: skip
-        try:
-            await smtp.connect()
-            await greet(smtp)
-        except BaseException:  # the send's time ran out (a cancellation) or the relay failed
-            smtp.close()
-            raise
-        return _Connection(smtp)
-
-    def _release(self, connection: _Connection, healthy: bool) -> None:
-        """Back to the pool, or closed without delaying the send's outcome: the QUIT of a
-        retired connection runs in the background, an unfit one is closed at once (after a
-        timeout or an unreadable reply, a QUIT would only wait for a reply out of step)."""
-        connection.uses += 1
-        connection.last_used = time.monotonic()
-        if healthy and connection.uses < self.messages_per_connection:
-            self._idle.append(connection)
-        elif healthy:
-            self._close_later(connection.smtp)
-        else:  # mid-transaction: what is unsent (a message given up on) must not go out
-            aiosmtplib_fence.abort(connection.smtp)
-
-    def _close_later(self, smtp: aiosmtplib.SMTP) -> None:
-        task = asyncio.create_task(_close(smtp), name="smtp-quit")
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    def _start_reaper(self) -> None:
-        if self._reaper is None:
-            self._reaper = asyncio.create_task(self._reap_idle(), name="smtp-idle-reaper")
-
-    async def _reap_idle(self) -> None:
-        """Close connections idle longer than ``idle_close`` (relays drop them anyway)."""
-        while True:
-            await asyncio.sleep(max(self.idle_close / 2, 0.05))
-            cutoff = time.monotonic() - self.idle_close
-            stale = [c for c in self._idle if c.last_used < cutoff]
-            self._idle = [c for c in self._idle if c.last_used >= cutoff]
-            for connection in stale:
-                await _close(connection.smtp)
-
-    async def aclose(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-        idle, self._idle = self._idle, []
-        # QUIT on all at once: each waits up to a second for its reply.
-        await asyncio.gather(
-            *(_close(connection.smtp) for connection in idle), *list(self._closing)
-        )
 
 
 async def greet(smtp: aiosmtplib.SMTP) -> None:
@@ -254,7 +151,7 @@ async def greet(smtp: aiosmtplib.SMTP) -> None:
 SEND_TIMED_OUT = "TimeoutError: no final dot within --smtp-timeout (all replies before it)"
 
 
-def _reply_of(exc: BaseException) -> Reply:
+def reply_of(exc: BaseException) -> Reply:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return relay_reply(aiosmtplib_fence.response_code(exc), exc.message)
     if isinstance(exc, TimeoutError) and not str(exc):
@@ -282,12 +179,30 @@ def _rcpt_options(smtp: aiosmtplib.SMTP, message: BuiltMessage, rcpt: str) -> li
     return [param.encode() for param in params]
 
 
-async def transaction(
+class Link(Protocol):
+    """What a transaction on a pooled connection asks of the pool."""
+
+    def chain(self) -> pipelining.Chain:
+        """The connection's chain of pipelined transactions (started if there is none)."""
+        ...
+
+    def dot_going_out(self) -> bytes:
+        """Called as the final dot is written: the group of a send that follows on this
+        connection, written with the dot (RFC 2920 section 3.1), or b"" when none does."""
+        ...
+
+
+def _nothing_follows() -> bytes:
+    return b""
+
+
+async def transaction(  # noqa: PLR0917 - the transaction's budgets, and the pool's link
     smtp: aiosmtplib.SMTP,
     message: BuiltMessage,
     recipients: Sequence[str],
     deadline: float,
     data_timeout: float,
+    link: Link | None = None,
 ) -> TransactionResult:
     """One MAIL/RCPT/DATA transaction: the result and whether the connection is fit.
 
@@ -297,17 +212,43 @@ async def transaction(
     no spaces, brackets or controls; aiosmtplib still refuses controls): ``SMTP.mail``/
     ``rcpt`` would parse each address again with the stdlib's ``parseaddr``, which costs
     the worker 9% of its messages per CPU-second (bench/relay_fence.py, ``commands``).
+
+    ``link``: the pool's, for a pooled connection; its chain carries the transaction when
+    the relay offers PIPELINING, and another send's group may go out with the final dot.
     """
     result = SendResult()
+    if not smtp.supports_extension("pipelining"):
+        if not _relay_can_take(smtp, message, recipients, result):
+            return TransactionResult(result, reusable=True)
+        return await _one_by_one(smtp, message, recipients, deadline, data_timeout, result)
+    group = pipeline_group(smtp, message, recipients, result)
+    if group is None:
+        return TransactionResult(result, reusable=True)
+    try:
+        chain = pipelining.Chain(smtp) if link is None else link.chain()
+    except CONNECTION_ERRORS as exc:
+        result.refuse(group.asked, reply_of(exc))
+        return TransactionResult(result, reusable=False)
+    chain.transport.write(group.data)
+    follow = _nothing_follows if link is None else link.dot_going_out
+    try:
+        return await pipelined(chain, message, group, result, deadline, data_timeout, follow)
+    finally:
+        if link is None:
+            chain.end()
+
+
+def _relay_can_take(
+    smtp: aiosmtplib.SMTP, message: BuiltMessage, recipients: Sequence[str], result: SendResult
+) -> bool:
+    """False (and every recipient rejected) for a message this relay cannot take at all."""
     if message.smtputf8 and not smtp.supports_extension("smtputf8"):
         # A property of the relay, not a passing fault: retrying would not help.
         result.rejected = dict.fromkeys(recipients, Reply(None, "relay does not offer SMTPUTF8"))
-        return TransactionResult(result, reusable=True)
+        return False
     # A relay without DSN gets none of the request; the delivered event says so.
     result.dsn_not_offered = message.asks_dsn and not smtp.supports_extension("dsn")
-    if smtp.supports_extension("pipelining"):
-        return await _pipelined(smtp, message, recipients, deadline, data_timeout, result)
-    return await _one_by_one(smtp, message, recipients, deadline, data_timeout, result)
+    return True
 
 
 async def _one_by_one(  # noqa: PLR0917 - transaction's own arguments, passed on
@@ -349,7 +290,7 @@ async def _one_by_one(  # noqa: PLR0917 - transaction's own arguments, passed on
             await _send_data(smtp, message.data)
         reply = await _final_reply(smtp, data_timeout)
     except aiosmtplib.SMTPResponseException as exc:
-        result.refuse(accepted + list(recipients[index:]), _reply_of(exc))
+        result.refuse(accepted + list(recipients[index:]), reply_of(exc))
         code = aiosmtplib_fence.response_code(exc)
         fit = code in SMTP_CODES and code != 421 and smtp.is_connected
         return TransactionResult(result, reusable=fit and await _reset(smtp, deadline))
@@ -358,9 +299,10 @@ async def _one_by_one(  # noqa: PLR0917 - transaction's own arguments, passed on
         return TransactionResult(result, reusable=False)
     except CONNECTION_ERRORS as exc:
         # The connection failed: those accepted and those not yet asked are tried again.
-        result.refuse(accepted + list(recipients[index:]), _reply_of(exc))
+        result.refuse(accepted + list(recipients[index:]), reply_of(exc))
         return TransactionResult(result, reusable=False)
-    return _ended(smtp, result, accepted, reply)
+    fit = reply.code in SMTP_CODES and reply.code != 421 and smtp.is_connected
+    return _ended(result, accepted, reply, fit)
 
 
 _CONTROLS = re.compile(rb"[\x00-\x1f\x7f]")
@@ -375,83 +317,110 @@ def _command(verb: bytes, path: bytes, options: list[bytes]) -> bytes:
     return line + b"\r\n"
 
 
-async def _pipelined(  # noqa: PLR0917 - transaction's own arguments, passed on
-    smtp: aiosmtplib.SMTP,
-    message: BuiltMessage,
-    recipients: Sequence[str],
-    deadline: float,
-    data_timeout: float,
-    result: SendResult,
-) -> TransactionResult:
-    """:func:`transaction` for a relay that offers PIPELINING (RFC 2920): MAIL, every RCPT
-    and DATA in one write, then their replies in order (:mod:`.pipelining`).  A transaction
-    that ends before the message goes out ends with RSET, as one sent command by command."""
+@dataclass(slots=True)
+class Group:
+    """A pipelined transaction's first write (RFC 2920): MAIL, each RCPT and DATA."""
+
+    data: bytes
+    asked: list[str]  # the recipients in it, in order
+
+
+def pipeline_group(
+    smtp: aiosmtplib.SMTP, message: BuiltMessage, recipients: Sequence[str], result: SendResult
+) -> Group | None:
+    """The group for a relay that offers PIPELINING, or None when nothing can go out: the
+    relay cannot take the message, or no address can go on a command line (``result``
+    says so)."""
+    if not _relay_can_take(smtp, message, recipients, result):
+        return None
     encoding = "utf-8" if message.smtputf8 else "ascii"
     try:
-        group = _command(b"MAIL FROM:", b"<" + message.mail_from.encode(encoding) + b">",
-                         _mail_options(smtp, message))  # fmt: skip
+        data = _command(b"MAIL FROM:", b"<" + message.mail_from.encode(encoding) + b">",
+                        _mail_options(smtp, message))  # fmt: skip
     except ValueError as exc:  # a sender that cannot go on a command line
         result.rejected.update(dict.fromkeys(recipients, Reply(None, f"unsendable address: {exc}")))
-        return TransactionResult(result, reusable=True)
-    asked: list[str] = []  # recipients in the group, in order
+        return None
+    asked: list[str] = []
     for rcpt in recipients:
         try:
             path = b"<" + rcpt.encode(encoding) + b">"
-            group += _command(b"RCPT TO:", path, _rcpt_options(smtp, message, rcpt))
+            data += _command(b"RCPT TO:", path, _rcpt_options(smtp, message, rcpt))
             asked.append(rcpt)
         except ValueError as exc:  # this one only: the others are sent
             result.rejected[rcpt] = Reply(None, f"unsendable address: {exc}")
-    if not asked:
-        return TransactionResult(result, reusable=True)
-    channel = pipelining.ReplyChannel()
+    return Group(data + b"DATA\r\n", asked) if asked else None
+
+
+async def pipelined(  # noqa: PLR0917 - a transaction's parts and budgets
+    chain: pipelining.Chain,
+    message: BuiltMessage,
+    group: Group,
+    result: SendResult,
+    deadline: float,
+    data_timeout: float,
+    follow: Callable[[], bytes],
+    *,
+    behind_a_dot: bool = False,
+) -> TransactionResult:
+    """The replies to a group written on ``chain`` (RFC 2920), read in order once it is
+    this transaction's turn; then the message, with whatever ``follow`` gives written
+    behind its dot.  A transaction that ends before the message goes out ends with RSET,
+    as one sent command by command.  ``behind_a_dot``: the group went out behind another
+    transaction's dot; a refusal of its MAIL voids it (:class:`TransactionResult`)."""
+    channel, transport, asked = chain.channel, chain.transport, group.asked
     accepted: list[str] = []
     answered = 0  # recipients in the group whose outcome is known
+    mail: aiosmtplib.SMTPResponse | None = None
     channel.expire_at(deadline, TimeoutError)  # all replies before the dot: --smtp-timeout
     try:
-        with aiosmtplib_fence.OwnReplies(smtp, channel) as transport:
-            transport.write(group + b"DATA\r\n")
-            mail = await channel.reply()
-            if mail.code != 250:  # every recipient by MAIL's reply, whatever follows
-                result.refuse(asked, relay_reply(mail.code, mail.message))
-                answered = len(asked)
-                fit = await _end_refused(transport, channel, mail, len(asked) + 1)
-                return TransactionResult(result, reusable=fit)
-            for rcpt in asked:
-                reply = await channel.reply()
-                if reply.code == 421:  # closing: nobody else now
-                    raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
-                answered += 1
-                if reply.code in (250, 251):
-                    accepted.append(rcpt)
-                else:
-                    result.refuse([rcpt], relay_reply(reply.code, reply.message))
-                    result.refused_at_rcpt.add(rcpt)
-            data = await channel.reply()
-            if data.code != 354 or not accepted:
-                result.refuse(accepted, relay_reply(data.code, data.message))
-                accepted = []  # decided: a failure from here on is not theirs
-                fit = await _end_refused(transport, channel, data, 0)
-                return TransactionResult(result, reusable=fit)
-            reply = await _transfer(transport, channel, message.data, data_timeout)
+        mail = await channel.reply()
+        if mail.code != 250 and behind_a_dot:  # read the group's replies, then RSET
+            fit = await _end_refused(transport, channel, mail, len(asked) + 1)
+            refused = relay_reply(mail.code, mail.message)
+            return TransactionResult(result, reusable=fit, void=refused)
+        if mail.code != 250:  # every recipient by MAIL's reply, whatever follows
+            result.refuse(asked, relay_reply(mail.code, mail.message))
+            answered = len(asked)
+            fit = await _end_refused(transport, channel, mail, len(asked) + 1)
+            return TransactionResult(result, reusable=fit)
+        for rcpt in asked:
+            reply = await channel.reply()
+            if reply.code == 421:  # closing: nobody else now
+                raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
+            answered += 1
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                result.refuse([rcpt], relay_reply(reply.code, reply.message))
+                result.refused_at_rcpt.add(rcpt)
+        data = await channel.reply()
+        if data.code != 354 or not accepted:
+            result.refuse(accepted, relay_reply(data.code, data.message))
+            accepted = []  # decided: a failure from here on is not theirs
+            fit = await _end_refused(transport, channel, data, 0)
+            return TransactionResult(result, reusable=fit)
+        reply = await _transfer(chain, message.data, data_timeout, follow)
     except CONNECTION_ERRORS as exc:  # SMTPResponseException too: a reply not SMTP, a 421
-        result.refuse(accepted + asked[answered:], _reply_of(exc))
+        if behind_a_dot and mail is None:
+            return TransactionResult(result, reusable=False, void=reply_of(exc))
+        result.refuse(accepted + asked[answered:], reply_of(exc))
         return TransactionResult(result, reusable=False)
     finally:
         channel.stop_timer()
-    return _ended(smtp, result, accepted, reply)
+    fit = reply.code in SMTP_CODES and reply.code != 421 and not chain.broken
+    return _ended(result, accepted, reply, fit)
 
 
 async def _transfer(
-    transport: asyncio.WriteTransport,
-    channel: pipelining.ReplyChannel,
-    data: bytes,
-    data_timeout: float,
+    chain: pipelining.Chain, data: bytes, data_timeout: float, follow: Callable[[], bytes]
 ) -> aiosmtplib.SMTPResponse:
-    """After DATA's 354: the message with its end mark, then the reply to the dot, which
-    has a budget of its own from the moment the dot left (``data_timeout``)."""
+    """After DATA's 354: the message with its end mark (and the group of the transaction
+    that follows, if any), then the reply to the dot, which has a budget of its own from
+    the moment the dot left (``data_timeout``)."""
+    channel = chain.channel
     if channel.expired is not None:  # the replies came, but after the deadline: a send
         raise channel.expired  # reported as deferred must not write its message
-    transport.write(dot_stuffed(data))
+    chain.transport.write(dot_stuffed(data) + follow())
     await channel.drained()
     channel.expire_at(asyncio.get_running_loop().time() + data_timeout, _no_reply_to_the_dot)
     return await channel.reply()
@@ -485,17 +454,17 @@ async def _end_refused(
 
 
 def _ended(
-    smtp: aiosmtplib.SMTP, result: SendResult, accepted: list[str], reply: aiosmtplib.SMTPResponse
+    result: SendResult, accepted: list[str], reply: aiosmtplib.SMTPResponse, fit: bool
 ) -> TransactionResult:
     """The outcome of the reply to the final dot.  Whatever it says, the transaction is over
-    (RFC 5321 section 4.1.1.4): the connection needs no RSET to be used again."""
+    (RFC 5321 section 4.1.1.4): the connection needs no RSET to be used again, and is fit
+    for the next one unless the reply was not SMTP or a 421, or the connection ended."""
     if reply.code != 250:
         result.refuse(accepted, relay_reply(reply.code, reply.message))
-        fit = reply.code in SMTP_CODES and reply.code != 421 and smtp.is_connected
         return TransactionResult(result, reusable=fit)
     result.accepted = accepted
     result.accepted_reply = Reply(reply.code, reply.message)
-    return TransactionResult(result, reusable=True)
+    return TransactionResult(result, reusable=fit)
 
 
 async def _send_data(smtp: aiosmtplib.SMTP, data: bytes) -> None:
@@ -545,13 +514,6 @@ async def _reset(smtp: aiosmtplib.SMTP, deadline: float) -> bool:
     return True
 
 
-async def _close(smtp: aiosmtplib.SMTP) -> None:
-    try:
-        await asyncio.wait_for(smtp.quit(), timeout=1.0)
-    except (*CONNECTION_ERRORS, asyncio.CancelledError):
-        smtp.close()
-
-
 class MaildirTransport:
     """Local delivery into a maildir (``maildir:PATH``): one file per message, tmp -> new.
 
@@ -566,7 +528,14 @@ class MaildirTransport:
         for folder in (self.root, self.root / "tmp", self.root / "new", self.root / "cur"):
             folder.mkdir(exist_ok=True)
 
-    async def send(self, message: BuiltMessage, recipients: Sequence[str]) -> SendResult:
+    async def send(
+        self,
+        message: BuiltMessage,
+        recipients: Sequence[str],
+        begin: Callable[[], bool] = begin_at_once,
+    ) -> SendResult | None:
+        if not begin():
+            return None
         try:
             name = await asyncio.to_thread(self._write, message, recipients)
         except OSError as exc:

@@ -8,6 +8,11 @@ out in one write (DATA last, as RFC 2920 section 3.1 allows), their replies are 
 one after another, and each recipient's own reply decides its outcome as before.  Then the
 message and the final dot, and the reply to it.  Two round trips per message instead of
 three plus one per recipient.
+
+On a pooled connection the next transaction's group may go out with the final dot (RFC 2920
+section 3.1: the message's transfer may be the first "command" of a group), so its replies
+come back with the reply to the dot: one round trip per message.  The transactions of such a
+run share one :class:`Chain`: one channel, read by one transaction at a time, in order.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import asyncio
 from collections.abc import Callable
 
 import aiosmtplib
+
+from workers.relay.aiosmtplib_fence import OwnReplies
 
 # RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets; aiosmtplib allows 8192.
 MAX_REPLY_LINE = 8192
@@ -126,3 +133,30 @@ class ReplyChannel(asyncio.Protocol):
         if len(self._buffer) - start > MAX_REPLY_LINE or start > MAX_REPLY:
             raise aiosmtplib.SMTPResponseException(UNREADABLE, "Response too long")
         return None
+
+
+class Chain:
+    """Pipelined transactions one after another on one connection: the channel they share,
+    the connection's protocol from the first one's group to the last one's reply to its dot.
+
+    The pool hands the turn to read replies from each transaction to the one whose group
+    went out behind it; only the transaction whose turn it is reads or sets the time limit.
+    :meth:`end` gives aiosmtplib its protocol back (and tells it of a connection lost).
+    """
+
+    def __init__(self, smtp: aiosmtplib.SMTP) -> None:
+        self.channel = ReplyChannel()
+        self._own = OwnReplies(smtp, self.channel)  # SMTPServerDisconnected: closed already
+        self.transport = self._own.__enter__()
+
+    @property
+    def broken(self) -> bool:
+        """The connection ended, or a wait on it ran out of time: nothing more may follow."""
+        channel = self.channel
+        return (
+            channel.lost is not None or channel.expired is not None or (self.transport.is_closing())
+        )
+
+    def end(self) -> None:
+        self.channel.stop_timer()
+        self._own.__exit__(None, None, None)

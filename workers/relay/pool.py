@@ -1,0 +1,481 @@
+"""Persistent SMTP connections to one relay (:class:`SmtpPool`), with transactions chained.
+
+Connections are reused for the next message, replaced when broken or after
+``messages_per_connection`` messages, closed when idle for ``idle_close`` seconds; at most
+``size`` are open.  A send takes an idle connection, or opens one while fewer than ``size``
+are open, or, to a relay that offers PIPELINING, *follows* the transaction of a connection
+whose final dot is going out: its MAIL, RCPTs and DATA are written behind that dot, in the
+same write when the send was already waiting (RFC 2920 section 3.1), and their replies come
+back with the reply to the dot.  One round trip per message instead of two.
+
+A follower reads its replies once the transaction ahead of it has its reply to the dot (its
+*turn*; its ``--smtp-timeout`` starts then).  When that transaction leaves the connection
+unfit (a 421, a timeout, the connection lost), nothing of the follower was sent but its
+commands (no 354 came), so it takes another place, as a send that had waited.  So a
+follower's send lasts at most the time left to the one ahead of it plus its own budgets,
+which stays inside ``--claim-after``'s derivation: a send waits at most one transaction
+before its own starts.
+
+``begin`` (the delivery loop's) is called once a send has a place, before anything of it is
+written; when it says no (the worker is stopping) the send returns None: nothing was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+import structlog
+
+from workers import relay
+from workers.codec.build import BuiltMessage
+from workers.relay import (
+    CONNECTION_ERRORS,
+    Group,
+    RelaySettings,
+    Reply,
+    SendResult,
+    aiosmtplib_fence,
+    begin_at_once,
+    greet,
+    pipeline_group,
+    pipelined,
+    pipelining,
+    reply_of,
+)
+
+log = structlog.get_logger("mailpool.relay")
+
+Begin = Callable[[], bool]
+
+
+@dataclass(eq=False)
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    uses: int = 0  # transactions given to it, the one in progress and a follower's included
+    last_used: float = field(default_factory=time.monotonic)
+    chain: pipelining.Chain | None = None  # while pipelined transactions run on it
+    follower: _Follower | None = None  # written behind the transaction in progress
+    open_to_follow: bool = False  # the transaction in progress wrote its dot: one may follow
+    closed: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Follower:
+    """A send whose group went out behind another transaction's dot on ``connection``."""
+
+    connection: _Connection
+    message: BuiltMessage
+    group: Group
+    result: SendResult
+    # True: its turn on a fit connection; False: its group is void (the connection failed
+    # first); cancelled: the follower is gone, and the connection goes after the one ahead.
+    turn: asyncio.Future[bool]
+
+
+@dataclass(eq=False, slots=True)
+class _Waiting:
+    """A send waiting for a place; resolved with a place, or None to look again."""
+
+    message: BuiltMessage
+    recipients: Sequence[str]
+    begin: Begin
+    place: asyncio.Future[_Place | None]
+
+
+class _NotStarted:
+    """``begin`` said no: nothing of the send was written."""
+
+
+class _NewConnection:
+    """A leader's place on a connection it opens (counted among the open ones)."""
+
+
+NOT_STARTED = _NotStarted()
+_NEW = _NewConnection()
+
+# Where a send goes: lead a transaction on a connection (_NEW: one to open), follow one,
+# a result without sending (nothing could go on a command line), or not at all.
+_Place = _Connection | _NewConnection | _Follower | SendResult | _NotStarted
+
+
+class _Link:
+    """What the pool lends a transaction on ``connection`` (:class:`workers.relay.Link`)."""
+
+    __slots__ = ("_connection", "_pool")
+
+    def __init__(self, pool: SmtpPool, connection: _Connection) -> None:
+        self._pool, self._connection = pool, connection
+
+    def chain(self) -> pipelining.Chain:
+        connection = self._connection
+        if connection.chain is None:
+            connection.chain = pipelining.Chain(connection.smtp)
+        return connection.chain
+
+    def dot_going_out(self) -> bytes:
+        return self._pool.offer(self._connection)
+
+
+class SmtpPool:
+    """Persistent SMTP connections to one relay, at most ``size`` open at a time."""
+
+    def __init__(
+        self, settings: RelaySettings, *, size: int, messages_per_connection: int, idle_close: float
+    ) -> None:
+        self.settings = settings
+        self.size = size
+        self.messages_per_connection = messages_per_connection
+        self.idle_close = idle_close
+        self.chaining = True  # off once the relay refused a group behind a dot
+        self._idle: list[_Connection] = []
+        self._open = 0  # connections open or being opened (a QUIT in the background: not)
+        self._followable: set[_Connection] = set()  # open_to_follow, nobody waiting then
+        self._waiting: deque[_Waiting] = deque()
+        # Built once: loading a CA file for every new connection would cost a file read.
+        self._tls_context = (
+            ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else None
+        )
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # QUITs of retired connections
+
+    async def send(
+        self, message: BuiltMessage, recipients: Sequence[str], begin: Begin = begin_at_once
+    ) -> SendResult | None:
+        """One message, in bounded time (RFC 5321 section 4.5.3.2 timeouts): each reply of
+        the relay before the final dot within ``timeout``, and all of that together (connect,
+        greeting, EHLO, TLS, AUTH, MAIL, RCPTs, DATA, the message's transfer) within
+        ``timeout`` too; the reply to the final dot within ``data_timeout``.  A follower's
+        budgets start at its turn.  None when ``begin`` said no: nothing was sent."""
+        self._start_reaper()
+        while True:
+            place = self._place(message, recipients, begin)
+            if place is None:
+                place = await self._wait(message, recipients, begin)
+                if place is None:
+                    continue  # woken to look again
+            if isinstance(place, _NotStarted):
+                return None
+            if isinstance(place, SendResult):
+                return place
+            if isinstance(place, _Follower):
+                result = await self._follow(place)
+                if result is not None:
+                    return result
+                begin = begin_at_once  # begun: its group went out on a connection that then failed
+                continue
+            return await self._lead(place, message, recipients)
+
+    # -- places ---------------------------------------------------------------------------
+
+    def _place(
+        self, message: BuiltMessage, recipients: Sequence[str], begin: Begin
+    ) -> _Place | None:
+        """A place at once (None: none free; a new connection may still be opened, see
+        :meth:`_has_room`): an idle connection, else room for a new one, else behind a
+        connection whose dot is out."""
+        connection = self._idle_connection()
+        if connection is not None:
+            if not begin():
+                self._idle.append(connection)
+                return NOT_STARTED
+            return connection
+        if self._has_room():
+            if not begin():
+                return NOT_STARTED
+            self._open += 1
+            return _NEW
+        while self._followable:
+            connection = self._followable.pop()
+            if connection.open_to_follow and self._may_follow(connection):
+                return self._attach(connection, message, recipients, begin, write=True)
+        return None
+
+    def _has_room(self) -> bool:
+        return self._open < self.size
+
+    async def _wait(
+        self, message: BuiltMessage, recipients: Sequence[str], begin: Begin
+    ) -> _Place | None:
+        waiting = _Waiting(message, recipients, begin, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiting)
+        try:
+            return await waiting.place
+        except BaseException:  # cancelled (the stop): a follower's place is given up
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiting)
+            if waiting.place.done() and not waiting.place.cancelled():
+                place = waiting.place.result()
+                if isinstance(place, _Follower):
+                    self._abandon(place)
+            raise
+
+    def _abandon(self, follower: _Follower) -> None:
+        """A follower cancelled: its group is out, so its connection goes, but only once
+        the transaction ahead of it has its reply (dropping it sooner could lose that reply
+        to a message the relay accepted, and the message would be sent again)."""
+        if not follower.turn.done():
+            follower.turn.cancel()  # _finish of the one ahead drops the connection
+        elif not follower.turn.cancelled() and follower.turn.result():
+            self._abort(follower.connection)  # its turn had come: the connection is its own
+
+    def _wake_one(self) -> None:
+        """A connection went idle or a slot came free: the first waiting send looks again."""
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if not waiting.place.done():
+                waiting.place.set_result(None)
+                return
+
+    def offer(self, connection: _Connection) -> bytes:
+        """As ``connection``'s transaction writes its dot: the first waiting send follows it
+        (its group, to write with the dot), or the connection stays open to follow."""
+        if not self._may_follow(connection):
+            return b""
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if waiting.place.done():  # cancelled
+                continue
+            place = self._attach(
+                connection, waiting.message, waiting.recipients, waiting.begin, write=False
+            )
+            waiting.place.set_result(place)
+            if isinstance(place, _Follower):
+                return place.group.data
+        connection.open_to_follow = True
+        self._followable.add(connection)
+        return b""
+
+    def _may_follow(self, connection: _Connection) -> bool:
+        chain = connection.chain
+        return (
+            self.chaining and chain is not None and not chain.broken and connection.follower is None
+            and not connection.closed and connection.uses < self.messages_per_connection
+        )  # fmt: skip
+
+    def _attach(
+        self,
+        connection: _Connection,
+        message: BuiltMessage,
+        recipients: Sequence[str],
+        begin: Begin,
+        *,
+        write: bool,
+    ) -> _Place:
+        """A follower of ``connection``'s transaction; its group is written here when
+        ``write`` (else with the dot)."""
+        if not begin():
+            return NOT_STARTED
+        result = SendResult()
+        group = pipeline_group(connection.smtp, message, recipients, result)
+        if group is None:
+            return result
+        chain = connection.chain
+        if chain is None:  # _may_follow checked: a bug
+            raise RuntimeError("a follower placed on a connection without a chain")
+        turn = asyncio.get_running_loop().create_future()
+        follower = _Follower(connection, message, group, result, turn)
+        connection.follower, connection.open_to_follow = follower, False
+        connection.uses += 1
+        if write:
+            chain.transport.write(group.data)
+        return follower
+
+    # -- transactions ---------------------------------------------------------------------
+
+    async def _lead(
+        self, place: _Connection | _NewConnection, message: BuiltMessage, recipients: Sequence[str]
+    ) -> SendResult:
+        """A transaction of its own on a connection (_NEW: one it opens, within the send's
+        budget)."""
+        s = self.settings
+        deadline = asyncio.get_running_loop().time() + s.timeout
+        if isinstance(place, _Connection):
+            connection = place
+        else:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    connection = await self._connect()
+            except BaseException as exc:
+                self._open -= 1
+                self._wake_one()
+                if not isinstance(exc, CONNECTION_ERRORS):
+                    raise  # cancelled
+                result = SendResult()
+                result.refuse(recipients, reply_of(exc))
+                log.warning("relay_connect_failed", host=s.host, error=str(exc))
+                return result
+        connection.uses += 1
+        link = _Link(self, connection)
+        try:
+            done = await relay.transaction(
+                connection.smtp, message, recipients, deadline, s.data_timeout, link
+            )
+        except BaseException:  # cancelled at shutdown: the connection is mid-transaction
+            self._abort(connection)  # nothing unsent may still go out
+            raise
+        self._finish(connection, done.reusable)
+        return done.result
+
+    async def _follow(self, follower: _Follower) -> SendResult | None:
+        """A follower's transaction, from its turn; None when the connection failed before
+        it: nothing of it was sent, and it needs another place."""
+        connection = follower.connection
+        try:
+            if not await follower.turn:
+                return None
+        except BaseException:  # cancelled: the turn with it, see _abandon
+            self._abandon(follower)
+            raise
+        chain = connection.chain
+        if chain is None:  # a fit connection hands its turn on with its chain
+            raise RuntimeError("a follower's turn on a connection without its chain")
+        deadline = asyncio.get_running_loop().time() + self.settings.timeout
+        try:
+            done = await pipelined(
+                chain, follower.message, follower.group, follower.result, deadline,
+                self.settings.data_timeout, lambda: self.offer(connection), behind_a_dot=True,
+            )  # fmt: skip
+        except BaseException:  # cancelled at shutdown: mid-transaction
+            self._abort(connection)
+            raise
+        self._finish(connection, done.reusable)
+        if done.void is not None:
+            self._stop_chaining(done.void)
+            return None
+        return done.result
+
+    def _stop_chaining(self, refusal: Reply) -> None:
+        """A group behind a dot was refused at its MAIL (or the connection ended first):
+        from now on no transaction follows another on this pool's connections.  A relay
+        may refuse that (Haraka: 503 to each command pipelined after the end of DATA); a
+        refusal of the sender itself only costs the rest of this process the saved round
+        trip, and the send now goes out unchained and is decided by its own replies."""
+        if self.chaining:
+            self.chaining = False
+            log.warning(
+                "relay_refused_chained_transactions", host=self.settings.host,
+                reply=f"{refusal.code or ''} {refusal.text}".strip()[:200],
+                fallback="one transaction at a time per connection",
+            )  # fmt: skip
+
+    def _finish(self, connection: _Connection, fit: bool) -> None:
+        """The transaction in progress is over: its follower's turn, or the connection back
+        to the pool (or closed)."""
+        if connection.closed:
+            return
+        connection.last_used = time.monotonic()
+        connection.open_to_follow = False
+        self._followable.discard(connection)
+        follower, connection.follower = connection.follower, None
+        gone = follower is not None and follower.turn.cancelled()
+        if not fit or gone or not connection.smtp.is_connected:
+            self._abort(connection, follower)
+            return
+        if follower is not None:
+            follower.turn.set_result(True)
+            return
+        if connection.chain is not None:
+            connection.chain.end()
+            connection.chain = None
+        if connection.uses < self.messages_per_connection:
+            self._idle.append(connection)
+            self._wake_one()
+        else:
+            self._retire(connection)
+            self._close_later(connection.smtp)
+
+    def _abort(self, connection: _Connection, follower: _Follower | None = None) -> None:
+        """Drop the connection at once (what is unsent must not go out); its follower's
+        group is void."""
+        follower = follower or connection.follower
+        connection.follower = None
+        if not connection.closed:
+            chain, connection.chain = connection.chain, None
+            if chain is not None:
+                chain.transport.abort()  # first: the buffer's rest must not go out
+                chain.channel.connection_lost(None)  # whoever waits on it learns it ended
+                chain.end()
+            aiosmtplib_fence.abort(connection.smtp)
+            self._retire(connection)
+            self._followable.discard(connection)
+        if follower is not None and not follower.turn.done():
+            follower.turn.set_result(False)
+
+    def _retire(self, connection: _Connection) -> None:
+        connection.closed = True
+        self._open -= 1
+        self._wake_one()
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _idle_connection(self) -> _Connection | None:
+        """An open connection from the pool, or None."""
+        while self._idle:
+            connection = self._idle.pop()  # most recently used first: least likely timed out
+            if connection.smtp.is_connected:
+                return connection
+            connection.smtp.close()
+            self._retire(connection)
+        return None
+
+    async def _connect(self) -> _Connection:
+        s = self.settings
+        smtp = aiosmtplib.SMTP(
+            hostname=s.host, port=s.port, local_hostname=s.local_hostname, timeout=s.timeout,
+            use_tls=s.implicit_tls, start_tls=s.starttls, validate_certs=s.verify,
+            tls_context=self._tls_context, username=s.username, password=s.password,
+        )  # fmt: skip
+        try:
+            await smtp.connect()
+            await greet(smtp)
+        except BaseException:  # the send's time ran out (a cancellation) or the relay failed
+            smtp.close()
+            raise
+        return _Connection(smtp)
+
+    def _close_later(self, smtp: aiosmtplib.SMTP) -> None:
+        task = asyncio.create_task(_close(smtp), name="smtp-quit")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_idle(), name="smtp-idle-reaper")
+
+    async def _reap_idle(self) -> None:
+        """Close connections idle longer than ``idle_close`` (relays drop them anyway)."""
+        while True:
+            await asyncio.sleep(max(self.idle_close / 2, 0.05))
+            cutoff = time.monotonic() - self.idle_close
+            stale = [c for c in self._idle if c.last_used < cutoff]
+            self._idle = [c for c in self._idle if c.last_used >= cutoff]
+            for connection in stale:
+                self._retire(connection)
+                await _close(connection.smtp)
+
+    async def aclose(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            self._retire(connection)
+        # QUIT on all at once: each waits up to a second for its reply.
+        await asyncio.gather(
+            *(_close(connection.smtp) for connection in idle), *list(self._closing)
+        )
+
+
+async def _close(smtp: aiosmtplib.SMTP) -> None:
+    try:
+        await asyncio.wait_for(smtp.quit(), timeout=1.0)
+    except (*CONNECTION_ERRORS, asyncio.CancelledError):
+        smtp.close()
