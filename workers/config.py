@@ -767,7 +767,11 @@ class DeliveryConfig(CommonConfig):
     )
     group: str = option("delivery", "consumer group on the send stream")
     consumer: str = option(default_consumer_name, "consumer name in the group (unique per worker)")
-    concurrency: int = option(10, "sends in flight per worker (and pooled SMTP connections)")
+    concurrency: int = option(
+        10,
+        "pooled SMTP connections per worker (a send in flight on each, one more behind it "
+        "when the relay offers PIPELINING)",
+    )
     batch: int = option(
         100, "most entries read per XREADGROUP (a worker holds at most 2 x --concurrency)"
     )
