@@ -27,6 +27,7 @@ class ScriptedRelay:
     replies: dict[bytes, bytes] = field(default_factory=dict)  # stage -> reply line
     delays: dict[bytes, float] = field(default_factory=dict)  # stage -> seconds before it
     messages: int = 0  # final dots read
+    stages: list[bytes] = field(default_factory=list)  # as they came, over all connections
     pipelining: bool = False  # offer PIPELINING (the client then writes its group at once)
     _connections: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -36,6 +37,7 @@ class ScriptedRelay:
             writer.write(b"220 scripted.test ESMTP\r\n")
             while line := await reader.readline():
                 stage = line.upper().split(b" ", 1)[0].split(b":", 1)[0].rstrip(b"\r\n")
+                self.stages.append(stage)
                 if stage == b"DATA" and stage not in self.replies:
                     writer.write(b"354 go ahead\r\n")
                     await reader.readuntil(b"\r\n.\r\n")

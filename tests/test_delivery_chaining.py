@@ -35,6 +35,7 @@ from tests.scripted_relay import serving
 from tests.sinks import PostfixSink
 from workers.codec.build import build_message
 from workers.config import DeliveryConfig
+from workers.relay import SEND_TIMED_OUT, SendResult
 from workers.relay.pool import SmtpPool
 
 HOLD = 1.0  # seconds the peer holds a dot's reply while it waits for the next group
@@ -52,16 +53,19 @@ def _sender_of(mail_line: bytes) -> str:
 class DotHoldingPeer:
     """Offers PIPELINING; after each message it waits up to ``hold`` seconds for the next
     command before it answers the dot, and records whether one came first (``chained``).
-    ``dot_replies`` script the replies to dots, in order over all connections (then 250);
-    None hangs up instead.  MAIL from one of ``refuse_senders`` gets 550, and the rest of
-    its group 503."""
+    By sender: ``dot_replies`` (None: hang up), ``dot_delays`` (a pause before that
+    reply), ``silent`` (its dot, or with ``(connection, sender)`` its group, is never
+    answered: the peer waits for the client to go).  MAIL from one of ``refuse_senders``
+    gets 550, and the rest of its group 503."""
 
-    dot_replies: list[bytes | None] = field(default_factory=list)
+    dot_replies: dict[str, bytes | None] = field(default_factory=dict)
     hold: float = HOLD
-    dot_delay: float = 0.0  # then a pause before the reply to the dot
+    dot_delays: dict[str, float] = field(default_factory=dict)
+    silent: set[str | tuple[int, str]] = field(default_factory=set)
     refuse_senders: set[str] = field(default_factory=set)
     chained: list[bool] = field(default_factory=list)  # per message: next group before reply
     messages: list[tuple[int, bytes]] = field(default_factory=list)  # (connection, MAIL line)
+    groups: list[tuple[int, str]] = field(default_factory=list)  # (connection, sender)
     refused: list[tuple[int, bytes]] = field(default_factory=list)  # groups refused at MAIL
     connections: int = 0
 
@@ -82,8 +86,12 @@ class DotHoldingPeer:
                 group = [line]
                 while not group[-1].startswith(b"DATA"):
                     group.append(await asyncio.wait_for(reader.readline(), 10))
-                line = None
-                if _sender_of(group[0]) in self.refuse_senders:
+                line, sender = None, _sender_of(group[0])
+                self.groups.append((number, sender))
+                if (number, sender) in self.silent:
+                    await reader.read()  # until the client goes
+                    return
+                if sender in self.refuse_senders:
                     self.refused.append((number, group[0].rstrip()))
                     refusal = b"550 5.7.1 sender refused\r\n"
                     writer.write(refusal + b"503 5.5.1 no MAIL\r\n" * (len(group) - 1))
@@ -94,8 +102,11 @@ class DotHoldingPeer:
                 with contextlib.suppress(TimeoutError):
                     line = await asyncio.wait_for(reader.readline(), self.hold)
                 self.chained.append(bool(line))
-                await asyncio.sleep(self.dot_delay)
-                reply = self.dot_replies.pop(0) if self.dot_replies else b"250 2.0.0 queued"
+                if sender in self.silent:
+                    await reader.read()
+                    return
+                await asyncio.sleep(self.dot_delays.get(sender, 0.0))
+                reply = self.dot_replies.get(sender, b"250 2.0.0 queued")
                 if reply is None:
                     return  # hang up: the client's next group is lost with the connection
                 writer.write(reply + b"\r\n")
@@ -142,7 +153,7 @@ async def test_a_send_behind_a_lost_connection_goes_out_on_another(
     written behind it: the first is decided by that (deferred; dead with --max-attempts 1),
     the second was not sent, so it goes out on a new connection at once, delivered once and
     never deferred."""
-    peer = DotHoldingPeer(dot_replies=[first_dot])
+    peer = DotHoldingPeer(dot_replies={"s0@example.com": first_dot})
     async with peer.running() as relay:
         await _enqueue_from(redis, ["s0@example.com", "s1@example.com"])
         config = make_config(redis_url, relay, max_attempts=1, **ONE_CONNECTION)
@@ -159,7 +170,7 @@ async def test_a_refused_message_leaves_the_one_behind_it_to_its_own_replies(
 ) -> None:
     """554 to the first dot ends that transaction only: the next one, already written,
     goes on over the same connection."""
-    peer = DotHoldingPeer(dot_replies=[b"554 5.7.1 content refused"])
+    peer = DotHoldingPeer(dot_replies={"s0@example.com": b"554 5.7.1 content refused"})
     async with peer.running() as relay:
         await _enqueue_from(redis, ["s0@example.com", "s1@example.com", "s2@example.com"])
         await run_until_settled(redis, make_config(redis_url, relay, **ONE_CONNECTION))
@@ -191,24 +202,41 @@ async def test_a_sender_refused_behind_a_dot_is_decided_by_its_own_transaction(
     assert [d["smtp_code"] for d in dead] == ["550"]
 
 
+def _pool(relay: str, smtp_timeout: float, data_timeout: float) -> SmtpPool:
+    """A pool of one connection to ``relay``, as a worker with --concurrency 1 has."""
+    config = DeliveryConfig(relay=relay, smtp_timeout=smtp_timeout, smtp_data_timeout=data_timeout)
+    config.validate()
+    return SmtpPool(config.relay_settings(), size=1, messages_per_connection=10, idle_close=30)
+
+
+def _sending(
+    pool: SmtpPool, sender: str, begin: Callable[[], bool] = lambda: True
+) -> asyncio.Task[SendResult | None]:
+    number = int(sender[1:].split("@", maxsplit=1)[0])
+    built = build_message(send_message(["a@example.com"], sender=sender),
+                          default_id=f"{number + 1}-0", hostname="mailpool.test")  # fmt: skip
+    return asyncio.create_task(pool.send(built, ["a@example.com"], begin))
+
+
+async def _one_behind_another(
+    pool: SmtpPool, begin: Callable[[], bool] = lambda: True
+) -> tuple[asyncio.Task[SendResult | None], asyncio.Task[SendResult | None]]:
+    """s0 leads; s1 (with ``begin``) comes once s0's group is out, to go behind its dot."""
+    leading = _sending(pool, "s0@example.com")
+    await asyncio.sleep(0.05)
+    return leading, _sending(pool, "s1@example.com", begin)
+
+
 async def test_a_follower_given_up_before_its_turn_leaves_the_one_ahead_its_reply() -> None:
     """A send cancelled (the stop's drain ran out) while it waits behind a transaction whose
     dot the relay has not answered yet: that transaction still gets its 250 (dropping the
     connection would lose a reply to a message the relay accepted, and it would be sent
     again), and only then is the connection dropped, the cancelled send's group with it."""
-    slow = DotHoldingPeer(dot_delay=1.5)  # the first dot's reply comes 1.5 s late
+    slow = DotHoldingPeer(dot_delays={"s0@example.com": 1.5})  # its dot's reply 1.5 s late
     async with slow.running() as relay:
-        config = DeliveryConfig(relay=relay, smtp_timeout=5.0, smtp_data_timeout=5.0)
-        config.validate()
-        pool = SmtpPool(config.relay_settings(), size=1, messages_per_connection=10, idle_close=30)
-        first = build_message(send_message(["a@example.com"], sender="s0@example.com"),
-                              default_id="1-0", hostname="mailpool.test")  # fmt: skip
-        second = build_message(send_message(["b@example.com"], sender="s1@example.com"),
-                               default_id="2-0", hostname="mailpool.test")  # fmt: skip
+        pool = _pool(relay, 5.0, 5.0)
         try:
-            leading = asyncio.create_task(pool.send(first, ["a@example.com"]))
-            await asyncio.sleep(0.05)
-            following = asyncio.create_task(pool.send(second, ["b@example.com"]))
+            leading, following = await _one_behind_another(pool)
             await asyncio.sleep(0.5)  # both groups out, the first dot's reply held
             following.cancel()
             result = await leading
@@ -219,6 +247,70 @@ async def test_a_follower_given_up_before_its_turn_leaves_the_one_ahead_its_repl
     assert result is not None and result.accepted == ["a@example.com"]
     assert [_sender_of(mail) for _, mail in slow.messages] == ["s0@example.com"]
     assert slow.chained == [True]
+
+
+async def test_a_follower_behind_a_failed_connection_goes_first_on_the_next() -> None:
+    """The dot ahead of a follower is never answered: after --smtp-data-timeout that send
+    is deferred and the connection dropped, and the follower, whose group went with it,
+    opens the next connection in its slot, ahead of a send that was already waiting for
+    one (waiting behind that one too could outlast --claim-after: another worker would
+    claim the entry and send it again)."""
+    peer = DotHoldingPeer(silent={"s0@example.com"})
+    async with peer.running() as relay:
+        pool = _pool(relay, 2.0, HOLD + 0.5)
+        try:
+            leading, following = await _one_behind_another(pool)
+            await asyncio.sleep(0.05)
+            waiting = _sending(pool, "s2@example.com")
+            results = await asyncio.wait_for(asyncio.gather(leading, following, waiting), 20)
+        finally:
+            await pool.aclose()
+    assert [list(r.deferred) if r else None for r in results] == [["a@example.com"], [], []]
+    assert peer.chained[0] is True  # s1's group came with s0's dot
+    assert peer.groups == [(1, "s0@example.com"), (2, "s1@example.com"), (2, "s2@example.com")]
+
+
+async def test_a_follower_whose_own_replies_run_out_of_time_is_deferred_once() -> None:
+    """The relay never answers the follower's group: after its turn, its --smtp-timeout
+    runs out, and that is its own outcome (deferred, the connection dropped), not a
+    refusal of where the group went: it is not sent again, and chaining stays on."""
+    peer = DotHoldingPeer(
+        hold=0.0, dot_delays={"s0@example.com": 0.3}, silent={(1, "s1@example.com")}
+    )
+    async with peer.running() as relay:
+        pool = _pool(relay, 0.5, 2.0)
+        try:
+            leading, following = await _one_behind_another(pool)
+            first, second = await asyncio.wait_for(asyncio.gather(leading, following), 20)
+        finally:
+            await pool.aclose()
+    assert first is not None and first.accepted == ["a@example.com"]
+    assert second is not None and second.deferred["a@example.com"].text == SEND_TIMED_OUT
+    assert peer.groups == [(1, "s0@example.com"), (1, "s1@example.com")]
+    assert pool.chaining
+
+
+async def test_a_follower_sends_nothing_after_the_stop() -> None:
+    """The follower's group went out before the stop; the connection then ends (421 to the
+    dot ahead).  Sent again it would be a transaction after the stop: its ``begin`` is asked
+    again, says no, and nothing of the message reaches the relay (None: not sent)."""
+    peer = DotHoldingPeer(
+        hold=0.0, dot_delays={"s0@example.com": 1.0},
+        dot_replies={"s0@example.com": b"421 4.3.2 closing"},
+    )  # fmt: skip
+    stopped = asyncio.Event()
+    async with peer.running() as relay:
+        pool = _pool(relay, 5.0, 5.0)
+        try:
+            leading, following = await _one_behind_another(pool, lambda: not stopped.is_set())
+            await asyncio.sleep(0.5)  # its group is out behind the dot
+            stopped.set()
+            first, second = await asyncio.wait_for(asyncio.gather(leading, following), 20)
+        finally:
+            await pool.aclose()
+    assert first is not None and list(first.deferred) == ["a@example.com"]
+    assert second is None
+    assert [_sender_of(mail) for _, mail in peer.messages] == ["s0@example.com"]
 
 
 async def test_postfix_with_forbid_unauth_pipelining_takes_chained_transactions(

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 
 from tests.delivery_util import send_message
-from tests.harness import ROOT
+from tests.harness import ROOT, wait_until
 from tests.scripted_relay import ScriptedRelay
 from workers.codec.build import build_message
 from workers.config import DeliveryConfig
@@ -174,3 +174,22 @@ async def test_replies_that_come_after_the_deadline_do_not_send_the_message() ->
             await pool.aclose()
     assert list(result.deferred) == to and result.deferred[to[0]].text == SEND_TIMED_OUT
     assert relay.messages == 1  # the first send's only
+
+
+async def test_the_pool_closes_at_once_while_the_idle_reaper_waits_for_a_quit() -> None:
+    """The idle reaper has sent QUIT to a connection idle past --idle-close and waits for
+    the reply (a relay slow to answer it) when the worker stops: closing the pool cancels
+    the reaper, and that cancellation must end it (swallowed, the reaper went on and the
+    stop waited on it for ever)."""
+    relay = ScriptedRelay(delays={b"QUIT": 5.0})
+    to = RECIPIENTS[:1]
+    built = build_message(send_message(to), default_id="1-0", hostname="mailpool.test")
+    async with relay.running() as url:
+        config = DeliveryConfig(relay=url, idle_close=0.2)
+        config.validate()
+        pool = SmtpPool(config.relay_settings(), size=1, messages_per_connection=10, idle_close=0.2)
+        assert (await pool.send(built, to)).accepted == to
+        await wait_until(lambda: b"QUIT" in relay.stages, "the reaper's QUIT", timeout=5)
+        started = time.monotonic()
+        await asyncio.wait_for(pool.aclose(), 5)
+        assert time.monotonic() - started < 1.0

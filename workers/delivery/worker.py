@@ -494,11 +494,13 @@ class _Start:
         self._started: float | None = None
 
     def __call__(self) -> bool:
+        """Called again before the send goes out again (its first try went nowhere)."""
         if self._stop.is_set():
             return False
-        self._held.start_sending(self._recipients)
-        DELIVERY_IN_FLIGHT.inc()
-        self._started = time.perf_counter()
+        if self._started is None:
+            self._held.start_sending(self._recipients)
+            DELIVERY_IN_FLIGHT.inc()
+            self._started = time.perf_counter()
         return True
 
     def ended(self) -> None:

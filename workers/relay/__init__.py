@@ -88,10 +88,11 @@ class TransactionResult:
     connection may carry the next transaction (else it is closed).
 
     ``void``: a group written behind another transaction's dot was refused at its MAIL, or
-    the connection ended before that reply.  Some relays refuse every command pipelined
-    after the end of DATA (Haraka: 503, against SMTP smuggling), so the refusal may be of
-    where the group went and not of the message: nothing is decided, and ``result`` is
-    not the outcome.  The pool sends it again, unchained.
+    the connection ended before that reply (not: its own time ran out).  Some relays
+    refuse every command pipelined after the end of DATA (Haraka: 503, against SMTP
+    smuggling), so the refusal may be of where the group went and not of the message:
+    nothing is decided, and ``result`` is not the outcome.  The pool sends it again,
+    unchained.
     """
 
     result: SendResult
@@ -109,7 +110,8 @@ class Transport(Protocol):
         self, message: BuiltMessage, recipients: Sequence[str], begin: Callable[[], bool] = ...
     ) -> SendResult | None:
         """The outcome per recipient; None when ``begin`` (called once the send may start,
-        before anything of it goes out) said no: nothing was sent."""
+        before anything of it goes out, and again before it goes out again after a try
+        that went nowhere) said no: nothing of the message was sent."""
         ...
 
     async def aclose(self) -> None: ...
@@ -401,7 +403,7 @@ async def pipelined(  # noqa: PLR0917 - a transaction's parts and budgets
             return TransactionResult(result, reusable=fit)
         reply = await _transfer(chain, message.data, data_timeout, follow)
     except CONNECTION_ERRORS as exc:  # SMTPResponseException too: a reply not SMTP, a 421
-        if behind_a_dot and mail is None:
+        if behind_a_dot and mail is None and channel.expired is None:  # not its own time
             return TransactionResult(result, reusable=False, void=reply_of(exc))
         result.refuse(accepted + asked[answered:], reply_of(exc))
         return TransactionResult(result, reusable=False)

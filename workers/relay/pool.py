@@ -11,13 +11,17 @@ back with the reply to the dot.  One round trip per message instead of two.
 A follower reads its replies once the transaction ahead of it has its reply to the dot (its
 *turn*; its ``--smtp-timeout`` starts then).  When that transaction leaves the connection
 unfit (a 421, a timeout, the connection lost), nothing of the follower was sent but its
-commands (no 354 came), so it takes another place, as a send that had waited.  So a
-follower's send lasts at most the time left to the one ahead of it plus its own budgets,
-which stays inside ``--claim-after``'s derivation: a send waits at most one transaction
-before its own starts.
+commands (no 354 came): it inherits the connection's slot and opens a new connection with
+fresh budgets.  A follower whose group is void (refused at MAIL, or the connection ended
+before that reply: :class:`workers.relay.TransactionResult`) goes out again unchained on the
+same connection (or a new one in its slot) within what is left of its own ``--smtp-timeout``.
+Neither waits for anyone else's place, so a send lasts at most one transaction's budgets
+before its own starts, plus its own: ``--claim-after``'s derivation
+(:meth:`workers.config.DeliveryConfig.longest_hold`).
 
 ``begin`` (the delivery loop's) is called once a send has a place, before anything of it is
-written; when it says no (the worker is stopping) the send returns None: nothing was sent.
+written, and again before it goes out again; when it says no (the worker is stopping) the
+send returns None: nothing of the message was sent.
 """
 
 from __future__ import annotations
@@ -74,8 +78,9 @@ class _Follower:
     message: BuiltMessage
     group: Group
     result: SendResult
-    # True: its turn on a fit connection; False: its group is void (the connection failed
-    # first); cancelled: the follower is gone, and the connection goes after the one ahead.
+    # True: its turn on a fit connection.  False: the connection failed first, so its group
+    # is void, and the connection's slot is the follower's now (to open another).
+    # Cancelled: the follower is gone, and the connection goes once the one ahead is done.
     turn: asyncio.Future[bool]
 
 
@@ -103,6 +108,15 @@ _NEW = _NewConnection()
 # Where a send goes: lead a transaction on a connection (_NEW: one to open), follow one,
 # a result without sending (nothing could go on a command line), or not at all.
 _Place = _Connection | _NewConnection | _Follower | SendResult | _NotStarted
+
+
+@dataclass(frozen=True, slots=True)
+class _Again:
+    """A follower to send again unchained: on ``place`` (the same connection, or _NEW: a
+    slot of its own), within ``deadline`` (None: a budget of its own from now)."""
+
+    place: _Connection | _NewConnection
+    deadline: float | None
 
 
 class _Link:
@@ -154,76 +168,101 @@ class SmtpPool:
         ``timeout`` too; the reply to the final dot within ``data_timeout``.  A follower's
         budgets start at its turn.  None when ``begin`` said no: nothing was sent."""
         self._start_reaper()
-        while True:
-            place = self._place(message, recipients, begin)
-            if place is None:
-                place = await self._wait(message, recipients, begin)
-                if place is None:
-                    continue  # woken to look again
-            if isinstance(place, _NotStarted):
+        place = await self._find_place(message, recipients, begin)
+        if isinstance(place, _Follower):
+            again = await self._follow(place)
+            if isinstance(again, SendResult):
+                return again
+            if not begin():  # stopped meanwhile: nothing of the message went out
+                self._give_back(again.place)
                 return None
-            if isinstance(place, SendResult):
-                return place
-            if isinstance(place, _Follower):
-                result = await self._follow(place)
-                if result is not None:
-                    return result
-                begin = begin_at_once  # begun: its group went out on a connection that then failed
-                continue
-            return await self._lead(place, message, recipients)
+            return await self._lead(again.place, message, recipients, again.deadline)
+        if isinstance(place, _NotStarted):
+            return None
+        if isinstance(place, SendResult):
+            return place
+        return await self._lead(place, message, recipients, None)
 
     # -- places ---------------------------------------------------------------------------
+
+    async def _find_place(
+        self, message: BuiltMessage, recipients: Sequence[str], begin: Begin
+    ) -> _Place:
+        woken = False
+        while True:
+            place = self._place(message, recipients, begin)
+            if place is None:  # woken and beaten to it: first in line again
+                place = await self._wait(message, recipients, begin, first=woken)
+            if place is not None:
+                return place
+            woken = True
 
     def _place(
         self, message: BuiltMessage, recipients: Sequence[str], begin: Begin
     ) -> _Place | None:
-        """A place at once (None: none free; a new connection may still be opened, see
-        :meth:`_has_room`): an idle connection, else room for a new one, else behind a
-        connection whose dot is out."""
+        """A place at once (None: none free): an idle connection, else room for a new one,
+        else behind a connection whose dot is out."""
         connection = self._idle_connection()
         if connection is not None:
             if not begin():
-                self._idle.append(connection)
+                self._give_back(connection)
                 return NOT_STARTED
             return connection
-        if self._has_room():
+        if self._open < self.size:
             if not begin():
+                self._wake_one()  # the room it was maybe woken for
                 return NOT_STARTED
             self._open += 1
             return _NEW
         while self._followable:
             connection = self._followable.pop()
             if connection.open_to_follow and self._may_follow(connection):
-                return self._attach(connection, message, recipients, begin, write=True)
+                place = self._attach(connection, message, recipients, begin, write=True)
+                if not isinstance(place, _Follower):
+                    self._followable.add(connection)  # still open to another
+                return place
         return None
 
-    def _has_room(self) -> bool:
-        return self._open < self.size
-
     async def _wait(
-        self, message: BuiltMessage, recipients: Sequence[str], begin: Begin
+        self, message: BuiltMessage, recipients: Sequence[str], begin: Begin, *, first: bool
     ) -> _Place | None:
         waiting = _Waiting(message, recipients, begin, asyncio.get_running_loop().create_future())
-        self._waiting.append(waiting)
+        if first:
+            self._waiting.appendleft(waiting)
+        else:
+            self._waiting.append(waiting)
         try:
             return await waiting.place
-        except BaseException:  # cancelled (the stop): a follower's place is given up
+        except BaseException:  # cancelled (the stop): what it was given meanwhile goes on
             with contextlib.suppress(ValueError):
                 self._waiting.remove(waiting)
             if waiting.place.done() and not waiting.place.cancelled():
                 place = waiting.place.result()
                 if isinstance(place, _Follower):
                     self._abandon(place)
+                elif place is None:
+                    self._wake_one()  # the wake-up it did not use
             raise
+
+    def _give_back(self, place: _Connection | _NewConnection) -> None:
+        """A place taken and not used: the connection back to the idle ones, or the slot."""
+        if isinstance(place, _Connection):
+            self._release(place)
+        else:
+            self._open -= 1
+            self._wake_one()
 
     def _abandon(self, follower: _Follower) -> None:
         """A follower cancelled: its group is out, so its connection goes, but only once
         the transaction ahead of it has its reply (dropping it sooner could lose that reply
         to a message the relay accepted, and the message would be sent again)."""
-        if not follower.turn.done():
-            follower.turn.cancel()  # _finish of the one ahead drops the connection
-        elif not follower.turn.cancelled() and follower.turn.result():
+        turn = follower.turn
+        if not turn.done():
+            turn.cancel()  # _finish of the one ahead drops the connection
+        elif not turn.cancelled() and turn.result():
             self._abort(follower.connection)  # its turn had come: the connection is its own
+        elif not turn.cancelled():
+            self._give_back(_NEW)  # the slot it inherited
 
     def _wake_one(self) -> None:
         """A connection went idle or a slot came free: the first waiting send looks again."""
@@ -255,8 +294,9 @@ class SmtpPool:
     def _may_follow(self, connection: _Connection) -> bool:
         chain = connection.chain
         return (
-            self.chaining and chain is not None and not chain.broken and connection.follower is None
-            and not connection.closed and connection.uses < self.messages_per_connection
+            self.chaining and chain is not None and not chain.broken
+            and connection.follower is None and not connection.closed
+            and connection.uses < self.messages_per_connection
         )  # fmt: skip
 
     def _attach(
@@ -270,15 +310,15 @@ class SmtpPool:
     ) -> _Place:
         """A follower of ``connection``'s transaction; its group is written here when
         ``write`` (else with the dot)."""
+        chain = connection.chain
+        if chain is None:  # _may_follow checked: a bug
+            raise RuntimeError("a follower placed on a connection without a chain")
         if not begin():
             return NOT_STARTED
         result = SendResult()
         group = pipeline_group(connection.smtp, message, recipients, result)
         if group is None:
             return result
-        chain = connection.chain
-        if chain is None:  # _may_follow checked: a bug
-            raise RuntimeError("a follower placed on a connection without a chain")
         turn = asyncio.get_running_loop().create_future()
         follower = _Follower(connection, message, group, result, turn)
         connection.follower, connection.open_to_follow = follower, False
@@ -290,12 +330,17 @@ class SmtpPool:
     # -- transactions ---------------------------------------------------------------------
 
     async def _lead(
-        self, place: _Connection | _NewConnection, message: BuiltMessage, recipients: Sequence[str]
+        self,
+        place: _Connection | _NewConnection,
+        message: BuiltMessage,
+        recipients: Sequence[str],
+        deadline: float | None,
     ) -> SendResult:
-        """A transaction of its own on a connection (_NEW: one it opens, within the send's
-        budget)."""
+        """A transaction of its own on a connection (_NEW: one it opens), everything before
+        the dot by ``deadline`` (None: ``timeout`` from now)."""
         s = self.settings
-        deadline = asyncio.get_running_loop().time() + s.timeout
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + s.timeout
         if isinstance(place, _Connection):
             connection = place
         else:
@@ -303,8 +348,7 @@ class SmtpPool:
                 async with asyncio.timeout_at(deadline):
                     connection = await self._connect()
             except BaseException as exc:
-                self._open -= 1
-                self._wake_one()
+                self._give_back(_NEW)
                 if not isinstance(exc, CONNECTION_ERRORS):
                     raise  # cancelled
                 result = SendResult()
@@ -323,13 +367,13 @@ class SmtpPool:
         self._finish(connection, done.reusable)
         return done.result
 
-    async def _follow(self, follower: _Follower) -> SendResult | None:
-        """A follower's transaction, from its turn; None when the connection failed before
-        it: nothing of it was sent, and it needs another place."""
+    async def _follow(self, follower: _Follower) -> SendResult | _Again:
+        """A follower's transaction, from its turn; _Again when nothing of it was sent and
+        it must go out unchained (module docstring)."""
         connection = follower.connection
         try:
             if not await follower.turn:
-                return None
+                return _Again(_NEW, None)  # the failed connection's slot is its own
         except BaseException:  # cancelled: the turn with it, see _abandon
             self._abandon(follower)
             raise
@@ -345,18 +389,22 @@ class SmtpPool:
         except BaseException:  # cancelled at shutdown: mid-transaction
             self._abort(connection)
             raise
-        self._finish(connection, done.reusable)
-        if done.void is not None:
+        if done.void is None:
+            self._finish(connection, done.reusable)
+            return done.result
+        if done.void.permanent:
             self._stop_chaining(done.void)
-            return None
-        return done.result
+        if done.reusable and connection.smtp.is_connected and not connection.closed:
+            return _Again(connection, deadline)  # after its RSET: the connection is its own
+        self._abort(connection, keep_slot=True)
+        return _Again(_NEW, deadline)
 
     def _stop_chaining(self, refusal: Reply) -> None:
-        """A group behind a dot was refused at its MAIL (or the connection ended first):
-        from now on no transaction follows another on this pool's connections.  A relay
-        may refuse that (Haraka: 503 to each command pipelined after the end of DATA); a
-        refusal of the sender itself only costs the rest of this process the saved round
-        trip, and the send now goes out unchained and is decided by its own replies."""
+        """A group behind a dot was refused at its MAIL for good (5xx): from now on no
+        transaction follows another on this pool's connections.  A relay may refuse that
+        (Haraka: 503 to each command pipelined after the end of DATA); a refusal of the
+        sender itself only costs the rest of this process the saved round trip, and the
+        send now goes out unchained and is decided by its own replies."""
         if self.chaining:
             self.chaining = False
             log.warning(
@@ -384,6 +432,10 @@ class SmtpPool:
         if connection.chain is not None:
             connection.chain.end()
             connection.chain = None
+        self._release(connection)
+
+    def _release(self, connection: _Connection) -> None:
+        """A connection nobody uses: idle in the pool, or retired (QUIT in the background)."""
         if connection.uses < self.messages_per_connection:
             self._idle.append(connection)
             self._wake_one()
@@ -391,27 +443,33 @@ class SmtpPool:
             self._retire(connection)
             self._close_later(connection.smtp)
 
-    def _abort(self, connection: _Connection, follower: _Follower | None = None) -> None:
-        """Drop the connection at once (what is unsent must not go out); its follower's
-        group is void."""
+    def _abort(
+        self, connection: _Connection, follower: _Follower | None = None, *, keep_slot: bool = False
+    ) -> None:
+        """Drop the connection at once (what is unsent must not go out).  Its follower's
+        group is void, and the follower takes the connection's slot (``keep_slot``: the
+        caller does)."""
         follower = follower or connection.follower
         connection.follower = None
-        if not connection.closed:
-            chain, connection.chain = connection.chain, None
-            if chain is not None:
-                chain.transport.abort()  # first: the buffer's rest must not go out
-                chain.channel.connection_lost(None)  # whoever waits on it learns it ended
-                chain.end()
-            aiosmtplib_fence.abort(connection.smtp)
-            self._retire(connection)
-            self._followable.discard(connection)
-        if follower is not None and not follower.turn.done():
+        if connection.closed:
+            return
+        chain, connection.chain = connection.chain, None
+        if chain is not None:
+            chain.transport.abort()  # first: the buffer's rest must not go out
+            chain.channel.connection_lost(None)  # whoever waits on it learns it ended
+            chain.end()
+        aiosmtplib_fence.abort(connection.smtp)
+        self._followable.discard(connection)
+        handed_on = follower is not None and not follower.turn.done()
+        self._retire(connection, free_slot=not (handed_on or keep_slot))
+        if follower is not None and handed_on:
             follower.turn.set_result(False)
 
-    def _retire(self, connection: _Connection) -> None:
+    def _retire(self, connection: _Connection, *, free_slot: bool = True) -> None:
         connection.closed = True
-        self._open -= 1
-        self._wake_one()
+        if free_slot:
+            self._open -= 1
+            self._wake_one()
 
     # -- connections ----------------------------------------------------------------------
 
@@ -470,12 +528,18 @@ class SmtpPool:
             self._retire(connection)
         # QUIT on all at once: each waits up to a second for its reply.
         await asyncio.gather(
-            *(_close(connection.smtp) for connection in idle), *list(self._closing)
-        )
+            *(_close(connection.smtp) for connection in idle), *list(self._closing),
+            return_exceptions=True,
+        )  # fmt: skip
 
 
 async def _close(smtp: aiosmtplib.SMTP) -> None:
+    """QUIT, waited for a second at most; a cancellation closes the connection and goes
+    on (swallowed, it kept the idle reaper looping and ``aclose`` waiting on it)."""
     try:
         await asyncio.wait_for(smtp.quit(), timeout=1.0)
-    except (*CONNECTION_ERRORS, asyncio.CancelledError):
+    except CONNECTION_ERRORS:
         smtp.close()
+    except asyncio.CancelledError:
+        smtp.close()
+        raise
