@@ -9,9 +9,10 @@ variant/current (and variant/copy) for msg/s (wall) and msg per CPU-second of th
 Variants (all the same transaction, MAIL, RCPT per recipient, DATA, written here with
 public names only):
 
-* ``copy``: as the relay does it (commands through ``SMTP.execute_command``, the message
-  through the fence) less its handling of refusals, which smtp-sink never sends: the base
-  the two others are compared with (copy/current near 1 shows the copy is faithful);
+* ``copy``: as the relay does it to a relay without PIPELINING (commands through
+  ``SMTP.execute_command``, the message through the fence) less its handling of refusals,
+  which smtp-sink never sends: the base the two others are compared with (``current``
+  pipelines, and chains transactions across the final dot, so copy/current is below 1);
 * ``data``: the message through ``SMTP.data`` instead of the fence (what the fence buys);
 * ``commands``: MAIL and RCPT through ``SMTP.mail`` and ``SMTP.rcpt``, which parse every
   address again, instead of ``SMTP.execute_command`` (public API either way).
