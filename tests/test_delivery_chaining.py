@@ -38,7 +38,7 @@ from workers.config import DeliveryConfig
 from workers.relay import SEND_TIMED_OUT, SendResult
 from workers.relay.pool import SmtpPool
 
-HOLD = 1.0  # seconds the peer holds a dot's reply while it waits for the next group
+HOLD = 0.5  # seconds the peer holds a dot's reply while it waits for the next group
 # One connection, two lanes: every send but the first is written behind another's dot.
 ONE_CONNECTION = {
     "concurrency": 1, "smtp_timeout": 2.0, "smtp_data_timeout": 3.0, "claim_after": 12.0,
