@@ -2,7 +2,8 @@
 
 One loop (:class:`~workers.delivery.worker.DeliveryWorker`, every partition in turn): read a
 batch (own leftovers, then stale entries of silent consumers, then new ones), prepare it
-(decode, build, drop recipients already accepted), start up to ``--concurrency`` sends, and
+(decode, build, drop recipients already accepted), send over ``--concurrency`` connections
+(one more send behind each one's final dot, to a relay that takes chained transactions), and
 hand each outcome to the settler, which writes idempotency records, acks, dead letters,
 retries and events in one Redis round trip per batch of finished sends (group commit). A
 side task moves due retries back into the stream. Entry layout:
@@ -60,8 +61,8 @@ log = structlog.get_logger("mailpool.delivery")
 
 async def serve(config: DeliveryConfig, stop: asyncio.Event) -> None:
     """One worker for all partitions (one alone when not partitioned): each read takes
-    from the next partition in turn what the window has room for, and --concurrency lanes
-    send from all of them, so a busy partition never starves another."""
+    from the next partition in turn what the window has room for, and 2 x --concurrency
+    lanes send from all of them, so a busy partition never starves another."""
     url = resolve_redis_url(config.redis_url)
     partitions = config.partition_keys()
     redis = partition_clients(url, partitions, connect)
