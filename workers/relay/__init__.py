@@ -293,8 +293,7 @@ async def _one_by_one(  # noqa: PLR0917 - transaction's own arguments, passed on
         reply = await _final_reply(smtp, data_timeout)
     except aiosmtplib.SMTPResponseException as exc:
         result.refuse(accepted + list(recipients[index:]), reply_of(exc))
-        code = aiosmtplib_fence.response_code(exc)
-        fit = code in SMTP_CODES and code != 421 and smtp.is_connected
+        fit = _leaves_fit(aiosmtplib_fence.response_code(exc)) and smtp.is_connected
         return TransactionResult(result, reusable=fit and await _reset(smtp, deadline))
     except ValueError as exc:  # the sender: aiosmtplib will not put it on a command line
         result.rejected.update(dict.fromkeys(recipients, Reply(None, f"unsendable address: {exc}")))
@@ -303,8 +302,7 @@ async def _one_by_one(  # noqa: PLR0917 - transaction's own arguments, passed on
         # The connection failed: those accepted and those not yet asked are tried again.
         result.refuse(accepted + list(recipients[index:]), reply_of(exc))
         return TransactionResult(result, reusable=False)
-    fit = reply.code in SMTP_CODES and reply.code != 421 and smtp.is_connected
-    return _ended(result, accepted, reply, fit)
+    return _ended(result, accepted, reply, _leaves_fit(reply.code) and smtp.is_connected)
 
 
 _CONTROLS = re.compile(rb"[\x00-\x1f\x7f]")
@@ -376,14 +374,12 @@ async def pipelined(  # noqa: PLR0917 - a transaction's parts and budgets
     channel.expire_at(deadline, TimeoutError)  # all replies before the dot: --smtp-timeout
     try:
         mail = await channel.reply()
-        if mail.code != 250 and behind_a_dot:  # read the group's replies, then RSET
+        if mail.code != 250:  # the group's other replies, then RSET
             fit = await _end_refused(transport, channel, mail, len(asked) + 1)
             refused = relay_reply(mail.code, mail.message)
-            return TransactionResult(result, reusable=fit, void=refused)
-        if mail.code != 250:  # every recipient by MAIL's reply, whatever follows
-            result.refuse(asked, relay_reply(mail.code, mail.message))
-            answered = len(asked)
-            fit = await _end_refused(transport, channel, mail, len(asked) + 1)
+            if behind_a_dot:
+                return TransactionResult(result, reusable=fit, void=refused)
+            result.refuse(asked, refused)  # every recipient by MAIL's reply
             return TransactionResult(result, reusable=fit)
         for rcpt in asked:
             reply = await channel.reply()
@@ -409,8 +405,7 @@ async def pipelined(  # noqa: PLR0917 - a transaction's parts and budgets
         return TransactionResult(result, reusable=False)
     finally:
         channel.stop_timer()
-    fit = reply.code in SMTP_CODES and reply.code != 421 and not chain.broken
-    return _ended(result, accepted, reply, fit)
+    return _ended(result, accepted, reply, _leaves_fit(reply.code) and not chain.broken)
 
 
 async def _transfer(
@@ -453,6 +448,12 @@ async def _end_refused(
     except CONNECTION_ERRORS:  # (a time-out of the send's budget ends the whole send)
         return False
     return reset.code == 250 and channel.lost is None
+
+
+def _leaves_fit(code: int) -> bool:
+    """Whether a reply leaves the connection fit for the next transaction: an SMTP reply
+    and not a 421 (the relay is closing it)."""
+    return code in SMTP_CODES and code != 421
 
 
 def _ended(

@@ -66,7 +66,6 @@ class _Connection:
     last_used: float = field(default_factory=time.monotonic)
     chain: pipelining.Chain | None = None  # while pipelined transactions run on it
     follower: _Follower | None = None  # written behind the transaction in progress
-    open_to_follow: bool = False  # the transaction in progress wrote its dot: one may follow
     closed: bool = False
 
 
@@ -150,7 +149,8 @@ class SmtpPool:
         self.chaining = True  # off once the relay refused a group behind a dot
         self._idle: list[_Connection] = []
         self._open = 0  # connections open or being opened (a QUIT in the background: not)
-        self._followable: set[_Connection] = set()  # open_to_follow, nobody waiting then
+        # Connections whose transaction wrote its dot with nobody waiting: one may follow.
+        self._followable: set[_Connection] = set()
         self._waiting: deque[_Waiting] = deque()
         # Built once: loading a CA file for every new connection would cost a file read.
         self._tls_context = (
@@ -216,7 +216,7 @@ class SmtpPool:
             return _NEW
         while self._followable:
             connection = self._followable.pop()
-            if connection.open_to_follow and self._may_follow(connection):
+            if self._may_follow(connection):
                 place = self._attach(connection, message, recipients, begin, write=True)
                 if not isinstance(place, _Follower):
                     self._followable.add(connection)  # still open to another
@@ -287,7 +287,6 @@ class SmtpPool:
             waiting.place.set_result(place)
             if isinstance(place, _Follower):
                 return place.group.data
-        connection.open_to_follow = True
         self._followable.add(connection)
         return b""
 
@@ -321,7 +320,7 @@ class SmtpPool:
             return result
         turn = asyncio.get_running_loop().create_future()
         follower = _Follower(connection, message, group, result, turn)
-        connection.follower, connection.open_to_follow = follower, False
+        connection.follower = follower
         connection.uses += 1
         if write:
             chain.transport.write(group.data)
@@ -419,7 +418,6 @@ class SmtpPool:
         if connection.closed:
             return
         connection.last_used = time.monotonic()
-        connection.open_to_follow = False
         self._followable.discard(connection)
         follower, connection.follower = connection.follower, None
         gone = follower is not None and follower.turn.cancelled()
