@@ -253,14 +253,6 @@ def built_before_the_clock(
         yield
 
 
-@contextlib.contextmanager
-def _build_in_the_worker(
-    messages: list[SendMessage], entry_ids: list[str], config: DeliveryConfig
-) -> Iterator[None]:
-    """Every other worker side: the worker builds each message itself."""
-    yield
-
-
 async def run_worker(
     sink: SmtpSink,
     server: RedisServer,
@@ -290,8 +282,13 @@ async def run_worker(
     entry_ids = await enqueue_all(redis, config.send_stream, messages)
     before = sink.messages()
     stop = asyncio.Event()
-    building = built_before_the_clock if prebuilt else _build_in_the_worker
-    with building(messages, entry_ids, config):
+    # Every other worker side builds each message in the worker.
+    building = (
+        built_before_the_clock(messages, entry_ids, config)
+        if prebuilt
+        else contextlib.nullcontext()
+    )
+    with building:
         redis_cpu = process_cpu_seconds(server.process.pid)
         started, cpu = time.perf_counter(), time.process_time()
         worker = asyncio.create_task(serve(config, stop))
