@@ -173,7 +173,7 @@ def delivery_rows(output: str) -> list[Row]:
         )
     prebuilt = re.search(
         r"ratio worker-prebuilt/raw: ([\d.]+) \(msg/s\)\s+([\d.]+) \(msg per CPU-s\); "
-        r"building's share of the worker's CPU time: (\d+%)",
+        r"building's share of the worker's CPU time: (-?\d+%)",
         output,
     )
     if prebuilt:
