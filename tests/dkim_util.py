@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,11 +62,13 @@ def write_table(path: Path, keys: list[KeyFile], *, any_domain: KeyFile | None =
     return path
 
 
-def _mailauth(args: list[str], message: bytes) -> subprocess.CompletedProcess[bytes]:
+def _mailauth(
+    args: list[str], message: bytes, *, node_options: Sequence[str] = ()
+) -> subprocess.CompletedProcess[bytes]:
     install_node_packages(MAILAUTH_DIR)
     assert NODE is not None, "node is not installed (make setup-dev installs it)"
     return subprocess.run(
-        [NODE, str(MAILAUTH_DIR / "dkim.mjs"), *args],
+        [NODE, *node_options, str(MAILAUTH_DIR / "dkim.mjs"), *args],
         input=message, capture_output=True, timeout=60, check=False,
     )  # fmt: skip
 
@@ -78,9 +81,10 @@ def mailauth_verify(message: bytes, dns_address: str) -> list[dict[str, Any]]:
     return results
 
 
-def mailauth_sign(message: bytes, key: KeyFile) -> bytes:
+def mailauth_sign(message: bytes, key: KeyFile, *, node_options: Sequence[str] = ()) -> bytes:
     """``message`` signed by mailauth with ``key`` (relaxed/relaxed)."""
-    done = _mailauth(["sign", str(key.path), key.domain, key.selector], message)
+    args = ["sign", str(key.path), key.domain, key.selector]
+    done = _mailauth(args, message, node_options=node_options)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     return done.stdout
 
