@@ -8,9 +8,11 @@ Printed per message size, medians of alternating rounds:
   (``email.send`` -> relay, with its settlement, events and idempotency record), and
   the messages per second one Redis core carries when each message goes in and out
   (1e6 us / (ingest + delivery us));
-* Redis memory per retained ``email.receive`` entry (``used_memory`` after an ingest
-  round less before it, over the entries), and what a delivered message leaves behind
-  (its ``email.send`` entry, its event, its sent record; trimmed by housekeeping);
+* Redis memory per retained ``email.receive`` entry (``MEMORY USAGE`` of every key after
+  an ingest round less before it, over the entries: the data, not the clients'
+  buffers), and
+  what a delivered message leaves behind (its ``email.send`` entry, its event, its sent
+  record; trimmed by housekeeping);
 * each worker's messages per CPU-second (the ingest process's CPU; delivery's is this
   process's, which runs the worker).
 

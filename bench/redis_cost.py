@@ -67,7 +67,6 @@ class Counters:
     cpu: float = 0.0  # seconds, used_cpu_sys + used_cpu_user
     reads: int = 0  # total_reads_processed: socket reads that found a request
     writes: int = 0  # total_writes_processed
-    memory: int = 0  # used_memory, octets
     commands: dict[str, tuple[int, int]] = field(default_factory=dict)  # name: (calls, usec)
 
     def __sub__(self, other: Counters) -> Counters:
@@ -76,7 +75,6 @@ class Counters:
             self.cpu - other.cpu,
             self.reads - other.reads,
             self.writes - other.writes,
-            self.memory - other.memory,
             {n: _minus(self.commands.get(n, (0, 0)), other.commands.get(n, (0, 0))) for n in names},
         )
 
@@ -86,7 +84,6 @@ class Counters:
             self.cpu + other.cpu,
             self.reads + other.reads,
             self.writes + other.writes,
-            self.memory + other.memory,
             {n: _plus(self.commands.get(n, (0, 0)), other.commands.get(n, (0, 0))) for n in names},
         )
 
@@ -111,8 +108,7 @@ def node_counters(port: int) -> Counters:
         float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
         int(info["total_reads_processed"]),
         int(info["total_writes_processed"]),
-        int(info["used_memory"]),
-        commands,
+        commands=commands,
     )
 
 
@@ -133,6 +129,23 @@ class Deployment:
         total = Counters()
         for port in self.primaries:
             total = total + node_counters(port)
+        return total
+
+    def data_memory(self) -> int:
+        """Octets the keys take (``MEMORY USAGE`` of each, summed over the primaries).
+
+        Not ``used_memory`` deltas: those hold clients' query and output buffers and the
+        allocator's own pages, tens of KB that come and go with the connections (60
+        messages of 2 KB once read as 326 B each, another time as -1899).  Read after a
+        round's counters: its commands are not the round's."""
+        total = 0
+        for port in self.primaries:
+            with redis.Redis(port=port, socket_timeout=30) as client:
+                keys = list(client.scan_iter(count=1000))
+                pipe = client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.memory_usage(key, samples=0)
+                total += sum(size or 0 for size in pipe.execute())
         return total
 
     def replica_cpu(self) -> float:
@@ -247,7 +260,7 @@ class Round:
     seconds: float
     worker_cpu: float
     redis: Counters
-    retained: int = 0  # used_memory after the round less before its messages were written
+    retained: int = 0  # octets of data (Deployment.data_memory) the round left
 
     def redis_us_per_message(self, idle_per_second: float = 0.0) -> float:
         """Redis CPU per message, less the benchmark's own INFO and XINFO polls, and with
@@ -281,12 +294,14 @@ def start_ingest(deployment: Deployment, log: Path) -> Server:
 def ingest_round(
     deployment: Deployment, server: Server, size: int, messages: int, sessions: int = SESSIONS
 ) -> Round:
+    data_before = deployment.data_memory()
     before = deployment.counters()
     started = time.perf_counter()
     result = smtp_source(server, Case(size, sessions, True, messages))
     seconds = time.perf_counter() - started
     spent = deployment.counters() - before
-    return Round(messages, seconds, messages / result.per_cpu, spent, spent.memory)
+    retained = deployment.data_memory() - data_before
+    return Round(messages, seconds, messages / result.per_cpu, spent, retained)
 
 
 def sized_messages(count: int, size: int, tag: str) -> list[SendMessage]:
@@ -327,7 +342,7 @@ async def delivery_round(
     clients = partition_clients(deployment.url, keys, connect)
     try:
         deployment.flush()
-        empty = deployment.counters().memory
+        empty = deployment.data_memory()
         counts = [0] * len(keys)
         for p, (client, k) in enumerate(zip(clients, keys, strict=True)):
             share = messages[p :: len(keys)]
@@ -340,7 +355,7 @@ async def delivery_round(
         await _until_drained(worker, clients, keys, config.group, counts)
         seconds, worker_cpu = time.perf_counter() - started, time.process_time() - cpu
         spent = deployment.counters() - before
-        retained = spent.memory + before.memory - empty
+        retained = deployment.data_memory() - empty
         stop.set()
         await asyncio.wait_for(worker, 60)
         await _nothing_failed(clients, keys)
