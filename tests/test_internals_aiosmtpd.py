@@ -27,6 +27,7 @@ from tests.ingest_util import SMTPConn, client_tls, ingest, message
 from tests.internals_util import check_release
 from workers.ingest import aiosmtpd_fence, server
 from workers.ingest.aiosmtpd_fence import Command, FencedSMTP, SessionArguments, simple_path
+from workers.ingest.asyncio_fence import SessionReader
 
 FENCE = "workers/ingest/aiosmtpd_fence.py"
 
@@ -225,7 +226,12 @@ async def test_fast_constructor_sets_what_aiosmtpds_own_sets(
     stock = _session_attributes(monkeypatch, fast=False)
     assert sorted(set(stock) ^ set(fast)) == [], f"revisit {FENCE} _init_as_1_4_6"
     differing = sorted(k for k in stock if _comparable(stock[k]) != _comparable(fast[k]))
-    assert differing == [], f"revisit {FENCE} _init_as_1_4_6"
+    # On purpose: the fast sessions read through asyncio_fence.SessionReader (flow control
+    # apart from the line limit), with aiosmtpd's line limit.
+    assert differing == ["_strong_reader"], f"revisit {FENCE} _init_as_1_4_6"
+    reader, stock_reader = fast["_strong_reader"], stock["_strong_reader"]
+    assert type(reader) is SessionReader and type(stock_reader) is asyncio.StreamReader
+    assert reader._limit == stock_reader._limit == smtp.SMTP.line_length_limit
 
 
 async def test_ingest_sessions_with_aiosmtpds_own_constructor(

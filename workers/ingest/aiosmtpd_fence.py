@@ -75,6 +75,8 @@ from typing import Any, AnyStr, ClassVar
 import aiosmtpd
 from aiosmtpd.smtp import SMTP, AuthenticatorType, _AuthMechAttr, login_always_fail
 
+from workers.ingest.asyncio_fence import SessionReader
+
 CHECKED_RELEASES = "==1.4.6"
 # FencedSMTP.__init__ copies this release's constructor; any other takes aiosmtpd's own
 # (the same sessions, built the slow way).
@@ -200,7 +202,7 @@ class FencedSMTP(SMTP):
         self.loop = asyncio.get_running_loop()
         asyncio.StreamReaderProtocol.__init__(
             self,
-            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            SessionReader(limit=self.line_length_limit, loop=self.loop),
             client_connected_cb=self._cb_client_connected,
             loop=self.loop,
         )

@@ -1,4 +1,6 @@
-"""What the ingest role uses of asyncio beyond its documented API: one function.
+"""What the ingest role uses of asyncio beyond its documented API: putting octets back
+into a ``StreamReader`` (:func:`unread`), and a ``StreamReader`` whose flow control is not
+tied to its line limit (:class:`SessionReader`).
 
 Written against CPython 3.11 and checked on 3.12 and 3.13 (``CHECKED_PYTHONS``);
 tests/test_internals_asyncio.py fails, naming this file, on another implementation or
@@ -8,6 +10,8 @@ release, or when the function no longer does what it says.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
+from typing import SupportsIndex
 
 CHECKED_PYTHONS = ((3, 11), (3, 13))  # CPython, both ends included
 
@@ -26,3 +30,45 @@ def unread(reader: asyncio.StreamReader, data: bytes) -> None:
     ``ab<CR>x<LF>.<CRLF>`` held the event loop for 1.28 s instead of 18 ms.
     """
     reader._buffer[:0] = data  # type: ignore[attr-defined]
+
+
+# Octets a session's reader may hold before its transport is paused (asyncio: twice the
+# line limit), and resumed once it holds this half: see SessionReader.
+FLOW_LIMIT = 8 << 10
+
+
+class SessionReader(asyncio.StreamReader):
+    """asyncio's ``StreamReader`` with lines of at most ``limit`` octets, as ever
+    (``readuntil`` raises ``LimitOverrunError`` past it), but a transport paused only when
+    more than ``2 * flow_limit`` octets wait, and resumed at ``flow_limit``.
+
+    asyncio uses its one ``_limit`` for both.  aiosmtpd's is the line limit, 1001 octets, so
+    every 2 KB message pushed the buffer past 2002: its transport was paused (``epoll_ctl``
+    DEL) and resumed (ADD) once per message, two system calls and their event-loop
+    bookkeeping (bench/ingest.py, reused sessions).  ``feed_data`` and
+    ``_maybe_resume_transport`` are the only two readers of ``_limit`` for flow control in
+    CPython 3.11 to 3.13; each runs with the flow limit in its place, synchronously, and
+    puts the line limit back.  What a session may hold unread grows from 2 to 16 KiB (plus
+    one socket read, as before).
+    """
+
+    def __init__(
+        self, *, limit: int, flow_limit: int = FLOW_LIMIT, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self._line_limit = limit
+        self._flow_limit = max(flow_limit, limit)
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        self._limit = self._flow_limit
+        try:
+            super().feed_data(data)
+        finally:
+            self._limit = self._line_limit
+
+    def _maybe_resume_transport(self) -> None:
+        self._limit = self._flow_limit
+        try:
+            super()._maybe_resume_transport()  # type: ignore[misc]
+        finally:
+            self._limit = self._line_limit
