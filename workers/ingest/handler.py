@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,6 +75,14 @@ class HandlerSettings:
     accept_domains: frozenset[str]  # lower-case, no trailing dot; empty = accept all
     keep_raw: KeepRaw
     auth_enabled: bool
+
+
+def received_id() -> str:
+    """A new id for a received message: 128 random bits as 32 hex digits, like
+    ``uuid.uuid4().hex``, from the ``random`` module (reseeded from the system in every
+    forked child) instead of a system call and a UUID object per message (2% of ingest's
+    time).  It names the message; nothing is guarded by it being hard to guess."""
+    return f"{random.getrandbits(128):032x}"
 
 
 def normalise_domain(domain: str) -> str:
@@ -250,7 +258,7 @@ class IngestHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         started = time.perf_counter()
-        message_id = uuid.uuid4().hex
+        message_id = received_id()
         peer = _peer_ip(session.peer)
         now = time.time()
         # No reference to the message's octets here: the envelope holds them until
