@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import re
 import ssl
 from collections.abc import AsyncIterator
@@ -148,6 +149,62 @@ async def test_the_command_timeout_goes_to_the_fences_hook(fast_init: bool) -> N
     assert _Probe.timeouts == 1, f"{FENCE}: aiosmtpd no longer calls _timeout_cb"
 
 
+async def test_the_command_timer_moves_its_deadline(
+    fast_init: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One timer per session whose deadline moves with each command (1.4.6 cancelled and
+    scheduled one per command): commands every 0.15 s keep a 0.4 s timeout from passing,
+    silence then ends the session once."""
+    _Probe.timeouts = 0
+    loop = asyncio.get_running_loop()
+    scheduled: list[object] = []
+    call_at = loop.call_at  # call_later calls it too
+
+    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(getattr(callback, "__self__", None), _Probe):
+            scheduled.append(callback)
+        return call_at(when, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", counting)
+    async with _probe_server(_arguments(timeout=0.4)) as port:
+        conn = await SMTPConn.open(port)
+        await conn.ehlo()
+        for _ in range(8):
+            assert (await conn.cmd("RSET"))[0] == 250, "the timeout passed while busy"
+            await asyncio.sleep(0.15)
+        commands_timers = len(scheduled)
+        assert await conn.closed_by_server(timeout=3)
+        await conn.close()
+    assert _Probe.timeouts == 1
+    # Set at the connection, again each time it fired before a moved deadline (every 0.4 s
+    # over 1.2 s of commands): not once per command.
+    assert commands_timers <= 5, f"{FENCE}: {commands_timers} timers for 9 commands"
+
+
+async def test_dropped_command_lines_are_not_sanitized(
+    fast_init: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiosmtpd sanitizes each command line for its debug and info lines: not when
+    ``mail.log`` drops them (workers.logs sets it to ERROR), as before when it keeps them."""
+    sanitized: list[bytes] = []
+    original = smtp.sanitize
+    monkeypatch.setattr(smtp, "sanitize", lambda text: sanitized.append(text) or original(text))
+    mail_log = logging.getLogger("mail.log")
+    kept = mail_log.level
+    try:
+        for level, expected in ((logging.ERROR, False), (logging.DEBUG, True)):
+            mail_log.setLevel(level)
+            sanitized.clear()
+            async with _probe_server(_arguments()) as port:
+                conn = await SMTPConn.open(port)
+                await conn.ehlo()
+                assert (await conn.cmd("RSET"))[0] == 250
+                await conn.close()
+            assert bool(sanitized) is expected, (level, sanitized)
+    finally:
+        mail_log.setLevel(kept)
+
+
 async def test_starttls_makes_the_connection_a_second_time(
     fast_init: bool, certificate: tuple[Path, Path]
 ) -> None:
@@ -252,7 +309,7 @@ async def test_ingest_sessions_with_aiosmtpds_own_constructor(
 OVERRIDDEN = {
     "_call_handler_hook", "_getaddr", "_timeout_cb", "push", "command_size_limits",
     "connection_made", "connection_lost", "data_received", "eof_received",
-    "_create_envelope", "smtp_DATA", "smtp_MAIL", "smtp_RCPT",
+    "_create_envelope", "smtp_DATA", "smtp_MAIL", "smtp_RCPT", "_reset_timeout",
 }  # fmt: skip
 
 
