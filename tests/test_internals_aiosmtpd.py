@@ -67,9 +67,12 @@ class _Probe(FencedSMTP):
 
     timeouts = 0
     connections_made: ClassVar[list[bool]] = []  # first_connection_made() at each call
+    sessions: ClassVar[list[_Probe]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         type(self).connections_made.append(self.first_connection_made())
+        if self.first_connection_made():
+            type(self).sessions.append(self)
         super().connection_made(transport)
 
     def command_override(self, name: str) -> Command | None:
@@ -179,6 +182,21 @@ async def test_the_command_timer_moves_its_deadline(
     # Set at the connection, again each time it fired before a moved deadline (every 0.4 s
     # over 1.2 s of commands): not once per command.
     assert commands_timers <= 5, f"{FENCE}: {commands_timers} timers for 9 commands"
+
+
+async def test_a_shorter_timeout_moves_the_timer_earlier(fast_init: bool) -> None:
+    """1.4.6 waits for a PROXY header with a timeout of its own: a deadline earlier than
+    the one the timer is set for is kept, not left to the later one."""
+    _Probe.timeouts = 0
+    _Probe.sessions.clear()
+    async with _probe_server(_arguments(timeout=30)) as port:
+        conn = await SMTPConn.open(port)
+        await conn.ehlo()
+        [session] = _Probe.sessions
+        session._reset_timeout(0.2)
+        assert await conn.closed_by_server(timeout=3), f"{FENCE}: the timer kept 30 s"
+        await conn.close()
+    assert _Probe.timeouts == 1
 
 
 async def test_dropped_command_lines_are_not_sanitized(
