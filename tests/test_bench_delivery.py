@@ -190,7 +190,7 @@ async def test_watching_for_the_drain_looks_seldom(
     redis: aioredis.Redis,
 ) -> None:
     """bench/delivery.py's wait for a worker round's end: a stand-in worker settles 200
-    entries over about 0.8 s; the watcher sees the end within 50 ms of it, looks at most 30
+    entries over about 0.8 s; the watcher sees the end within 0.2 s of it, looks at most 30
     times (every 10 ms, as it did, was 80 looks, each ~170 us of this process's CPU counted
     against the worker side)."""
     from bench.delivery import until_drained
@@ -216,5 +216,5 @@ async def test_watching_for_the_drain_looks_seldom(
         seen = time.monotonic()
     finally:
         worker.cancel()
-    assert finished and seen - finished[0] < 0.05
+    assert finished and seen - finished[0] < 0.2
     assert 1 < looks <= 30, looks
