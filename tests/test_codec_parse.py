@@ -429,6 +429,7 @@ def test_a_field_folded_over_lines_decodes_as_decode_header_value_says(length: i
             assert message["headers"][name.lower()] == expected, repr(value)
 
 
+@pytest.mark.timeout(60)  # exhaustive: 3 lines take 7 s alone, twice that beside another test
 @pytest.mark.parametrize("count", range(4))
 def test_the_common_header_block_shortcut_reads_as_the_line_walk_does(
     count: int, monkeypatch: pytest.MonkeyPatch

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # Names that resolve through PATH to some other interpreter, or to none at all.
 BARE_PROGRAMS = {"python", "python3", "python3.11", "mailpool", "pytest"}
@@ -58,25 +60,32 @@ def test_needs_a_peer():
 """
 
 
-def run_sample(tmp_path: Path, source: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_sample(
+    tmp_path: Path, source: str, *options: str, **env: str
+) -> subprocess.CompletedProcess[str]:
     """An inner pytest run on one test file, with the no-skips hooks loaded as in the suite."""
     (tmp_path / "test_sample.py").write_text(source)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     clean = {k: v for k, v in os.environ.items() if k not in ("CI", "MAILPOOL_NO_SKIPS")}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "tests.no_skips", "-p", "no:cacheprovider",
-         "-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path),
+         "-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path), *options,
          str(tmp_path / "test_sample.py")],
         cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
 
-def test_a_skip_fails_the_run_where_skips_are_not_allowed(tmp_path: Path) -> None:
-    by_hand = run_sample(tmp_path, SAMPLE)
+@pytest.mark.parametrize("processes", [(), ("-n", "2")], ids=["one process", "make test's two"])
+def test_a_skip_fails_the_run_where_skips_are_not_allowed(
+    tmp_path: Path, processes: tuple[str, ...]
+) -> None:
+    """Also when pytest-xdist runs the tests in other processes, as ``make test`` does: the
+    skips reach the main process's report, where the run's exit status is decided."""
+    by_hand = run_sample(tmp_path, SAMPLE, *processes)
     assert by_hand.returncode == 0, by_hand.stdout
     assert "1 passed, 1 skipped" in by_hand.stdout
     for env in ({"MAILPOOL_NO_SKIPS": "1"}, {"CI": "true"}):
-        strict = run_sample(tmp_path, SAMPLE, **env)
+        strict = run_sample(tmp_path, SAMPLE, *processes, **env)
         assert strict.returncode == 1, strict.stdout
         assert "test_sample.py::test_needs_a_peer: the peer is not installed" in strict.stdout
 
