@@ -1,17 +1,19 @@
 """STARTTLS with a certificate generated here, the implicit-TLS listener, AUTH PLAIN/LOGIN only
 after TLS, --require-tls, --auth-required, and nothing answered to commands pipelined
-behind STARTTLS (RFC 3207 section 4.2)."""
+behind STARTTLS (RFC 3207 section 4.2), however many."""
 
 from __future__ import annotations
 
 import asyncio
 import smtplib
+import ssl
 from pathlib import Path
 
 import aiosmtplib
 import pytest
 import redis.asyncio as aioredis
 
+from tests.harness import wait_until
 from tests.ingest_util import SMTPConn, client_tls, entries, ingest, message
 
 
@@ -134,5 +136,35 @@ async def test_commands_pipelined_behind_starttls_are_discarded(
         await conn.ehlo()
         # No transaction was started by the injected commands.
         assert (await conn.cmd("RCPT TO:<x@example.com>"))[0] == 503
+        await conn.close()
+    assert await entries(redis) == []
+
+
+@pytest.mark.parametrize("kilobytes", [40, 400])
+async def test_a_flood_pipelined_behind_starttls_ends_the_session_at_once(
+    redis_url: str, redis: aioredis.Redis, certificate: tuple[Path, Path], kilobytes: int
+) -> None:
+    """More plaintext behind STARTTLS than a session's reader holds before it pauses its
+    transport (32 KiB).  The server drops what it holds and reads on: the handshake either
+    completes (all of the plaintext had been read, and none of it is answered) or fails on
+    the plaintext that follows, and the session ends.  Either way at once: before, the
+    paused transport kept the client's TLS hello from the handshake until the command
+    timeout (30 s here)."""
+    cert, key = certificate
+    async with ingest(
+        redis_url, tls_cert=str(cert), tls_key=str(key), command_timeout=30.0
+    ) as server:
+        conn = await SMTPConn.open_session(server.port)
+        noop = b"NOOP " + b"x" * 500 + b"\r\n"
+        conn.writer.write(b"STARTTLS\r\n" + noop * (2 * kilobytes))
+        assert (await conn.reply())[0] == 220
+        handshake = conn.writer.start_tls(client_tls(cert), server_hostname="localhost")
+        try:
+            await asyncio.wait_for(handshake, 5)
+        except (ssl.SSLError, ConnectionError):  # the server ended the session, as it says:
+            await wait_until(lambda: not server.registry.sessions, "the session ended", timeout=5)
+        else:
+            # The first reply inside TLS answers this NOOP, not a plaintext one.
+            assert await conn.cmd("NOOP") == (250, "2.0.0 OK")
         await conn.close()
     assert await entries(redis) == []

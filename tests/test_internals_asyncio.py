@@ -17,7 +17,13 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from workers.ingest.asyncio_fence import CHECKED_PYTHONS, FLOW_LIMIT, SessionReader, unread
+from workers.ingest.asyncio_fence import (
+    CHECKED_PYTHONS,
+    FLOW_LIMIT,
+    SessionReader,
+    discard_held,
+    unread,
+)
 
 FENCE = "workers/ingest/asyncio_fence.py"
 
@@ -99,3 +105,16 @@ async def test_a_session_line_is_still_limited_to_the_line_limit() -> None:
         with pytest.raises(asyncio.LimitOverrunError):
             await reader.readuntil(b"\r\n")
         assert reader._limit == 1001, FENCE  # type: ignore[attr-defined]
+
+
+async def test_discarding_what_a_paused_session_holds_lets_it_read_again() -> None:
+    """STARTTLS's (aiosmtpd_fence.FencedSMTP.smtp_STARTTLS): the plaintext goes, and the
+    transport reads what comes next (the client's TLS hello)."""
+    async with _session_reader() as (reader, transport, client):
+        client.sendall(b"x" * (2 * FLOW_LIMIT + 1))
+        await _until_buffered(reader, 2 * FLOW_LIMIT + 1)
+        assert not transport.is_reading(), FENCE
+        discard_held(reader)
+        assert transport.is_reading(), FENCE
+        client.sendall(b"hello")
+        assert await asyncio.wait_for(reader.read(5), 1) == b"hello"

@@ -64,6 +64,11 @@ that constructs 2 000 sessions:
   that the ingest session admits a connection against the caps and starts its session
   timer once, not again at STARTTLS
   (test_internals_aiosmtpd::test_starttls_makes_the_connection_a_second_time).
+* ``smtp_STARTTLS`` first drops what the session's reader holds (plaintext pipelined
+  behind the command) and resumes a transport that holding it had paused: the
+  ``SSLProtocol`` 1.4.6 hands the transport to never resumes it, and the handshake waited
+  for the command timeout
+  (test_ingest_tls_auth::test_a_flood_pipelined_behind_starttls_ends_the_session_at_once).
 * :data:`REWRITTEN_REPLIES` matches 1.4.6's wording of three refusals to give them
   enhanced status codes (test_ingest_replies::test_552_over_the_size_limit,
   ::test_500_for_lines_and_commands_over_the_rfc_limits,
@@ -85,7 +90,7 @@ import aiosmtpd
 from aiosmtpd import smtp
 from aiosmtpd.smtp import SMTP, AuthenticatorType, _AuthMechAttr, login_always_fail
 
-from workers.ingest.asyncio_fence import SessionReader
+from workers.ingest.asyncio_fence import SessionReader, discard_held
 
 CHECKED_RELEASES = "==1.4.6"
 # FencedSMTP.__init__ copies this release's constructor; any other takes aiosmtpd's own
@@ -316,6 +321,17 @@ class FencedSMTP(SMTP):
         return bool(await self.check_helo_needed() or await self.check_auth_needed(command))
 
     # -- aiosmtpd 1.4.6's methods, overridden --------------------------------------------
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # 1.4.6 hands the raw transport to an SSLProtocol, which never resumes a transport
+        # paused before it took over: plaintext pipelined behind STARTTLS that filled the
+        # reader past its flow limit left the handshake without the client's hello, and the
+        # session sat until its command timeout.  That plaintext is never to be read (RFC
+        # 3207 section 4.2; 1.4.6 clears the reader once the handshake is done): dropped
+        # here, before the 220, and the transport reads again.
+        if not arg and self.tls_context:
+            discard_held(self._reader)
+        await super().smtp_STARTTLS(arg)
 
     def _timeout_cb(self) -> None:
         self.command_timed_out()

@@ -1,6 +1,7 @@
 """What the ingest role uses of asyncio beyond its documented API: putting octets back
-into a ``StreamReader`` (:func:`unread`), and a ``StreamReader`` whose flow control is not
-tied to its line limit (:class:`SessionReader`).
+into a ``StreamReader`` (:func:`unread`), dropping what it holds (:func:`discard_held`),
+and a ``StreamReader`` whose flow control is not tied to its line limit
+(:class:`SessionReader`).
 
 Written against CPython 3.11 and checked on 3.12 and 3.13 (``CHECKED_PYTHONS``);
 tests/test_internals_asyncio.py fails, naming this file, on another implementation or
@@ -30,6 +31,18 @@ def unread(reader: asyncio.StreamReader, data: bytes) -> None:
     ``ab<CR>x<LF>.<CRLF>`` held the event loop for 1.28 s instead of 18 ms.
     """
     reader._buffer[:0] = data  # type: ignore[attr-defined]
+
+
+def discard_held(reader: asyncio.StreamReader) -> None:
+    """Drop what ``reader`` holds unread, and let its transport read again if holding it
+    had paused the transport (``_maybe_resume_transport`` resumes it, the buffer now empty).
+
+    For STARTTLS: plaintext pipelined behind it is never to be read (RFC 3207 section 4.2),
+    and a transport paused by it must read the client's TLS hello (see
+    ``FencedSMTP.smtp_STARTTLS``).
+    """
+    reader._buffer.clear()  # type: ignore[attr-defined]
+    reader._maybe_resume_transport()  # type: ignore[attr-defined]
 
 
 # Octets a session's reader may hold before its transport is paused (asyncio: twice the
