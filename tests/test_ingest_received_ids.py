@@ -1,10 +1,11 @@
 """Every received message gets an id of its own (the entry's ``id``, the Received field's
 ``id``, the log lines'): 32 hex digits, never the same in two ingest processes, forked
-ones included."""
+ones included, nor after code in the process seeded ``random``."""
 
 from __future__ import annotations
 
 import multiprocessing
+import random
 import re
 
 from workers.ingest.handler import received_id
@@ -28,3 +29,13 @@ def test_a_forked_process_does_not_repeat_its_parents_ids() -> None:
     ours = _child_ids(100)
     everyone = ours + children[0] + children[1]
     assert len(set(everyone)) == len(everyone)
+
+
+def test_seeding_random_does_not_make_ids_repeat() -> None:
+    """A library or test framework in the process may seed ``random`` (Hypothesis does for
+    each example); ids drawn from it then repeated, and any id told what the next would be."""
+    random.seed(14)
+    first = [received_id() for _ in range(3)]
+    random.seed(14)
+    again = [received_id() for _ in range(3)]
+    assert not set(first) & set(again)

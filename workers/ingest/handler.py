@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import random
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -78,11 +78,12 @@ class HandlerSettings:
 
 
 def received_id() -> str:
-    """A new id for a received message: 128 random bits as 32 hex digits, like
-    ``uuid.uuid4().hex``, from the ``random`` module (reseeded from the system in every
-    forked child) instead of a system call and a UUID object per message (2% of ingest's
-    time).  It names the message; nothing is guarded by it being hard to guess."""
-    return f"{random.getrandbits(128):032x}"
+    """A new id for a received message: 128 random bits from the system as 32 hex digits,
+    as ``uuid.uuid4().hex`` (without its UUID object: 0.67 against 3.2 us).  Not from the
+    ``random`` module (0.44 us): any code in the process that seeds it (a library, a test
+    framework) made ids repeat, and its output is predictable from earlier ids, which
+    applications may show in links."""
+    return os.urandom(16).hex()
 
 
 def normalise_domain(domain: str) -> str:
