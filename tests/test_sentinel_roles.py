@@ -164,10 +164,15 @@ async def test_mailpool_run_with_a_sentinel_url_starts_no_redis_of_its_own(
     assert not (tmp_path / ".mailpool" / "redis.url").exists()  # no embedded redis-server
 
 
-def test_a_one_shot_command_finds_the_master_through_the_sentinels(
+async def test_a_one_shot_command_finds_the_master_through_the_sentinels(
     sentinels: SentinelSet,
 ) -> None:
-    out = subprocess.run(
+    """``mailpool status`` through the Sentinels reports the stream the master holds: one
+    written here, not left by the module's other tests (which may run in another process)."""
+    async with direct(sentinels) as master:
+        await master.xadd("email.receive", {"data": b"one-shot"})
+    out = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "workers", "status", "--json", "--redis-url", sentinels.url()],
         capture_output=True, text=True, timeout=30, cwd=ROOT, env=child_env(), check=False,
     )  # fmt: skip
