@@ -31,11 +31,12 @@ typecheck:
 # A skipped test fails this run (tests/no_skips.py): `make test` installs every peer, so a
 # skip would only hide a part of the suite that did not run.  Two processes (pytest-xdist),
 # as the CI machine has two cores: most tests wait on servers and timeouts, so the suite
-# took 4 min 52 s instead of 8 min 54 s there.
+# took 4 min 52 s instead of 8 min 54 s there.  Each file's tests run in one process, in
+# their order (--dist loadfile), as they do in a serial run.
 PYTEST_PROCESSES ?= 2
 export PYTEST_PROCESSES  # test-lowest (scripts/lowest-deps.sh) reads it too
 pytest:
-	MAILPOOL_NO_SKIPS=1 $(PY) -m pytest -q -n $(PYTEST_PROCESSES)
+	MAILPOOL_NO_SKIPS=1 $(PY) -m pytest -q -n $(PYTEST_PROCESSES) --dist loadfile
 
 # The container image from deploy/Dockerfile, built without Docker: podman, runc and a
 # Debian base made with mmdebstrap (scripts/build-image.sh; deploy/README.md has the recipe).

@@ -60,4 +60,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 "$VENV/bin/python" scripts/lowest_constraints.py --check
 # No test may be skipped here either: a skipped test proves nothing about the floors.
-MAILPOOL_NO_SKIPS=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${PYTEST_PROCESSES:-2}" "${TESTS[@]}"
+MAILPOOL_NO_SKIPS=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -n "${PYTEST_PROCESSES:-2}" --dist loadfile "${TESTS[@]}"
