@@ -217,9 +217,12 @@ async def progress(redis: aioredis.Redis, stream: str, group: str) -> tuple[int,
     return None
 
 
-async def drained(redis: aioredis.Redis, stream: str, group: str, total: int) -> bool:
-    seen = await progress(redis, stream, group)
+def _all_settled(seen: tuple[int, int] | None, total: int) -> bool:
     return seen is not None and seen[1] == 0 and seen[0] >= total
+
+
+async def drained(redis: aioredis.Redis, stream: str, group: str, total: int) -> bool:
+    return _all_settled(await progress(redis, stream, group), total)
 
 
 async def until_drained(
@@ -241,8 +244,7 @@ async def until_drained(
     while True:
         seen = await progress(redis, stream, group)
         looks += 1
-        settled = 0 if seen is None else seen[0] - seen[1]
-        if seen is not None and seen[1] == 0 and seen[0] >= total:
+        if _all_settled(seen, total):
             return looks
         if worker.done():
             worker.result()  # raises what killed it
@@ -250,6 +252,7 @@ async def until_drained(
         now = time.monotonic()
         if now > deadline:
             raise SystemExit("the delivery worker did not drain the stream in time")
+        settled = 0 if seen is None else seen[0] - seen[1]
         rate = settled / (now - started) if settled > 0 else 0.0
         left = (total - settled) / rate if rate else 0.0  # none settled yet: look again soon
         await asyncio.sleep(min(max(left / 2, POLL_SHORTEST), POLL_LONGEST))
