@@ -13,6 +13,12 @@ vary by half.
 * **ingest**: ``mailpool ingest`` fed by ``smtp-source`` (10 sessions, reused connections)
   against raw ``XADD``s of copies of ingest's own entries (same fields, same octets),
   pipelined 10 at a time (one per session).  Target: ingest/raw <= 1.1.
+* **ingest, paced** (printed after the floor): the same raw pipelines, sent at the rate
+  ``mailpool ingest`` reached in the round before (smtp-source's pace) instead of one
+  after another.  Redis pays more per XADD when a few arrive at a time than in a tight
+  loop (its caches go cold between wake-ups; the CPUs are shared), however few commands
+  a client sends: ingest/paced is what ingest's own commands and batching cost over the
+  fewest commands at the same pace, raw/paced what the pace alone costs.
 * **delivery commands** (printed after the floor, beside the raw consumer's rounds): the
   raw consumer's reads and batches, each entry settled with the worker's own settlement
   (``Outcomes.settle_batch``: MULTI, the idempotency record and its EXPIRE, XACK, the
@@ -84,6 +90,8 @@ class Side:
     idle: float = 0.0  # Redis's CPU-s per second with no traffic
     # Delivery only: the worker's settlement commands sent by the raw consumer.
     commands: list[Round] = field(default_factory=list)
+    # Ingest only: the raw XADDs at the pace of ingest's round before.
+    paced: list[Round] = field(default_factory=list)
 
     def per_message(self, round_: Round) -> float:
         return round_.redis_us_per_message(self.idle)
@@ -116,6 +124,26 @@ class Side:
             f"{self.name}: the worker's settlement commands from a bare client {commands:.1f} "
             f"us/msg, ratio {commands / max(raw, 1e-9):.2f} to raw; the worker "
             f"{ours / max(commands, 1e-9):.2f}x its commands"
+        )
+
+    def paced_summary(self, target: float) -> str | None:
+        """Ours against the raw floor sent at our own pace, and what the pace costs Redis."""
+        if not self.paced:
+            return None
+        ours = median([self.per_message(r) for r in self.ours])
+        raw = median([self.per_message(r) for r in self.raw])
+        paced = median([self.per_message(r) for r in self.paced])
+        rate = median([r.messages / r.seconds for r in self.paced])
+        ratio = ours / max(paced, 1e-9)
+        rounds = ", ".join(
+            f"{self.per_message(o) / max(self.per_message(p), 1e-9):.2f}"
+            for o, p in zip(self.ours, self.paced, strict=True)
+        )
+        verdict = "meets" if ratio <= target else "misses"
+        return (
+            f"{self.name}: ours {ours:.1f} us/msg, raw at ours' pace ({rate:.0f} msg/s) "
+            f"{paced:.1f} us/msg, ratio {ratio:.2f} (target <= {target}: {verdict}; per round "
+            f"{rounds}); the pace alone {paced / max(raw, 1e-9):.2f}x the tight loop"
         )
 
 
@@ -207,14 +235,21 @@ async def newest_entry(deployment: Deployment, stream: str, what: str) -> dict[b
     return dict(newest[0][1])
 
 
-async def raw_ingest_round(deployment: Deployment, entry: dict[bytes, bytes], count: int) -> Round:
-    """``count`` XADDs of ``entry``, SESSIONS per pipeline, one pipeline after another."""
+async def raw_ingest_round(
+    deployment: Deployment, entry: dict[bytes, bytes], count: int, rate: float | None = None
+) -> Round:
+    """``count`` XADDs of ``entry``, SESSIONS per pipeline, one pipeline after another or,
+    with ``rate``, each pipeline sent when that many messages per second have had time."""
     stream = _first_key(deployment).receive
     client = aioredis.from_url(deployment.url)
+    loop = asyncio.get_running_loop()
     try:
         before = deployment.counters()
         started, cpu = time.perf_counter(), time.process_time()
+        begun = loop.time()
         for start in range(0, count, SESSIONS):
+            if rate is not None and (ahead := begun + start / rate - loop.time()) > 0:
+                await asyncio.sleep(ahead)
             pipe = client.pipeline(transaction=False)
             for _ in range(min(SESSIONS, count - start)):
                 pipe.xadd(stream, entry)
@@ -232,7 +267,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[Side, Side]:
         server = start_ingest(deployment, workdir / "ingest.log")
         try:
             deployment.flush()
-            ingest_round(deployment, server, SIZE, 200)  # warm-up, and an entry to copy
+            warm_up = ingest_round(deployment, server, SIZE, 200)  # and an entry to copy
+            ingest_rate = warm_up.messages / warm_up.seconds  # the paced floor's, until a round
             keys = _first_key(deployment)
             entry = await newest_entry(deployment, keys.receive, "ingest entry")
             await delivery_round(deployment, sink, sized_messages(200, SIZE, "warm"))
@@ -251,18 +287,24 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[Side, Side]:
                     deployment.flush()
                     if ours:
                         ingest.ours.append(ingest_round(deployment, server, SIZE, args.messages))
+                        ingest_rate = args.messages / ingest.ours[-1].seconds
                         delivery.ours.append(await delivery_round(deployment, sink, messages))
                     else:
                         ingest.raw.append(await raw_ingest_round(deployment, entry, args.messages))
+                        deployment.flush()
+                        ingest.paced.append(
+                            await raw_ingest_round(deployment, entry, args.messages, ingest_rate)
+                        )
                         delivery.raw.append(await raw_delivery_round(deployment, messages, event))
                         delivery.commands.append(
                             await commands_delivery_round(deployment, messages, event)
                         )
+                paced = ingest.per_message(ingest.paced[-1])
                 print(f"  round {number + 1}: " + "; ".join(
                     f"{side.name} {side.per_message(side.ours[-1]):.1f} vs "
                     f"{side.per_message(side.raw[-1]):.1f} us/msg"
                     for side in (ingest, delivery)
-                ), flush=True)  # fmt: skip
+                ) + f"; ingest's pace {paced:.1f} us/msg", flush=True)  # fmt: skip
         finally:
             server.stop()
     return delivery, ingest
@@ -274,9 +316,13 @@ def report(delivery: Side, ingest: Side, messages: int, profile: bool) -> None:
     print("FLOOR " + ingest.summary(INGEST_TARGET))
     if (parts := delivery.commands_summary()) is not None:
         print("COMMANDS " + parts)
+    if (paced := ingest.paced_summary(INGEST_TARGET)) is not None:
+        print("PACED " + paced)
     if profile:
         for side in (delivery, ingest):
-            for label, rounds in (("ours", side.ours), ("raw", side.raw)):
+            for label, rounds in (("ours", side.ours), ("raw", side.raw), ("paced", side.paced)):
+                if not rounds:
+                    continue
                 print(f"  {side.name} {label}, last round:")
                 print("\n".join(command_profile(rounds[-1].redis, messages)))
 

@@ -11,7 +11,8 @@ Rows:
   their whole output is kept in the log directory printed at the end;
 * Redis CPU per message against the raw floor (bench/redis_floor.py): delivery's against
   XREADGROUP + XACK + one event XADD, ingest's against pipelined XADDs of its own entries,
-  on the same redis-server, alternated rounds (targets <= 1.3 and <= 1.1);
+  on the same redis-server, alternated rounds (targets <= 1.3 and <= 1.1), and ingest's
+  against the same XADDs sent at ingest's own pace;
 * Redis cost (``--full`` only): bench/capacity.py's Redis CPU and memory per message (2 KB
   and 100 KB) and bench/cluster.py's Redis CPU per message on a 3-primary cluster with 6
   partitions over a standalone server's (lower is better; the issue's target is <= 1.10);
@@ -230,6 +231,19 @@ def floor_rows(output: str) -> list[Row]:
             "Redis CPU/msg delivery commands/raw", f"{parts.group(2)}x",
             f"the worker's settlement commands from a bare client, {parts.group(1)} us; "
             f"the worker {parts.group(3)}x its commands",
+        ))  # fmt: skip
+    paced = re.search(
+        r"^PACED ingest: ours [\d.]+ us/msg, raw at ours' pace \((\d+) msg/s\) ([\d.]+) us/msg, "
+        r"ratio ([\d.]+) \(target <= [\d.]+: \w+; per round (.*)\); the pace alone ([\d.]+)x",
+        output,
+        re.M,
+    )
+    if rows and paced:
+        rate, us, ratio, rounds, pace = paced.groups()
+        rows.append(Row(
+            "Redis CPU/msg ingest ours/raw at ours' pace", f"{ratio}x",
+            f"the raw XADDs at {rate} msg/s, {us} us; rounds {rounds}; the pace alone "
+            f"{pace}x the tight loop",
         ))  # fmt: skip
     return rows or [Row("Redis CPU/msg ours/raw", "?", "no FLOOR line in bench/redis_floor.py")]
 

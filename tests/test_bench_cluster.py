@@ -46,8 +46,9 @@ def test_the_capacity_benchmark_prints_redis_cost_and_memory_per_message() -> No
 
 @pytest.mark.timeout(150)
 def test_the_floor_benchmark_prints_redis_cost_against_raw_commands() -> None:
-    """bench/redis_floor.py runs both sides of both roles, and the worker's settlement
-    commands from a bare client beside the raw consumer, and `make bench` can read it."""
+    """bench/redis_floor.py runs both sides of both roles, the worker's settlement
+    commands from a bare client beside the raw consumer and the raw XADDs at ingest's pace,
+    and `make bench` can read it."""
     from bench.report import floor_rows
 
     out = run_bench("redis_floor.py", "--rounds", "1", "--messages", "60")
@@ -56,10 +57,13 @@ def test_the_floor_benchmark_prints_redis_cost_against_raw_commands() -> None:
         assert line and float(line.group(1)) > 0 and float(line.group(2)) > 0, out
     commands = re.search(r"COMMANDS delivery: .* ([\d.]+) us/msg, ratio ([\d.]+) to raw", out)
     assert commands and float(commands.group(1)) > 0, out
+    paced = re.search(r"PACED ingest: .* at ours' pace \((\d+) msg/s\) ([\d.]+) us/msg", out)
+    assert paced and int(paced.group(1)) > 0 and float(paced.group(2)) > 0, out
     assert [row.what for row in floor_rows(out)] == [
         "Redis CPU/msg delivery ours/raw",
         "Redis CPU/msg ingest ours/raw",
         "Redis CPU/msg delivery commands/raw",
+        "Redis CPU/msg ingest ours/raw at ours' pace",
     ], out
 
 
