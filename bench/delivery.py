@@ -221,10 +221,6 @@ def _all_settled(seen: tuple[int, int] | None, total: int) -> bool:
     return seen is not None and seen[1] == 0 and seen[0] >= total
 
 
-async def drained(redis: aioredis.Redis, stream: str, group: str, total: int) -> bool:
-    return _all_settled(await progress(redis, stream, group), total)
-
-
 async def until_drained(
     redis: aioredis.Redis, stream: str, group: str, total: int, worker: asyncio.Task[None]
 ) -> int:
