@@ -91,6 +91,44 @@ async def test_a_refused_bdat_is_read_and_its_octets_never_become_commands(
     assert (msg["from"], msg["to"]) == ("alice@example.org", ["bob@example.com"])
 
 
+async def test_bdat_in_a_helo_session_is_read_and_refused(
+    redis_url: str, redis: aioredis.Redis
+) -> None:
+    """CHUNKING is offered after EHLO only (RFC 3030 section 2): a HELO session's BDAT
+    gets 503 5.5.1, its chunk is read and dropped, and the session goes on."""
+    smuggled = b"RSET\r\nMAIL FROM:<evil@example.org>\r\n"
+    async with ingest(redis_url) as server:
+        conn = await SMTPConn.open(server.port)
+        assert (await conn.cmd("HELO client.test"))[0] == 250
+        assert (await conn.cmd("MAIL FROM:<alice@example.org>"))[0] == 250
+        assert (await conn.cmd("RCPT TO:<bob@example.com>"))[0] == 250
+        refused = await _bdat(conn, smuggled, last=True)
+        noop = await conn.cmd("NOOP")
+        assert (await conn.cmd("DATA"))[0] == 354
+        await conn.send(message("by data") + b".\r\n")
+        stored = await conn.reply()
+        await conn.close()
+    assert (refused[0], refused[1].split()[0]) == (503, "5.5.1")
+    assert (noop[0], stored[0]) == (250, 250)
+    [(_, msg)] = await entries(redis)
+    assert (msg["from"], msg["headers"]["subject"]) == ("alice@example.org", "by data")
+
+
+async def test_a_recipient_between_chunks_is_refused(redis_url: str, redis: aioredis.Redis) -> None:
+    """The message is on its way once its first chunk is: its recipients are set."""
+    async with ingest(redis_url) as server:
+        conn = await _transaction_open(server.port)
+        body = message("chunked")
+        assert (await _bdat(conn, body[:20]))[0] == 250
+        late = await conn.cmd("RCPT TO:<late@example.com>")
+        stored = await _bdat(conn, body[20:], last=True)
+        await conn.close()
+    assert (late[0], late[1].split()[0]) == (503, "5.5.1")
+    assert stored[0] == 250
+    [(_, msg)] = await entries(redis)
+    assert msg["to"] == ["bob@example.com"]
+
+
 async def test_data_after_bdat_is_refused_until_rset(redis_url: str) -> None:
     async with ingest(redis_url) as server:
         conn = await _transaction_open(server.port)

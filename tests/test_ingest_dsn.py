@@ -142,6 +142,26 @@ async def test_parameters_of_a_refused_command_are_not_kept(
     assert msg["dsn"] == {"ret": "FULL", "recipients": {"b@example.com": {"notify": ["DELAY"]}}}
 
 
+async def test_a_recipient_named_first_without_parameters_keeps_none(
+    redis_url: str, redis: aioredis.Redis
+) -> None:
+    """Its first naming asked for the default (failure reports): a later NOTIFY=NEVER
+    naming the same recipient does not take them away."""
+    async with ingest(redis_url) as server:
+        conn = await SMTPConn.open_session(server.port)
+        replies = await _transaction(
+            conn,
+            "MAIL FROM:<a@example.org>",
+            "RCPT TO:<b@example.com>",
+            "RCPT TO:<b@example.com> NOTIFY=NEVER",
+            "RCPT TO:<c@example.com> NOTIFY=DELAY",
+        )
+        await conn.close()
+    assert [c for c, _ in replies] == [250, 250, 250, 250, 250]
+    [(_, msg)] = await entries(redis)
+    assert msg["dsn"] == {"recipients": {"c@example.com": {"notify": ["DELAY"]}}}
+
+
 async def test_a_helo_session_takes_no_dsn_parameters(redis_url: str) -> None:
     async with ingest(redis_url) as server:
         conn = await SMTPConn.open(server.port)

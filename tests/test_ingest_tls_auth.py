@@ -72,6 +72,40 @@ async def test_auth_only_after_tls_and_login_mechanism(
     assert len(await entries(redis)) == 1
 
 
+async def test_starttls_inside_tls_is_refused_and_the_session_goes_on(
+    redis_url: str, redis: aioredis.Redis, certificate: tuple[Path, Path]
+) -> None:
+    """RFC 3207 section 4.2: no STARTTLS once TLS is on (aiosmtpd 1.4.6 answered 220 and
+    began a handshake inside the TLS session, which ended it)."""
+    cert, key = certificate
+    async with ingest(redis_url, tls_cert=str(cert), tls_key=str(key)) as server:
+        conn = await SMTPConn.open_session(server.port)
+        await conn.starttls(client_tls(cert))
+        await conn.ehlo()
+        code, text = await conn.cmd("STARTTLS")
+        stored = await conn.transaction(message("still encrypted"))
+        await conn.close()
+    assert (code, text.split()[0]) == (503, "5.5.1")
+    assert stored[0] == 250
+    assert len(await entries(redis)) == 1
+
+
+async def test_auth_without_credentials_configured_is_not_enabled(
+    redis_url: str, certificate: tuple[Path, Path]
+) -> None:
+    """No credentials, no AUTH: 503 5.5.1, before TLS as after, not 538 "encryption
+    required" as if STARTTLS would help."""
+    cert, key = certificate
+    async with ingest(redis_url, tls_cert=str(cert), tls_key=str(key)) as server:
+        conn = await SMTPConn.open_session(server.port)
+        before = await conn.cmd("AUTH PLAIN AGNhcm9sAHMzY3JldA==")
+        await conn.starttls(client_tls(cert))
+        assert not any(e.startswith("AUTH") for e in await conn.ehlo())
+        after = await conn.cmd("AUTH PLAIN AGNhcm9sAHMzY3JldA==")
+        await conn.close()
+    assert [(c, t.split()[0]) for c, t in (before, after)] == [(503, "5.5.1")] * 2
+
+
 async def test_require_tls_and_aiosmtplib_starttls(
     redis_url: str, redis: aioredis.Redis, certificate: tuple[Path, Path]
 ) -> None:

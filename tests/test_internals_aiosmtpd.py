@@ -328,7 +328,7 @@ OVERRIDDEN = {
     "_call_handler_hook", "_getaddr", "_timeout_cb", "push", "command_size_limits",
     "connection_made", "connection_lost", "data_received", "eof_received",
     "_create_envelope", "smtp_DATA", "smtp_MAIL", "smtp_RCPT", "_reset_timeout",
-    "smtp_STARTTLS",
+    "smtp_STARTTLS", "smtp_AUTH",
 }  # fmt: skip
 
 

@@ -69,6 +69,9 @@ that constructs 2 000 sessions:
   ``SSLProtocol`` 1.4.6 hands the transport to never resumes it, and the handshake waited
   for the command timeout
   (test_ingest_tls_auth::test_a_flood_pipelined_behind_starttls_ends_the_session_at_once).
+* ``smtp_STARTTLS`` also refuses a STARTTLS inside TLS (``_tls_protocol`` set), which
+  1.4.6 answered with 220 and a handshake inside the TLS session
+  (test_ingest_tls_auth::test_starttls_inside_tls_is_refused_and_the_session_goes_on).
 * :data:`REWRITTEN_REPLIES` matches 1.4.6's wording of three refusals to give them
   enhanced status codes (test_ingest_replies::test_552_over_the_size_limit,
   ::test_500_for_lines_and_commands_over_the_rfc_limits,
@@ -106,6 +109,8 @@ REWRITTEN_REPLIES = {
     "500 Command line too long": "500 5.5.2 Command line too long",
     "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
 }
+
+REPLY_TLS_ACTIVE = "503 5.5.1 Error: TLS already active"
 
 # The usual MAIL/RCPT argument: <dot-atom@domain> and maybe parameters.  A path in this
 # strict form is split the way 1.4.6's _getaddr splits it; anything else goes to _getaddr.
@@ -330,6 +335,11 @@ class FencedSMTP(SMTP):
         # 3207 section 4.2; 1.4.6 clears the reader once the handshake is done): dropped
         # here, before the 220, and the transport reads again.
         if not arg and self.tls_context:
+            if self._tls_protocol is not None:
+                # 1.4.6 would answer 220 and start a handshake inside TLS (RFC 3207 section
+                # 4.2: STARTTLS is not offered again, and a client that sends it is refused).
+                await self.push(REPLY_TLS_ACTIVE)
+                return
             discard_held(self._reader)
         await super().smtp_STARTTLS(arg)
 

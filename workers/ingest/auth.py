@@ -15,11 +15,48 @@ from typing import Any
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from workers.codec.dsn import DsnError, xtext_decode
 from workers.config import ConfigError
 
 log = structlog.get_logger("mailpool.ingest")
 
 MECHANISMS = ("PLAIN", "LOGIN")
+MAX_AUTH_PARAMETER = 500  # octets of xtext (RFC 4954 section 5)
+
+
+class AuthParameterError(DsnError):
+    """A malformed ``AUTH=`` MAIL parameter; ``reply`` is the 501 (a MAIL parameter error,
+    answered as the DSN ones are)."""
+
+
+def take_auth_parameter(params: list[str]) -> list[str]:
+    """MAIL FROM's parameters without RFC 4954's ``AUTH=`` (``<>`` or the xtext of an
+    address, given once), which a client such as Exim's ``authenticated_sender`` adds
+    where AUTH is offered.  It is dropped: who submitted the message is what our own AUTH
+    said, not what the client claims.  Raises :class:`AuthParameterError` when malformed."""
+    rest: list[str] = []
+    seen = False
+    for param in params:
+        keyword, _, value = param.partition("=")
+        if keyword.upper() != "AUTH":
+            rest.append(param)
+            continue
+        if seen:
+            raise AuthParameterError("501 5.5.4 AUTH given twice")
+        seen = True
+        if value != "<>" and not _is_auth_xtext(value):
+            raise AuthParameterError("501 5.5.4 Bad AUTH parameter: <> or an xtext address")
+    return rest
+
+
+def _is_auth_xtext(value: str) -> bool:
+    if not value or len(value) > MAX_AUTH_PARAMETER:
+        return False
+    try:
+        xtext_decode(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_pair(pair: str, where: str) -> tuple[str, str]:

@@ -40,6 +40,10 @@ KeepRaw = Literal["never", "defects", "always"]
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_DOMAIN_NOT_ACCEPTED = "550 5.7.1 Recipient domain not accepted here"
 REPLY_BAD_ADDRESS = "553 5.1.3 Address has characters not allowed in SMTP"
+REPLY_NULL_RECIPIENT = "501 5.1.3 Bad recipient address syntax: <> is no mailbox"
+# RFC 6531 section 3.4: a non-ASCII address only in a transaction that declared SMTPUTF8
+# (Postfix's wording).
+REPLY_UTF8_UNDECLARED = "553 5.6.7 Must declare SMTPUTF8 to send unicode address"
 REPLY_STORE_FAILED = "451 4.3.0 Temporary storage failure, try again later"
 REPLY_INTERNAL_ERROR = "451 4.3.0 Temporary local error, try again later"
 REPLY_ENTRY_TOO_BIG = "552 5.3.4 Message too big for this server once decoded"
@@ -219,6 +223,9 @@ class IngestHandler:
         if not address_allowed(address):
             INGEST_REJECTED.labels("bad_address").inc()
             return REPLY_BAD_ADDRESS
+        if not address.isascii() and not envelope.smtp_utf8:
+            INGEST_REJECTED.labels("bad_address").inc()
+            return REPLY_UTF8_UNDECLARED
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         if self.verifier is not None and isinstance(envelope, IngestEnvelope):
@@ -244,6 +251,12 @@ class IngestHandler:
         if not address_allowed(address):
             INGEST_REJECTED.labels("bad_address").inc()
             return REPLY_BAD_ADDRESS
+        if address == "<>":  # aiosmtpd's null path, a sender only (RFC 5321 section 4.1.1.3)
+            INGEST_REJECTED.labels("bad_address").inc()
+            return REPLY_NULL_RECIPIENT
+        if not address.isascii() and not envelope.smtp_utf8:
+            INGEST_REJECTED.labels("bad_address").inc()
+            return REPLY_UTF8_UNDECLARED
         if not recipient_domain_accepted(address, self.settings.accept_domains):
             INGEST_REJECTED.labels("domain").inc()
             log.info(

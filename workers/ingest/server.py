@@ -31,9 +31,10 @@ from typing import Any, TypeVar
 import structlog
 from aiosmtpd.smtp import AuthenticatorType, Envelope, syntax
 
-from workers.codec.dsn import DsnError, take_mail_parameters, take_rcpt_parameters
+from workers.codec.dsn import DsnError, DsnRequest, take_mail_parameters, take_rcpt_parameters
 from workers.config import ConfigError, parse_host_port
 from workers.ingest.aiosmtpd_fence import Command, FencedSMTP, SessionArguments
+from workers.ingest.auth import take_auth_parameter
 from workers.ingest.chunking import (
     REPLY_BDAT_SYNTAX,
     REPLY_DATA_AFTER_BDAT,
@@ -74,8 +75,19 @@ ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
 # parameters (RCPT: NOTIFY up to 30 and ORCPT up to 506 octets, so up to the reader's line
 # limit of 1001; MAIL: RET 9, ENVID 106), and BDAT up to that limit too, so that any BDAT
 # line reaches smtp_BDAT, which reads its chunk.
+# MAIL also takes RFC 4954's AUTH=, up to 500 octets more, where AUTH is offered.
 READER_LINE_LIMIT = 1001
 LONGER_LINES = {"RCPT": READER_LINE_LIMIT - 512, "MAIL": 120, "BDAT": READER_LINE_LIMIT - 512}
+AUTH_PARAMETER_OCTETS = 506  # " AUTH=" and 500 octets of xtext
+
+# An argument that opens a <path> and never closes it (RFC 5321 section 4.1.2): refused,
+# where aiosmtpd's parser would take the rest of the line, parameters and all, as a quoted
+# local part.
+REPLY_BAD_SENDER_SYNTAX = "501 5.1.7 Bad sender address syntax"
+REPLY_BAD_RECIPIENT_SYNTAX = "501 5.1.3 Bad recipient address syntax"
+REPLY_RCPT_AFTER_BDAT = "503 5.5.1 Error: RCPT after BDAT; RSET to start again"
+REPLY_BDAT_NEEDS_EHLO = "503 5.5.1 Error: BDAT needs an EHLO session (CHUNKING)"
+REPLY_NO_AUTH = "503 5.5.1 Error: authentication not enabled"
 
 REPLY_TOO_BIG = "552 5.3.4 Message too big for this server"
 REPLY_LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
@@ -187,6 +199,9 @@ class IngestSMTP(FencedSMTP):
         self.starttls_first = shared.starttls_first
         for command, octets in LONGER_LINES.items():
             self.lengthen_command_line(command, octets)
+        self.auth_offered = shared.smtp.authenticator is not None
+        if self.auth_offered:
+            self.lengthen_command_line("MAIL", AUTH_PARAMETER_OCTETS)
         self.client = ""  # client_of(peer), known once the connection is made
         self._refused = False  # over a connection cap: told 421, never a session
         self._in_data = False
@@ -393,7 +408,9 @@ class IngestSMTP(FencedSMTP):
         first (aiosmtpd refuses any it does not know, and upper-cases the rest), checked,
         and kept in the envelope once the sender is accepted."""
         envelope = self.envelope
-        taken = await self._dsn_parameters("MAIL", arg, take_mail_parameters)
+        if await self._refused_path("MAIL", arg):
+            return
+        taken = await self._dsn_parameters("MAIL", arg, self._take_mail_parameters)
         if taken is None:
             return
         request, arg = taken
@@ -409,14 +426,38 @@ class IngestSMTP(FencedSMTP):
         """aiosmtpd's RCPT, with RFC 3461's ``NOTIFY`` and ``ORCPT`` taken out first and
         kept for the recipient once accepted (the first time it is named)."""
         envelope = self.envelope
+        if self._chunks is not None:  # the message is on its way: its recipients are set
+            await self.push(REPLY_RCPT_AFTER_BDAT)
+            return
+        if await self._refused_path("RCPT", arg):
+            return
         taken = await self._dsn_parameters("RCPT", arg, take_rcpt_parameters)
         if taken is None:
             return
         wanted, arg = taken
         count = len(envelope.rcpt_tos) if envelope is not None else 0
         await super().smtp_RCPT(arg)
-        if isinstance(envelope, IngestEnvelope) and len(envelope.rcpt_tos) > count and wanted:
-            envelope.dsn.recipients.setdefault(envelope.rcpt_tos[-1], wanted)
+        if isinstance(envelope, IngestEnvelope) and len(envelope.rcpt_tos) > count:
+            recipient = envelope.rcpt_tos[-1]
+            # Named before, with parameters or without: its first naming stands.
+            if wanted and recipient not in envelope.rcpt_tos[:-1]:
+                envelope.dsn.recipients[recipient] = wanted
+
+    async def _refused_path(self, command: str, arg: str | None) -> bool:
+        """True (and 501 sent) when MAIL's or RCPT's ``arg`` opens a path it never closes."""
+        if arg is None or "<" not in arg or path_end(arg) is not None:
+            return False
+        if not await self.refused_before_helo_or_auth(command):
+            INGEST_REJECTED.labels("syntax").inc()
+            bad = REPLY_BAD_SENDER_SYNTAX if command == "MAIL" else REPLY_BAD_RECIPIENT_SYNTAX
+            await self.push(bad)
+        return True
+
+    def _take_mail_parameters(self, params: list[str]) -> tuple[DsnRequest, list[str]]:
+        """RFC 3461's RET and ENVID, and where AUTH is offered RFC 4954's AUTH= (checked,
+        then dropped: a client's claim of who submitted the message is not trusted)."""
+        request, rest = take_mail_parameters(params)
+        return request, take_auth_parameter(rest) if self.auth_offered else rest
 
     async def _dsn_parameters(
         self, command: str, arg: str | None, take: Callable[[list[str]], tuple[_T, list[str]]]
@@ -437,6 +478,16 @@ class IngestSMTP(FencedSMTP):
             await self.push(exc.reply)
             return None
         return found, " ".join([path, *rest])
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        """aiosmtpd's AUTH, which without credentials configured (AUTH never offered)
+        would answer 538 "encryption required" as if TLS would help."""
+        session = self.session
+        if not self.auth_offered and session is not None and session.extended_smtp:
+            await self.push(REPLY_NO_AUTH)
+            return
+        await super().smtp_AUTH(arg)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -484,7 +535,11 @@ class IngestSMTP(FencedSMTP):
         if command is None:
             return
         envelope = self.envelope
-        open_ = envelope is not None and envelope.mail_from is not None and envelope.rcpt_tos
+        extended = self.session is not None and self.session.extended_smtp
+        open_ = (
+            extended and envelope is not None and envelope.mail_from is not None
+            and bool(envelope.rcpt_tos)
+        )  # fmt: skip
         if open_ and self._chunks is None:
             self._chunks = ChunkedMessage(self.data_size_limit, self._transaction_reservation())
         chunks = self._chunks if open_ else None
@@ -505,7 +560,9 @@ class IngestSMTP(FencedSMTP):
         if await self.refused_before_helo_or_auth("BDAT"):
             return
         envelope = self.envelope
-        if envelope is None or envelope.mail_from is None:
+        if self.session is None or not self.session.extended_smtp:
+            await self.push(REPLY_BDAT_NEEDS_EHLO)  # CHUNKING was never offered
+        elif envelope is None or envelope.mail_from is None:
             await self.push("503 5.5.1 Error: need MAIL command")
         else:
             await self.push("503 5.5.1 Error: need RCPT command")
@@ -567,9 +624,20 @@ def split_path(arg: str) -> tuple[str, list[str]]:
     """MAIL/RCPT's argument split after its ``<path>`` (quoted strings and escapes in the
     local part kept whole): ``("FROM:<a@b>", ["RET=HDRS"])``.  An argument without a
     closed path comes back whole, for aiosmtpd to refuse."""
+    end = path_end(arg)
+    if end is None:
+        return arg, []
+    return arg[:end], arg[end:].split()
+
+
+def path_end(arg: str) -> int | None:
+    """Index just past the ``>`` that closes the argument's ``<path>``; None without one."""
     start = arg.find("<")
     if start < 0:
-        return arg, []
+        return None
+    close = arg.find(">", start)
+    if close > 0 and '"' not in arg[start:close] and "\\" not in arg[start:close]:
+        return close + 1  # the usual path: nothing quoted or escaped in it
     quoted, index = False, start + 1
     while index < len(arg):
         char = arg[index]
@@ -578,9 +646,9 @@ def split_path(arg: str) -> tuple[str, list[str]]:
         elif char == '"':
             quoted = not quoted
         elif char == ">" and not quoted:
-            return arg[: index + 1], arg[index + 1 :].split()
+            return index + 1
         index += 1
-    return arg, []
+    return None
 
 
 def load_tls_context(cert: str, key: str) -> ssl.SSLContext:
