@@ -258,3 +258,19 @@ async def test_only_an_address_status_from_the_null_sender_suppresses(
     assert await reader.read_once(0) == 1
     assert [e["recipients"] for e in await events(redis)] == [["ann@example.com"]]
     assert await redis.exists("mailpool:suppressed") == 0
+
+
+async def test_a_bounce_that_blames_the_sender_suppresses_nobody(redis: aioredis.Redis) -> None:
+    """Status 5.1.7/5.1.8 is the sender's address (RFC 3463 section 3.2): the bounce is an
+    event, and the recipient stays on no list (before, every recipient went on it)."""
+    reader = BounceReader([(redis, StreamKeys())], suppress_ttl=3600)
+    await reader.read_once(0)
+    await redis.hset("mailpool:sent:order-2", mapping={"ann@example.com": "1"})
+    report = _report(message_id="<order-2.0123456789ab@x>", rcpt="ann@example.com")
+    report = report.replace(b"Status: 5.1.1", b"Status: 5.1.8").replace(
+        b"550 5.1.1 no such user", b"554 5.1.8 Sender address rejected: Domain not found"
+    )
+    await _store_report(redis, report)
+    assert await reader.read_once(0) == 1
+    assert [e["recipients"] for e in await events(redis)] == [["ann@example.com"]]
+    assert await redis.exists("mailpool:suppressed") == 0

@@ -214,6 +214,31 @@ def test_idn_domains_become_punycode_in_fields_and_envelope() -> None:
     assert built.smtputf8 is False
 
 
+@pytest.mark.parametrize(
+    ("domain", "a_label"),
+    [
+        # IDNA 2008: Python's idna codec (IDNA 2003) mapped these to other domains
+        # (strasse.example, σ for ς): mail went to whoever holds those.
+        ("straße.example", "xn--strae-oqa.example"),
+        ("ευχαριστώς.gr", "xn--mxahn5agfhds9e.gr"),
+        ("Bücher.Example", "xn--bcher-kva.example"),
+    ],
+)
+def test_international_domains_are_written_as_idna_2008_has_them(domain: str, a_label: str) -> None:
+    message = send(to=f"x@{domain}")
+    message["to"] = [f"x@{domain}"]
+    built = build(message)
+    assert built.recipients == [f"x@{a_label}"]
+    assert f"To: x@{a_label}" in header_block(built.data)
+
+
+def test_a_domain_idna_2008_does_not_allow_is_refused() -> None:
+    message = send()
+    message["to"] = ["x@\u2603.example"]  # a snowman: IDNA 2003 took it, 2008 does not
+    with pytest.raises(BuildError, match="invalid international domain"):
+        build(message)
+
+
 def test_non_ascii_local_part_needs_smtputf8_and_is_written_raw() -> None:
     message = send(to="Jörg <jörg@example.de>")
     message["to"] = ["jörg@example.de"]

@@ -31,7 +31,7 @@ from workers.housekeeping import HousekeepConfig, housekeep_once
 from workers.relay import Reply
 from workers.streams import suppression as suppression_module
 from workers.streams.layout import StreamKeys
-from workers.streams.suppression import refuses_the_address
+from workers.streams.suppression import normalise, refuses_the_address
 
 LIST = "mailpool:suppressed"
 TTL = 3600.0
@@ -201,15 +201,57 @@ async def test_expired_entries_count_as_absent_and_housekeeping_removes_them(
     assert await redis.hkeys(LIST + ":why") == [b"new@example.com"]
 
 
-def test_which_refusals_blame_the_address() -> None:
-    assert refuses_the_address(Reply(550, "5.1.1 no such user"))
-    assert refuses_the_address(Reply(550, "5.1.10 null MX"))
-    assert refuses_the_address(Reply(550, "5.2.1 mailbox disabled"))
-    assert refuses_the_address(Reply(553, "sorry, that domain isn't in my list"))  # no code
-    assert not refuses_the_address(Reply(554, "5.7.1 relay denied"))
-    assert not refuses_the_address(Reply(450, "4.1.1 try later"))
-    assert not refuses_the_address(Reply(None, "timeout"))
-    assert not refuses_the_address(Reply(552, "5.2.2 over quota"))
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(550, "5.1.1 no such user"),
+        Reply(550, "5.1.10 null MX"),
+        Reply(550, "5.2.1 mailbox disabled"),
+        Reply(550, "5.1.0 <bob@example.com>: Recipient address rejected: User unknown"),
+        # Without an enhanced code: a text that says the mailbox is unknown.
+        Reply(550, "Unrouteable address"),  # Exim
+        Reply(550, "<bob@example.com>... User unknown"),  # sendmail
+        Reply(553, "sorry, no mailbox here by that name. (#5.1.1)"),  # qmail, code last
+        Reply(550, "Requested action not taken: mailbox unavailable"),
+    ],
+)
+def test_these_refusals_blame_the_address(reply: Reply) -> None:
+    assert refuses_the_address(reply)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(554, "5.7.1 relay denied"),
+        Reply(450, "4.1.1 try later"),
+        Reply(None, "timeout"),
+        Reply(552, "5.2.2 over quota"),
+        # The sender's address, refused at RCPT time (Postfix): nobody's recipient is bad.
+        Reply(554, "5.1.8 <news@nodns.example>: Sender address rejected: Domain not found"),
+        Reply(550, "5.1.7 <news@example.org>: Sender address rejected: bad syntax"),
+        Reply(550, "5.1.0 <news@example.org>: Sender address rejected: User unknown"),
+        # A relay that does not relay for us: every recipient would be suppressed.
+        Reply(550, "relay not permitted"),  # Exim, no enhanced codes
+        Reply(553, "sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"),  # qmail
+        Reply(553, "sorry, that domain isn't in my list"),  # neither code nor a word of mailboxes
+        Reply(550, "Administrative prohibition"),
+        Reply(550, "Unknown user; blocked by policy"),
+    ],
+)
+def test_these_refusals_suppress_nobody(reply: Reply) -> None:
+    assert not refuses_the_address(reply)
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("X@Straße.example", "x@xn--strae-oqa.example"),  # IDNA 2003 made it strasse.example
+        ("bob@Bücher.Example", "bob@xn--bcher-kva.example"),
+        ("bob@example.com", "bob@example.com"),
+    ],
+)
+def test_the_list_keys_international_domains_by_idna_2008(address: str, key: str) -> None:
+    assert normalise(address) == key
 
 
 async def test_every_partition_has_the_list(

@@ -18,6 +18,8 @@ import functools
 import re
 from urllib.parse import quote
 
+import idna
+
 from workers.codec.errors import BuildError
 
 __all__ = [
@@ -303,12 +305,23 @@ def fold(name: str, body: str, path: str) -> str:
 # addresses
 
 
+def ascii_domain(domain: str) -> str:
+    """``domain`` with its internationalised labels as A-labels: IDNA 2008 with UTS 46's
+    non-transitional mapping (the ``idna`` package), as browsers and current mail systems
+    look names up.  Python's own ``idna`` codec is IDNA 2003, which writes ``straße`` as
+    ``strasse``: another domain, which mail was sent to.  Raises UnicodeError
+    (``idna.IDNAError``) for a domain without an A-label form."""
+    if domain.isascii():
+        return domain
+    return idna.encode(domain, uts46=True).decode("ascii")
+
+
 def idna_domain(domain: str, path: str) -> str:
     """An ASCII domain: IDN labels become punycode (A-labels); literals stay as they are."""
     if domain.isascii():
         return domain
     try:
-        return domain.encode("idna").decode("ascii")
+        return ascii_domain(domain)
     except UnicodeError as error:
         raise BuildError(path, f"invalid international domain {domain!r}: {error}") from error
 

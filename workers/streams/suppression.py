@@ -1,7 +1,8 @@
 """The suppression list: recipient addresses delivery does not attempt for a while.
 
 A recipient a relay refused permanently as an address (``5.1.x`` bad mailbox or domain,
-``5.2.1`` mailbox disabled, or ``550``/``551``/``553`` at RCPT without an enhanced code) is
+``5.2.1`` mailbox disabled, or ``550``/``551``/``553`` at RCPT without an enhanced code and
+with a text that says the mailbox is unknown; never a refusal that names the sender) is
 suppressed for ``--suppress-ttl`` seconds; an operator adds and removes addresses with
 ``mailpool suppress``.  A send to a suppressed recipient is not attempted for that recipient:
 a dead letter and an event, both with reason ``suppressed`` (workers/delivery/attempt.py).
@@ -31,6 +32,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from workers.codec.encode import ascii_domain
 from workers.streams.layout import SmtpReply, StreamKeys
 
 REASON_REJECTED = "rejected"
@@ -38,38 +40,71 @@ REASON_MANUAL = "manual"
 REASON_BOUNCED = "bounced"  # a hard bounce report received later (workers.streams.bounces)
 DEFAULT_TTL = 30 * 86400  # 30 days
 
-# Enhanced codes that say the address itself is bad (RFC 3463 section 3.2, 3.3).
-_ADDRESS_STATUS = re.compile(r"5\.1\.\d{1,3}|5\.2\.1")
-_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+# Enhanced codes that say the recipient's address itself is bad (RFC 3463 sections 3.2 and
+# 3.3, RFC 7505's 5.1.10 null MX): not 5.1.5 (valid), 5.1.7 and 5.1.8 (the SENDER's address
+# is bad: Postfix's "Sender address rejected: Domain not found" comes at RCPT time) nor
+# 5.1.9 (relayed to a non-DSN mailer).
+_ADDRESS_STATUS = re.compile(r"5\.1\.(?:[0-46]|10)|5\.2\.1")
+# Anywhere in the text: qmail writes its enhanced code last, "... (#5.7.1)".
+_ENHANCED = re.compile(r"(?<![\d.])[245]\.\d{1,3}\.\d{1,3}(?![\d.])")
 _ADDRESS_BASIC = (550, 551, 553)
+# A refusal naming the sender blames the sender, whatever its code (Postfix's
+# reject_unlisted_sender: "550 5.1.0 <a@b>: Sender address rejected: User unknown").
+_BLAMES_THE_SENDER = re.compile(r"\bsender\b", re.IGNORECASE)
+# Without an enhanced code, 550/551/553 are also what relays answer to relaying they do not
+# allow, to policy and to spam: only a text that says the mailbox or its domain is unknown
+# suppresses, and none that speaks of relaying or policy (Exim's "550 relay not permitted",
+# qmail's "553 sorry, that domain isn't in my list of allowed rcpthosts").  A refusal not
+# recognised here suppresses nobody: the next send is refused again, not lost.
+_UNKNOWN_MAILBOX = re.compile(
+    r"unknown|no such|does ?n[o']t exist|not exist|unrouteable|unroutable|invalid "
+    r"(?:recipient|mailbox|address|user)|mailbox (?:unavailable|not found|disabled)|"
+    r"user not found|no mailbox|not a valid (?:mailbox|recipient|user)|"
+    r"address rejected|recipient rejected|bad destination",
+    re.IGNORECASE,
+)
+_POLICY = re.compile(
+    r"relay|rcpthosts|polic|spam|block|black|deny|denied|reputation|authenticat|"
+    r"too many|\brate\b|quota|not permitted|not allowed",
+    re.IGNORECASE,
+)
 
 
 def normalise(address: str) -> str:
     """The form the list keys by: lower case (case does not tell mailboxes apart in
-    practice), an internationalised domain in its ASCII form, as delivery sends it."""
+    practice), an internationalised domain in its ASCII form (IDNA 2008, as delivery
+    sends it)."""
     local, at, domain = address.strip().rpartition("@")
     if at and not domain.isascii():
         # Kept as given when it has no ASCII form: it matches nothing delivery sends to.
         with contextlib.suppress(UnicodeError):
-            domain = domain.encode("idna").decode("ascii")
+            domain = ascii_domain(domain)
     return f"{local}{at}{domain}".lower()
 
 
 def address_status(status: str) -> bool:
-    """True for a report's ``Status`` that blames the address (5.1.x, 5.2.1)."""
+    """True for a report's ``Status`` that blames the recipient's address (5.1.x but the
+    sender's, 5.2.1)."""
     code = status.split(maxsplit=1)[0] if status.strip() else ""
     return _ADDRESS_STATUS.fullmatch(code) is not None
 
 
 def refuses_the_address(reply: SmtpReply) -> bool:
     """True for a relay's permanent refusal of a recipient that blames the address, not the
-    message or the relay's policy (``554 5.7.1 relay access denied`` suppresses nobody)."""
+    sender, the message or the relay's policy (``554 5.7.1 relay access denied`` and
+    ``550 relay not permitted`` suppress nobody)."""
     if reply.code is None or not 500 <= reply.code < 600:
         return False
-    enhanced = _ENHANCED.match(reply.text)
+    if _BLAMES_THE_SENDER.search(reply.text):
+        return False
+    enhanced = _ENHANCED.search(reply.text)
     if enhanced is not None:
         return _ADDRESS_STATUS.fullmatch(enhanced.group(0)) is not None
-    return reply.code in _ADDRESS_BASIC
+    return (
+        reply.code in _ADDRESS_BASIC
+        and _UNKNOWN_MAILBOX.search(reply.text) is not None
+        and _POLICY.search(reply.text) is None
+    )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import authres
 import authres.arc
 import authres.dmarc
 
+from workers.codec.encode import ascii_domain
 from workers.verify.arc import ArcResult
 from workers.verify.dkim import DkimResult
 from workers.verify.dmarc import DmarcResult
@@ -95,7 +96,7 @@ def _token(value: str) -> str:
     Unicode as its A-label): our field stays one short ASCII line per result."""
     if not value.isascii():
         try:
-            value = value.encode("idna").decode("ascii")
+            value = ascii_domain(value)
         except UnicodeError:
             return ""  # not a domain: nothing rather than a part that reads as another
     return _NOT_TOKEN.sub("", value)[:253]

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import getaddresses
 
+from workers.codec.encode import ascii_domain
 from workers.codec.headers import unfold
 from workers.codec.parse import DEFAULT_PARSE_LIMITS, HeaderBlock, field_values
 from workers.codec.signing import author_domain, is_host_name
@@ -428,7 +429,7 @@ def _listed_domains(text: str) -> list[str]:
         domain = address.rpartition("@")[2].rstrip(".").lower()
         if not domain.isascii():
             try:
-                domain = domain.encode("idna").decode("ascii")
+                domain = ascii_domain(domain)
             except UnicodeError:
                 continue
         if is_host_name(domain):
