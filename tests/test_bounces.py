@@ -47,6 +47,7 @@ def test_a_report_of_other_mail_libraries_is_read() -> None:
             "final_recipient": "rfc822;jangel1@cougar.noc.ucla.edu",
             "original_recipient": "rfc822;jangel1@cougar.noc.ucla.edu",
             "address": "jangel1@cougar.noc.ucla.edu",
+            "original_address": "jangel1@cougar.noc.ucla.edu",
             "action": "failed",
             "status": "5.0.0 (recipient reached disk quota)",
         }],
@@ -183,11 +184,11 @@ async def test_a_pass_that_fails_midway_reads_the_rest_next_time(
     record = BounceReader._record_bounce
     calls = []
 
-    async def fails_once(self: BounceReader, bounce: object, number: int) -> None:
+    async def fails_once(self: BounceReader, bounce: object, number: int) -> bool:
         calls.append(bounce)
         if len(calls) == 2:
             raise aioredis.ConnectionError("Redis went away")
-        await record(self, bounce, number)  # type: ignore[arg-type]
+        return await record(self, bounce, number)  # type: ignore[arg-type]
 
     monkeypatch.setattr(BounceReader, "_record_bounce", fails_once)
     with pytest.raises(aioredis.ConnectionError):
@@ -274,3 +275,105 @@ async def test_a_bounce_that_blames_the_sender_suppresses_nobody(redis: aioredis
     assert await reader.read_once(0) == 1
     assert [e["recipients"] for e in await events(redis)] == [["ann@example.com"]]
     assert await redis.exists("mailpool:suppressed") == 0
+
+
+def _report_of(status_part: bytes, *, kind: bytes = b"message/delivery-status") -> bytes:
+    """A report on order-9 whose status part's body is ``status_part``."""
+    return (
+        b"From: MAILER-DAEMON@example.net\r\nTo: app@example.com\r\nSubject: failure\r\n"
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/report; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nIt failed.\r\n"
+        b"--b\r\nContent-Type: " + kind + b"\r\n\r\n" + status_part + b"\r\n"
+        b"--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        b"Message-ID: <order-9.0123456789ab@x>\r\nSubject: hello\r\n\r\n--b--\r\n"
+    )
+
+
+def _recipients_read(raw: bytes) -> list[dict[str, str]]:
+    parsed = parse_message(raw, mail_from=None, rcpt_tos=["app@example.com"])
+    report = parsed["delivery_report"]  # type: ignore[typeddict-item]
+    assert report["message_id"] == "<order-9.0123456789ab@x>"
+    return [{k: r[k] for k in ("address", "action", "status")} for r in report["recipients"]]
+
+
+FAILED = {"action": "failed", "status": "5.1.1"}
+
+
+@pytest.mark.parametrize(
+    "status_part",
+    [
+        # The per-message fields in the first recipient's block (AOL's relays write this).
+        b"Reporting-MTA: dns; mx.example.net\r\nFinal-Recipient: rfc822; ann@example.com\r\n"
+        b"Action: failed\r\nStatus: 5.1.1\r\n\r\n"
+        b"Final-Recipient: rfc822; bob@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n",
+        # No per-message block at all (no Reporting-MTA).
+        b"Final-Recipient: rfc822; ann@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+        b"Final-Recipient: rfc822; bob@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n",
+    ],
+)
+def test_every_recipient_block_is_read_whatever_comes_first(status_part: bytes) -> None:
+    """Before, such a report was no report (one block), or lost its first recipient."""
+    assert _recipients_read(_report_of(status_part)) == [
+        {"address": "ann@example.com", **FAILED},
+        {"address": "bob@example.com", **FAILED},
+    ]
+
+
+def test_a_global_report_has_its_utf8_addresses_decoded() -> None:
+    """message/global-delivery-status (RFC 6533): raw UTF-8, and the utf-8 address type's
+    \\x{HEX} escapes (before, both came out as replacement characters or escapes)."""
+    status_part = (
+        "Reporting-MTA: dns; mx.example.net\r\n\r\n"
+        "Final-Recipient: utf-8; jösé@bücher.example\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+        "Final-Recipient: utf-8; j\\x{F6}s\\x{E9}@example.org\r\nAction: failed\r\n"
+        "Status: 5.1.1\r\n"
+    ).encode()
+    raw = _report_of(status_part, kind=b"message/global-delivery-status")
+    assert _recipients_read(raw) == [
+        {"address": "jösé@bücher.example", **FAILED},
+        {"address": "jösé@example.org", **FAILED},
+    ]
+
+
+async def _bounces_of(redis: aioredis.Redis, *reports: bytes) -> list[dict[str, Any]]:
+    """The events of order-9 (sent to Ann and to Zoë at bücher.example) after these reports."""
+    reader = BounceReader([(redis, StreamKeys())], suppress_ttl=3600)
+    await reader.read_once(0)
+    sent = {"Ann@example.com": "1", "zoe@xn--bcher-kva.example": "1"}
+    await redis.hset("mailpool:sent:order-9", mapping=sent)  # type: ignore[arg-type]
+    await redis.expire("mailpool:sent:order-9", 600)
+    for report in reports:
+        await _store_report(redis, report)
+    await reader.read_once(0)
+    return [e async for e in _events(redis, "email.send.events")]
+
+
+def _failed(final: str, original: str | None = None) -> bytes:
+    fields = f"Final-Recipient: rfc822; {final}\r\n"
+    if original is not None:
+        fields += f"Original-Recipient: rfc822; {original}\r\n"
+    return _report_of(f"Reporting-MTA: dns; mx\r\n\r\n{fields}Action: failed\r\nStatus: 5.1.1\r\n"
+                      .encode())  # fmt: skip
+
+
+async def test_a_bounce_names_the_recipient_as_sent_and_matches_its_original(
+    redis: aioredis.Redis,
+) -> None:
+    """Matched by Final-Recipient in any case or IDN form, or by Original-Recipient when an
+    alias was expanded (RFC 3464 section 2.3.1); the event names the address as sent."""
+    found = await _bounces_of(
+        redis, _failed("ANN@EXAMPLE.COM"), _failed("real-box@other.example", "zoe@bücher.example")
+    )
+    assert [json.loads(e["recipients"]) for e in found] == [
+        ["Ann@example.com"], ["zoe@xn--bcher-kva.example"]
+    ]  # fmt: skip
+    assert await redis.zrange("mailpool:suppressed", 0, -1) == [
+        b"ann@example.com", b"zoe@xn--bcher-kva.example"
+    ]  # fmt: skip
+
+
+async def test_a_report_received_twice_makes_one_event(redis: aioredis.Redis) -> None:
+    found = await _bounces_of(redis, _failed("ann@example.com"), _failed("ann@example.com"))
+    assert len(found) == 1
+    ends = await redis.pexpiretime("mailpool:bounced:order-9")  # with the send's record
+    assert ends > 0 and ends == await redis.pexpiretime("mailpool:sent:order-9")

@@ -12,6 +12,7 @@ block of per-message fields, then a block per recipient, in header syntax.  The 
                      "bob@example.org", "action": "failed", "status": "5.1.1",
                      "diagnostic_code": "smtp; 550 5.1.1 no such user",
                      "original_recipient": "rfc822; bob@example.org",
+                     "original_address": "bob@example.org",
                      "remote_mta": "dns; mx.example.org"}]}
 
 Keys appear only when the report has the field; ``action`` is lower case.  No I/O; a report
@@ -20,10 +21,13 @@ that cannot be read gives None (the message is stored all the same).
 
 from __future__ import annotations
 
+import contextlib
 import re
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import compat32
 from typing import Any
+
+from workers.codec.dsn import utf8_addr_decode
 
 _STATUS_PARTS = ("message/delivery-status", "message/global-delivery-status")
 _ORIGINAL_PARTS = (
@@ -48,7 +52,7 @@ REPORTED_MESSAGE_ID = "message_id"  # the key naming the Message-ID of what boun
 REPORTED_RECIPIENTS = "recipients"  # the key of the per-recipient reports
 MAX_RECIPIENTS = 1000
 MAX_VALUE = 1000
-_parser = BytesHeaderParser(policy=compat32)
+_parser = HeaderParser(policy=compat32)
 
 
 def _media_type(content: dict[str, Any]) -> str:
@@ -66,16 +70,21 @@ def delivery_report(content: dict[str, Any]) -> dict[str, Any] | None:
     if status is None or not isinstance(status.get("body"), bytes):
         return None
     blocks = [b for b in _BLOCK_BREAK.split(status["body"].strip()) if b.strip()]
-    if len(blocks) < 2:
+    if not blocks:
         return None
+    # The per-message fields come first, but some MTAs write them into the first
+    # recipient's block (AOL's relays) or leave them out (no Reporting-MTA): every block
+    # with a Final-Recipient is a recipient's, the first one included.
     report = _fields(blocks[0], _PER_MESSAGE)
     recipients = []
-    for block in blocks[1 : MAX_RECIPIENTS + 1]:
+    for block in blocks[: MAX_RECIPIENTS + 1]:
         recipient = _fields(block, _PER_RECIPIENT)
         if "final_recipient" not in recipient or "action" not in recipient:
             continue
         recipient["action"] = recipient["action"].lower()
         recipient["address"] = _address(recipient["final_recipient"])
+        if "original_recipient" in recipient:
+            recipient["original_address"] = _address(recipient["original_recipient"])
         recipients.append(recipient)
     if not recipients:
         return None
@@ -88,7 +97,9 @@ def delivery_report(content: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _fields(block: bytes, names: dict[str, str]) -> dict[str, Any]:
-    parsed = _parser.parsebytes(block.strip() + b"\n")
+    # UTF-8: message/global-delivery-status (RFC 6533) carries it raw; a delivery-status
+    # part is ASCII, which reads the same.
+    parsed = _parser.parsestr(block.strip().decode("utf-8", "replace") + "\n")
     found: dict[str, Any] = {}
     for name, key in names.items():
         value = parsed.get(name)
@@ -99,9 +110,14 @@ def _fields(block: bytes, names: dict[str, str]) -> dict[str, Any]:
 
 
 def _address(typed: str) -> str:
-    """``rfc822; <bob@example.org>`` -> ``bob@example.org``."""
-    _, _, address = typed.partition(";")
-    return (address or typed).strip().strip("<>").strip()
+    """``rfc822; <bob@example.org>`` -> ``bob@example.org``; a ``utf-8`` address type's
+    ``\\x{HEX}`` escapes (RFC 6533 section 3) decoded."""
+    kind, semicolon, address = typed.partition(";")
+    address = (address if semicolon else typed).strip().strip("<>").strip()
+    if semicolon and kind.strip().lower() == "utf-8":
+        with contextlib.suppress(ValueError):
+            return utf8_addr_decode(address)
+    return address
 
 
 def _message_id(original: dict[str, Any]) -> str | None:
@@ -109,5 +125,5 @@ def _message_id(original: dict[str, Any]) -> str | None:
     if not isinstance(body, bytes):
         return None
     head = _BLOCK_BREAK.split(body, maxsplit=1)[0]
-    value = _parser.parsebytes(head + b"\n").get("message-id")
+    value = _parser.parsestr(head.decode("utf-8", "replace") + "\n").get("message-id")
     return " ".join(str(value).split()) if value else None

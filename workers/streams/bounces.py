@@ -11,8 +11,14 @@ recipient with ``Action: failed`` that the send's idempotency record says a rela
 * a ``bounced`` event to ``email.send.events`` (of the partition the id maps to): ``id``,
   ``recipients``, ``status``, ``smtp_code``/``smtp_text`` from the report's
   ``Diagnostic-Code``, ``report_id`` (the bounce's ``email.receive`` entry), ``time``;
-* for a status that blames the address (``5.1.x``, ``5.2.1``), the recipient to the
-  suppression list for ``--suppress-ttl`` seconds.
+* for a status that blames the address (``5.1.x`` but the sender's ``5.1.7``/``5.1.8``,
+  ``5.2.1``), the recipient to the suppression list for ``--suppress-ttl`` seconds.
+
+A recipient matches by its Final-Recipient or its Original-Recipient (an alias expanded on
+the way), case-insensitively and in either form of an internationalised domain; the event
+names it as the send did.  Once per send and recipient: ``<prefix>bounced:<id>`` (a hash,
+recipient -> report entry, expiring with the send's record) remembers what was recorded, so
+a report received twice makes one event.
 
 The group's entries are acknowledged as read; an application's own groups still see every
 bounce.  Records of sends are kept ``--sent-ttl`` (7 days): a bounce later than that names
@@ -24,7 +30,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -46,6 +52,7 @@ BATCH = 500
 PASS_BUDGET = 10.0  # seconds one pass may read one partition's backlog for
 MAX_FAILURES = 3  # readings of one entry that failed before it is dropped
 _ENTRY_ID = re.compile(r"\d+-\d+")
+SENT_TTL = 604_800  # delivery's default --sent-ttl, seconds
 EVENT_BOUNCED = "bounced"
 _DIAGNOSTIC = re.compile(r"(?:smtp|x-[\w-]+)\s*;\s*([2-5]\d\d)[ -]?(.*)", re.IGNORECASE | re.DOTALL)
 
@@ -59,10 +66,17 @@ class _Reply:
 @dataclass(frozen=True)
 class Bounce:
     message_id: str  # the send's idempotency id
-    recipient: str
+    recipient: str  # as the report names it (Final-Recipient); as sent once matched
     status: str
     reply: _Reply
     report_id: str  # the email.receive entry of the report
+    # Original-Recipient's address: the one we sent to when the receiving side expanded it
+    # (an alias, a forward) into the Final-Recipient (RFC 3464 section 2.3.1).
+    original: str = ""
+
+    def names(self) -> tuple[str, ...]:
+        """The addresses it may name a recipient of ours by, as the list keys them."""
+        return tuple(suppression.normalise(a) for a in (self.recipient, self.original) if a)
 
 
 def bounces_in(entry_id: str, message: dict[str, Any]) -> list[Bounce]:
@@ -81,7 +95,7 @@ def bounces_in(entry_id: str, message: dict[str, Any]) -> list[Bounce]:
         reply = _Reply(int(match.group(1)), match.group(2).strip()) if match else _Reply(None, "")
         status = str(recipient.get("status", ""))
         found.append(Bounce(message_id, str(recipient.get("address", "")), status, reply,
-                            entry_id))  # fmt: skip
+                            entry_id, str(recipient.get("original_address", ""))))  # fmt: skip
     return found
 
 
@@ -175,20 +189,22 @@ class BounceReader:
         if not isinstance(message, dict) or message.get("from") is not None:
             return 0  # reports come from the null sender (RFC 3464 section 2)
         recorded = 0
-        accepted: dict[str, tuple[int, set[str]]] = {}  # message id -> partition, recipients
+        # message id -> partition, recipients reached (as the list keys them -> as sent)
+        accepted: dict[str, tuple[int, dict[str, str]]] = {}
         for bounce in bounces_in(entry_id, message):
             if bounce.message_id not in accepted:
                 accepted[bounce.message_id] = await self._sent_record(bounce.message_id)
             number, reached = accepted[bounce.message_id]
-            if bounce.recipient.lower() in reached:
-                await self._record_bounce(bounce, number)
-                recorded += 1
+            sent_to = next((reached[n] for n in bounce.names() if n in reached), None)
+            if sent_to is not None:
+                recorded += await self._record_bounce(replace(bounce, recipient=sent_to), number)
         return recorded
 
-    async def _sent_record(self, message_id: str) -> tuple[int, set[str]]:
-        """The partition holding the send's idempotency record and the recipients in it.
-        A send with an ``id`` is in the partition its id maps to; one without (the id is
-        its entry id) may be in any, so each is asked."""
+    async def _sent_record(self, message_id: str) -> tuple[int, dict[str, str]]:
+        """The partition holding the send's idempotency record and the recipients in it
+        (keyed as the suppression list keys addresses: case and IDN forms match).  A send
+        with an ``id`` is in the partition its id maps to; one without (the id is its entry
+        id) may be in any, so each is asked."""
         count = len(self.copies)
         if _ENTRY_ID.fullmatch(message_id):
             candidates = list(range(count))
@@ -198,11 +214,19 @@ class BounceReader:
             redis, keys = self.copies[number]
             sent = await redis.hkeys(keys.sent(message_id))
             if sent:
-                return number, {_text(k).lower() for k in sent}
-        return candidates[0], set()
+                return number, {suppression.normalise(_text(k)): _text(k) for k in sent}
+        return candidates[0], {}
 
-    async def _record_bounce(self, bounce: Bounce, number: int) -> None:
+    async def _record_bounce(self, bounce: Bounce, number: int) -> bool:
+        """The event (and the suppression), once per send and recipient: a report received
+        again (a resend, a second copy) records nothing.  Marked after the event, so a
+        failure in between makes a second event, never none."""
         redis, keys = self.copies[number]
+        bounced = keys.bounced(bounce.message_id)
+        if await redis.hexists(bounced, bounce.recipient):
+            log.info("bounce_repeated", id=bounce.message_id, recipient=bounce.recipient,
+                     report=bounce.report_id)  # fmt: skip
+            return False
         now = time.time()
         event: Any = bounce_event(bounce, now)
         await redis.xadd(keys.events, event, maxlen=self.events_maxlen, approximate=True)
@@ -214,6 +238,20 @@ class BounceReader:
                 reason=REASON_BOUNCED, since=now, code=bounce.reply.code,
                 text=bounce.reply.text[:200], message_id=bounce.message_id,
             )])  # fmt: skip
+        await self._mark(redis, keys, bounce)
+        return True
+
+    @staticmethod
+    async def _mark(redis: aioredis.Redis, keys: StreamKeys, bounce: Bounce) -> None:
+        """Remember the bounce as long as the send's record lives (a later report matches
+        no send anyway)."""
+        bounced = keys.bounced(bounce.message_id)
+        await redis.hset(bounced, bounce.recipient, bounce.report_id)
+        ends = int(await redis.pexpiretime(keys.sent(bounce.message_id)))
+        if ends > 0:
+            await redis.pexpireat(bounced, ends)
+        else:  # the record has no end (or went meanwhile): as long as records last by default
+            await redis.expire(bounced, SENT_TTL)
 
 
 async def forget_group(redis: aioredis.Redis, stream: str) -> None:

@@ -55,6 +55,7 @@ class StreamKeys:
     retry_schedule: str = field(init=False)  # sorted set: send entry id -> due time
     retry_payload_prefix: str = field(init=False)  # + entry id: hash of its retry entry
     sent_prefix: str = field(init=False)  # + message id: hash recipient -> accepted at
+    bounced_prefix: str = field(init=False)  # + message id: hash recipient -> report entry
     suppressed: str = field(init=False)  # sorted set: address -> suppressed until
     suppressed_why: str = field(init=False)  # hash: address -> JSON, what suppressed it
 
@@ -62,6 +63,7 @@ class StreamKeys:
         object.__setattr__(self, "retry_schedule", self.prefix + "retry")
         object.__setattr__(self, "retry_payload_prefix", self.prefix + "retry:")
         object.__setattr__(self, "sent_prefix", self.prefix + "sent:")
+        object.__setattr__(self, "bounced_prefix", self.prefix + "bounced:")
         object.__setattr__(self, "suppressed", self.prefix + "suppressed")
         object.__setattr__(self, "suppressed_why", self.prefix + "suppressed:why")
 
@@ -70,6 +72,10 @@ class StreamKeys:
 
     def sent(self, message_id: str) -> str:
         return self.sent_prefix + message_id
+
+    def bounced(self, message_id: str) -> str:
+        """The bounces recorded for a send (one per recipient), kept as long as its record."""
+        return self.bounced_prefix + message_id
 
 
 # --- partitions ----------------------------------------------------------------------------
