@@ -52,6 +52,24 @@ async def test_invalid_entries_are_dead_lettered_and_the_worker_goes_on(
     assert good not in dead
 
 
+async def test_an_invalid_send_is_filed_under_its_id(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """A producer follows its sends by ``id``: the dead letter and the ``failed`` event of
+    one that fails validation carry it (before, the entry id)."""
+    message = send_message(["ann@example.com"], message_id="order-77")
+    message["dsn"] = {"ret": "hdrs"}  # type: ignore[typeddict-unknown-key]  # not FULL/HDRS
+    entry_id = await enqueue(redis, message)
+    await run_until_settled(redis, make_config(redis_url, sink.url))
+    [dead] = await stream_fields(redis, "email.send.dead")
+    assert (dead["reason"], dead["message_id"], dead["source_id"]) == (
+        "invalid", "order-77", entry_id
+    )  # fmt: skip
+    [failed] = [e for e in await events(redis) if e["event"] == "failed"]
+    assert failed["id"] == "order-77"
+    assert sink.received == []
+
+
 async def test_trimmed_pending_entry_is_acknowledged(
     redis: aioredis.Redis, redis_url: str, sink: RecordingSink
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -174,6 +175,13 @@ async def test_the_cli_lists_adds_and_removes(redis: aioredis.Redis, redis_url: 
         ("remove",),
         ("list", "a@b.c"),
         ("add", "not-an-address"),
+        # Each once listed with exit 0.
+        ("add", "bob@"),
+        ("add", "@example.org"),
+        ("add", "a@b@example.org"),
+        ("add", "a@-bad-.example"),
+        ("add", "x@bücher..example"),
+        ("add", "postmaster"),
         ("add", "a@b.c", "--ttl", "-1"),
         ("forget", "a@b.c"),
     ],
@@ -317,6 +325,21 @@ async def test_an_international_domain_matches_in_either_form(
     await _send(redis, redis_url, sink, "bob@bücher.example")
     assert sink.received == []
     assert suppress(redis_url, "remove", "bob@xn--bcher-kva.example").returncode == 0
+
+
+async def test_a_listing_read_by_head_ends_quietly(redis: aioredis.Redis, redis_url: str) -> None:
+    """``mailpool suppress list | head -1``: the reader left; that is no Redis failure
+    (before: "cannot use Redis at ...: Broken pipe", exit 1)."""
+    await redis.zadd(LIST, {f"user{n}@example.com": math.inf for n in range(3000)})
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "workers", "suppress", "list", "--redis-url", redis_url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert listing.stdout is not None and listing.stderr is not None
+    assert listing.stdout.readline().startswith(b"ADDRESS")
+    listing.stdout.close()  # more than the pipe holds is still to come
+    assert listing.wait(timeout=30) == 128 + signal.SIGPIPE
+    assert listing.stderr.read() == b""
 
 
 @pytest.mark.parametrize("ttl", ["1e300", "nan", "inf", "3153600001"])

@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
 
+from workers.codec.build import envelope_address
+from workers.codec.errors import BuildError
 from workers.config import CommonConfig, ConfigError, check_suppress_ttl, option
 from workers.streams.connection import one_shot_partitions
 from workers.streams.suppression import (
@@ -56,8 +59,9 @@ class SuppressConfig(CommonConfig):
         if self._action == "list" and self._addresses:
             raise ConfigError("suppress list takes no addresses")
         for address in self._addresses:
-            if "@" not in address or any(c.isspace() or c in "<>" for c in address):
-                raise ConfigError(f"suppress {self._action}: {address!r} is not an address")
+            problem = address_problem(address)
+            if problem is not None:
+                raise ConfigError(f"suppress {self._action}: not an address: {problem}")
         check_suppress_ttl(self.ttl, "--ttl")
 
     @property
@@ -67,6 +71,30 @@ class SuppressConfig(CommonConfig):
     @property
     def addresses(self) -> list[str]:
         return sorted({normalise(a) for a in self._addresses})
+
+
+# Labels of letters, digits and hyphens (no hyphen first or last), as A-labels have them.
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")  # fmt: skip
+
+
+def address_problem(address: str) -> str | None:
+    """Why ``address`` could name no recipient of a send, or None: it must be an envelope
+    address delivery takes, with one ``@`` outside a quoted local part and a host name or
+    an address literal after it."""
+    try:
+        ascii_form, _ = envelope_address(address, "ADDRESS")
+    except BuildError as exc:
+        return exc.reason  # it names the address
+    local, at, domain = ascii_form.rpartition("@")
+    if not at:  # delivery's bare "postmaster"
+        return f"{address!r} has no domain"
+    if "@" in local and not (local.startswith('"') and local.endswith('"')):
+        return f"{address!r} has more than one @"
+    literal = domain.startswith("[") and domain.endswith("]")
+    if not literal and _DOMAIN.fullmatch(domain.rstrip(".")) is None:
+        return f"the domain of {address!r} is not a host name"
+    return None
 
 
 async def main(config: SuppressConfig) -> int:

@@ -293,15 +293,22 @@ def poison(p: Prepared, recipients: list[str]) -> oc.Settlement:
 
 
 def invalid(entry: StreamEntry, job: Job | None, exc: Exception) -> oc.Settlement:
-    """An entry that cannot be decoded or built: a dead letter with the reason."""
+    """An entry that cannot be decoded or built: a dead letter with the reason, filed under
+    the send's ``id`` where it can still be read (a producer follows its sends by it)."""
+    data = layout.entry_data(entry.fields) or b""
+    readable = _readable_part(data)
+    given_id = readable.get("id")
     ref = layout.MessageRef(
-        (job.message_id if job else None) or entry.id,
+        (job.message_id if job else None)
+        or (given_id if isinstance(given_id, str) and given_id else None)
+        or entry.id,
         (job.source_id if job else None) or entry.id,
-        layout.entry_data(entry.fields) or b"",
+        data,
     )
     now = time.time()
-    log.warning("invalid_entry", entry=entry.id, error=str(exc))
-    recipients = _recipients_hint(ref.data)
+    log.warning("invalid_entry", entry=entry.id, id=ref.message_id, error=str(exc))
+    to = readable.get("to")
+    recipients = [r for r in to if isinstance(r, str)] if isinstance(to, list) else []
     dead = layout.dead_letter(
         ref, reason="invalid", error=str(exc), recipients=recipients,
         attempts=job.attempts if job else 0, first_attempt=now, last_attempt=now,
@@ -313,10 +320,10 @@ def invalid(entry: StreamEntry, job: Job | None, exc: Exception) -> oc.Settlemen
     )
 
 
-def _recipients_hint(data: bytes) -> list[str]:
-    """The ``to`` list of an entry that failed validation, when it can still be read."""
+def _readable_part(data: bytes) -> dict[str, object]:
+    """The map of an entry that failed validation, when it can still be decoded (else {})."""
     try:
-        to = unpack(data).get("to")
+        message = unpack(data)
     except CodecError:
-        return []
-    return [r for r in to if isinstance(r, str)] if isinstance(to, list) else []
+        return {}
+    return dict(message) if isinstance(message, dict) else {}

@@ -182,6 +182,8 @@ async def one_shot_partitions(
             if problem is not None:
                 raise RedisUnavailable(url, problem)
         yield clients
+    except BrokenPipeError:
+        raise  # the command's own output went to a reader that left (``| head``), not Redis
     except (RedisError, OSError) as exc:
         raise RedisUnavailable(url, describe_failure(exc)) from exc
     finally:
