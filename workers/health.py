@@ -29,6 +29,9 @@ REQUEST_TIMEOUT = 5.0
 READY_TIMEOUT = 2.0
 MAX_REQUEST_HEAD = 8192
 GAUGE_REFRESH = 15.0
+# After a refresh that failed (Redis away, or slow to answer at start): the gauges are
+# missing or stale, so the next try comes sooner.
+GAUGE_RETRY = 1.0
 
 ReadyCheck = Callable[[], Awaitable[bool]]
 
@@ -139,6 +142,7 @@ async def refresh_stream_gauges(
     sources = list(partitions) or [(redis, keys)]
     clients, partition_keys = [c for c, _ in sources], [k for _, k in sources]
     while not stop.is_set():
+        wait = GAUGE_REFRESH
         try:
             # No counting of a lag Redis cannot tell: XRANGE returns whole messages (up to
             # --max-size each), too much to read every refresh; the series is absent then.
@@ -148,8 +152,9 @@ async def refresh_stream_gauges(
             # One partition away (a failover) keeps every gauge at its last value until
             # the next refresh reads them all.
             log.debug("gauge_refresh_failed", error=str(exc))
+            wait = GAUGE_RETRY
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), GAUGE_REFRESH)
+            await asyncio.wait_for(stop.wait(), wait)
 
 
 @contextlib.asynccontextmanager
