@@ -200,8 +200,12 @@ class IngestSMTP(FencedSMTP):
         for command, octets in LONGER_LINES.items():
             self.lengthen_command_line(command, octets)
         self.auth_offered = shared.smtp.authenticator is not None
+        # MAIL's parameters taken out before aiosmtpd's check: AUTH= where AUTH is offered.
+        self._mail_parameters: Callable[[list[str]], tuple[DsnRequest, list[str]]]
+        self._mail_parameters = take_mail_parameters
         if self.auth_offered:
             self.lengthen_command_line("MAIL", AUTH_PARAMETER_OCTETS)
+            self._mail_parameters = self._mail_and_auth_parameters
         self.client = ""  # client_of(peer), known once the connection is made
         self._refused = False  # over a connection cap: told 421, never a session
         self._in_data = False
@@ -408,9 +412,7 @@ class IngestSMTP(FencedSMTP):
         first (aiosmtpd refuses any it does not know, and upper-cases the rest), checked,
         and kept in the envelope once the sender is accepted."""
         envelope = self.envelope
-        if await self._refused_path("MAIL", arg):
-            return
-        taken = await self._dsn_parameters("MAIL", arg, self._take_mail_parameters)
+        taken = await self._dsn_parameters("MAIL", arg, self._mail_parameters)
         if taken is None:
             return
         request, arg = taken
@@ -429,8 +431,6 @@ class IngestSMTP(FencedSMTP):
         if self._chunks is not None:  # the message is on its way: its recipients are set
             await self.push(REPLY_RCPT_AFTER_BDAT)
             return
-        if await self._refused_path("RCPT", arg):
-            return
         taken = await self._dsn_parameters("RCPT", arg, take_rcpt_parameters)
         if taken is None:
             return
@@ -443,34 +443,40 @@ class IngestSMTP(FencedSMTP):
             if wanted and recipient not in envelope.rcpt_tos[:-1]:
                 envelope.dsn.recipients[recipient] = wanted
 
-    async def _refused_path(self, command: str, arg: str | None) -> bool:
-        """True (and 501 sent) when MAIL's or RCPT's ``arg`` opens a path it never closes."""
-        if arg is None or "<" not in arg or path_end(arg) is not None:
-            return False
+    async def _refuse_path(self, command: str) -> None:
+        """The 501 to a MAIL or RCPT whose argument opens a path it never closes."""
         if not await self.refused_before_helo_or_auth(command):
             INGEST_REJECTED.labels("syntax").inc()
             bad = REPLY_BAD_SENDER_SYNTAX if command == "MAIL" else REPLY_BAD_RECIPIENT_SYNTAX
             await self.push(bad)
-        return True
 
-    def _take_mail_parameters(self, params: list[str]) -> tuple[DsnRequest, list[str]]:
-        """RFC 3461's RET and ENVID, and where AUTH is offered RFC 4954's AUTH= (checked,
-        then dropped: a client's claim of who submitted the message is not trusted)."""
+    @staticmethod
+    def _mail_and_auth_parameters(params: list[str]) -> tuple[DsnRequest, list[str]]:
+        """RFC 3461's RET and ENVID, and RFC 4954's AUTH= (checked, then dropped: a
+        client's claim of who submitted the message is not trusted)."""
         request, rest = take_mail_parameters(params)
-        return request, take_auth_parameter(rest) if self.auth_offered else rest
+        return request, take_auth_parameter(rest)
 
     async def _dsn_parameters(
         self, command: str, arg: str | None, take: Callable[[list[str]], tuple[_T, list[str]]]
     ) -> tuple[_T | None, str | None] | None:
         """(what ``take`` found, ``arg`` without it) for aiosmtpd to go on with; None when
-        a DSN parameter was refused (the 501 sent).  Before EHLO or AUTH, and in a HELO
-        session (no parameters allowed), ``arg`` goes to aiosmtpd untouched."""
+        the path is not closed or a DSN parameter was refused (the 501 sent).  Before EHLO
+        or AUTH, and in a HELO session (no parameters allowed), ``arg`` goes to aiosmtpd
+        untouched but for that check."""
         session = self.session
         if arg is None or session is None or not session.extended_smtp:
+            if arg is not None and "<" in arg and path_end(arg) is None:
+                await self._refuse_path(command)
+                return None
             return None, arg
         if await self.refused_before_helo_or_auth(command):
             return None
-        path, params = split_path(arg)
+        end = path_end(arg)
+        if end is None and "<" in arg:
+            await self._refuse_path(command)
+            return None
+        path, params = (arg, []) if end is None else (arg[:end], arg[end:].split())
         try:
             found, rest = take(params)
         except DsnError as exc:
@@ -620,18 +626,9 @@ class IngestSMTP(FencedSMTP):
     smtp_OPTIONS = smtp_CONNECT = smtp_PATCH = smtp_TRACE = _refuse_http
 
 
-def split_path(arg: str) -> tuple[str, list[str]]:
-    """MAIL/RCPT's argument split after its ``<path>`` (quoted strings and escapes in the
-    local part kept whole): ``("FROM:<a@b>", ["RET=HDRS"])``.  An argument without a
-    closed path comes back whole, for aiosmtpd to refuse."""
-    end = path_end(arg)
-    if end is None:
-        return arg, []
-    return arg[:end], arg[end:].split()
-
-
 def path_end(arg: str) -> int | None:
-    """Index just past the ``>`` that closes the argument's ``<path>``; None without one."""
+    """Index just past the ``>`` that closes MAIL's or RCPT's ``<path>`` (quoted strings and
+    escapes in the local part skipped), after which its parameters come; None without one."""
     start = arg.find("<")
     if start < 0:
         return None
