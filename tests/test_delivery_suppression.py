@@ -221,6 +221,8 @@ async def test_expired_entries_count_as_absent_and_housekeeping_removes_them(
         Reply(550, "<bob@example.com>... User unknown"),  # sendmail
         Reply(553, "sorry, no mailbox here by that name. (#5.1.1)"),  # qmail, code last
         Reply(550, "Requested action not taken: mailbox unavailable"),
+        Reply(550, "No such user here"),
+        Reply(550, "The email account that you tried to reach does not exist"),
     ],
 )
 def test_these_refusals_blame_the_address(reply: Reply) -> None:
@@ -244,6 +246,12 @@ def test_these_refusals_blame_the_address(reply: Reply) -> None:
         Reply(553, "sorry, that domain isn't in my list"),  # neither code nor a word of mailboxes
         Reply(550, "Administrative prohibition"),
         Reply(550, "Unknown user; blocked by policy"),
+        # "unknown" alone names no mailbox (each once suppressed the recipient).
+        Reply(550, "Client host rejected: cannot find your hostname (unknown)"),
+        Reply(550, "Mail from unknown IP address refused"),
+        Reply(550, "Message contains unknown attachment type"),
+        Reply(550, "Your message could not be delivered because the HELO domain is unknown"),
+        Reply(554, "Message rejected: see 5.1.1 in our FAQ"),  # a code not at the start
     ],
 )
 def test_these_refusals_suppress_nobody(reply: Reply) -> None:
@@ -315,6 +323,18 @@ async def test_a_second_entry_with_the_id_is_not_sent_to_an_address_just_refused
     assert sink.rcpt_seen["bob@example.com"] == 1
     letters = await stream_fields(redis, "email.send.dead")
     assert sorted(d["reason"] for d in letters) == ["rejected", "suppressed"]
+
+
+async def test_remove_takes_what_delivery_may_have_listed(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """Delivery sends to (and so may suppress) an address ``add`` refuses as a typo: the
+    operator can still take it off the list."""
+    await redis.zadd(LIST, {"bob@exa_mple.com": math.inf})
+    assert suppress(redis_url, "add", "bob@exa_mple.com").returncode == 2
+    done = suppress(redis_url, "remove", "bob@exa_mple.com")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert await redis.zcard(LIST) == 0
 
 
 async def test_an_international_domain_matches_in_either_form(

@@ -58,8 +58,11 @@ class SuppressConfig(CommonConfig):
             raise ConfigError(f"suppress {self._action}: give one or more addresses")
         if self._action == "list" and self._addresses:
             raise ConfigError("suppress list takes no addresses")
+        # Strict for add (a typo lists nothing useful); remove takes whatever the list may
+        # hold, delivery's own additions included (it sends to bob@exa_mple.com if asked).
+        check = address_problem if self._action == "add" else _listable_problem
         for address in self._addresses:
-            problem = address_problem(address)
+            problem = check(address)
             if problem is not None:
                 raise ConfigError(f"suppress {self._action}: not an address: {problem}")
         check_suppress_ttl(self.ttl, "--ttl")
@@ -94,6 +97,13 @@ def address_problem(address: str) -> str | None:
     literal = domain.startswith("[") and domain.endswith("]")
     if not literal and _DOMAIN.fullmatch(domain.rstrip(".")) is None:
         return f"the domain of {address!r} is not a host name"
+    return None
+
+
+def _listable_problem(address: str) -> str | None:
+    """Why ``address`` cannot be on the list at all, or None."""
+    if "@" not in address or any(c.isspace() or c in "<>" for c in address):
+        return f"{address!r} has no @, or spaces or <> in it"
     return None
 
 

@@ -45,27 +45,35 @@ DEFAULT_TTL = 30 * 86400  # 30 days
 # is bad: Postfix's "Sender address rejected: Domain not found" comes at RCPT time) nor
 # 5.1.9 (relayed to a non-DSN mailer).
 _ADDRESS_STATUS = re.compile(r"5\.1\.(?:[0-46]|10)|5\.2\.1")
-# Anywhere in the text: qmail writes its enhanced code last, "... (#5.7.1)".
-_ENHANCED = re.compile(r"(?<![\d.])[245]\.\d{1,3}\.\d{1,3}(?![\d.])")
+# At the start of the text (RFC 2034), or as qmail writes it, last: "... (#5.7.1)".  Not
+# anywhere: "see 5.1.1 in our FAQ" or a version number is no status.
+_ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?![\d.])|.*\(#([245]\.\d{1,3}\.\d{1,3})\)")
 _ADDRESS_BASIC = (550, 551, 553)
 # A refusal naming the sender blames the sender, whatever its code (Postfix's
 # reject_unlisted_sender: "550 5.1.0 <a@b>: Sender address rejected: User unknown").
 _BLAMES_THE_SENDER = re.compile(r"\bsender\b", re.IGNORECASE)
 # Without an enhanced code, 550/551/553 are also what relays answer to relaying they do not
-# allow, to policy and to spam: only a text that says the mailbox or its domain is unknown
-# suppresses, and none that speaks of relaying or policy (Exim's "550 relay not permitted",
-# qmail's "553 sorry, that domain isn't in my list of allowed rcpthosts").  A refusal not
-# recognised here suppresses nobody: the next send is refused again, not lost.
+# allow, to policy, to spam, to the client's host: only a text that says the mailbox or its
+# domain is unknown suppresses ("User unknown", Exim's "Unrouteable address"), and none
+# that speaks of relaying, policy or the client (Exim's "550 relay not permitted", qmail's
+# "553 sorry, that domain isn't in my list of allowed rcpthosts", "550 Mail from unknown IP
+# address refused").  A refusal not recognised here suppresses nobody: the next send is
+# refused again, not lost.
+_MAILBOX = r"(?:user|recipient|mailbox|address|addressee|account|alias|local part)"
 _UNKNOWN_MAILBOX = re.compile(
-    r"unknown|no such|does ?n[o']t exist|not exist|unrouteable|unroutable|invalid "
-    r"(?:recipient|mailbox|address|user)|mailbox (?:unavailable|not found|disabled)|"
-    r"user not found|no mailbox|not a valid (?:mailbox|recipient|user)|"
-    r"address rejected|recipient rejected|bad destination",
+    rf"{_MAILBOX}s? (?:is )?unknown|unknown {_MAILBOX}|"
+    rf"no such (?:{_MAILBOX}|person|local user|domain)|"
+    rf"(?:{_MAILBOX}|domain)\b[^.;:]{{0,40}}?(?:does ?n[o']t|not|no longer) exists?|"
+    r"unroutable address|unrouteable address|invalid (?:recipient|mailbox|address|user)|"
+    r"mailbox (?:unavailable|not found|disabled)|(?:user|recipient) not found|no mailbox|"
+    r"not a valid (?:mailbox|recipient|user)|recipient (?:address )?rejected|"
+    r"bad destination",
     re.IGNORECASE,
 )
 _POLICY = re.compile(
     r"relay|rcpthosts|polic|spam|block|black|deny|denied|reputation|authenticat|"
-    r"too many|\brate\b|quota|not permitted|not allowed",
+    r"too many|\brate\b|quota|not permitted|not allowed|\bclient\b|\bhelo\b|\behlo\b|"
+    r"reverse dns|\bptr\b|\bip\b|content|attachment|filter",
     re.IGNORECASE,
 )
 
@@ -97,9 +105,10 @@ def refuses_the_address(reply: SmtpReply) -> bool:
         return False
     if _BLAMES_THE_SENDER.search(reply.text):
         return False
-    enhanced = _ENHANCED.search(reply.text)
+    enhanced = _ENHANCED.match(reply.text)
     if enhanced is not None:
-        return _ADDRESS_STATUS.fullmatch(enhanced.group(0)) is not None
+        code = enhanced.group(1) or enhanced.group(2)
+        return _ADDRESS_STATUS.fullmatch(code) is not None
     return (
         reply.code in _ADDRESS_BASIC
         and _UNKNOWN_MAILBOX.search(reply.text) is not None
