@@ -361,6 +361,9 @@ _encoded_syntax = st.builds(
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(_encoded_syntax, _list_syntax), max_size=16).map("".join))
+# Found on Debian's Python 3.11.2, whose getaddresses reads the backslash as escaping "(":
+# the field was decoded, and the stored one held a mailbox more there.
+@example(",\\(c)=?utf-8?q??=")
 def test_decoding_never_adds_a_mailbox_to_any_arrangement(raw: str) -> None:
     # Legal encoded-words are atoms to a parser that does not decode them, so it must find as
     # many mailboxes in the raw field as in the stored one, however broken the field is.

@@ -220,7 +220,7 @@ _CLOSED_LITERAL = re.compile(r"\[(?:[^\]\\]++|\\.)*+\]", re.DOTALL)
 def _address_tokens(text: str) -> list[_Token] | None:
     """(kind, text) items, specials their own kind ("<", ",", ...); None when the field is
     not well-formed enough for list parsers to agree on its structure (an unclosed quote,
-    comment, domain literal or "<", a stray ")", "]" or ">", a "[" not after "@", or an
+    comment, domain literal or "<", a stray ")", "]", ">" or backslash, a "[" not after "@", or an
     encoded-word whose text holds a quote, parenthesis, bracket or backslash: RFC 2047
     section 5 forbids them there, and a list parser that does not know encoded-words reads
     them as the start of a quoted-string, comment or literal)."""
@@ -255,6 +255,11 @@ _BETWEEN_WORDS = frozenset({"ws", "comment"})
 
 
 def _well_formed(kind: str, token: str, significant: str) -> bool:
+    if kind == "atom":
+        # A backslash outside quotes, comments and literals: list parsers disagree on it
+        # (before a "(", Python 3.11.2's getaddresses reads an escaped "(", 3.11.7's a
+        # comment), so where a mailbox ends is not agreed either.
+        return "\\" not in token
     if kind == "ew":
         return _MODE_CHANGE.search(token) is None
     if kind == "quoted":
