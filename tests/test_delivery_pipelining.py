@@ -182,7 +182,10 @@ async def test_postfix_with_forbid_unauth_pipelining_takes_the_group(
         log = postfix.log
     letters = await stream_fields(redis, "email.send.dead")
     assert "improper command pipelining" not in log, log
-    assert len(dumps) == 3, [d.get("smtp_text") for d in letters]
+    # What each attempt got, and Postfix's own account, should the count be off (a CI run
+    # under load once saw every message deferred twice and 6 dumps at the sink).
+    replies = [(e["event"], e.get("smtp_code"), e.get("smtp_text")) for e in await events(redis)]
+    assert len(dumps) == 3, (replies, log[-4000:])
     assert [json.loads(d["recipients"]) for d in letters] == [["nobody@example.com"]] * 3
     assert {d["smtp_code"] for d in letters} == {"550"}
 
