@@ -798,7 +798,9 @@ class DeliveryConfig(CommonConfig):
     max_attempts: int = option(60, "attempts before a dead letter")
     max_age: float = option(172_800.0, "seconds since the first attempt before a dead letter")
     events_maxlen: int = option(100_000, "approximate cap of the events stream")
-    sent_ttl: float = option(604_800.0, "how long idempotency records are kept, seconds")
+    sent_ttl: float = option(
+        float(layout.DEFAULT_SENT_TTL), "how long idempotency records are kept, seconds"
+    )
     suppress_ttl: float = option(
         float(suppression.DEFAULT_TTL),
         "seconds a recipient a relay refused as an address (5.1.x, 5.2.1) stays suppressed "

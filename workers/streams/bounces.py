@@ -52,7 +52,6 @@ BATCH = 500
 PASS_BUDGET = 10.0  # seconds one pass may read one partition's backlog for
 MAX_FAILURES = 3  # readings of one entry that failed before it is dropped
 _ENTRY_ID = re.compile(r"\d+-\d+")
-SENT_TTL = 604_800  # delivery's default --sent-ttl, seconds
 EVENT_BOUNCED = "bounced"
 _DIAGNOSTIC = re.compile(r"(?:smtp|x-[\w-]+)\s*;\s*([2-5]\d\d)[ -]?(.*)", re.IGNORECASE | re.DOTALL)
 
@@ -251,7 +250,7 @@ class BounceReader:
         if ends > 0:
             await redis.pexpireat(bounced, ends)
         else:  # the record has no end (or went meanwhile): as long as records last by default
-            await redis.expire(bounced, SENT_TTL)
+            await redis.expire(bounced, layout.DEFAULT_SENT_TTL)
 
 
 async def forget_group(redis: aioredis.Redis, stream: str) -> None:

@@ -40,6 +40,8 @@ DEFAULT_SEND = "email.send"
 DEFAULT_DEAD = "email.send.dead"
 DEFAULT_EVENTS = "email.send.events"
 DEFAULT_PREFIX = "mailpool:"
+# How long a send's idempotency record (``sent:<id>``) is kept by default: --sent-ttl.
+DEFAULT_SENT_TTL = 604_800  # seconds, 7 days
 
 
 @dataclass(frozen=True)
