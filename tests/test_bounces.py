@@ -16,7 +16,14 @@ import msgpack
 import pytest
 import redis.asyncio as aioredis
 
-from tests.delivery_util import enqueue, events, make_config, run_until_settled, send_message
+from tests.delivery_util import (
+    REAL_RELAY,
+    enqueue,
+    events,
+    make_config,
+    run_until_settled,
+    send_message,
+)
 from tests.harness import wait_until
 from tests.ingest_util import entries, ingest, message
 from tests.postfix_util import private_postfix
@@ -102,7 +109,7 @@ async def test_a_postfix_bounce_becomes_a_bounced_event_and_a_suppression(
         with private_postfix(server.port, transport_maps=transport) as postfix:
             await enqueue(redis, send_message(["bob@bad.example"], message_id="order-7"))
             relay = f"smtp://127.0.0.1:{postfix.port}"
-            await run_until_settled(redis, make_config(redis_url, relay))
+            await run_until_settled(redis, make_config(redis_url, relay, **REAL_RELAY))
             await wait_until(lambda: _received(redis), "Postfix's bounce", timeout=30)
             log = postfix.log
     [(report_id, bounce)] = await entries(redis)

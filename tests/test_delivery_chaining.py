@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from tests.delivery_util import (
+    REAL_RELAY,
     enqueue,
     events,
     make_config,
@@ -322,7 +323,10 @@ async def test_postfix_with_forbid_unauth_pipelining_takes_chained_transactions(
     with private_postfix(sink.port, smtpd_forbid_unauth_pipelining="yes") as postfix:
         await _enqueue_from(redis, [f"s{n}@example.com" for n in range(5)])
         await run_until_settled(
-            redis, make_config(redis_url, f"smtp://127.0.0.1:{postfix.port}", **ONE_CONNECTION)
+            redis,
+            make_config(
+                redis_url, f"smtp://127.0.0.1:{postfix.port}", **(ONE_CONNECTION | REAL_RELAY)
+            ),
         )
         dumps = await asyncio.to_thread(sink.wait_for_dumps, 5, 20.0)
         log = postfix.log
@@ -346,7 +350,8 @@ async def test_haraka_refusing_chained_transactions_still_gets_each_message_once
     try:
         await _enqueue_from(redis, [f"s{n}@example.com" for n in range(5)])
         relay = f"smtp://127.0.0.1:{haraka.port}"
-        await run_until_settled(redis, make_config(redis_url, relay, **ONE_CONNECTION))
+        config = make_config(redis_url, relay, **(ONE_CONNECTION | REAL_RELAY))
+        await run_until_settled(redis, config)
     finally:
         haraka.stop()
     log = (tmp_path / "haraka-info.log").read_text(errors="replace")

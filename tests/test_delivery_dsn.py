@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.delivery_util import enqueue, events, make_config, run_until_settled, send_message
+from tests.delivery_util import (
+    REAL_RELAY,
+    enqueue,
+    events,
+    make_config,
+    run_until_settled,
+    send_message,
+)
 from tests.harness import wait_until
 from tests.ingest_util import entries, ingest
 from tests.postfix_util import private_postfix
@@ -89,7 +96,7 @@ async def test_postfix_passes_the_request_on_to_the_next_hop(
         with private_postfix(server.port) as postfix:
             await enqueue(redis, send_message(RECIPIENTS[:2], dsn=DSN))
             await run_until_settled(
-                redis, make_config(redis_url, f"smtp://127.0.0.1:{postfix.port}")
+                redis, make_config(redis_url, f"smtp://127.0.0.1:{postfix.port}", **REAL_RELAY)
             )
             await wait_until(lambda: _received(redis), "the message relayed by Postfix", timeout=20)
     [(_, received)] = await entries(redis)

@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
+    REAL_RELAY,
     enqueue,
     events,
     make_config,
@@ -177,7 +178,8 @@ async def test_postfix_with_forbid_unauth_pipelining_takes_the_group(
     with private_postfix(sink.port, **settings) as postfix:
         for n in range(3):
             await enqueue(redis, send_message(TO, subject=f"m{n}"))
-        await run_until_settled(redis, make_config(redis_url, f"smtp://127.0.0.1:{postfix.port}"))
+        config = make_config(redis_url, f"smtp://127.0.0.1:{postfix.port}", **REAL_RELAY)
+        await run_until_settled(redis, config)
         dumps = await asyncio.to_thread(sink.wait_for_dumps, 3, 20.0)
         log = postfix.log
     letters = await stream_fields(redis, "email.send.dead")
