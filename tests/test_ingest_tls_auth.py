@@ -143,11 +143,16 @@ async def test_implicit_tls_listener(
         conn = await SMTPConn.open(server.tls_port, ssl_context=client_tls(cert))
         extensions = await conn.ehlo()
         assert "STARTTLS" not in extensions
+        # RFC 3207 section 4.2, as after a STARTTLS: TLS is on, so no other is started.
+        starttls = await conn.cmd("STARTTLS")
+        listed = (await conn.cmd("HELP"))[1].split()
+        assert "AUTH" in listed and "STARTTLS" not in listed, listed
         assert "AUTH LOGIN PLAIN" in extensions  # the connection is already encrypted
         assert (await conn.cmd("AUTH PLAIN AGVyaW4AcHc="))[0] == 235
         code, _ = await conn.transaction(message("implicit"))
         assert code == 250
         await conn.close()
+    assert (starttls[0], starttls[1].split()[0]) == (503, "5.5.1"), starttls
     [(_, msg)] = await entries(redis)
     assert " with ESMTPSA id " in msg["header_list"][0][1]
 

@@ -71,7 +71,9 @@ that constructs 2 000 sessions:
   (test_ingest_tls_auth::test_a_flood_pipelined_behind_starttls_ends_the_session_at_once).
 * ``smtp_STARTTLS`` also refuses a STARTTLS inside TLS (``_tls_protocol`` set), which
   1.4.6 answered with 220 and a handshake inside the TLS session
-  (test_ingest_tls_auth::test_starttls_inside_tls_is_refused_and_the_session_goes_on).
+  (test_ingest_tls_auth::test_starttls_inside_tls_is_refused_and_the_session_goes_on),
+  and on the implicit-TLS listener, where 1.4.6 answered 454 "TLS not available"
+  (test_ingest_tls_auth::test_implicit_tls_listener).
 * :data:`REWRITTEN_REPLIES` matches 1.4.6's wording of three refusals to give them
   enhanced status codes (test_ingest_replies::test_552_over_the_size_limit,
   ::test_500_for_lines_and_commands_over_the_rfc_limits,
@@ -334,14 +336,23 @@ class FencedSMTP(SMTP):
         # session sat until its command timeout.  That plaintext is never to be read (RFC
         # 3207 section 4.2; 1.4.6 clears the reader once the handshake is done): dropped
         # here, before the 220, and the transport reads again.
+        if not arg and self._tls_is_on():
+            # After STARTTLS 1.4.6 would answer 220 and start a handshake inside TLS, and on
+            # the implicit-TLS listener 454 "not available", as if later it might be (RFC
+            # 3207 section 4.2: STARTTLS is not offered again, and a client that sends it
+            # is refused).
+            await self.push(REPLY_TLS_ACTIVE)
+            return
         if not arg and self.tls_context:
-            if self._tls_protocol is not None:
-                # 1.4.6 would answer 220 and start a handshake inside TLS (RFC 3207 section
-                # 4.2: STARTTLS is not offered again, and a client that sends it is refused).
-                await self.push(REPLY_TLS_ACTIVE)
-                return
             discard_held(self._reader)
         await super().smtp_STARTTLS(arg)
+
+    def _tls_is_on(self) -> bool:
+        """The session is encrypted: by STARTTLS, or from the start (implicit TLS)."""
+        if self._tls_protocol is not None:
+            return True
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("ssl_object") is not None
 
     def _timeout_cb(self) -> None:
         self.command_timed_out()

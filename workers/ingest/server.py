@@ -485,7 +485,7 @@ class IngestSMTP(FencedSMTP):
             return None
         return found, " ".join([path, *rest])
 
-    @syntax("AUTH <mechanism>")
+    @syntax("AUTH <mechanism>", when="auth_offered")
     async def smtp_AUTH(self, arg: str) -> None:
         """aiosmtpd's AUTH, which without credentials configured (AUTH never offered)
         would answer 538 "encryption required" as if TLS would help."""
