@@ -47,11 +47,34 @@ SMTP_CODES = range(200, 600)
 @dataclass(frozen=True)
 class Reply:
     code: int | None  # None: no SMTP reply (connection error, timeout, unreadable reply)
-    text: str
+    text: str  # valid UTF-8 always: it goes into events, dead letters and the log
+
+    def __post_init__(self) -> None:
+        if not self.text.isascii():
+            object.__setattr__(self, "text", utf8_text(self.text))
 
     @property
     def permanent(self) -> bool:
         return self.code is not None and 500 <= self.code < 600
+
+
+def utf8_text(text: str) -> str:
+    """``text`` with what cannot be written as UTF-8 escaped (a Latin-1 "ç": ``\\xe7``).
+
+    Reply lines are decoded with ``surrogateescape`` (aiosmtplib, ReplyChannel), so a
+    relay's octet that is not UTF-8 becomes a lone surrogate, which no UTF-8 encoder
+    takes: packing the settlement raised, the settler stopped the worker, and the messages
+    the relay had taken were sent again after the claim.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            octets = text.encode("utf-8", "surrogateescape")  # the relay's own octets back
+        except UnicodeEncodeError:  # a surrogate no decoder made: not the relay's octets
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return octets.decode("utf-8", "backslashreplace")
+    return text
 
 
 def relay_reply(code: int, text: str) -> Reply:
@@ -269,7 +292,7 @@ async def _one_by_one(  # noqa: PLR0917 - transaction's own arguments, passed on
         async with asyncio.timeout_at(deadline):
             sender = b"FROM:<" + message.mail_from.encode(encoding) + b">"
             reply = await smtp.execute_command(b"MAIL", sender, *_mail_options(smtp, message))
-            if reply.code != 250:
+            if not _positive(reply.code):
                 raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, message.mail_from)
             for index, rcpt in enumerate(recipients):  # noqa: B007 - the except clauses read it
                 try:
@@ -279,7 +302,7 @@ async def _one_by_one(  # noqa: PLR0917 - transaction's own arguments, passed on
                 except ValueError as exc:  # an address aiosmtplib will not put on a command line
                     result.rejected[rcpt] = Reply(None, f"unsendable address: {exc}")
                     continue
-                if reply.code in (250, 251):
+                if _positive(reply.code):
                     accepted.append(rcpt)
                 elif reply.code == 421:  # the relay is closing the connection: nobody else now
                     raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
@@ -374,7 +397,7 @@ async def pipelined(  # noqa: PLR0917 - a transaction's parts and budgets
     channel.expire_at(deadline, TimeoutError)  # all replies before the dot: --smtp-timeout
     try:
         mail = await channel.reply()
-        if mail.code != 250:  # the group's other replies, then RSET
+        if not _positive(mail.code):  # the group's other replies, then RSET
             fit = await _end_refused(transport, channel, mail, len(asked) + 1)
             refused = relay_reply(mail.code, mail.message)
             if behind_a_dot:
@@ -386,7 +409,7 @@ async def pipelined(  # noqa: PLR0917 - a transaction's parts and budgets
             if reply.code == 421:  # closing: nobody else now
                 raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, rcpt)
             answered += 1
-            if reply.code in (250, 251):
+            if _positive(reply.code):
                 accepted.append(rcpt)
             else:
                 result.refuse([rcpt], relay_reply(reply.code, reply.message))
@@ -447,7 +470,14 @@ async def _end_refused(
         reset = await channel.reply()
     except CONNECTION_ERRORS:  # (a time-out of the send's budget ends the whole send)
         return False
-    return reset.code == 250 and channel.lost is None
+    return _positive(reset.code) and channel.lost is None
+
+
+def _positive(code: int) -> bool:
+    """A 2yz reply: the command was done (RFC 5321 section 4.2.1).  250 is what section
+    4.3.2 lists for MAIL, RCPT (with 251) and the final dot, but a relay's 251 or 252 to the
+    dot still means it took the message: read as a refusal, the message was sent again."""
+    return 200 <= code < 300
 
 
 def _leaves_fit(code: int) -> bool:
@@ -462,7 +492,7 @@ def _ended(
     """The outcome of the reply to the final dot.  Whatever it says, the transaction is over
     (RFC 5321 section 4.1.1.4): the connection needs no RSET to be used again, and is fit
     for the next one unless the reply was not SMTP or a 421, or the connection ended."""
-    if reply.code != 250:
+    if not _positive(reply.code):
         result.refuse(accepted, relay_reply(reply.code, reply.message))
         return TransactionResult(result, reusable=fit)
     result.accepted = accepted
