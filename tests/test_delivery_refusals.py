@@ -94,3 +94,24 @@ async def test_421_to_one_rcpt_defers_it_and_the_recipients_not_yet_asked(
     assert [e["event"] for e in await events(redis)] == ["deferred", "delivered"]
     assert sorted((await events(redis))[0]["recipients"]) == to
     assert await redis.xlen("email.send.dead") == 0
+
+
+async def test_each_event_quotes_its_own_recipients_reply(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """Recipients refused with different replies get an event per reply (one event for all
+    quoted the first reply: bob's 450 read as ann's 452), deferred and then failed; the dead
+    letter's error names each one's reply."""
+    sink.refuse_rcpt("ann@example.com", "452 4.2.2 mailbox full")
+    sink.refuse_rcpt("bob@example.com", "450 4.2.0 mailbox busy")
+    await enqueue(redis, send_message(["ann@example.com", "bob@example.com"]))
+    await run_until_settled(redis, make_config(redis_url, sink.url, max_attempts=2))
+    quoted = [(e["event"], e["recipients"], e["smtp_code"]) for e in await events(redis)]
+    assert quoted == [
+        ("deferred", ["ann@example.com"], "452"),
+        ("deferred", ["bob@example.com"], "450"),
+        ("failed", ["ann@example.com"], "452"),
+        ("failed", ["bob@example.com"], "450"),
+    ]
+    [dead] = await stream_fields(redis, "email.send.dead")
+    assert "ann@example.com: 452" in dead["error"] and "bob@example.com: 450" in dead["error"]

@@ -228,8 +228,8 @@ def _add_retry(
         replay_of=p.job.replay_of,
     )  # fmt: skip
     s.retry = oc.Retry(due=due, fields=retry)
-    reply = oc.first_reply(deferred)
-    s.events.append(layout.event("deferred", p.ref, recipients, reply, when.now, next_attempt=due))
+    for group, reply in _by_reply(deferred):
+        s.events.append(layout.event("deferred", p.ref, group, reply, when.now, next_attempt=due))
     DELIVERY_DEFERRED.inc()
     log.info("deferred", id=p.ref.message_id, attempts=when.attempts,
              due_in=round(due - when.now, 3))  # fmt: skip
@@ -270,9 +270,22 @@ def _add_dead(
         first_attempt=when.first_attempt, last_attempt=when.now, reply=reply,
     )  # fmt: skip
     s.dead_letters.append(letter)
-    s.events.append(layout.event("failed", p.ref, recipients, reply, when.now))
+    for group, own_reply in _by_reply(replies):
+        s.events.append(layout.event("failed", p.ref, group, own_reply, when.now))
     DELIVERY_DEAD.inc()
     log.warning("dead_letter", id=p.ref.message_id, reason=reason, recipients=recipients)
+
+
+def _by_reply(
+    replies: Mapping[str, layout.SmtpReply],
+) -> list[tuple[list[str], layout.SmtpReply]]:
+    """The recipients of each distinct reply, in the order given: one event per reply, so
+    that each quotes what its own recipients got (one event for all quoted the first reply
+    a server gave: a recipient whose dot reply never came read as refused with 452)."""
+    groups: dict[tuple[int | None, str], tuple[list[str], layout.SmtpReply]] = {}
+    for rcpt, reply in replies.items():
+        groups.setdefault((reply.code, reply.text), ([], reply))[0].append(rcpt)
+    return list(groups.values())
 
 
 def poison(p: Prepared, recipients: list[str]) -> oc.Settlement:
