@@ -3,6 +3,8 @@
 Redis errors are retried by the settler; anything else is a bug.  A worker that went on
 reading and sending with a dead settler would leave every entry pending, and each would be
 sent again after ``--claim-after``: the worker must stop (exit 1) so that it is restarted.
+One settlement that cannot be written is no reason to: it goes bare (the recipients sent and
+the acknowledgement), and the rest of its batch whole.
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ import pytest
 import redis.asyncio as aioredis
 
 import workers.streams.outcomes as oc
-from tests.delivery_util import enqueue, make_config, send_message
+from tests.delivery_util import enqueue, events, make_config, outcomes_for, send_message
+from tests.harness import wait_until
 from tests.sinks import RecordingSink
 from workers.delivery import SettlerCrashed, serve
+from workers.delivery.settler import Settler
+from workers.relay import Reply
+from workers.streams import layout
+from workers.streams.layout import StreamKeys
 
 
 async def test_a_crashed_settler_stops_the_worker_and_leaves_the_entry_pending(
@@ -34,3 +41,35 @@ async def test_a_crashed_settler_stops_the_worker_and_leaves_the_entry_pending(
     # Not acknowledged: another worker claims it and the idempotency check of a healthy
     # settler is what stands between it and a second copy.
     assert (await redis.xpending("email.send", "delivery"))["pending"] == 1
+
+
+async def test_a_settlement_that_cannot_be_written_goes_bare_and_the_others_go_on(
+    redis: aioredis.Redis,
+) -> None:
+    """A settlement whose fields no encoder takes (a lone surrogate: a relay's reply text
+    did this) is written bare, its recipients recorded as sent and its entry acknowledged;
+    the rest of its batch is written whole, and the settler goes on.  It stopped the worker
+    with the whole batch pending, and the next worker sent every message in it again."""
+    for n in range(2):
+        await enqueue(redis, send_message(message_id=f"m{n}"))
+    await redis.xgroup_create("email.send", "delivery", id="0")
+    read = await redis.xreadgroup("delivery", "w1", {"email.send": ">"})
+    good_id, bad_id = [entry_id.decode() for entry_id, _ in read[0][1]]
+    ref = layout.MessageRef("m0", good_id, b"")
+    delivered = layout.event("delivered", ref, ["ann@example.com"], Reply(250, "ok"), 1.0)
+    unwritable = {**delivered, "id": "m1", "smtp_text": "re\udce7u"}  # as Reply made it once
+    settled: list[str] = []
+    settler = Settler(outcomes_for(redis), on_crash=lambda: settled.append("crashed"))
+    settler.start()
+    for entry_id, message_id, event in [(good_id, "m0", delivered), (bad_id, "m1", unwritable)]:
+        settlement = oc.Settlement(
+            entry_id=entry_id, message_id=message_id, accepted=["ann@example.com"], events=[event]
+        )
+        settler.submit(settlement, lambda s: settled.append(s.entry_id))
+    await wait_until(lambda: len(settled) == 2)
+    await settler.close(5.0)
+    assert sorted(settled) == sorted([good_id, bad_id])  # neither crashed
+    assert (await redis.xpending("email.send", "delivery"))["pending"] == 0
+    assert [e["id"] for e in await events(redis)] == ["m0"]
+    for message_id in ("m0", "m1"):  # both recorded: a later read sends neither again
+        assert await redis.hkeys(StreamKeys().sent(message_id)) == [b"ann@example.com"]

@@ -29,6 +29,13 @@ class Queued:
     settled: Settled
 
 
+class SettlementUnwritable(Exception):
+    """Not even the bare record of a settlement could be written: a bug."""
+
+    def __init__(self, entry_id: str) -> None:
+        super().__init__(f"the settlement of entry {entry_id} cannot be written")
+
+
 class SettlerCrashed(Unavailable):
     """The settler died of a bug: the worker stopped (exit 1) so that it is restarted."""
 
@@ -105,6 +112,9 @@ class Settler:
                 )
             except (RedisError, OSError) as exc:
                 results = [RedisError(str(exc))] * len(batch)
+            except Exception:  # a bug: a settlement that cannot be written (see _unwritable)
+                batch = await self._unwritable(batch)
+                continue
             failed = []
             for queued, result in zip(batch, results, strict=True):
                 if isinstance(result, RedisError):
@@ -117,6 +127,31 @@ class Settler:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, REDIS_BACKOFF_CAP)
             batch, first_run = failed, False
+
+    async def _unwritable(self, batch: list[Queued]) -> list[Queued]:
+        """A batch that could not be written for a reason other than Redis (a bug: a field
+        no encoder takes).  Each settlement goes alone, and one that still cannot is
+        written bare: its recipients recorded as sent and its entry acknowledged, without its
+        events, dead letters or retry (logged).  Stopping the worker instead, as for any
+        other bug, left the whole batch pending, and the next worker to claim it sent every
+        message in it again.  What is left to write is returned; a bare settlement that
+        cannot be written either raises (the settler stops the worker)."""
+        if len(batch) > 1:
+            for queued in batch:
+                await self._apply([queued])
+            return []
+        [queued] = batch
+        settlement = queued.settlement
+        bare = oc.Settlement(
+            entry_id=settlement.entry_id, message_id=settlement.message_id,
+            accepted=list(settlement.accepted),
+        )  # fmt: skip
+        if settlement == bare:
+            raise SettlementUnwritable(settlement.entry_id)
+        log.exception("settlement_unwritable", entry=settlement.entry_id,
+                      id=settlement.message_id, written="the record of the recipients sent "
+                      "and the acknowledgement; not its events, dead letters or retry")  # fmt: skip
+        return [Queued(bare, queued.settled)]
 
     async def close(self, grace: float) -> None:
         """Flush what is queued; give up after ``grace`` seconds (Redis gone at shutdown)."""
