@@ -224,6 +224,24 @@ async def test_dns_down_gives_temperror_and_still_250(
     assert "spf=temperror" in ours and "dmarc=temperror" in ours
 
 
+async def test_a_helo_name_that_is_not_utf8_is_kept_escaped_and_250(
+    redis_url: str, redis: aioredis.Redis, dns: DnsServer
+) -> None:
+    """aiosmtpd decodes the name with surrogateescape; its lone surrogate went into the
+    entry's auth map, which then could not be packed: 451 to every message of the session,
+    and the mail was never stored."""
+    async with ingest(redis_url, verify=True, dns_server=dns.address) as server:
+        conn = await SMTPConn.open(server.port)
+        try:
+            assert (await conn.cmd(b"EHLO cli\xe7nt.test"))[0] == 250
+            reply = await conn.transaction(mail(), mail_from="a@example.com")
+        finally:
+            await conn.close()
+    assert reply[0] == 250, reply
+    [(_, entry)] = await entries(redis)
+    assert entry["auth"]["spf_helo"] == {"result": "none", "domain": "cli\\xe7nt.test"}
+
+
 async def test_no_verify_adds_nothing(redis_url: str, redis: aioredis.Redis) -> None:
     reply, entry = await received(redis_url, redis, mail(), "a@example.com", verify=False)
     assert reply[0] == 250

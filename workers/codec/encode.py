@@ -664,3 +664,21 @@ def rewrite_params(value: str, replace: dict[str, str | None], path: str) -> str
         if new is not None:
             out.append(format_param(name, new))
     return "; ".join(out)
+
+
+def utf8_text(text: str) -> str:
+    """``text`` with what cannot be written as UTF-8 escaped: octets that came in as lone
+    surrogates (``surrogateescape``, as aiosmtpd and aiosmtplib decode lines) as ``\\xe7``,
+    any other lone surrogate as ``\\ud800``.  Text from outside goes through this before
+    it is stored or sent on: msgpack and hiredis take valid UTF-8 only."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            octets = text.encode("utf-8", "surrogateescape")  # the peer's own octets back
+        except UnicodeEncodeError:  # a surrogate no decoder made: not the peer's octets
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return octets.decode("utf-8", "backslashreplace")
+    return text

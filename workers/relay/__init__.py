@@ -35,6 +35,7 @@ import aiosmtplib
 import structlog
 
 from workers.codec.build import BuiltMessage
+from workers.codec.encode import utf8_text
 from workers.relay import aiosmtplib_fence, pipelining
 
 log = structlog.get_logger("mailpool.relay")
@@ -50,31 +51,16 @@ class Reply:
     text: str  # valid UTF-8 always: it goes into events, dead letters and the log
 
     def __post_init__(self) -> None:
+        # Reply lines are decoded with surrogateescape (aiosmtplib, ReplyChannel): a
+        # relay's octet that is not UTF-8 (a Latin-1 "ç") became a lone surrogate, which
+        # hiredis cannot pack: the settler stopped the worker, and the messages the relay
+        # had taken were sent again after the claim.
         if not self.text.isascii():
             object.__setattr__(self, "text", utf8_text(self.text))
 
     @property
     def permanent(self) -> bool:
         return self.code is not None and 500 <= self.code < 600
-
-
-def utf8_text(text: str) -> str:
-    """``text`` with what cannot be written as UTF-8 escaped (a Latin-1 "ç": ``\\xe7``).
-
-    Reply lines are decoded with ``surrogateescape`` (aiosmtplib, ReplyChannel), so a
-    relay's octet that is not UTF-8 becomes a lone surrogate, which no UTF-8 encoder
-    takes: packing the settlement raised, the settler stopped the worker, and the messages
-    the relay had taken were sent again after the claim.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        try:
-            octets = text.encode("utf-8", "surrogateescape")  # the relay's own octets back
-        except UnicodeEncodeError:  # a surrogate no decoder made: not the relay's octets
-            return text.encode("utf-8", "backslashreplace").decode("utf-8")
-        return octets.decode("utf-8", "backslashreplace")
-    return text
 
 
 def relay_reply(code: int, text: str) -> Reply:

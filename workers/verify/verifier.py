@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import getaddresses
 
-from workers.codec.encode import ascii_domain
+from workers.codec.encode import ascii_domain, utf8_text
 from workers.codec.headers import unfold
 from workers.codec.parse import DEFAULT_PARSE_LIMITS, HeaderBlock, field_values
 from workers.codec.signing import author_domain, is_host_name
@@ -96,6 +96,10 @@ class Verifier:
         stands for it) and for the HELO name, from ``peer_ip``."""
         ip = _plain_ip(peer_ip)
         sender = "" if sender == "<>" else sender  # aiosmtpd's null reverse-path
+        # The HELO name as aiosmtpd decoded it: an octet that is not UTF-8 is a lone
+        # surrogate, which went into the entry's auth map and failed its packing (451 to
+        # every message of the session).  Escaped, it is no host name: SPF "none".
+        helo = utf8_text(helo)
         now = time.monotonic()
         helo_check = self._spf(ip, "", helo, now)
         mailfrom = self._spf(ip, sender, helo, now) if sender else helo_check
