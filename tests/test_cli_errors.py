@@ -4,6 +4,7 @@ wrong flag after a sub-command (that sub-command's usage, not the top level's)."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -38,11 +39,13 @@ ONE_SHOT_COMMANDS = [
 ]
 
 
-def mailpool(*args: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess[str], float]:
+def mailpool(
+    *args: str, timeout: float = 30, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "workers", *args],
-        capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=ROOT, check=False,
+        [sys.executable, "-m", "workers", *args], capture_output=True, text=True,
+        timeout=timeout, env={**child_env(), **(env or {})}, cwd=ROOT, check=False,
     )  # fmt: skip
     return done, time.monotonic() - started
 
@@ -129,3 +132,34 @@ def test_a_wrong_flag_before_the_sub_command_is_the_top_levels() -> None:
     done, _ = mailpool("--bogus", "status")
     assert done.returncode == 2
     assert done.stderr.startswith("usage: mailpool [-h]")
+
+
+# An octet that is not UTF-8 (\xe7), as the shell passes it: os.fsdecode gives the lone
+# surrogate the child's argv and os.environ will hold.
+LATIN_1 = os.fsdecode(b"\xe7")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dead", "show", f"1-{LATIN_1}"],
+        ["suppress", "remove", f"bob{LATIN_1}@example.com"],
+        ["status", "--redis-password", f"secr{LATIN_1}t"],
+    ],
+    ids=["dead-show", "suppress-remove", "password"],
+)
+def test_an_argument_that_is_not_utf8_is_refused_by_position(args: list[str]) -> None:
+    """It failed in Redis's client with a traceback.  The value is not shown: it may be a
+    password."""
+    done, _ = mailpool(*args)
+    assert done.returncode == 2, done.stderr
+    said = done.stderr.splitlines()[-1]
+    assert said == f"mailpool: error: argument {len(args)} is not valid UTF-8 text"
+    assert "Traceback" not in done.stderr and "secr" not in done.stderr
+
+
+def test_an_environment_value_that_is_not_utf8_names_its_option() -> None:
+    done, _ = mailpool("status", env={"MAILPOOL_REDIS_PASSWORD": f"secr{LATIN_1}t"})
+    assert (done.returncode, done.stderr) == (
+        2, "mailpool status: --redis-password: not valid UTF-8 text\n"
+    )  # fmt: skip

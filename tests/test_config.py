@@ -46,6 +46,12 @@ def test_environment_lists_and_booleans() -> None:
         ({"MAILPOOL_VERIFY_BUDGET": "0"}, "--verify-budget: seconds, more than 0"),
         ({"MAILPOOL_AUTHSERV_ID": "mx example"}, "--authserv-id: 'mx example' is not a name"),
         ({"MAILPOOL_HOSTNAME": "mx;evil"}, "--authserv-id: 'mx;evil' .* default is --hostname"),
+        # The greeting carries it, and aiosmtpd sends it as ASCII: no client was greeted.
+        ({"MAILPOOL_HOSTNAME": "mx ü.example"}, "--hostname: 'mx ü.example' is no ASCII host"),
+        # An octet that is not UTF-8 (os.environ's lone surrogate) failed later, in Redis's
+        # client or the greeting, with a traceback.
+        ({"MAILPOOL_RECEIVE_STREAM": "r\udce7"}, "--receive-stream: not valid UTF-8 text"),
+        ({"MAILPOOL_HOSTNAME": "mx\udce7.example"}, "--hostname: not valid UTF-8 text"),
     ],
 )
 def test_bad_values_name_the_option(env: dict[str, str], message: str) -> None:
@@ -58,6 +64,25 @@ def test_claim_after_must_outlast_an_smtp_transaction() -> None:
     add_arguments(parser, DeliveryConfig)
     args = parser.parse_args(["--relay", "maildir:/tmp/m", "--claim-after", "10"])
     with pytest.raises(ConfigError, match="--claim-after"):
+        from_arguments(DeliveryConfig, args, {})
+
+
+@pytest.mark.parametrize(
+    ("hostname", "message"),
+    [
+        ("mx-€.example", "--hostname: invalid international domain 'mx-€.example'"),
+        ("mx\udce7.example", "--hostname: not valid UTF-8 text"),
+    ],
+)
+def test_a_delivery_hostname_no_message_could_be_built_with_stops_the_start(
+    hostname: str, message: str
+) -> None:
+    """Every message's build takes it (EHLO, Message-ID): the worker started, and dead-lettered
+    each message as invalid, past replaying."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, DeliveryConfig)
+    args = parser.parse_args(["--relay", "maildir:/tmp/m", "--hostname", hostname])
+    with pytest.raises(ConfigError, match=message):
         from_arguments(DeliveryConfig, args, {})
 
 

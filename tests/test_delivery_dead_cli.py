@@ -142,6 +142,21 @@ async def test_a_field_that_does_not_parse_is_shown_as_text(
     )  # fmt: skip
 
 
+async def test_odd_values_other_producers_stored_are_listed(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """A time past what gmtime shows and a recipient with a lone surrogate (valid JSON, no
+    valid UTF-8) each ended the listing with a traceback."""
+    await redis.xadd(
+        "email.send.dead",
+        {"data": pack(send_message()), "reason": "expired", "last_attempt": "1e400",
+         "recipients": '["\\ud800@example.com"]', "error": "gave up"},
+    )  # fmt: skip
+    listed = dead(redis_url, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "inf" in listed.stdout and "\\ud800@example.com" in listed.stdout, listed.stdout
+
+
 def test_replay_needs_ids_or_all(redis_url: str) -> None:
     result = dead(redis_url, "replay")
     assert result.returncode == 2

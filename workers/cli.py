@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import signal
 import sys
@@ -35,6 +36,7 @@ from workers import (
     status,
     suppress,
 )
+from workers.codec.encode import utf8_text
 from workers.config import (
     CommonConfig,
     ConfigError,
@@ -162,7 +164,17 @@ def build_parser(commands: Sequence[Command[Any]] = COMMANDS) -> argparse.Argume
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    for position, argument in enumerate(arguments, 1):
+        if utf8_text(argument) != argument:  # an octet not UTF-8: a lone surrogate here
+            # Not shown: it may be a password.  Redis's client failed on it with a traceback.
+            parser.error(f"argument {position} is not valid UTF-8 text")
+    # What other producers stored may hold any text (a lone surrogate from a JSON escape):
+    # listed, it is escaped instead of ending the listing with a traceback.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    args = parser.parse_args(arguments)
     command: Command[Any] = args._command
     try:
         config = from_arguments(command.config, args)

@@ -32,6 +32,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import dns.resolver
 
 from workers import errors
+from workers.codec.encode import idna_domain
+from workers.codec.errors import BuildError
 from workers.codec.signing import KeyTable, SigningKey, load_key, parse_key_table
 from workers.relay import MaildirTransport, RelaySettings, Transport
 from workers.relay.pool import SmtpPool
@@ -93,6 +95,26 @@ def option(
 
 def flag_name(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("flag") or "--" + f.name.replace("_", "-"))
+
+
+def check_utf8(config: Any) -> None:
+    """Every text option is UTF-8.  A flag or MAILPOOL_* value with an octet that is not
+    comes from argparse and os.environ as a lone surrogate, which failed later with a
+    traceback: in Redis's client, in the SMTP greeting (ingest then greeted no one), or in
+    the build of every message (delivery dead-lettered them all)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for text in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(text, str) and not _is_utf8(text):
+                raise ConfigError(f"{flag_name(f)}: not valid UTF-8 text")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def env_name(f: dataclasses.Field[Any]) -> str:
@@ -197,6 +219,7 @@ class CommonConfig:
     }
 
     def validate(self) -> None:
+        check_utf8(self)
         read_secret_files(self)
         remember_secrets(self)
         for name, allowed in self._choices.items():
@@ -521,6 +544,12 @@ class IngestConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not (self.hostname.isascii() and self.hostname.isprintable()) or " " in self.hostname:
+            # The greeting and the EHLO reply carry it: aiosmtpd sends them as ASCII.
+            raise ConfigError(
+                f"--hostname: {self.hostname!r} is no ASCII host name (write an international "
+                "one as its xn-- A-labels)"
+            )
         parse_host_port(self.listen, "--listen")
         if self.tls_listen:
             parse_host_port(self.tls_listen, "--tls-listen")
@@ -829,6 +858,10 @@ class DeliveryConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
+        try:  # as the build of every message takes it (else each one is dead-lettered)
+            idna_domain(self.hostname, "--hostname")
+        except BuildError as exc:
+            raise ConfigError(str(exc)) from None
         _ = self.signing_keys  # a missing, unreadable or malformed key stops the start
         if self.relay is None:
             raise ConfigError(

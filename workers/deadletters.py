@@ -236,7 +236,10 @@ def _line(letter: DeadLetter, partition: Partition) -> str:
     """One table row of a dead letter."""
     when = "-"
     if letter.last_attempt:
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.last_attempt))
+        try:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.last_attempt))
+        except (OverflowError, OSError, ValueError):  # another producer's inf, nan or 1e30
+            when = repr(letter.last_attempt)
     error = (letter.error or "").replace("\n", " ")
     reason = "?" if letter.reason is None else letter.reason
     # Recipients that do not read as an array are shown as stored.
