@@ -470,7 +470,9 @@ class IngestConfig(CommonConfig):
 
     listen: str = option("0.0.0.0:2525", "SMTP listen address HOST:PORT")
     hostname: str = option(
-        socket.gethostname(), "name in the SMTP banner, EHLO reply and Received field"
+        socket.gethostname(),
+        "name in the SMTP banner, EHLO reply and Received field (ASCII: an international "
+        "name as its xn-- A-labels; checked at start)",
     )
     max_size: int = option(26_214_400, "largest message accepted, in octets (SIZE; 552 beyond)")
     max_recipients: int = option(100, "recipients per message (452 beyond; RFC 5321 asks >= 100)")
@@ -842,7 +844,11 @@ class DeliveryConfig(CommonConfig):
     )
     replica_timeout: float = option(1.0, "seconds to wait for --min-replicas acks")
     shutdown_grace: float = option(30.0, "seconds sends in flight may finish after SIGTERM")
-    hostname: str = option(socket.gethostname(), "EHLO name and Message-ID domain")
+    hostname: str = option(
+        socket.gethostname(),
+        "EHLO name and Message-ID domain (an international name goes out as its A-labels; "
+        "one IDNA refuses stops the start)",
+    )
     dkim_keys: str | None = option(
         None,
         "DKIM key table: a DOMAIN SELECTOR PATH-TO-PEM line per key (ed25519 or rsa, "
