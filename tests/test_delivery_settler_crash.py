@@ -10,6 +10,7 @@ the acknowledgement), and the rest of its batch whole.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -73,3 +74,41 @@ async def test_a_settlement_that_cannot_be_written_goes_bare_and_the_others_go_o
     assert [e["id"] for e in await events(redis)] == ["m0"]
     for message_id in ("m0", "m1"):  # both recorded: a later read sends neither again
         assert await redis.hkeys(StreamKeys().sent(message_id)) == [b"ann@example.com"]
+
+
+async def test_a_batch_that_failed_after_reaching_redis_is_not_written_twice(
+    redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What raised may have come after Redis applied the batch: the settlements written
+    again alone must take the path that finds them applied (not a first run's transaction),
+    or each delivery's event is written twice."""
+    real_settle = oc.Outcomes.settle
+    calls: list[int] = []
+
+    async def applied_then_raises(self: oc.Outcomes, *args: Any, **kwargs: Any) -> Any:
+        results = await real_settle(self, *args, **kwargs)
+        calls.append(len(args[0]))
+        if len(calls) == 1:
+            raise ValueError("a bug after the batch reached Redis")
+        return results
+
+    monkeypatch.setattr(oc.Outcomes, "settle", applied_then_raises)
+    for n in range(2):
+        await enqueue(redis, send_message(message_id=f"m{n}"))
+    await redis.xgroup_create("email.send", "delivery", id="0")
+    read = await redis.xreadgroup("delivery", "w1", {"email.send": ">"})
+    settled: list[str] = []
+    settler = Settler(outcomes_for(redis), on_crash=lambda: settled.append("crashed"))
+    settler.start()
+    for n, (entry_id, _) in enumerate(read[0][1]):
+        ref = layout.MessageRef(f"m{n}", entry_id.decode(), b"")
+        event = layout.event("delivered", ref, ["ann@example.com"], Reply(250, "ok"), 1.0)
+        settlement = oc.Settlement(
+            entry_id=entry_id.decode(), message_id=f"m{n}", accepted=["ann@example.com"],
+            events=[event],
+        )  # fmt: skip
+        settler.submit(settlement, lambda s: settled.append(s.entry_id))
+    await wait_until(lambda: len(settled) == 2)
+    await settler.close(5.0)
+    assert "crashed" not in settled and calls[0] == 2  # the batch went whole, then alone
+    assert sorted(e["id"] for e in await events(redis)) == ["m0", "m1"]

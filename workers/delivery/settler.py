@@ -95,14 +95,15 @@ class Settler:
             await self._apply(batch)
             self._applying = 0
 
-    async def _apply(self, batch: list[Queued]) -> None:
+    async def _apply(self, batch: list[Queued], *, first_run: bool = True) -> None:
         """Apply a batch; retry what failed (Redis away, out of memory) until it is applied.
 
         An outcome is never dropped: the recipients it records were really sent, and an
         entry left unacknowledged would be sent again.  Only the stop deadline ends this.
         """
         delay = 0.05
-        first_run = True  # a run after a failed one may find its settlements applied
+        # ``first_run``: none was sent before.  A run after a failed one may find its
+        # settlements applied, so it must not say so.
         while batch:
             try:
                 results: list[bool | RedisError] = list(
@@ -113,7 +114,8 @@ class Settler:
             except (RedisError, OSError) as exc:
                 results = [RedisError(str(exc))] * len(batch)
             except Exception:  # a bug: a settlement that cannot be written (see _unwritable)
-                batch = await self._unwritable(batch)
+                # Whatever raised may have come after the batch reached Redis.
+                batch, first_run = await self._unwritable(batch), False
                 continue
             failed = []
             for queued, result in zip(batch, results, strict=True):
@@ -138,7 +140,7 @@ class Settler:
         cannot be written either raises (the settler stops the worker)."""
         if len(batch) > 1:
             for queued in batch:
-                await self._apply([queued])
+                await self._apply([queued], first_run=False)
             return []
         [queued] = batch
         settlement = queued.settlement
