@@ -36,7 +36,7 @@ from workers import (
     status,
     suppress,
 )
-from workers.codec.encode import utf8_text
+from workers.codec.encode import is_utf8
 from workers.config import (
     CommonConfig,
     ConfigError,
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     for position, argument in enumerate(arguments, 1):
-        if utf8_text(argument) != argument:  # an octet not UTF-8: a lone surrogate here
+        if not is_utf8(argument):  # an octet not UTF-8: a lone surrogate here
             # Not shown: it may be a password.  Redis's client failed on it with a traceback.
             parser.error(f"argument {position} is not valid UTF-8 text")
     # What other producers stored may hold any text (a lone surrogate from a JSON escape):

@@ -32,7 +32,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import dns.resolver
 
 from workers import errors
-from workers.codec.encode import idna_domain
+from workers.codec.encode import idna_domain, is_utf8
 from workers.codec.errors import BuildError
 from workers.codec.signing import KeyTable, SigningKey, load_key, parse_key_table
 from workers.relay import MaildirTransport, RelaySettings, Transport
@@ -105,16 +105,8 @@ def check_utf8(config: Any) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         for text in value if isinstance(value, list | tuple) else [value]:
-            if isinstance(text, str) and not _is_utf8(text):
+            if isinstance(text, str) and not is_utf8(text):
                 raise ConfigError(f"{flag_name(f)}: not valid UTF-8 text")
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def env_name(f: dataclasses.Field[Any]) -> str:

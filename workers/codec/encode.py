@@ -671,14 +671,21 @@ def utf8_text(text: str) -> str:
     surrogates (``surrogateescape``, as aiosmtpd and aiosmtplib decode lines) as ``\\xe7``,
     any other lone surrogate as ``\\ud800``.  Text from outside goes through this before
     it is stored or sent on: msgpack and hiredis take valid UTF-8 only."""
-    if text.isascii():
+    if is_utf8(text):
         return text
+    try:
+        octets = text.encode("utf-8", "surrogateescape")  # the peer's own octets back
+    except UnicodeEncodeError:  # a surrogate no decoder made: not the peer's octets
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return octets.decode("utf-8", "backslashreplace")
+
+
+def is_utf8(text: str) -> bool:
+    """``text`` can be written as UTF-8: it holds no lone surrogate."""
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        try:
-            octets = text.encode("utf-8", "surrogateescape")  # the peer's own octets back
-        except UnicodeEncodeError:  # a surrogate no decoder made: not the peer's octets
-            return text.encode("utf-8", "backslashreplace").decode("utf-8")
-        return octets.decode("utf-8", "backslashreplace")
-    return text
+        return False
+    return True
