@@ -365,6 +365,7 @@ ALLOWED: dict[str, list[tuple[Any, ...]]] = {
         ("XTRIM", "email.receive", "MINID", "0"),
         ("XTRIM", "email.send", "MAXLEN", "1000"),
         ("XGROUP", "DELCONSUMER", "email.send", "delivery", "gone"),
+        ("FCALL", functions.REMOVE_IDLE_CONSUMER, "1", "email.receive", "app", "gone"),
         ("ZCARD", "mailpool:retry"),
         ("ZRANGE", "mailpool:retry", "0", "0", "WITHSCORES"),
         ("ZRANGEBYSCORE", "mailpool:suppressed", "-inf", "1"),  # expired suppressions

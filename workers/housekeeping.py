@@ -26,7 +26,7 @@ from workers.config import (
 )
 from workers.health import serving_health
 from workers.lifecycle import serve_until_signalled
-from workers.streams import layout
+from workers.streams import functions, layout
 from workers.streams.bounces import BounceReader, forget_group
 from workers.streams.connection import (
     as_text,
@@ -105,14 +105,22 @@ async def _length_floor(redis: aioredis.Redis, stream: str, max_len: int) -> str
     return layout.id_after(as_text(oldest[-1][0]) or layout.MIN_ID) if oldest else None
 
 
-async def trim_stream(redis: aioredis.Redis, stream: str, max_age: float, max_len: int) -> int:
-    """Trim by age and length, never below what a group still needs; returns entries removed."""
+async def trim_stream(
+    redis: aioredis.Redis, stream: str, max_age: float, max_len: int, *, unread_kept: bool = False
+) -> int:
+    """Trim by age and length, never below what a group still needs; returns entries removed.
+
+    ``unread_kept``: a stream no group reads yet is not trimmed at all (the send stream: its
+    entries wait for the first delivery worker, whose group starts at id 0).
+    """
+    protected = await protected_from(redis, stream)
+    if protected is None and unread_kept:  # no group (or no stream)
+        return 0
     wanted = [layout.id_at(time.time() - max_age)]
     by_length = await _length_floor(redis, stream, max_len)
     if by_length:
         wanted.append(by_length)
     target = max(wanted, key=layout.parse_id)
-    protected = await protected_from(redis, stream)
     if protected is not None:
         target = min(target, protected, key=layout.parse_id)
     removed = int(await redis.xtrim(stream, minid=target, approximate=False))
@@ -128,7 +136,11 @@ async def remove_vanished_consumers(redis: aioredis.Redis, stream: str, idle: fl
         for consumer in await redis.xinfo_consumers(stream, group):
             if int(consumer["pending"]) == 0 and int(consumer["idle"]) > idle * 1000:
                 name = as_text(consumer["name"]) or ""
-                await redis.xgroup_delconsumer(stream, group, name)
+                # In one step with the pending check: a consumer that read since XINFO
+                # would lose its entries from the group for good to a bare DELCONSUMER.
+                remove = functions.REMOVE_IDLE_CONSUMER
+                if int(await functions.fcall(redis, remove, [stream], [group, name])):
+                    continue  # it read meanwhile: not vanished after all
                 log.info("consumer_removed", stream=stream, group=group, consumer=name)
                 removed += 1
     return removed
@@ -139,7 +151,7 @@ async def housekeep_once(redis: aioredis.Redis, keys: StreamKeys, config: Housek
     # lag this creates is what wakes it up (KEDA watches the send stream's lag).
     await promote_due(redis, keys, time.time())
     await trim_stream(redis, keys.receive, config.receive_max_age, config.receive_max_len)
-    await trim_stream(redis, keys.send, config.send_max_age, config.send_max_len)
+    await trim_stream(redis, keys.send, config.send_max_age, config.send_max_len, unread_kept=True)
     for stream in (keys.receive, keys.send):
         await remove_vanished_consumers(redis, stream, config.consumer_idle)
     purged = await SuppressionList([(redis, keys)]).purge_expired()
