@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,11 +191,11 @@ async def test_a_pass_that_fails_midway_reads_the_rest_next_time(
     record = BounceReader._record_bounce
     calls = []
 
-    async def fails_once(self: BounceReader, bounce: object, number: int) -> bool:
+    async def fails_once(self: BounceReader, bounce: object, number: int, **how: bool) -> bool:
         calls.append(bounce)
         if len(calls) == 2:
             raise aioredis.ConnectionError("Redis went away")
-        return await record(self, bounce, number)  # type: ignore[arg-type]
+        return await record(self, bounce, number, **how)  # type: ignore[arg-type]
 
     monkeypatch.setattr(BounceReader, "_record_bounce", fails_once)
     with pytest.raises(aioredis.ConnectionError):
@@ -284,6 +284,38 @@ async def test_a_bounce_that_blames_the_sender_suppresses_nobody(redis: aioredis
     assert await redis.exists("mailpool:suppressed") == 0
 
 
+@pytest.mark.parametrize(
+    ("status", "diagnostic"),
+    [
+        # Postfix's reject_unlisted_sender at a later hop: the status is a 5.1.x, the
+        # text names the sender; the same reply at RCPT suppresses nobody either.
+        (
+            b"5.1.0",
+            b"smtp; 550 5.1.0 <app@example.com>: Sender address rejected: "
+            b"User unknown in local recipient table",
+        ),
+        (b"5.1.1", b"smtp; 550 5.7.1 Message rejected as spam"),  # the reply says policy
+        (b"5.1.1", b"x-unix; sender domain has no MX"),  # no SMTP reply, names the sender
+    ],
+)
+async def test_a_report_whose_diagnostic_blames_no_address_suppresses_nobody(
+    redis: aioredis.Redis, status: bytes, diagnostic: bytes
+) -> None:
+    """A report suppresses as the same refusal at RCPT would (the Status alone is not
+    enough): a sender misconfigured at a later hop must not suppress its recipients."""
+    reader = BounceReader([(redis, StreamKeys())], suppress_ttl=3600)
+    await reader.read_once(0)
+    await redis.hset("mailpool:sent:order-3", mapping={"carol@corp.test": "1"})
+    report = _report(message_id="<order-3.0123456789ab@x>", rcpt="carol@corp.test")
+    report = report.replace(b"Status: 5.1.1", b"Status: " + status).replace(
+        b"smtp; 550 5.1.1 no such user", diagnostic
+    )
+    await _store_report(redis, report)
+    assert await reader.read_once(0) == 1
+    assert [e["recipients"] for e in await events(redis)] == [["carol@corp.test"]]
+    assert await redis.exists("mailpool:suppressed") == 0
+
+
 def _report_of(status_part: bytes, *, kind: bytes = b"message/delivery-status") -> bytes:
     """A report on order-9 whose status part's body is ``status_part``."""
     return (
@@ -342,12 +374,16 @@ def test_a_global_report_has_its_utf8_addresses_decoded() -> None:
     ]
 
 
-async def _bounces_of(redis: aioredis.Redis, *reports: bytes) -> list[dict[str, Any]]:
-    """The events of order-9 (sent to Ann and to Zoë at bücher.example) after these reports."""
+async def _bounces_of(
+    redis: aioredis.Redis,
+    *reports: bytes,
+    sent: Sequence[str] = ("Ann@example.com", "zoe@xn--bcher-kva.example"),
+) -> list[dict[str, Any]]:
+    """The events of order-9 (sent to ``sent``: Ann and Zoë at bücher.example) after these
+    reports."""
     reader = BounceReader([(redis, StreamKeys())], suppress_ttl=3600)
     await reader.read_once(0)
-    sent = {"Ann@example.com": "1", "zoe@xn--bcher-kva.example": "1"}
-    await redis.hset("mailpool:sent:order-9", mapping=sent)  # type: ignore[arg-type]
+    await redis.hset("mailpool:sent:order-9", mapping=dict.fromkeys(sent, "1"))
     await redis.expire("mailpool:sent:order-9", 600)
     for report in reports:
         await _store_report(redis, report)
@@ -374,9 +410,17 @@ async def test_a_bounce_names_the_recipient_as_sent_and_matches_its_original(
     assert [json.loads(e["recipients"]) for e in found] == [
         ["Ann@example.com"], ["zoe@xn--bcher-kva.example"]
     ]  # fmt: skip
-    assert await redis.zrange("mailpool:suppressed", 0, -1) == [
-        b"ann@example.com", b"zoe@xn--bcher-kva.example"
-    ]  # fmt: skip
+    # Each recipient of order-9 holds its Message-ID, so Ann could have written the report
+    # on Zoë: a send that reached several recipients gets events, and suppresses nobody.
+    assert await redis.exists("mailpool:suppressed") == 0
+
+
+async def test_a_bounce_of_a_send_to_one_recipient_suppresses_it(redis: aioredis.Redis) -> None:
+    found = await _bounces_of(
+        redis, _failed("real-box@other.example", "zoe@bücher.example"), sent=["Zoe@bücher.example"]
+    )
+    assert [json.loads(e["recipients"]) for e in found] == [["Zoe@bücher.example"]]
+    assert await redis.zrange("mailpool:suppressed", 0, -1) == [b"zoe@xn--bcher-kva.example"]
 
 
 async def test_a_report_received_twice_makes_one_event(redis: aioredis.Redis) -> None:

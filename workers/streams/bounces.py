@@ -72,6 +72,7 @@ class Bounce:
     # Original-Recipient's address: the one we sent to when the receiving side expanded it
     # (an alias, a forward) into the Final-Recipient (RFC 3464 section 2.3.1).
     original: str = ""
+    diagnostic: str = ""  # the Diagnostic-Code as given (reply is its SMTP reply, if any)
 
     def names(self) -> tuple[str, ...]:
         """The addresses it may name a recipient of ours by, as the list keys them."""
@@ -90,11 +91,13 @@ def bounces_in(entry_id: str, message: dict[str, Any]) -> list[Bounce]:
     for recipient in report.get(REPORTED_RECIPIENTS, []):
         if not isinstance(recipient, dict) or recipient.get("action") != "failed":
             continue
-        match = _DIAGNOSTIC.match(str(recipient.get("diagnostic_code", "")))
+        diagnostic = str(recipient.get("diagnostic_code", ""))
+        match = _DIAGNOSTIC.match(diagnostic)
         reply = _Reply(int(match.group(1)), match.group(2).strip()) if match else _Reply(None, "")
         status = str(recipient.get("status", ""))
         found.append(Bounce(message_id, str(recipient.get("address", "")), status, reply,
-                            entry_id, str(recipient.get("original_address", ""))))  # fmt: skip
+                            entry_id, str(recipient.get("original_address", "")),
+                            diagnostic))  # fmt: skip
     return found
 
 
@@ -196,7 +199,8 @@ class BounceReader:
             number, reached = accepted[bounce.message_id]
             sent_to = next((reached[n] for n in bounce.names() if n in reached), None)
             if sent_to is not None:
-                recorded += await self._record_bounce(replace(bounce, recipient=sent_to), number)
+                matched = replace(bounce, recipient=sent_to)
+                recorded += await self._record_bounce(matched, number, shared=len(reached) > 1)
         return recorded
 
     async def _sent_record(self, message_id: str) -> tuple[int, dict[str, str]]:
@@ -216,10 +220,13 @@ class BounceReader:
                 return number, {suppression.normalise(_text(k)): _text(k) for k in sent}
         return candidates[0], {}
 
-    async def _record_bounce(self, bounce: Bounce, number: int) -> bool:
+    async def _record_bounce(self, bounce: Bounce, number: int, *, shared: bool) -> bool:
         """The event (and the suppression), once per send and recipient: a report received
         again (a resend, a second copy) records nothing.  Marked after the event, so a
-        failure in between makes a second event, never none."""
+        failure in between makes a second event, never none.
+
+        ``shared``: the send reached other recipients too.  Each of them holds its
+        Message-ID and could forge a report naming this one, so it suppresses nobody."""
         redis, keys = self.copies[number]
         bounced = keys.bounced(bounce.message_id)
         if await redis.hexists(bounced, bounce.recipient):
@@ -231,7 +238,13 @@ class BounceReader:
         await redis.xadd(keys.events, event, maxlen=self.events_maxlen, approximate=True)
         log.info("bounced", id=bounce.message_id, recipient=bounce.recipient,
                  status=bounce.status, report=bounce.report_id)  # fmt: skip
-        if self.suppress_ttl > 0 and suppression.address_status(bounce.status):
+        if (
+            self.suppress_ttl > 0
+            and not shared
+            and suppression.report_refuses_the_address(
+                bounce.status, bounce.reply, bounce.diagnostic
+            )
+        ):
             await self._suppression.add([Suppression(
                 address=suppression.normalise(bounce.recipient), until=now + self.suppress_ttl,
                 reason=REASON_BOUNCED, since=now, code=bounce.reply.code,

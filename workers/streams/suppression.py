@@ -116,6 +116,17 @@ def refuses_the_address(reply: SmtpReply) -> bool:
     )
 
 
+def report_refuses_the_address(status: str, reply: SmtpReply, diagnostic: str) -> bool:
+    """True for a delivery-status report's failed recipient that blames the address: its
+    ``Status`` is one :func:`address_status` accepts, and its Diagnostic-Code names no
+    sender and, when it holds an SMTP ``reply``, is a reply :func:`refuses_the_address`
+    accepts (a later hop's ``550 5.1.0 <app@example.com>: Sender address rejected`` comes
+    back with Status 5.1.0, and must suppress nobody, as the same reply at RCPT does)."""
+    if not address_status(status) or _BLAMES_THE_SENDER.search(diagnostic):
+        return False
+    return reply.code is None or refuses_the_address(reply)
+
+
 @dataclass(frozen=True)
 class Suppression:
     address: str
