@@ -74,6 +74,12 @@ that constructs 2 000 sessions:
   (test_ingest_tls_auth::test_starttls_inside_tls_is_refused_and_the_session_goes_on),
   and on the implicit-TLS listener, where 1.4.6 answered 454 "TLS not available"
   (test_ingest_tls_auth::test_implicit_tls_listener).
+* ``eof_received`` (:meth:`FencedSMTP.end_of_input`) gives the end of the input to the
+  reader without 1.4.6's cancel of the command loop: a client that half-closes after
+  pipelining its message and QUIT gets its 250 and 221, where 1.4.6 stored the message
+  and dropped its reply (the client sent it again); the loop ends at the end of the input
+  (asyncio_fence.SessionReader.readuntil)
+  (test_ingest_half_close::test_a_message_pipelined_before_a_half_close_is_answered_and_stored_once).
 * :data:`REWRITTEN_REPLIES` matches 1.4.6's wording of three refusals to give them
   enhanced status codes (test_ingest_replies::test_552_over_the_size_limit,
   ::test_500_for_lines_and_commands_over_the_rfc_limits,
@@ -317,6 +323,18 @@ class FencedSMTP(SMTP):
 
     def restart_command_timer(self) -> None:
         self._reset_timeout()
+
+    def end_of_input(self) -> bool:
+        """``eof_received`` without 1.4.6's cancel of the command loop: the end of the
+        input goes to the reader, the loop answers every command received before it (a
+        client may half-close once it sent QUIT, pipelined after its message's dot) and
+        ends there (:meth:`SessionReader.readuntil`).  1.4.6 cancels the loop at once,
+        dropping the reply to a message being stored, which the client then sends again.
+        True: the transport keeps its writing half open.  Not over TLS, which has no
+        half-close (the connection closes, as with 1.4.6)."""
+        if self.session is not None and self.session.ssl is not None:
+            return bool(super().eof_received())
+        return bool(asyncio.StreamReaderProtocol.eof_received(self))  # False on implicit TLS
 
     def lengthen_command_line(self, command: str, octets: int) -> None:
         """Let ``command``'s line be ``octets`` longer in an extended (EHLO) session, as

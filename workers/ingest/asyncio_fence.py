@@ -1,7 +1,7 @@
 """What the ingest role uses of asyncio beyond its documented API: putting octets back
 into a ``StreamReader`` (:func:`unread`), dropping what it holds (:func:`discard_held`),
-and a ``StreamReader`` whose flow control is not tied to its line limit
-(:class:`SessionReader`).
+and a ``StreamReader`` whose flow control is not tied to its line limit and whose
+``readuntil`` ends the session at the end of the input (:class:`SessionReader`).
 
 Written against CPython 3.11 and checked on 3.12 and 3.13 (``CHECKED_PYTHONS``);
 tests/test_internals_asyncio.py fails, naming this file, on another implementation or
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import SupportsIndex
+from typing import Any, SupportsIndex
 
 CHECKED_PYTHONS = ((3, 11), (3, 13))  # CPython, both ends included
 
@@ -85,3 +85,13 @@ class SessionReader(asyncio.StreamReader):
             super()._maybe_resume_transport()  # type: ignore[misc]
         finally:
             self._limit = self._line_limit
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:  # typeshed's type is private
+        """A line, as ever; at the end of the input (the client half-closed, and every
+        command it sent before has been read) ``CancelledError``, on which aiosmtpd's
+        command loop closes the connection.  asyncio's ``IncompleteReadError`` would reach
+        the loop's handler of unexpected errors, which answers and reads again, forever."""
+        try:
+            return await super().readuntil(separator)
+        except asyncio.IncompleteReadError:
+            raise asyncio.CancelledError from None

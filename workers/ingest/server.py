@@ -275,7 +275,7 @@ class IngestSMTP(FencedSMTP):
         super().data_received(data)
 
     def eof_received(self) -> bool | None:
-        return None if self._refused else super().eof_received()
+        return None if self._refused else self.end_of_input()
 
     # -- memory budget ----------------------------------------------------------------
 
