@@ -918,7 +918,12 @@ class DeliveryConfig(CommonConfig):
         at most --smtp-timeout before the final dot and --smtp-data-timeout after it, and an
         entry read may wait for one send on its connection before its own starts (behind
         that one's dot, when transactions are chained: workers.relay.pool)."""
-        return 2 * (self.smtp_timeout + self.smtp_data_timeout)
+        return 2 * self.longest_send()
+
+    def longest_send(self) -> float:
+        """The longest one send takes, seconds: --smtp-timeout before the final dot and
+        --smtp-data-timeout after it."""
+        return self.smtp_timeout + self.smtp_data_timeout
 
     def relay_settings(self) -> RelaySettings:
         """The SMTP relay's settings (of a validated config: ``check_relay`` made sure of

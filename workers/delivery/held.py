@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 
@@ -71,10 +72,11 @@ _UNDECIDED = _IN_PROGRESS | {State.READ}
 class HeldEntry:
     """One entry in hand: its state, and what the steps so far found out about it."""
 
-    __slots__ = ("_held", "_prepared", "entry", "recipients", "state", "suppressed")
+    __slots__ = ("_held", "_prepared", "entry", "read_at", "recipients", "state", "suppressed")
 
     def __init__(self, entry: StreamEntry, held: HeldEntries) -> None:
         self.entry = entry
+        self.read_at = time.monotonic()  # when it came into hand
         self.state = State.READ
         self.recipients: list[str] = []  # to send to: set when queued, narrowed after a wait
         # Recipients not attempted (on the suppression list): until when; settled with it.

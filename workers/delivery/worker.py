@@ -117,6 +117,8 @@ class DeliveryWorker:
             config.retry_base, config.retry_cap, config.max_attempts, config.max_age
         )
         self._stop = asyncio.Event()  # run() brings the process's: looked up at each check
+        # An entry whose send has not started this long after its read is handed back (_Start).
+        self._start_by = config.claim_after - config.longest_send()
         # One window and one set of lanes for all partitions: every read fills a whole
         # window's room, as with one stream (a window per partition made reads N x smaller
         # and N x as many: Redis's CPU per message rose by a third, bench/cluster.py --split).
@@ -326,7 +328,7 @@ class DeliveryWorker:
         if not recipients or self._stop.is_set():
             return  # nothing left to send (settled), or stopped while it waited its turn
         first_attempt = held.job.first_attempt or time.time()
-        start = _Start(held, recipients, self._stop)
+        start = _Start(held, recipients, self._stop, self._start_by)
         try:
             result = await self.transport.send(held.prepared.built, recipients, start)
         finally:
@@ -483,19 +485,33 @@ class DeliveryWorker:
 class _Start:
     """A send's ``begin`` (the transport calls it once the send has a connection, before
     anything of it goes out): the entry starts sending and counts as in flight, unless the
-    worker is stopping (nothing is sent after the stop).  ``mailpool_delivery_in_flight``
-    counts sends that have a connection, not those waiting for one: at most one per
-    connection, and one more behind each while transactions are chained."""
+    worker is stopping (nothing is sent after the stop) or the entry came into hand more
+    than ``start_by`` seconds ago.  ``mailpool_delivery_in_flight`` counts sends that have
+    a connection, not those waiting for one: at most one per connection, and one more
+    behind each while transactions are chained.
 
-    __slots__ = ("_held", "_recipients", "_started", "_stop")
+    ``start_by`` is --claim-after less one send's longest time: a send started later could
+    still run when another worker claims the entry.  A live worker starts each send well
+    within it (its entries wait for one send at most); one whose process was stopped or
+    starved past it hands the entry back instead of sending what another worker may have
+    claimed, sent and recorded meanwhile."""
 
-    def __init__(self, held: HeldEntry, recipients: list[str], stop: asyncio.Event) -> None:
+    __slots__ = ("_held", "_recipients", "_start_by", "_started", "_stop")
+
+    def __init__(
+        self, held: HeldEntry, recipients: list[str], stop: asyncio.Event, start_by: float
+    ) -> None:
         self._held, self._recipients, self._stop = held, recipients, stop
+        self._start_by = start_by
         self._started: float | None = None
 
     def __call__(self) -> bool:
         """Called again before the send goes out again (its first try went nowhere)."""
         if self._stop.is_set():
+            return False
+        if self._started is None and time.monotonic() - self._held.read_at > self._start_by:
+            log.warning("held_too_long", entry=self._held.entry_id, limit=self._start_by,
+                        reason="not sent: another worker may have claimed it")  # fmt: skip
             return False
         if self._started is None:
             self._held.start_sending(self._recipients)

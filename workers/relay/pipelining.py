@@ -79,12 +79,21 @@ class ReplyChannel(asyncio.Protocol):
         transaction checks :attr:`expired` before it writes the message.  Replaces the
         limit set before; :meth:`stop_timer` ends it."""
         self.stop_timer()
-        self._timer = asyncio.get_running_loop().call_at(when, self._expire, error)
+        self._timer = asyncio.get_running_loop().call_at(when, self._look_once_more, error)
 
     def stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _look_once_more(self, error: Callable[[], BaseException]) -> None:
+        """The time is up once the loop has looked at the sockets after it: a process
+        stopped (SIGSTOP, a starved VM) past the deadline resumes in a loop turn that runs
+        due timers without polling (the selector's wait, interrupted past its timeout,
+        returns no events), so a reply already in the socket would count as never sent,
+        and the message be sent again.  A timer, not call_soon: the turn that runs it
+        polls first."""
+        self._timer = asyncio.get_running_loop().call_later(0, self._expire, error)
 
     def _expire(self, error: Callable[[], BaseException]) -> None:
         self._timer = None
