@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import pytest
 
@@ -161,21 +161,30 @@ async def test_replies_in_the_socket_by_the_deadline_are_read_before_it_counts()
     was deferred without the message being written: a needless retry.)"""
     relay = ScriptedRelay(pipelining=True)
     with relay_in_a_thread(relay) as url:  # it answers while the worker's loop is blocked
-        to = RECIPIENTS[:1]
-        built = build_message(send_message(to), default_id="1-0", hostname="mailpool.test")
-        config = DeliveryConfig(relay=url, smtp_timeout=0.5, smtp_data_timeout=2.0)
-        config.validate()
-        pool = SmtpPool(config.relay_settings(), size=1, messages_per_connection=10, idle_close=30)
-        try:
-            assert (await pool.send(built, to)).accepted == to  # a pooled connection
-            sending = asyncio.create_task(pool.send(built, to))
+        async with _second_send(url, 0.5, 2.0) as sending:
             asyncio.get_running_loop().call_soon(time.sleep, 0.7)  # the group is out by then
             result = await sending
             await asyncio.sleep(0.5)
-        finally:
-            await pool.aclose()
-    assert result.accepted == to and not result.deferred
+    assert result.accepted == RECIPIENTS[:1] and not result.deferred
     assert relay.messages == 2
+
+
+@contextlib.asynccontextmanager
+async def _second_send(
+    url: str, smtp_timeout: float, data_timeout: float
+) -> AsyncIterator[asyncio.Task[SendResult]]:
+    """A pool of one connection to ``url`` that sent one message: the second send of it,
+    begun (and the pool closed after the block)."""
+    to = RECIPIENTS[:1]
+    built = build_message(send_message(to), default_id="1-0", hostname="mailpool.test")
+    config = DeliveryConfig(relay=url, smtp_timeout=smtp_timeout, smtp_data_timeout=data_timeout)
+    config.validate()
+    pool = SmtpPool(config.relay_settings(), size=1, messages_per_connection=10, idle_close=30)
+    try:
+        assert (await pool.send(built, to)).accepted == to  # a pooled connection
+        yield asyncio.create_task(pool.send(built, to))
+    finally:
+        await pool.aclose()
 
 
 async def test_the_pool_closes_at_once_while_the_idle_reaper_waits_for_a_quit() -> None:
@@ -224,23 +233,13 @@ async def test_a_reply_to_the_dot_received_while_the_worker_was_stopped_counts()
                              cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
     assert relay.stdout is not None
     try:
-        url = relay.stdout.readline().strip()
-        to = RECIPIENTS[:1]
-        built = build_message(send_message(to), default_id="1-0", hostname="mailpool.test")
-        config = DeliveryConfig(relay=url, smtp_timeout=1.0, smtp_data_timeout=1.0)
-        config.validate()
-        pool = SmtpPool(config.relay_settings(), size=1, messages_per_connection=10, idle_close=30)
-        try:
-            assert (await pool.send(built, to)).accepted == to  # a pooled connection
-            sending = asyncio.create_task(pool.send(built, to))
+        async with _second_send(relay.stdout.readline().strip(), 1.0, 1.0) as sending:
             await asyncio.sleep(0.25)  # the dot is out; its reply comes at 0.5 s
             stopper = f"kill -STOP {os.getpid()}; sleep 2; kill -CONT {os.getpid()}"
             subprocess.Popen(["sh", "-c", stopper])
             result = await sending
-        finally:
-            await pool.aclose()
     finally:
         relay.kill()
         counts = relay.communicate()[0].split()
-    assert result.accepted == to and not result.deferred, result
+    assert result.accepted == RECIPIENTS[:1] and not result.deferred, result
     assert counts[-1] == "2"  # each send's message once
