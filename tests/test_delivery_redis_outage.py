@@ -46,6 +46,30 @@ async def test_redis_restart_mid_stream(
         await client.aclose()
 
 
+async def test_a_redis_back_without_its_data_gets_its_group_again(
+    make_redis: Callable[..., RedisServer], sink: RecordingSink
+) -> None:
+    """A Redis restarted empty (no AOF, a new pod without a volume) has neither the group
+    nor the functions: the worker makes them again and delivers what is sent next (before,
+    each read failed with NOGROUP until the worker was restarted)."""
+    server = make_redis(appendonly=False)
+    client = connect(server.url)
+    try:
+        async with running_worker(make_config(server.url, sink.url)):
+            await enqueue(client, send_message(["before@example.com"]))
+            await wait_until(lambda: received_at_least(sink, 1))
+            server.stop(kill=True)
+            server.start()  # empty
+            await enqueue(client, send_message(["after@example.com"]))
+            await wait_until(lambda: received_at_least(sink, 2), timeout=15)
+            await wait_until(lambda: settled(client), timeout=15)
+        assert [rcpt for _, rcpt in sink.recipient_counts()] == [
+            "before@example.com", "after@example.com"
+        ]  # fmt: skip
+    finally:
+        await client.aclose()
+
+
 async def test_a_stop_with_redis_gone_ends_within_its_budget(
     make_redis: Callable[..., RedisServer], sink: RecordingSink, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -43,6 +43,7 @@ class Reader:
         # When to look next for entries pending on us that we do not hold: at once (a
         # restarted consumer's leftovers), then every OWN_CHECK, and after any failed step.
         self._own_check_at = 0.0
+        self.group_lost = False  # the last read found no group: it must be made again
 
     async def read(
         self, consumer: GroupConsumer, batch: int, deadline: float | None = None
@@ -63,6 +64,9 @@ class Reader:
             # Redis may still run the read that failed (a stalled Redis runs what waits in
             # its socket buffers when it resumes) and hand us entries we never see.
             self.pass_over("read_failed", consumer.stream, exc)
+            # A Redis that came back without its data (no AOF, a new pod without a volume)
+            # has no group: the worker makes it again (and loads the functions) first.
+            self.group_lost = str(exc).startswith("NOGROUP")
             return []
         self._away_for = READ_RETRY
         return self._held.not_settled_since_read(entries)

@@ -203,6 +203,7 @@ class DeliveryWorker:
             partition.consumer.block_ms = read_block_ms(count, empty_reads)
             batch = min(room, self.config.batch)
             entries = await partition.reader.read(partition.consumer, batch, self._deadline)
+            partition.ready = not partition.reader.group_lost
             empty_reads = 0 if entries else empty_reads + 1
             if stop.is_set():
                 partition.held.read_at_stop(entries)  # released for another worker
