@@ -11,6 +11,7 @@ import pytest
 
 import workers.delivery.worker
 from tests.delivery_util import (
+    config_with,
     enqueue,
     make_config,
     received_at_least,
@@ -42,6 +43,34 @@ async def test_redis_restart_mid_stream(
         assert {rcpt for _, rcpt in counts} == {f"u{n}@example.com" for n in range(40)}
         assert max(counts.values()) == 1
         assert await client.xlen("email.send.dead") == 0
+    finally:
+        await client.aclose()
+
+
+async def test_an_outage_longer_than_claim_after_sends_nothing_twice(
+    make_redis: Callable[..., RedisServer], sink: RecordingSink
+) -> None:
+    """Two workers; Redis is away longer than --claim-after while each has sent what it
+    held, their settlements waiting.  Redis counts idle time by the clock and keeps it
+    over a restart, so every entry in hand looks stale when it is back: a worker claimed
+    the other's entries before that one's settler tried again, found no record, and sent
+    them again.  Claims now wait a while after a failed step, settlements go first."""
+    server = make_redis(appendonly=True)
+    sink.stall_data = 0.05
+    client = connect(server.url)
+    try:
+        for n in range(60):
+            await enqueue(client, send_message([f"u{n}@example.com"], message_id=f"o{n}"))
+        config = make_config(server.url, sink.url, concurrency=4)
+        async with running_worker(config), running_worker(config_with(config, consumer="w2")):
+            await wait_until(lambda: received_at_least(sink, 8))
+            server.stop(kill=True)
+            await asyncio.sleep(config.claim_after + 4.5)  # the settlers back off to 5 s
+            server.start()
+            await wait_until(lambda: settled(client), timeout=45)
+        counts = sink.recipient_counts()
+        assert {rcpt for _, rcpt in counts} == {f"u{n}@example.com" for n in range(60)}
+        assert max(counts.values()) == 1, [key for key, sent in counts.items() if sent > 1]
     finally:
         await client.aclose()
 

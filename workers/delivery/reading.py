@@ -10,6 +10,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from workers.delivery.held import HeldEntries
+from workers.delivery.settler import REDIS_BACKOFF_CAP
 from workers.streams.consumer import GroupConsumer, StreamEntry
 
 log = structlog.get_logger("mailpool.delivery")
@@ -28,6 +29,12 @@ READ_STALL = 2.0
 # Seconds between claim passes (one XAUTOCLAIM): entries a stopping worker released are
 # sent within this, not after --claim-after (a dead worker's entries wait that anyway).
 CLAIM_CHECK = 1.0
+# Seconds without claim passes from the first read after a failed step: when Redis was away
+# longer than --claim-after, every entry another worker holds looks stale once it is back
+# (Redis counts idle time by the clock, also over a restart), while that worker's settler
+# has not yet written what it sent meanwhile (it tries again at most REDIS_BACKOFF_CAP
+# apart).  Claimed first, its entries would find no record and be sent again.
+CLAIM_HOLD = 2 * REDIS_BACKOFF_CAP
 
 
 class Reader:
@@ -44,6 +51,7 @@ class Reader:
         # restarted consumer's leftovers), then every OWN_CHECK, and after any failed step.
         self._own_check_at = 0.0
         self.group_lost = False  # the last read found no group: it must be made again
+        self._failed = False  # a step failed since the last read: claims wait CLAIM_HOLD
 
     async def read(
         self, consumer: GroupConsumer, batch: int, deadline: float | None = None
@@ -52,6 +60,9 @@ class Reader:
         ``deadline`` seconds, and the stream is away for READ_RETRY (doubled after each
         failure in a row, up to ``away_max``)."""
         consumer.batch = batch
+        if self._failed:
+            self._failed = False
+            consumer.hold_claims(CLAIM_HOLD)
         self._held.read_started()
         try:
             async with asyncio.timeout(deadline):  # TimeoutError is an OSError
@@ -76,6 +87,7 @@ class Reader:
         and its own pending list is looked at first when it is (what the step may have
         handed us)."""
         self._own_check_at = 0.0
+        self._failed = True
         self.away_until = time.monotonic() + self._away_for
         self._away_for = min(2 * self._away_for, self._away_max)
         log.warning(event, error=str(exc) or type(exc).__name__, stream=stream)

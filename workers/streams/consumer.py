@@ -101,6 +101,10 @@ class GroupConsumer:
             self._own_pending_done = True
         return await self.read_shared()
 
+    def hold_claims(self, seconds: float) -> None:
+        """No claim pass for ``seconds`` from now (reads of new entries go on)."""
+        self._next_claim_at = max(self._next_claim_at, time.monotonic() + seconds)
+
     async def read_shared(self) -> list[StreamEntry]:
         """Stale entries of other consumers (every so often), else new ones."""
         if time.monotonic() >= self._next_claim_at:
