@@ -169,11 +169,12 @@ def _rows(reply: Any) -> list[tuple[str, Fields]]:
 
 
 async def iterate_dead(
-    redis: aioredis.Redis, stream: str, page_size: int = PAGE
+    redis: aioredis.Redis, stream: str, page_size: int = PAGE, until: str = "+"
 ) -> AsyncGenerator[DeadLetter, None]:
+    """The stream's dead letters, oldest first, up to ``until`` (an id, included)."""
     start = "-"
     while True:
-        page = _rows(await redis.xrange(stream, min=start, max="+", count=page_size))
+        page = _rows(await redis.xrange(stream, min=start, max=until, count=page_size))
         for entry_id, fields in page:
             yield DeadLetter.decode(entry_id, fields)
         if len(page) < page_size:
@@ -290,7 +291,13 @@ async def _targets(
             yield target
         return
     for partition in partitions:  # each partition's letters stay in it
-        async for letter in iterate_dead(partition.redis, partition.keys.dead):
+        # Up to the newest letter now: a replay that fails again (the relay still refuses)
+        # makes a new letter meanwhile, which this run must not replay again, and again.
+        newest = _rows(await partition.redis.xrevrange(partition.keys.dead, count=1))
+        if not newest:
+            continue
+        until = newest[0][0]
+        async for letter in iterate_dead(partition.redis, partition.keys.dead, until=until):
             yield partition, letter.id, letter
 
 
