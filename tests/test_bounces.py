@@ -228,6 +228,36 @@ async def test_reading_bounces_off_removes_the_group(redis: aioredis.Redis, redi
     await task
 
 
+async def test_bounced_events_keep_the_events_stream_as_long_as_delivery_does(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """Housekeeping's --events-maxlen is delivery's: the stream both write to was cut to
+    about 100 000 by every bounce, whatever delivery kept (150 000 events -> 140 034)."""
+    kept = 60_000
+    for start in range(0, kept, 5_000):
+        pipe = redis.pipeline(transaction=False)
+        for _ in range(start, start + 5_000):
+            pipe.xadd("email.send.events", {"event": "delivered"})
+        await pipe.execute()
+    await redis.hset("mailpool:sent:order-7", "ann@example.com", "1")
+    config = HousekeepConfig(redis_url=redis_url, housekeep_interval=0.1, events_maxlen=50_000)
+    stop = asyncio.Event()
+    task = asyncio.create_task(housekeeping.serve(config, stop))
+    await wait_until(lambda: redis.exists("email.receive"), "the bounce group", timeout=10)
+    await _store_report(
+        redis, _report(message_id="<order-7.0123456789ab@x>", rcpt="ann@example.com")
+    )
+    await wait_until(lambda: _bounced(redis), "the bounced event", timeout=10)
+    stop.set()
+    await task
+    assert 50_000 <= await redis.xlen("email.send.events") < kept  # ~: whole nodes
+
+
+async def _bounced(redis: aioredis.Redis) -> bool:
+    last = await redis.xrevrange("email.send.events", count=1)
+    return bool(last) and last[0][1].get(b"event") == b"bounced"
+
+
 async def _no_groups(redis: aioredis.Redis) -> bool:
     return await redis.xinfo_groups("email.receive") == []
 

@@ -59,12 +59,14 @@ class HousekeepConfig(CommonConfig):
     suppress_ttl: float = option(
         float(DEFAULT_TTL), "seconds a hard-bounced address stays suppressed (0: not suppressed)"
     )
+    # The same option as delivery's: bounced events go to the same stream, trimmed alike.
+    events_maxlen: int = option(100_000, "approximate cap of the events stream")
     http: str | None = option(None, "serve /metrics (with stream gauges), /healthz, /readyz")
 
     def validate(self) -> None:
         super().validate()
         for name in ("receive_max_age", "receive_max_len", "send_max_age", "send_max_len",
-                     "consumer_idle", "housekeep_interval"):  # fmt: skip
+                     "consumer_idle", "housekeep_interval", "events_maxlen"):  # fmt: skip
             positive(name, getattr(self, name))
         check_suppress_ttl(self.suppress_ttl)
         if self.http:
@@ -170,7 +172,9 @@ async def serve(config: HousekeepConfig, stop: asyncio.Event) -> None:
         ):  # fmt: skip
             checked: set[int] = set()  # partitions whose library was found (exit 2 if missing)
             copies = list(zip(clients, partitions, strict=True))
-            bounces = BounceReader(copies, suppress_ttl=config.suppress_ttl)
+            bounces = BounceReader(
+                copies, suppress_ttl=config.suppress_ttl, events_maxlen=config.events_maxlen
+            )
             forgotten: set[int] = set()  # partitions whose bounce group was removed
             while not stop.is_set():
                 for n, (redis, keys) in enumerate(copies):
