@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import redis.asyncio as aioredis
 
 from tests.delivery_util import (
@@ -187,6 +188,20 @@ def test_replay_needs_ids_or_all(redis_url: str) -> None:
     result = dead(redis_url, "replay")
     assert result.returncode == 2
     assert "ids or --all" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("action", ["show", "replay", "purge"])
+@pytest.mark.parametrize(
+    "given", ["abc", "1-2-3", "", "-", "18446744073709551616-0", "1700000000000"]
+)
+def test_what_is_not_an_entry_id_is_refused_as_an_argument(
+    redis_url: str, action: str, given: str
+) -> None:
+    """Not Redis's "Invalid stream ID" as a failure to use Redis (exit 1); and a bare
+    milliseconds (which XRANGE reads as a range) is no id either."""
+    result = dead(redis_url, action, given)
+    assert result.returncode == 2 and "is not an entry id" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
 
 
 async def test_a_field_mailpool_does_not_know_is_shown_where_it_is_stored(

@@ -98,6 +98,9 @@ class DeadConfig(CommonConfig):
     def _target(self, given: str) -> tuple[int, str]:
         number, separator, entry_id = given.rpartition(PARTITION_SEPARATOR)
         where = f"dead {self._action}: {given!r}"
+        if not layout.is_entry_id(entry_id):
+            raise ConfigError(f"{where} is not an entry id (MILLISECONDS-SEQUENCE, as `dead "
+                              "list` shows them)")  # fmt: skip
         if not self.partitioned:
             if separator:
                 raise ConfigError(

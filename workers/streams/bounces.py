@@ -51,7 +51,6 @@ CONSUMER = "housekeeping"
 BATCH = 500
 PASS_BUDGET = 10.0  # seconds one pass may read one partition's backlog for
 MAX_FAILURES = 3  # readings of one entry that failed before it is dropped
-_ENTRY_ID = re.compile(r"\d+-\d+")
 EVENT_BOUNCED = "bounced"
 _DIAGNOSTIC = re.compile(r"(?:smtp|x-[\w-]+)\s*;\s*([2-5]\d\d)[ -]?(.*)", re.IGNORECASE | re.DOTALL)
 
@@ -209,7 +208,7 @@ class BounceReader:
         with an ``id`` is in the partition its id maps to; one without (the id is its entry
         id) may be in any, so each is asked."""
         count = len(self.copies)
-        if _ENTRY_ID.fullmatch(message_id):
+        if layout.is_entry_id(message_id):
             candidates = list(range(count))
         else:
             candidates = [layout.partition_of(message_id, count)]

@@ -28,6 +28,7 @@ Stream ids ``<ms>-<seq>`` are compared and stepped only by the helpers at the en
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -467,6 +468,15 @@ def parse_id(entry_id: str) -> tuple[int, int]:
     """``"<ms>-<seq>"`` as numbers (a bare ``"<ms>"`` is sequence 0), for comparing ids."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+
+
+def is_entry_id(text: str) -> bool:
+    """True for a whole stream entry id, ``<ms>-<seq>``, each part a 64-bit number."""
+    match = _ENTRY_ID.fullmatch(text)
+    return match is not None and all(int(part) < 2**64 for part in match.groups())
 
 
 def format_id(ms: int, seq: int = 0) -> str:
