@@ -81,6 +81,9 @@ _DOMAIN = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9]
                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")  # fmt: skip
 
 
+MAX_LOCAL_PART = 64  # octets: no relay need take a longer one (RFC 5321 4.5.3.1.1)
+
+
 def address_problem(address: str) -> str | None:
     """Why ``address`` could name no recipient of a send, or None: it must be an envelope
     address delivery takes, with one ``@`` outside a quoted local part and a host name or
@@ -92,6 +95,8 @@ def address_problem(address: str) -> str | None:
     local, at, domain = ascii_form.rpartition("@")
     if not at:  # delivery's bare "postmaster"
         return f"{address!r} has no domain"
+    if len(local.encode()) > MAX_LOCAL_PART:  # RFC 5321 section 4.5.3.1.1
+        return f"the local part of {address[:40]!r}... is over {MAX_LOCAL_PART} octets"
     if "@" in local and not (local.startswith('"') and local.endswith('"')):
         return f"{address!r} has more than one @"
     literal = domain.startswith("[") and domain.endswith("]")
