@@ -3,6 +3,7 @@ EHLO extensions, 250 with the entry id (and the entry it names), 550, 452, 552, 
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import redis.asyncio as aioredis
@@ -123,6 +124,17 @@ async def test_500_for_lines_and_commands_over_the_rfc_limits(
         assert code == 250
         await conn.close()
     assert len(await entries(redis)) == 1
+
+
+async def test_reply_text_never_echoes_control_or_8bit_octets(redis_url: str) -> None:
+    """RFC 5321 section 4.2: reply text is printable ASCII.  aiosmtpd's 500 names the
+    unknown command as sent: a NUL or a bare CR went back to the client in the reply."""
+    async with ingest(redis_url) as server:
+        conn = await SMTPConn.open_session(server.port)
+        await conn.send(b"FO\x00O\rBAR x\r\n")
+        line = await asyncio.wait_for(conn.reader.readline(), 5)
+        assert line == b'500 5.5.2 Error: command "FO?O?BAR" not recognized\r\n'
+        await conn.close()
 
 
 async def test_the_mail_line_limit_is_the_sessions_own(redis_url: str) -> None:

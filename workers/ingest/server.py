@@ -23,6 +23,7 @@ import collections
 import contextlib
 import functools
 import ipaddress
+import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ AUTH_PARAMETER_OCTETS = 506  # " AUTH=" and 500 octets of xtext
 # An argument that opens a <path> and never closes it (RFC 5321 section 4.1.2): refused,
 # where aiosmtpd's parser would take the rest of the line, parameters and all, as a quoted
 # local part.
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")  # in reply text: anything but printable ASCII
 REPLY_BAD_SENDER_SYNTAX = "501 5.1.7 Bad sender address syntax"
 REPLY_BAD_RECIPIENT_SYNTAX = "501 5.1.3 Bad recipient address syntax"
 REPLY_RCPT_AFTER_BDAT = "503 5.5.1 Error: RCPT after BDAT; RSET to start again"
@@ -384,7 +386,11 @@ class IngestSMTP(FencedSMTP):
 
     def outgoing_reply(self, status: str) -> str:
         """An enhanced status code on every reply but the greeting and the 250 lines
-        answering HELO/EHLO (RFC 2034 section 3; :mod:`.replies`)."""
+        answering HELO/EHLO (RFC 2034 section 3; :mod:`.replies`).  Reply text is printable
+        ASCII (RFC 5321 section 4.2): what echoes the client's octets (aiosmtpd's 500 names
+        the unknown command) gets "?" for NUL, CR, LF and the rest."""
+        if not (status.isascii() and status.isprintable()):
+            status = _UNPRINTABLE.sub("?", status)
         if self.replying_to is None and status.startswith("220"):
             return status
         if self.replying_to in ("EHLO", "HELO") and status.startswith("250"):
