@@ -32,7 +32,12 @@ from workers.housekeeping import HousekeepConfig, housekeep_once
 from workers.relay import Reply
 from workers.streams import suppression as suppression_module
 from workers.streams.layout import StreamKeys
-from workers.streams.suppression import normalise, refuses_the_address
+from workers.streams.suppression import (
+    Suppression,
+    SuppressionList,
+    normalise,
+    refuses_the_address,
+)
 
 LIST = "mailpool:suppressed"
 TTL = 3600.0
@@ -166,6 +171,21 @@ async def test_the_cli_lists_adds_and_removes(redis: aioredis.Redis, redis_url: 
     assert (removed.returncode, removed.stdout.strip()) == (1, "removed 1 of 2")
     assert await redis.zscore(LIST, "bob@example.com") is None
     assert await redis.hget(LIST + ":why", "bob@example.com") is None
+
+
+async def test_a_refusal_that_does_not_extend_an_entry_keeps_its_reason(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """An operator's entry "until further notice" with a note, then a bounce (or a refusal
+    at RCPT) of an earlier send: the end stays, and so does the note (it was replaced by
+    the bounce's reply, the end kept)."""
+    assert suppress(redis_url, "add", "bob@example.com", "--note", "legal hold").returncode == 0
+    now = time.time()
+    bounce = Suppression(address="bob@example.com", until=now + 60, reason="bounced",
+                         since=now, code=550, text="5.1.1 no such user")  # fmt: skip
+    await SuppressionList([(redis, StreamKeys())]).add([bounce])
+    [row] = [json.loads(line) for line in suppress(redis_url, "list", "--json").stdout.splitlines()]
+    assert (row["reason"], row["text"], row["until"]) == ("manual", "legal hold", None)
 
 
 @pytest.mark.parametrize(

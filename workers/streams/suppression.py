@@ -188,9 +188,18 @@ class SuppressionList:
     ) -> None:
         pipe = redis.pipeline(transaction=False)
         for entry in entries:
-            # GT still adds a new member; it only keeps a later end from moving back.
-            pipe.zadd(keys.suppressed, {entry.address: _score(entry.until)}, gt=not replace)
-            pipe.hset(keys.suppressed_why, entry.address, entry.why())
+            # GT still adds a new member; it only keeps a later end from moving back.  CH:
+            # the reply says whether the end was written.
+            pipe.zadd(
+                keys.suppressed, {entry.address: _score(entry.until)}, gt=not replace, ch=True
+            )
+        written = await pipe.execute()
+        # The reason goes with the end kept: a refusal that does not extend an entry leaves
+        # its reason (an operator's note) as it is.
+        pipe = redis.pipeline(transaction=False)
+        for entry, changed in zip(entries, written, strict=True):
+            if replace or changed:
+                pipe.hset(keys.suppressed_why, entry.address, entry.why())
         pipe.incr(_version_key(keys))
         await pipe.execute()
 
