@@ -29,6 +29,7 @@ from tests.ingest_util import entries, ingest, message
 from tests.postfix_util import private_postfix
 from tests.sinks import PostfixSink
 from workers import housekeeping
+from workers.codec import report as report_module
 from workers.codec.build import build_message, sent_message_id
 from workers.codec.parse import parse_message
 from workers.housekeeping import HousekeepConfig
@@ -386,6 +387,21 @@ def test_every_recipient_block_is_read_whatever_comes_first(status_part: bytes) 
         {"address": "ann@example.com", **FAILED},
         {"address": "bob@example.com", **FAILED},
     ]
+
+
+def test_a_huge_block_is_read_no_further_than_its_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile report's block of megabytes of folded lines: the stdlib's header parser
+    took seconds over it, at ingest; a block is read up to report.MAX_BLOCK octets."""
+    parsed: list[int] = []
+    parse = report_module._parser.parsestr
+    monkeypatch.setattr(report_module._parser, "parsestr",
+                        lambda text: parsed.append(len(text)) or parse(text))  # fmt: skip
+    folded = b"X-Padding: " + b"x\r\n " * 2_000_000 + b"x\r\n"
+    block = b"Final-Recipient: rfc822; ann@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+    assert _recipients_read(_report_of(block + folded)) == [
+        {"address": "ann@example.com", **FAILED}
+    ]
+    assert max(parsed) <= 1 << 20  # not the 6 MB
 
 
 def test_a_global_report_has_its_utf8_addresses_decoded() -> None:

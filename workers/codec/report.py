@@ -52,6 +52,9 @@ REPORTED_MESSAGE_ID = "message_id"  # the key naming the Message-ID of what boun
 REPORTED_RECIPIENTS = "recipients"  # the key of the per-recipient reports
 MAX_RECIPIENTS = 1000
 MAX_VALUE = 1000
+# Octets of one block read: real blocks are a few hundred; the stdlib's header parser
+# takes seconds over megabytes of folded lines (a hostile report, parsed at ingest).
+MAX_BLOCK = 64 << 10
 _parser = HeaderParser(policy=compat32)
 
 
@@ -99,7 +102,7 @@ def delivery_report(content: dict[str, Any]) -> dict[str, Any] | None:
 def _fields(block: bytes, names: dict[str, str]) -> dict[str, Any]:
     # UTF-8: message/global-delivery-status (RFC 6533) carries it raw; a delivery-status
     # part is ASCII, which reads the same.
-    parsed = _parser.parsestr(block.strip().decode("utf-8", "replace") + "\n")
+    parsed = _parser.parsestr(block[:MAX_BLOCK].strip().decode("utf-8", "replace") + "\n")
     found: dict[str, Any] = {}
     for name, key in names.items():
         value = parsed.get(name)
