@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from tests.harness import wait_until
-from tests.ingest_util import SMTPConn, entries, ingest, ingest_config, message
+from tests.delivery_util import redis_stalled
+from tests.harness import RedisServer, wait_until
+from tests.ingest_util import SMTPConn, entries, ingest, ingest_config, message, send_one
 from workers.config import ConfigError, cgroup_memory_limit
 from workers.ingest import IngestServer
 
@@ -113,3 +114,28 @@ def test_derived_caps_and_budget(tmp_path: Path) -> None:
     assert cgroup_memory_limit((str(v1),)) is None
     assert cgroup_memory_limit((str(unlimited), str(v2))) is None
     assert cgroup_memory_limit((missing,)) is None
+
+
+async def test_messages_a_stalled_redis_still_holds_after_their_451_count(
+    make_redis: Callable[..., RedisServer],
+) -> None:
+    """Redis stalls: each message is answered 451 after --store-timeout, but its entry stays
+    in the writer until Redis replies.  The budget counts it until then; before, the next
+    sessions took the freed shares and the worker held up to twice the budget."""
+    redis_server = make_redis()
+    big = message("big", ("y" * 78 + "\r\n") * ((MiB + MiB // 5) // 80))  # 1.2 MiB
+    async with ingest(
+        redis_server.url, max_size=2 * MiB, memory_budget=2 * MiB, store_timeout=1.0
+    ) as server:
+        assert (await send_one(server.port, message("warm")))[0] == 250  # the writer's link
+        with redis_stalled(redis_server):
+            replies = []
+            for _ in range(2):
+                conn = await SMTPConn.open_session(server.port)
+                replies.append(await conn.transaction(big))
+                await conn.close()
+        # The first entry is out to Redis, its reply awaited: 1.2 of the 2 MiB are taken.
+        assert [code for code, _ in replies] == [451, 452], replies
+        store = server.handler.store
+        await wait_until(lambda: store.given_up_octets == 0, "Redis's reply", timeout=10)
+        assert (await send_one(server.port, big))[0] == 250  # its share is back

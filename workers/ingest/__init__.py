@@ -77,6 +77,7 @@ def build_server(config: IngestConfig, store: Store) -> IngestServer:
         max_connections=config.max_connections,
         max_connections_per_client=config.max_connections_per_ip,
         memory_budget=config.memory_budget,
+        held_elsewhere=lambda: store.given_up_octets,
     )
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+from collections.abc import Callable
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -60,15 +61,21 @@ REPLY_NO_MEMORY = "452 4.3.1 Insufficient system storage, try again later"
 
 
 class MemoryBudget:
-    """Octets of message data one worker holds at once, at most ``capacity``."""
+    """Octets of message data one worker holds at once, at most ``capacity``.
 
-    def __init__(self, capacity: int) -> None:
+    ``held_elsewhere`` says how much of it no reservation counts: the store's messages
+    whose senders were answered 451 while Redis still holds their XADD unanswered (a
+    stalled Redis), kept until it replies.  Sessions taking the freed shares meanwhile
+    held up to twice the budget."""
+
+    def __init__(self, capacity: int, held_elsewhere: Callable[[], int] = lambda: 0) -> None:
         self.capacity = capacity
         self.used = 0
+        self._held_elsewhere = held_elsewhere
 
     def take(self, octets: int) -> bool:
         """Reserve ``octets``; False (and nothing reserved) when they do not fit."""
-        if self.used + octets > self.capacity:
+        if not self.has_room(octets):
             return False
         self.used += octets
         return True
@@ -77,7 +84,7 @@ class MemoryBudget:
         self.used -= octets
 
     def has_room(self, octets: int) -> bool:
-        return self.used + octets <= self.capacity
+        return self.used + self._held_elsewhere() + octets <= self.capacity
 
     def reservation(self) -> Reservation:
         return Reservation(self)

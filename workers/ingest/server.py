@@ -679,6 +679,7 @@ class IngestServer:
         max_connections: int = 1000,
         max_connections_per_client: int | None = None,
         memory_budget: int = 256 << 20,
+        held_elsewhere: Callable[[], int] = lambda: 0,
     ) -> None:
         self.handler = handler
         self.limits = limits
@@ -688,7 +689,7 @@ class IngestServer:
         self.authenticator = authenticator
         self.max_connections = max_connections
         self.registry = SessionRegistry(max_connections, max_connections_per_client)
-        self.budget = MemoryBudget(memory_budget)
+        self.budget = MemoryBudget(memory_budget, held_elsewhere)
         self.trimmer = HeapTrimmer()
         self._servers: list[asyncio.Server] = []
         self.port = 0

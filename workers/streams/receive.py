@@ -121,6 +121,8 @@ class _Pending:
     # Out of the queue, into a batch: from here on it may be stored (or its batch failed
     # before anything was written, and the sender learns that at once).
     taken: bool = False
+    # Its sender gave up while its batch holds it: counted in ``given_up_octets``.
+    given_up: bool = False
 
 
 @dataclass(eq=False)
@@ -201,6 +203,9 @@ class ReceiveStream:
         self._wait += _bulk(b"%d" % self.replica_timeout_ms)
         self._waiting: deque[_Pending] = deque()
         self._octets_ahead = 0  # of the messages queued or waiting for their reply
+        # Of those whose senders gave up (answered 451, or gone) while a batch still holds
+        # them, waiting for Redis's reply: memory no session's budget share counts any more.
+        self.given_up_octets = 0
         self._writers: set[asyncio.Task[None]] = set()  # strong references to running tasks
         self._running = 0  # writers not yet past their last look at the queue
 
@@ -230,6 +235,9 @@ class ReceiveStream:
                 # Given up (timeout, or the session went away) before it left: it never will.
                 self._waiting.remove(pending)
                 self._octets_ahead -= len(data)
+            elif pending.future.cancelled():  # its batch holds it until Redis replies
+                pending.given_up = True
+                self.given_up_octets += len(data)
 
     def _start_writer(self) -> None:
         if self._running < self.max_in_flight:
@@ -420,12 +428,20 @@ class ReceiveStream:
             if error is not None:
                 self._resolve(pending, None, error)
             self._octets_ahead -= len(pending.data)
+            if pending.given_up:
+                pending.given_up = False
+                self.given_up_octets -= len(pending.data)
 
 
 class Store(Protocol):
     """Where ingest stores received mail: one receive stream, or all partitions' in turn."""
 
     async def append(self, data: bytes, message_id: str | None = None) -> str: ...
+
+    @property
+    def given_up_octets(self) -> int:
+        """Octets of messages whose senders gave up while the store still holds them."""
+        ...
 
 
 # Octets handed to the socket at once.  asyncio joins what one write gets into a single
