@@ -45,9 +45,9 @@ from workers.logs import configure_logging  # noqa: E402
 from workers.relay import (  # noqa: E402
     SendResult,
     TransactionResult,
-    aiosmtplib_fence,
     dot_stuffed,
 )
+from workers.relay.pipelining import Chain  # noqa: E402
 
 
 async def _mail_and_rcpts(smtp: aiosmtplib.SMTP, message: BuiltMessage, public: bool) -> None:
@@ -81,13 +81,17 @@ def transaction_variant(*, public_commands: bool, public_data: bool) -> Transact
     ) -> TransactionResult:
         async with asyncio.timeout_at(deadline):
             await _mail_and_rcpts(smtp, message, public_commands)
-            if not public_data:
+            if not public_data:  # as the relay client does: our protocol from the 354 on
                 await smtp.execute_command(b"DATA")
-                await aiosmtplib_fence.write_message(smtp, dot_stuffed(message.data))
+                chain = Chain(smtp)
+                chain.transport.write(dot_stuffed(message.data))
+                await chain.channel.drained()
         if public_data:
             reply = await smtp.data(message.data, timeout=data_timeout)
         else:
-            reply = await aiosmtplib_fence.read_reply(smtp, data_timeout)
+            chain.channel.expire_at(asyncio.get_running_loop().time() + data_timeout, TimeoutError)
+            reply = await chain.channel.reply()
+            chain.end()
         if reply.code != 250:
             raise SystemExit(f"the relay refused a benchmark message: {reply}")
         accepted = workers.relay.Reply(reply.code, reply.message)

@@ -298,8 +298,8 @@ async def _one_by_one(  # noqa: PLR0917 - transaction's own arguments, passed on
             index = len(recipients)
             if not accepted:
                 return TransactionResult(result, reusable=await _reset(smtp, deadline))
-            await _send_data(smtp, message.data)
-        reply = await _final_reply(smtp, data_timeout)
+            chain = await _send_data(smtp, message.data)
+        reply = await _final_reply(smtp, chain, data_timeout)
     except aiosmtplib.SMTPResponseException as exc:
         result.refuse(accepted + list(recipients[index:]), reply_of(exc))
         fit = _leaves_fit(aiosmtplib_fence.response_code(exc)) and smtp.is_connected
@@ -486,28 +486,46 @@ def _ended(
     return TransactionResult(result, reusable=fit)
 
 
-async def _send_data(smtp: aiosmtplib.SMTP, data: bytes) -> None:
+async def _send_data(smtp: aiosmtplib.SMTP, data: bytes) -> pipelining.Chain:
     """DATA, then the dot-stuffed message and its end mark, until the last of it has gone
     out (a slow reader of a big message: the transfer is part of the command budget).
 
     Not ``SMTP.data``, which would rewrite every line end and dot-stuff with regular
     expressions (the fence module says what that costs): the builder's output has CRLF line
     ends only (its tests check that), so stuffing is one ``bytes.replace``.
+
+    From the 354 on, the connection is read by a channel of our own, as on the pipelined
+    path, until :func:`_final_reply` ends it: its time limit looks at the socket once more
+    before it counts (pipelining.ReplyChannel), where aiosmtplib's timeout dropped a reply
+    that came while the worker's process was stopped past it.
     """
     reply = await smtp.execute_command(b"DATA")
     if reply.code != 354:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-    await aiosmtplib_fence.write_message(smtp, dot_stuffed(data))
+    chain = pipelining.Chain(smtp)
+    try:
+        chain.transport.write(dot_stuffed(data))
+        await chain.channel.drained()
+    except BaseException:
+        chain.end()
+        raise
+    return chain
 
 
-async def _final_reply(smtp: aiosmtplib.SMTP, wait: float) -> aiosmtplib.SMTPResponse:
+async def _final_reply(
+    smtp: aiosmtplib.SMTP, chain: pipelining.Chain, wait: float
+) -> aiosmtplib.SMTPResponse:
     """The reply to the final dot, waited for ``wait`` seconds (RFC 5321 section 4.5.3.2.6:
     the relay may be scanning the message; giving up early means sending it twice)."""
     try:
-        return await aiosmtplib_fence.read_reply(smtp, wait)
+        chain.channel.expire_at(asyncio.get_running_loop().time() + wait, _no_reply_to_the_dot)
+        return await chain.channel.reply()
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        chain.end()
         smtp.close()  # a reply we gave up on must not be read as the next command's
         raise
+    finally:
+        chain.end()  # (again: it ends once)
 
 
 def dot_stuffed(data: bytes) -> bytes:

@@ -2,11 +2,13 @@
 
 Written against aiosmtplib 5.1.3 and checked against 5.0.0 (the floor CI runs the delivery
 tests on): ``CHECKED_RELEASES``.  tests/test_internals_aiosmtplib.py fails, naming this
-file, on any other release or when a name used here is gone; check the two functions below
+file, on any other release or when a name used here is gone; check what is used below
 against that release's ``aiosmtplib/protocol.py`` and ``smtp.py``, then widen the range.
 
-Both serve the message's transfer after DATA's 354, which the relay client does on the
-connection's protocol (``SMTP.protocol``) instead of with ``SMTP.data``.  What that buys,
+The message's transfer after DATA's 354 goes over the connection's transport with a
+protocol of our own (:class:`OwnReplies`, below) instead of through ``SMTP.data``, on both
+paths (a relay without PIPELINING gets its commands through ``SMTP.execute_command``, its
+message and the reply to its dot through our protocol).  What that buys,
 measured with bench/relay_fence.py (the delivery worker, 5000 messages of 2 KB into
 smtp-sink, 9 alternated rounds, medians): 13% more messages per CPU-second (``SMTP.data``:
 0.88x; 0.87x in an earlier run of 7 rounds).  ``SMTP.data`` rewrites every line end with
@@ -14,7 +16,10 @@ one regular expression and dot-stuffs with another (25 us for a 2 KB message; th
 builder's CRLF-only output needs one ``bytes.replace``: 2 us).  And it waits for the 354
 and for the reply to the final dot with one timeout, where RFC 5321 (section 4.5.3.2)
 gives the transfer to the command budget (``--smtp-timeout``) and the reply to the dot a
-budget of its own (``--smtp-data-timeout``) that starts when the dot has left.
+budget of its own (``--smtp-data-timeout``) that starts when the dot has left.  And our
+protocol's time limit looks at the socket once more before it counts
+(workers.relay.pipelining.ReplyChannel): aiosmtplib's timeout dropped a reply to the dot
+that arrived while the worker's process was stopped past it, and the message went twice.
 
 A pipelined transaction (:mod:`workers.relay.pipelining`) lends the connection's transport
 (``SMTPProtocol.transport``) to a protocol of its own for the transaction
@@ -83,35 +88,6 @@ def abort(smtp: aiosmtplib.SMTP) -> None:
     if isinstance(transport, asyncio.WriteTransport):  # socket and TLS transports are
         transport.abort()
     smtp.close()
-
-
-async def write_message(smtp: aiosmtplib.SMTP, payload: bytes) -> None:
-    """Write ``payload`` (after DATA's 354: the dot-stuffed message and its end mark) and
-    return once the last of it has left, i.e. the transport's buffer drained.
-
-    The write bypasses SMTP's command lock, which only keeps two commands of one
-    connection from interleaving; the relay's pool lends a connection to one send at a
-    time.  ``_drain_helper`` is asyncio's flow control (what ``StreamWriter.drain`` awaits):
-    it waits while the relay reads slowly, so a big message's transfer counts against the
-    send's command budget and not against the wait for the reply to the dot.
-    """
-    protocol = _protocol(smtp)
-    protocol.write(payload)
-    try:
-        await protocol._drain_helper()
-    except ConnectionError as exc:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost") from exc
-
-
-async def read_reply(smtp: aiosmtplib.SMTP, wait: float) -> aiosmtplib.SMTPResponse:
-    """The relay's next reply (to the final dot), waited for ``wait`` seconds.
-
-    5.1.3 (not 5.0.0) drops what arrives while no reply is expected; ``read_response``
-    marks one expected before it waits, and nothing is awaited between the end of
-    :func:`write_message` and this call, so a reply that follows the dot is never dropped
-    (a relay answers only once the dot has arrived: RFC 5321 section 4.1.1.4).
-    """
-    return await _protocol(smtp).read_response(timeout=wait)
 
 
 class OwnReplies:

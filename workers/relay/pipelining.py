@@ -134,6 +134,8 @@ class ReplyChannel(asyncio.Protocol):
             if len(line) > MAX_REPLY_LINE or not readable:
                 del self._buffer[:start]
                 said = f"Malformed SMTP response: {line[:80]!r}"
+                if len(line) > MAX_REPLY_LINE:  # as aiosmtplib says it
+                    said = f"Response too long: {line[:80]!r}"
                 raise aiosmtplib.SMTPResponseException(UNREADABLE, said)
             lines.append(line[4:].decode("utf-8", "surrogateescape"))
             if separator != b"-":
@@ -157,6 +159,7 @@ class Chain:
         self.channel = ReplyChannel()
         self._own = OwnReplies(smtp, self.channel)  # SMTPServerDisconnected: closed already
         self.transport = self._own.__enter__()
+        self._ended = False
 
     @property
     def broken(self) -> bool:
@@ -167,5 +170,9 @@ class Chain:
         )
 
     def end(self) -> None:
+        """Once; a second call does nothing."""
+        if self._ended:
+            return
+        self._ended = True
         self.channel.stop_timer()
         self._own.__exit__(None, None, None)
