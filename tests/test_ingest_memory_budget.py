@@ -6,6 +6,7 @@ the next sender gets in."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -139,3 +140,27 @@ async def test_messages_a_stalled_redis_still_holds_after_their_451_count(
         store = server.handler.store
         await wait_until(lambda: store.given_up_octets == 0, "Redis's reply", timeout=10)
         assert (await send_one(server.port, big))[0] == 250  # its share is back
+
+
+async def test_one_client_leaves_room_for_one_largest_message_of_others(
+    redis_url: str, redis: aioredis.Redis
+) -> None:
+    """A client's sessions together hold at most the budget less one --max-size message:
+    one address parking transfers (BDAT without LAST, kept alive with NOOP) made every
+    other sender's mail 452 until its --connection-timeout."""
+    async with ingest(redis_url, max_size=MiB, memory_budget=3 * MiB) as server:
+        holders = [await _holding(server.port, MiB - 4 * len(LINE)) for _ in range(2)]
+        await wait_until(_budget_used(server, 2 * MiB - 128 * len(LINE), 2 * MiB), timeout=5)
+        same = await SMTPConn.open_session(server.port)
+        code, text = await same.transaction(message("same", ("z" * 78 + "\r\n") * 1300))
+        assert (code, text.split()[0]) == (452, "4.3.1"), text  # past this client's share
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, local_addr=("127.0.0.2", 0)
+        )
+        other = SMTPConn(reader, writer)
+        assert (await other.reply())[0] == 220
+        await other.ehlo()
+        assert (await other.transaction(message("other", ("z" * 78 + "\r\n") * 1300)))[0] == 250
+        for conn in [*holders, same, other]:
+            await conn.close()
+    assert [m["headers"]["subject"] for _, m in await entries(redis)] == ["other"]

@@ -68,47 +68,69 @@ class MemoryBudget:
     stalled Redis), kept until it replies.  Sessions taking the freed shares meanwhile
     held up to twice the budget."""
 
-    def __init__(self, capacity: int, held_elsewhere: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        held_elsewhere: Callable[[], int] = lambda: 0,
+        *,
+        client_share: int | None = None,
+    ) -> None:
         self.capacity = capacity
         self.used = 0
         self._held_elsewhere = held_elsewhere
+        # What the sessions of one client (client_of) may hold together: one client
+        # parking transfers (BDAT without LAST, kept alive with NOOP) must not take what
+        # every other sender needs.
+        self.client_share = capacity if client_share is None else client_share
+        self._by_client: dict[str, int] = {}
 
-    def take(self, octets: int) -> bool:
+    def take(self, octets: int, client: str = "") -> bool:
         """Reserve ``octets``; False (and nothing reserved) when they do not fit."""
-        if not self.has_room(octets):
+        if not self.has_room(octets, client):
             return False
         self.used += octets
+        if client:
+            self._by_client[client] = self._by_client.get(client, 0) + octets
         return True
 
-    def give_back(self, octets: int) -> None:
+    def give_back(self, octets: int, client: str = "") -> None:
         self.used -= octets
+        if client and octets:
+            left = self._by_client[client] - octets
+            if left:
+                self._by_client[client] = left
+            else:
+                del self._by_client[client]
 
-    def has_room(self, octets: int) -> bool:
+    def has_room(self, octets: int, client: str = "") -> bool:
+        if client and self._by_client.get(client, 0) + octets > self.client_share:
+            return False
         return self.used + self._held_elsewhere() + octets <= self.capacity
 
-    def reservation(self) -> Reservation:
-        return Reservation(self)
+    def reservation(self, client: str = "") -> Reservation:
+        return Reservation(self, client)
 
 
 class Reservation:
     """What one mail transaction holds of the budget, grown as DATA arrives;
     :meth:`release` gives all of it back and may be called again."""
 
-    __slots__ = ("_budget", "held")
+    __slots__ = ("_budget", "_client", "held")
 
-    def __init__(self, budget: MemoryBudget) -> None:
+    def __init__(self, budget: MemoryBudget, client: str = "") -> None:
         self._budget = budget
+        self._client = client
         self.held = 0  # octets taken from the budget
 
     def fill(self, octets: int) -> bool:
         """Hold ``octets`` more of DATA; False (and nothing more held) when they do not fit."""
-        if not self._budget.take(octets):
+        if not self._budget.take(octets, self._client):
             return False
         self.held += octets
         return True
 
     def release(self) -> None:
-        self._budget.give_back(self.held)
+        self._budget.give_back(self.held, self._client)
         self.held = 0
 
 

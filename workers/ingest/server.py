@@ -301,7 +301,7 @@ class IngestSMTP(FencedSMTP):
 
     def _transaction_reservation(self) -> Reservation:
         if self._reservation is None:
-            self._reservation = self.budget.reservation()
+            self._reservation = self.budget.reservation(self.client)
         return self._reservation
 
     def command_timed_out(self) -> None:
@@ -403,7 +403,7 @@ class IngestSMTP(FencedSMTP):
         """MAIL FROM with a ``SIZE=`` the budget has no room for now: RFC 1870's 452
         (checked, not reserved: see :mod:`.memory`)."""
         size = declared_size(mail_options)
-        if not size or self.budget.has_room(size):
+        if not size or self.budget.has_room(size, self.client):
             return None
         INGEST_REJECTED.labels("memory").inc()
         log.info(
@@ -689,7 +689,10 @@ class IngestServer:
         self.authenticator = authenticator
         self.max_connections = max_connections
         self.registry = SessionRegistry(max_connections, max_connections_per_client)
-        self.budget = MemoryBudget(memory_budget, held_elsewhere)
+        # One client holds at most the budget less one largest message: another sender's
+        # always fits (but never less than one largest message).
+        share = max(memory_budget - limits.max_size, min(limits.max_size, memory_budget))
+        self.budget = MemoryBudget(memory_budget, held_elsewhere, client_share=share)
         self.trimmer = HeapTrimmer()
         self._servers: list[asyncio.Server] = []
         self.port = 0
