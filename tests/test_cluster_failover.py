@@ -21,12 +21,14 @@ scenarios found (a delivered event missing after a read the failover took back).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tests.cluster_util import (
     FAILOVER_MODES,
@@ -43,7 +45,8 @@ from tests.delivery_util import make_config, pack, running_worker, send_message
 from tests.harness import wait_until
 from tests.sinks import RecordingSink
 from workers.relay import Reply
-from workers.streams import layout
+from workers.streams import functions, layout
+from workers.streams.connection import close_all, connect, partition_clients
 from workers.streams.consumer import ensure_group
 from workers.streams.outcomes import Outcomes, Settlement
 from workers.streams.receive import AWAY_MAX
@@ -122,3 +125,43 @@ async def test_a_send_whose_read_the_failover_took_back_keeps_its_event_and_goes
     events = [f for _, f in await partitions[p].xrange(keys[p].events)]
     assert not sink.received, "sent again"
     assert [f[b"event"] for f in events if f[b"id"] == message_id.encode()] == [b"delivered"]
+
+
+async def test_settlements_follow_a_failover_to_the_new_primary(
+    killable_cluster: ClusterSet,
+) -> None:
+    """A settlement's replies are read from the hiredis reader, past the connection's own
+    check for a moved slot: after CLUSTER FAILOVER every settlement of the partition got
+    MOVED down the same connection to the demoted primary, until the worker was restarted
+    (and what it had sent meanwhile went again).  Now one try fails (ConnectionError: the
+    settler tries again) and the next lands on the new primary."""
+    cluster, keys = killable_cluster, all_keys()[0]
+    clients = partition_clients(cluster.url(), all_keys(), connect)
+    outcomes = Outcomes(clients[0], keys, group="delivery", sent_ttl=60, events_maxlen=100)
+    try:
+        await functions.ensure_library(clients[0])
+        await ensure_group(clients[0], keys.send, "delivery")
+
+        async def settle(n: int) -> list[bool]:
+            data = pack(send_message([f"r{n}@example.com"], message_id=f"fo{n}"))
+            entry_id = (await clients[0].xadd(keys.send, {"data": data})).decode()
+            await clients[0].xreadgroup("delivery", "w", {keys.send: ">"}, count=10)
+            ref = layout.MessageRef(f"fo{n}", entry_id, data)
+            event = layout.event("delivered", ref, [f"r{n}@example.com"], Reply(250, "ok"), 1.0)
+            settlement = Settlement(entry_id=entry_id, message_id=f"fo{n}",
+                                    accepted=[f"r{n}@example.com"], events=[event])  # fmt: skip
+            return await outcomes.settle([settlement], time.time(), first_run=n == 0)
+
+        assert await settle(0) == [True]
+        old = cluster.primary_of(keys.send)
+        replica_port = int(cluster.client(old).info("replication")["slave0"]["port"])
+        replica = next(node for node in cluster.servers if node.port == replica_port)
+        cluster.client(replica).execute_command("CLUSTER", "FAILOVER")
+        await wait_until(lambda: cluster.client(replica).info("replication")["role"] == "master")
+        await asyncio.sleep(0.5)  # the other nodes learn of it
+        with pytest.raises(RedisConnectionError, match="moved"):
+            await settle(1)
+        assert await settle(2) == [True]
+    finally:
+        await outcomes.aclose()
+        await close_all(clients)

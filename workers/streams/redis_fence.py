@@ -271,7 +271,7 @@ async def read_replies(connection: AbstractConnection, count: int) -> list[Any]:
         return [await _reply_or_error(connection.read_response()) for _ in range(count)]
     parser = hiredis_parser(connection)
     if parser is not None:
-        return await _parsed_replies(connection, parser, count)
+        return await _unless_moved(connection, await _parsed_replies(connection, parser, count))
     loop = asyncio.get_running_loop()
     limit = connection.socket_timeout
     replies: list[Any] = []
@@ -342,6 +342,25 @@ async def _parsed_replies(connection: AbstractConnection, parser: Any, count: in
         raise translated from exc
     if connection.health_check_interval:
         connection.next_health_check = loop.time() + connection.health_check_interval
+    return replies
+
+
+async def _unless_moved(connection: AbstractConnection, replies: list[Any]) -> list[Any]:
+    """``replies``, unless one says this node no longer serves them (a failover moved the
+    slot, or demoted a Sentinel's master: MOVED, READONLY, ...).  Then, as
+    :meth:`SlotConnection.read_response` does for a reply it reads: the topology is marked
+    stale, the connection dropped, and ConnectionError raised, so that the caller's next
+    try goes to the new primary.  Read from the hiredis reader, these replies bypassed
+    that, and a settler retried down the same connection to the old primary for ever."""
+    for reply in replies:
+        if isinstance(reply, ResponseError) and (
+            isinstance(reply, MOVED_ERRORS) or str(reply).startswith(MOVED_REPLIES)
+        ):
+            topology: SlotRouter | None = getattr(connection, "topology", None)
+            if topology is not None:
+                topology.stale()
+            await connection.disconnect()
+            raise RedisConnectionError(f"{_where(connection)} moved ({reply})") from reply
     return replies
 
 
