@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import redis as syncredis
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from tests.harness import RedisServer
+from tests.harness import ROOT, RedisServer
 from workers.health import refresh_stream_gauges
 from workers.metrics import STREAM_LAG
 from workers.status import render_table
@@ -183,3 +184,30 @@ def test_bad_redis_url_stops_with_one_line_and_status_2() -> None:
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0
     assert "--redis-url" in out.stderr
+
+
+def test_watch_rides_out_a_redis_outage(make_redis: Callable[..., RedisServer]) -> None:
+    """``--watch`` refreshes until interrupted: a Redis away for a moment (a failover, a
+    restart) is said on stderr and looked at again (before, the first failed refresh ended
+    the command with status 1)."""
+    server = make_redis()
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "workers", "status", "--watch", "--json", "--interval", "0.2",
+         "--redis-url", server.url],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)
+        server.stop()
+        time.sleep(1.0)
+        assert watch.poll() is None, watch.communicate()
+        server.start()
+        syncredis.Redis(port=server.port).xadd(KEYS.send, {"data": "after"})
+        time.sleep(1.5)
+        assert watch.poll() is None, watch.communicate()
+    finally:
+        watch.send_signal(signal.SIGINT)
+        out, err = watch.communicate(timeout=10)
+    assert "cannot use Redis" in err and "Traceback" not in err
+    last = json.loads(out.splitlines()[-1])  # refreshed again once Redis was back
+    assert last["streams"][KEYS.send]["length"] == 1, last

@@ -16,8 +16,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from workers.config import CommonConfig, option
-from workers.streams.connection import one_shot_partitions
+from workers.streams.connection import describe_failure, one_shot_partitions
 from workers.streams.layout import Snapshot
 from workers.streams.snapshot import StreamTotal, collect_partitions, partition_totals
 
@@ -92,7 +94,17 @@ async def main(config: StatusConfig) -> int:
     partitions = config.partition_keys()
     async with one_shot_partitions(config.redis_url, partitions) as clients:
         while True:
-            status = await collect_partitions(clients, partitions)
+            try:
+                status = await collect_partitions(clients, partitions)
+            except (RedisError, OSError) as exc:
+                if not config.watch:
+                    raise  # one line and exit 1 (one_shot_partitions)
+                # Refreshed until interrupted: a Redis away (a failover, a restart) is said
+                # and looked at again, not the end of the watch.
+                print(f"mailpool status: cannot use Redis ({describe_failure(exc)}); again "
+                      f"in {config.interval:g} s", file=sys.stderr, flush=True)  # fmt: skip
+                await asyncio.sleep(config.interval)
+                continue
             totals = (
                 partition_totals(status, config.stream_keys(), partitions)
                 if config.partitioned
