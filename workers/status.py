@@ -16,12 +16,15 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from workers.config import CommonConfig, option
-from workers.streams.connection import describe_failure, one_shot_partitions
+from workers.streams.connection import one_shot_partitions
 from workers.streams.layout import Snapshot
-from workers.streams.snapshot import StreamTotal, collect_partitions, partition_totals
+from workers.streams.snapshot import (
+    StreamTotal,
+    collect_or_why,
+    collect_partitions,
+    partition_totals,
+)
 
 
 @dataclass
@@ -94,17 +97,20 @@ async def main(config: StatusConfig) -> int:
     partitions = config.partition_keys()
     async with one_shot_partitions(config.redis_url, partitions) as clients:
         while True:
-            try:
-                status = await collect_partitions(clients, partitions)
-            except (RedisError, OSError) as exc:
-                if not config.watch:
-                    raise  # one line and exit 1 (one_shot_partitions)
-                # Refreshed until interrupted: a Redis away (a failover, a restart) is said
-                # and looked at again, not the end of the watch.
-                print(f"mailpool status: cannot use Redis ({describe_failure(exc)}); again "
-                      f"in {config.interval:g} s", file=sys.stderr, flush=True)  # fmt: skip
+            # A failure without --watch: one line and exit 1 (one_shot_partitions).  With
+            # it, refreshed until interrupted: a Redis away (a failover, a restart) is said
+            # and looked at again, not the end of the watch.
+            refreshed = (
+                await collect_or_why(clients, partitions)
+                if config.watch
+                else await collect_partitions(clients, partitions)
+            )
+            if isinstance(refreshed, str):
+                print(f"mailpool status: cannot use Redis ({refreshed}); again in "
+                      f"{config.interval:g} s", file=sys.stderr, flush=True)  # fmt: skip
                 await asyncio.sleep(config.interval)
                 continue
+            status = refreshed
             totals = (
                 partition_totals(status, config.stream_keys(), partitions)
                 if config.partitioned

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from workers.streams import layout
-from workers.streams.connection import as_text
+from workers.streams.connection import as_text, describe_failure
 from workers.streams.layout import GroupStatus, Snapshot, StreamKeys, StreamStatus
 
 # When Redis cannot tell a group's lag, status counts the entries after the group's
@@ -198,3 +198,14 @@ def _group_total(infos: Sequence[GroupStatus]) -> GroupTotal:
         lag=None if None in lags else sum(lag for lag in lags if lag is not None),
         oldest_pending_seconds=max(ages) if ages else None,
     )
+
+
+async def collect_or_why(
+    clients: Sequence[aioredis.Redis], partitions: Sequence[StreamKeys]
+) -> Snapshot | str:
+    """:func:`collect_partitions`, or why Redis could not be used, in words (a refresh of
+    ``status --watch`` rides out a Redis away)."""
+    try:
+        return await collect_partitions(clients, partitions)
+    except (RedisError, OSError) as exc:
+        return describe_failure(exc)
