@@ -81,10 +81,11 @@ READER_LINE_LIMIT = 1001
 LONGER_LINES = {"RCPT": READER_LINE_LIMIT - 512, "MAIL": 120, "BDAT": READER_LINE_LIMIT - 512}
 AUTH_PARAMETER_OCTETS = 506  # " AUTH=" and 500 octets of xtext
 
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")  # in reply text: anything but printable ASCII
+
 # An argument that opens a <path> and never closes it (RFC 5321 section 4.1.2): refused,
 # where aiosmtpd's parser would take the rest of the line, parameters and all, as a quoted
 # local part.
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")  # in reply text: anything but printable ASCII
 REPLY_BAD_SENDER_SYNTAX = "501 5.1.7 Bad sender address syntax"
 REPLY_BAD_RECIPIENT_SYNTAX = "501 5.1.3 Bad recipient address syntax"
 REPLY_RCPT_AFTER_BDAT = "503 5.5.1 Error: RCPT after BDAT; RSET to start again"
