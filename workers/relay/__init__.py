@@ -428,7 +428,15 @@ async def _transfer(
         raise channel.expired  # reported as deferred must not write its message
     chain.transport.write(dot_stuffed(data) + follow())
     await channel.drained()
-    channel.expire_at(asyncio.get_running_loop().time() + data_timeout, _no_reply_to_the_dot)
+    return await _reply_to_the_dot(channel, data_timeout)
+
+
+async def _reply_to_the_dot(
+    channel: pipelining.ReplyChannel, wait: float
+) -> aiosmtplib.SMTPResponse:
+    """The reply to the final dot, with a budget of ``wait`` seconds from now (the dot has
+    just left), on either path."""
+    channel.expire_at(asyncio.get_running_loop().time() + wait, _no_reply_to_the_dot)
     return await channel.reply()
 
 
@@ -518,8 +526,7 @@ async def _final_reply(
     """The reply to the final dot, waited for ``wait`` seconds (RFC 5321 section 4.5.3.2.6:
     the relay may be scanning the message; giving up early means sending it twice)."""
     try:
-        chain.channel.expire_at(asyncio.get_running_loop().time() + wait, _no_reply_to_the_dot)
-        return await chain.channel.reply()
+        return await _reply_to_the_dot(chain.channel, wait)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         chain.end()
         smtp.close()  # a reply we gave up on must not be read as the next command's
