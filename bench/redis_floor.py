@@ -21,8 +21,8 @@ vary by half.
   fewest commands at the same pace, raw/paced what the pace alone costs.
 * **delivery commands** (printed after the floor, beside the raw consumer's rounds): the
   raw consumer's reads and batches, each entry settled with the worker's own settlement
-  (``Outcomes.settle_batch``: MULTI, the idempotency record and its EXPIRE, XACK, the
-  event, EXEC).  commands/raw is what the worker's commands cost by themselves, and
+  (``Outcomes.settle_batch``: the idempotency record and its EXPIRE, XACK, the event,
+  in one MULTI/EXEC per batch).  commands/raw is what the worker's commands cost by themselves, and
   worker/commands what its pacing adds.
 
 Redis CPU is ``used_cpu_sys + used_cpu_user`` deltas less the benchmark's own INFO/XINFO
@@ -196,9 +196,9 @@ async def commands_delivery_round(
     deployment: Deployment, messages: list[SendMessage], event: dict[bytes, bytes]
 ) -> Round:
     """The raw consumer's reads and batching, but each entry settled with the worker's own
-    settlement (``Outcomes.settle_batch`` of a plain delivery: MULTI, the idempotency record
-    and its EXPIRE, XACK, the event, EXEC): what the worker's commands cost Redis without
-    the worker's pacing."""
+    settlement (``Outcomes.settle_batch`` of plain deliveries: the idempotency record and
+    its EXPIRE, XACK, the event, in one MULTI/EXEC per batch): what the worker's commands
+    cost Redis without the worker's pacing."""
     client = aioredis.from_url(deployment.url)
     config = DeliveryConfig()
     outcomes = oc.Outcomes(

@@ -10,6 +10,7 @@ through the function, whose acknowledgement check writes nothing twice.
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError
 
 from tests.delivery_util import enqueue, outcomes_for, send_message
 from workers.streams import functions
@@ -154,3 +155,70 @@ async def test_a_user_refused_transactions_settles_through_the_function(
         await user.aclose()
     assert after["fcall"] - before["fcall"] == 1 and after["exec"] == before["exec"]
     assert await redis.xlen(EVENTS) == 1
+
+
+async def test_plain_deliveries_of_one_batch_share_one_transaction_in_order(
+    redis: aioredis.Redis,
+) -> None:
+    """A transaction per batch, not per message: MULTI and EXEC once for each run of plain
+    deliveries; a settlement that takes the function between them ends one run."""
+    ids = await read_entries(redis, 5)
+    retry = Settlement(entry_id=ids[2], message_id="c", retry=Retry(due=9.0, fields={"data": b"d"}))
+    batch = [delivered(ids[0], "a"), delivered(ids[1], "b"), retry]
+    batch += [delivered(ids[3], "d"), delivered(ids[4], "e")]
+    outcomes = outcomes_for(redis)
+    before = await commands_run(redis)
+    try:
+        assert await outcomes.settle(batch, 1.0, first_run=True) == [True] * 5
+    finally:
+        await outcomes.aclose()
+    after = await commands_run(redis)
+    assert after["exec"] - before["exec"] == 2 and after["fcall"] - before["fcall"] == 1
+    assert (await redis.xpending(SEND, "delivery"))["pending"] == 0
+    for message_id in "abde":
+        assert (await record(redis, message_id))[1], f"{message_id} has no record with a TTL"
+    events = [fields[b"id"] for _, fields in await redis.xrange(EVENTS)]
+    assert events == [b"a", b"b", b"d", b"e"]
+
+
+async def test_one_settlement_failing_inside_the_transaction_leaves_the_others_applied(
+    redis: aioredis.Redis,
+) -> None:
+    """One message's record key holds a string: its HSETNX fails inside EXEC.  That one is
+    reported (the settler runs it again through the function), the others before and
+    after it in the same transaction stand."""
+    ids = await read_entries(redis, 3)
+    await redis.set("mailpool:sent:b", "an operator's key")
+    outcomes = outcomes_for(redis)
+    try:
+        batch = [delivered(entry_id, name) for entry_id, name in zip(ids, "abc", strict=True)]
+        results = await outcomes.settle(batch, 1.0, first_run=True)
+    finally:
+        await outcomes.aclose()
+    assert results[0] is True and results[2] is True
+    assert isinstance(results[1], Exception) and "WRONGTYPE" in str(results[1])
+    assert (await record(redis, "a"))[0] and (await record(redis, "c"))[0]
+
+
+async def test_a_transaction_refused_at_queueing_applies_none_of_its_settlements(
+    redis: aioredis.Redis,
+) -> None:
+    """Out of memory, Redis refuses the writes as they are queued and EXEC aborts: every
+    settlement of the transaction reports the error and none is half applied; the
+    settler's next run (the function) applies them all."""
+    ids = await read_entries(redis, 3)
+    batch = [delivered(entry_id, name) for entry_id, name in zip(ids, "abc", strict=True)]
+    outcomes = outcomes_for(redis)
+    await redis.config_set("maxmemory", 1)  # noeviction: every write is refused
+    try:
+        results = await outcomes.settle(batch, 1.0, first_run=True)
+        await redis.config_set("maxmemory", 0)
+        assert len(results) == 3
+        assert all(isinstance(r, OutOfMemoryError) for r in results), results
+        assert (await redis.xpending(SEND, "delivery"))["pending"] == 3
+        assert await redis.xlen(EVENTS) == 0
+        assert await outcomes.settle(batch, 2.0) == [True] * 3
+    finally:
+        await redis.config_set("maxmemory", 0)
+        await outcomes.aclose()
+    assert await redis.xlen(EVENTS) == 3

@@ -19,7 +19,9 @@ outcome, and one message never waits in two places.
 
 The hot path, a settlement run for the first time that only records accepted recipients
 and their ``delivered`` events (:func:`is_plain_delivery`), is a ``MULTI``/``EXEC``
-transaction of the same commands instead: no retry or dead letter can end up in two places,
+transaction of the same commands instead, one for all such settlements of a batch (each
+one's result read from its own part of EXEC's reply; an error in one part leaves the others
+applied, as separate transactions would): no retry or dead letter can end up in two places,
 and its one condition does not arise.  A first run cannot have been applied before.  An
 entry another worker acknowledged first (it claimed the entry while we were stalled, before
 our record existed) was sent by that worker too, or dead-lettered (expired, poison): our
@@ -27,9 +29,14 @@ our record existed) was sent by that worker too, or dead-lettered (expired, pois
 With the function Redis spends a third more CPU per delivered 2 KB message (28.3 against
 21.2 us, medians of 7 alternated rounds of bench/redis_floor.py's delivery round; the raw
 floor measured 15.4): its arguments are converted into Lua and back.  The worker pays for
-the transaction's seven replies instead of one: 0.92x the messages per CPU-second (4367
-against 4748, medians of 8 alternated rounds of bench/delivery.py's worker), a trade made
-for the shared Redis, which workers cannot scale out of.
+the transaction's replies (a QUEUED and a result per command) instead of one: 0.92x the
+messages per CPU-second with a transaction per message (4367 against 4748, medians of 8
+alternated rounds of bench/delivery.py's worker), a trade made for the shared Redis, which
+workers cannot scale out of.  One transaction per batch instead of per message (about 7
+messages a batch at --concurrency 10) took the bare client's settlement commands from
+1.22-1.49x to 1.15-1.26x the raw floor (bench/redis_floor.py's COMMANDS line, 3 alternated
+runs each) and the worker to 0.96-1.07x its CPU per message (5 alternated pairs, median
+1.04x).
 Every later run of a settlement (the settler's retry after a failed round trip) takes the
 function, whose acknowledgement check writes nothing a first run wrote.
 
@@ -127,34 +134,45 @@ def is_plain_delivery(s: Settlement) -> bool:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Transaction:
-    """Where a plain delivery's replies are: how many commands it sent (MULTI and EXEC
-    included), and where XACK's reply is in EXEC's (after each HSETNX and the EXPIRE)."""
+    """Consecutive plain deliveries of a batch settled in one ``MULTI``/``EXEC``: per
+    settlement, how many commands it queued and where its XACK's reply is among theirs
+    (after its HSETNXs and its EXPIRE)."""
 
-    commands: int
-    xack_at: int
+    queued: list[int] = field(default_factory=list)
+    xack_at: list[int] = field(default_factory=list)
+
+    @property
+    def replies(self) -> int:
+        """Replies to read: MULTI's, one per queued command, EXEC's."""
+        return sum(self.queued) + 2
 
 
-def _transaction_result(replies: Sequence[object], shape: _Transaction) -> bool | RedisError:
-    """A transaction's result from its replies (MULTI's, one per queued command, EXEC's):
-    True when its XACK acknowledged the entry, or the error that kept it from being applied
-    whole."""
+def _transaction_results(replies: Sequence[object], shape: _Transaction) -> list[bool | RedisError]:
+    """Each settlement's result from its transaction's replies (MULTI's, one per queued
+    command, EXEC's): True when its XACK acknowledged the entry, or the error that kept it
+    from being applied whole."""
     *queued, executed = replies
     # +OK, then QUEUED, or the error queueing a command got (then EXEC aborts).
     failed = next((r for r in queued if isinstance(r, ResponseError)), None)
     if isinstance(executed, ResponseError):  # EXECABORT: nothing was applied
-        return failed or executed
+        return [failed or executed] * len(shape.queued)
     if not isinstance(executed, list):  # nil is for a WATCH that failed: none is set
-        return RedisError(f"EXEC answered {executed!r}")
-    errors = [r for r in executed if isinstance(r, Exception)]
-    # Applied in part (a key of the wrong type: an operator's key clashing with ours).
-    # Unlike the function, which stops at its first error, EXEC runs the other commands:
-    # the entry is acknowledged, so the settler's next run (the function) writes nothing,
-    # and what failed here stays unwritten.  Reported, so the settler logs it.
-    if errors:
-        return RedisError(str(errors[0]))
-    return bool(executed[shape.xack_at])
+        return [RedisError(f"EXEC answered {executed!r}")] * len(shape.queued)
+    results: list[bool | RedisError] = []
+    start = 0
+    for count, xack_at in zip(shape.queued, shape.xack_at, strict=True):
+        own = executed[start : start + count]
+        start += count
+        errors = [r for r in own if isinstance(r, Exception)]
+        # Applied in part (a key of the wrong type: an operator's key clashing with ours).
+        # Unlike the function, which stops at its first error, EXEC runs the other
+        # commands: the entry is acknowledged, so the settler's next run (the function)
+        # writes nothing, and what failed here stays unwritten.  Reported, so the settler
+        # logs it; the other settlements of the transaction stand.
+        results.append(RedisError(str(errors[0])) if errors else bool(own[xack_at]))
+    return results
 
 
 def _function_result(reply: object) -> bool | RedisError:
@@ -165,6 +183,7 @@ class ReplicasMissing(RedisError):
     """A batch of settlements was applied, but fewer replicas than asked confirmed it."""
 
 
+_MULTI, _EXEC = pack_command(["MULTI"]), pack_command(["EXEC"])
 SETTLE_IDLE_CHECK = 5.0  # seconds idle after which the settlement connection is probed
 
 
@@ -288,62 +307,83 @@ class Outcomes:
             command += _section(_event_section(event), event)
         return command
 
-    def delivered_transaction(self, s: Settlement, now: str) -> list[list[str | bytes | int]]:
-        """The commands of a plain delivery's transaction (:func:`is_plain_delivery`), what
-        the settle function runs for it: record, acknowledge, events."""
+    def delivered_commands(self, s: Settlement, now: str) -> list[list[str | bytes | int]]:
+        """A plain delivery's commands (:func:`is_plain_delivery`), what the settle function
+        runs for it, queued in a transaction: record, acknowledge, events."""
         keys, sent = self.keys, self.keys.sent(s.message_id)
-        commands: list[list[str | bytes | int]] = [["MULTI"]]
-        commands += [["HSETNX", sent, recipient, now] for recipient in s.accepted]
+        commands: list[list[str | bytes | int]] = [
+            ["HSETNX", sent, recipient, now] for recipient in s.accepted
+        ]
         commands.append(["EXPIRE", sent, self.sent_ttl])
         commands.append(["XACK", keys.send, self.group, s.entry_id])
         commands += [
             ["XADD", keys.events, "MAXLEN", "~", self.events_maxlen, "*", *_pairs(event)]
             for event in s.events
         ]
-        commands.append(["EXEC"])
         return commands
 
     async def settle_batch(
         self, settlements: Sequence[Settlement], now: float, *, first_run: bool = False
     ) -> list[bool | RedisError]:
-        """FCALL per settlement (a transaction per plain delivery on a ``first_run``), all
-        written at once on one connection, packed by hiredis; one result per settlement,
-        as :meth:`settle` returns them (without its reload of a missing library).
+        """FCALL per settlement (on a ``first_run``, one transaction for each run of
+        consecutive plain deliveries), all written at once on one connection, packed by
+        hiredis; one result per settlement, as :meth:`settle` returns them (without its
+        reload of a missing library).
 
         This is the per-message hot path: redis-py's pipeline costs 10% more CPU per
         message (figures in :mod:`workers.streams.redis_fence`).  It is the seam where
         bench/redis_fence.py puts its variants (a subclass or a swapped method, built from
         :meth:`settle_command`).
         """
-        now_text = repr(now)
-        # Per settlement: its transaction's shape, or None for one FCALL.
-        shapes: list[_Transaction | None] = []
-        packed: list[bytes] = []
-        for s in settlements:
-            if first_run and self.transactions and is_plain_delivery(s):
-                commands = self.delivered_transaction(s, now_text)
-                shapes.append(_Transaction(len(commands), len(s.accepted) + 1))
-                packed += map(pack_command, commands)
-            else:
-                shapes.append(None)
-                packed.append(pack_command(self.settle_command(s, now_text)))
+        parts, packed = self._packed(settlements, repr(now), first_run=first_run)
         if self.min_replicas:
             packed.append(pack_command(["WAIT", self.min_replicas, self.replica_timeout_ms]))
-        expected = sum(1 if shape is None else shape.commands for shape in shapes)
+        expected = sum(1 if part is None else part.replies for part in parts)
         async with self._settlements.use() as connection:
             await redis_fence.send_packed(connection, b"".join(packed))
             # An error reply fails its settlement only; the others stand.
             replies = iter(await redis_fence.read_replies(connection, expected))
-            results = [
-                _function_result(next(replies)) if shape is None
-                else _transaction_result([next(replies) for _ in range(shape.commands)], shape)
-                for shape in shapes
-            ]  # fmt: skip
+            results: list[bool | RedisError] = []
+            for part in parts:
+                if part is None:
+                    results.append(_function_result(next(replies)))
+                else:
+                    own = [next(replies) for _ in range(part.replies)]
+                    results += _transaction_results(own, part)
             if self.min_replicas:
                 missing = await self._replicas_missing(connection)
                 if missing is not None:
                     results = [r if isinstance(r, RedisError) else missing for r in results]
             return results
+
+    def _packed(
+        self, settlements: Sequence[Settlement], now: str, *, first_run: bool
+    ) -> tuple[list[_Transaction | None], list[bytes]]:
+        """The batch's commands, packed, and its parts in order: a transaction of plain
+        deliveries (one MULTI/EXEC for all of them: two commands a message fewer than one
+        each), or None for one settlement's FCALL."""
+        parts: list[_Transaction | None] = []
+        packed: list[bytes] = []
+        transaction: _Transaction | None = None
+        for s in settlements:
+            if first_run and self.transactions and is_plain_delivery(s):
+                if transaction is None:
+                    transaction = _Transaction()
+                    parts.append(transaction)
+                    packed.append(_MULTI)
+                commands = self.delivered_commands(s, now)
+                transaction.queued.append(len(commands))
+                transaction.xack_at.append(len(s.accepted) + 1)
+                packed += map(pack_command, commands)
+                continue
+            if transaction is not None:
+                packed.append(_EXEC)
+                transaction = None
+            parts.append(None)
+            packed.append(pack_command(self.settle_command(s, now)))
+        if transaction is not None:
+            packed.append(_EXEC)
+        return parts, packed
 
     async def _replicas_missing(self, connection: AbstractConnection) -> ReplicasMissing | None:
         """None when ``WAIT``'s reply counts ``min_replicas`` replicas."""
