@@ -139,9 +139,13 @@ class DeliveryWorker:
         # The event is looked up at each check: run() replaces it with the process's.
         stopped = lambda: self._stop.is_set()  # noqa: E731, PLW0108
         held = HeldEntries(self.config.concurrency, stopped=stopped, window=self._window)
-        settler = Settler(stream.outcomes, on_crash=self._stop_now)
+        settler = Settler(stream.outcomes, on_crash=self._stop_now, busy=self._sending)
         view = SuppressionView(stream.outcomes.redis, stream.outcomes.keys)
         return _Partition(stream, held, settler, Reader(held, away_max=away_max), view)
+
+    def _sending(self) -> bool:
+        """Entries are in progress: outcomes may come soon (the settlers' linger)."""
+        return self._window.in_progress > 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read, prepare and queue until ``stop``; 2 x ``--concurrency`` lanes send what is
