@@ -87,6 +87,8 @@ class RecordingSink:
     certificate: tuple[Path, Path] | None = None
     implicit_tls: bool = False
     users: dict[str, str] | None = None
+    auth_in_clear: bool = False  # offer AUTH without TLS too
+    logins_tried: list[str] = field(default_factory=list)  # every AUTH's user, even refused
 
     # --- scripting -------------------------------------------------------------------------
     def refuse_rcpt(self, address: str, reply: str, times: int | None = None) -> None:
@@ -179,6 +181,7 @@ class RecordingSink:
             options["ssl_context" if self.implicit_tls else "tls_context"] = context
         if self.users is not None:
             options.update(authenticator=self._authenticate, auth_required=True)
+            options.update(auth_require_tls=not self.auth_in_clear)
         self._controller = Controller(
             self, hostname=self.host, port=self.port, enable_SMTPUTF8=True, decode_data=False,
             data_size_limit=self.size_limit, ready_timeout=5.0, **options,
@@ -193,6 +196,7 @@ class RecordingSink:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         login, password = auth_data.login.decode(), auth_data.password.decode()
+        self.logins_tried.append(login)
         return AuthResult(success=users.get(login) == password, auth_data=login)
 
     def stop(self) -> None:

@@ -134,6 +134,57 @@ async def test_relay_signed_by_a_private_ca_is_trusted_with_tls_ca_file(
     assert [r.tls for r in sink.received] == [True]
 
 
+async def test_a_ca_file_makes_starttls_required(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink, tmp_path: Path
+) -> None:
+    """A relay that offers no STARTTLS (or one whose offer someone in the middle struck
+    out) gets nothing when its certificate is to be checked: under auto it was sent the
+    message in clear, the CA file checking nothing."""
+    private_ca = make_certificate(tmp_path / "ca", ca=True)
+    await enqueue(redis, send_message(["ann@example.com"]))
+    config = make_config(redis_url, sink.url, tls_ca_file=str(private_ca[0]))
+    async with running_worker(config):
+        await wait_until(lambda: _has_deferred(redis))
+    assert sink.received == []
+
+
+def test_starttls_off_with_a_ca_file_is_refused_at_start(certificate: tuple[Path, Path]) -> None:
+    with pytest.raises(ConfigError, match="--starttls off sends in clear"):
+        make_config(
+            "redis://127.0.0.1:1/0", "smtp://127.0.0.1:25", starttls="off",
+            tls_ca_file=str(certificate[0]),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("starttls", ["auto", "opportunistic"])
+async def test_credentials_are_not_sent_to_a_relay_that_offers_no_starttls(
+    redis: aioredis.Redis,
+    redis_url: str,
+    make_sink: Callable[..., RecordingSink],
+    starttls: str,
+) -> None:
+    """A relay offering AUTH in clear and no STARTTLS: the worker sent it the password
+    (so would someone in the middle who struck STARTTLS out of a relay's EHLO)."""
+    sink = make_sink(users={"mailer": "secret"}, auth_in_clear=True)
+    await enqueue(redis, send_message(["ann@example.com"]))
+    relay = f"smtp://mailer:secret@127.0.0.1:{sink.port}"
+    async with running_worker(make_config(redis_url, relay, starttls=starttls)):
+        await wait_until(lambda: _has_deferred(redis))
+    assert sink.logins_tried == [] and sink.received == []
+    [deferred] = [e for e in await events(redis) if e["event"] == "deferred"]
+    assert "credentials are not sent unencrypted" in deferred["error"]
+
+
+async def test_starttls_off_logs_in_over_plain_text(
+    redis: aioredis.Redis, redis_url: str, make_sink: Callable[..., RecordingSink]
+) -> None:
+    sink = make_sink(users={"mailer": "secret"}, auth_in_clear=True)
+    await enqueue(redis, send_message(["ann@example.com"]))
+    relay = f"smtp://mailer:secret@127.0.0.1:{sink.port}"
+    await run_until_settled(redis, make_config(redis_url, relay, starttls="off"))
+    assert [(r.login, r.tls) for r in sink.received] == [("mailer", False)]
+
+
 async def _has_deferred(redis: aioredis.Redis) -> bool:
     return any(e["event"] == "deferred" for e in await events(redis))
 

@@ -781,12 +781,15 @@ class DeliveryConfig(CommonConfig):
     )  # fmt: skip
     starttls: str = option(
         "auto",
-        "STARTTLS on smtp:// relays: auto (when offered), require, opportunistic (when offered, "
-        "the certificate not verified: Postfix's `may`), off",
+        "STARTTLS on smtp:// relays: auto (when offered; required with --tls-ca-file), "
+        "require, opportunistic (when offered, the certificate not verified: Postfix's `may`), "
+        "off (the only mode that sends relay credentials in clear)",
     )
     tls_verify: bool = option(True, "verify the relay's TLS certificate")
     tls_ca_file: str | None = option(
-        None, "PEM file of the CA certificates to verify the relay with, instead of the system's"
+        None,
+        "PEM file of the CA certificates to verify the relay with, instead of the system's "
+        "(TLS required)",
     )
     group: str = option("delivery", "consumer group on the send stream")
     consumer: str = option(default_consumer_name, "consumer name in the group (unique per worker)")
@@ -900,9 +903,14 @@ class DeliveryConfig(CommonConfig):
             raise ConfigError(
                 f"--starttls: {self.starttls!r} is not auto, require, opportunistic or off"
             )
+        if self.starttls == "off" and self.tls_ca_file and not self._implicit_tls():
+            raise ConfigError(
+                "--tls-ca-file verifies the relay's TLS certificate, and --starttls off sends "
+                "in clear: leave out one of them"
+            )
         if self.starttls != "opportunistic":
             return
-        if (self.relay or "").startswith("smtps:"):
+        if self._implicit_tls():
             raise ConfigError(
                 "--starttls opportunistic is for smtp:// relays (smtps:// always encrypts; "
                 "--no-tls-verify leaves its certificate unchecked)"
@@ -912,6 +920,9 @@ class DeliveryConfig(CommonConfig):
                 "--starttls opportunistic does not verify the relay's certificate: "
                 "leave out --tls-ca-file, or use --starttls auto or require"
             )
+
+    def _implicit_tls(self) -> bool:
+        return (self.relay or "").startswith("smtps:")
 
     def longest_hold(self) -> float:
         """The longest a live worker holds an entry before settling it, seconds: a send takes
@@ -931,6 +942,8 @@ class DeliveryConfig(CommonConfig):
         url = urlsplit(self.relay or "")
         implicit_tls = url.scheme == "smtps"
         starttls = STARTTLS_MODES[self.starttls]
+        if self.tls_ca_file:  # a relay whose certificate is to be checked must have TLS
+            starttls = True
         return RelaySettings(
             host=url.hostname or "",
             port=url.port or (465 if implicit_tls else 25),

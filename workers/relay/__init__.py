@@ -90,6 +90,11 @@ class SendResult:
         for rcpt in recipients:
             target[rcpt] = reply
 
+    def defer(self, recipients: Sequence[str], reply: Reply) -> None:
+        """Retry later whatever the reply's code: a refusal of the session, not the message."""
+        for rcpt in recipients:
+            self.deferred[rcpt] = reply
+
 
 @dataclass(slots=True)  # not frozen: one per message (frozen __init__ costs 2x)
 class TransactionResult:
@@ -143,6 +148,42 @@ class RelaySettings:
 
 # Errors that mean the connection (not the message) failed: the recipients are deferred.
 CONNECTION_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError)
+
+
+class CredentialsNotSentInClear(aiosmtplib.SMTPException):
+    """The relay did not encrypt the session: its credentials are not sent."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the relay offered no STARTTLS: the relay credentials are not sent unencrypted "
+            "(--starttls off allows it)"
+        )
+
+
+async def log_in(smtp: aiosmtplib.SMTP, settings: RelaySettings) -> None:
+    """AUTH with the relay's credentials, over TLS only, unless ``--starttls off`` asked
+    for a session in clear: under ``auto`` (and ``opportunistic``) someone in the middle
+    who strips STARTTLS from the relay's EHLO would otherwise be sent the password."""
+    if settings.username is None:
+        return
+    encrypted = smtp.get_transport_info("sslcontext") is not None
+    if not encrypted and settings.starttls is not False:
+        raise CredentialsNotSentInClear()
+    await smtp.login(settings.username, settings.password or "")
+
+
+# What a new connection that was not ready in time says (asyncio's TimeoutError has no text).
+SESSION_TIMED_OUT = (
+    "TimeoutError: no session with the relay within --smtp-timeout "
+    "(connect, greeting, EHLO, STARTTLS, AUTH)"
+)
+
+
+def session_refused(exc: BaseException) -> Reply:
+    """Why a new connection failed, as the recipients' reply."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return Reply(None, SESSION_TIMED_OUT)
+    return reply_of(exc)
 
 
 async def greet(smtp: aiosmtplib.SMTP) -> None:

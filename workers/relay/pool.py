@@ -51,7 +51,6 @@ from workers.relay import (
     pipeline_group,
     pipelined,
     pipelining,
-    reply_of,
 )
 
 log = structlog.get_logger("mailpool.relay")
@@ -350,9 +349,13 @@ class SmtpPool:
                 self._give_back(_NEW)
                 if not isinstance(exc, CONNECTION_ERRORS):
                     raise  # cancelled
+                # A 5xx here (to the greeting, EHLO, STARTTLS, AUTH) refuses the session,
+                # not the message: a wrong password or a relay's policy, for the operator
+                # to fix.  Dead-lettered, every queued message would go within seconds.
+                reply = relay.session_refused(exc)
                 result = SendResult()
-                result.refuse(recipients, reply_of(exc))
-                log.warning("relay_connect_failed", host=s.host, error=str(exc))
+                result.defer(recipients, reply)
+                log.warning("relay_connect_failed", host=s.host, code=reply.code, error=reply.text)
                 return result
         connection.uses += 1
         link = _Link(self, connection)
@@ -486,11 +489,12 @@ class SmtpPool:
         smtp = aiosmtplib.SMTP(
             hostname=s.host, port=s.port, local_hostname=s.local_hostname, timeout=s.timeout,
             use_tls=s.implicit_tls, start_tls=s.starttls, validate_certs=s.verify,
-            tls_context=self._tls_context, username=s.username, password=s.password,
+            tls_context=self._tls_context,
         )  # fmt: skip
         try:
             await smtp.connect()
             await greet(smtp)
+            await relay.log_in(smtp, s)
         except BaseException:  # the send's time ran out (a cancellation) or the relay failed
             smtp.close()
             raise
