@@ -428,7 +428,10 @@ async def promote_due(redis: aioredis.Redis, keys: StreamKeys, now: float, limit
 
 def describe_replies(replies: Mapping[str, layout.SmtpReply]) -> str:
     """``rcpt: 550 text; rcpt2: ...`` for the dead letter's error field (bounded length)."""
-    parts = [f"{rcpt}: {r.code or 'no reply'} {r.text}".strip() for rcpt, r in replies.items()]
+    parts = [
+        f"{rcpt}: {r.code} {r.text}".strip() if r.code else f"{rcpt}: {r.text or 'no reply'}"
+        for rcpt, r in replies.items()
+    ]
     return "; ".join(parts)[: layout.MAX_ERROR_TEXT]
 
 
