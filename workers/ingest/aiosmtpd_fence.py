@@ -324,6 +324,15 @@ class FencedSMTP(SMTP):
     def restart_command_timer(self) -> None:
         self._reset_timeout()
 
+    def stop_reading(self) -> None:
+        """Nothing more of the input is read: what the client sent and the command loop
+        has not read yet is dropped, and the loop ends at its next read (the end of the
+        input, :meth:`SessionReader.readuntil`).  For a session's last reply: 1.4.6's loop
+        reads on while the transport closes, and ran commands (a whole message, stored)
+        pipelined behind a reply that said the connection was closing."""
+        discard_held(self._reader)
+        self._reader.feed_eof()
+
     def end_of_input(self) -> bool:
         """``eof_received`` without 1.4.6's cancel of the command loop: the end of the
         input goes to the reader, the loop answers every command received before it (a

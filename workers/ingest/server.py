@@ -68,6 +68,8 @@ REPLY_TOO_MANY_FROM_CLIENT = (
 REPLY_TIMEOUT = "421 4.4.2 {host} Timeout exceeded, closing connection"
 REPLY_SESSION_TOO_LONG = "421 4.4.2 {host} Session time limit exceeded, closing connection"
 REPLY_HTTP = "521 5.7.0 {host} This is an SMTP server, not HTTP; closing connection"
+# Seconds a closing session's last replies may wait to be read before it is cut off.
+CLOSE_LINGER = 2.0
 REPLY_STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 # RFC 3207 section 4: what a server requiring TLS still takes before STARTTLS (aiosmtpd's
 # set; HELO is not in it).
@@ -226,13 +228,20 @@ class IngestSMTP(FencedSMTP):
         return self.envelope is not None and self.envelope.mail_from is not None
 
     def _say_and_close(self, template: str) -> None:
-        """Send a final reply outside the command loop (RFC 5321 section 3.8) and hang up."""
+        """Send a final reply outside the command loop (RFC 5321 section 3.8) and hang up:
+        nothing the client sent after it is read.  A client that does not read its replies
+        (they wait in our write buffer) is cut off CLOSE_LINGER seconds later: a graceful
+        close waits for them to be read, and held its session slot and its share of the
+        memory budget for ever."""
         transport = self.transport
         if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
             return
+        self.stop_reading()
         if template:
             transport.write(template.format(host=self.hostname).encode() + b"\r\n")
         transport.close()
+        if transport.get_write_buffer_size():
+            self.loop.call_later(CLOSE_LINGER, transport.abort)
 
     # -- connection life cycle --------------------------------------------------------
 
