@@ -299,6 +299,49 @@ async def test_dmarc_judges_the_from_the_application_reads(
     }  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "author",
+    [
+        "a@client.test, ceo@=?utf-8?q?forged.test?=",
+        "ceo@=?utf-8?q?forged?=.test",
+        "Ceo <ceo@=?utf-8?b?Zm9yZ2VkLnRlc3Q=?=>",
+        "ceo@forged\x00.test",
+    ],
+    ids=["second-address-encoded", "domain-part-encoded", "base64", "nul"],
+)
+async def test_dmarc_judges_the_from_as_decoded_for_the_application(
+    redis_url: str, redis: aioredis.Redis, dns: DnsServer, author: str
+) -> None:
+    """An encoded-word inside an address (against RFC 2047, decoded by the parser all the
+    same) named forged.test to the application while DMARC read past it: it judged
+    client.test alone, or nothing, and an attacker passed or escaped forged.test's policy."""
+    content = mail(author).replace(b"\\x00", b"\x00")
+    reply, entry = await received(redis_url, redis, content, "a@client.test",
+                                  dns_server=dns.address)  # fmt: skip
+    assert reply[0] == 250, reply
+    assert "forged" in entry["headers"]["from"]
+    dmarc = entry["auth"]["dmarc"]
+    assert (dmarc["result"], dmarc["domain"], dmarc["policy"]) == (
+        "fail", "forged.test", "quarantine"
+    )  # fmt: skip
+
+
+async def test_a_forged_verdict_with_our_id_encoded_is_renamed(
+    redis_url: str, redis: aioredis.Redis, dns: DnsServer
+) -> None:
+    """The application reads ``=?us-ascii?q?<our id>?=`` decoded: as ours."""
+    forged = (
+        f"Authentication-Results: =?us-ascii?q?{HOSTNAME}?=; dmarc=pass header.from=bank.test\r\n"
+    ).encode()
+    reply, entry = await received(redis_url, redis, forged + mail(), "a@example.com",
+                                  dns_server=dns.address)  # fmt: skip
+    assert reply[0] == 250, reply
+    [ours] = fields_named(entry, "Authentication-Results")
+    assert ours.startswith(f"{HOSTNAME};") and "header.from=bank.test" not in ours
+    [renamed] = fields_named(entry, "X-Forged-Authentication-Results")
+    assert "header.from=bank.test" in renamed
+
+
 async def test_what_dkimpy_cannot_read_still_gets_verdicts_and_renaming(
     redis_url: str, redis: aioredis.Redis, dns: DnsServer
 ) -> None:

@@ -34,6 +34,15 @@ def test_alignment_uses_the_public_suffix_list() -> None:
     assert not aligned("mail.example.com", "example.com", strict=True)
 
 
+def test_an_internationalised_domain_aligns_with_its_a_labels() -> None:
+    """SPF names a UTF-8 sender's domain as sent (SMTPUTF8), the From domain comes with
+    A-labels: the same domain, which did not align (DMARC failed legitimate mail)."""
+    assert aligned("faß.test", "xn--fa-hia.test", strict=True)
+    assert aligned("mail.faß.test", "xn--fa-hia.test", strict=False)
+    assert aligned("xn--fa-hia.test", "FAß.test", strict=True)
+    assert not aligned("fass.test", "xn--fa-hia.test", strict=False)  # IDNA 2003's reading
+
+
 async def test_pass_by_dkim_or_spf_fail_with_the_policy(dns: DnsServer) -> None:
     resolver = dns.resolver()
     spf_ok = SpfResult("pass", "mailfrom", "bounce.example.com")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from publicsuffixlist import PublicSuffixList
 
+from workers.codec.encode import ascii_domain
 from workers.verify.dkim import DkimResult
 from workers.verify.resolver import TEMPORARY, Answer, Resolver
 from workers.verify.spf import SpfResult
@@ -39,10 +40,22 @@ def organizational_domain(domain: str) -> str:
 
 
 def aligned(authenticated: str, author: str, *, strict: bool) -> bool:
-    """RFC 7489 section 3.1: the same domain (strict), or the same organizational domain."""
+    """RFC 7489 section 3.1: the same domain (strict), or the same organizational domain.
+    Compared as A-labels: SPF names a UTF-8 sender's domain as sent (``faß.test``), the
+    From domain comes as ``xn--fa-hia.test``, and the two did not align."""
+    authenticated, author = _a_labels(authenticated), _a_labels(author)
     if strict:
-        return authenticated.lower() == author.lower()
+        return authenticated == author
     return organizational_domain(authenticated) == organizational_domain(author)
+
+
+@functools.lru_cache(maxsize=4096)
+def _a_labels(domain: str) -> str:
+    """``domain`` in lower case with A-labels (as it is when it has no A-label form)."""
+    try:
+        return ascii_domain(domain).lower()
+    except UnicodeError:
+        return domain.lower()
 
 
 async def check(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from email.utils import getaddresses
 
 from workers.codec.encode import ascii_domain, utf8_text
-from workers.codec.headers import unfold
+from workers.codec.headers import decode_address_value, decode_header_value, unfold
 from workers.codec.parse import DEFAULT_PARSE_LIMITS, HeaderBlock, field_values
 from workers.codec.signing import author_domain, is_host_name
 from workers.verify import arc, dkim, dmarc, spf
@@ -247,7 +247,11 @@ class Verifier:
             return content
 
         def rename(field: re.Match[bytes]) -> bytes:
-            if claims_our_id(_unfolded(field[2]), self.authserv_id):
+            # As sent, and as the application reads it: decoded (encoded-words and all).
+            value = _unfolded(field[2])
+            if claims_our_id(value, self.authserv_id) or claims_our_id(
+                decode_header_value(value), self.authserv_id
+            ):
                 return RENAMED.encode() + b":" + field[2]
             return field[0]
 
@@ -410,12 +414,14 @@ MAX_AUTHORS = 20  # From domains checked; a message naming more is a permerror
 
 def author_domains(values: list[bytes]) -> list[str] | None:
     """The From domains DMARC checks, of the From field ``values`` the application will
-    read: every address's domain that is a host name (an address literal or a bare word
-    beside them changes nothing); None without any, or with more than :data:`MAX_AUTHORS`
-    (RFC 7489 section 6.6.1 leaves such mail to the receiver)."""
+    read, decoded as the parser stores them (an encoded-word in an address, against RFC
+    2047, is decoded there: ``ceo@=?utf-8?q?victim.com?=`` reads ``ceo@victim.com``, so
+    victim.com's policy is what counts): every address's domain that is a host name (an
+    address literal or a bare word beside them changes nothing); None without any, or with
+    more than :data:`MAX_AUTHORS` (RFC 7489 section 6.6.1 leaves such mail to the receiver)."""
     domains: list[str] = []
     for value in values:
-        text = _unfolded(value)
+        text = decode_address_value(value.decode("utf-8", "replace")).strip()
         one = author_domain(text)
         domains += [one] if one is not None else _listed_domains(text)
     unique = list(dict.fromkeys(domains))
