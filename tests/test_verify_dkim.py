@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
 import pytest
 
 from tests.dkim_util import MAILAUTH_DIR, KeyFile, mailauth_sign, write_key
@@ -19,6 +20,9 @@ from workers.verify.dkim import AT_ONCE, MAX_SIGNATURES, off_loop, verify
 from workers.verify.resolver import Resolver
 
 MESSAGE = b"From: a@example.com\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nHello  there\r\n"
+
+
+RESTRICTED = {"sha1only": "; h=sha1", "nosub": "; t=s"}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,10 @@ def dns(
 ) -> Iterator[DnsServer]:
     records = dict(key.dns_record() for key in keys)
     records["broken._domainkey.example.com"] = [("TXT", txt("v=DKIM1; k=rsa; p=AAAA"))]
+    # The RSA key again, with restrictions of its owner's (RFC 6376 section 3.6.1).
+    rsa_record = keys[1].signing_key().public_record()
+    for selector, restriction in RESTRICTED.items():
+        records[f"{selector}._domainkey.example.com"] = [("TXT", txt(rsa_record + restriction))]
     with running_dns(tmp_path_factory.mktemp("dns"), ["example.com"], records) as server:
         yield server
 
@@ -89,6 +97,30 @@ def _signature(selector: str, signed: str = "from") -> bytes:
     return (f"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com; "
             f"s={selector}; h={signed};"
             " bh=AAAA; b=AAAA\r\n").encode()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("selector", "identity", "comment"),
+    [
+        ("sha1only", None, "the key does not allow sha256 (h=)"),
+        ("nosub", b"a@mail.example.com", "the key allows no subdomain in i= (t=s)"),
+    ],
+)
+async def test_a_signature_past_its_keys_restrictions_is_a_permerror(
+    dns: DnsServer, keys: tuple[KeyFile, KeyFile], selector: str, identity: bytes | None,
+    comment: str,
+) -> None:  # fmt: skip
+    """dkimpy checks neither: a key for sha1 only passed an rsa-sha256 signature, and a key
+    that allows no subdomain passed an i= in one (found by an adversarial review)."""
+    private = keys[1].path.read_bytes()
+    signed = dkim.sign(MESSAGE, selector.encode(), b"example.com", private,
+                       identity=identity, include_headers=[b"from"]) + MESSAGE  # fmt: skip
+    [result] = await verify(dns.resolver(), signed, deadline=time.monotonic() + 5)
+    assert (result.result, result.selector, result.comment) == ("permerror", selector, comment)
+    same_key = dkim.sign(MESSAGE, b"r1", b"example.com", private, identity=identity,
+                         include_headers=[b"from"]) + MESSAGE  # fmt: skip
+    [unrestricted] = await verify(dns.resolver(), same_key, deadline=time.monotonic() + 5)
+    assert unrestricted.result == "pass"
 
 
 async def test_an_unusable_key_is_a_permerror(dns: DnsServer) -> None:

@@ -207,7 +207,36 @@ def _verify_one(
         return _unanswered(tags)
     if not answer.records:
         return _unchecked(tags, "permerror", "no key published")
-    return _unchecked(tags, *_checked(signer, index, tags, answer.records[0].encode()))
+    record = answer.records[0].encode()
+    refused = _key_refuses(record, tags)
+    if refused is not None:
+        return _unchecked(tags, "permerror", refused)
+    return _unchecked(tags, *_checked(signer, index, tags, record))
+
+
+def _key_refuses(record: bytes, tags: dict[bytes, bytes]) -> str | None:
+    """Why the key record does not allow this signature (RFC 6376 section 3.6.1), which
+    dkimpy does not check: a hash algorithm not in its ``h=``, an ``i=`` in a subdomain of
+    ``d=`` under ``t=s``.  The key's owner's restrictions: a signature past them is a
+    permerror, not a pass.  None when it allows it (or cannot be read: dkimpy says so)."""
+    try:
+        key: dict[bytes, bytes] = parse_tag_value(record)
+    except InvalidTagValueList:
+        return None
+    hash_name = tags.get(b"a", b"").partition(b"-")[2].strip().lower()
+    allowed = key.get(b"h")
+    if allowed is not None and hash_name not in _listed(allowed):
+        return f"the key does not allow {hash_name.decode(errors='replace')} (h=)"
+    if b"s" in _listed(key.get(b"t", b"")):
+        identity = tags.get(b"i", b"").rpartition(b"@")[2].strip().lower()
+        if identity and identity != tags.get(b"d", b"").strip().lower():
+            return "the key allows no subdomain in i= (t=s)"
+    return None
+
+
+def _listed(value: bytes) -> set[bytes]:
+    """A key tag's colon-separated list, lower case."""
+    return {item.strip().lower() for item in value.split(b":")}
 
 
 def _checked(
