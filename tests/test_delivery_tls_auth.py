@@ -193,21 +193,28 @@ async def _has_deferred(redis: aioredis.Redis) -> bool:
     return any(e["event"] == "deferred" for e in await events(redis))
 
 
+@pytest.mark.parametrize("login", [None, "mailer"], ids=["no-credentials", "credentials"])
 async def test_opportunistic_starttls_encrypts_without_verifying_the_certificate(
     redis: aioredis.Redis,
     redis_url: str,
     make_sink: Callable[..., RecordingSink],
     certificate: tuple[Path, Path],
     capsys: pytest.CaptureFixture[str],
+    login: str | None,
 ) -> None:
     """A relay with a certificate nobody signed (auto defers it, see above): Postfix's
-    `may`, encrypted all the same, and the worker says at start that it does not verify."""
-    sink = make_sink(certificate=certificate)
+    `may`, encrypted all the same, and the worker says at start that it does not verify,
+    and that credentials go over that TLS (to anyone in the middle: any certificate will
+    do), which only a docstring said."""
+    sink = make_sink(certificate=certificate, users={login: PASSWORD} if login else None)
     await enqueue(redis, send_message(["ann@example.com"]))
-    await run_until_settled(redis, make_config(redis_url, sink.url, starttls="opportunistic"))
-    assert [r.tls for r in sink.received] == [True]
+    relay = f"smtp://{login}:{PASSWORD}@127.0.0.1:{sink.port}" if login else sink.url
+    await run_until_settled(redis, make_config(redis_url, relay, starttls="opportunistic"))
+    assert [(r.login, r.tls) for r in sink.received] == [(login, True)]
     logged = "".join(capsys.readouterr())  # structlog's default output in tests: stdout
     assert "relay_tls_unverified" in logged and "opportunistic" in logged
+    assert ("to anyone in the middle" in logged) == (login is not None)
+    assert PASSWORD not in logged
 
 
 async def test_opportunistic_starttls_sends_in_clear_when_not_offered(

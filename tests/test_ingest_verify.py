@@ -342,6 +342,28 @@ async def test_a_forged_verdict_with_our_id_encoded_is_renamed(
     assert "header.from=bank.test" in renamed
 
 
+async def test_another_hosts_verdict_with_an_encoded_comment_is_kept(
+    redis_url: str, redis: aioredis.Redis, dns: DnsServer
+) -> None:
+    """Decoded, its comment ``(café)`` made the value unreadable to authres, and an
+    unreadable value counted as ours: an upstream's honest field was renamed forged."""
+    upstream = (
+        b"Authentication-Results: mx.upstream.example; spf=pass "
+        b"smtp.mailfrom=a@example.com (=?utf-8?q?caf=C3=A9?=)\r\n"
+    )
+    forged = (
+        f"Authentication-Results: (x) =?us-ascii?q?{HOSTNAME}?= 1; dmarc=pass "
+        "header.from=bank.test (=?utf-8?q?caf=C3=A9?=)\r\n"
+    ).encode()
+    reply, entry = await received(redis_url, redis, upstream + forged + mail(), "a@example.com",
+                                  dns_server=dns.address)  # fmt: skip
+    assert reply[0] == 250, reply
+    kept = fields_named(entry, "Authentication-Results")
+    assert len(kept) == 2 and kept[1].startswith("mx.upstream.example;")
+    [renamed] = fields_named(entry, "X-Forged-Authentication-Results")
+    assert "header.from=bank.test" in renamed
+
+
 async def test_what_dkimpy_cannot_read_still_gets_verdicts_and_renaming(
     redis_url: str, redis: aioredis.Redis, dns: DnsServer
 ) -> None:

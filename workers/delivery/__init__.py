@@ -133,10 +133,15 @@ def _say_if_unverified(config: DeliveryConfig) -> None:
     if not (config.relay or "").startswith("smtp") or config.relay_settings().verify:
         return
     how = "when offered" if config.starttls == "opportunistic" else "as configured"
+    settings = config.relay_settings()
+    credentials = (
+        "sent over that TLS: to anyone in the middle who answers the handshake"
+        if settings.username is not None else None
+    )  # fmt: skip
     log.warning(
         "relay_tls_unverified", starttls=config.starttls, relay=_safe_relay(config.relay),
         note=f"TLS {how}, the relay's certificate not verified: the mail is encrypted "
-        "against eavesdroppers, not against someone in the middle",
+        "against eavesdroppers, not against someone in the middle", credentials=credentials,
     )  # fmt: skip
 
 

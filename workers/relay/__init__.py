@@ -162,8 +162,10 @@ class CredentialsNotSentInClear(aiosmtplib.SMTPException):
 
 async def log_in(smtp: aiosmtplib.SMTP, settings: RelaySettings) -> None:
     """AUTH with the relay's credentials, over TLS only, unless ``--starttls off`` asked
-    for a session in clear: under ``auto`` (and ``opportunistic``) someone in the middle
-    who strips STARTTLS from the relay's EHLO would otherwise be sent the password."""
+    for a session in clear: someone in the middle who strips STARTTLS from the relay's
+    EHLO would otherwise be sent the password.  Over TLS whose certificate is not verified
+    (``--starttls opportunistic``, ``--no-tls-verify``) they go to whoever answered the
+    handshake: the operator's choice, which the worker logs at start."""
     if settings.username is None:
         return
     encrypted = smtp.get_transport_info("sslcontext") is not None

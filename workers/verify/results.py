@@ -113,3 +113,18 @@ def claims_our_id(value: str, authserv_id: str) -> bool:
     except Exception:  # authres raises its own and standard errors alike
         return True
     return str(parsed.authserv_id).lower() == authserv_id.lower()
+
+
+def leads_with_our_id(decoded: str, authserv_id: str) -> bool:
+    """Whether a value as the application reads it (decoded: its encoded-words written
+    out) starts with ``authserv_id``: its first word before the first ``;``, comments left
+    out.  Not authres's parse: decoded text often is no longer valid (a comment's
+    ``(café)``), and an unreadable value of another host's is not ours to rename."""
+    head = decoded.split(";", 1)[0]
+    while (uncommented := _COMMENT.sub(" ", head)) != head:  # innermost first
+        head = uncommented
+    words = head.split()
+    return bool(words) and words[0].lower() == authserv_id.lower()
+
+
+_COMMENT = re.compile(r"\([^()]*\)")

@@ -27,7 +27,7 @@ from workers.codec.parse import DEFAULT_PARSE_LIMITS, HeaderBlock, field_values
 from workers.codec.signing import author_domain, is_host_name
 from workers.verify import arc, dkim, dmarc, spf
 from workers.verify.resolver import Resolver
-from workers.verify.results import RENAMED, Verdicts, claims_our_id
+from workers.verify.results import RENAMED, Verdicts, claims_our_id, leads_with_our_id
 
 SPF_REMEMBERED = 60.0  # seconds an SPF verdict serves the same client, sender and HELO again
 SPF_REMEMBERED_SIZE = 10_000
@@ -249,7 +249,7 @@ class Verifier:
         def rename(field: re.Match[bytes]) -> bytes:
             # As sent, and as the application reads it: decoded (encoded-words and all).
             value = _unfolded(field[2])
-            if claims_our_id(value, self.authserv_id) or claims_our_id(
+            if claims_our_id(value, self.authserv_id) or leads_with_our_id(
                 decode_header_value(value), self.authserv_id
             ):
                 return RENAMED.encode() + b":" + field[2]
