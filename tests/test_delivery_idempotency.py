@@ -22,6 +22,7 @@ from tests.delivery_util import (
     send_message,
 )
 from tests.harness import wait_until
+from tests.schema_util import schema_violations
 from tests.sinks import RecordingSink
 from workers.streams.connection import connect
 from workers.streams.outcomes import Retry, Settlement
@@ -30,17 +31,26 @@ from workers.streams.outcomes import Retry, Settlement
 async def test_same_id_enqueued_twice_is_sent_once(
     redis: aioredis.Redis, redis_url: str, sink: RecordingSink
 ) -> None:
+    """Each entry gets its outcome all the same: the copies a ``delivered`` event marked
+    ``already_sent`` (they had none, and a producer following its entry id waited for
+    ever; found by a review of the contract)."""
     message = send_message(["ann@example.com", "bob@example.com"], message_id="order-42")
-    await enqueue(redis, message)
-    await enqueue(redis, message)  # a producer retrying after a timeout, same batch
+    first = await enqueue(redis, message)
+    again = await enqueue(redis, message)  # a producer retrying after a timeout, same batch
     await run_until_settled(redis, make_config(redis_url, sink.url))
-    await enqueue(redis, message)  # and once more, much later
+    later = await enqueue(redis, message)  # and once more, much later
     await run_until_settled(redis, make_config(redis_url, sink.url))
     assert sink.recipient_counts() == {
         (sink.received[0].message_id, "ann@example.com"): 1,
         (sink.received[0].message_id, "bob@example.com"): 1,
     }
-    assert [e["event"] for e in await events(redis)] == ["delivered"]
+    outcomes = [(e["event"], e["source_id"], e.get("already_sent")) for e in await events(redis)]
+    assert outcomes == [
+        ("delivered", first, None), ("delivered", again, "1"), ("delivered", later, "1")
+    ]  # fmt: skip
+    assert all(e["recipients"] == ["ann@example.com", "bob@example.com"]
+               for e in await events(redis))  # fmt: skip
+    assert schema_violations("event", await redis.xrange("email.send.events")) == []
 
 
 async def test_recipients_recorded_as_sent_are_skipped(
@@ -116,7 +126,8 @@ async def test_settlement_survives_a_flushed_function_library(redis: aioredis.Re
     assert await outcomes.settle(
         [Settlement(entry_id=entry_id, message_id="m2", accepted=["ann@example.com"])], 1.0
     ) == [True]
-    assert await redis.hgetall("mailpool:sent:m2") == {b"ann@example.com": b"1.0"}
+    mark = f"1.0 {entry_id}".encode()  # when accepted, and the entry whose send it was
+    assert await redis.hgetall("mailpool:sent:m2") == {b"ann@example.com": mark}
     assert (await redis.xpending("email.send", "delivery"))["pending"] == 0
 
 

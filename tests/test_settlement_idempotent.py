@@ -59,7 +59,7 @@ async def test_the_same_settlement_twice_writes_its_events_dead_letter_and_retry
         await outcomes.aclose()
     again = await snapshot(redis)
     assert len(first["events"]) == 2 and len(first["dead"]) == 1  # type: ignore[arg-type]
-    assert first["sent"] == {b"ann@example.com": b"1.0"}
+    assert first["sent"] == {b"ann@example.com": b"1.0 " + entry_id.encode()}
     assert retry_payload == {b"data": b"d", b"attempts": b"1"}
     assert again["events"] == first["events"], "events written again"
     assert again["dead"] == first["dead"], "dead letter written again"
@@ -82,7 +82,7 @@ async def test_an_entry_acknowledged_by_another_worker_gets_no_second_outcome(
         await outcomes.aclose()
     state = await snapshot(redis)
     assert state == {"events": [], "dead": [], "retries": [],
-                     "sent": {b"ann@example.com": b"1.0"}}  # fmt: skip
+                     "sent": {b"ann@example.com": b"1.0 " + entry_id.encode()}}  # fmt: skip
 
 
 async def test_a_settlement_of_an_entry_a_failover_left_unread_writes_its_events_once(
@@ -103,7 +103,7 @@ async def test_a_settlement_of_an_entry_a_failover_left_unread_writes_its_events
     after = await snapshot(redis)
     assert [f[b"event"] for _, f in after["events"]] == [b"delivered"]  # type: ignore[attr-defined]
     assert after["dead"] == [] and after["retries"] == []
-    assert after["sent"] == {b"ann@example.com": b"1.0"}
+    assert after["sent"] == {b"ann@example.com": b"1.0 " + entry_id.encode()}
     # Still unread: the next read hands it out, and its recipients are found recorded.
     [[_, entries]] = await redis.xreadgroup("delivery", "w1", {"email.send": ">"})
     assert [e[0].decode() for e in entries] == [entry_id]

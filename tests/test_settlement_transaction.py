@@ -44,8 +44,18 @@ async def commands_run(redis: aioredis.Redis) -> dict[str, int]:
 
 
 async def record(redis: aioredis.Redis, message_id: str) -> tuple[dict[bytes, bytes], bool]:
+    """The record's recipients with the time they were accepted, and whether it has a TTL
+    (each value names its entry too: checked by record_names)."""
     key = f"mailpool:sent:{message_id}"
-    return await redis.hgetall(key), 0 < await redis.ttl(key) <= 60
+    marks = await redis.hgetall(key)
+    times = {rcpt: mark.partition(b" ")[0] for rcpt, mark in marks.items()}
+    return times, 0 < await redis.ttl(key) <= 60
+
+
+async def record_names(redis: aioredis.Redis, message_id: str, entry_id: str) -> bool:
+    """Every value of the record names ``entry_id``, the entry whose send it records."""
+    marks = await redis.hvals(f"mailpool:sent:{message_id}")
+    return bool(marks) and all(mark.endswith(b" " + entry_id.encode()) for mark in marks)
 
 
 async def test_a_first_run_transaction_leaves_what_the_function_leaves(
@@ -67,6 +77,8 @@ async def test_a_first_run_transaction_leaves_what_the_function_leaves(
     assert third["fcall"] - second["fcall"] == 1 and third["exec"] == second["exec"]
     assert (await redis.xpending(SEND, "delivery"))["pending"] == 0
     assert await record(redis, "t") == await record(redis, "f")
+    assert await record_names(redis, "t", by_transaction)
+    assert await record_names(redis, "f", by_function)
     assert (await record(redis, "t"))[1], "the record has no TTL"
     events = [fields for _, fields in await redis.xrange(EVENTS)]
     assert events[0] == {**events[1], b"id": b"t"}

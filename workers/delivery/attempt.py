@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import cast
 
@@ -107,6 +107,8 @@ class Known:
 
     accepted: set[str]  # accepted by a relay before (the duplicate guard)
     suppressed: dict[str, float]  # on the suppression list: until when (epoch seconds)
+    # Of accepted: those an earlier entry sent, not this one (its outcome written then).
+    sent_before: list[str]
 
 
 async def look_up(
@@ -135,7 +137,7 @@ async def look_up(
         for p in batch
     ]
     wanted = [
-        oc.SentLookup(p.ref.message_id, wanted_of[id(p)])
+        oc.SentLookup(p.ref.message_id, wanted_of[id(p)], p.job.entry_id)
         for p, new in zip(batch, fresh, strict=True)
         if not new
     ]
@@ -144,10 +146,7 @@ async def look_up(
     if ask_redis:
         checked = [p for p in batch if not p.ignore_suppression]
         addresses = sorted({suppression.normalise(r) for p in checked for r in wanted_of[id(p)]})
-    sent: list[set[str]] = []
-    ends: list[float | None] = []
-    if wanted or addresses:
-        sent, ends = await outcomes.look_up(wanted, addresses)
+    sent, ends = await outcomes.look_up(wanted, addresses)
     if ask_redis:
         until = {a: end for a, end in zip(addresses, ends, strict=True) if end is not None}
     else:
@@ -155,32 +154,48 @@ async def look_up(
     now = time.time()
     looked_up = iter(sent)
     known = []
+    nothing = oc.Accepted(set(), set())
     for p, new in zip(batch, fresh, strict=True):
-        accepted: set[str] = set() if new else next(looked_up)
+        answer = nothing if new else next(looked_up)
+        accepted = answer.recipients
         suppressed: dict[str, float] = {}
         if until and not p.ignore_suppression:
             for rcpt in wanted_of[id(p)]:
                 end = until.get(suppression.normalise(rcpt))
                 if end is not None and end > now:
                     suppressed[rcpt] = end
-        known.append(Known(accepted, suppressed))
+        others = [r for r in wanted_of[id(p)] if r in accepted and r not in answer.by_this_entry]
+        known.append(Known(accepted, suppressed, others))
     return known
 
 
-def nothing_left(p: Prepared) -> oc.Settlement:
-    """Every recipient was accepted before (a duplicate, or a redelivery after a crash
-    between the relay's reply and its record): the entry is only acknowledged."""
-    return oc.Settlement(entry_id=p.job.entry_id, message_id=p.ref.message_id)
+def nothing_left(p: Prepared, sent_before: Sequence[str]) -> oc.Settlement:
+    """Every recipient left was accepted before, for an earlier entry with the same message
+    id (enqueued twice, or a dead letter replayed): nothing is sent, and the entry's outcome
+    is a ``delivered`` event marked ``already_sent``, so a producer that follows its entry
+    id sees one."""
+    s = oc.Settlement(entry_id=p.job.entry_id, message_id=p.ref.message_id)
+    _add_sent_before(s, p, sent_before, time.time())
+    return s
 
 
 def settle_attempt(
-    p: Prepared, result: SendResult, attempts: int, first_attempt: float, rng: random.Random
+    p: Prepared,
+    result: SendResult,
+    attempts: int,
+    first_attempt: float,
+    rng: random.Random,
+    *,
+    sent_before: Sequence[str] = (),
 ) -> oc.Settlement:
-    """What one attempt's per-recipient answer means: records, dead letters, retry, events."""
+    """What one attempt's per-recipient answer means: records, dead letters, retry, events.
+    ``sent_before``: recipients an earlier entry with this message id sent it to."""
     now = time.time()
     s = oc.Settlement(
         entry_id=p.job.entry_id, message_id=p.ref.message_id, accepted=list(result.accepted)
     )
+    if sent_before:
+        _add_sent_before(s, p, sent_before, now)
     if result.suppressed:
         _add_suppressed(s, p, result.suppressed, _When(attempts, first_attempt, now))
     if result.accepted:
@@ -233,6 +248,15 @@ def _add_retry(
     DELIVERY_DEFERRED.inc()
     log.info("deferred", id=p.ref.message_id, attempts=when.attempts,
              due_in=round(due - when.now, 3))  # fmt: skip
+
+
+def _add_sent_before(s: oc.Settlement, p: Prepared, recipients: Sequence[str], now: float) -> None:
+    if not recipients:
+        return
+    s.events.append(
+        layout.event(layout.EVENT_DELIVERED, p.ref, recipients, None, now, already_sent=True)
+    )
+    log.info("already_sent", id=p.ref.message_id, entry=p.job.entry_id, recipients=len(recipients))
 
 
 def _add_suppressed(s: oc.Settlement, p: Prepared, until: Mapping[str, float], when: _When) -> None:

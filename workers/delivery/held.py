@@ -72,7 +72,10 @@ _UNDECIDED = _IN_PROGRESS | {State.READ}
 class HeldEntry:
     """One entry in hand: its state, and what the steps so far found out about it."""
 
-    __slots__ = ("_held", "_prepared", "entry", "read_at", "recipients", "state", "suppressed")
+    __slots__ = (
+        "_held", "_prepared", "entry", "read_at", "recipients", "sent_before", "state",
+        "suppressed",
+    )  # fmt: skip
 
     def __init__(self, entry: StreamEntry, held: HeldEntries) -> None:
         self.entry = entry
@@ -81,6 +84,8 @@ class HeldEntry:
         self.recipients: list[str] = []  # to send to: set when queued, narrowed after a wait
         # Recipients not attempted (on the suppression list): until when; settled with it.
         self.suppressed: dict[str, float] = {}
+        # Recipients an earlier entry with this message id sent it to: settled with it.
+        self.sent_before: list[str] = []
         self._prepared: Prepared | None = None
         self._held = held
 

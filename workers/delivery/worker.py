@@ -263,9 +263,9 @@ class DeliveryWorker:
         for held, about in zip(built, known, strict=True):
             remaining = [r for r in held.prepared.recipients if r not in about.accepted]
             to_send = [r for r in remaining if r not in about.suppressed]
+            held.sent_before = about.sent_before
             if not remaining:
-                log.info("already_sent", id=held.message_id, entry=held.entry_id)
-                self._settle(partition, held, nothing_left(held.prepared))
+                self._settle(partition, held, nothing_left(held.prepared, held.sent_before))
             elif held.job.deliveries > self.config.max_deliveries:
                 self._settle(partition, held, poison(held.prepared, remaining))
             elif not to_send:  # every one left is suppressed: nothing to attempt
@@ -282,7 +282,14 @@ class DeliveryWorker:
         result = SendResult(suppressed=suppressed)
         job = held.job
         first_attempt = job.first_attempt or time.time()
-        settlement = settle_attempt(held.prepared, result, job.attempts, first_attempt, self.rng)
+        settlement = settle_attempt(
+            held.prepared,
+            result,
+            job.attempts,
+            first_attempt,
+            self.rng,
+            sent_before=held.sent_before,
+        )
         self._settle(partition, held, settlement)
 
     def _build(self, partition: _Partition, held: HeldEntry) -> bool:
@@ -344,7 +351,9 @@ class DeliveryWorker:
         # Before the settlement, which lets the next entry with this id look its recipients up.
         await self._suppress_refused(held, result)
         attempts = held.job.attempts + 1
-        settlement = settle_attempt(held.prepared, result, attempts, first_attempt, self.rng)
+        settlement = settle_attempt(
+            held.prepared, result, attempts, first_attempt, self.rng, sent_before=held.sent_before
+        )
         self._settle(partition, held, settlement)
 
     async def _suppress_refused(self, held: HeldEntry, result: SendResult) -> None:
@@ -400,6 +409,7 @@ class DeliveryWorker:
         held.suppressed.update(
             (r, end) for r, end in known.suppressed.items() if r not in known.accepted
         )
+        held.sent_before += [r for r in known.sent_before if r not in held.sent_before]
         remaining = [
             r for r in held.recipients if r not in known.accepted and r not in held.suppressed
         ]
@@ -408,7 +418,7 @@ class DeliveryWorker:
         if held.suppressed:
             self._settle_unsent(partition, held, held.suppressed)
         else:
-            self._settle(partition, held, nothing_left(held.prepared))
+            self._settle(partition, held, nothing_left(held.prepared, held.sent_before))
         return []
 
     def _settle(self, partition: _Partition, held: HeldEntry, settlement: oc.Settlement) -> None:

@@ -142,6 +142,9 @@ STATUS = "status"  # bounced events: the report's Status (RFC 3463)
 REPORT_ID = "report_id"  # bounced events: the email.receive entry of the report
 DSN = "dsn"  # delivered events: "not_offered" when the message's DSN request went nowhere
 DSN_NOT_OFFERED = "not_offered"
+# delivered events: "1" when an earlier entry with the same message id sent it to these
+# recipients, and this entry sent nothing (its outcome all the same)
+ALREADY_SENT = "already_sent"
 TIME = "time"
 
 REASON_INVALID = "invalid"
@@ -154,6 +157,18 @@ MAX_ERROR_TEXT = 2000
 Fields = dict[str, str | bytes | int | float]
 # What a client without decode_responses reads back.
 RawFields = Mapping[bytes, bytes]
+
+
+def sent_mark(now: str, entry_id: str) -> str:
+    """The value of an idempotency record's recipient: when the relay accepted it (epoch
+    seconds as text) and the entry whose send it was.  Records written before the entry
+    was named hold the time alone."""
+    return f"{now} {entry_id}"
+
+
+def sent_by(mark: bytes, entry_id: str) -> bool:
+    """Whether a record's value (:func:`sent_mark`) names ``entry_id``."""
+    return bool(entry_id) and mark.endswith(b" " + entry_id.encode())
 
 
 def recipients_text(recipients: Sequence[str]) -> str:
@@ -425,6 +440,7 @@ def event(
     *,
     next_attempt: float | None = None,
     dsn_not_offered: bool = False,
+    already_sent: bool = False,
 ) -> Fields:
     """An ``email.send.events`` entry: delivered, deferred (with next_attempt) or failed.
 
@@ -446,6 +462,8 @@ def event(
         fields[NEXT_ATTEMPT] = repr(round(next_attempt, 3))
     if dsn_not_offered:
         fields[DSN] = DSN_NOT_OFFERED
+    if already_sent:
+        fields[ALREADY_SENT] = "1"
     fields[TIME] = repr(round(now, 3))
     return fields
 

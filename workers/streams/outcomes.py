@@ -97,10 +97,31 @@ class Settlement:
 @dataclass(slots=True)  # not frozen: one per message looked up
 class SentLookup:
     """One message's question to :meth:`Outcomes.already_sent`: which of these recipients
-    did a relay accept already?"""
+    did a relay accept already (and which of them for the entry ``entry_id`` itself)?"""
 
     message_id: str
     recipients: Sequence[str]
+    entry_id: str = ""
+
+
+@dataclass(slots=True)
+class Accepted:
+    """A lookup's answer: the recipients a relay accepted before, and those of them whose
+    record the asking entry wrote itself (read again after a failover took its read back:
+    its outcome was written then)."""
+
+    recipients: set[str]
+    by_this_entry: set[str]
+
+
+def _accepted(lookup: SentLookup, marks: Sequence[bytes | None]) -> Accepted:
+    recipients, by_this_entry = set(), set()
+    for rcpt, mark in zip(lookup.recipients, marks, strict=True):
+        if mark is not None:
+            recipients.add(rcpt)
+            if layout.sent_by(mark, lookup.entry_id):
+                by_this_entry.add(rcpt)
+    return Accepted(recipients, by_this_entry)
 
 
 def _pairs(fields: Mapping[str, str | bytes | int | float]) -> list[str | bytes | int]:
@@ -118,8 +139,11 @@ def _section(
 
 def _event_section(event: layout.Fields) -> str:
     """The section kind of an event: those of accepted recipients are told apart (settle
-    writes them also for an entry a failover left unread)."""
-    accepted = event.get(layout.EVENT) == layout.EVENT_DELIVERED
+    writes them also for an entry a failover left unread).  An ``already_sent`` event is
+    this entry's alone: written only with its own acknowledgement."""
+    accepted = (
+        event.get(layout.EVENT) == layout.EVENT_DELIVERED and layout.ALREADY_SENT not in event
+    )
     return functions.SECTION_ACCEPTED_EVENT if accepted else functions.SECTION_EVENT
 
 
@@ -130,7 +154,7 @@ def is_plain_delivery(s: Settlement) -> bool:
         bool(s.accepted)
         and not s.dead_letters
         and s.retry is None
-        and all(event.get(layout.EVENT) == layout.EVENT_DELIVERED for event in s.events)
+        and all(_event_section(event) == functions.SECTION_ACCEPTED_EVENT for event in s.events)
     )
 
 
@@ -232,34 +256,27 @@ class Outcomes:
 
     async def already_sent(self, wanted: Sequence[SentLookup]) -> list[set[str]]:
         """For each lookup: the recipients among its own already accepted by a relay."""
-        if not wanted:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for lookup in wanted:
-            pipe.hmget(self.keys.sent(lookup.message_id), list(lookup.recipients))
-        replies = await pipe.execute()
-        return [
-            {rcpt for rcpt, mark in zip(lookup.recipients, marks, strict=True) if mark is not None}
-            for lookup, marks in zip(wanted, replies, strict=True)
-        ]
+        accepted, _ = await self.look_up(wanted, [])
+        return [answer.recipients for answer in accepted]
 
     async def look_up(
         self, wanted: Sequence[SentLookup], addresses: Sequence[str]
-    ) -> tuple[list[set[str]], list[float | None]]:
-        """:meth:`already_sent` for ``wanted``, and the suppression list's end (epoch
-        seconds, None: not on it) of each of ``addresses`` (normalised), in one round trip."""
-        if not addresses:
-            return await self.already_sent(wanted), []
+    ) -> tuple[list[Accepted], list[float | None]]:
+        """What a relay accepted before for ``wanted``, and the suppression list's end
+        (epoch seconds, None: not on it) of each of ``addresses`` (normalised), in one
+        round trip (none when there is nothing to ask)."""
+        if not wanted and not addresses:
+            return [], []
         pipe = self.redis.pipeline(transaction=False)
         for lookup in wanted:
             pipe.hmget(self.keys.sent(lookup.message_id), list(lookup.recipients))
-        pipe.zmscore(self.keys.suppressed, list(addresses))
-        *replies, ends = await pipe.execute()
-        sent = [
-            {rcpt for rcpt, mark in zip(lookup.recipients, marks, strict=True) if mark is not None}
-            for lookup, marks in zip(wanted, replies, strict=True)
-        ]
-        return sent, list(ends)
+        if addresses:
+            pipe.zmscore(self.keys.suppressed, list(addresses))
+        replies = await pipe.execute()
+        ends = list(replies.pop()) if addresses else []
+        return [
+            _accepted(lookup, marks) for lookup, marks in zip(wanted, replies, strict=True)
+        ], ends
 
     async def settle(
         self, settlements: Sequence[Settlement], now: float, *, first_run: bool = False
@@ -296,8 +313,10 @@ class Outcomes:
         command: list[str | bytes | int] = [
             "FCALL", functions.SETTLE, 6, keys.send, keys.dead, keys.events,
             keys.retry_schedule, keys.retry_payload(s.entry_id), keys.sent(s.message_id),
-            self.group, s.entry_id, now, self.sent_ttl, self.events_maxlen, len(s.accepted),
-            *s.accepted,
+            # The function writes its third argument as the record's value: "now" in its
+            # text, the record's mark (layout.sent_mark) since the mark names the entry.
+            self.group, s.entry_id, layout.sent_mark(now, s.entry_id), self.sent_ttl,
+            self.events_maxlen, len(s.accepted), *s.accepted,
         ]  # fmt: skip
         for dead in s.dead_letters:
             command += _section(functions.SECTION_DEAD, dead)
@@ -311,8 +330,9 @@ class Outcomes:
         """A plain delivery's commands (:func:`is_plain_delivery`), what the settle function
         runs for it, queued in a transaction: record, acknowledge, events."""
         keys, sent = self.keys, self.keys.sent(s.message_id)
+        mark = layout.sent_mark(now, s.entry_id)
         commands: list[list[str | bytes | int]] = [
-            ["HSETNX", sent, recipient, now] for recipient in s.accepted
+            ["HSETNX", sent, recipient, mark] for recipient in s.accepted
         ]
         commands.append(["EXPIRE", sent, self.sent_ttl])
         commands.append(["XACK", keys.send, self.group, s.entry_id])
