@@ -52,6 +52,9 @@ def test_environment_lists_and_booleans() -> None:
         # client or the greeting, with a traceback.
         ({"MAILPOOL_RECEIVE_STREAM": "r\udce7"}, "--receive-stream: not valid UTF-8 text"),
         ({"MAILPOOL_HOSTNAME": "mx\udce7.example"}, "--hostname: not valid UTF-8 text"),
+        # A worker fed its own dead letters (or events) as sends: 22 720 entries in 8 s.
+        ({"MAILPOOL_DEAD_STREAM": "email.send"}, "--dead-stream and --send-stream name the"),
+        ({"MAILPOOL_EVENTS_STREAM": "x", "MAILPOOL_RECEIVE_STREAM": "x"}, "name the same"),
     ],
 )
 def test_bad_values_name_the_option(env: dict[str, str], message: str) -> None:

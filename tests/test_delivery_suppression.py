@@ -173,6 +173,27 @@ async def test_the_cli_lists_adds_and_removes(redis: aioredis.Redis, redis_url: 
     assert await redis.hget(LIST + ":why", "bob@example.com") is None
 
 
+async def test_hand_written_entries_neither_stop_delivery_nor_the_cli(
+    redis: aioredis.Redis, redis_url: str, sink: RecordingSink
+) -> None:
+    """Written by hand with redis-cli: a member that is not UTF-8 killed the delivery
+    worker that copied the list (UnicodeDecodeError, a crash loop), and reasons that are
+    not our JSON object gave tracebacks, or NaN in ``list --json``."""
+    far = time.time() + TTL
+    await redis.zadd(LIST, {b"b\xff@x.example": far, "c@x.example": far, "d@x.example": far})
+    reasons = {"c@x.example": '{"since": "abc"}', "d@x.example": '{"since": NaN, "code": [1]}'}
+    await redis.hset(LIST + ":why", mapping=reasons)
+    await redis.incr("mailpool:suppressed:version")
+    await _send(redis, redis_url, sink, "ann@example.com")
+    assert [r.rcpt_tos for r in sink.received] == [("ann@example.com",)]
+    listed = suppress(redis_url, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]  # NaN is no JSON
+    assert {r["address"] for r in rows} >= {"c@x.example", "d@x.example"}
+    assert all(math.isfinite(r["since"]) and r["code"] is None for r in rows)
+    assert suppress(redis_url, "list").returncode == 0
+
+
 async def test_a_refusal_that_does_not_extend_an_entry_keeps_its_reason(
     redis: aioredis.Redis, redis_url: str
 ) -> None:

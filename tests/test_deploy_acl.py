@@ -909,6 +909,21 @@ async def test_operator_lists_replays_and_purges_dead_letters(
     assert admin.xlen("email.send.dead") == 1 and admin.xlen("email.send") == 2
 
 
+def test_operator_adds_and_removes_suppressions(
+    acl_server: RedisServer, admin: redis.Redis
+) -> None:
+    """redis-py's ``incr`` sends INCRBY, which no role may run: ``suppress add`` and
+    ``remove`` wrote the list, then failed (exit 1) on its version, and workers never
+    copied the change."""
+    version = admin.get("mailpool:suppressed:version")
+    added = run_mailpool(acl_server, "operator", "suppress", "add", "victim@example.org")
+    assert added.returncode == 0, added.stderr
+    assert admin.get("mailpool:suppressed:version") != version
+    removed = run_mailpool(acl_server, "operator", "suppress", "remove", "victim@example.org")
+    assert removed.returncode == 0, removed.stderr
+    assert admin.zscore("mailpool:suppressed", "victim@example.org") is None
+
+
 async def test_housekeeping_pass_promotes_due_retries(as_role: Any, admin: redis.Redis) -> None:
     """Delivery scales to zero when nothing is lagging or pending, so a retry waiting in the
     schedule would wait for the next new send: the always-on housekeeping pass moves due

@@ -236,9 +236,20 @@ class CommonConfig:
             self.redis_url = url_with_query(
                 self.redis_url, sentinel.PASSWORD_PARAMETER, self.sentinel_password
             )
-        for name in ("receive_stream", "send_stream", "dead_stream", "events_stream"):
-            if not getattr(self, name):
+        streams = ("receive_stream", "send_stream", "dead_stream", "events_stream")
+        named: dict[str, str] = {}
+        for name in streams:
+            value = getattr(self, name)
+            if not value:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be empty")
+            # One stream for two roles feeds a worker its own output (dead letters or
+            # events read as sends, dead-lettered again): thousands of entries a second.
+            if value in named:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} and --{named[value].replace('_', '-')} "
+                    f"name the same stream {value!r}: give each its own"
+                )
+            named[value] = name
         self._validate_partitions()
 
     def _validate_partitions(self) -> None:

@@ -200,7 +200,7 @@ class SuppressionList:
         for entry, changed in zip(entries, written, strict=True):
             if replace or changed:
                 pipe.hset(keys.suppressed_why, entry.address, entry.why())
-        pipe.incr(_version_key(keys))
+        _bump_version(pipe, keys)
         await pipe.execute()
 
     async def remove(self, addresses: Sequence[str]) -> int:
@@ -211,7 +211,7 @@ class SuppressionList:
             for address in addresses:
                 pipe.zrem(keys.suppressed, address)
             pipe.hdel(keys.suppressed_why, *addresses)
-            pipe.incr(_version_key(keys))
+            _bump_version(pipe, keys)
             removed = await pipe.execute()
             found.update(a for a, gone in zip(addresses, removed, strict=False) if gone)
         return len(found)
@@ -247,8 +247,8 @@ class SuppressionList:
             pipe = redis.pipeline(transaction=False)
             # Only those still expired: an address suppressed again meanwhile stays.
             pipe.zremrangebyscore(keys.suppressed, "-inf", now)
-            pipe.hdel(keys.suppressed_why, *[_text(m) for m in expired])
-            pipe.incr(_version_key(keys))
+            pipe.hdel(keys.suppressed_why, *expired)
+            _bump_version(pipe, keys)
             count, _, _ = await pipe.execute()
             purged += int(count)
         return purged
@@ -309,21 +309,39 @@ class SuppressionView:
             self.until[entry.address] = max(entry.until, self.until.get(entry.address, 0.0))
 
 
+def _bump_version(pipe: aioredis.client.Pipeline, keys: StreamKeys) -> None:
+    """The list changed: workers copy it again.  INCR, not redis-py's ``incr`` (INCRBY),
+    which the role users of deploy/redis/users.acl are not allowed: the write half applied,
+    the command exited 1, and the workers never saw the change."""
+    pipe.execute_command("INCR", _version_key(keys))
+
+
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    """A member as text; one that is not UTF-8 (written by hand) matches no address, and
+    crashed the delivery worker that copied the list."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _entry(address: str, until: float, why: bytes | str | None) -> Suppression:
+    """An entry with its reason, from whatever ``why`` holds (a hand-written value that is
+    not our JSON object is left out)."""
     try:
         data = json.loads(why) if why is not None else {}
     except ValueError:
         data = {}
+    if not isinstance(data, dict):
+        data = {}
+    since, code = data.get("since"), data.get("code")
     return Suppression(
         address=address,
         until=until,
         reason=str(data.get("reason", REASON_MANUAL)),
-        since=float(data.get("since", 0.0)),
-        code=data.get("code"),
+        since=float(since) if isinstance(since, int | float) and _finite(since) else 0.0,
+        code=code if isinstance(code, int) and not isinstance(code, bool) else None,
         text=str(data.get("text", "")),
         message_id=str(data.get("message_id", "")),
     )
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
