@@ -181,7 +181,32 @@ async def test_odd_values_other_producers_stored_are_listed(
     )  # fmt: skip
     listed = dead(redis_url, "list")
     assert listed.returncode == 0, listed.stderr
-    assert "inf" in listed.stdout and "\\ud800@example.com" in listed.stdout, listed.stdout
+    # The time, no finite number, is shown as unknown ("-"); it showed "inf" before.
+    assert "expired   -  \\ud800@example.com" in listed.stdout, listed.stdout
+
+
+async def test_json_output_stays_json_and_names_the_letter_itself(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    """A hand-written ``nan`` time came out as ``NaN`` (no JSON), and a field named ``id``
+    took the place of the letter's entry id, which a script then replayed or purged."""
+    letter_id = await redis.xadd(
+        "email.send.dead",
+        {"data": pack(send_message()), "reason": "expired", "first_attempt": "nan",
+         "last_attempt": "inf", "id": "1-0"},
+    )  # fmt: skip
+    for args in (["list", "--json"], ["show", letter_id.decode(), "--json"]):
+        shown = dead(redis_url, *args)
+        assert shown.returncode == 0, shown.stderr
+        [letter] = [
+            json.loads(line, parse_constant=_no_constant) for line in shown.stdout.splitlines()
+        ]
+        assert letter["id"] == letter_id.decode()
+        assert (letter["first_attempt"], letter["last_attempt"]) == ("nan", "inf")
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
 
 
 def test_replay_needs_ids_or_all(redis_url: str) -> None:

@@ -147,11 +147,8 @@ def _id(raw: bytes | str | None) -> str:
 
 def describe(letter: DeadLetter, partition: Partition) -> dict[str, Any]:
     """A dead letter for people: fields typed, ``data`` summarised (never dumped)."""
-    shown: dict[str, Any] = {
-        "id": partition.shown_id(letter.id),
-        **partition.about(),
-        **letter.shown(),
-    }
+    shown: dict[str, Any] = {"id": "", **partition.about(), **letter.shown()}
+    shown["id"] = partition.shown_id(letter.id)  # first, and not a field of the letter's own
     shown["data_size"] = len(letter.data)
     try:
         message = decode_send(letter.data)

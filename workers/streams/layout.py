@@ -28,6 +28,7 @@ Stream ids ``<ms>-<seq>`` are compared and stepped only by the helpers at the en
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -416,14 +417,21 @@ class DeadLetter:
         )
 
 
+def finite(number: float) -> float:
+    """``number``; ValueError for NaN or an infinity (a hand-written field: JSON has none)."""
+    if not math.isfinite(number):
+        raise ValueError(f"{number} is not a finite number")
+    return number
+
+
 # How each field of the dead-letter schema reads; the keys are DeadLetter's attribute names.
 DEAD_LETTER_READERS: dict[str, Callable[[str], object]] = {
     REASON: str,
     ERROR: str,
     RECIPIENTS: recipients_from_text,
     ATTEMPTS: int,
-    FIRST_ATTEMPT: float,
-    LAST_ATTEMPT: float,
+    FIRST_ATTEMPT: lambda text: finite(float(text)),
+    LAST_ATTEMPT: lambda text: finite(float(text)),
     SOURCE_ID: str,
     MESSAGE_ID: str,
     SMTP_CODE: int,
