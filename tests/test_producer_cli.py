@@ -91,6 +91,37 @@ def test_bad_input_stops_with_one_line_and_status_2(
     assert syncredis.Redis.from_url(redis_url).exists("email.send") == 0
 
 
+def test_text_from_stdin_that_is_not_utf8_stops_with_one_line(redis_url: str) -> None:
+    """It gave a UnicodeEncodeError traceback (found by an adversarial review)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", "send", "--from", "a@x.org", "--to", "b@x.org",
+         "--text", "-", "--redis-url", redis_url],
+        capture_output=True, timeout=20, env=child_env(json_logs=False), cwd=ROOT,
+        input=b"caf\xe9\n", check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.decode().strip() == (
+        "mailpool send: --text -: standard input is not UTF-8 text (octet 3)"
+    )
+    assert syncredis.Redis.from_url(redis_url).exists("email.send") == 0
+
+
+def test_a_message_over_the_wire_limit_is_refused_before_it_is_enqueued(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A 51 MiB attachment was enqueued, and the worker dead-lettered it as invalid: over
+    the 50 MiB an entry may hold (workers.codec.wire)."""
+    big = tmp_path / "big.bin"
+    with big.open("wb") as out:
+        out.truncate(51 << 20)
+    done = send("--redis-url", redis_url, "--from", "a@x.org", "--to", "b@x.org",
+                "--attach", str(big))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("mailpool send: invalid message: ") and "exceeds the limit" in line
+    assert syncredis.Redis.from_url(redis_url).exists("email.send") == 0
+
+
 def test_unreachable_redis_fails_with_one_line(tmp_path: Path) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     done = send("--redis-url", url, "--from", "a@x.org", "--to", "b@x.org", "--text", "x")

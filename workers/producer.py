@@ -55,7 +55,7 @@ from workers.codec.build import build_message
 from workers.codec.errors import CodecError
 from workers.codec.types import SCHEMA_VERSION, Content, SendMessage
 from workers.codec.validate import validate_send
-from workers.codec.wire import pack
+from workers.codec.wire import pack, unpack
 from workers.config import CommonConfig, ConfigError, option
 from workers.streams import layout
 from workers.streams.connection import close_all, connect, one_shot_partitions, partition_clients
@@ -205,6 +205,9 @@ def deliverable(message: dict[str, Any]) -> SendMessage:
     """
     send = validate_send(message)
     build_message(send, default_id="enqueue-check")
+    # The limits the worker reads an entry with (50 MiB, lengths of strings, lists, maps):
+    # a 60 MB attachment was enqueued, then dead-lettered as invalid.
+    unpack(pack(send))
     return send
 
 
@@ -369,7 +372,7 @@ class SendConfig(CommonConfig):
 
 def message_from_config(config: SendConfig) -> SendMessage:
     """The send message the flags describe; ConfigError with one line when they cannot."""
-    text = sys.stdin.read() if config.text == "-" else config.text
+    text = _standard_input() if config.text == "-" else config.text
     try:
         return make_send_message(
             from_=config.sender, to=config.to, subject=config.subject, text=text,
@@ -380,6 +383,17 @@ def message_from_config(config: SendConfig) -> SendMessage:
         raise ConfigError(f"invalid message: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"--attach: {exc.filename}: {exc.strerror}") from None
+
+
+def _standard_input() -> str:
+    """``--text -``: standard input, which must be UTF-8 (read as octets: a text stream
+    let octets that are not through, and the message failed later with a traceback)."""
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"--text -: standard input is not UTF-8 text (octet {exc.start})"
+        ) from None
 
 
 async def main(config: SendConfig) -> int:
