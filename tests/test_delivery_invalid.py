@@ -49,6 +49,8 @@ async def test_invalid_entries_are_dead_lettered_and_the_worker_goes_on(
     assert await redis.zcard("mailpool:retry") == 0
     failed = [e for e in await events(redis) if e["event"] == "failed"]
     assert len(failed) == 5
+    # No server answered, so the event says why, as the schema has it (it said nothing).
+    assert all(e["error"].startswith("invalid: ") and e["smtp_code"] == "" for e in failed)
     assert good not in dead
 
 
@@ -102,3 +104,5 @@ async def test_poison_entry_is_dead_lettered(
     assert dead["message_id"] == "poison-1"
     assert dead["data"] == pack(message)
     assert json.loads(dead["recipients"]) == ["ann@example.com"]
+    [failed] = [e for e in await events(redis) if e["event"] == "failed"]
+    assert failed["error"] == "poison: handed to consumers 8 times without an outcome"

@@ -1023,7 +1023,8 @@ def entry_examples() -> dict[str, dict[str, Any]]:
             "smtp_text": "5.1.1 <ann@example.org>: Recipient address rejected: User unknown",
             "time": "1767225601.5",
         },
-        # No server answered (invalid entry, connection refused): code and text are empty.
+        # No server answered (invalid entry, connection refused): code and text are empty,
+        # and error says what happened instead.
         "event-failed-no-reply": {
             "event": "failed",
             "id": "1767225600250-0",
@@ -1031,6 +1032,7 @@ def entry_examples() -> dict[str, dict[str, Any]]:
             "recipients": '["ann@example.org"]',
             "smtp_code": "",
             "smtp_text": "",
+            "error": "invalid: to: must not be empty",
             "time": "1767225600.5",
         },
         # A local failure: no SMTP reply code (aiosmtplib's -1 never goes into smtp_code).

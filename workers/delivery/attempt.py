@@ -322,7 +322,7 @@ def poison(p: Prepared, recipients: list[str]) -> oc.Settlement:
         p.ref, reason="poison", error=error, recipients=recipients, attempts=p.job.attempts,
         first_attempt=p.job.first_attempt or now, last_attempt=now,
     )  # fmt: skip
-    failed = layout.event("failed", p.ref, recipients, None, now)
+    failed = layout.event("failed", p.ref, recipients, Reply(None, f"poison: {error}"), now)
     DELIVERY_DEAD.inc()
     return oc.Settlement(
         entry_id=p.job.entry_id, message_id=p.ref.message_id, dead_letters=[dead], events=[failed]
@@ -350,7 +350,8 @@ def invalid(entry: StreamEntry, job: Job | None, exc: Exception) -> oc.Settlemen
         ref, reason="invalid", error=str(exc), recipients=recipients,
         attempts=job.attempts if job else 0, first_attempt=now, last_attempt=now,
     )  # fmt: skip
-    failed = layout.event("failed", ref, recipients, None, now)
+    # No server answered: the event says why (schema: error), as the dead letter does.
+    failed = layout.event("failed", ref, recipients, Reply(None, f"invalid: {exc}"), now)
     DELIVERY_DEAD.inc()
     return oc.Settlement(
         entry_id=entry.id, message_id=ref.message_id, dead_letters=[dead], events=[failed]
