@@ -268,6 +268,25 @@ def test_header_list_replaces_headers_and_keeps_repeated_fields() -> None:
     assert b"ignored" not in built.data
 
 
+def test_headers_as_received_send_their_repeated_fields_again() -> None:
+    """email.receive joins a field given several times with LF, and email.send has the
+    same keys: such a message sent back was dead-lettered as header injection (almost
+    every received message has several Received fields; found reviewing the contract).
+    Each value becomes a field of that name, so no line can be a field of another."""
+    message = send(x_tag="one\ntwö", received="from a by b; Mon, 1 Jan 2026 00:00:00 +0000\n"
+                   "from c by d; Mon, 1 Jan 2026 00:00:01 +0000")  # fmt: skip
+    message["headers"]["x-note"] = "hi\nBcc: victim@example.com"
+    built = build(message)
+    lines = (b"\r\n" + built.data).split(b"\r\n")
+    assert [line.split(b":")[0] for line in lines].count(b"X-Tag") == 2
+    assert [line.split(b":")[0] for line in lines].count(b"Received") == 2
+    assert b"X-Note: Bcc: victim@example.com" in lines
+    received = reparse(built)
+    assert received["headers"]["x-tag"] == "one\ntwö"
+    assert received["headers"]["x-note"] == "hi\nBcc: victim@example.com"
+    assert "bcc" not in received["headers"]
+
+
 # ---------------------------------------------------------------------------------------
 # header injection
 

@@ -291,8 +291,12 @@ def _message_fields(send: SendMessage, state: _Build) -> tuple[list[str], dict[s
             (name, value, f"header_list[{i}]")
             for i, (name, value) in enumerate(send["header_list"])
         ]
-    else:
-        pairs = [(name, value, f"headers.{name}") for name, value in send["headers"].items()]
+    else:  # a value with LF: one field per line (validated: a field that may repeat)
+        pairs = [
+            (name, line, f"headers.{name}")
+            for name, value in send["headers"].items()
+            for line in value.split("\n")
+        ]
     lines: list[str] = []
     present: dict[str, str] = {}
     for name, value, path in pairs:

@@ -125,13 +125,30 @@ _SEND = _Rules(send=True)
 _RECEIVE = _Rules(send=False)
 
 
-def _headers(value: object, path: str, rules: _Rules) -> None:
+# RFC 5322 section 3.6: fields a message has at most once.  Other fields of the message's
+# ``headers`` map may hold several values joined by LF, as a received message's do.
+ONCE_ONLY = frozenset(
+    {"date", "from", "sender", "reply-to", "to", "cc", "bcc", "message-id", "in-reply-to",
+     "references", "subject"}
+)  # fmt: skip
+
+
+def _headers(value: object, path: str, rules: _Rules, *, repeated: bool = False) -> None:
+    """A headers map; ``repeated``: the message's own, where an LF separates the values of
+    a field given several times (each one is a field of its own: nothing can be injected,
+    every line gets the field's name), as ``email.receive`` joins them."""
     _expect(value, dict, path, "map")
     for name, text in cast("dict[object, object]", value).items():
         if rules.plain_field(name, text):
             continue
         field_path = _field_path(path, name) if isinstance(name, str) else path
         rules.header_name(name, field_path)
+        # A field a message has once keeps LF refused, as header injection.
+        several = repeated and rules.send and isinstance(text, str) and "\n" in text
+        if several and cast("str", name).lower() not in ONCE_ONLY:
+            for line in cast("str", text).split("\n"):
+                rules.header_value(line, field_path)
+            continue
         rules.header_value(text, field_path)
 
 
@@ -325,7 +342,7 @@ def _message(obj: object, rules: _Rules, extensions: dict[str, _Check]) -> dict[
     _addresses(message, rules)
     if "headers" not in message:
         raise SchemaError("headers", "missing spec key")
-    _headers(message["headers"], "headers", rules)
+    _headers(message["headers"], "headers", rules, repeated=True)
     if "header_list" in message:
         _header_list(message["header_list"], "header_list", rules)
     if "content" not in message:
