@@ -163,3 +163,30 @@ def test_an_environment_value_that_is_not_utf8_names_its_option() -> None:
     assert (done.returncode, done.stderr) == (
         2, "mailpool status: --redis-password: not valid UTF-8 text\n"
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "said"),
+    [
+        (["status", "--redis-url", "redis://127.0.0.1:1/0?foo=bar"], {},
+         "--redis-url: cannot use 'redis://127.0.0.1:1/0?foo=bar': no parameter 'foo'"),
+        (["status", "--redis-url", "redis://127.0.0.1:1/0?socket_timeout=abc"], {},
+         "Invalid value for 'socket_timeout'"),
+        (["status", "--redis-url", "redis://[::1:5"], {}, "--redis-url: Invalid IPv6 URL"),
+        (["deliver", "--relay", "smtp://[::1"], {}, "--relay: Invalid IPv6 URL"),
+        (["status"], {"MAILPOOL_PARTITIONS": ""}, "--partitions: cannot read ''"),
+        (["deliver", "--relay", "smtp://127.0.0.1:25", "--smtp-timeout", "nan"], {},
+         "--smtp-timeout: cannot read 'nan'"),
+        (["status", "--watch", "--interval", "0"], {}, "--interval must be > 0"),
+    ],
+    ids=["query-name", "query-value", "ipv6-redis", "ipv6-relay", "empty-number", "nan",
+         "interval"],
+)  # fmt: skip
+def test_bad_configuration_found_by_review_is_one_line_and_status_2(
+    args: list[str], env: dict[str, str], said: str
+) -> None:
+    """Each of these was a traceback (exit 1), or a tight loop (--interval 0)."""
+    done, _ = mailpool(*args, env=env)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert said in line and "Traceback" not in done.stderr

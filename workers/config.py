@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import functools
 import ipaddress
+import math
 import os
 import re
 import secrets
@@ -30,6 +31,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import dns.resolver
+import redis.asyncio as aioredis
 
 from workers import errors
 from workers.codec.encode import idna_domain, is_utf8
@@ -128,8 +130,11 @@ def check_redis_url(url: str) -> None:
     if cluster.is_cluster_url(url):
         cluster.parse_cluster_url(url)
         return
-    parts = urlsplit(url)
     shown = mask_url_password(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL": an unclosed [
+        raise ConfigError(f"--redis-url: {exc} in {shown!r}") from None
     if parts.scheme not in {"redis", "rediss", "unix"}:
         raise ConfigError(
             "--redis-url: expected redis://, rediss://, unix://, redis+sentinel://, "
@@ -139,6 +144,16 @@ def check_redis_url(url: str) -> None:
         parts.port  # noqa: B018 - raises on a port that is not a number in range
     except ValueError:
         raise ConfigError(f"--redis-url: bad port in {shown!r} (1 to 65535)") from None
+    try:  # the query's parameters, as the client reads them (nothing connects here)
+        aioredis.ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--redis-url: cannot use {shown!r}: {_unknown(exc)}") from None
+
+
+def _unknown(exc: Exception) -> str:
+    """redis-py's words for a query parameter it does not take, said for an operator."""
+    found = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+    return f"no parameter {found[1]!r}" if found else str(exc)
 
 
 def _convert(value: str, target: Any, name: str) -> Any:
@@ -151,10 +166,15 @@ def _convert(value: str, target: Any, name: str) -> Any:
             if lowered in {"0", "false", "no", "off", ""}:
                 return False
             raise ValueError(value)
+        if value == "" and target in ("int | None", "float | None"):
+            return None  # an empty variable: not given
         if target in (int, "int", "int | None"):
-            return int(value) if value != "" else None
+            return int(value)
         if target in (float, "float", "float | None"):
-            return float(value) if value != "" else None
+            number = float(value)
+            if not math.isfinite(number):  # nan, inf: no bound, and nan passes every check
+                raise ValueError(value)
+            return number
     except ValueError:
         raise ConfigError(f"{name}: cannot read {value!r} as {target}") from None
     return value
@@ -443,7 +463,8 @@ def read_secret_file(path: str, flag: str) -> str:
 
 
 def positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    # NaN compares false with everything: "not >= 0" catches it where "< 0" did not.
+    if not value >= 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
         raise ConfigError(
             f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value}"
         )
@@ -684,8 +705,11 @@ def check_relay(relay: str) -> None:
 
 
 def _check_smtp_relay(relay: str) -> None:
-    url = urlsplit(relay)
     shown = mask_url_password(relay)
+    try:
+        url = urlsplit(relay)
+    except ValueError as exc:  # "Invalid IPv6 URL": an unclosed [
+        raise ConfigError(f"--relay: {exc} in {shown!r}") from None
     if not url.hostname:
         raise ConfigError(f"--relay: no host in {shown!r} (smtp://host:port)")
     try:

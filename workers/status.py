@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from workers.config import CommonConfig, option
+from workers.config import CommonConfig, option, positive
 from workers.streams.connection import one_shot_partitions
 from workers.streams.layout import Snapshot
 from workers.streams.snapshot import (
@@ -32,6 +32,10 @@ class StatusConfig(CommonConfig):
     json: bool = option(False, "print one JSON document instead of a table")
     watch: bool = option(False, "refresh until interrupted")
     interval: float = option(2.0, "seconds between refreshes with --watch")
+
+    def validate(self) -> None:
+        super().validate()
+        positive("interval", self.interval)  # 0 refreshed in a tight loop
 
 
 def _cell(value: object) -> str:
