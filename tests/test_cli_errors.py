@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,22 @@ def test_bad_configuration_found_by_review_is_one_line_and_status_2(
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert said in line and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status", "--redis-password-file", "{fifo}"],
+        ["deliver", "--relay", "smtp://127.0.0.1:25", "--tls-ca-file", "{fifo}"],
+        ["dkim-records", "--dkim-keys", "{fifo}"],
+    ],
+    ids=["password-file", "ca-file", "key-table"],
+)
+def test_a_fifo_given_as_a_file_is_refused_at_once(tmp_path: Path, args: list[str]) -> None:
+    """Opening it waited for a writer: the command hung at start (found by a review)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    done, took = mailpool(*(arg.format(fifo=fifo) for arg in args), timeout=20)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.endswith(f"{fifo}: not a regular file") and took < 10

@@ -24,6 +24,7 @@ import re
 import secrets
 import socket
 import ssl
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,8 +442,20 @@ def read_secret_files(config: CommonConfig) -> None:
         setattr(config, target, content)
 
 
+def regular_file(path: str | Path, what: str) -> None:
+    """ConfigError unless ``path`` is a regular file (or missing: its reader says so).  A
+    FIFO given as a file blocked the start for ever, and /dev/zero never ended."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"{what}: not a regular file")
+
+
 def read_secret_file(path: str, flag: str) -> str:
     """The one-line secret in ``path``, without the line end ``echo`` and editors add."""
+    regular_file(path, f"{flag} {path}")
     try:
         with open(path, "rb") as handle:
             data = handle.read(SECRET_FILE_LIMIT + 1)
@@ -739,6 +752,7 @@ def _check_ca_file(path: str, *, verify: bool) -> None:
     """Loaded once here so that a missing, unreadable or non-PEM file stops the start."""
     if not verify:
         raise ConfigError("--tls-ca-file and --no-tls-verify contradict each other: give one")
+    regular_file(path, f"--tls-ca-file {path}")
     try:
         ssl.create_default_context(cafile=path)
     except (OSError, ssl.SSLError) as exc:
@@ -747,13 +761,17 @@ def _check_ca_file(path: str, *, verify: bool) -> None:
 
 
 KEY_FILE_LIMIT = 65_536  # a PEM private key is a few KB; a larger file is the wrong one
+KEY_TABLE_LIMIT = 1 << 20  # a line a key: thousands of domains fit
 
 
 def load_key_table(path: str) -> KeyTable:
     """The --dkim-keys table with every key loaded; ConfigError names the line and the key
     file (never the key).  A key's relative path is relative to the table's directory."""
     where = f"--dkim-keys {path}"
+    regular_file(path, where)
     try:
+        if os.path.getsize(path) > KEY_TABLE_LIMIT:
+            raise ValueError(f"over {KEY_TABLE_LIMIT} bytes, not a key table")
         text = Path(path).read_text(encoding="utf-8")
         lines = parse_key_table(text)
     except OSError as exc:
@@ -766,6 +784,7 @@ def load_key_table(path: str) -> KeyTable:
     keys = []
     for line in lines:
         key_path = Path(path).parent / line.path
+        regular_file(key_path, f"{where} line {line.number}: {key_path}")
         try:
             with open(key_path, "rb") as handle:
                 pem = handle.read(KEY_FILE_LIMIT + 1)
