@@ -80,7 +80,7 @@ def test_relay_password_from_a_file(password_file: Path) -> None:
     ("content", "message"),
     [
         (None, "No such file or directory"),
-        ("directory", "Is a directory"),
+        ("directory", "not a regular file"),
         ("", "the file is empty"),
         ("\n", "the file is empty"),
         ("one\ntwo\n", "more than one line"),
