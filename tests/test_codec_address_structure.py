@@ -15,6 +15,7 @@ from __future__ import annotations
 import email
 import email.utils
 import re
+import unicodedata
 from email import policy
 from email.message import EmailMessage
 
@@ -337,6 +338,9 @@ def address_lists(draw: st.DrawFn, *, comments: bool = False) -> tuple[str, str,
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(address_lists())
 @example(("=?utf-8?q?Foo=2C?= =?utf-8?q?_Bar?= <f@x.example>", "", [("Foo, Bar", "f@x.example")]))
+@example((
+    "=?utf-8?q?_=1F?= <0@a.example>", "=?utf-8?q?_=1F?= <0@a.example>", [(" \x1f", "0@a.example")]
+))  # fmt: skip
 def test_generated_encoded_names_agree_with_policy_default(
     case: tuple[str, str, Mailboxes],
 ) -> None:
@@ -345,8 +349,15 @@ def test_generated_encoded_names_agree_with_policy_default(
 
     found = email.utils.getaddresses([stored])
     assert found == meant  # exactly the names and addresses that were encoded
-    if oracle:
+    # policy.default drops control characters from a decoded name (" \x1f" reads " "),
+    # where we keep what was encoded: the oracle is asked about names without them (a
+    # random draw found this in CI's run).
+    if oracle and not any(_control(name) for name, _ in meant):
         assert blanks_folded(found) == blanks_folded(stdlib_mailboxes("Cc", oracle))
+
+
+def _control(text: str) -> bool:
+    return any(unicodedata.category(char) == "Cc" and char != "\t" for char in text)
 
 
 _list_syntax = st.sampled_from(
