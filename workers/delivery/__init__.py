@@ -130,10 +130,12 @@ def _outcomes(config: DeliveryConfig, keys: StreamKeys, redis: aioredis.Redis) -
 
 def _say_if_unverified(config: DeliveryConfig) -> None:
     """An SMTP relay whose certificate is not checked is said so at start, once."""
-    if not (config.relay or "").startswith("smtp") or config.relay_settings().verify:
+    if not (config.relay or "").startswith("smtp"):
+        return
+    settings = config.relay_settings()
+    if settings.verify:
         return
     how = "when offered" if config.starttls == "opportunistic" else "as configured"
-    settings = config.relay_settings()
     credentials = (
         "sent over that TLS: to anyone in the middle who answers the handshake"
         if settings.username is not None else None
